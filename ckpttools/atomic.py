@@ -1,0 +1,91 @@
+"""Crash-safe file writes.
+
+A checkpoint is only ever replaced by a complete, fsynced file: the new bytes go to a temporary file in
+the same folder (so ``os.replace`` is a rename on one filesystem, which POSIX makes atomic), the file is
+flushed and fsynced, renamed over the target, and finally the folder itself is fsynced so the rename
+survives a power cut.  ``kill -9`` at any moment leaves either the old file or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+PREVIOUS_SUFFIX = ".prev"  # weights/last.pt -> weights/last.prev.pt
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk; a no-op where the OS cannot open folders."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on a clean exit it atomically becomes ``path``.
+
+    On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, _default_mode(path))  # mkstemp makes 0600; a checkpoint should get the usual permissions
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _default_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where the previous good copy of ``path`` is kept: ``last.pt`` -> ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(path.stem + PREVIOUS_SUFFIX + path.suffix)
+
+
+def keep_previous(path: str | os.PathLike) -> Path | None:
+    """Preserve the current ``path`` as ``previous_path(path)`` without ever leaving ``path`` missing.
+
+    A hard link (falling back to a copy) is made under a temporary name and renamed into place, so at every
+    moment both names hold complete files.  Returns the previous-copy path, or None if ``path`` did not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    prev = previous_path(path)
+    tmp = prev.with_name(f".{prev.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copy2(path, tmp)
+    os.replace(tmp, prev)
+    fsync_dir(path.parent)
+    return prev

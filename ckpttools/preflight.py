@@ -1,0 +1,151 @@
+"""Preflight: refuse a resume that would silently change the run.
+
+A trainer describes a run as a flat record of named fields (``data``, ``batch``, ``lr0``, ``fusion``, ...);
+``preflight(recorded, requested, allow)`` compares the record stored in the checkpoint with the one the
+resume would use, field by field, with one stated rule per field (``RULES``).  Any difference that is not
+in ``allow`` blocks the resume.  Fields are named by the trainer option that sets them, so the table and
+the ``--allow-change`` flag speak the user's language.
+
+A change of device (cuda -> cpu) is never a difference: devices are not in the record.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# field -> (group, why it matters).  Order is the order of the table.
+RULES: dict[str, tuple[str, str]] = {
+    "data": ("data", "a different dataset makes the curves incomparable"),
+    "batch": ("batch", "the global batch sets the gradient noise and the per-step learning rate"),
+    "world-size": ("batch", "a different number of processes splits batches and RNG streams differently; use `ckpt remap --gpus M`"),
+    "lr0": ("learning rate", "initial learning rate"),
+    "lrf": ("learning rate", "final learning-rate fraction"),
+    "momentum": ("learning rate", "SGD momentum / Adam beta1"),
+    "weight-decay": ("learning rate", "weight decay"),
+    "optimizer": ("learning rate", "the optimizer state would not fit another optimizer"),
+    "warmup-epochs": ("learning rate", "warmup length"),
+    "schedule": ("learning rate", "decay curve"),
+    "epochs": ("learning rate", "the decay schedule spans the planned epochs"),
+    "fusion": ("model", "model structure"),
+    "scale": ("model", "model width and depth"),
+    "nc": ("model", "number of classes"),
+    "img-size": ("model", "input size"),
+    "model": ("model", "fingerprint over parameter names and shapes"),
+}
+ALLOWABLE = tuple(RULES)
+
+
+@dataclass
+class FieldCheck:
+    field: str
+    recorded: Any
+    requested: Any
+    status: str  # "same", "changed" (blocks), "allowed", "note" (differs harmlessly, e.g. a moved dataset)
+    note: str = ""
+
+
+@dataclass
+class PreflightReport:
+    checks: list[FieldCheck] = field(default_factory=list)
+
+    @property
+    def blocked(self) -> list[FieldCheck]:
+        return [c for c in self.checks if c.status == "changed"]
+
+    @property
+    def allowed(self) -> list[FieldCheck]:
+        return [c for c in self.checks if c.status == "allowed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.blocked
+
+    def allow_hint(self) -> str:
+        return "--allow-change " + ",".join(c.field for c in self.blocked)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "blocked": [c.field for c in self.blocked], "allowed": [c.field for c in self.allowed],
+                "checks": [c.__dict__ for c in self.checks], "allow_hint": self.allow_hint() if self.blocked else None}
+
+
+class UnknownField(ValueError):
+    pass
+
+
+def parse_allow(text: str | None) -> set[str]:
+    """'batch,lr0' -> {'batch', 'lr0'}; underscores accepted for dashes; unknown names raise."""
+    names = {t.strip().replace("_", "-") for t in (text or "").split(",") if t.strip()}
+    names = {"world-size" if n in ("world", "world size", "worldsize") else n for n in names}
+    unknown = sorted(names - set(RULES))
+    if unknown:
+        raise UnknownField(f"--allow-change: unknown field(s) {', '.join(unknown)}; known: {', '.join(RULES)}")
+    return names
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def preflight(recorded: dict[str, Any], requested: dict[str, Any], allow: set[str] | None = None) -> PreflightReport:
+    """Compare two run records.  ``data`` is special: records carry ``data`` (resolved path) and
+    ``data-fingerprint``; a moved but identical dataset is a note, changed content at any path blocks.
+    Fields missing from either record are skipped (a trainer records what it has)."""
+    allow = allow or set()
+    report = PreflightReport()
+    for name in RULES:
+        if name == "data":
+            check = _check_data(recorded, requested)
+        elif name in recorded and name in requested:
+            a, b = recorded[name], requested[name]
+            check = FieldCheck(name, a, b, "same" if _same(a, b) else "changed")
+        else:
+            continue
+        if check.status == "changed" and name in allow:
+            check.status = "allowed"
+        report.checks.append(check)
+    return report
+
+
+def _check_data(recorded: dict, requested: dict) -> FieldCheck:
+    path_a, path_b = recorded.get("data"), requested.get("data")
+    fp_a, fp_b = recorded.get("data-fingerprint"), requested.get("data-fingerprint")
+    if fp_a and fp_b and fp_a != fp_b:
+        note = "content changed at the same path" if path_a == path_b else "different dataset"
+        return FieldCheck("data", path_a, path_b, "changed", note)
+    if path_a != path_b:
+        if fp_a and fp_b:  # same content elsewhere
+            return FieldCheck("data", path_a, path_b, "note", "moved, identical content (fingerprint matches)")
+        return FieldCheck("data", path_a, path_b, "changed", "different path, content not compared")
+    return FieldCheck("data", path_a, path_b, "same")
+
+
+def render_report(report: PreflightReport, console, title: str = "preflight") -> None:
+    """A rich table: field / checkpoint / requested / status."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("field", "checkpoint", "requested", "status"):
+        table.add_column(col, overflow="fold")
+    style = {"same": "green", "changed": "bold red", "allowed": "yellow", "note": "cyan"}
+    for c in report.checks:
+        if c.status == "same":
+            continue
+        status = c.status + (f": {c.note}" if c.note else "")
+        table.add_row(c.field, _short(c.recorded), _short(c.requested), f"[{style[c.status]}]{status}[/]")
+    same = [c.field for c in report.checks if c.status == "same"]
+    if table.row_count:
+        console.print(table)
+    if same:
+        console.print(f"unchanged: {', '.join(same)}", highlight=False)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:28] + "…" + text[-28:]

@@ -1,0 +1,138 @@
+"""`fuse-train` (also `python -m fuse_train`): train an RGB+IR fused detector, or resume one exactly."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+
+from fuse_train import __version__
+from fuse_train.config import FUSIONS, OPTIMIZERS, SCALES, SCHEDULES, ConfigError, RunConfig
+from fuse_train.data import DatasetError
+from fuse_train.distributed import init_distributed, shutdown
+from fuse_train.resume import ResumeError, PreflightBlocked, prepare_resume, fresh_run_dir
+from fuse_train.trainer import EXIT_INTERRUPTED, Trainer, TrainingInterrupted
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
+
+EPILOG = """\b
+Examples:
+  fuse-train                                  # mid fusion on the built-in demo data
+  fuse-train --data LLVIP.yaml --fusion mid --epochs 50 --batch 32
+  fuse-train --resume                         # continue the newest run under --project
+  fuse-train --resume runs/fuse/exp/weights/last.pt
+  torchrun --nproc_per_node 2 -m fuse_train --batch 32   # DDP, global batch 32
+
+\b
+Exit codes: 0 done, 1 training failed, 2 bad option or input, 3 resume blocked by the
+preflight, 130 / 143 stopped by SIGINT / SIGTERM after saving a resumable last.pt.
+"""
+
+D = RunConfig()  # defaults shown in --help
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EPILOG)
+@click.option("--data", default=D.data, show_default=True, help="data.yaml (YOLOFuse layout), or 'demo' for the built-in synthetic night scenes.")
+@click.option("--fusion", type=click.Choice(FUSIONS), default=D.fusion, show_default=True, help="early: 4-channel input; mid: two backbones fused at P3-P5; late: two detectors merged before NMS; rgb / ir: one modality.")
+@click.option("--scale", type=click.Choice(SCALES), default=D.scale, show_default=True, help="Model width/depth, as YOLOv8 n/s/m.")
+@click.option("--epochs", type=int, default=D.epochs, show_default=True)
+@click.option("--batch", type=int, default=D.batch, show_default=True, help="Global batch size, split over processes.")
+@click.option("--img-size", type=int, default=None, help="Square input size, a multiple of 32 [default: data.yaml's imgsz, else 640].")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True)
+@click.option("--lr0", type=float, default=D.lr0, show_default=True, help="Initial learning rate (after warmup).")
+@click.option("--lrf", type=float, default=D.lrf, show_default=True, help="Final learning rate as a fraction of lr0.")
+@click.option("--momentum", type=float, default=D.momentum, show_default=True, help="SGD momentum / AdamW beta1.")
+@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
+@click.option("--warmup-epochs", type=float, default=D.warmup_epochs, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True, help="Decay after warmup.")
+@click.option("--grad-clip", type=float, default=D.grad_clip, show_default=True, help="Max gradient norm (0: off).")
+@click.option("--seed", type=int, default=D.seed, show_default=True, help="Same seed on CPU gives bitwise the same run.")
+@click.option("--device", default=D.device, help="cpu, 0 or cuda:0 [default: cuda:0 when present, else cpu].")
+@click.option("--workers", type=int, default=D.workers, show_default=True, help="DataLoader worker processes.")
+@click.option("--project", default=D.project, show_default=True, help="Folder holding run folders.")
+@click.option("--name", default=D.name, show_default=True, help="Run folder name; a fresh run never reuses a folder with checkpoints (it takes name2, name3, ...).")
+@click.option("--save-period", type=int, default=D.save_period, show_default=True, help="Also keep weights/epoch{N}.pt every N epochs (-1: never).")
+@click.option("--save-every", type=int, default=D.save_every, show_default=True, help="Also save last.pt every N optimizer steps (0: at epoch ends only).")
+@click.option("--amp/--no-amp", default=D.amp, show_default=True, help="Mixed precision on CUDA (bf16 where supported).")
+@click.option("--resume", "resume", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
+              help="Continue a run exactly: the newest last.pt under --project (or --name's run), or PATH. Options not given come from the checkpoint.")
+@click.option("--allow-change", default="", metavar="FIELDS", help="With --resume: comma-separated preflight fields allowed to differ, e.g. batch,lr0.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(__version__, "--version", prog_name="fuse-train")
+@click.pass_context
+def cli(ctx: click.Context, resume: str | None, allow_change: str, debug: bool, **options) -> None:
+    """Train a dual-stream RGB+infrared object detector (YOLOFuse-style early / mid / late fusion) with
+    exact, crash-safe resume.  Writes <project>/<name>/ with weights/last.pt, best.pt, results.csv, args.yaml."""
+    console = Console()
+    err = Console(stderr=True)
+    explicit = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    dist_info = None
+    try:
+        if resume is not None:
+            plan = prepare_resume(resume, options, explicit, allow_change, console)
+            cfg, run_dir, ckpt, event = plan.cfg, plan.run_dir, plan.checkpoint, plan.event
+        else:
+            cfg = RunConfig(**options)
+            run_dir, ckpt, event = fresh_run_dir(cfg, console), None, None
+        use_cuda = (cfg.device or "").lower() != "cpu" and torch.cuda.is_available()
+        dist_info = init_distributed(use_cuda)
+        trainer = Trainer(cfg, run_dir, dist_info, resume=ckpt, console=console, history_event=event)
+        if dist_info.is_main:
+            where = f"epoch {trainer.epoch + 1}" + (f", step {trainer.step_in_epoch}" if trainer.step_in_epoch else "")
+            console.print(f"{'resuming' if ckpt else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} of "
+                          f"{cfg.epochs} on {trainer.device} ({dist_info.world_size} process(es), global batch "
+                          f"{cfg.batch}) -> {run_dir}", markup=False, highlight=False)
+        metrics = trainer.train()
+        if dist_info.is_main:
+            console.print(f"done: best fitness {trainer.best_fitness:.4f}, final mAP50 {metrics.get('mAP50', 0):.3f} "
+                          f"mAP50-95 {metrics.get('mAP50-95', 0):.3f}; weights in {run_dir / 'weights'}", markup=False)
+        code = EXIT_OK
+    except TrainingInterrupted as stop:
+        if dist_info is None or dist_info.is_main:
+            err.print(f"stopped by {stop}: saved {stop.checkpoint}\nresume with: "
+                      f"fuse-train --resume {shlex.quote(str(stop.checkpoint))}", markup=False, highlight=False)
+        code = EXIT_INTERRUPTED.get(stop.signum, 130)
+    except PreflightBlocked as blocked:
+        blocked.render(err)
+        code = EXIT_PREFLIGHT
+    except (ConfigError, DatasetError, ResumeError) as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"fuse-train: error: {_one_line(exc)}", markup=False, highlight=False)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("fuse-train: interrupted again: exiting now (last.pt is the last complete save)", markup=False)
+        code = 130
+    except Exception as exc:  # noqa: BLE001 - the top-level catch that turns failures into one line
+        if debug:
+            traceback.print_exc()
+        err.print(f"fuse-train: error: {exc.__class__.__name__}: {_one_line(exc)} (run with --debug for the traceback)",
+                  markup=False, highlight=False)
+        code = EXIT_FAILED
+    finally:
+        if dist_info is not None:
+            shutdown(dist_info)
+    sys.exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The useful line of an error; a DataLoader worker wraps the original message in a traceback."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="fuse-train")
+
+
+if __name__ == "__main__":
+    main()

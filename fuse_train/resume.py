@@ -1,0 +1,157 @@
+"""Planning a run folder: fresh runs never overwrite, resumes find their checkpoint and pass the preflight."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckpttools.preflight import PreflightReport, UnknownField, parse_allow, preflight, render_report
+from fuse_train import state as S
+from fuse_train.config import ConfigError, ResolvedRun, RunConfig
+from fuse_train.data import load_data_spec, PairedDataset
+from fuse_train.model import ModelConfig, build_model, model_fingerprint
+
+
+class ResumeError(ValueError):
+    """A resume that cannot start (no checkpoint, unreadable file, finished run); the message says what to do."""
+
+
+class PreflightBlocked(Exception):
+    def __init__(self, report: PreflightReport, checkpoint: Path):
+        super().__init__(f"preflight blocked resume from {checkpoint}")
+        self.report, self.checkpoint = report, checkpoint
+
+    def render(self, console) -> None:
+        render_report(self.report, console, title=f"resume from {self.checkpoint} would change the run")
+        console.print(f"fuse-train: resume blocked: {', '.join(c.field for c in self.report.blocked)} differ from the "
+                      f"checkpoint. Repeat the original values, or allow it with {self.report.allow_hint()} "
+                      "(the change is recorded in the checkpoint's history).", markup=False, highlight=False)
+
+
+@dataclass
+class ResumePlan:
+    cfg: RunConfig
+    run_dir: Path
+    checkpoint: dict
+    path: Path
+    event: dict
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    return any((run_dir / "weights").glob("*.pt"))
+
+
+def fresh_run_dir(cfg: RunConfig, console=None) -> Path:
+    """<project>/<name>, or name2, name3, ... if that folder already holds checkpoints (never overwritten)."""
+    base = Path(cfg.project) / cfg.name
+    run_dir, n = base, 1
+    while _has_checkpoints(run_dir):
+        n += 1
+        run_dir = base.with_name(f"{cfg.name}{n}")
+    if run_dir != base and console is not None:
+        console.print(f"{base} holds checkpoints and is left untouched; this fresh run goes to {run_dir} "
+                      f"(to continue {base}, use: fuse-train --resume {base / 'weights' / 'last.pt'})",
+                      markup=False, highlight=False)
+    return run_dir
+
+
+def find_last(project: str, name: str | None) -> Path:
+    """The last.pt to resume: the named run's, else the most recently written under the project."""
+    if name:
+        path = Path(project) / name / "weights" / "last.pt"
+        if not path.exists():
+            raise ResumeError(f"{path}: no checkpoint to resume (run {name!r} under {project})")
+        return path
+    candidates = sorted(Path(project).glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ResumeError(f"{project}: no run with weights/last.pt to resume; pass the checkpoint: --resume PATH")
+    return candidates[-1]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a fuse-train checkpoint safely (weights_only); the previous good copy is named when this fails."""
+    from ckpttools.atomic import previous_path
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ResumeError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one message
+        prev = previous_path(path)
+        hint = f"; the previous good checkpoint is {prev} (check it with: ckpt verify {prev})" if prev.exists() else ""
+        raise ResumeError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0]}){hint}") from None
+    if not isinstance(ckpt, dict) or ckpt.get(S.K_FORMAT) != S.FORMAT_NAME:
+        raise ResumeError(f"{path}: not a fuse-train checkpoint (no format: {S.FORMAT_NAME})")
+    if ckpt.get(S.K_VERSION, 0) > S.FORMAT_VERSION:
+        raise ResumeError(f"{path}: checkpoint format version {ckpt[S.K_VERSION]} is newer than this fuse-train "
+                          f"understands ({S.FORMAT_VERSION}); upgrade fuse-train")
+    return ckpt
+
+
+def run_record(cfg: RunConfig, resolved: ResolvedRun) -> dict:
+    """The flat record the preflight compares (field names are the option names)."""
+    return {"data": resolved.data_yaml, "data-fingerprint": resolved.dataset_fingerprint, "batch": cfg.batch,
+            "world-size": resolved.world_size, "lr0": cfg.lr0, "lrf": cfg.lrf, "momentum": cfg.momentum,
+            "weight-decay": cfg.weight_decay, "optimizer": cfg.optimizer, "warmup-epochs": cfg.warmup_epochs,
+            "schedule": cfg.schedule, "epochs": cfg.epochs, "fusion": cfg.fusion, "scale": cfg.scale,
+            "nc": resolved.nc, "img-size": resolved.img_size, "model": resolved.model_fingerprint}
+
+
+def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
+    """What a run with ``cfg`` would resolve to, computed without writing anything."""
+    from fuse_train.trainer import resolve_data_yaml
+
+    spec = load_data_spec(resolve_data_yaml(cfg.data))
+    img_size = cfg.img_size or spec.imgsz or 640
+    train = PairedDataset(spec.train, spec.train_ir, len(spec.names), img_size, root=spec.root)
+    val = PairedDataset(spec.val, spec.val_ir, len(spec.names), img_size, root=spec.root)
+    with torch.device("meta"):
+        model = build_model(ModelConfig(cfg.fusion, cfg.scale, len(spec.names)), img_size)
+    return ResolvedRun(data_yaml=str(spec.yaml_path), data_root=str(spec.root),
+                       dataset_fingerprint=train.fingerprint() + ":" + val.fingerprint(), names=spec.names,
+                       img_size=img_size, world_size=world_size, per_rank_batch=cfg.batch // max(1, world_size),
+                       model_fingerprint=model_fingerprint(model))
+
+
+def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: str, console=None,
+                   world_size: int | None = None) -> ResumePlan:
+    """Find and read the checkpoint, merge options, run the preflight. Raises PreflightBlocked / ResumeError."""
+    import os
+
+    try:
+        allow = parse_allow(allow_text)
+    except UnknownField as exc:
+        raise ConfigError(str(exc)) from None
+    path = find_last(options["project"], options["name"] if "name" in explicit else None) if resume == "auto" else Path(resume)
+    ckpt = load_checkpoint(path)
+    recorded_cfg = RunConfig.from_dict(ckpt[S.K_TRAIN_ARGS])
+    merged = dataclasses.replace(recorded_cfg, **{k: v for k, v in options.items() if k in explicit})
+    # where the run lives and which device it uses are not part of the run's identity
+    merged = dataclasses.replace(merged, project=str(path.parent.parent.parent), name=path.parent.parent.name)
+    progress = ckpt[S.K_PROGRESS]
+    if progress.get("finished") and merged.epochs <= recorded_cfg.epochs:
+        raise ResumeError(f"{path}: this run finished all {recorded_cfg.epochs} epochs; nothing to resume. To train "
+                          f"longer, extend it: fuse-train --resume {path} --epochs N --allow-change epochs (N > "
+                          f"{recorded_cfg.epochs}), or start a fresh run")
+    if merged.epochs * progress["steps_per_epoch"] < progress["global_step"]:
+        raise ConfigError(f"--epochs {merged.epochs}: the checkpoint is already past that ({progress['global_step']} steps)")
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    recorded = run_record(recorded_cfg, ResolvedRun.from_dict(ckpt[S.K_RESOLVED]))
+    requested = run_record(merged, requested_resolution(merged, world))
+    report = preflight(recorded, requested, allow)
+    if not report.ok:
+        raise PreflightBlocked(report, path)
+    changes = [{"field": c.field, "from": str(c.recorded), "to": str(c.requested)} for c in report.allowed]
+    notes = [c for c in report.checks if c.status == "note"]
+    if console is not None:
+        for c in report.allowed + notes:
+            console.print(f"preflight: {c.field}: {c.recorded} -> {c.requested} ({c.status}{': ' + c.note if c.note else ''})",
+                          markup=False, highlight=False)
+    event = {"event": "resume", "date": S.now_iso(), "step": int(progress["global_step"]), "from": str(path),
+             "changes": changes}
+    if progress.get("finished"):
+        progress["finished"] = False
+    return ResumePlan(merged, path.parent.parent, ckpt, path, event)

@@ -1,0 +1,179 @@
+"""Training state that is not a module: EMA, LR schedule, sampler, RNG capture, and the checkpoint dict.
+
+Every piece has ``state_dict()`` / ``load_state_dict()``.  The checkpoint keys are module constants and are
+documented in docs/checkpoint-format.md.  Everything stored is a tensor, a number, a string, or a list /
+tuple / dict of those, so ``torch.load(weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+FORMAT_NAME = "fuse-train-checkpoint"
+FORMAT_VERSION = 1
+
+# top-level checkpoint keys (Ultralytics-compatible names where Ultralytics has one)
+K_FORMAT, K_VERSION = "format", "format_version"
+K_MODEL, K_EMA, K_UPDATES, K_OPTIMIZER = "model", "ema", "updates", "optimizer"
+K_SCHEDULER, K_SCALER = "scheduler", "scaler"
+K_EPOCH, K_BEST_FITNESS = "epoch", "best_fitness"
+K_TRAIN_ARGS, K_RESOLVED, K_MODEL_CONFIG = "train_args", "resolved", "model_config"
+K_METRICS, K_RESULTS, K_PROGRESS, K_RNG = "train_metrics", "results", "progress", "rng"
+K_HISTORY, K_VERSIONS, K_DATE = "history", "versions", "date"
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights (and buffers), decay ramped up as in Ultralytics."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
+        self.ema = copy.deepcopy(model).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.decay, self.tau, self.updates = decay, tau, updates
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        source = model.state_dict()
+        for name, value in self.ema.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(source[name].detach(), alpha=1 - d)
+            else:
+                value.copy_(source[name])
+
+    def state_dict(self) -> dict:
+        return {"weights": self.ema.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state["weights"])
+        self.updates = int(state["updates"])
+
+
+class LRSchedule:
+    """Linear warmup (lr from 0, momentum from 0.8), then cosine or linear decay from lr0 to lr0*lrf.
+
+    A pure function of the global step, so its only state is the configuration it was built with."""
+
+    def __init__(self, lr0: float, lrf: float, momentum: float, warmup_steps: int, total_steps: int, kind: str):
+        self.lr0, self.lrf, self.momentum = lr0, lrf, momentum
+        self.warmup_steps, self.total_steps, self.kind = warmup_steps, max(1, total_steps), kind
+
+    def factor(self, step: int) -> float:
+        x = min(step / self.total_steps, 1.0)
+        if self.kind == "cosine":
+            return self.lrf + (1 - self.lrf) * (1 + math.cos(math.pi * x)) / 2
+        return 1 - x * (1 - self.lrf)
+
+    def lr(self, step: int) -> float:
+        lr = self.lr0 * self.factor(step)
+        if step < self.warmup_steps:
+            lr *= (step + 1) / self.warmup_steps
+        return lr
+
+    def momentum_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return 0.8 + (self.momentum - 0.8) * (step + 1) / self.warmup_steps
+        return self.momentum
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr, momentum = self.lr(step), self.momentum_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if "betas" in group:
+                group["betas"] = (momentum, group["betas"][1])
+            elif "momentum" in group:
+                group["momentum"] = momentum
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"lr0": self.lr0, "lrf": self.lrf, "momentum": self.momentum, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "kind": self.kind}
+
+    def load_state_dict(self, state: dict) -> None:
+        # the schedule is rebuilt from the run record; the saved copy documents what was in force
+        pass
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Shuffled global batches, split over ranks, resumable at any step.
+
+    Global batch k of epoch e is ``perm_e[k*B:(k+1)*B]``; rank r takes its contiguous slice of it.  The
+    permutation depends only on (seed, epoch), so the data position is world-size independent: a global
+    step count.  Yields lists of ``(epoch, index)`` keys so workers need no epoch state.  The last
+    incomplete global batch is dropped (every rank must take a step).
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        if global_batch % world_size:
+            raise ValueError(f"--batch {global_batch} is not divisible by the world size {world_size}")
+        self.n, self.global_batch, self.seed, self.shuffle = n, global_batch, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n // self.global_batch) if self.n >= self.global_batch else 1
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        order, per_rank = self.order(), self.global_batch // self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+            if len(batch) < self.global_batch:  # dataset smaller than one batch: split what there is
+                per_rank = max(1, len(batch) // self.world_size)
+            mine = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+            yield [(self.epoch, i) for i in mine]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+
+def capture_rng() -> dict:
+    """This process's RNG states, as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,414 @@
+"""The training loop: data, model, optimizer, AMP, EMA, evaluation, checkpoints, interrupts.
+
+Everything that decides the next step lives in ``Trainer`` attributes that are saved by
+``checkpoint_dict()`` and restored by ``load_checkpoint()``, which is what makes ``--resume`` exact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from ckpttools.atomic import atomic_write, keep_previous
+from ckpttools.digest import DIGEST_KEY, digest_record
+from fuse_train import __version__, state as S
+from fuse_train.config import ConfigError, ResolvedRun, RunConfig
+from fuse_train.data import Augment, PairedDataset, collate, load_data_spec
+from fuse_train.demo import ensure_demo
+from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, barrier
+from fuse_train.loss import DetectionLoss
+from fuse_train.metrics import DetectionMetrics, evaluate_detections, postprocess
+from fuse_train.model import ModelConfig, anchor_grid, build_model, model_fingerprint
+
+RESULTS_FIELDS = ["epoch", "train/box_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
+                  "metrics/mAP50", "metrics/mAP50-95", "fitness", "lr"]
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a signal was handled and a resumable checkpoint was saved."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def select_device(spec: str, local_rank: int = 0) -> torch.device:
+    spec = (spec or "").strip().lower()
+    if spec == "":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    index = spec.removeprefix("cuda:").removeprefix("cuda")
+    if not index.isdigit() and index != "":
+        raise ConfigError(f"--device {spec!r}: expected cpu, an index like 0, or cuda:0")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+    idx = int(index or 0) + local_rank
+    if idx >= torch.cuda.device_count():
+        raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return torch.device(f"cuda:{idx}")
+
+
+def resolve_data_yaml(data: str) -> Path:
+    return ensure_demo() if data == "demo" else Path(data).expanduser().resolve()
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """Weight decay on conv / linear weights only, not on BatchNorm weights or biases."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            (decay if name == "weight" and not is_norm else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "SGD":
+        return torch.optim.SGD(groups, lr=cfg.lr0, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr0, betas=(cfg.momentum, 0.999))
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Augmentation draws from per-sample generators; seeding the global ones too keeps any library that
+    # uses them reproducible.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+    random.seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, dist_info: DistInfo = DistInfo(), resume: dict | None = None,
+                 console=None, history_event: dict | None = None):
+        self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
+        self.console = console
+        self.device = select_device(cfg.device, dist_info.local_rank)
+        self.use_cuda = self.device.type == "cuda"
+
+        spec = load_data_spec(resolve_data_yaml(cfg.data))
+        img_size = cfg.img_size or spec.imgsz or 640
+        nc = len(spec.names)
+        if cfg.batch % dist_info.world_size:
+            raise ConfigError(f"--batch {cfg.batch} must be divisible by the number of processes ({dist_info.world_size})")
+        self.train_set = PairedDataset(spec.train, spec.train_ir, nc, img_size, Augment(), cfg.seed, spec.root)
+        self.val_set = PairedDataset(spec.val, spec.val_ir, nc, img_size, root=spec.root)
+
+        S.seed_everything(cfg.seed)
+        self.model_config = ModelConfig(cfg.fusion, cfg.scale, nc)
+        self.model = build_model(self.model_config, img_size).to(self.device)
+        self.resolved = ResolvedRun(
+            data_yaml=str(spec.yaml_path), data_root=str(spec.root), dataset_fingerprint=self.train_set.fingerprint()
+            + ":" + self.val_set.fingerprint(), names=spec.names, img_size=img_size, world_size=dist_info.world_size,
+            per_rank_batch=cfg.batch // dist_info.world_size, device=str(self.device),
+            model_fingerprint=model_fingerprint(self.model))
+        if self.use_cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = S.ModelEMA(self.model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if self.use_cuda and cfg.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.criterion = DetectionLoss(nc, img_size).to(self.device)
+        self.anchors, self.strides = anchor_grid(img_size, self.device)
+
+        self.sampler = S.EpochBatchSampler(len(self.train_set), cfg.batch, cfg.seed, dist_info.rank, dist_info.world_size)
+        self.resolved.steps_per_epoch = self.sampler.steps_per_epoch
+        self.schedule = self._make_schedule()
+        self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.use_cuda else None)
+                            if dist_info.enabled else self.model)
+
+        # counters: the run's position
+        self.epoch = 0  # epoch in progress (0-based)
+        self.step_in_epoch = 0  # optimizer steps done in that epoch
+        self.global_step = 0
+        self.epoch_loss_sum = torch.zeros(2, dtype=torch.float64)
+        self.best_fitness: float | None = None
+        self.last_metrics: dict = {}
+        self.results: list[dict] = []
+        self.history: list[dict] = []
+        self.finished = False
+        if resume is not None:
+            self.load_checkpoint(resume)
+        self.history.append(history_event or {"event": "start", "date": S.now_iso(), "step": self.global_step})
+        self._stop_signal: int | None = None
+        # Test hook: behave as if Ctrl-C arrived during optimizer step N (so tests can stop at an exact step).
+        stop_at = os.environ.get("FUSE_TRAIN_STOP_AFTER_STEP")
+        self._stop_after_step = int(stop_at) if stop_at else None
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def _make_schedule(self) -> S.LRSchedule:
+        spe = self.sampler.steps_per_epoch
+        return S.LRSchedule(self.cfg.lr0, self.cfg.lrf, self.cfg.momentum, round(self.cfg.warmup_epochs * spe),
+                            self.cfg.epochs * spe, self.cfg.schedule)
+
+    def checkpoint_dict(self) -> dict:
+        rng = all_gather_objects(S.capture_rng(), self.dist)
+        ckpt = {
+            S.K_FORMAT: S.FORMAT_NAME, S.K_VERSION: S.FORMAT_VERSION,
+            S.K_EPOCH: self.epoch - 1,  # last completed epoch, 0-based (-1: none yet), as Ultralytics
+            S.K_BEST_FITNESS: self.best_fitness,
+            S.K_MODEL: {k: v.detach().float().cpu().clone() if v.dtype.is_floating_point else v.detach().cpu().clone()
+                        for k, v in self.model.state_dict().items()},
+            S.K_EMA: {k: v.detach().cpu().clone() for k, v in self.ema.ema.state_dict().items()},
+            S.K_UPDATES: self.ema.updates,
+            S.K_OPTIMIZER: _to_cpu(self.optimizer.state_dict()),
+            S.K_SCHEDULER: self.schedule.state_dict(),
+            S.K_SCALER: self.scaler.state_dict(),
+            S.K_TRAIN_ARGS: self.cfg.to_dict(),
+            S.K_RESOLVED: self.resolved.to_dict(),
+            S.K_MODEL_CONFIG: self.model_config.to_dict(),
+            S.K_METRICS: dict(self.last_metrics),
+            S.K_RESULTS: [dict(r) for r in self.results],
+            S.K_PROGRESS: {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                           "steps_per_epoch": self.sampler.steps_per_epoch, "epoch_loss_sum": self.epoch_loss_sum.clone(),
+                           "samples_seen": self.global_step * self.cfg.batch, "finished": self.finished},
+            S.K_RNG: {"world_size": self.dist.world_size, "ranks": rng},
+            S.K_HISTORY: [dict(h) for h in self.history],
+            S.K_VERSIONS: {"fuse_train": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+            S.K_DATE: S.now_iso(),
+        }
+        ckpt[DIGEST_KEY] = digest_record(ckpt)
+        return ckpt
+
+    def load_checkpoint(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt[S.K_MODEL])
+        self.ema.ema.load_state_dict(ckpt[S.K_EMA])
+        self.ema.updates = int(ckpt[S.K_UPDATES])
+        self.optimizer.load_state_dict(ckpt[S.K_OPTIMIZER])
+        if ckpt.get(S.K_SCALER):
+            self.scaler.load_state_dict(ckpt[S.K_SCALER])
+        p = ckpt[S.K_PROGRESS]
+        self.epoch, self.step_in_epoch, self.global_step = int(p["epoch"]), int(p["step_in_epoch"]), int(p["global_step"])
+        self.epoch_loss_sum = p["epoch_loss_sum"].clone().to(torch.float64)
+        self.finished = bool(p.get("finished", False))
+        self.best_fitness = ckpt[S.K_BEST_FITNESS]
+        self.last_metrics = dict(ckpt.get(S.K_METRICS) or {})
+        self.results = [dict(r) for r in ckpt.get(S.K_RESULTS, [])]
+        self.history = [dict(h) for h in ckpt.get(S.K_HISTORY, [])]
+        ranks = ckpt[S.K_RNG]["ranks"]
+        if len(ranks) == self.dist.world_size:
+            S.restore_rng(ranks[self.dist.rank])
+
+    # ---- saving ------------------------------------------------------------------------------------------
+    @property
+    def weights_dir(self) -> Path:
+        return self.run_dir / "weights"
+
+    def save(self, *, best: bool = False, period: bool = False) -> Path:
+        """Write weights/last.pt (and best.pt / epoch{N}.pt) atomically; every rank must call it."""
+        ckpt = self.checkpoint_dict()
+        last = self.weights_dir / "last.pt"
+        if self.dist.is_main:
+            buffer = io.BytesIO()
+            torch.save(ckpt, buffer)
+            data = buffer.getbuffer()
+            keep_previous(last)  # last.prev.pt: the previous good checkpoint survives until the new one is whole
+            targets = [last] + ([self.weights_dir / "best.pt"] if best else []) \
+                + ([self.weights_dir / f"epoch{self.epoch}.pt"] if period else [])
+            for path in targets:
+                with atomic_write(path) as f:
+                    f.write(data)
+        barrier(self.dist)
+        return last
+
+    def write_run_files(self) -> None:
+        if not self.dist.is_main:
+            return
+        # temporary files of saves cut short by kill -9 are garbage (the target was never replaced)
+        for stale in self.weights_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        with atomic_write(self.run_dir / "args.yaml", "w") as f:
+            yaml.safe_dump({**self.cfg.to_dict(), "resolved": self.resolved.to_dict()}, f, sort_keys=False)
+        self._write_results()
+
+    def _write_results(self) -> None:
+        with atomic_write(self.run_dir / "results.csv", "w") as f:
+            writer = csv.DictWriter(f, RESULTS_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            for row in self.results:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    # ---- signals -----------------------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: leave now (atomic writes keep last.pt whole)
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            self.log(f"\n{signal.Signals(signum).name} received: finishing this step and saving last.pt "
+                     "(press Ctrl-C again to exit at once)")
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+    # ---- loop --------------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            (self.console.print(message, markup=False, highlight=False) if self.console else print(message, flush=True))
+
+    def make_loader(self, dataset, batch_sampler):
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.cfg.workers,
+                                           collate_fn=collate, pin_memory=self.use_cuda, worker_init_fn=_seed_worker,
+                                           persistent_workers=False)
+
+    def train(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.write_run_files()
+        restore_signals = self._install_signal_handlers()
+        try:
+            while self.epoch < self.cfg.epochs:
+                self._train_epoch()
+                last = self._end_epoch()  # saves last.pt; the final one is marked finished
+                if any_rank(self._stop_signal is not None, self.dist, self.device) and self.epoch < self.cfg.epochs:
+                    raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, last)  # signal came during evaluation
+        finally:
+            restore_signals()
+        return self.last_metrics
+
+    def _train_epoch(self) -> None:
+        cfg, spe = self.cfg, self.sampler.steps_per_epoch
+        self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+        loader = self.make_loader(self.train_set, self.sampler)
+        self.train_model.train()
+        progress = _Progress(self, spe)
+        t0 = time.time()
+        for images, targets, _ in loader:
+            lr = self.schedule.apply(self.optimizer, self.global_step)
+            loss_parts = self._step(images, targets)
+            self.epoch_loss_sum += loss_parts.to(torch.float64).cpu()
+            self.step_in_epoch += 1
+            self.global_step += 1
+            progress.update(self.epoch_loss_sum / self.step_in_epoch, lr, time.time() - t0)
+            if self._stop_after_step == self.global_step:
+                self._stop_signal = signal.SIGINT
+            stop = any_rank(self._stop_signal is not None, self.dist, self.device)
+            if stop:
+                progress.close()
+                path = self.save()
+                raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
+            if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < spe:
+                self.save()
+        progress.close()
+
+    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).float().div_(255)
+        if self.use_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(self.device)
+        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with autocast:
+            outputs = self.train_model(images)
+        loss, parts = self.criterion(outputs, targets)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        return parts
+
+    def _end_epoch(self) -> Path:
+        losses = all_sum(self.epoch_loss_sum, self.dist) / (self.step_in_epoch * self.dist.world_size)
+        metrics = self.evaluate() if self.dist.is_main else None
+        metrics = all_gather_objects(metrics, self.dist)[0]
+        fitness = metrics.fitness
+        improved = self.best_fitness is None or fitness > self.best_fitness
+        if improved:
+            self.best_fitness = fitness
+        lr = self.optimizer.param_groups[0]["lr"]
+        row = {"epoch": self.epoch + 1, "train/box_loss": float(losses[0]), "train/cls_loss": float(losses[1]),
+               "metrics/precision": metrics.precision, "metrics/recall": metrics.recall, "metrics/mAP50": metrics.map50,
+               "metrics/mAP50-95": metrics.map, "fitness": fitness, "lr": lr}
+        self.results.append(row)
+        self.last_metrics = metrics.as_dict()
+        self.log(f"epoch {self.epoch + 1}/{self.cfg.epochs}  box {row['train/box_loss']:.4f}  cls {row['train/cls_loss']:.4f}"
+                 f"  P {metrics.precision:.3f}  R {metrics.recall:.3f}  mAP50 {metrics.map50:.3f}"
+                 f"  mAP50-95 {metrics.map:.3f}" + ("  (best)" if improved else ""))
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_loss_sum = torch.zeros(2, dtype=torch.float64)
+        period = self.cfg.save_period > 0 and self.epoch % self.cfg.save_period == 0
+        if self.epoch >= self.cfg.epochs:
+            self.finished = True
+        if self.dist.is_main:
+            self._write_results()
+        return self.save(best=improved, period=period)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> DetectionMetrics:
+        model = model or self.ema.ema
+        model.eval()
+        loader = torch.utils.data.DataLoader(
+            self.val_set, batch_sampler=_sequential_batches(len(self.val_set), max(2, 2 * self.resolved.per_rank_batch)),
+            num_workers=self.cfg.workers, collate_fn=collate, pin_memory=self.use_cuda)
+        preds, gts = [], []
+        for images, targets, _ in loader:
+            images = images.to(self.device).float().div_(255)
+            if self.use_cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+            with autocast:
+                box_raw, cls_logits = model(images)
+            dets = postprocess(box_raw, cls_logits, self.anchors, self.strides, self.cfg.conf, self.cfg.iou)
+            for i, d in enumerate(dets):
+                preds.append(d.cpu().double().numpy())
+                gts.append(targets[targets[:, 0] == i, 1:].double().numpy())
+        return evaluate_detections(preds, gts, self.model_config.nc)
+
+
+def _sequential_batches(n: int, batch: int) -> list[list[tuple[int, int]]]:
+    return [[(0, i) for i in range(s, min(n, s + batch))] for s in range(0, n, batch)]
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj
+
+
+class _Progress:
+    """A rich progress bar on a terminal; a plain line every 25 % of the epoch otherwise."""
+
+    def __init__(self, trainer: Trainer, steps: int):
+        self.trainer, self.steps = trainer, steps
+        self.epoch = trainer.epoch
+        self.bar = None
+        console = trainer.console
+        if trainer.dist.is_main and console is not None and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self.bar = Progress(TextColumn(f"epoch {self.epoch + 1}/{trainer.cfg.epochs}"), BarColumn(),
+                                MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                console=console, transient=True)
+            self.task = self.bar.add_task("train", total=steps, completed=trainer.step_in_epoch, info="")
+            self.bar.start()
+        self.next_plain = max(1, steps // 4)
+
+    def update(self, mean_losses: torch.Tensor, lr: float, elapsed: float) -> None:
+        info = f"box {mean_losses[0]:.4f} cls {mean_losses[1]:.4f} lr {lr:.2e}"
+        done = self.trainer.step_in_epoch
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, info=info)
+        elif self.trainer.dist.is_main and self.steps >= 40 and done % self.next_plain == 0 and done < self.steps:
+            self.trainer.log(f"  epoch {self.epoch + 1} step {done}/{self.steps}  {info}  {elapsed:.0f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuse_train.demo import write_demo
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small demo dataset (16 train / 8 val pairs of 64 px) shared by the session's tests."""
+    return write_demo(tmp_path_factory.mktemp("tiny_demo"), n_train=16, n_val=8, size=64, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # never touch the user's ~/.cache from tests
+    monkeypatch.setenv("FUSE_TRAIN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_data, tmp_path_factory):
+    """One uninterrupted 3-epoch run (4 steps an epoch), shared by the tests that compare against it."""
+    from tests.helpers import TINY, run_train
+
+    cwd = tmp_path_factory.mktemp("ref")
+    proc = run_train(["--data", str(tiny_data), *TINY, "--save-period", "2"], cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd / "runs" / "fuse" / "exp", proc
