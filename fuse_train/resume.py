@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ckpttools.preflight_record import fuse_train_record
 from ckpttools.preflight import PreflightReport, UnknownField, parse_allow, preflight, render_report
 from fuse_train import state as S
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig
-from fuse_train.data import load_data_spec, PairedDataset
+from fuse_train.data import PairedDataset, load_data_spec, spec_fingerprint
 from fuse_train.model import ModelConfig, build_model, model_fingerprint
 
 
@@ -93,11 +94,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def run_record(cfg: RunConfig, resolved: ResolvedRun) -> dict:
     """The flat record the preflight compares (field names are the option names)."""
-    return {"data": resolved.data_yaml, "data-fingerprint": resolved.dataset_fingerprint, "batch": cfg.batch,
-            "world-size": resolved.world_size, "lr0": cfg.lr0, "lrf": cfg.lrf, "momentum": cfg.momentum,
-            "weight-decay": cfg.weight_decay, "optimizer": cfg.optimizer, "warmup-epochs": cfg.warmup_epochs,
-            "schedule": cfg.schedule, "epochs": cfg.epochs, "fusion": cfg.fusion, "scale": cfg.scale,
-            "nc": resolved.nc, "img-size": resolved.img_size, "model": resolved.model_fingerprint}
+    return fuse_train_record(cfg.to_dict(), resolved.to_dict())
 
 
 def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
@@ -106,12 +103,12 @@ def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
 
     spec = load_data_spec(resolve_data_yaml(cfg.data))
     img_size = cfg.img_size or spec.imgsz or 640
-    train = PairedDataset(spec.train, spec.train_ir, len(spec.names), img_size, root=spec.root)
-    val = PairedDataset(spec.val, spec.val_ir, len(spec.names), img_size, root=spec.root)
+    for images, ir in ((spec.train, spec.train_ir), (spec.val, spec.val_ir)):  # parse labels: errors before anything
+        PairedDataset(images, ir, len(spec.names), img_size, root=spec.root)
     with torch.device("meta"):
         model = build_model(ModelConfig(cfg.fusion, cfg.scale, len(spec.names)), img_size)
     return ResolvedRun(data_yaml=str(spec.yaml_path), data_root=str(spec.root),
-                       dataset_fingerprint=train.fingerprint() + ":" + val.fingerprint(), names=spec.names,
+                       dataset_fingerprint=spec_fingerprint(spec), names=spec.names,
                        img_size=img_size, world_size=world_size, per_rank_batch=cfg.batch // max(1, world_size),
                        model_fingerprint=model_fingerprint(model))
 

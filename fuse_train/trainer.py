@@ -25,7 +25,7 @@ from ckpttools.atomic import atomic_write, keep_previous
 from ckpttools.digest import DIGEST_KEY, digest_record
 from fuse_train import __version__, state as S
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig
-from fuse_train.data import Augment, PairedDataset, collate, load_data_spec
+from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
 from fuse_train.demo import ensure_demo
 from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, barrier
 from fuse_train.loss import DetectionLoss
@@ -108,8 +108,7 @@ class Trainer:
         self.model_config = ModelConfig(cfg.fusion, cfg.scale, nc)
         self.model = build_model(self.model_config, img_size).to(self.device)
         self.resolved = ResolvedRun(
-            data_yaml=str(spec.yaml_path), data_root=str(spec.root), dataset_fingerprint=self.train_set.fingerprint()
-            + ":" + self.val_set.fingerprint(), names=spec.names, img_size=img_size, world_size=dist_info.world_size,
+            data_yaml=str(spec.yaml_path), data_root=str(spec.root), dataset_fingerprint=spec_fingerprint(spec), names=spec.names, img_size=img_size, world_size=dist_info.world_size,
             per_rank_batch=cfg.batch // dist_info.world_size, device=str(self.device),
             model_fingerprint=model_fingerprint(self.model))
         if self.use_cuda:
@@ -174,7 +173,7 @@ class Trainer:
                            "samples_seen": self.global_step * self.cfg.batch, "finished": self.finished},
             S.K_RNG: {"world_size": self.dist.world_size, "ranks": rng},
             S.K_HISTORY: [dict(h) for h in self.history],
-            S.K_VERSIONS: {"fuse_train": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+            S.K_VERSIONS: {"fuse_train": __version__, "torch": str(torch.__version__), "python": sys.version.split()[0]},
             S.K_DATE: S.now_iso(),
         }
         ckpt[DIGEST_KEY] = digest_record(ckpt)

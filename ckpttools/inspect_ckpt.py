@@ -1,0 +1,106 @@
+"""``ckpt inspect``: a readable summary of any checkpoint, from the safe reader (nothing executed)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ckpttools import layouts as L
+from ckpttools.reader import iter_tensors, open_checkpoint
+from ckpttools.unpickle import LazyTensor, Placeholder
+from ckpttools.verify import reference_status
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Summary dict: format, layout, counters, run arguments, key tree, parameter count, bytes by dtype,
+    devices, code references.  Raises FileNotFoundError / reader.NotACheckpoint."""
+    path = Path(path)
+    ckpt = open_checkpoint(path)
+    tree = ckpt.tree
+    layout = L.recognise(tree, path)
+    tensors = list(iter_tensors(tree))
+    storages = {t.storage.key: t.storage for _, t in tensors}
+    by_dtype: Counter = Counter()
+    for s in storages.values():
+        by_dtype[str(s.dtype)] += s.nbytes
+    devices = Counter(s.location for s in storages.values())
+    weights = L.weights_of(tree, layout)
+    params = {k: t for k, t in (weights[1] if weights else {}).items()
+              if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    summary = {
+        "path": str(path), "format": ckpt.format, "layout": layout,
+        "epoch": tree.get("epoch") if isinstance(tree, dict) else None,
+        "step": _step(tree),
+        "best_fitness": tree.get("best_fitness") if isinstance(tree, dict) else None,
+        "run_arguments": _run_arguments(tree, layout),
+        "keys": _key_tree(tree),
+        "tensors": len(tensors),
+        "parameter_count": sum(t.numel for t in params.values()) if params else sum(t.numel for _, t in tensors),
+        "weights_key": weights[0] if weights else None,
+        "bytes_by_dtype": dict(by_dtype.most_common()),
+        "devices": dict(devices.most_common()),
+        "code_references": [{"reference": r.qualname, "status": reference_status(r)} for r in ckpt.references
+                            if reference_status(r) != "allowed"],
+        "problems_while_reading": [f.to_dict() for f in ckpt.findings],
+    }
+    if ckpt.metadata:
+        summary["metadata"] = ckpt.metadata
+    return summary
+
+
+def _step(tree: Any):
+    if not isinstance(tree, dict):
+        return None
+    if "global_step" in tree:
+        return tree["global_step"]
+    progress = tree.get("progress")
+    return progress.get("global_step") if isinstance(progress, dict) else None
+
+
+def _run_arguments(tree: Any, layout: str):
+    if not isinstance(tree, dict):
+        return None
+    for key in ("train_args", "hyper_parameters", "args", "config"):
+        value = tree.get(key)
+        if isinstance(value, dict):
+            return {str(k): _plain(v) for k, v in value.items()}
+        if isinstance(value, Placeholder) and isinstance(value.state, dict):  # e.g. argparse.Namespace
+            return {str(k): _plain(v) for k, v in value.state.items()}
+    return None
+
+
+def _plain(v: Any):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return repr(v)
+
+
+def describe_value(v: Any) -> str:
+    if isinstance(v, LazyTensor):
+        return f"tensor {v.dtype} {list(v.shape)}"
+    if isinstance(v, dict):
+        n = sum(1 for _ in iter_tensors(v))
+        return f"dict ({len(v)} keys" + (f", {n} tensors)" if n else ")")
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__} ({len(v)} items)"
+    if isinstance(v, Placeholder):
+        n = sum(1 for _ in iter_tensors(v))
+        return f"object {v._reference.qualname} (not imported" + (f", {n} tensors)" if n else ")")
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _key_tree(tree: Any, depth: int = 0) -> Any:
+    if not isinstance(tree, dict):
+        return describe_value(tree)
+    out = {}
+    for k, v in tree.items():
+        small_dict = isinstance(v, dict) and depth < 1 and len(v) <= 12 and not all(isinstance(x, LazyTensor) for x in v.values())
+        out[str(k)] = _key_tree(v, depth + 1) if small_dict else describe_value(v)
+    return out

@@ -1,0 +1,104 @@
+"""Recognise whose checkpoint this is, and where its weights and optimizer state live.
+
+Layouts are data (a table of rules), not branches spread over the code: each names the keys it needs
+and where the model weights and optimizer state are found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckpttools.unpickle import LazyTensor, Placeholder
+
+FUSE_TRAIN, ULTRALYTICS, LIGHTNING, HF, STATE_DICT, DCP_LAYOUT, UNKNOWN = (
+    "fuse-train", "ultralytics", "lightning", "huggingface", "state-dict", "dcp", "unknown")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    required: tuple[str, ...]  # top-level keys the layout must have
+    weights: tuple[str, ...]  # candidate keys holding a state dict of weights, first found wins
+    optimizer: str | None = None
+
+
+LAYOUTS = {
+    FUSE_TRAIN: Layout(FUSE_TRAIN, ("format", "format_version", "model", "ema", "updates", "optimizer", "epoch",
+                                    "best_fitness", "train_args", "progress", "rng"), ("model", "ema"), "optimizer"),
+    ULTRALYTICS: Layout(ULTRALYTICS, ("epoch", "model"), ("ema", "model"), "optimizer"),
+    LIGHTNING: Layout(LIGHTNING, ("state_dict", "epoch", "global_step"), ("state_dict",), "optimizer_states"),
+    STATE_DICT: Layout(STATE_DICT, (), ("",)),
+}
+
+
+def recognise(tree: Any, path: Path | None = None) -> str:
+    if path is not None and path.is_dir():
+        return DCP_LAYOUT if (path / ".metadata").exists() else UNKNOWN
+    if not isinstance(tree, dict):
+        return UNKNOWN
+    if tree.get("format") == "fuse-train-checkpoint":
+        return FUSE_TRAIN
+    if "state_dict" in tree and ({"pytorch-lightning_version", "optimizer_states", "loops", "lr_schedulers"} & tree.keys()):
+        return LIGHTNING
+    if ("model" in tree or "ema" in tree) and ({"train_args", "date", "version"} & tree.keys()
+                                                 or _is_ultralytics_obj(tree.get("model"))):
+        return ULTRALYTICS
+    if tree and all(isinstance(k, str) for k in tree) and all(isinstance(v, LazyTensor) for v in tree.values()):
+        return STATE_DICT
+    if "state_dict" in tree and isinstance(tree["state_dict"], dict):
+        return STATE_DICT
+    return UNKNOWN
+
+
+def _is_ultralytics_obj(obj: Any) -> bool:
+    return isinstance(obj, Placeholder) and obj._reference.module.startswith("ultralytics")
+
+
+def recognise_folder(path: Path) -> str | None:
+    """Hugging Face-style model folders: config.json beside weights files."""
+    if path.is_dir() and (path / "config.json").exists() and any(
+            (path / n).exists() for n in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                                          "pytorch_model.bin.index.json")):
+        return HF
+    return None
+
+
+def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | None:
+    """(key, flat {name: tensor}) of the model weights, walking through pickled module placeholders."""
+    if layout == STATE_DICT:
+        if isinstance(tree, dict) and "state_dict" in tree and isinstance(tree["state_dict"], dict):
+            return "state_dict", _flat_tensors(tree["state_dict"])
+        return "", _flat_tensors(tree)
+    spec = LAYOUTS.get(layout)
+    if spec is None or not isinstance(tree, dict):
+        return None
+    for key in spec.weights:
+        value = tree.get(key)
+        if value is None:
+            continue
+        flat = _flat_tensors(value) if isinstance(value, dict) else module_tensors(value)
+        if flat:
+            return key, flat
+    return None
+
+
+def _flat_tensors(d: dict) -> dict[str, LazyTensor]:
+    return {str(k): v for k, v in d.items() if isinstance(v, LazyTensor)}
+
+
+def module_tensors(obj: Any, prefix: str = "") -> dict[str, LazyTensor]:
+    """The state_dict-style names of a pickled nn.Module placeholder: ``_parameters``, ``_buffers`` and
+    ``_modules`` walked as torch would, without importing any of it."""
+    out: dict[str, LazyTensor] = {}
+    state = obj._state if isinstance(obj, Placeholder) else None
+    if not isinstance(state, dict):
+        return out
+    for group in ("_parameters", "_buffers"):
+        for name, t in (state.get(group) or {}).items():
+            if isinstance(t, LazyTensor):
+                out[prefix + name] = t
+    for name, child in (state.get("_modules") or {}).items():
+        out.update(module_tensors(child, f"{prefix}{name}."))
+    return out

@@ -1,0 +1,93 @@
+"""Rich views and JSON output of reports; errors to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.markup import escape
+from rich.tree import Tree
+
+from ckpttools.report import Report
+
+STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def stdout() -> Console:
+    return Console(highlight=False)
+
+
+def stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_verify(report: Report, console: Console, strict: bool = False) -> None:
+    facts = report.facts
+    head = f"{report.path}: {report.format}, layout {report.layout}"
+    extras = [f"{k.replace('_', ' ')} {facts[k]:,}" if isinstance(facts[k], int) else f"{k.replace('_', ' ')} {facts[k]}"
+              for k in ("epoch", "step", "parameter_count") if facts.get(k) is not None]
+    console.print(head + (" (" + ", ".join(extras) + ")" if extras else ""), markup=False)
+    shown = [f for f in report.findings if f.severity != "info" or f.code != "safety.allowed"]
+    if shown:
+        table = Table(show_header=True, header_style="bold")
+        for col in ("severity", "code", "where", "message"):
+            table.add_column(col, overflow="fold")
+        for f in sorted(shown, key=lambda f: ("error", "warning", "info").index(f.severity)):
+            table.add_row(f"[{STYLE[f.severity]}]{f.severity}[/]", f.code, f.where, f.message)
+        console.print(table)
+    n_err, n_warn = len(report.errors), len(report.warnings)
+    verdict = "OK" if report.ok(strict) else "FAILED"
+    colour = "green" if report.ok(strict) else "bold red"
+    console.print(f"[{colour}]{verdict}[/]: {n_err} error(s), {n_warn} warning(s)"
+                  + (" (--strict: warnings fail)" if strict and n_warn and not n_err else ""))
+
+
+def render_inspect(summary: dict, console: Console) -> None:
+    console.print(f"[bold]{summary['path']}[/]  format {summary['format']}, layout {summary['layout']}")
+    facts = [(k, summary.get(k)) for k in ("epoch", "step", "best_fitness", "parameter_count", "tensors")]
+    console.print("  " + "  ".join(f"{k.replace('_', ' ')}: {v:,}" if isinstance(v, int) and not isinstance(v, bool)
+                                   else f"{k.replace('_', ' ')}: {v}" for k, v in facts if v is not None))
+    if summary.get("bytes_by_dtype"):
+        console.print("  bytes by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in summary["bytes_by_dtype"].items()))
+    if summary.get("devices"):
+        console.print("  saved on: " + ", ".join(f"{k} ({v} storages)" for k, v in summary["devices"].items()))
+    tree = Tree("keys")
+    _add(tree, summary["keys"])
+    console.print(tree)
+    if summary.get("run_arguments"):
+        table = Table("argument", "value", title="run arguments", title_justify="left")
+        for k, v in summary["run_arguments"].items():
+            table.add_row(k, str(v))
+        console.print(table)
+    if summary.get("code_references"):
+        console.print("code references (never imported here): " + ", ".join(
+            f"{r['reference']}" + (" [bold red](dangerous)[/]" if r["status"] == "dangerous" else "")
+            for r in summary["code_references"]))
+    for p in summary.get("problems_while_reading", []):
+        console.print(f"[{STYLE[p['severity']]}]{p['severity']}[/] {p['code']}: {p['message']}")
+
+
+def _add(node: Tree, value: Any) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(v, dict):
+                _add(node.add(escape(str(k))), v)
+            else:
+                node.add(f"{escape(str(k))}: [dim]{escape(str(v))}[/]")
+    else:
+        node.add(str(value))

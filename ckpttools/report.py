@@ -1,0 +1,53 @@
+"""Findings and reports: what every operation returns, and the exit codes the CLI derives from them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
+
+
+@dataclass
+class Finding:
+    severity: str  # error | warning | info
+    code: str  # stable identifier, documented in docs/findings.md
+    message: str
+    where: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    path: str
+    format: str = "unknown"
+    layout: str = "unknown"
+    findings: list[Finding] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # what was recognised: epoch, step, parameter count, ...
+
+    def add(self, severity: str, code: str, message: str, where: str = "") -> None:
+        self.findings.append(Finding(severity, code, message, where))
+
+    def extend(self, findings) -> None:
+        self.findings.extend(findings)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == WARNING]
+
+    def ok(self, strict: bool = False) -> bool:
+        return not self.errors and not (strict and self.warnings)
+
+    def exit_code(self, strict: bool = False) -> int:
+        return EXIT_OK if self.ok(strict) else EXIT_PROBLEMS
+
+    def to_dict(self, strict: bool = False) -> dict[str, Any]:
+        return {"path": self.path, "ok": self.ok(strict), "format": self.format, "layout": self.layout,
+                "findings": [f.to_dict() for f in self.findings], **self.facts}

@@ -1,0 +1,67 @@
+"""One streaming pass over a storage: CRC32 of its record, NaN/Inf count, and the bytes for the digest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from ckpttools import torchzip
+from ckpttools.unpickle import StorageRef
+
+# a float is NaN or Inf exactly when all its exponent bits are set
+EXPONENT_MASKS = {"float32": (np.uint32, 0x7F800000), "float64": (np.uint64, 0x7FF0000000000000),
+                  "float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80),
+                  "complex64": (np.uint32, 0x7F800000), "complex128": (np.uint64, 0x7FF0000000000000)}
+
+
+def count_nonfinite(chunk: bytes, dtype: str) -> int:
+    spec = EXPONENT_MASKS.get(dtype)
+    if spec is None:
+        return 0
+    kind, mask = spec
+    n = len(chunk) // np.dtype(kind).itemsize
+    if n == 0:
+        return 0
+    a = np.frombuffer(chunk, dtype=kind, count=n)
+    return int(np.count_nonzero(np.bitwise_and(a, kind(mask)) == kind(mask)))
+
+
+@dataclass
+class StorageResult:
+    bytes_read: int = 0
+    crc: int = 0
+    nonfinite: int = 0
+    complete: bool = False
+
+
+class StorageScanner:
+    """Reads each storage once; results by storage key."""
+
+    def __init__(self, ckpt, chunk: int = torchzip.CHUNK, on_bytes=None):
+        self.ckpt, self.chunk = ckpt, chunk
+        self.results: dict[str, StorageResult] = {}
+        self.on_bytes = on_bytes  # progress callback(nbytes)
+
+    def stream(self, ref: StorageRef) -> Iterator[bytes]:
+        """Yield the storage's bytes; the first full pass records CRC and NaN/Inf count."""
+        if ref.key in self.results:
+            yield from self.ckpt.storage_chunks(ref, self.chunk)
+            return
+        result = StorageResult()
+        for block in self.ckpt.storage_chunks(ref, self.chunk):
+            result.crc = torchzip.crc32(block, result.crc)
+            result.nonfinite += count_nonfinite(block, ref.dtype)
+            result.bytes_read += len(block)
+            if self.on_bytes:
+                self.on_bytes(len(block))
+            yield block
+        result.complete = True
+        self.results[ref.key] = result
+
+    def scan(self, ref: StorageRef) -> StorageResult:
+        if ref.key not in self.results:
+            for _ in self.stream(ref):
+                pass
+        return self.results[ref.key]

@@ -1,0 +1,384 @@
+"""The ``torch.save`` zip container: records, CRC32s, and the pickle's storages.
+
+``torch.save`` writes an uncompressed zip: ``<top>/data.pkl`` (the pickle), ``<top>/data/<key>`` (one record
+per storage), ``<top>/byteorder``, ``<top>/version``, ``<top>/.data/serialization_id``.  The top folder name
+is arbitrary (the file's stem by default).  ``torch.load`` ignores the CRC32 each record carries; this
+module checks it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+try:  # ISA-L's crc32 is several times faster than zlib's; optional
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - depends on the environment
+    _crc32 = zlib.crc32
+
+LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes
+CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")  # 46 bytes
+EOCD = struct.Struct("<4sHHHHIIH")  # 22 bytes
+ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # 56 bytes
+ZIP64_LOCATOR = struct.Struct("<4sIQI")  # 20 bytes
+LOCAL_MAGIC, CENTRAL_MAGIC, EOCD_MAGIC = b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06"
+ZIP64_EOCD_MAGIC, ZIP64_LOCATOR_MAGIC, DESCRIPTOR_MAGIC = b"PK\x06\x06", b"PK\x06\x07", b"PK\x07\x08"
+PADDING_ID = 0x4246  # "FB": torch's alignment padding, filled with b"Z"
+CHUNK = 8 << 20
+
+
+class ZipStructureError(Exception):
+    """The zip's end records are gone; ``records`` holds what a local-header scan could still find."""
+
+    def __init__(self, message: str, records: list["Record"]):
+        super().__init__(message)
+        self.records = records
+
+
+@dataclass
+class Record:
+    name: str
+    header_offset: int
+    data_offset: int
+    size: int  # bytes stored (== uncompressed: torch stores without compression)
+    crc: int | None  # from the central directory (or the data descriptor when the directory is gone)
+    method: int = 0
+    truncated: bool = False  # fewer bytes on disk than the record needs
+    end: int = 0  # first byte after the record (after its data descriptor, if any)
+
+
+@dataclass
+class ZipProblem:
+    code: str
+    message: str
+    where: str
+
+
+def crc32(data, value: int = 0) -> int:
+    return _crc32(data, value)
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    return os.pread(fd, n, offset) if n > 0 else b""
+
+
+def _extra_blocks(extra: bytes) -> list[tuple[int, bytes]] | None:
+    blocks, pos = [], 0
+    while pos < len(extra):
+        if pos + 4 > len(extra):
+            return None
+        tag, size = struct.unpack_from("<HH", extra, pos)
+        if pos + 4 + size > len(extra):
+            return None
+        blocks.append((tag, extra[pos + 4: pos + 4 + size]))
+        pos += 4 + size
+    return blocks
+
+
+def _zip64_values(extra: bytes, wanted: list[str]) -> dict[str, int]:
+    """Zip64 extended information: 8-byte values for the fields whose 32-bit copy is 0xFFFFFFFF, in order."""
+    for tag, data in _extra_blocks(extra) or []:
+        if tag == 0x0001:
+            out, pos = {}, 0
+            for name in wanted:
+                if pos + 8 <= len(data):
+                    out[name] = struct.unpack_from("<Q", data, pos)[0]
+                    pos += 8
+            return out
+    return {}
+
+
+def _find_eocd(fd: int, size: int) -> int | None:
+    tail_len = min(size, 65535 + EOCD.size)
+    tail = _pread(fd, tail_len, size - tail_len)
+    pos = tail.rfind(EOCD_MAGIC)
+    while pos >= 0:
+        if pos + EOCD.size <= len(tail):
+            comment_len = struct.unpack_from("<H", tail, pos + 20)[0]
+            if pos + EOCD.size + comment_len == len(tail):
+                return size - tail_len + pos
+        pos = tail.rfind(EOCD_MAGIC, 0, pos)
+    return None
+
+
+def parse_zip(path: Path) -> tuple[list[Record], list[ZipProblem]]:
+    """Records of the zip, and every structural problem found by accounting for each byte of the file.
+
+    Raises ZipStructureError (carrying a local-header scan) when the end records cannot be found."""
+    size = path.stat().st_size
+    problems: list[ZipProblem] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        eocd_at = _find_eocd(fd, size)
+        if eocd_at is None:
+            raise ZipStructureError("end of central directory not found", scan_local_headers(path))
+        (_, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment_len) = EOCD.unpack(_pread(fd, EOCD.size, eocd_at))
+        cd_end_expected = eocd_at
+        if disk or cd_disk:
+            problems.append(ZipProblem("zip.structure", f"end record names disk {disk}/{cd_disk}; a checkpoint is one "
+                                       "file", "end of central directory"))
+        if n_disk != n_total:
+            problems.append(ZipProblem("zip.structure", f"end record counts {n_disk} vs {n_total} entries",
+                                       "end of central directory"))
+        loc_at = eocd_at - ZIP64_LOCATOR.size
+        has_zip64 = loc_at >= 0 and _pread(fd, 4, loc_at) == ZIP64_LOCATOR_MAGIC
+        if has_zip64:
+            _, z_disk, z64_at, z_disks = ZIP64_LOCATOR.unpack(_pread(fd, ZIP64_LOCATOR.size, loc_at))
+            raw = _pread(fd, ZIP64_EOCD.size, z64_at)
+            if len(raw) < ZIP64_EOCD.size or raw[:4] != ZIP64_EOCD_MAGIC or z64_at + ZIP64_EOCD.size != loc_at:
+                problems.append(ZipProblem("zip.structure", "zip64 end record not where its locator points",
+                                           "zip64 end of central directory"))
+            else:
+                (_, rec_size, z_made, z_need, z_d, z_cd_d, z_n_disk, z_n_total, z_cd_size, z_cd_offset) = ZIP64_EOCD.unpack(raw)
+                zip64_versions = (z_made, z_need)
+                if rec_size != ZIP64_EOCD.size - 12 or z_d or z_cd_d or z_disk or z_disks != 1 or z_n_disk != z_n_total:
+                    problems.append(ZipProblem("zip.structure", "zip64 end record fields are inconsistent",
+                                               "zip64 end of central directory"))
+                for small, big, what in ((n_total, z_n_total, "entry count"), (cd_size, z_cd_size, "directory size"),
+                                         (cd_offset, z_cd_offset, "directory offset")):
+                    if small not in (big, 0xFFFF, 0xFFFFFFFF):
+                        problems.append(ZipProblem("zip.structure", f"end records disagree on the {what}",
+                                                   "end of central directory"))
+                n_total, cd_size, cd_offset = z_n_total, z_cd_size, z_cd_offset
+                cd_end_expected = z64_at
+        if cd_offset + cd_size != cd_end_expected:
+            problems.append(ZipProblem("zip.structure", f"central directory spans {cd_offset}..{cd_offset + cd_size}, "
+                                       f"the end records start at {cd_end_expected}", "central directory"))
+        cd = _pread(fd, cd_size, cd_offset)
+        records, entries = [], []
+        pos = 0
+        while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos: pos + 4] == CENTRAL_MAGIC:
+            fields = CENTRAL_HEADER.unpack_from(cd, pos)
+            name_len, extra_len, comment = fields[10], fields[11], fields[12]
+            name_bytes = cd[pos + 46: pos + 46 + name_len]
+            extra = cd[pos + 46 + name_len: pos + 46 + name_len + extra_len]
+            entries.append((fields, name_bytes, extra))
+            pos += 46 + name_len + extra_len + comment
+        if pos != len(cd) or len(entries) != n_total:
+            problems.append(ZipProblem("zip.structure", f"central directory holds {len(entries)} readable entries in "
+                                       f"{pos} of {len(cd)} bytes; the end record says {n_total}", "central directory"))
+        if len(entries) > 2:  # fields torch writes identically for every entry
+            for index, label in ((1, "version made by"), (13, "disk number"), (14, "internal attributes"),
+                                 (15, "external attributes")):
+                common = max(set(e[0][index] for e in entries), key=lambda v: sum(e[0][index] == v for e in entries))
+                for e in entries:
+                    if e[0][index] != common:
+                        problems.append(ZipProblem("zip.structure", f"central directory {label} {e[0][index]:#x} differs "
+                                                   f"from every other entry's {common:#x}", e[1].decode("utf-8", "replace")))
+        torch_style = _written_by_torch(fd, entries)
+        if torch_style and has_zip64 and "zip64_versions" in locals() and zip64_versions != TORCH_ZIP64_VERSIONS:
+            problems.append(ZipProblem("zip.structure", f"zip64 end record versions {zip64_versions} differ from "
+                                       f"torch's {TORCH_ZIP64_VERSIONS}", "zip64 end of central directory"))
+        expected_local = 0
+        for fields, name_bytes, extra in entries:
+            rec, rec_problems = _check_entry(fd, size, fields, name_bytes, extra, torch_style)
+            records.append(rec)
+            problems.extend(rec_problems)
+            if rec.header_offset != expected_local:
+                problems.append(ZipProblem("zip.structure", f"{rec.header_offset - expected_local:+d} unaccounted "
+                                           f"bytes before record {rec.name}", rec.name))
+            expected_local = rec.end
+        if records and expected_local != cd_offset:
+            problems.append(ZipProblem("zip.structure", f"{cd_offset - expected_local:+d} unaccounted bytes before the "
+                                       "central directory", "central directory"))
+        if comment_len:
+            problems.append(ZipProblem("zip.structure", f"zip comment of {comment_len} bytes (torch writes none)",
+                                       "end of central directory"))
+        return records, problems
+    finally:
+        os.close(fd)
+
+
+TORCH_ZIP64_VERSIONS = (0x031E, 45)  # what torch's writer (miniz) puts in the zip64 end record
+
+
+def _written_by_torch(fd: int, entries) -> bool:
+    """torch's writer pads every record with an 'FB' extra block and sets flag bit 3; when most records
+    look like that, fields it writes identically are held to its values."""
+    padded = 0
+    for fields, _name, _extra in entries:
+        offset, nl, flags = fields[16], fields[10], fields[3]
+        head = _pread(fd, LOCAL_HEADER.size, offset)
+        if len(head) == LOCAL_HEADER.size and flags & 0x08:
+            el = struct.unpack_from("<H", head, 28)[0]
+            if struct.pack("<H", PADDING_ID) in _pread(fd, el, offset + 30 + nl)[:2] or el == 0:
+                padded += 1
+    return bool(entries) and padded * 2 > len(entries)
+
+
+def _check_entry(fd: int, size: int, fields, name_bytes: bytes, extra: bytes,
+                 torch_style: bool = False) -> tuple[Record, list[ZipProblem]]:
+    (_, _made, need, flags, method, mtime, mdate, crc, csize, usize, _nl, _el, _cl, _disk, _iattr, _eattr,
+     offset) = fields
+    name = name_bytes.decode("utf-8", "replace")
+    problems: list[ZipProblem] = []
+    wanted = [n for n, v in (("usize", usize), ("csize", csize), ("offset", offset)) if v == 0xFFFFFFFF]
+    big = _zip64_values(extra, wanted) if wanted else {}
+    usize, csize, offset = big.get("usize", usize), big.get("csize", csize), big.get("offset", offset)
+    if _extra_blocks(extra) is None:
+        problems.append(ZipProblem("zip.structure", "central directory extra field is malformed", name))
+    head = _pread(fd, LOCAL_HEADER.size, offset)
+    if len(head) < LOCAL_HEADER.size or head[:4] != LOCAL_MAGIC:
+        problems.append(ZipProblem("zip.header-mismatch", f"no local header at offset {offset}", name))
+        return Record(name, offset, -1, csize, crc, method, truncated=True, end=offset), problems
+    (_, l_need, l_flags, l_method, l_time, l_date, l_crc, l_csize, l_usize, l_nl, l_el) = LOCAL_HEADER.unpack(head)
+    l_name = _pread(fd, l_nl, offset + 30)
+    l_extra = _pread(fd, l_el, offset + 30 + l_nl)
+    data_offset = offset + 30 + l_nl + l_el
+    mismatched = [label for label, a, b in (("version", l_need, need), ("flags", l_flags, flags),
+                                            ("method", l_method, method), ("time", l_time, mtime),
+                                            ("date", l_date, mdate), ("name", l_name, name_bytes)) if a != b]
+    descriptor = bool(flags & 0x08)
+    if descriptor:
+        if (l_crc, l_csize, l_usize) != (0, 0, 0) and (l_crc, l_csize, l_usize) != (crc, csize, usize):
+            mismatched.append("crc/sizes")
+    else:
+        l64 = _zip64_values(l_extra, [n for n, v in (("usize", l_usize), ("csize", l_csize)) if v == 0xFFFFFFFF])
+        if (l_crc, l64.get("csize", l_csize), l64.get("usize", l_usize)) != (crc, csize, usize):
+            mismatched.append("crc/sizes")
+    if mismatched:
+        problems.append(ZipProblem("zip.header-mismatch", f"local header and central directory disagree on "
+                                   f"{', '.join(mismatched)}", name))
+    blocks = _extra_blocks(l_extra)
+    if blocks is None:
+        problems.append(ZipProblem("zip.structure", "local extra field is malformed", name))
+    else:
+        for tag, data in blocks:
+            if tag == PADDING_ID and data.strip(b"Z"):
+                problems.append(ZipProblem("zip.structure", "alignment padding is damaged (torch writes only 'Z')", name))
+            elif torch_style and tag not in (PADDING_ID, 0x0001):
+                problems.append(ZipProblem("zip.structure", f"unexpected extra block {tag:#06x} in a torch-written "
+                                           "record (damaged padding header?)", name))
+    end = data_offset + csize
+    truncated = end > size
+    if descriptor and not truncated:
+        zip64 = bool(big) or csize >= 0xFFFFFFFF
+        d_len = 24 if zip64 else 16
+        raw = _pread(fd, d_len, end)
+        if len(raw) < d_len:
+            truncated = True
+        else:
+            d_sig, d_crc = raw[:4], struct.unpack_from("<I", raw, 4)[0]
+            d_csize, d_usize = struct.unpack_from("<QQ" if zip64 else "<II", raw, 8)
+            if d_sig != DESCRIPTOR_MAGIC or (d_crc, d_csize, d_usize) != (crc, csize, usize):
+                problems.append(ZipProblem("zip.header-mismatch", "data descriptor disagrees with the central directory",
+                                           name))
+            end += d_len
+    if truncated:
+        problems.append(ZipProblem("zip.record-truncated", f"record {name} extends past the end of the file "
+                                   f"(needs {csize} bytes)", name))
+    return Record(name, offset, data_offset, csize, crc, method, truncated, end), problems
+
+
+def scan_local_headers(path: Path) -> list[Record]:
+    """Walk the file from the start, record by record, without the central directory (for damaged files).
+
+    torch writes data descriptors after each record's data (flag bit 3), so a record ends where a descriptor
+    signature is followed by a size equal to the bytes since the data started."""
+    records: list[Record] = []
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while offset + LOCAL_HEADER.size <= size:
+            head = _pread(fd, LOCAL_HEADER.size, offset)
+            if head[:4] != LOCAL_MAGIC:
+                break
+            (_, _need, flags, method, _t, _d, crc, csize, _usize, nl, el) = LOCAL_HEADER.unpack(head)
+            name = _pread(fd, nl, offset + 30).decode("utf-8", "replace")
+            data_offset = offset + 30 + nl + el
+            if flags & 0x08:
+                found = _find_descriptor(fd, data_offset, size)
+                if found is None:
+                    records.append(Record(name, offset, data_offset, size - data_offset, None, method, True, size))
+                    break
+                crc, csize, d_len = found
+                end = data_offset + csize + d_len
+            else:
+                end = data_offset + csize
+            truncated = end > size
+            records.append(Record(name, offset, data_offset, csize, crc, method, truncated, min(end, size)))
+            if truncated:
+                break
+            offset = end
+    finally:
+        os.close(fd)
+    return records
+
+
+def _find_descriptor(fd: int, data_offset: int, size: int) -> tuple[int, int, int] | None:
+    """(crc, size, descriptor length) of the first descriptor whose size field matches its position."""
+    pos, overlap = data_offset, 3
+    while pos < size:
+        block = _pread(fd, min(CHUNK, size - pos), pos)
+        i = block.find(DESCRIPTOR_MAGIC)
+        while i >= 0:
+            at = pos + i
+            raw = _pread(fd, 24, at)
+            length = at - data_offset
+            if len(raw) >= 16 and struct.unpack_from("<II", raw, 8) == (length, length):
+                return struct.unpack_from("<I", raw, 4)[0], length, 16
+            if len(raw) >= 24 and struct.unpack_from("<QQ", raw, 8) == (length, length):
+                return struct.unpack_from("<I", raw, 4)[0], length, 24
+            i = block.find(DESCRIPTOR_MAGIC, i + 1)
+        if len(block) <= overlap:
+            break
+        pos += len(block) - overlap
+    return None
+
+
+def read_records(path: Path) -> tuple[list[Record], list[ZipProblem]]:
+    return parse_zip(path)
+
+
+def iter_record_bytes(path: Path, record: Record, chunk: int = CHUNK, start: int = 0,
+                      length: int | None = None) -> Iterator[bytes]:
+    """Stream a stored record's bytes (or a byte range of it) with bounded memory."""
+    if record.method == 8:  # deflate (not written by torch, but other zip tools do)
+        yield from _iter_deflated(path, record, chunk, start, length)
+        return
+    if record.method != 0:
+        raise OSError(f"record {record.name}: unsupported compression method {record.method}")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = record.data_offset + start
+        end = record.data_offset + (record.size if length is None else min(record.size, start + length))
+        while pos < end:
+            block = os.pread(fd, min(chunk, end - pos), pos)
+            if not block:
+                return  # truncated file
+            pos += len(block)
+            yield block
+    finally:
+        os.close(fd)
+
+
+def _iter_deflated(path: Path, record: Record, chunk: int, start: int, length: int | None) -> Iterator[bytes]:
+    inflater = zlib.decompressobj(-15)
+    skip, left = start, (None if length is None else length)
+    for raw in iter_record_bytes(path, Record(record.name, record.header_offset, record.data_offset, record.size,
+                                              record.crc, 0), chunk):
+        out = inflater.decompress(raw)
+        if skip:
+            cut = min(skip, len(out))
+            out, skip = out[cut:], skip - cut
+        if left is not None:
+            out, left = out[:left], left - min(left, len(out))
+        if out:
+            yield out
+        if left == 0:
+            return
+
+
+def read_record(path: Path, record: Record) -> bytes:
+    return b"".join(iter_record_bytes(path, record))
+
+
+def pickle_record_name(names: list[str]) -> str | None:
+    """The main pickle: ``<top>/data.pkl`` (any top folder name), preferring the shallowest."""
+    candidates = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+    return min(candidates, key=lambda n: (n.count("/"), len(n))) if candidates else None

@@ -1,0 +1,323 @@
+"""``ckpt verify``: is a checkpoint whole, safe and consistent?  Never executes it, never writes it."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from ckpttools import layouts as L
+from ckpttools import torchzip
+from ckpttools.digest import DIGEST_ALGORITHM, DIGEST_KEY, _TensorLeaf, tree_digest
+from ckpttools.reader import ZIP, Checkpoint, NotACheckpoint, iter_tensors, open_checkpoint
+from ckpttools.report import ERROR, INFO, WARNING, Report
+from ckpttools.scan import StorageScanner
+from ckpttools.unpickle import ALLOWED, LazyTensor, Placeholder, Reference
+
+PREFIXES = ("module.", "_orig_mod.")
+METADATA_RECORDS = ("byteorder", "version", ".data/version", ".data/serialization_id", ".format_version",
+                    ".storage_alignment")
+
+
+def verify(path: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> Report:
+    """Check ``path``; returns a Report (findings with severity, code, message, where).
+
+    Raises FileNotFoundError for a missing path; everything else about the file is a finding."""
+    path = Path(path)
+    report = Report(str(path))
+    if not path.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    try:
+        return _verify(path, report, progress)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, MemoryError,
+            RecursionError, EOFError, UnicodeError) as exc:
+        # damage the checks above did not anticipate still ends as a finding, never a traceback
+        report.add(ERROR, "file.unreadable", f"reading stopped: {exc.__class__.__name__}: {exc}", str(path))
+        return report
+
+
+def _verify(path: Path, report: Report, progress) -> Report:
+    hf = L.recognise_folder(path)
+    if hf:
+        return _verify_hf_folder(path, report, progress)
+    try:
+        ckpt = open_checkpoint(path)
+    except NotACheckpoint as exc:
+        report.add(ERROR, "file.not-a-checkpoint", f"not a checkpoint: {exc}", str(path))
+        return report
+    report.format = ckpt.format
+    report.extend(ckpt.findings)
+    check_safety(ckpt, report)
+    report.layout = L.recognise(ckpt.tree, path)
+    total = sum(r.nbytes for r in ckpt.storages.values())
+    done = [0]
+
+    def on_bytes(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    scanner = StorageScanner(ckpt, on_bytes=on_bytes)
+    _check_digest(ckpt, report, scanner)
+    for ref in ckpt.storages.values():  # storages the digest walk did not reach
+        scanner.scan(ref)
+    _check_storages(ckpt, report, scanner)
+    if ckpt.format == ZIP:
+        _check_other_records(ckpt, report)
+    _check_layout(ckpt, report)
+    _check_consistency(ckpt, report)
+    return report
+
+
+# ---- safety ---------------------------------------------------------------------------------------------------------
+
+def reference_status(ref: Reference) -> str:
+    if ref.dangerous:
+        return "dangerous"
+    if (ref.module, ref.name) in ALLOWED or ref.module.startswith("numpy"):
+        return "allowed"
+    return "code"
+
+
+def check_safety(ckpt: Checkpoint, report: Report) -> None:
+    refs = []
+    for ref in ckpt.references:
+        status = reference_status(ref)
+        refs.append({"reference": ref.qualname, "status": status})
+        if status == "dangerous":
+            report.add(ERROR, "safety.dangerous-reference",
+                       f"the pickle references {ref.qualname}: loading this file with torch.load(weights_only=False) "
+                       "or pickle would run it", "pickle")
+        elif status == "code":
+            report.add(WARNING, "safety.code-reference",
+                       f"the pickle names {ref.qualname}: torch.load(weights_only=False) would import and run it; "
+                       "read here as an inert placeholder", "pickle")
+    report.facts["references"] = refs
+
+
+# ---- bytes: storages, records, digest -----------------------------------------------------------------------------------
+
+def _tensor_paths_by_storage(ckpt: Checkpoint) -> dict[str, list[str]]:
+    by: dict[str, list[str]] = defaultdict(list)
+    for where, t in iter_tensors(ckpt.tree):
+        by[t.storage.key].append(where)
+    return by
+
+
+def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> None:
+    users = _tensor_paths_by_storage(ckpt)
+    for key, ref in ckpt.storages.items():
+        where = ", ".join(users.get(key, [])[:3]) or f"storage {key}"
+        result = scanner.results.get(key)
+        if ckpt.format == ZIP:
+            record = ckpt.records.get(ckpt.storage_records.get(key, ""))
+            if record is None:
+                report.add(ERROR, "zip.record-missing", f"storage {key} has no record "
+                           f"({ckpt.storage_records.get(key)}); its tensors are lost", where)
+                continue
+            if record.truncated:
+                continue  # reported when the container was opened
+            if record.size != ref.nbytes:
+                report.add(ERROR, "storage.size-mismatch", f"record {record.name} holds {record.size} bytes, the "
+                           f"pickle says {ref.numel} x {ref.dtype} = {ref.nbytes}", where)
+            if result and result.complete and record.crc is not None and result.crc != record.crc:
+                report.add(ERROR, "zip.crc-mismatch", f"record {record.name}: CRC32 {result.crc:08x} != recorded "
+                           f"{record.crc:08x}: its bytes are damaged (torch.load would not notice)", where)
+        if result and result.nonfinite:
+            report.add(ERROR, "values.nonfinite", f"{result.nonfinite} NaN/Inf value(s) in {ref.dtype} storage {key}",
+                       where)
+    for where, t in iter_tensors(ckpt.tree):
+        if t.extent() > t.storage.numel:
+            report.add(ERROR, "tensor.out-of-bounds", f"view needs {t.extent()} elements of a storage of "
+                       f"{t.storage.numel}", where)
+
+
+def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
+    storage_records = set(ckpt.storage_records.values())
+    for name, record in ckpt.records.items():
+        if name in storage_records or record.truncated:
+            continue
+        if record.crc is not None:
+            crc = 0
+            for block in torchzip.iter_record_bytes(ckpt.path, record):
+                crc = torchzip.crc32(block, crc)
+            if crc != record.crc:
+                report.add(ERROR, "zip.crc-mismatch", f"record {name}: CRC32 {crc:08x} != recorded {record.crc:08x}",
+                           name)
+        short = name.split("/", 1)[1] if "/" in name else name
+        if not name.endswith("data.pkl") and short not in METADATA_RECORDS and not short.startswith("data/"):
+            report.add(INFO, "zip.extra-record", f"record {name} is not part of a torch.save checkpoint", name)
+        elif short.startswith("data/") and name not in storage_records:
+            report.add(WARNING, "zip.unreferenced-record", f"storage record {name} is not used by the pickle", name)
+
+
+def _check_digest(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> None:
+    tree = ckpt.tree
+    if not isinstance(tree, dict) or DIGEST_KEY not in tree:
+        if L.recognise(tree) == L.FUSE_TRAIN:
+            report.add(WARNING, "digest.missing", "fuse-train checkpoint without a content digest "
+                       "(`ckpt repair` rebuilds it)", DIGEST_KEY)
+        return
+    record = tree[DIGEST_KEY]
+    if not isinstance(record, dict) or record.get("algorithm") != DIGEST_ALGORITHM:
+        report.add(WARNING, "digest.unknown", f"digest algorithm {record!r} is not known here", DIGEST_KEY)
+        return
+
+    def leaf(value: Any):
+        if not isinstance(value, LazyTensor):
+            return None
+        return _TensorLeaf(value.dtype, value.shape, lambda v=value: _tensor_bytes(v, scanner))
+
+    try:
+        actual = tree_digest(tree, leaf)
+    except OSError as exc:
+        report.add(ERROR, "digest.unreadable", f"digest not checked: {exc}", DIGEST_KEY)
+        return
+    report.facts["digest"] = actual
+    if actual != record.get("sha256"):
+        report.add(ERROR, "digest.mismatch", f"content digest {actual[:16]}… != recorded "
+                   f"{str(record.get('sha256'))[:16]}…: the content changed after it was saved", DIGEST_KEY)
+
+
+def _tensor_bytes(t: LazyTensor, scanner: StorageScanner):
+    """The tensor's elements in C order, streamed from its storage (contiguous views need no copy)."""
+    itemsize = t.storage.dtype.itemsize
+    if t.numel == 0:
+        return
+    if t.is_contiguous_view():
+        start, end = t.storage_offset * itemsize, (t.storage_offset + t.numel) * itemsize
+        pos = 0
+        for block in scanner.stream(t.storage):
+            lo, hi = max(start, pos), min(end, pos + len(block))
+            if lo < hi:
+                yield block[lo - pos: hi - pos] if (lo - pos, hi - pos) != (0, len(block)) else block
+            pos += len(block)
+        return
+    import numpy as np  # a strided view: materialise it (rare in checkpoints)
+
+    data = b"".join(scanner.stream(t.storage))
+    kind = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64, 16: np.complex128}[itemsize]
+    arr = np.frombuffer(data, dtype=kind)
+    view = np.lib.stride_tricks.as_strided(arr[t.storage_offset:], shape=t.shape,
+                                           strides=[s * itemsize for s in t.stride])
+    yield np.ascontiguousarray(view).tobytes()
+
+
+# ---- layout and consistency ---------------------------------------------------------------------------------------------
+
+def _check_layout(ckpt: Checkpoint, report: Report) -> None:
+    tree = ckpt.tree
+    layout = report.layout
+    if tree is None:
+        return
+    spec = L.LAYOUTS.get(layout)
+    if spec:
+        for key in spec.required:
+            if key not in tree:
+                report.add(ERROR, "layout.missing-key", f"{layout} checkpoint without {key!r}", key)
+    if layout == L.UNKNOWN:
+        report.add(WARNING, "layout.unknown", "not a layout this tool knows (fuse-train, Ultralytics, Lightning, "
+                   "plain state dict, DCP); bytes and safety were still checked", "")
+    if layout == L.ULTRALYTICS and tree.get("epoch") == -1:
+        report.add(INFO, "ultralytics.stripped", "final (stripped) Ultralytics checkpoint: no optimizer, epoch -1", "epoch")
+    if isinstance(tree, dict) and "epoch" in tree:
+        epoch = tree["epoch"]
+        if not isinstance(epoch, int) or epoch < -1:
+            report.add(ERROR, "counters.bad-epoch", f"epoch {epoch!r} is not an integer >= -1", "epoch")
+        else:
+            report.facts["epoch"] = epoch
+    if isinstance(tree, dict):
+        step = tree.get("global_step", (tree.get("progress") or {}).get("global_step") if isinstance(tree.get("progress"), dict) else None)
+        if step is not None:
+            report.facts["step"] = step
+        if "best_fitness" in tree:
+            report.facts["best_fitness"] = tree["best_fitness"]
+
+
+def _check_consistency(ckpt: Checkpoint, report: Report) -> None:
+    tree, layout = ckpt.tree, report.layout
+    found = L.weights_of(tree, layout) if tree is not None else None
+    if found is None:
+        tensors = list(iter_tensors(tree))
+        report.facts["parameter_count"] = sum(t.numel for _, t in tensors)
+        return
+    key, weights = found
+    params = {k: t for k, t in weights.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    report.facts["parameter_count"] = sum(t.numel for t in params.values())
+    report.facts["weights_key"] = key
+    prefixed = [k for k in weights if k.startswith(PREFIXES)]
+    if weights and len(prefixed) == len(weights):
+        prefix = next(p for p in PREFIXES if prefixed[0].startswith(p))
+        report.add(WARNING, "keys.prefix", f"every weight name starts with {prefix!r} (saved from a DDP / "
+                   f"torch.compile wrapper); `ckpt repair {ckpt.path} -o OUT` strips it", key or "state dict")
+    if isinstance(tree, dict):
+        spec = L.LAYOUTS.get(layout)
+        opt = tree.get(spec.optimizer) if spec and spec.optimizer else None
+        if layout == L.LIGHTNING and isinstance(opt, list):
+            opt = opt[0] if opt else None
+        if isinstance(opt, dict):
+            _check_optimizer(opt, params, report, spec.optimizer)
+    if layout == L.FUSE_TRAIN:
+        _check_fuse_train_counters(tree, report)
+
+
+def _check_optimizer(opt: dict, params: dict[str, LazyTensor], report: Report, where: str) -> None:
+    groups = opt.get("param_groups") or []
+    ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])]
+    trainable = [t for t in params.values() if t.dtype.startswith(("float", "bfloat", "complex"))]
+    if ids and len(ids) != len(trainable):
+        report.add(ERROR, "optimizer.param-count", f"optimizer holds {len(ids)} parameters, the model "
+                   f"{len(trainable)}", where)
+        return
+    state = opt.get("state") or {}
+    shapes_state = Counter()
+    for entry in state.values():
+        if isinstance(entry, dict):
+            for name in ("exp_avg", "momentum_buffer", "square_avg", "sum"):
+                t = entry.get(name)
+                if isinstance(t, LazyTensor):
+                    shapes_state[t.shape] += 1
+                    break
+    if shapes_state:
+        shapes_params = Counter(t.shape for t in trainable)
+        extra = shapes_state - shapes_params
+        if extra:
+            shape, _ = next(iter(extra.items()))
+            report.add(ERROR, "optimizer.shape-mismatch", f"optimizer state for a parameter of shape {list(shape)} "
+                       "that the model does not have", where)
+
+
+def _check_fuse_train_counters(tree: dict, report: Report) -> None:
+    p = tree.get("progress")
+    if not isinstance(p, dict):
+        return
+    try:
+        spe, epoch, step_in, step = (int(p["steps_per_epoch"]), int(p["epoch"]), int(p["step_in_epoch"]),
+                                     int(p["global_step"]))
+    except (KeyError, TypeError, ValueError):
+        report.add(ERROR, "counters.bad-progress", "progress record incomplete", "progress")
+        return
+    if step != epoch * spe + step_in or not 0 <= step_in <= spe:
+        report.add(ERROR, "counters.inconsistent", f"global_step {step} != epoch {epoch} x {spe} steps + "
+                   f"{step_in}", "progress")
+    if tree.get("epoch") != epoch - 1:
+        report.add(ERROR, "counters.inconsistent", f"epoch {tree.get('epoch')} does not match progress.epoch "
+                   f"{epoch} - 1", "epoch")
+    if isinstance(tree.get("results"), list) and len(tree["results"]) != epoch:
+        report.add(ERROR, "counters.inconsistent", f"{len(tree['results'])} result rows for {epoch} finished epochs",
+                   "results")
+
+
+def _verify_hf_folder(path: Path, report: Report, progress) -> Report:
+    report.format, report.layout = "folder", L.HF
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    for f in files:
+        sub = verify(f, progress)
+        for finding in sub.findings:
+            finding.where = f"{f.name}: {finding.where}" if finding.where else f.name
+        report.extend(sub.findings)
+        report.facts["parameter_count"] = report.facts.get("parameter_count", 0) + sub.facts.get("parameter_count", 0)
+    if not files:
+        report.add(ERROR, "layout.missing-key", "config.json but no weights file", str(path))
+    return report
