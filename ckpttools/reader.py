@@ -130,6 +130,13 @@ def _open_zip(path: Path) -> Checkpoint:
         return ckpt
     data = torchzip.read_record(path, pkl)
     ckpt.pickle_bytes = data
+    if pkl.crc is not None and torchzip.crc32(data) != pkl.crc:
+        # a damaged pickle describes nothing reliable, and unpickling garbage can cost minutes: name what it
+        # references (static scan) and stop there
+        ckpt.references = list(dict.fromkeys(scan_globals(data)[0]))
+        ckpt.findings.append(Finding(ERROR, "pickle.damaged", f"{pkl_name} fails its CRC32 check; it was not "
+                                     "unpickled (its references are still listed)", pkl_name))
+        return ckpt
     byteorder = ckpt.records.get(top + "byteorder")
     if byteorder is not None and not byteorder.truncated and torchzip.read_record(path, byteorder).strip() == b"big":
         ckpt.findings.append(Finding(WARNING, "zip.big-endian", "tensors were saved big-endian; values are read as "

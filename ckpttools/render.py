@@ -21,7 +21,7 @@ def stdout() -> Console:
 
 
 def stderr() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)  # one-line errors stay one line
 
 
 def print_json(obj: Any) -> None:
@@ -42,7 +42,7 @@ def render_verify(report: Report, console: Console, strict: bool = False) -> Non
     extras = [f"{k.replace('_', ' ')} {facts[k]:,}" if isinstance(facts[k], int) else f"{k.replace('_', ' ')} {facts[k]}"
               for k in ("epoch", "step", "parameter_count") if facts.get(k) is not None]
     console.print(head + (" (" + ", ".join(extras) + ")" if extras else ""), markup=False)
-    shown = [f for f in report.findings if f.severity != "info" or f.code != "safety.allowed"]
+    shown = report.findings
     if shown:
         table = Table(show_header=True, header_style="bold")
         for col in ("severity", "code", "where", "message"):

@@ -312,9 +312,10 @@ def scan_local_headers(path: Path) -> list[Record]:
 
 def _find_descriptor(fd: int, data_offset: int, size: int) -> tuple[int, int, int] | None:
     """(crc, size, descriptor length) of the first descriptor whose size field matches its position."""
-    pos, overlap = data_offset, 3
+    pos, overlap, window = data_offset, 3, 64 << 10
     while pos < size:
-        block = _pread(fd, min(CHUNK, size - pos), pos)
+        block = _pread(fd, min(window, size - pos), pos)
+        window = min(window * 2, CHUNK)  # most records are small: start small, grow for big tensors
         i = block.find(DESCRIPTOR_MAGIC)
         while i >= 0:
             at = pos + i

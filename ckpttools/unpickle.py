@@ -243,11 +243,14 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         import numpy as np
     except ImportError:  # pragma: no cover
         return {}
-    from numpy.core import multiarray  # noqa: F401 - numpy's own pickle helpers
+    try:  # numpy's own pickle helpers (numpy 2 renamed numpy.core to numpy._core)
+        from numpy._core import multiarray
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray
     out = {}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        out[(mod, "_reconstruct")] = np.core.multiarray._reconstruct
-        out[(mod, "scalar")] = np.core.multiarray.scalar
+        out[(mod, "_reconstruct")] = multiarray._reconstruct
+        out[(mod, "scalar")] = multiarray.scalar
     out[("numpy", "ndarray")] = np.ndarray
     out[("numpy", "dtype")] = np.dtype
     for name in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool_", "uint16",
@@ -303,13 +306,13 @@ class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, persistent_load: Callable[[Any], Any] | None = None):
         super().__init__(file, encoding="latin1")
         self._persistent = persistent_load
-        self.references: list[Reference] = []
+        self._references: dict[Reference, None] = {}
         self._placeholders: dict[Reference, type] = {}
         self._numpy = None
 
     def find_class(self, module: str, name: str):
         ref = Reference(module, name)
-        self.references.append(ref)
+        self._references[ref] = None
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         if module.startswith("numpy"):
@@ -320,6 +323,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         if ref not in self._placeholders:
             self._placeholders[ref] = _placeholder_class(ref)
         return self._placeholders[ref]
+
+    @property
+    def references(self) -> list[Reference]:
+        return list(self._references)
 
     def persistent_load(self, pid):
         if self._persistent is None:

@@ -148,7 +148,7 @@ def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
         short = name.split("/", 1)[1] if "/" in name else name
         if not name.endswith("data.pkl") and short not in METADATA_RECORDS and not short.startswith("data/"):
             report.add(INFO, "zip.extra-record", f"record {name} is not part of a torch.save checkpoint", name)
-        elif short.startswith("data/") and name not in storage_records:
+        elif short.startswith("data/") and name not in storage_records and ckpt.tree is not None:
             report.add(WARNING, "zip.unreferenced-record", f"storage record {name} is not used by the pickle", name)
 
 
@@ -175,9 +175,9 @@ def _check_digest(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> 
         report.add(ERROR, "digest.unreadable", f"digest not checked: {exc}", DIGEST_KEY)
         return
     report.facts["digest"] = actual
-    if actual != record.get("sha256"):
+    if actual != record.get("value"):
         report.add(ERROR, "digest.mismatch", f"content digest {actual[:16]}… != recorded "
-                   f"{str(record.get('sha256'))[:16]}…: the content changed after it was saved", DIGEST_KEY)
+                   f"{str(record.get('value'))[:16]}…: the content changed after it was saved", DIGEST_KEY)
 
 
 def _tensor_bytes(t: LazyTensor, scanner: StorageScanner):
@@ -185,6 +185,9 @@ def _tensor_bytes(t: LazyTensor, scanner: StorageScanner):
     itemsize = t.storage.dtype.itemsize
     if t.numel == 0:
         return
+    if t.extent() > t.storage.numel or any(d < 0 for d in t.shape) or any(st < 0 for st in t.stride):
+        # a damaged or hostile shape: never materialise more than the storage holds
+        raise OSError(f"tensor view {list(t.shape)} / {list(t.stride)} reaches past its storage of {t.storage.numel}")
     if t.is_contiguous_view():
         start, end = t.storage_offset * itemsize, (t.storage_offset + t.numel) * itemsize
         pos = 0

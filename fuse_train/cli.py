@@ -69,8 +69,8 @@ D = RunConfig()  # defaults shown in --help
 def cli(ctx: click.Context, resume: str | None, allow_change: str, debug: bool, **options) -> None:
     """Train a dual-stream RGB+infrared object detector (YOLOFuse-style early / mid / late fusion) with
     exact, crash-safe resume.  Writes <project>/<name>/ with weights/last.pt, best.pt, results.csv, args.yaml."""
-    console = Console()
-    err = Console(stderr=True)
+    console = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
     explicit = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     dist_info = None
     try:

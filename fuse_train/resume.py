@@ -27,7 +27,8 @@ class PreflightBlocked(Exception):
 
     def render(self, console) -> None:
         render_report(self.report, console, title=f"resume from {self.checkpoint} would change the run")
-        console.print(f"fuse-train: resume blocked: {', '.join(c.field for c in self.report.blocked)} differ from the "
+        fields = ", ".join(c.field + (f" ({c.note})" if c.note else "") for c in self.report.blocked)
+        console.print(f"fuse-train: resume blocked: {fields} differ from the "
                       f"checkpoint. Repeat the original values, or allow it with {self.report.allow_hint()} "
                       "(the change is recorded in the checkpoint's history).", markup=False, highlight=False)
 

@@ -290,10 +290,11 @@ class Trainer:
             if self._stop_after_step == self.global_step:
                 self._stop_signal = signal.SIGINT
             stop = any_rank(self._stop_signal is not None, self.dist, self.device)
-            if stop:
+            if stop and self.step_in_epoch < spe:
                 progress.close()
                 path = self.save()
                 raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
+            # a stop on the epoch's last step lets evaluation and the epoch-end save run first (see train())
             if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < spe:
                 self.save()
         progress.close()

@@ -22,11 +22,16 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """Bitwise view (so NaN == NaN and -0.0 != 0.0)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def tensors_equal(a, b, where: str = "") -> list[str]:
     """Paths at which two nested structures differ (tensors compared bitwise)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         ok = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape \
-            and torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b)
+            and torch.equal(_bytes(a), _bytes(b))
         return [] if ok else [where]
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():

@@ -37,7 +37,7 @@ def test_checkpoint_content_is_weights_only_loadable_and_documented(reference_ru
     assert ckpt["epoch"] == 2 and ckpt["progress"]["finished"] is True
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
-    assert ckpt["digest"]["sha256"] == tree_digest(ckpt)
+    assert ckpt["digest"]["value"] == tree_digest(ckpt)
     # the model rebuilds from the recorded config alone
     from fuse_train.model import ModelConfig, build_model
     model = build_model(ModelConfig(**ckpt["model_config"]), ckpt["resolved"]["img_size"])

@@ -1,0 +1,127 @@
+"""`ckpt verify` against the usual script: torch.load(weights_only=True) + a NaN/Inf scan of every tensor.
+
+    python bench/verify_bench.py [--gb 2.0] [--repeats 3] [--keep DIR]
+
+Generates a fuse-train-shaped checkpoint of at least --gb GiB (model, EMA, AdamW moments, counters, digest)
+in a separate process, then runs each side in a fresh process (so import costs and peak RSS are its own),
+alternating, --repeats times, after one warm-up read that puts the file in the page cache for both.
+Reports wall time (whole process and the operation alone) and peak RSS, with ratios.
+Target (issue 4): verify wall <= 0.5 x baseline, verify peak RSS <= 400 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MAKE = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+from ckpttools.digest import digest_record
+gib = float(sys.argv[2]); n = 4 << 20  # 16 MiB float32 tensors
+per_group = max(1, int(gib * (1 << 30) / 4 / (n * 4)) + 1)
+g = torch.Generator().manual_seed(0)
+model = {{f"layer{{i}}.weight": torch.randn(n, generator=g) for i in range(per_group)}}
+ckpt = {{"format": "fuse-train-checkpoint", "format_version": 1, "epoch": 9, "best_fitness": 0.5,
+        "model": model, "ema": {{k: v * 0.99 for k, v in model.items()}}, "updates": 1000,
+        "optimizer": {{"state": {{i: {{"step": torch.tensor(1000.0), "exp_avg": torch.randn(n, generator=g) * 1e-3,
+                                     "exp_avg_sq": torch.rand(n, generator=g) * 1e-6}} for i in range(per_group)}},
+                      "param_groups": [{{"lr": 0.001, "params": list(range(per_group))}}]}},
+        "train_args": {{"batch": 16}}, "progress": {{"global_step": 1000}}}}
+ckpt["digest"] = digest_record(ckpt)
+torch.save(ckpt, sys.argv[1])
+"""
+
+BASELINE = r"""
+import resource, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+ckpt = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+bad = 0
+def walk(x):
+    global bad
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            bad += 1
+    elif isinstance(x, dict):
+        for v in x.values(): walk(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x: walk(v)
+walk(ckpt)
+t2 = time.perf_counter()
+print({{"op_s": t2 - t1, "import_s": t1 - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "bad": bad}})
+"""
+
+VERIFY = r"""
+import resource, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, {root!r})
+from ckpttools.verify import verify
+t1 = time.perf_counter()
+report = verify(sys.argv[1])
+t2 = time.perf_counter()
+print({{"op_s": t2 - t1, "import_s": t1 - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "ok": report.ok(), "findings": [f.code for f in report.findings]}})
+"""
+
+
+def run(code: str, path: Path) -> dict:
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT)), str(path)], capture_output=True, text=True,
+                         check=True)
+    result = eval(out.stdout.strip().splitlines()[-1])  # our own child's dict literal
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, default=None, help="folder for the generated file (default: temporary)")
+    args = parser.parse_args()
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="verify-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "big.pt"
+    if not path.exists():
+        print(f"generating a {args.gb} GiB checkpoint in {path} ...", flush=True)
+        subprocess.run([sys.executable, "-c", MAKE.format(root=str(ROOT)), str(path), str(args.gb)], check=True)
+    size = path.stat().st_size
+    with open(path, "rb") as f:  # warm the page cache for both sides
+        while f.read(64 << 20):
+            pass
+    rows = {"baseline": [], "verify": []}
+    for _ in range(args.repeats):
+        rows["baseline"].append(run(BASELINE, path))
+        rows["verify"].append(run(VERIFY, path))
+    v_ok = rows["verify"][0]["ok"]
+    print(f"\nfile: {size / (1 << 30):.2f} GiB, {os.cpu_count()} CPUs, {args.repeats} runs each (median)")
+    print(f"verify verdict: {'OK' if v_ok else 'FAILED ' + json.dumps(rows['verify'][0]['findings'])}")
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("op_s", "process_s", "rss_mb", "import_s")}
+           for k, v in rows.items()}
+    print("| | operation s | whole process s | peak RSS MB |")
+    print("|---|---|---|---|")
+    for k, label in (("baseline", "torch.load(weights_only) + isfinite scan"), ("verify", "ckpt verify")):
+        m = med[k]
+        print(f"| {label} | {m['op_s']:.2f} | {m['process_s']:.2f} | {m['rss_mb']:.0f} |")
+    b, v = med["baseline"], med["verify"]
+    print(f"\nratio verify / baseline: operation {v['op_s'] / b['op_s']:.2f}, whole process "
+          f"{v['process_s'] / b['process_s']:.2f}, peak RSS {v['rss_mb'] / b['rss_mb']:.2f}")
+    print(f"targets: wall <= 0.50 x baseline -> {'met' if v['process_s'] <= 0.5 * b['process_s'] else 'NOT met'} "
+          f"(whole process), peak RSS <= 400 MB -> {'met' if v['rss_mb'] <= 400 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""ckpt verify / inspect / preflight on real and damaged checkpoints."""
+
+import hashlib
+import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckpttools import verify
+from ckpttools.cli import main as ckpt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
+from make_corpus import apply, variants  # noqa: E402
+
+
+def _codes(report):
+    return {f.code for f in report.findings}
+
+
+def _run(args):
+    return CliRunner().invoke(ckpt, args)
+
+
+@pytest.mark.slow
+def test_intact_fuse_train_checkpoint_passes(reference_run):
+    path = reference_run[0] / "weights" / "last.pt"
+    report = verify(path)
+    assert report.ok(strict=True), report.findings
+    assert (report.format, report.layout) == ("torch-zip", "fuse-train")
+    assert report.facts["epoch"] == 2 and report.facts["step"] == 12 and report.facts["parameter_count"] > 1_000_000
+    assert "digest" in report.facts
+
+
+@pytest.mark.slow
+def test_corruption_corpus_is_flagged_every_time(reference_run, tmp_path):
+    """Every damaged variant of a real fuse-train checkpoint fails verify: truncations, bit flips in tensor
+    data, pickle, headers, central directory and end records, zero length, random bytes."""
+    src = reference_run[0] / "weights" / "last.pt"
+    work = tmp_path / "damaged.pt"
+    shutil.copyfile(src, work)
+    missed, kinds = [], set()
+    for v in variants(src, flips=12, truncations=12, seed=1):
+        kinds.add(v["kind"])
+        if "flip" in v:  # flip in place and restore: no 70 MB copy per variant
+            offset, bit = v["flip"]
+            with open(work, "r+b") as f:
+                f.seek(offset)
+                byte = f.read(1)[0]
+                f.seek(offset)
+                f.write(bytes([byte ^ (1 << bit)]))
+            ok = verify(work).ok()
+            with open(work, "r+b") as f:
+                f.seek(offset)
+                f.write(bytes([byte]))
+        else:
+            apply(src, v, tmp_path / "variant.pt")
+            ok = verify(tmp_path / "variant.pt").ok()
+        if ok:
+            missed.append(v["name"])
+    assert missed == []
+    assert {"bit flip in tensor-data", "bit flip in pickle", "bit flip in central-directory", "truncation",
+            "zero length", "random bytes"} <= kinds
+    assert verify(work).ok(strict=True)  # restored copy passes again
+
+
+def test_bit_flip_in_tensor_data_names_the_tensor(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save({"layer.weight": torch.randn(64, 64), "layer.bias": torch.zeros(64)}, path)
+    from ckpttools.torchzip import parse_zip
+    records, _ = parse_zip(path)
+    rec = next(r for r in records if r.name.endswith("data/0"))
+    data = bytearray(path.read_bytes())
+    data[rec.data_offset + 100] ^= 0x10
+    path.write_bytes(bytes(data))
+    # torch.load does not notice ...
+    torch.load(path, weights_only=True)
+    # ... verify does, and says which tensor
+    report = verify(path)
+    crc = [f for f in report.findings if f.code == "zip.crc-mismatch"]
+    assert crc and "layer.weight" in crc[0].where
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "empty file"), (bytes(range(256)) * 40, "not a known checkpoint"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 100, "PNG image"), (b"hello world\n", "text file"),
+])
+def test_non_checkpoints_are_findings_not_tracebacks(tmp_path, content, what):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    result = _run(["verify", "--json", str(path)])
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["ok"] is False and what in report["findings"][0]["message"]
+    assert "Traceback" not in result.output
+
+
+def test_folder_without_metadata_and_missing_path(tmp_path):
+    result = _run(["verify", "--json", str(tmp_path)])
+    assert result.exit_code == 1 and "not a torch.distributed.checkpoint folder" in result.output
+    result = _run(["verify", str(tmp_path / "nope.pt")])
+    assert result.exit_code == 2 and "no such file" in result.output and "Traceback" not in result.output
+
+
+def test_json_has_the_documented_fields(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    report = json.loads(_run(["verify", "--json", str(path)]).output)
+    assert {"path", "ok", "format", "layout", "findings", "parameter_count"} <= report.keys()
+    assert report["ok"] is True and report["layout"] == "state-dict" and report["parameter_count"] == 3
+
+
+def test_prefix_warning_and_strict(tmp_path):
+    path = tmp_path / "ddp.pt"
+    torch.save({"module.conv.weight": torch.ones(2, 2), "module.conv.bias": torch.ones(2)}, path)
+    report = verify(path)
+    assert "keys.prefix" in _codes(report) and report.ok() and not report.ok(strict=True)
+    assert _run(["verify", str(path)]).exit_code == 0
+    result = _run(["verify", "--strict", str(path)])
+    assert result.exit_code == 1 and "ckpt repair" in result.output
+
+
+def test_nan_in_weights_is_an_error_naming_the_tensor(tmp_path):
+    path = tmp_path / "nan.pt"
+    w = torch.ones(10, dtype=torch.bfloat16)
+    w[3] = float("nan")
+    torch.save({"a.weight": torch.ones(4), "b.weight": w, "c": torch.tensor([float("inf")], dtype=torch.float16)}, path)
+    findings = [f for f in verify(path).findings if f.code == "values.nonfinite"]
+    assert {f.where for f in findings} == {"b.weight", "c"}
+
+
+def test_digest_detects_a_rewritten_checkpoint(tmp_path):
+    from ckpttools.digest import digest_record
+    good = {"format": "x", "model": {"w": torch.arange(6.0)}, "epoch": 1}
+    good["digest"] = digest_record(good)
+    torch.save(good, tmp_path / "good.pt")
+    assert "digest" in verify(tmp_path / "good.pt").facts and verify(tmp_path / "good.pt").ok()
+    bad = dict(good, model={"w": torch.arange(6.0) * 2})  # valid zip, valid CRCs, stale digest
+    torch.save(bad, tmp_path / "bad.pt")
+    assert "digest.mismatch" in _codes(verify(tmp_path / "bad.pt"))
+
+
+def test_lightning_optimizer_state_against_parameters(tmp_path):
+    sd = {"net.weight": torch.ones(4, 3), "net.bias": torch.ones(4)}
+    state = {0: {"exp_avg": torch.zeros(4, 3), "exp_avg_sq": torch.zeros(4, 3), "step": torch.tensor(1.0)},
+             1: {"exp_avg": torch.zeros(5), "exp_avg_sq": torch.zeros(5), "step": torch.tensor(1.0)}}
+    ckpt_dict = {"state_dict": sd, "epoch": 1, "global_step": 10, "pytorch-lightning_version": "2.4.0",
+                 "optimizer_states": [{"state": state, "param_groups": [{"params": [0, 1], "lr": 0.1}]}]}
+    torch.save(ckpt_dict, tmp_path / "l.ckpt")
+    report = verify(tmp_path / "l.ckpt")
+    assert report.layout == "lightning" and "optimizer.shape-mismatch" in _codes(report)
+    state[1]["exp_avg"] = torch.zeros(4)
+    torch.save(ckpt_dict, tmp_path / "ok.ckpt")
+    assert verify(tmp_path / "ok.ckpt").ok()
+    ckpt_dict["optimizer_states"][0]["param_groups"][0]["params"] = [0, 1, 2]
+    torch.save(ckpt_dict, tmp_path / "count.ckpt")
+    assert "optimizer.param-count" in _codes(verify(tmp_path / "count.ckpt"))
+
+
+def test_other_containers(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"w": torch.randn(3, 4), "b": torch.zeros(4)}, tmp_path / "m.safetensors", metadata={"epoch": "3"})
+    report = verify(tmp_path / "m.safetensors")
+    assert report.format == "safetensors" and report.ok() and report.facts["parameter_count"] == 16
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    assert "safetensors.truncated" in _codes(verify(tmp_path / "cut.safetensors"))
+    torch.save({"w": torch.arange(5.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    report = verify(tmp_path / "legacy.pt")
+    assert report.format == "torch-legacy" and report.ok(), report.findings
+    (tmp_path / "p.pkl").write_bytes(pickle.dumps({"weights": np.ones(3), "epoch": 2}))
+    report = verify(tmp_path / "p.pkl")
+    assert report.format == "pickle" and report.ok()
+
+
+def test_zip_top_folder_name_is_arbitrary(tmp_path):
+    path = tmp_path / "weird name.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    data = path.read_bytes().replace(b"weird name/", b"zzzzzzzzzz/")
+    (tmp_path / "renamed.pt").write_bytes(data)
+    report = verify(tmp_path / "renamed.pt")
+    assert report.ok(), report.findings
+
+
+def test_verify_never_modifies_the_input(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+    _run(["verify", str(path)])
+    _run(["inspect", "--json", str(path)])
+    assert (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns) == before
+
+
+@pytest.mark.slow
+def test_inspect_summarises_a_fuse_train_checkpoint(reference_run):
+    path = reference_run[0] / "weights" / "last.pt"
+    summary = json.loads(_run(["inspect", "--json", str(path)]).output)
+    assert summary["layout"] == "fuse-train" and summary["epoch"] == 2 and summary["step"] == 12
+    assert summary["run_arguments"]["batch"] == 4 and summary["devices"] == {"cpu": summary["tensors"]}
+    assert "model" in summary["keys"] and summary["bytes_by_dtype"]["float32"] > 0
+    human = _run(["inspect", str(path)])
+    assert human.exit_code == 0 and "fuse-train" in human.output and "run arguments" in human.output
+
+
+@pytest.mark.slow
+def test_ckpt_preflight_blocks_and_allows(reference_run, tiny_data):
+    path = str(reference_run[0] / "weights" / "last.pt")
+    assert _run(["preflight", path, "--data", str(tiny_data), "--batch", "4"]).exit_code == 0
+    blocked = _run(["preflight", path, "--batch", "8", "--lr0", "0.1"])
+    assert blocked.exit_code == 3 and "--allow-change batch,lr0" in blocked.output
+    assert _run(["preflight", path, "--batch", "8", "--allow-change", "batch"]).exit_code == 0
+    report = json.loads(_run(["preflight", "--json", path, "--world-size", "2"]).output)
+    assert report["blocked"] == ["world-size"]
+    assert _run(["preflight", path, "--allow-change", "bogus"]).exit_code == 2
+
+
+def test_version_and_help():
+    assert _run(["--version"]).output.strip().endswith("0.1.0")
+    for command in ("verify", "inspect", "preflight"):
+        result = _run([command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_every_finding_code_is_documented():
+    import re
+    root = Path(__file__).resolve().parent.parent
+    source = "\n".join(p.read_text() for p in (root / "ckpttools").glob("*.py"))
+    codes = set(re.findall(r'"((?:zip|pickle|safety|digest|values|tensor|storage|layout|counters|optimizer|keys|file|'
+                           r'legacy|safetensors|ultralytics|hdf5|dcp)\.[a-z-]+)"', source))
+    doc = (root / "docs" / "findings.md").read_text()
+    assert codes and not [c for c in codes if f"`{c}`" not in doc]
