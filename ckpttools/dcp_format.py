@@ -42,6 +42,7 @@ def open_dcp(path: Path):
     storage = meta.get("storage_data") or {}
     planner = meta.get("planner_data") or {}
     items: dict[str, list[tuple[tuple, Any]]] = {}
+    owners: dict[int, Any] = {}  # storage -> the embedded zip it lives in
     for index, info in storage.items():
         idx, where = _state(index), _state(info)
         fqn = idx.get("fqn")
@@ -59,7 +60,8 @@ def open_dcp(path: Path):
             ckpt.findings.append(Finding(f.severity, f.code, f.message, f"{fqn} ({file.name}@{offset})"))
         ckpt.references = list(dict.fromkeys(ckpt.references + sub.references))
         for key, ref in sub.storages.items():
-            ckpt.storages[f"{fqn}#{offset}:{key}"] = ref
+            ckpt.storages[f"{file.name}@{offset}:{key}"] = ref
+            owners[id(ref)] = sub
         items.setdefault(fqn, []).append((tuple(idx.get("offset") or ()), sub.tree))
         ckpt.records.update({f"{file.name}@{offset}/{n}": r for n, r in sub.records.items()})
     tree: dict[str, Any] = {}
@@ -71,7 +73,10 @@ def open_dcp(path: Path):
             node = node.setdefault(str(k), {})
         node[str(list(keys)[-1])] = value
     ckpt.tree = tree
-    _storage_iter(ckpt)
+    ckpt.iter_storage = lambda ref, chunk: owners[id(ref)].storage_chunks(ref, chunk) if id(ref) in owners else iter(())
+    ckpt.record_of = lambda ref: owners[id(ref)].record_of(ref) if id(ref) in owners else None
+    if not ckpt.storages:
+        ckpt.findings.append(Finding(WARNING, "dcp.empty", "the folder holds no tensors", str(ckpt.path)))
     return ckpt
 
 
@@ -94,17 +99,3 @@ def _assemble(fqn: str, md: Any, chunks: list[tuple[tuple, Any]], ckpt) -> Any:
     if len(tensors) == 1 and tuple(tensors[0][1].shape) == size:
         return tensors[0][1]
     return {f"chunk@{list(off)}": t for off, t in sorted(tensors)}
-
-
-def _storage_iter(ckpt) -> None:
-    from ckpttools import torchzip
-
-    def iter_storage(ref, chunk):
-        record = getattr(ref, "record", None)
-        if record is None or record.truncated:
-            return iter(())
-        return torchzip.iter_record_bytes(ref.file, record, chunk)
-
-    ckpt.iter_storage = iter_storage
-    if not ckpt.storages:
-        ckpt.findings.append(Finding(WARNING, "dcp.empty", "the folder holds no tensors", str(ckpt.path)))

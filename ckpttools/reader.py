@@ -44,6 +44,7 @@ class Checkpoint:
     pickle_bytes: bytes | None = None
     iter_storage: Callable[[StorageRef, int], Iterator[bytes]] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    record_of: Callable[[StorageRef], "torchzip.Record | None"] | None = None  # the zip record behind a storage
 
     def storage_chunks(self, ref: StorageRef, chunk: int = torchzip.CHUNK) -> Iterator[bytes]:
         if self.iter_storage is None:
@@ -103,14 +104,19 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 # ---- torch zip ------------------------------------------------------------------------------------------------
 
-def _open_zip(path: Path) -> Checkpoint:
+def open_embedded_zip(path: Path, base: int, length: int) -> Checkpoint:
+    """A torch.save zip stored inside another file at ``base`` (how DCP stores each item)."""
+    return _open_zip(path, base, length)
+
+
+def _open_zip(path: Path, base: int = 0, length: int | None = None) -> Checkpoint:
     ckpt = Checkpoint(path, ZIP)
     try:
-        records, problems = torchzip.read_records(path)
+        records, problems = torchzip.read_records(path, base, length)
         ckpt.findings.extend(Finding(ERROR, p.code, p.message, p.where) for p in problems)
     except torchzip.ZipStructureError as exc:
         records = exc.records
-        complete = [r for r in records if not r.truncated]
+        complete = [r for r in records if not r.truncated]  # (offsets already absolute)
         ckpt.findings.append(Finding(ERROR, "zip.no-central-directory",
                                      f"zip end records missing or damaged ({exc}): the file is truncated or its end "
                                      f"is corrupt; {len(complete)} complete record(s) found by scanning "
@@ -160,6 +166,7 @@ def _open_zip(path: Path) -> Checkpoint:
         return torchzip.iter_record_bytes(path, record, chunk) if record and not record.truncated else iter(())
 
     ckpt.iter_storage = iter_storage
+    ckpt.record_of = lambda ref: ckpt.records.get(ckpt.storage_records.get(ref.key, ""))
     return ckpt
 
 

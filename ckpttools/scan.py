@@ -50,16 +50,16 @@ class StorageResult:
 
 
 class StorageScanner:
-    """Reads each storage once; results by storage key."""
+    """Reads each storage once; results by storage object (keys repeat across a DCP folder's items)."""
 
     def __init__(self, ckpt, chunk: int = torchzip.CHUNK, on_bytes=None):
         self.ckpt, self.chunk = ckpt, chunk
-        self.results: dict[str, StorageResult] = {}
+        self.results: dict[int, StorageResult] = {}
         self.on_bytes = on_bytes  # progress callback(nbytes)
 
     def stream(self, ref: StorageRef) -> Iterator[bytes]:
         """Yield the storage's bytes; the first full pass records CRC and NaN/Inf count."""
-        if ref.key in self.results:
+        if id(ref) in self.results:
             yield from self.ckpt.storage_chunks(ref, self.chunk)
             return
         result = StorageResult()
@@ -71,10 +71,10 @@ class StorageScanner:
                 self.on_bytes(len(block))
             yield block
         result.complete = True
-        self.results[ref.key] = result
+        self.results[id(ref)] = result
 
     def scan(self, ref: StorageRef) -> StorageResult:
-        if ref.key not in self.results:
+        if id(ref) not in self.results:
             for _ in self.stream(ref):
                 pass
-        return self.results[ref.key]
+        return self.results[id(ref)]

@@ -62,8 +62,15 @@ def crc32(data, value: int = 0) -> int:
     return _crc32(data, value)
 
 
-def _pread(fd: int, n: int, offset: int) -> bytes:
-    return os.pread(fd, n, offset) if n > 0 else b""
+class _Window:
+    """Reads of a byte range of a file, addressed from the range's start (a zip embedded in a DCP file)."""
+
+    def __init__(self, fd: int, base: int, size: int):
+        self.fd, self.base, self.size = fd, base, size
+
+    def pread(self, n: int, offset: int) -> bytes:
+        n = min(n, self.size - offset)
+        return os.pread(self.fd, n, self.base + offset) if n > 0 and offset >= 0 else b""
 
 
 def _extra_blocks(extra: bytes) -> list[tuple[int, bytes]] | None:
@@ -92,9 +99,9 @@ def _zip64_values(extra: bytes, wanted: list[str]) -> dict[str, int]:
     return {}
 
 
-def _find_eocd(fd: int, size: int) -> int | None:
+def _find_eocd(src: _Window, size: int) -> int | None:
     tail_len = min(size, 65535 + EOCD.size)
-    tail = _pread(fd, tail_len, size - tail_len)
+    tail = src.pread(tail_len, size - tail_len)
     pos = tail.rfind(EOCD_MAGIC)
     while pos >= 0:
         if pos + EOCD.size <= len(tail):
@@ -105,112 +112,123 @@ def _find_eocd(fd: int, size: int) -> int | None:
     return None
 
 
-def parse_zip(path: Path) -> tuple[list[Record], list[ZipProblem]]:
-    """Records of the zip, and every structural problem found by accounting for each byte of the file.
+def parse_zip(path: Path, base: int = 0, length: int | None = None) -> tuple[list[Record], list[ZipProblem]]:
+    """Records of the zip (or of the zip embedded at ``base``, ``length`` bytes long), and every structural
+    problem found by accounting for each byte.  Record offsets are absolute file offsets.
 
     Raises ZipStructureError (carrying a local-header scan) when the end records cannot be found."""
-    size = path.stat().st_size
+    size = path.stat().st_size - base if length is None else length
     problems: list[ZipProblem] = []
     fd = os.open(path, os.O_RDONLY)
+    src = _Window(fd, base, size)
     try:
-        eocd_at = _find_eocd(fd, size)
-        if eocd_at is None:
-            raise ZipStructureError("end of central directory not found", scan_local_headers(path))
-        (_, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment_len) = EOCD.unpack(_pread(fd, EOCD.size, eocd_at))
-        cd_end_expected = eocd_at
-        if disk or cd_disk:
-            problems.append(ZipProblem("zip.structure", f"end record names disk {disk}/{cd_disk}; a checkpoint is one "
-                                       "file", "end of central directory"))
-        if n_disk != n_total:
-            problems.append(ZipProblem("zip.structure", f"end record counts {n_disk} vs {n_total} entries",
-                                       "end of central directory"))
-        loc_at = eocd_at - ZIP64_LOCATOR.size
-        has_zip64 = loc_at >= 0 and _pread(fd, 4, loc_at) == ZIP64_LOCATOR_MAGIC
-        if has_zip64:
-            _, z_disk, z64_at, z_disks = ZIP64_LOCATOR.unpack(_pread(fd, ZIP64_LOCATOR.size, loc_at))
-            raw = _pread(fd, ZIP64_EOCD.size, z64_at)
-            if len(raw) < ZIP64_EOCD.size or raw[:4] != ZIP64_EOCD_MAGIC or z64_at + ZIP64_EOCD.size != loc_at:
-                problems.append(ZipProblem("zip.structure", "zip64 end record not where its locator points",
-                                           "zip64 end of central directory"))
-            else:
-                (_, rec_size, z_made, z_need, z_d, z_cd_d, z_n_disk, z_n_total, z_cd_size, z_cd_offset) = ZIP64_EOCD.unpack(raw)
-                zip64_versions = (z_made, z_need)
-                if rec_size != ZIP64_EOCD.size - 12 or z_d or z_cd_d or z_disk or z_disks != 1 or z_n_disk != z_n_total:
-                    problems.append(ZipProblem("zip.structure", "zip64 end record fields are inconsistent",
-                                               "zip64 end of central directory"))
-                for small, big, what in ((n_total, z_n_total, "entry count"), (cd_size, z_cd_size, "directory size"),
-                                         (cd_offset, z_cd_offset, "directory offset")):
-                    if small not in (big, 0xFFFF, 0xFFFFFFFF):
-                        problems.append(ZipProblem("zip.structure", f"end records disagree on the {what}",
-                                                   "end of central directory"))
-                n_total, cd_size, cd_offset = z_n_total, z_cd_size, z_cd_offset
-                cd_end_expected = z64_at
-        if cd_offset + cd_size != cd_end_expected:
-            problems.append(ZipProblem("zip.structure", f"central directory spans {cd_offset}..{cd_offset + cd_size}, "
-                                       f"the end records start at {cd_end_expected}", "central directory"))
-        cd = _pread(fd, cd_size, cd_offset)
-        records, entries = [], []
-        pos = 0
-        while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos: pos + 4] == CENTRAL_MAGIC:
-            fields = CENTRAL_HEADER.unpack_from(cd, pos)
-            name_len, extra_len, comment = fields[10], fields[11], fields[12]
-            name_bytes = cd[pos + 46: pos + 46 + name_len]
-            extra = cd[pos + 46 + name_len: pos + 46 + name_len + extra_len]
-            entries.append((fields, name_bytes, extra))
-            pos += 46 + name_len + extra_len + comment
-        if pos != len(cd) or len(entries) != n_total:
-            problems.append(ZipProblem("zip.structure", f"central directory holds {len(entries)} readable entries in "
-                                       f"{pos} of {len(cd)} bytes; the end record says {n_total}", "central directory"))
-        if len(entries) > 2:  # fields torch writes identically for every entry
-            for index, label in ((1, "version made by"), (13, "disk number"), (14, "internal attributes"),
-                                 (15, "external attributes")):
-                common = max(set(e[0][index] for e in entries), key=lambda v: sum(e[0][index] == v for e in entries))
-                for e in entries:
-                    if e[0][index] != common:
-                        problems.append(ZipProblem("zip.structure", f"central directory {label} {e[0][index]:#x} differs "
-                                                   f"from every other entry's {common:#x}", e[1].decode("utf-8", "replace")))
-        torch_style = _written_by_torch(fd, entries)
-        if torch_style and has_zip64 and "zip64_versions" in locals() and zip64_versions != TORCH_ZIP64_VERSIONS:
-            problems.append(ZipProblem("zip.structure", f"zip64 end record versions {zip64_versions} differ from "
-                                       f"torch's {TORCH_ZIP64_VERSIONS}", "zip64 end of central directory"))
-        expected_local = 0
-        for fields, name_bytes, extra in entries:
-            rec, rec_problems = _check_entry(fd, size, fields, name_bytes, extra, torch_style)
-            records.append(rec)
-            problems.extend(rec_problems)
-            if rec.header_offset != expected_local:
-                problems.append(ZipProblem("zip.structure", f"{rec.header_offset - expected_local:+d} unaccounted "
-                                           f"bytes before record {rec.name}", rec.name))
-            expected_local = rec.end
-        if records and expected_local != cd_offset:
-            problems.append(ZipProblem("zip.structure", f"{cd_offset - expected_local:+d} unaccounted bytes before the "
-                                       "central directory", "central directory"))
-        if comment_len:
-            problems.append(ZipProblem("zip.structure", f"zip comment of {comment_len} bytes (torch writes none)",
-                                       "end of central directory"))
+        records = _parse(src, size, problems, path, base)
+        for r in records:  # relative -> absolute
+            r.header_offset += base
+            r.data_offset += base if r.data_offset >= 0 else 0
+            r.end += base
         return records, problems
     finally:
         os.close(fd)
 
 
+def _parse(src: "_Window", size: int, problems: list[ZipProblem], path: Path, base: int) -> list[Record]:
+    eocd_at = _find_eocd(src, size)
+    if eocd_at is None:
+        raise ZipStructureError("end of central directory not found", scan_local_headers(path, base, size))
+    (_, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment_len) = EOCD.unpack(src.pread(EOCD.size, eocd_at))
+    cd_end_expected = eocd_at
+    if disk or cd_disk:
+        problems.append(ZipProblem("zip.structure", f"end record names disk {disk}/{cd_disk}; a checkpoint is one "
+                                   "file", "end of central directory"))
+    if n_disk != n_total:
+        problems.append(ZipProblem("zip.structure", f"end record counts {n_disk} vs {n_total} entries",
+                                   "end of central directory"))
+    loc_at = eocd_at - ZIP64_LOCATOR.size
+    has_zip64 = loc_at >= 0 and src.pread(4, loc_at) == ZIP64_LOCATOR_MAGIC
+    if has_zip64:
+        _, z_disk, z64_at, z_disks = ZIP64_LOCATOR.unpack(src.pread(ZIP64_LOCATOR.size, loc_at))
+        raw = src.pread(ZIP64_EOCD.size, z64_at)
+        if len(raw) < ZIP64_EOCD.size or raw[:4] != ZIP64_EOCD_MAGIC or z64_at + ZIP64_EOCD.size != loc_at:
+            problems.append(ZipProblem("zip.structure", "zip64 end record not where its locator points",
+                                       "zip64 end of central directory"))
+        else:
+            (_, rec_size, z_made, z_need, z_d, z_cd_d, z_n_disk, z_n_total, z_cd_size, z_cd_offset) = ZIP64_EOCD.unpack(raw)
+            zip64_versions = (z_made, z_need)
+            if rec_size != ZIP64_EOCD.size - 12 or z_d or z_cd_d or z_disk or z_disks != 1 or z_n_disk != z_n_total:
+                problems.append(ZipProblem("zip.structure", "zip64 end record fields are inconsistent",
+                                           "zip64 end of central directory"))
+            for small, big, what in ((n_total, z_n_total, "entry count"), (cd_size, z_cd_size, "directory size"),
+                                     (cd_offset, z_cd_offset, "directory offset")):
+                if small not in (big, 0xFFFF, 0xFFFFFFFF):
+                    problems.append(ZipProblem("zip.structure", f"end records disagree on the {what}",
+                                               "end of central directory"))
+            n_total, cd_size, cd_offset = z_n_total, z_cd_size, z_cd_offset
+            cd_end_expected = z64_at
+    if cd_offset + cd_size != cd_end_expected:
+        problems.append(ZipProblem("zip.structure", f"central directory spans {cd_offset}..{cd_offset + cd_size}, "
+                                   f"the end records start at {cd_end_expected}", "central directory"))
+    cd = src.pread(cd_size, cd_offset)
+    records, entries = [], []
+    pos = 0
+    while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos: pos + 4] == CENTRAL_MAGIC:
+        fields = CENTRAL_HEADER.unpack_from(cd, pos)
+        name_len, extra_len, comment = fields[10], fields[11], fields[12]
+        name_bytes = cd[pos + 46: pos + 46 + name_len]
+        extra = cd[pos + 46 + name_len: pos + 46 + name_len + extra_len]
+        entries.append((fields, name_bytes, extra))
+        pos += 46 + name_len + extra_len + comment
+    if pos != len(cd) or len(entries) != n_total:
+        problems.append(ZipProblem("zip.structure", f"central directory holds {len(entries)} readable entries in "
+                                   f"{pos} of {len(cd)} bytes; the end record says {n_total}", "central directory"))
+    if len(entries) > 2:  # fields torch writes identically for every entry
+        for index, label in ((1, "version made by"), (13, "disk number"), (14, "internal attributes"),
+                             (15, "external attributes")):
+            common = max(set(e[0][index] for e in entries), key=lambda v: sum(e[0][index] == v for e in entries))
+            for e in entries:
+                if e[0][index] != common:
+                    problems.append(ZipProblem("zip.structure", f"central directory {label} {e[0][index]:#x} differs "
+                                               f"from every other entry's {common:#x}", e[1].decode("utf-8", "replace")))
+    torch_style = _written_by_torch(src, entries)
+    if torch_style and has_zip64 and "zip64_versions" in locals() and zip64_versions != TORCH_ZIP64_VERSIONS:
+        problems.append(ZipProblem("zip.structure", f"zip64 end record versions {zip64_versions} differ from "
+                                   f"torch's {TORCH_ZIP64_VERSIONS}", "zip64 end of central directory"))
+    expected_local = 0
+    for fields, name_bytes, extra in entries:
+        rec, rec_problems = _check_entry(src, size, fields, name_bytes, extra, torch_style)
+        records.append(rec)
+        problems.extend(rec_problems)
+        if rec.header_offset != expected_local:
+            problems.append(ZipProblem("zip.structure", f"{rec.header_offset - expected_local:+d} unaccounted "
+                                       f"bytes before record {rec.name}", rec.name))
+        expected_local = rec.end
+    if records and expected_local != cd_offset:
+        problems.append(ZipProblem("zip.structure", f"{cd_offset - expected_local:+d} unaccounted bytes before the "
+                                   "central directory", "central directory"))
+    if comment_len:
+        problems.append(ZipProblem("zip.structure", f"zip comment of {comment_len} bytes (torch writes none)",
+                                   "end of central directory"))
+    return records
+
+
 TORCH_ZIP64_VERSIONS = (0x031E, 45)  # what torch's writer (miniz) puts in the zip64 end record
 
 
-def _written_by_torch(fd: int, entries) -> bool:
+def _written_by_torch(src: "_Window", entries) -> bool:
     """torch's writer pads every record with an 'FB' extra block and sets flag bit 3; when most records
     look like that, fields it writes identically are held to its values."""
     padded = 0
     for fields, _name, _extra in entries:
         offset, nl, flags = fields[16], fields[10], fields[3]
-        head = _pread(fd, LOCAL_HEADER.size, offset)
+        head = src.pread(LOCAL_HEADER.size, offset)
         if len(head) == LOCAL_HEADER.size and flags & 0x08:
             el = struct.unpack_from("<H", head, 28)[0]
-            if struct.pack("<H", PADDING_ID) in _pread(fd, el, offset + 30 + nl)[:2] or el == 0:
+            if struct.pack("<H", PADDING_ID) in src.pread(el, offset + 30 + nl)[:2] or el == 0:
                 padded += 1
     return bool(entries) and padded * 2 > len(entries)
 
 
-def _check_entry(fd: int, size: int, fields, name_bytes: bytes, extra: bytes,
+def _check_entry(src: "_Window", size: int, fields, name_bytes: bytes, extra: bytes,
                  torch_style: bool = False) -> tuple[Record, list[ZipProblem]]:
     (_, _made, need, flags, method, mtime, mdate, crc, csize, usize, _nl, _el, _cl, _disk, _iattr, _eattr,
      offset) = fields
@@ -221,13 +239,13 @@ def _check_entry(fd: int, size: int, fields, name_bytes: bytes, extra: bytes,
     usize, csize, offset = big.get("usize", usize), big.get("csize", csize), big.get("offset", offset)
     if _extra_blocks(extra) is None:
         problems.append(ZipProblem("zip.structure", "central directory extra field is malformed", name))
-    head = _pread(fd, LOCAL_HEADER.size, offset)
+    head = src.pread(LOCAL_HEADER.size, offset)
     if len(head) < LOCAL_HEADER.size or head[:4] != LOCAL_MAGIC:
         problems.append(ZipProblem("zip.header-mismatch", f"no local header at offset {offset}", name))
         return Record(name, offset, -1, csize, crc, method, truncated=True, end=offset), problems
     (_, l_need, l_flags, l_method, l_time, l_date, l_crc, l_csize, l_usize, l_nl, l_el) = LOCAL_HEADER.unpack(head)
-    l_name = _pread(fd, l_nl, offset + 30)
-    l_extra = _pread(fd, l_el, offset + 30 + l_nl)
+    l_name = src.pread(l_nl, offset + 30)
+    l_extra = src.pread(l_el, offset + 30 + l_nl)
     data_offset = offset + 30 + l_nl + l_el
     mismatched = [label for label, a, b in (("version", l_need, need), ("flags", l_flags, flags),
                                             ("method", l_method, method), ("time", l_time, mtime),
@@ -258,7 +276,7 @@ def _check_entry(fd: int, size: int, fields, name_bytes: bytes, extra: bytes,
     if descriptor and not truncated:
         zip64 = bool(big) or csize >= 0xFFFFFFFF
         d_len = 24 if zip64 else 16
-        raw = _pread(fd, d_len, end)
+        raw = src.pread(d_len, end)
         if len(raw) < d_len:
             truncated = True
         else:
@@ -274,25 +292,26 @@ def _check_entry(fd: int, size: int, fields, name_bytes: bytes, extra: bytes,
     return Record(name, offset, data_offset, csize, crc, method, truncated, end), problems
 
 
-def scan_local_headers(path: Path) -> list[Record]:
+def scan_local_headers(path: Path, base: int = 0, length: int | None = None) -> list[Record]:
     """Walk the file from the start, record by record, without the central directory (for damaged files).
 
     torch writes data descriptors after each record's data (flag bit 3), so a record ends where a descriptor
     signature is followed by a size equal to the bytes since the data started."""
     records: list[Record] = []
-    size = path.stat().st_size
+    size = path.stat().st_size - base if length is None else length
     fd = os.open(path, os.O_RDONLY)
+    src = _Window(fd, base, size)
     try:
         offset = 0
         while offset + LOCAL_HEADER.size <= size:
-            head = _pread(fd, LOCAL_HEADER.size, offset)
+            head = src.pread(LOCAL_HEADER.size, offset)
             if head[:4] != LOCAL_MAGIC:
                 break
             (_, _need, flags, method, _t, _d, crc, csize, _usize, nl, el) = LOCAL_HEADER.unpack(head)
-            name = _pread(fd, nl, offset + 30).decode("utf-8", "replace")
+            name = src.pread(nl, offset + 30).decode("utf-8", "replace")
             data_offset = offset + 30 + nl + el
             if flags & 0x08:
-                found = _find_descriptor(fd, data_offset, size)
+                found = _find_descriptor(src, data_offset, size)
                 if found is None:
                     records.append(Record(name, offset, data_offset, size - data_offset, None, method, True, size))
                     break
@@ -307,19 +326,21 @@ def scan_local_headers(path: Path) -> list[Record]:
             offset = end
     finally:
         os.close(fd)
+    for r in records:
+        r.header_offset, r.data_offset, r.end = r.header_offset + base, r.data_offset + base, r.end + base
     return records
 
 
-def _find_descriptor(fd: int, data_offset: int, size: int) -> tuple[int, int, int] | None:
+def _find_descriptor(src: "_Window", data_offset: int, size: int) -> tuple[int, int, int] | None:
     """(crc, size, descriptor length) of the first descriptor whose size field matches its position."""
     pos, overlap, window = data_offset, 3, 64 << 10
     while pos < size:
-        block = _pread(fd, min(window, size - pos), pos)
+        block = src.pread(min(window, size - pos), pos)
         window = min(window * 2, CHUNK)  # most records are small: start small, grow for big tensors
         i = block.find(DESCRIPTOR_MAGIC)
         while i >= 0:
             at = pos + i
-            raw = _pread(fd, 24, at)
+            raw = src.pread(24, at)
             length = at - data_offset
             if len(raw) >= 16 and struct.unpack_from("<II", raw, 8) == (length, length):
                 return struct.unpack_from("<I", raw, 4)[0], length, 16
@@ -332,8 +353,8 @@ def _find_descriptor(fd: int, data_offset: int, size: int) -> tuple[int, int, in
     return None
 
 
-def read_records(path: Path) -> tuple[list[Record], list[ZipProblem]]:
-    return parse_zip(path)
+def read_records(path: Path, base: int = 0, length: int | None = None) -> tuple[list[Record], list[ZipProblem]]:
+    return parse_zip(path, base, length)
 
 
 def iter_record_bytes(path: Path, record: Record, chunk: int = CHUNK, start: int = 0,

@@ -195,6 +195,10 @@ def _placeholder_class(ref: Reference) -> type:
                 {"_reference": ref, "__module__": "ckpttools.placeholder"})
 
 
+# classes that are only described (placeholders), never worth a warning: DCP's own metadata dataclasses
+BENIGN_PREFIXES = ("torch.distributed.checkpoint.",)
+
+
 def is_placeholder(obj: Any) -> bool:
     return isinstance(obj, Placeholder) or (isinstance(obj, type) and issubclass(obj, Placeholder))
 
@@ -287,6 +291,9 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "device"): lambda *a: ":".join(str(x) for x in a),
     ("torch", "strided"): "strided",
     ("torch.torch_version", "TorchVersion"): str,
+    ("torch.serialization", "_get_layout"): lambda name: str(name),  # DCP metadata: a layout by name
+    **{("pathlib", n): (lambda *parts: "/".join(str(p) for p in parts)) for n in
+       ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")},
     ("collections", "OrderedDict"): collections.OrderedDict,
     **{(mod, t.__name__): t for mod in ("builtins", "__builtin__")
        for t in (dict, list, tuple, int, float, str, bool, bytes)},

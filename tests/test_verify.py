@@ -234,3 +234,41 @@ def test_every_finding_code_is_documented():
                            r'legacy|safetensors|ultralytics|hdf5|dcp)\.[a-z-]+)"', source))
     doc = (root / "docs" / "findings.md").read_text()
     assert codes and not [c for c in codes if f"`{c}`" not in doc]
+
+
+def test_dcp_folder_is_read_without_torch_distributed(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}, "epoch": 3}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=str(tmp_path / "ck"))
+    report = verify(tmp_path / "ck")
+    assert (report.format, report.layout) == ("dcp", "dcp") and report.ok(strict=True), report.findings
+    assert report.facts["parameter_count"] == 9
+    summary = json.loads(_run(["inspect", "--json", str(tmp_path / "ck")]).output)
+    assert summary["keys"]["epoch"] == "3" and "2 tensors" in summary["keys"]["model"]
+    # damage one tensor's bytes inside a .distcp file: found by the embedded record's CRC32
+    distcp = next((tmp_path / "ck").glob("*.distcp"))
+    data = bytearray(distcp.read_bytes())
+    at = data.find(torch.arange(6.0).numpy().tobytes())
+    data[at + 5] ^= 0x01
+    distcp.write_bytes(bytes(data))
+    assert "zip.crc-mismatch" in _codes(verify(tmp_path / "ck"))
+    distcp.unlink()
+    assert "dcp.file-missing" in _codes(verify(tmp_path / "ck"))
+
+
+def test_hdf5_is_described_and_checksums_are_checked(tmp_path):
+    import h5py
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.create_group("model").create_dataset("w", data=w, fletcher32=True, chunks=True)
+        f["model"].create_dataset("b", data=np.zeros(4, np.uint16)).attrs["dtype"] = "bfloat16"
+        f.attrs["epoch"] = 3
+    report = verify(tmp_path / "c.h5")
+    assert report.format == "hdf5" and report.ok() and report.facts["parameter_count"] == 16
+    data = bytearray((tmp_path / "c.h5").read_bytes())
+    data[data.find(w.tobytes()[16:32]) + 2] ^= 0x01
+    (tmp_path / "bad.h5").write_bytes(bytes(data))
+    assert "storage.unreadable" in _codes(verify(tmp_path / "bad.h5"))
