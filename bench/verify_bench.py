@@ -36,7 +36,9 @@ ckpt = {{"format": "fuse-train-checkpoint", "format_version": 1, "epoch": 9, "be
         "optimizer": {{"state": {{i: {{"step": torch.tensor(1000.0), "exp_avg": torch.randn(n, generator=g) * 1e-3,
                                      "exp_avg_sq": torch.rand(n, generator=g) * 1e-6}} for i in range(per_group)}},
                       "param_groups": [{{"lr": 0.001, "params": list(range(per_group))}}]}},
-        "train_args": {{"batch": 16}}, "progress": {{"global_step": 1000}}}}
+        "train_args": {{"batch": 16}}, "resolved": {{}}, "scheduler": {{}}, "scaler": {{}},
+        "progress": {{"epoch": 10, "step_in_epoch": 0, "global_step": 1000, "steps_per_epoch": 100}},
+        "results": [{{"epoch": i + 1}} for i in range(10)], "rng": {{}}, "history": []}}
 ckpt["digest"] = digest_record(ckpt)
 torch.save(ckpt, sys.argv[1])
 """

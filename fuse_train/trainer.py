@@ -240,8 +240,11 @@ class Trainer:
     # ---- signals -----------------------------------------------------------------------------------------
     def _install_signal_handlers(self):
         def handler(signum, frame):
-            if self._stop_signal is not None:  # second signal: leave now (atomic writes keep last.pt whole)
-                raise KeyboardInterrupt
+            if self._stop_signal is not None:
+                # second signal: leave now.  A save in flight is only a temporary file until its os.replace, so
+                # last.pt stays whole; the temporary file is removed by the next run.
+                os.write(2, b"\nsecond interrupt: exiting now; last.pt is the last complete save\n")
+                os._exit(EXIT_INTERRUPTED.get(signum, 130))
             self._stop_signal = signum
             self.log(f"\n{signal.Signals(signum).name} received: finishing this step and saving last.pt "
                      "(press Ctrl-C again to exit at once)")
@@ -270,7 +273,8 @@ class Trainer:
                 if any_rank(self._stop_signal is not None, self.dist, self.device) and self.epoch < self.cfg.epochs:
                     raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, last)  # signal came during evaluation
         finally:
-            restore_signals()
+            if self._stop_signal is None:  # once stopping, keep the handler: a second Ctrl-C must exit quietly
+                restore_signals()
         return self.last_metrics
 
     def _train_epoch(self) -> None:

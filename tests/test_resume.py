@@ -188,3 +188,18 @@ def test_resume_without_checkpoint_is_one_clear_line(tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     proc = run_train(["--resume", str(bad)], tmp_path)
     assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_second_ctrl_c_exits_at_once_and_last_pt_still_loads(tiny_data, tmp_path):
+    """Two SIGINTs in a row (the second during the save the first one asked for): no torn last.pt."""
+    proc = _start(["--data", str(tiny_data), *TINY, "--save-every", "1"], tmp_path)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = _exp(tmp_path) / "weights" / "last.pt"
+    if last.exists():  # the second signal may land before the first save finished: then no last.pt yet, never a torn one
+        assert load(last)["progress"]["global_step"] >= 1

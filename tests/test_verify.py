@@ -272,3 +272,11 @@ def test_hdf5_is_described_and_checksums_are_checked(tmp_path):
     data[data.find(w.tobytes()[16:32]) + 2] ^= 0x01
     (tmp_path / "bad.h5").write_bytes(bytes(data))
     assert "storage.unreadable" in _codes(verify(tmp_path / "bad.h5"))
+
+
+def test_hugging_face_style_folder(tmp_path):
+    from safetensors.torch import save_file
+    (tmp_path / "config.json").write_text('{"model_type": "yolo"}')
+    save_file({"w": torch.ones(2, 2)}, tmp_path / "model.safetensors")
+    report = verify(tmp_path)
+    assert report.layout == "huggingface" and report.ok() and report.facts["parameter_count"] == 4
