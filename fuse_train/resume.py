@@ -28,9 +28,9 @@ class PreflightBlocked(Exception):
     def render(self, console) -> None:
         render_report(self.report, console, title=f"resume from {self.checkpoint} would change the run")
         fields = ", ".join(c.field + (f" ({c.note})" if c.note else "") for c in self.report.blocked)
-        console.print(f"fuse-train: resume blocked: {fields} differ from the "
-                      f"checkpoint. Repeat the original values, or allow it with {self.report.allow_hint()} "
-                      "(the change is recorded in the checkpoint's history).", markup=False, highlight=False)
+        console.print(f"fuse-train: resume blocked, the run would change: {fields}. Repeat the checkpoint's "
+                      f"values, or allow it with {self.report.allow_hint()} (the change is recorded in the "
+                      "checkpoint's history).", markup=False, highlight=False)
 
 
 @dataclass

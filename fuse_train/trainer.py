@@ -7,8 +7,8 @@ Everything that decides the next step lives in ``Trainer`` attributes that are s
 from __future__ import annotations
 
 import csv
-import io
 import os
+import shutil
 import signal
 import sys
 import time
@@ -208,15 +208,14 @@ class Trainer:
         ckpt = self.checkpoint_dict()
         last = self.weights_dir / "last.pt"
         if self.dist.is_main:
-            buffer = io.BytesIO()
-            torch.save(ckpt, buffer)
-            data = buffer.getbuffer()
             keep_previous(last)  # last.prev.pt: the previous good checkpoint survives until the new one is whole
-            targets = [last] + ([self.weights_dir / "best.pt"] if best else []) \
+            with atomic_write(last) as f:  # streamed: no second in-memory copy of the checkpoint
+                torch.save(ckpt, f)
+            copies = ([self.weights_dir / "best.pt"] if best else []) \
                 + ([self.weights_dir / f"epoch{self.epoch}.pt"] if period else [])
-            for path in targets:
-                with atomic_write(path) as f:
-                    f.write(data)
+            for path in copies:
+                with atomic_write(path) as f, open(last, "rb") as src:
+                    shutil.copyfileobj(src, f, 16 << 20)
         barrier(self.dist)
         return last
 
