@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ckpttools import torchzip
-from ckpttools.report import ERROR, INFO, WARNING, Finding
+from ckpttools.report import ERROR, WARNING, Finding
 from ckpttools.unpickle import DType, LazyTensor, Reference, StorageRef, restricted_load, scan_globals
 
 ZIP, LEGACY, PICKLE, SAFETENSORS, HDF5, DCP, UNKNOWN = ("torch-zip", "torch-legacy", "pickle", "safetensors", "hdf5",
@@ -219,7 +219,6 @@ def _open_legacy(path: Path, data: bytes) -> Checkpoint:
 
     ckpt = Checkpoint(path, LEGACY)
     stream = io.BytesIO(data)
-    pickles = []
 
     def persistent_load(pid):
         typename = pid[0]

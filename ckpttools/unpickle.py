@@ -20,7 +20,7 @@ import collections
 import io
 import pickle
 import pickletools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 # module roots / (module, name) pairs whose use in a checkpoint is an attack, not a convenience

@@ -13,7 +13,7 @@ from ckpttools.digest import DIGEST_ALGORITHM, DIGEST_KEY, _TensorLeaf, tree_dig
 from ckpttools.reader import ZIP, Checkpoint, NotACheckpoint, iter_tensors, open_checkpoint
 from ckpttools.report import ERROR, INFO, WARNING, Report
 from ckpttools.scan import StorageScanner
-from ckpttools.unpickle import ALLOWED, BENIGN_PREFIXES, LazyTensor, Placeholder, Reference
+from ckpttools.unpickle import ALLOWED, BENIGN_PREFIXES, LazyTensor, Reference
 
 PREFIXES = ("module.", "_orig_mod.")
 METADATA_RECORDS = ("byteorder", "version", ".data/version", ".data/serialization_id", ".format_version",

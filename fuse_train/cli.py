@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import traceback
-from pathlib import Path
 
 import click
 import torch
