@@ -82,6 +82,7 @@ def main() -> None:
     \b
     ckpt verify last.pt          integrity (CRC32 of every record, digest), safety, consistency
     ckpt inspect last.pt         what is inside: layout, epoch, arguments, keys, sizes, devices
+    ckpt diff a.pt b.pt          what differs: keys, shapes, dtypes, values, optimizer, hyperparameters
     ckpt preflight last.pt --data d.yaml --batch 32   would this resume change the run?
     """
 
@@ -138,6 +139,44 @@ def inspect(path: Path, as_json: bool) -> int:
     else:
         render_inspect(summary, stdout())
     return EXIT_OK
+
+
+@main.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance per element.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance per element (of B).")
+@click.option("--section", "sections", multiple=True, type=click.Choice(["model", "ema", "optimizer", "meta"]),
+              help="Restrict the comparison (repeatable); default: all.")
+@click.option("--no-strip-prefix", is_flag=True, help="Do not normalise module. / _orig_mod. prefixes.")
+@click.option("--top", type=int, default=20, show_default=True, help="Show the N largest tensor differences.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@_handle_errors("diff")
+def diff(a: Path, b: Path, atol: float, rtol: float, sections: tuple[str, ...], no_strip_prefix: bool, top: int,
+         as_json: bool) -> int:
+    """What differs between checkpoints A and B (any supported formats, also across formats): keys only in one,
+    shape / dtype changes, value differences (max abs, mean abs, relative L2, elements outside tolerance,
+    bitwise identity, NaN / Inf), optimizer state, and metadata field by field.  Streams one tensor pair at a
+    time.  Exit 0 identical or within tolerance, 1 different, 2 trouble (like diff(1))."""
+    from ckpttools.diff import DIFFERENT, SECTIONS, diff_checkpoints
+    from ckpttools.reader import NotACheckpoint
+    from ckpttools.render import print_json, render_diff, stdout
+
+    for path in (a, b):
+        if not path.exists():
+            raise FileNotFoundError(2, "missing", str(path))
+    callback, stop = _progress(not as_json, "comparing")
+    try:
+        report = diff_checkpoints(a, b, atol, rtol, tuple(sections) or SECTIONS, not no_strip_prefix, callback)
+    except NotACheckpoint as exc:
+        raise UsageProblem(f"not a checkpoint: {exc}") from None
+    finally:
+        stop()
+    if as_json:
+        print_json(report.to_dict(top))
+    else:
+        render_diff(report, stdout(), top)
+    return EXIT_PROBLEMS if report.verdict == DIFFERENT else EXIT_OK
 
 
 @main.command()

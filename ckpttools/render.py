@@ -91,3 +91,38 @@ def _add(node: Tree, value: Any) -> None:
                 node.add(f"{escape(str(k))}: [dim]{escape(str(v))}[/]")
     else:
         node.add(str(value))
+
+
+def render_diff(report, console: Console, top: int = 20) -> None:
+    colour = {"identical": "green", "within_tolerance": "green", "different": "bold red"}[report.verdict]
+    console.print(f"A: {escape(report.a)}\nB: {escape(report.b)}")
+    for note in report.notes:
+        console.print(f"[cyan]note[/]: {escape(note)}")
+    for label, items in (("only in A", report.only_in_a), ("only in B", report.only_in_b)):
+        if items:
+            console.print(f"[bold]{label}[/] ({len(items)}): " + ", ".join(
+                f"{escape(i['section'])}/{escape(i['name'])} {i['dtype']} {i['shape']}" for i in items[:top])
+                + (" ..." if len(items) > top else ""))
+    if report.changed:
+        table = Table(title=f"tensors that differ ({len(report.changed)}; {report.same} identical)", title_justify="left")
+        for col in ("section", "name", "change", "max abs", "mean abs", "rel L2", "outside tol", "NaN/Inf A/B"):
+            table.add_column(col, overflow="fold")
+        for d in report.changed[:top]:
+            change = d.note or "values"
+            if d.note == "shape changed":
+                change = f"shape {list(d.shape_a)} -> {list(d.shape_b)}"
+            elif d.note == "dtype changed":
+                change = f"dtype {d.dtype_a} -> {d.dtype_b}"
+            table.add_row(d.section, escape(d.name), change, f"{d.max_abs:.3g}", f"{d.mean_abs:.3g}", f"{d.rel_l2:.3g}",
+                          str(d.outside), f"{d.nonfinite_a}/{d.nonfinite_b}")
+        console.print(table)
+    elif report.same:
+        console.print(f"{report.same} tensors, all bitwise identical")
+    if report.metadata:
+        table = Table("field", "A", "B", title="metadata", title_justify="left")
+        for m in report.metadata[:max(top, 50)]:
+            table.add_row(escape(m["field"]), escape(str(m["a"])), escape(str(m["b"])))
+        console.print(table)
+    if report.ignored_metadata:
+        console.print(f"[dim]differ as between any two saves (not judged): {', '.join(report.ignored_metadata)}[/]")
+    console.print(f"verdict: [{colour}]{report.verdict}[/]")

@@ -1,0 +1,124 @@
+"""`ckpt diff` against the usual script: two torch.load calls + a tensor-by-tensor comparison.
+
+    python bench/diff_bench.py [--gb 1.0] [--repeats 3] [--keep DIR]
+
+Generates two checkpoints of at least --gb GiB each (model, EMA, AdamW moments) that differ in three tensors,
+then runs each side in a fresh process, alternating, --repeats times, after reading both files once so they
+sit in the page cache.  Reports wall time and peak RSS with ratios.
+Target (issue 5): peak RSS <= 400 MB, wall time <= the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MAKE = r"""
+import sys, torch
+gib = float(sys.argv[3]); n = 4 << 20
+per = max(1, int(gib * (1 << 30) / 4 / (n * 4)) + 1)
+g = torch.Generator().manual_seed(0)
+model = {{f"layer{{i}}.weight": torch.randn(n, generator=g) for i in range(per)}}
+def ckpt(m):
+    return {{"epoch": 3, "model": m, "ema": {{k: v * 0.99 for k, v in m.items()}},
+            "optimizer": {{"state": {{i: {{"exp_avg": torch.full((n,), 1e-3), "exp_avg_sq": torch.full((n,), 1e-6)}}
+                                    for i in range(per)}}, "param_groups": [{{"lr": 0.001, "params": list(range(per))}}]}},
+            "train_args": {{"lr0": 0.01}}}}
+torch.save(ckpt(model), sys.argv[1])
+changed = dict(model)
+for i in (0, per // 2, per - 1):
+    changed[f"layer{{i}}.weight"] = model[f"layer{{i}}.weight"] + 1e-3
+torch.save(ckpt(changed), sys.argv[2])
+"""
+
+BASELINE = r"""
+import resource, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+a = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+b = torch.load(sys.argv[2], map_location="cpu", weights_only=True)
+changed = []
+def walk(x, y, path):
+    if isinstance(x, torch.Tensor):
+        if x.shape != y.shape or not torch.equal(x, y):
+            d = (x.double() - y.double()).abs()
+            changed.append((path, float(d.max()), float(d.mean())))
+    elif isinstance(x, dict):
+        for k in x:
+            if k in y: walk(x[k], y[k], f"{{path}}/{{k}}")
+    elif isinstance(x, (list, tuple)):
+        for i, (p, q) in enumerate(zip(x, y)): walk(p, q, f"{{path}}[{{i}}]")
+walk(a, b, "")
+t2 = time.perf_counter()
+print({{"op_s": t2 - t1, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "changed": len(changed)}})
+"""
+
+DIFF = r"""
+import resource, sys, time
+sys.path.insert(0, {root!r})
+t0 = time.perf_counter()
+from ckpttools.diff import diff_checkpoints
+t1 = time.perf_counter()
+r = diff_checkpoints(sys.argv[1], sys.argv[2])
+t2 = time.perf_counter()
+print({{"op_s": t2 - t1, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "changed": len(r.changed), "verdict": r.verdict}})
+"""
+
+
+def run(code: str, a: Path, b: Path) -> dict:
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT)), str(a), str(b)], capture_output=True,
+                         text=True, check=True)
+    result = eval(out.stdout.strip().splitlines()[-1])  # our own child's dict literal
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, default=None)
+    args = parser.parse_args()
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="diff-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    a, b = folder / "a.pt", folder / "b.pt"
+    if not (a.exists() and b.exists()):
+        print(f"generating two {args.gb} GiB checkpoints in {folder} ...", flush=True)
+        subprocess.run([sys.executable, "-c", MAKE.format(), str(a), str(b), str(args.gb)], check=True)
+    for path in (a, b):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+    rows = {"baseline": [], "diff": []}
+    for _ in range(args.repeats):
+        rows["baseline"].append(run(BASELINE, a, b))
+        rows["diff"].append(run(DIFF, a, b))
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("op_s", "process_s", "rss_mb")} for k, v in rows.items()}
+    print(f"\nfiles: {a.stat().st_size / (1 << 30):.2f} + {b.stat().st_size / (1 << 30):.2f} GiB, median of {args.repeats}")
+    print(f"tensors found different: baseline {rows['baseline'][0]['changed']}, ckpt diff {rows['diff'][0]['changed']} "
+          f"(verdict {rows['diff'][0]['verdict']})")
+    print("| | operation s | whole process s | peak RSS MB |")
+    print("|---|---|---|---|")
+    for k, label in (("baseline", "2 x torch.load + tensor-by-tensor compare"), ("diff", "ckpt diff")):
+        m = med[k]
+        print(f"| {label} | {m['op_s']:.2f} | {m['process_s']:.2f} | {m['rss_mb']:.0f} |")
+    bm, dm = med["baseline"], med["diff"]
+    print(f"\nratio diff / baseline: operation {dm['op_s'] / bm['op_s']:.2f}, whole process "
+          f"{dm['process_s'] / bm['process_s']:.2f}, peak RSS {dm['rss_mb'] / bm['rss_mb']:.2f}")
+    print(f"targets: wall <= baseline -> {'met' if dm['process_s'] <= bm['process_s'] else 'NOT met'}, "
+          f"peak RSS <= 400 MB -> {'met' if dm['rss_mb'] <= 400 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

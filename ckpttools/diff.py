@@ -1,0 +1,308 @@
+"""``ckpt diff A B``: what differs between two checkpoints, streaming one tensor pair at a time.
+
+Tensors are matched by name within a section (model / ema / optimizer; for flat files such as safetensors or a
+plain state dict, the weights).  Key prefixes that are only a wrapper's (``module.``, ``_orig_mod.``) are
+normalised with a note.  A pair of zip records with the same CRC32 and size is very likely identical; the
+bytes are still compared to confirm.  Values are compared chunk by chunk in float64, so memory does not
+grow with the checkpoint.  Metadata (run arguments, counters, metrics) is compared with deepdiff.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ckpttools import layouts as L
+from ckpttools.reader import Checkpoint, iter_tensors, open_checkpoint
+from ckpttools.unpickle import LazyTensor, Placeholder
+
+IDENTICAL, WITHIN, DIFFERENT = "identical", "within_tolerance", "different"
+SECTIONS = ("model", "ema", "optimizer", "meta")
+PREFIXES = ("module.", "_orig_mod.")
+VOLATILE_META = ("date", "history", "digest", "versions")  # differ between any two saves; listed, not judged
+NUMPY = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+         "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_, "uint16": np.uint16,
+         "uint32": np.uint32, "uint64": np.uint64}
+CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    section: str
+    shape_a: tuple | None = None
+    shape_b: tuple | None = None
+    dtype_a: str | None = None
+    dtype_b: str | None = None
+    identical: bool = False
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    rel_l2: float = 0.0
+    outside: int = 0
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class DiffReport:
+    a: str
+    b: str
+    verdict: str = IDENTICAL
+    only_in_a: list[dict] = field(default_factory=list)
+    only_in_b: list[dict] = field(default_factory=list)
+    changed: list[TensorDiff] = field(default_factory=list)
+    same: int = 0
+    metadata: list[dict] = field(default_factory=list)
+    ignored_metadata: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self, top: int | None = None) -> dict:
+        changed = self.changed if top is None else self.changed[:top]
+        return {"a": self.a, "b": self.b, "verdict": self.verdict, "only_in_a": self.only_in_a,
+                "only_in_b": self.only_in_b, "changed": [c.to_dict() for c in changed],
+                "changed_count": len(self.changed), "identical_tensors": self.same, "metadata": self.metadata,
+                "ignored_metadata": self.ignored_metadata, "notes": self.notes}
+
+
+# ---- which tensors: sections -------------------------------------------------------------------------------------------
+
+def sections_of(ckpt: Checkpoint) -> dict[str, dict[str, LazyTensor]]:
+    tree, layout = ckpt.tree, L.recognise(ckpt.tree, ckpt.path)
+    out: dict[str, dict[str, LazyTensor]] = {"model": {}, "ema": {}, "optimizer": {}}
+    if layout in (L.FUSE_TRAIN, L.ULTRALYTICS) and isinstance(tree, dict):
+        for section in ("model", "ema"):
+            value = tree.get(section)
+            out[section] = (_flat(value) if isinstance(value, dict) else L.module_tensors(value))
+        out["optimizer"] = dict(iter_tensors(tree.get("optimizer")))
+    elif layout == L.LIGHTNING:
+        out["model"] = _flat(tree["state_dict"])
+        out["optimizer"] = dict(iter_tensors(tree.get("optimizer_states")))
+    else:
+        found = L.weights_of(tree, layout)
+        out["model"] = found[1] if found else dict(iter_tensors(tree))
+    return out
+
+
+def _flat(d: Any) -> dict[str, LazyTensor]:
+    return {str(k): v for k, v in (d or {}).items() if isinstance(v, LazyTensor)}
+
+
+def _normalise(names: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor], str | None]:
+    for prefix in PREFIXES:
+        if names and all(k.startswith(prefix) for k in names):
+            return {k[len(prefix):]: v for k, v in names.items()}, prefix
+    return names, None
+
+
+def metadata_of(tree: Any) -> dict:
+    """Everything that is not a tensor, as plain values (tensors become their dtype and shape)."""
+    def plain(v):
+        if isinstance(v, LazyTensor):
+            return f"<tensor {v.dtype} {list(v.shape)}>"
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items() if not isinstance(x, LazyTensor)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Placeholder):
+            return f"<{v._reference.qualname}>"
+        return v
+    if not isinstance(tree, dict):
+        return {}
+    skip = {"model", "ema", "optimizer", "state_dict", "optimizer_states", "rng"}
+    return {str(k): plain(v) for k, v in tree.items() if k not in skip and not isinstance(v, LazyTensor)}
+
+
+# ---- values ------------------------------------------------------------------------------------------------------------
+
+def _as_float(chunk: bytes, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (np.frombuffer(chunk, np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.frombuffer(chunk, NUMPY[dtype]).astype(np.float64)
+
+
+def _tensor_chunks(ckpt: Checkpoint, t: LazyTensor, chunk_bytes: int) -> Iterator[bytes]:
+    """The tensor's bytes in C order, in pieces of ``chunk_bytes`` (a multiple of the item size)."""
+    itemsize = t.dtype.itemsize
+    start, end = t.storage_offset * itemsize, (t.storage_offset + t.numel) * itemsize
+    if not t.is_contiguous_view():
+        data = t.load().contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes()
+        for i in range(0, len(data), chunk_bytes):
+            yield data[i: i + chunk_bytes]
+        return
+    pending, pos = b"", 0
+    for block in ckpt.storage_chunks(t.storage):
+        lo, hi = max(start, pos), min(end, pos + len(block))
+        if lo < hi:
+            pending += block[lo - pos: hi - pos]
+            while len(pending) >= chunk_bytes:
+                yield pending[:chunk_bytes]
+                pending = pending[chunk_bytes:]
+        pos += len(block)
+    if pending:
+        yield pending
+
+
+def _record_fingerprint(ckpt: Checkpoint, t: LazyTensor):
+    rec = ckpt.record_of(t.storage) if ckpt.record_of else None
+    if rec is None or not t.is_contiguous_view() or t.storage_offset or t.numel != t.storage.numel:
+        return None
+    return (rec.crc, rec.size)
+
+
+def _sum_sq(chunk: bytes, dtype: str) -> float:
+    if dtype in ("float32", "float64"):
+        x = np.frombuffer(chunk, NUMPY[dtype])
+        return float(np.dot(x, x))
+    x = _as_float(chunk, dtype)
+    return float(np.dot(x, x))
+
+
+@dataclass
+class _Acc:
+    sum_abs: float = 0.0
+    sum_sq_diff: float = 0.0
+    sum_sq_a: float = 0.0
+
+
+def _accumulate(d: TensorDiff, acc: _Acc, ca: bytes, cb: bytes, da: str, db: str, atol: float, rtol: float) -> None:
+    xa, xb = _as_float(ca, da), _as_float(cb, db)
+    fa, fb = np.isfinite(xa), np.isfinite(xb)
+    d.nonfinite_a += int(xa.size - fa.sum())
+    d.nonfinite_b += int(xb.size - fb.sum())
+    both = fa & fb
+    diff = np.abs(xa[both] - xb[both])
+    if diff.size:
+        d.max_abs = max(d.max_abs, float(diff.max()))
+        d.outside += int((diff > atol + rtol * np.abs(xb[both])).sum())
+    d.outside += int((fa != fb).sum())  # NaN / Inf on one side only
+    acc.sum_abs += float(diff.sum())
+    acc.sum_sq_diff += float(np.dot(diff, diff))
+    acc.sum_sq_a += float(np.dot(xa[both], xa[both]))
+
+
+def compare_tensor(name: str, section: str, a_ck: Checkpoint, a: LazyTensor, b_ck: Checkpoint, b: LazyTensor,
+                   atol: float, rtol: float, _trust_crc: bool = True) -> TensorDiff:
+    """Compare two tensors chunk by chunk: bitwise identity, then value statistics for what differs."""
+    d = TensorDiff(name, section, tuple(a.shape), tuple(b.shape), str(a.dtype), str(b.dtype))
+    if tuple(a.shape) != tuple(b.shape):
+        d.note = "shape changed"
+        return d
+    numeric = all(t.dtype in NUMPY or t.dtype == "bfloat16" for t in (a, b))
+    same_dtype = a.dtype == b.dtype
+    fp_a, fp_b = _record_fingerprint(a_ck, a), _record_fingerprint(b_ck, b)
+    likely_same = _trust_crc and same_dtype and fp_a is not None and fp_a == fp_b  # the cheap first filter
+    acc, bitwise = _Acc(), same_dtype
+    chunks_a = _tensor_chunks(a_ck, a, CHUNK_ELEMENTS * a.dtype.itemsize)
+    chunks_b = _tensor_chunks(b_ck, b, CHUNK_ELEMENTS * b.dtype.itemsize)
+    for ca, cb in zip(chunks_a, chunks_b):
+        if same_dtype and ca == cb:  # confirmed by content
+            if numeric and not likely_same:
+                acc.sum_sq_a += _sum_sq(ca, a.dtype)
+            continue
+        bitwise = False
+        if likely_same:  # a CRC32 collision: start again with full statistics (practically never)
+            return compare_tensor(name, section, a_ck, a, b_ck, b, atol, rtol, _trust_crc=False)
+        if numeric:
+            _accumulate(d, acc, ca, cb, a.dtype, b.dtype, atol, rtol)
+        elif not same_dtype:
+            d.outside = a.numel
+    d.identical = bitwise
+    if not bitwise and numeric:
+        d.mean_abs = acc.sum_abs / max(1, a.numel)
+        d.rel_l2 = math.sqrt(acc.sum_sq_diff) / math.sqrt(acc.sum_sq_a) if acc.sum_sq_a else (
+            0.0 if acc.sum_sq_diff == 0 else math.inf)
+    if not same_dtype:
+        d.note = "dtype changed"
+    elif not bitwise and not numeric:
+        d.note = "bytes differ"
+    return d
+
+
+def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol: float = 0.0, rtol: float = 0.0,
+                     sections: tuple[str, ...] = SECTIONS, strip_prefix: bool = True, progress=None) -> DiffReport:
+    """Compare two checkpoints in any supported containers.  Raises FileNotFoundError / NotACheckpoint."""
+    a_ck, b_ck = open_checkpoint(Path(a_path)), open_checkpoint(Path(b_path))
+    report = DiffReport(str(a_path), str(b_path))
+    for ck, label in ((a_ck, "A"), (b_ck, "B")):
+        errors = [f for f in ck.findings if f.severity == "error"]
+        if errors:
+            report.notes.append(f"{label} has container problems ({errors[0].code}); run `ckpt verify {ck.path}`")
+    sec_a, sec_b = sections_of(a_ck), sections_of(b_ck)
+    flat = {L.recognise(a_ck.tree, a_ck.path), L.recognise(b_ck.tree, b_ck.path)} - {L.FUSE_TRAIN, L.ULTRALYTICS,
+                                                                                    L.LIGHTNING}
+    if flat and len({L.recognise(a_ck.tree, a_ck.path), L.recognise(b_ck.tree, b_ck.path)}) > 1:
+        report.notes.append("different layouts: comparing the model weights only")
+        sections = tuple(s for s in sections if s in ("model", "meta"))
+    total_pairs = []
+    for section in (s for s in sections if s != "meta"):
+        names_a, names_b = sec_a.get(section, {}), sec_b.get(section, {})
+        if strip_prefix:
+            names_a, pa = _normalise(names_a)
+            names_b, pb = _normalise(names_b)
+            for prefix, label in ((pa, "A"), (pb, "B")):
+                if prefix and prefix != (pb if label == "A" else pa):
+                    report.notes.append(f"{section}: stripped the {prefix!r} prefix of {label}'s names to match")
+        for name in sorted(names_a.keys() - names_b.keys()):
+            report.only_in_a.append({"section": section, "name": name, "shape": list(names_a[name].shape),
+                                     "dtype": str(names_a[name].dtype)})
+        for name in sorted(names_b.keys() - names_a.keys()):
+            report.only_in_b.append({"section": section, "name": name, "shape": list(names_b[name].shape),
+                                     "dtype": str(names_b[name].dtype)})
+        total_pairs += [(section, n, names_a[n], names_b[n]) for n in sorted(names_a.keys() & names_b.keys())]
+    total_bytes = sum(t.nbytes for _, _, t, _ in total_pairs) or 1
+    done = 0
+    for section, name, ta, tb in total_pairs:
+        d = compare_tensor(name, section, a_ck, ta, b_ck, tb, atol, rtol)
+        if d.identical:
+            report.same += 1
+        else:
+            report.changed.append(d)
+        done += ta.nbytes
+        if progress:
+            progress(done, total_bytes)
+    report.changed.sort(key=lambda d: (d.note == "", -(d.max_abs if math.isfinite(d.max_abs) else math.inf)))
+    if "meta" in sections:
+        _diff_metadata(a_ck, b_ck, report)
+    report.verdict = _verdict(report)
+    return report
+
+
+def _diff_metadata(a_ck: Checkpoint, b_ck: Checkpoint, report: DiffReport) -> None:
+    from deepdiff import DeepDiff
+
+    meta_a, meta_b = metadata_of(a_ck.tree), metadata_of(b_ck.tree)
+    for key in VOLATILE_META:
+        if meta_a.get(key) != meta_b.get(key) and (key in meta_a or key in meta_b):
+            report.ignored_metadata.append(key)
+        meta_a.pop(key, None)
+        meta_b.pop(key, None)
+    dd = DeepDiff(meta_a, meta_b, ignore_order=False, verbose_level=2)
+    for kind, entries in dd.items():
+        items = entries.items() if isinstance(entries, dict) else ((e, None) for e in entries)
+        for path, change in items:
+            field_name = str(path).replace("root", "", 1).replace("']['", ".").strip("[]'")
+            if kind == "values_changed" or kind == "type_changes":
+                report.metadata.append({"field": field_name, "a": change.get("old_value"), "b": change.get("new_value")})
+            elif kind.endswith("_removed"):
+                report.metadata.append({"field": field_name, "a": change, "b": None})
+            elif kind.endswith("_added"):
+                report.metadata.append({"field": field_name, "a": None, "b": change})
+
+
+def _verdict(report: DiffReport) -> str:
+    if report.only_in_a or report.only_in_b or report.metadata:
+        return DIFFERENT
+    if not report.changed:
+        return IDENTICAL
+    if all(not d.note and d.outside == 0 for d in report.changed):
+        return WITHIN
+    return DIFFERENT
