@@ -11,14 +11,13 @@ Target (issue 5): peak RSS <= 400 MB, wall time <= the baseline's.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import report, run_child, warm  # noqa: E402
 
 MAKE = r"""
 import sys, torch
@@ -74,15 +73,6 @@ print({{"op_s": t2 - t1, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_m
 """
 
 
-def run(code: str, a: Path, b: Path) -> dict:
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT)), str(a), str(b)], capture_output=True,
-                         text=True, check=True)
-    result = eval(out.stdout.strip().splitlines()[-1])  # our own child's dict literal
-    result["process_s"] = time.perf_counter() - t0
-    return result
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=1.0)
@@ -95,28 +85,15 @@ def main() -> int:
     if not (a.exists() and b.exists()):
         print(f"generating two {args.gb} GiB checkpoints in {folder} ...", flush=True)
         subprocess.run([sys.executable, "-c", MAKE.format(), str(a), str(b), str(args.gb)], check=True)
-    for path in (a, b):
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
-                pass
+    warm(a, b)
     rows = {"baseline": [], "diff": []}
     for _ in range(args.repeats):
-        rows["baseline"].append(run(BASELINE, a, b))
-        rows["diff"].append(run(DIFF, a, b))
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("op_s", "process_s", "rss_mb")} for k, v in rows.items()}
+        rows["baseline"].append(run_child(BASELINE, a, b))
+        rows["diff"].append(run_child(DIFF, a, b))
     print(f"\nfiles: {a.stat().st_size / (1 << 30):.2f} + {b.stat().st_size / (1 << 30):.2f} GiB, median of {args.repeats}")
     print(f"tensors found different: baseline {rows['baseline'][0]['changed']}, ckpt diff {rows['diff'][0]['changed']} "
           f"(verdict {rows['diff'][0]['verdict']})")
-    print("| | operation s | whole process s | peak RSS MB |")
-    print("|---|---|---|---|")
-    for k, label in (("baseline", "2 x torch.load + tensor-by-tensor compare"), ("diff", "ckpt diff")):
-        m = med[k]
-        print(f"| {label} | {m['op_s']:.2f} | {m['process_s']:.2f} | {m['rss_mb']:.0f} |")
-    bm, dm = med["baseline"], med["diff"]
-    print(f"\nratio diff / baseline: operation {dm['op_s'] / bm['op_s']:.2f}, whole process "
-          f"{dm['process_s'] / bm['process_s']:.2f}, peak RSS {dm['rss_mb'] / bm['rss_mb']:.2f}")
-    print(f"targets: wall <= baseline -> {'met' if dm['process_s'] <= bm['process_s'] else 'NOT met'}, "
-          f"peak RSS <= 400 MB -> {'met' if dm['rss_mb'] <= 400 else 'NOT met'}")
+    report(rows, {"baseline": "2 x torch.load + tensor-by-tensor compare", "diff": "ckpt diff"}, "diff", "baseline", 1.0)
     return 0
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, report, run_child, warm  # noqa: E402
 
 MAKE = r"""
 import sys, torch
@@ -78,15 +77,6 @@ print({{"op_s": t2 - t1, "import_s": t1 - t0, "rss_mb": resource.getrusage(resou
 """
 
 
-def run(code: str, path: Path) -> dict:
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT)), str(path)], capture_output=True, text=True,
-                         check=True)
-    result = eval(out.stdout.strip().splitlines()[-1])  # our own child's dict literal
-    result["process_s"] = time.perf_counter() - t0
-    return result
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=2.0)
@@ -100,28 +90,16 @@ def main() -> int:
         print(f"generating a {args.gb} GiB checkpoint in {path} ...", flush=True)
         subprocess.run([sys.executable, "-c", MAKE.format(root=str(ROOT)), str(path), str(args.gb)], check=True)
     size = path.stat().st_size
-    with open(path, "rb") as f:  # warm the page cache for both sides
-        while f.read(64 << 20):
-            pass
+    warm(path)
     rows = {"baseline": [], "verify": []}
     for _ in range(args.repeats):
-        rows["baseline"].append(run(BASELINE, path))
-        rows["verify"].append(run(VERIFY, path))
+        rows["baseline"].append(run_child(BASELINE, path))
+        rows["verify"].append(run_child(VERIFY, path))
     v_ok = rows["verify"][0]["ok"]
     print(f"\nfile: {size / (1 << 30):.2f} GiB, {os.cpu_count()} CPUs, {args.repeats} runs each (median)")
     print(f"verify verdict: {'OK' if v_ok else 'FAILED ' + json.dumps(rows['verify'][0]['findings'])}")
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("op_s", "process_s", "rss_mb", "import_s")}
-           for k, v in rows.items()}
-    print("| | operation s | whole process s | peak RSS MB |")
-    print("|---|---|---|---|")
-    for k, label in (("baseline", "torch.load(weights_only) + isfinite scan"), ("verify", "ckpt verify")):
-        m = med[k]
-        print(f"| {label} | {m['op_s']:.2f} | {m['process_s']:.2f} | {m['rss_mb']:.0f} |")
-    b, v = med["baseline"], med["verify"]
-    print(f"\nratio verify / baseline: operation {v['op_s'] / b['op_s']:.2f}, whole process "
-          f"{v['process_s'] / b['process_s']:.2f}, peak RSS {v['rss_mb'] / b['rss_mb']:.2f}")
-    print(f"targets: wall <= 0.50 x baseline -> {'met' if v['process_s'] <= 0.5 * b['process_s'] else 'NOT met'} "
-          f"(whole process), peak RSS <= 400 MB -> {'met' if v['rss_mb'] <= 400 else 'NOT met'}")
+    report(rows, {"baseline": "torch.load(weights_only) + isfinite scan", "verify": "ckpt verify"}, "verify",
+           "baseline", 0.5)
     return 0
 
 

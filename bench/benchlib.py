@@ -1,0 +1,46 @@
+"""What the benchmarks share: run one side in a fresh process, warm the page cache, print the median table."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = ("op_s", "process_s", "rss_mb")
+
+
+def run_child(code: str, *args: Path) -> dict:
+    """Run ``code`` (a template with {root}) in a fresh interpreter; it prints a dict literal as its last line."""
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT)), *map(str, args)], capture_output=True,
+                         text=True, check=True)
+    result = eval(out.stdout.strip().splitlines()[-1])  # our own child's dict literal
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def warm(*paths: Path) -> None:
+    """Read the files once so both sides find them in the page cache."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def report(rows: dict[str, list[dict]], labels: dict[str, str], ours: str, baseline: str, wall_target: float) -> None:
+    """Median table, ratios, and whether the targets (wall <= wall_target x baseline, RSS <= 400 MB) are met."""
+    med = {k: {m: statistics.median(r[m] for r in v) for m in METRICS} for k, v in rows.items()}
+    print("| | operation s | whole process s | peak RSS MB |")
+    print("|---|---|---|---|")
+    for key in (baseline, ours):
+        m = med[key]
+        print(f"| {labels[key]} | {m['op_s']:.2f} | {m['process_s']:.2f} | {m['rss_mb']:.0f} |")
+    b, o = med[baseline], med[ours]
+    print(f"\nratio {ours} / {baseline}: operation {o['op_s'] / b['op_s']:.2f}, whole process "
+          f"{o['process_s'] / b['process_s']:.2f}, peak RSS {o['rss_mb'] / b['rss_mb']:.2f}")
+    print(f"targets: wall <= {wall_target:.2f} x baseline -> "
+          f"{'met' if o['process_s'] <= wall_target * b['process_s'] else 'NOT met'} (whole process), "
+          f"peak RSS <= 400 MB -> {'met' if o['rss_mb'] <= 400 else 'NOT met'}")
