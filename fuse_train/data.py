@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ckpttools.yolo_data import (IMAGE_SUFFIXES, DataSpec, DatasetError, dataset_fingerprint, ir_folder_for,  # noqa: F401
-                                 labels_folder_for, list_pairs, load_data_spec, parse_label_file, spec_fingerprint,
-                                 split_files)
+from ckpttools.yolo_data import (DatasetError, ir_folder_for, load_data_spec, parse_label_file,  # noqa: F401
+                                 spec_fingerprint, split_files)
 
 PAD_VALUE = 114 / 255  # letterbox border, as Ultralytics
 
@@ -56,10 +55,9 @@ class PairedDataset(torch.utils.data.Dataset):
     """Yields ``(image uint8 [4, S, S] = RGB + IR, labels float32 [n, 5] = cls x1 y1 x2 y2 in pixels, index)``."""
 
     def __init__(self, images_dir: Path, ir_dir: Path, nc: int, img_size: int, augment: Augment = NO_AUGMENT,
-                 seed: int = 0, root: Path | None = None):
+                 seed: int = 0):
         self.pairs, self.label_files = split_files(images_dir, ir_dir)
         self.labels = [parse_label_file(p, nc) for p in self.label_files]  # parse all now: errors up front
-        self.root = root or images_dir.parent.parent
         self.img_size, self.augment, self.seed = img_size, augment, seed
         self.epoch = 0
 

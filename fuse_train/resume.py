@@ -105,7 +105,7 @@ def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
     spec = load_data_spec(resolve_data_yaml(cfg.data))
     img_size = cfg.img_size or spec.imgsz or 640
     for images, ir in ((spec.train, spec.train_ir), (spec.val, spec.val_ir)):  # parse labels: errors before anything
-        PairedDataset(images, ir, len(spec.names), img_size, root=spec.root)
+        PairedDataset(images, ir, len(spec.names), img_size)
     with torch.device("meta"):
         model = build_model(ModelConfig(cfg.fusion, cfg.scale, len(spec.names)), img_size)
     return ResolvedRun(data_yaml=str(spec.yaml_path), data_root=str(spec.root),

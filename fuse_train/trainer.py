@@ -101,14 +101,15 @@ class Trainer:
         nc = len(spec.names)
         if cfg.batch % dist_info.world_size:
             raise ConfigError(f"--batch {cfg.batch} must be divisible by the number of processes ({dist_info.world_size})")
-        self.train_set = PairedDataset(spec.train, spec.train_ir, nc, img_size, Augment(), cfg.seed, spec.root)
-        self.val_set = PairedDataset(spec.val, spec.val_ir, nc, img_size, root=spec.root)
+        self.train_set = PairedDataset(spec.train, spec.train_ir, nc, img_size, Augment(), cfg.seed)
+        self.val_set = PairedDataset(spec.val, spec.val_ir, nc, img_size)
 
         S.seed_everything(cfg.seed)
         self.model_config = ModelConfig(cfg.fusion, cfg.scale, nc)
         self.model = build_model(self.model_config, img_size).to(self.device)
         self.resolved = ResolvedRun(
-            data_yaml=str(spec.yaml_path), data_root=str(spec.root), dataset_fingerprint=spec_fingerprint(spec), names=spec.names, img_size=img_size, world_size=dist_info.world_size,
+            data_yaml=str(spec.yaml_path), data_root=str(spec.root), dataset_fingerprint=spec_fingerprint(spec),
+            names=spec.names, img_size=img_size, world_size=dist_info.world_size,
             per_rank_batch=cfg.batch // dist_info.world_size, device=str(self.device),
             model_fingerprint=model_fingerprint(self.model))
         if self.use_cuda:
