@@ -4,6 +4,7 @@ The CLI only parses, calls one operation and renders its result; the operations 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import traceback
@@ -53,24 +54,28 @@ def _fail(console, command: str, message: str, debug: bool) -> int:
     return EXIT_USAGE
 
 
+def _must_exist(*paths: Path) -> None:
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(2, "missing", str(path))
+
+
+@contextlib.contextmanager
 def _progress(enabled: bool, description: str):
-    """A rich byte-progress bar on a terminal, nothing when piped; returns (callback, stop)."""
+    """A rich byte-progress bar on a terminal, nothing when piped; yields the ``(done, total)`` callback or None."""
     from rich.console import Console
 
     console = Console(stderr=True)
     if not enabled or not console.is_terminal:
-        return None, lambda: None
+        yield None
+        return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     bar = Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                    console=console, transient=True)
     task = bar.add_task(description, total=None)
-    bar.start()
-
-    def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-
-    return update, bar.stop
+    with bar:
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EPILOG)
@@ -103,13 +108,9 @@ def verify(path: Path, as_json: bool, strict: bool) -> int:
     from ckpttools.render import print_json, render_verify, stdout
     from ckpttools.verify import verify as run_verify
 
-    if not path.exists():
-        raise FileNotFoundError(2, "missing", str(path))
-    callback, stop = _progress(not as_json, "verifying")
-    try:
+    _must_exist(path)
+    with _progress(not as_json, "verifying") as callback:
         report = run_verify(path, progress=callback)
-    finally:
-        stop()
     if as_json:
         print_json(report.to_dict(strict))
     else:
@@ -128,8 +129,7 @@ def inspect(path: Path, as_json: bool) -> int:
     from ckpttools.reader import NotACheckpoint
     from ckpttools.render import print_json, render_inspect, stdout
 
-    if not path.exists():
-        raise FileNotFoundError(2, "missing", str(path))
+    _must_exist(path)
     try:
         summary = inspect_checkpoint(path)
     except NotACheckpoint as exc:
@@ -162,16 +162,12 @@ def diff(a: Path, b: Path, atol: float, rtol: float, sections: tuple[str, ...], 
     from ckpttools.reader import NotACheckpoint
     from ckpttools.render import print_json, render_diff, stdout
 
-    for path in (a, b):
-        if not path.exists():
-            raise FileNotFoundError(2, "missing", str(path))
-    callback, stop = _progress(not as_json, "comparing")
+    _must_exist(a, b)
     try:
-        report = diff_checkpoints(a, b, atol, rtol, tuple(sections) or SECTIONS, not no_strip_prefix, callback)
+        with _progress(not as_json, "comparing") as callback:
+            report = diff_checkpoints(a, b, atol, rtol, tuple(sections) or SECTIONS, not no_strip_prefix, callback)
     except NotACheckpoint as exc:
         raise UsageProblem(f"not a checkpoint: {exc}") from None
-    finally:
-        stop()
     if as_json:
         print_json(report.to_dict(top))
     else:
@@ -209,8 +205,7 @@ def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -
         allow = parse_allow(allow_change)
     except UnknownField as exc:
         raise UsageProblem(str(exc)) from None
-    if not checkpoint.exists():
-        raise FileNotFoundError(2, "missing", str(checkpoint))
+    _must_exist(checkpoint)
     try:
         recorded = recorded_fields(checkpoint)
         wanted = requested_fields(recorded, {k: v for k, v in requested.items() if v is not None})

@@ -19,11 +19,11 @@ import numpy as np
 
 from ckpttools import layouts as L
 from ckpttools.reader import Checkpoint, iter_tensors, open_checkpoint
+from ckpttools.scan import tensor_bytes
 from ckpttools.unpickle import LazyTensor, Placeholder
 
 IDENTICAL, WITHIN, DIFFERENT = "identical", "within_tolerance", "different"
 SECTIONS = ("model", "ema", "optimizer", "meta")
-PREFIXES = ("module.", "_orig_mod.")
 VOLATILE_META = ("date", "history", "digest", "versions")  # differ between any two saves; listed, not judged
 NUMPY = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
          "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_, "uint16": np.uint16,
@@ -81,10 +81,10 @@ def sections_of(ckpt: Checkpoint) -> dict[str, dict[str, LazyTensor]]:
     if layout in (L.FUSE_TRAIN, L.ULTRALYTICS) and isinstance(tree, dict):
         for section in ("model", "ema"):
             value = tree.get(section)
-            out[section] = (_flat(value) if isinstance(value, dict) else L.module_tensors(value))
+            out[section] = (L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value))
         out["optimizer"] = dict(iter_tensors(tree.get("optimizer")))
     elif layout == L.LIGHTNING:
-        out["model"] = _flat(tree["state_dict"])
+        out["model"] = L.flat_tensors(tree["state_dict"])
         out["optimizer"] = dict(iter_tensors(tree.get("optimizer_states")))
     else:
         found = L.weights_of(tree, layout)
@@ -92,12 +92,8 @@ def sections_of(ckpt: Checkpoint) -> dict[str, dict[str, LazyTensor]]:
     return out
 
 
-def _flat(d: Any) -> dict[str, LazyTensor]:
-    return {str(k): v for k, v in (d or {}).items() if isinstance(v, LazyTensor)}
-
-
 def _normalise(names: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor], str | None]:
-    for prefix in PREFIXES:
+    for prefix in L.PREFIXES:
         if names and all(k.startswith(prefix) for k in names):
             return {k[len(prefix):]: v for k, v in names.items()}, prefix
     return names, None
@@ -129,26 +125,20 @@ def _as_float(chunk: bytes, dtype: str) -> np.ndarray:
     return np.frombuffer(chunk, NUMPY[dtype]).astype(np.float64)
 
 
-def _tensor_chunks(ckpt: Checkpoint, t: LazyTensor, chunk_bytes: int) -> Iterator[bytes]:
-    """The tensor's bytes in C order, in pieces of ``chunk_bytes`` (a multiple of the item size)."""
-    itemsize = t.dtype.itemsize
-    start, end = t.storage_offset * itemsize, (t.storage_offset + t.numel) * itemsize
-    if not t.is_contiguous_view():
-        data = t.load().contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes()
-        for i in range(0, len(data), chunk_bytes):
-            yield data[i: i + chunk_bytes]
-        return
-    pending, pos = b"", 0
-    for block in ckpt.storage_chunks(t.storage):
-        lo, hi = max(start, pos), min(end, pos + len(block))
-        if lo < hi:
-            pending += block[lo - pos: hi - pos]
-            while len(pending) >= chunk_bytes:
-                yield pending[:chunk_bytes]
-                pending = pending[chunk_bytes:]
-        pos += len(block)
+def _rechunk(pieces: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """The same bytes in pieces of exactly ``size`` (the last may be shorter), so two tensors align."""
+    pending = b""
+    for piece in pieces:
+        pending += piece
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
     if pending:
         yield pending
+
+
+def _tensor_chunks(ckpt: Checkpoint, t: LazyTensor, chunk_bytes: int) -> Iterator[bytes]:
+    return _rechunk(tensor_bytes(t, ckpt.storage_chunks(t.storage)), chunk_bytes)
 
 
 def _record_fingerprint(ckpt: Checkpoint, t: LazyTensor):

@@ -12,6 +12,8 @@ from typing import Any
 
 from ckpttools.unpickle import LazyTensor, Placeholder
 
+PREFIXES = ("module.", "_orig_mod.")  # what DDP / torch.compile wrappers prepend to every weight name
+
 FUSE_TRAIN, ULTRALYTICS, LIGHTNING, HF, STATE_DICT, DCP_LAYOUT, UNKNOWN = (
     "fuse-train", "ultralytics", "lightning", "huggingface", "state-dict", "dcp", "unknown")
 
@@ -69,8 +71,8 @@ def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | No
     """(key, flat {name: tensor}) of the model weights, walking through pickled module placeholders."""
     if layout == STATE_DICT:
         if isinstance(tree, dict) and "state_dict" in tree and isinstance(tree["state_dict"], dict):
-            return "state_dict", _flat_tensors(tree["state_dict"])
-        return "", _flat_tensors(tree)
+            return "state_dict", flat_tensors(tree["state_dict"])
+        return "", flat_tensors(tree)
     spec = LAYOUTS.get(layout)
     if spec is None or not isinstance(tree, dict):
         return None
@@ -78,14 +80,15 @@ def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | No
         value = tree.get(key)
         if value is None:
             continue
-        flat = _flat_tensors(value) if isinstance(value, dict) else module_tensors(value)
+        flat = flat_tensors(value) if isinstance(value, dict) else module_tensors(value)
         if flat:
             return key, flat
     return None
 
 
-def _flat_tensors(d: dict) -> dict[str, LazyTensor]:
-    return {str(k): v for k, v in d.items() if isinstance(v, LazyTensor)}
+def flat_tensors(d: dict | None) -> dict[str, LazyTensor]:
+    """The tensor entries of a state dict, by name."""
+    return {str(k): v for k, v in (d or {}).items() if isinstance(v, LazyTensor)}
 
 
 def module_tensors(obj: Any, prefix: str = "") -> dict[str, LazyTensor]:

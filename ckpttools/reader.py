@@ -155,14 +155,14 @@ def _open_zip(path: Path, base: int = 0, length: int | None = None) -> Checkpoin
         key = str(key)
         if key not in ckpt.storages:
             dtype = storage_type if isinstance(storage_type, DType) else DType("uint8")
-            ckpt.storages[key] = StorageRef(key, dtype, int(numel), str(location), _zip_reader(path, ckpt, key))
+            ckpt.storages[key] = StorageRef(key, dtype, int(numel), str(location), _zip_reader(path, ckpt))
             ckpt.storage_records[key] = top + "data/" + key
         return ckpt.storages[key]
 
     _unpickle_into(ckpt, data, persistent_load)
 
     def iter_storage(ref: StorageRef, chunk: int):
-        record = ckpt.records.get(ckpt.storage_records.get(ref.key, ""))
+        record = ckpt.record_of(ref)
         return torchzip.iter_record_bytes(path, record, chunk) if record and not record.truncated else iter(())
 
     ckpt.iter_storage = iter_storage
@@ -170,11 +170,11 @@ def _open_zip(path: Path, base: int = 0, length: int | None = None) -> Checkpoin
     return ckpt
 
 
-def _zip_reader(path: Path, ckpt: Checkpoint, key: str):
+def _zip_reader(path: Path, ckpt: Checkpoint):
     def read(ref: StorageRef) -> bytes:
-        record = ckpt.records.get(ckpt.storage_records[key])
+        record = ckpt.record_of(ref)
         if record is None or record.truncated:
-            raise OSError(f"storage record for {key} is missing or truncated")
+            raise OSError(f"storage record for {ref.key} is missing or truncated")
         return torchzip.read_record(path, record)
     return read
 
@@ -187,12 +187,7 @@ def _unpickle_into(ckpt: Checkpoint, data: bytes, persistent_load) -> None:
         runtime_refs = []
         ckpt.findings.append(Finding(ERROR, "pickle.unreadable", f"the pickle cannot be read: "
                                      f"{exc.__class__.__name__}: {exc}", "data.pkl" if ckpt.format == ZIP else "pickle"))
-    seen, refs = set(), []
-    for ref in static_refs + runtime_refs:
-        if ref not in seen:
-            seen.add(ref)
-            refs.append(ref)
-    ckpt.references = refs
+    ckpt.references = list(dict.fromkeys(static_refs + runtime_refs))
     if scan_error and ckpt.tree is not None:
         ckpt.findings.append(Finding(WARNING, "pickle.scan-incomplete", f"static scan stopped early: {scan_error}",
                                      "pickle"))

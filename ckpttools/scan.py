@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from ckpttools import torchzip
-from ckpttools.unpickle import StorageRef
+from ckpttools.unpickle import LazyTensor, StorageRef
 
 # a float is NaN or Inf exactly when all its exponent bits are set
 EXPONENT_MASKS = {"float32": (np.uint32, 0x7F800000), "float64": (np.uint64, 0x7FF0000000000000),
@@ -78,3 +78,29 @@ class StorageScanner:
             for _ in self.stream(ref):
                 pass
         return self.results[id(ref)]
+
+
+def tensor_bytes(t: LazyTensor, blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """The tensor's elements in C order, cut from ``blocks`` (its storage's bytes, in order).
+
+    Contiguous views are sliced as they stream; a strided view (rare in checkpoints) is materialised.  A view
+    that reaches past its storage (a damaged or hostile shape) raises OSError rather than allocate for it."""
+    itemsize = t.storage.dtype.itemsize
+    if t.numel == 0:
+        return
+    if t.extent() > t.storage.numel or any(d < 0 for d in t.shape) or any(st < 0 for st in t.stride):
+        raise OSError(f"tensor view {list(t.shape)} / {list(t.stride)} reaches past its storage of {t.storage.numel}")
+    if t.is_contiguous_view():
+        start, end = t.storage_offset * itemsize, (t.storage_offset + t.numel) * itemsize
+        pos = 0
+        for block in blocks:
+            lo, hi = max(start, pos), min(end, pos + len(block))
+            if lo < hi:
+                yield block[lo - pos: hi - pos] if (lo - pos, hi - pos) != (0, len(block)) else block
+            pos += len(block)
+        return
+    kind = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64, 16: np.complex128}[itemsize]
+    arr = np.frombuffer(b"".join(blocks), dtype=kind)
+    view = np.lib.stride_tricks.as_strided(arr[t.storage_offset:], shape=t.shape,
+                                           strides=[s * itemsize for s in t.stride])
+    yield np.ascontiguousarray(view).tobytes()

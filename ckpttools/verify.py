@@ -12,10 +12,9 @@ from ckpttools import torchzip
 from ckpttools.digest import DIGEST_ALGORITHM, DIGEST_KEY, _TensorLeaf, tree_digest
 from ckpttools.reader import ZIP, Checkpoint, NotACheckpoint, iter_tensors, open_checkpoint
 from ckpttools.report import ERROR, INFO, WARNING, Report
-from ckpttools.scan import StorageScanner
+from ckpttools.scan import StorageScanner, tensor_bytes
 from ckpttools.unpickle import ALLOWED, BENIGN_PREFIXES, LazyTensor, Reference
 
-PREFIXES = ("module.", "_orig_mod.")
 METADATA_RECORDS = ("byteorder", "version", ".data/version", ".data/serialization_id", ".format_version",
                     ".storage_alignment")
 
@@ -171,7 +170,7 @@ def _check_digest(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> 
     def leaf(value: Any):
         if not isinstance(value, LazyTensor):
             return None
-        return _TensorLeaf(value.dtype, value.shape, lambda v=value: _tensor_bytes(v, scanner))
+        return _TensorLeaf(value.dtype, value.shape, lambda v=value: tensor_bytes(v, scanner.stream(v.storage)))
 
     try:
         actual = tree_digest(tree, leaf)
@@ -182,33 +181,6 @@ def _check_digest(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> 
     if actual != record.get("value"):
         report.add(ERROR, "digest.mismatch", f"content digest {actual[:16]}… != recorded "
                    f"{str(record.get('value'))[:16]}…: the content changed after it was saved", DIGEST_KEY)
-
-
-def _tensor_bytes(t: LazyTensor, scanner: StorageScanner):
-    """The tensor's elements in C order, streamed from its storage (contiguous views need no copy)."""
-    itemsize = t.storage.dtype.itemsize
-    if t.numel == 0:
-        return
-    if t.extent() > t.storage.numel or any(d < 0 for d in t.shape) or any(st < 0 for st in t.stride):
-        # a damaged or hostile shape: never materialise more than the storage holds
-        raise OSError(f"tensor view {list(t.shape)} / {list(t.stride)} reaches past its storage of {t.storage.numel}")
-    if t.is_contiguous_view():
-        start, end = t.storage_offset * itemsize, (t.storage_offset + t.numel) * itemsize
-        pos = 0
-        for block in scanner.stream(t.storage):
-            lo, hi = max(start, pos), min(end, pos + len(block))
-            if lo < hi:
-                yield block[lo - pos: hi - pos] if (lo - pos, hi - pos) != (0, len(block)) else block
-            pos += len(block)
-        return
-    import numpy as np  # a strided view: materialise it (rare in checkpoints)
-
-    data = b"".join(scanner.stream(t.storage))
-    kind = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64, 16: np.complex128}[itemsize]
-    arr = np.frombuffer(data, dtype=kind)
-    view = np.lib.stride_tricks.as_strided(arr[t.storage_offset:], shape=t.shape,
-                                           strides=[s * itemsize for s in t.stride])
-    yield np.ascontiguousarray(view).tobytes()
 
 
 # ---- layout and consistency ---------------------------------------------------------------------------------------------
@@ -253,9 +225,9 @@ def _check_consistency(ckpt: Checkpoint, report: Report) -> None:
     params = {k: t for k, t in weights.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     report.facts["parameter_count"] = sum(t.numel for t in params.values())
     report.facts["weights_key"] = key
-    prefixed = [k for k in weights if k.startswith(PREFIXES)]
+    prefixed = [k for k in weights if k.startswith(L.PREFIXES)]
     if weights and len(prefixed) == len(weights):
-        prefix = next(p for p in PREFIXES if prefixed[0].startswith(p))
+        prefix = next(p for p in L.PREFIXES if prefixed[0].startswith(p))
         report.add(WARNING, "keys.prefix", f"every weight name starts with {prefix!r} (saved from a DDP / "
                    f"torch.compile wrapper); `ckpt repair {ckpt.path} -o OUT` strips it", key or "state dict")
     if isinstance(tree, dict):
