@@ -80,6 +80,10 @@ def keep_previous(path: str | os.PathLike) -> Path | None:
     if not path.exists():
         return None
     prev = previous_path(path)
+    if prev.exists() and os.path.samefile(path, prev):
+        # a save cut short after this point last time: prev already is this file.  Linking again would make
+        # rename(2) between two names of one inode a silent no-op and strand the temporary name.
+        return prev
     tmp = prev.with_name(f".{prev.name}.link.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -87,5 +91,6 @@ def keep_previous(path: str | os.PathLike) -> Path | None:
     except OSError:
         shutil.copy2(path, tmp)
     os.replace(tmp, prev)
+    tmp.unlink(missing_ok=True)  # still there only if rename(2) found both names on one inode (a race with us)
     fsync_dir(path.parent)
     return prev
