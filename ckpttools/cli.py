@@ -13,15 +13,11 @@ from pathlib import Path
 import click
 
 from ckpttools import __version__
-from ckpttools.report import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, EXIT_USAGE
+from ckpttools.report import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, EXIT_USAGE, UsageProblem
 
 EPILOG = """\b
 Exit codes: 0 all good; 1 problems found; 2 usage error or missing path;
 3 preflight blocked a resume.  Finding codes: docs/findings.md."""
-
-
-class UsageProblem(Exception):
-    """Bad input the user can fix; printed as one line, exit 2."""
 
 
 def _handle_errors(command: str):
@@ -89,6 +85,9 @@ def main() -> None:
     ckpt inspect last.pt         what is inside: layout, epoch, arguments, keys, sizes, devices
     ckpt diff a.pt b.pt          what differs: keys, shapes, dtypes, values, optimizer, hyperparameters
     ckpt preflight last.pt --data d.yaml --batch 32   would this resume change the run?
+    ckpt remap last.pt --gpus 1 -o one.pt     resume a 4-GPU run on 1 GPU (or --device cpu)
+    ckpt convert last.pt last.h5              torch <-> HDF5 / safetensors / DCP folders, legacy -> zip
+    ckpt repair last.pt -o fixed.pt           salvage a truncated or damaged checkpoint
     """
 
 
@@ -173,6 +172,145 @@ def diff(a: Path, b: Path, atol: float, rtol: float, sections: tuple[str, ...], 
     else:
         render_diff(report, stdout(), top)
     return EXIT_PROBLEMS if report.verdict == DIFFERENT else EXIT_OK
+
+
+def _print_rewrite(result: dict, as_json: bool, verb: str) -> None:
+    from ckpttools.render import print_json, stdout
+
+    if as_json:
+        print_json(result)
+        return
+    out = stdout()
+    out.print(f"{verb} {result['input']} -> {result['output']}"
+              + (f": {result['tensors']} tensors, {result['bytes'] / 2**20:.1f} MiB" if "tensors" in result else "")
+              + (f" in {result['seconds']:.2f} s" if "seconds" in result else ""), markup=False, highlight=False)
+    for note in result.get("notes", []):
+        out.print(f"  note: {note}", markup=False, highlight=False)
+
+
+@main.command()
+@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--to", type=click.Choice(["pt", "h5", "safetensors", "dcp"]), help="Output format (default: from OUT's "
+              "suffix: .pt/.pth/.ckpt, .h5, .safetensors; a path without suffix is a DCP folder).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Cast floating tensors.")
+@click.option("--weights-only", is_flag=True, help="Keep only the model weights (as a flat state dict), like "
+              "Ultralytics' strip_optimizer: for deployment.")
+@click.option("--ema", is_flag=True, help="Take the EMA weights instead of the raw model weights.")
+@click.option("--compress", is_flag=True, help="HDF5: gzip-compress datasets (smaller, slower).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@_handle_errors("convert")
+def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_only: bool, ema: bool, compress: bool,
+            force: bool, as_json: bool) -> int:
+    """Write checkpoint IN in another format as OUT, one tensor at a time; IN is never modified.
+
+    \b
+    ckpt convert last.pt last.h5                 whole checkpoint to HDF5 (lossless; .h5 -> .pt too)
+    ckpt convert last.pt model.safetensors --ema EMA weights for deployment
+    ckpt convert last.pt fp16.pt --weights-only --dtype fp16
+    ckpt convert dcp_folder/ consolidated.pt     torch.distributed.checkpoint folder to one file
+    ckpt convert last.pt dcp_folder --to dcp     and back
+    ckpt convert old_legacy.pt new.pt            pre-1.6 torch format to the zip format
+
+    Reads Ultralytics, Lightning and plain state dicts without their libraries; what a target format
+    cannot hold (pickled classes in HDF5, optimizer state in safetensors) is listed as a note."""
+    from ckpttools.convert import convert as run_convert
+
+    _must_exist(src)
+    with _progress(not as_json, "converting") as callback:
+        result = run_convert(src, out, to, dtype, weights_only, ema, compress, force, _bytes_callback(callback))
+    _print_rewrite(result.to_dict(), as_json, "converted")
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Where the repaired "
+              "checkpoint goes (a new path; IN is never modified).")
+@click.option("--from", "from_", type=click.Path(path_type=Path), metavar="OTHER",
+              help="Fill lost tensors from this checkpoint (e.g. last.prev.pt or an epochN.pt).")
+@click.option("--keep-prefix", is_flag=True, help="Do not strip module. / _orig_mod. from weight names.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@_handle_errors("repair")
+def repair(src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: bool, as_json: bool) -> int:
+    """Mend a damaged checkpoint into OUT and say exactly what could not be mended.
+
+    \b
+    ckpt repair last.pt -o fixed.pt                      salvage a truncated file (cut central directory)
+    ckpt repair last.pt -o fixed.pt --from last.prev.pt  fill lost tensors from the previous checkpoint
+
+    Recovers every record whose bytes pass their CRC32 (scanning local headers when the zip's end is gone),
+    strips DDP / torch.compile prefixes, rebuilds a missing or stale digest.  OUT is verified before it is
+    written; if it would not pass `ckpt verify`, nothing is written.  Exit 0 repaired, 1 not repairable
+    (the lost tensors are listed), 2 usage error."""
+    from ckpttools.repair import repair as run_repair
+    from ckpttools.render import print_json, stderr, stdout
+
+    _must_exist(src)
+    with _progress(not as_json, "repairing") as callback:
+        result = run_repair(src, out, from_, not keep_prefix, force, _bytes_callback(callback))
+    if as_json:
+        print_json(result.to_dict())
+        return EXIT_OK if result.repaired else EXIT_PROBLEMS
+    for line in result.actions:
+        stdout().print(f"  {line}", markup=False, highlight=False)
+    for name in result.lost[:50]:
+        stdout().print(f"  lost: {name}", markup=False, highlight=False)
+    if len(result.lost) > 50:
+        stdout().print(f"  ... and {len(result.lost) - 50} more", markup=False)
+    if result.repaired:
+        stdout().print(f"repaired {src} -> {out} (passes ckpt verify)", markup=False, highlight=False)
+        return EXIT_OK
+    stderr().print(f"ckpt repair: {src}: not repaired: {'; '.join(result.problems)}", markup=False, highlight=False)
+    return EXIT_PROBLEMS
+
+
+@main.command()
+@click.argument("src", metavar="CKPT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Where the remapped checkpoint goes (a new path; CKPT is never modified).")
+@click.option("--gpus", type=int, metavar="M", help="Number of processes (GPUs) the run will resume on.")
+@click.option("--device", metavar="cpu|cuda:K", help="Device every tensor is loaded onto by plain torch.load.")
+@click.option("--add-module-prefix", is_flag=True, help="Other trainers' state dicts: add DDP's module. prefix "
+              "instead of stripping it.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@_handle_errors("remap")
+def remap(src: Path, out: Path, gpus: int | None, device: str | None, add_module_prefix: bool, force: bool,
+          as_json: bool) -> int:
+    """Rewrite a checkpoint for another number of processes and/or another device.
+
+    \b
+    ckpt remap last.pt --gpus 1 -o last_1gpu.pt      saved with torchrun on 4 GPUs, resume on 1
+    ckpt remap last.pt --device cpu -o last_cpu.pt   saved on cuda, load on a CPU-only machine
+
+    fuse-train checkpoints: the global batch is kept (per-rank batch = batch / M), the data position is a
+    global step and carries over, existing ranks keep their RNG streams and new ranks get streams derived
+    from (seed, step, rank), and the change is recorded in the history, so `fuse-train --resume` on M
+    processes passes preflight with no --allow-change.  Other layouts: the module. prefix is stripped (or
+    added); what cannot be carried is listed."""
+    from ckpttools.remap import remap as run_remap
+
+    _must_exist(src)
+    with _progress(not as_json, "remapping") as callback:
+        result = run_remap(src, out, gpus, device, add_module_prefix, force, _bytes_callback(callback))
+    _print_rewrite(result.to_dict(), as_json, "remapped")
+    return EXIT_OK
+
+
+def _bytes_callback(progress):
+    """Adapt the (done, total) progress callback to per-block byte counts."""
+    if progress is None:
+        return None
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, None)
+    return on_bytes
 
 
 @main.command()

@@ -275,7 +275,7 @@ def _diff_metadata(a_ck: Checkpoint, b_ck: Checkpoint, report: DiffReport) -> No
             report.ignored_metadata.append(key)
         meta_a.pop(key, None)
         meta_b.pop(key, None)
-    dd = DeepDiff(meta_a, meta_b, ignore_order=False, verbose_level=2)
+    dd = DeepDiff(meta_a, meta_b, ignore_order=False, verbose_level=2, ignore_nan_inequality=True)
     for kind, entries in dd.items():
         items = entries.items() if isinstance(entries, dict) else ((e, None) for e in entries)
         for path, change in items:

@@ -1,26 +1,89 @@
 """HDF5 checkpoints through h5py: groups are dicts, datasets are tensors, attributes are plain values.
 
-The layout ``ckpt convert`` writes (see docs/checkpoint-format.md, HDF5 section): a group per dict, a
-``__kind__`` attribute of ``list`` / ``tuple`` on groups that were sequences (children named 0, 1, ...), plain
-values as attributes, tensors as datasets with a ``dtype`` attribute where numpy has no equivalent (bfloat16
-is stored as uint16 bits).  Any other HDF5 file is still described the same way.  Datasets written with
-fletcher32 are checksummed by HDF5 on every read; a failure is reported for that dataset.
+The layout ``ckpt convert`` writes and reads back losslessly (docs/checkpoint-format.md, HDF5 section):
+
+* a dict is a group; a list or tuple that holds tensors is a group with ``__kind__`` = ``list`` / ``tuple``
+  and children named ``0``, ``1``, ...;
+* a tensor is a dataset (chunked, fletcher32-checksummed, optionally gzip-compressed) with a ``dtype``
+  attribute naming the torch dtype; bfloat16 is stored as its uint16 bits, float8 as uint8;
+* a numpy array is a dataset with ``__kind__`` = ``ndarray``;
+* a plain value is an attribute: str / int / float / bool natively, anything else (None, tuples, lists of
+  plain values, very large ints) as tagged JSON named in the group's ``__json__`` attribute;
+* dict keys that are not plain names (ints such as optimizer state indices, names with ``/``) are stored
+  as ``~N`` with the original key in ``__keys__``; ``__order__`` keeps the key order when attributes and
+  children interleave.
+
+Any other HDF5 file is still described the same way.  Datasets written with fletcher32 are checksummed by
+HDF5 on every read; a failure is reported for that dataset.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ckpttools.report import ERROR, Finding
 from ckpttools.unpickle import DTYPE_SIZES, DType, LazyTensor, StorageRef
 
-KIND_ATTR, DTYPE_ATTR = "__kind__", "dtype"
+KIND_ATTR, DTYPE_ATTR, JSON_ATTR, KEYS_ATTR, ORDER_ATTR = "__kind__", "dtype", "__json__", "__keys__", "__order__"
+RESERVED = {KIND_ATTR, JSON_ATTR, KEYS_ATTR, ORDER_ATTR}
 NUMPY_TO_TORCH = {"float64": "float64", "float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32",
                   "int16": "int16", "int8": "int8", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
                   "uint64": "uint64", "bool": "bool", "complex64": "complex64", "complex128": "complex128"}
+# torch dtypes numpy lacks: stored as raw bits of the same width
+BITS_AS = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8", "float8_e4m3fnuz": "uint8",
+           "float8_e5m2fnuz": "uint8", "complex32": "uint32"}
+LIBVER = ("v108", "latest")  # 1.8+ file format: dense attribute storage, so long JSON attributes fit
+
+
+# ---- plain values <-> tagged JSON -------------------------------------------------------------------------------
+
+def _tag(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"__float__": repr(value)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_tag(v) for v in value]}
+    if isinstance(value, list):
+        return [_tag(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return {"__bytes__": bytes(value).hex()}
+    if isinstance(value, dict):
+        return {"__dict__": [[_tag(k), _tag(v)] for k, v in value.items()]}
+    if isinstance(value, np.generic):
+        return _tag(value.item())
+    raise TypeError(type(value).__name__)
+
+
+def _untag(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_untag(v) for v in value]
+    if isinstance(value, dict):
+        if "__tuple__" in value:
+            return tuple(_untag(v) for v in value["__tuple__"])
+        if "__bytes__" in value:
+            return bytes.fromhex(value["__bytes__"])
+        if "__float__" in value:
+            return float(value["__float__"])
+        if "__dict__" in value:
+            return {_untag(k): _untag(v) for k, v in value["__dict__"]}
+    return value
+
+
+def is_plain(value: Any) -> bool:
+    """A value that is stored as an attribute (no tensors or arrays inside)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes, bytearray, np.generic)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    return False  # dicts become groups, tensors and arrays datasets
 
 
 def plain(value: Any) -> Any:
@@ -31,8 +94,12 @@ def plain(value: Any) -> Any:
         return value.item()
     if isinstance(value, np.ndarray):
         return [plain(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
+    if type(value).__name__ == "Empty":  # h5py.Empty: an attribute without data
+        return None
     return value
 
+
+# ---- reading ----------------------------------------------------------------------------------------------------------
 
 def open_hdf5(path: Path):
     import h5py
@@ -44,43 +111,50 @@ def open_hdf5(path: Path):
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise NotACheckpoint(f"HDF5 file that h5py cannot open ({exc})") from None
-    datasets: dict[str, str] = {}
 
-    def convert(group, prefix: str) -> Any:
-        out: dict[str, Any] = {}
-        for key, value in group.attrs.items():
-            if key != KIND_ATTR:
-                out[key] = plain(value)
-        for key, item in group.items():
-            name = f"{prefix}/{key}" if prefix else key
-            if isinstance(item, h5py.Group):
-                out[key] = convert(item, name)
-            else:
-                dtype = str(item.attrs.get(DTYPE_ATTR, NUMPY_TO_TORCH.get(item.dtype.name, "uint8")))
-                if isinstance(dtype, bytes):
-                    dtype = dtype.decode()
-                if dtype not in DTYPE_SIZES:
-                    ckpt.findings.append(Finding(ERROR, "hdf5.dtype", f"dataset {name} has dtype {dtype} that no tensor "
-                                                 "has", name))
-                    continue
-                shape = tuple(item.shape)
-                numel = int(np.prod(shape)) if shape else 1
-                ref = StorageRef(name, DType(dtype), numel, "cpu", None)
-                datasets[name] = name
-                ckpt.storages[name] = ref
-                strides, acc = [], 1
-                for s in reversed(shape):
-                    strides.append(acc)
-                    acc *= s
-                out[key] = LazyTensor(ref, 0, shape, tuple(reversed(strides)))
+    def dataset(item, name: str) -> Any:
+        kind = plain(item.attrs.get(KIND_ATTR, ""))
+        if kind == "ndarray":
+            return np.asarray(item[()])
+        dtype = str(plain(item.attrs.get(DTYPE_ATTR, NUMPY_TO_TORCH.get(item.dtype.name, "uint8"))))
+        if dtype not in DTYPE_SIZES:
+            ckpt.findings.append(Finding(ERROR, "hdf5.dtype", f"dataset {name} has dtype {dtype} that no tensor has",
+                                         name))
+            return None
+        shape = tuple(item.shape)
+        numel = int(np.prod(shape)) if shape else 1
+        ref = StorageRef(name, DType(dtype), numel, "cpu", None)
+        ckpt.storages[name] = ref
+        strides, acc = [], 1
+        for s in reversed(shape):
+            strides.append(acc)
+            acc *= s
+        return LazyTensor(ref, 0, shape, tuple(reversed(strides)))
+
+    def group_value(group, prefix: str) -> Any:
+        json_names = set(json.loads(plain(group.attrs[JSON_ATTR]))) if JSON_ATTR in group.attrs else set()
+        keys = {name: _untag(k) for name, k in (json.loads(plain(group.attrs[KEYS_ATTR])).items()
+                                                 if KEYS_ATTR in group.attrs else ())}
+        out: dict[Any, Any] = {}
+        for name, value in group.attrs.items():
+            if name in RESERVED:
+                continue
+            value = plain(value)
+            out[name] = _untag(json.loads(value)) if name in json_names else value
+        for name, item in group.items():
+            path_name = f"{prefix}/{name}" if prefix else name
+            out[name] = group_value(item, path_name) if isinstance(item, h5py.Group) else dataset(item, path_name)
+        if ORDER_ATTR in group.attrs:
+            order = json.loads(plain(group.attrs[ORDER_ATTR]))
+            out = {name: out[name] for name in order if name in out} | out
         kind = plain(group.attrs.get(KIND_ATTR, "dict"))
         if kind in ("list", "tuple"):
             items = [out[str(i)] for i in range(len(out)) if str(i) in out]
             return items if kind == "list" else tuple(items)
-        return out
+        return {keys.get(name, name): value for name, value in out.items()}
 
-    ckpt.tree = convert(handle, "")
-    ckpt.metadata = {k: plain(v) for k, v in handle.attrs.items() if k != KIND_ATTR}
+    ckpt.tree = group_value(handle, "")
+    ckpt.metadata = {k: plain(v) for k, v in handle.attrs.items() if k not in RESERVED}
 
     def read_all(ref: StorageRef) -> bytes:
         return np.ascontiguousarray(handle[ref.key][()]).tobytes()
@@ -99,3 +173,109 @@ def open_hdf5(path: Path):
     ckpt.iter_storage = iter_storage
     ckpt.references = []
     return ckpt
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------------
+
+def write_hdf5(tree: Any, path: Path, tensor_chunks: Callable[[LazyTensor], Iterable[bytes]], compress: bool = False,
+               on_bytes: Callable[[int], None] | None = None) -> int:
+    """Write ``tree`` (dicts, lists, tuples, plain values, LazyTensors, numpy arrays) to a new HDF5 file.
+    ``tensor_chunks`` yields a tensor's bytes in C order.  Returns the number of tensors written."""
+    import h5py
+
+    if not isinstance(tree, dict):
+        tree = {"value": tree}
+    written = 0
+
+    def put(group, name: str, value: Any) -> None:
+        nonlocal written
+        if isinstance(value, LazyTensor):
+            _write_tensor(group, name, value, tensor_chunks(value), compress, on_bytes)
+            written += 1
+        elif isinstance(value, np.ndarray):
+            if value.dtype.kind not in "biufc":
+                raise TypeError(f"numpy array of {value.dtype}")
+            ds = group.create_dataset(name, data=value)
+            ds.attrs[KIND_ATTR] = "ndarray"
+        elif isinstance(value, dict):
+            fill(group.create_group(name, track_order=True), value)
+        elif isinstance(value, (list, tuple)) and not is_plain(value):
+            sub = group.create_group(name, track_order=True)
+            sub.attrs[KIND_ATTR] = "tuple" if isinstance(value, tuple) else "list"
+            fill(sub, {str(i): v for i, v in enumerate(value)})
+        else:
+            raise AssertionError("plain values are attributes")
+
+    def fill(group, mapping: dict) -> None:
+        keys, json_names, attr_names, child_names, order = {}, [], [], [], []
+        for i, (key, value) in enumerate(mapping.items()):
+            name = key if isinstance(key, str) and key and "/" not in key and key != "." and key not in RESERVED \
+                and not key.startswith("~") else f"~{i}"
+            if name != key:
+                keys[name] = _tag(key)
+            order.append(name)
+            if is_plain(value):
+                attr_names.append(name)
+                if isinstance(value, bool) or isinstance(value, float) or (
+                        isinstance(value, str) and _utf8_ok(value)) or (
+                        isinstance(value, int) and -2**63 <= value < 2**63):
+                    group.attrs[name] = value
+                elif isinstance(value, np.generic):
+                    group.attrs[name] = value
+                else:
+                    group.attrs[name] = json.dumps(_tag(value))
+                    json_names.append(name)
+            else:
+                child_names.append(name)
+                put(group, name, value)
+        if keys:
+            group.attrs[KEYS_ATTR] = json.dumps(keys)
+        if json_names:
+            group.attrs[JSON_ATTR] = json.dumps(json_names)
+        if order != attr_names + child_names:  # the reader puts attributes first; record the real order
+            group.attrs[ORDER_ATTR] = json.dumps(order)
+
+    with h5py.File(path, "w", libver=LIBVER, track_order=True) as handle:
+        fill(handle, tree)
+    return written
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text  # HDF5 strings end at NUL
+
+
+def _write_tensor(group, name: str, t: LazyTensor, chunks: Iterable[bytes], compress: bool, on_bytes) -> None:
+    np_dtype = np.dtype(BITS_AS.get(t.dtype, t.dtype if t.dtype != "bool" else "bool"))
+    shape = tuple(t.shape)
+    filters = {}
+    if t.numel and shape:  # HDF5 cannot chunk (so cannot checksum) scalars and empty datasets
+        filters = {"chunks": True, "fletcher32": True}
+        if compress:
+            filters.update(compression="gzip", compression_opts=4, shuffle=True)
+    ds = group.create_dataset(name, shape=shape, dtype=np_dtype, **filters)
+    ds.attrs[DTYPE_ATTR] = str(t.dtype)
+    if t.numel == 0:
+        for _ in chunks:
+            pass
+        return
+    if not shape:
+        ds[()] = np.frombuffer(b"".join(chunks), dtype=np_dtype)[0]
+        return
+    row = np_dtype.itemsize * int(np.prod(shape[1:]))
+    pending, start = bytearray(), 0
+    for block in chunks:
+        pending += block
+        if on_bytes:
+            on_bytes(len(block))
+        rows = len(pending) // row
+        if rows:
+            ds[start: start + rows] = np.frombuffer(pending, dtype=np_dtype, count=rows * row // np_dtype.itemsize) \
+                .reshape((rows, *shape[1:]))
+            del pending[: rows * row]
+            start += rows
+    if start != shape[0] or pending:
+        raise OSError(f"tensor {name}: {start} of {shape[0]} rows written")

@@ -9,6 +9,10 @@ ERROR, WARNING, INFO = "error", "warning", "info"
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
 
 
+class UsageProblem(Exception):
+    """Bad input the user can fix (a damaged input, an output that exists, a bad option); one line, exit 2."""
+
+
 @dataclass
 class Finding:
     severity: str  # error | warning | info

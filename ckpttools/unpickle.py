@@ -160,7 +160,9 @@ class Placeholder:
         return obj
 
     def __init__(self, *args, **kwargs):
-        pass
+        # reached only when pickle *called* the class (REDUCE), not for NEWOBJ's cls.__new__(cls, *args):
+        # remembered so that writing the object back (ckpttools.torchsave) rebuilds it the same way
+        self.__dict__["_built_by"] = "call"
 
     def __setstate__(self, state):
         self.__dict__["_state"] = state
@@ -213,7 +215,10 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype=None, metadata=None):
     t = _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
-    if dtype is not None:
+    if dtype is not None and t.storage.dtype != dtype:
+        # an UntypedStorage (dtypes without a legacy storage class, e.g. uint16): its numel counted bytes
+        itemsize = DTYPE_SIZES.get(dtype, 1)
+        t.storage.numel //= itemsize
         t.storage.dtype = DType(dtype)
     return t
 
@@ -230,7 +235,9 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 def _safe_reconstructor(cls, base, state):
     if is_placeholder(cls):
-        return cls()
+        obj = cls()
+        obj.__dict__["_built_by"] = "reconstructor"
+        return obj
     if cls is collections.OrderedDict or cls is dict:
         return cls()
     raise pickle.UnpicklingError(f"copyreg._reconstructor of {cls!r} is not allowed")

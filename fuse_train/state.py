@@ -144,6 +144,17 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return self.steps_per_epoch - self.start_step
 
 
+def rank_loss_sum(saved: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's running loss sums from a checkpoint's per-rank ``[world_size, 2]`` table.
+
+    On the world size it was saved with, each rank takes its own row (exact).  After ``ckpt remap`` the table
+    has one row per new rank holding the old total in row 0, so the epoch's mean loss is still right."""
+    saved = saved.to(torch.float64).reshape(-1, 2)
+    if saved.shape[0] == world_size:
+        return saved[rank].clone()
+    return saved.sum(0) if rank == 0 else torch.zeros(2, dtype=torch.float64)
+
+
 def capture_rng() -> dict:
     """This process's RNG states, as weights_only-loadable values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

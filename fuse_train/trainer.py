@@ -153,6 +153,7 @@ class Trainer:
 
     def checkpoint_dict(self) -> dict:
         rng = all_gather_objects(S.capture_rng(), self.dist)
+        loss_sums = torch.stack(all_gather_objects(self.epoch_loss_sum.clone(), self.dist))  # [world_size, 2]
         ckpt = {
             S.K_FORMAT: S.FORMAT_NAME, S.K_VERSION: S.FORMAT_VERSION,
             S.K_EPOCH: self.epoch - 1,  # last completed epoch, 0-based (-1: none yet), as Ultralytics
@@ -170,7 +171,7 @@ class Trainer:
             S.K_METRICS: dict(self.last_metrics),
             S.K_RESULTS: [dict(r) for r in self.results],
             S.K_PROGRESS: {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                           "steps_per_epoch": self.sampler.steps_per_epoch, "epoch_loss_sum": self.epoch_loss_sum.clone(),
+                           "steps_per_epoch": self.sampler.steps_per_epoch, "epoch_loss_sum": loss_sums,
                            "samples_seen": self.global_step * self.cfg.batch, "finished": self.finished},
             S.K_RNG: {"world_size": self.dist.world_size, "ranks": rng},
             S.K_HISTORY: [dict(h) for h in self.history],
@@ -189,7 +190,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt[S.K_SCALER])
         p = ckpt[S.K_PROGRESS]
         self.epoch, self.step_in_epoch, self.global_step = int(p["epoch"]), int(p["step_in_epoch"]), int(p["global_step"])
-        self.epoch_loss_sum = p["epoch_loss_sum"].clone().to(torch.float64)
+        self.epoch_loss_sum = S.rank_loss_sum(p["epoch_loss_sum"], self.dist.rank, self.dist.world_size)
         self.finished = bool(p.get("finished", False))
         self.best_fitness = ckpt[S.K_BEST_FITNESS]
         self.last_metrics = dict(ckpt.get(S.K_METRICS) or {})

@@ -1,0 +1,230 @@
+"""``ckpt convert IN OUT``: one checkpoint in another container, streaming, nothing executed.
+
+Targets: torch zip (``.pt``), HDF5 (``.h5``), safetensors (weights), and torch.distributed.checkpoint folders
+(through torch's own DCP API).  Sources: anything the safe reader opens.  Tensors are copied one at a time
+from the source's records, so memory does not grow with the checkpoint (DCP is the exception: torch's DCP
+functions hold the whole state dict).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ckpttools import layouts as L
+from ckpttools.digest import DIGEST_KEY
+from ckpttools.reader import DCP, LEGACY, Checkpoint, NotACheckpoint, open_checkpoint
+from ckpttools.report import UsageProblem
+from ckpttools.rewrite import (Source, atomic_folder, cast_floats, check_output, materialise, refresh_digest,
+                               representable, require_readable, write_pt)
+from ckpttools.unpickle import LazyTensor
+
+PT, H5, SAFETENSORS, DCP_TARGET = "pt", "h5", "safetensors", "dcp"
+SUFFIXES = {".pt": PT, ".pth": PT, ".ckpt": PT, ".bin": PT, ".h5": H5, ".hdf5": H5, ".safetensors": SAFETENSORS}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+          "float32": "float32"}
+
+
+@dataclass
+class ConvertResult:
+    input: str
+    output: str
+    source_format: str
+    target: str
+    layout: str
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def target_of(out: Path, to: str | None) -> str:
+    if to:
+        return to
+    if out.suffix.lower() in SUFFIXES:
+        return SUFFIXES[out.suffix.lower()]
+    if out.suffix == "" or out.is_dir():
+        return DCP_TARGET
+    raise UsageProblem(f"{out}: cannot tell the format from the suffix {out.suffix!r}; pass --to pt|h5|safetensors|dcp")
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, to: str | None = None, dtype: str | None = None,
+            weights_only: bool = False, ema: bool = False, compress: bool = False, force: bool = False,
+            on_bytes: Callable[[int], None] | None = None) -> ConvertResult:
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(2, "missing", str(src))
+    target = target_of(out, to)
+    check_output(out, [src], force)
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageProblem(f"--dtype {dtype}: choose fp16, bf16 or fp32")
+    started = time.perf_counter()
+    try:
+        ckpt = open_checkpoint(src)
+    except NotACheckpoint as exc:
+        raise UsageProblem(f"{src}: not a checkpoint: {exc}") from None
+    require_readable(ckpt)
+    layout = L.recognise(ckpt.tree, src)
+    result = ConvertResult(str(src), str(out), ckpt.format, target, layout)
+    if ckpt.format == LEGACY:
+        result.notes.append("legacy (pre-1.6) torch file: written in the zip format")
+
+    if ckpt.format == DCP:
+        _from_dcp(ckpt, out, target, result, dtype, weights_only, ema, compress, on_bytes)
+    else:
+        _convert_tree(ckpt, Source(ckpt), ckpt.tree, out, target, result, dtype, weights_only, ema, compress,
+                      on_bytes)
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _convert_tree(ckpt: Checkpoint, source: Source, tree: Any, out: Path, target: str, result: ConvertResult,
+                  dtype: str | None, weights_only: bool, ema: bool, compress: bool, on_bytes) -> None:
+    layout = result.layout
+    if weights_only or target == SAFETENSORS:
+        tree = _weights(tree, layout, ema, result)
+    elif ema:
+        raise UsageProblem("--ema picks the EMA weights: use it with --weights-only or a .safetensors output")
+    if dtype:
+        tree, n = cast_floats(tree, DTYPES[dtype], source)
+        result.notes.append(f"{n} floating tensor(s) cast to {DTYPES[dtype]}")
+    if (dtype or weights_only) and refresh_digest(tree, source):
+        result.notes.append("content digest recomputed for the changed content")
+    counted = _count(tree)
+    result.tensors, result.bytes = counted
+
+    if target == PT:
+        write_pt(tree, out, source, on_bytes=on_bytes)
+    elif target == H5:
+        from ckpttools.hdf5_format import write_hdf5
+
+        tree = representable(tree, result.notes)
+        _write_via_temp(out, lambda path: write_hdf5(tree, path, source.tensor_chunks, compress, on_bytes))
+    elif target == SAFETENSORS:
+        from ckpttools.atomic import atomic_write
+        from ckpttools.safetensors_format import TO_SAFETENSORS, write_safetensors
+
+        skipped = [k for k, t in tree.items() if t.dtype not in TO_SAFETENSORS]
+        if skipped:
+            result.notes.append(f"{len(skipped)} tensor(s) of dtypes safetensors lacks left out: {skipped[:5]}")
+        tensors = {k: t for k, t in tree.items() if k not in skipped}
+        with atomic_write(out) as f:
+            write_safetensors(tensors, f, source.tensor_chunks, _safetensors_metadata(ckpt, result), on_bytes)
+    elif target == DCP_TARGET:
+        _to_dcp(tree, out, result)
+    else:
+        raise UsageProblem(f"--to {target}: choose pt, h5, safetensors or dcp")
+
+
+def _write_via_temp(out: Path, write: Callable[[Path], Any]) -> None:
+    from ckpttools.atomic import fsync_dir
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[str, LazyTensor]:
+    """The model (or EMA) weights as a flat state dict; what is left behind is noted."""
+    if ema:
+        value = tree.get("ema") if isinstance(tree, dict) else None
+        if value is None:
+            raise UsageProblem(f"{result.input}: has no EMA weights ('ema' key); drop --ema")
+        flat = L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value)
+        key = "ema"
+    else:
+        found = L.weights_of(tree, layout) or L.weights_of(tree, L.FUSE_TRAIN)  # unknown layouts: try model / ema
+        if found is None:
+            from ckpttools.reader import iter_tensors
+
+            flat = dict(iter_tensors(tree))
+            if not flat:
+                raise UsageProblem(f"{result.input}: no tensors found in this {layout} checkpoint")
+            result.notes.append(f"no model weights recognised in this {layout} checkpoint: every tensor is carried, "
+                                "named by its path")
+            return flat
+        key, flat = found
+    if not flat:
+        raise UsageProblem(f"{result.input}: the '{key}' entry holds no tensors")
+    left = sorted(str(k) for k in tree if k != key) if isinstance(tree, dict) and key else []
+    result.notes.append(f"weights from '{key or 'the state dict'}' ({len(flat)} tensors)"
+                        + (f"; not carried: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}" if left else ""))
+    return flat
+
+
+def _count(tree: Any) -> tuple[int, int]:
+    from ckpttools.reader import iter_tensors
+
+    n = size = 0
+    for _, t in iter_tensors(tree):
+        n += 1
+        size += t.nbytes
+    return n, size
+
+
+def _safetensors_metadata(ckpt: Checkpoint, result: ConvertResult) -> dict[str, str]:
+    meta = {"format": "pt", "source": Path(result.input).name, "source_layout": result.layout}
+    tree = ckpt.tree if isinstance(ckpt.tree, dict) else {}
+    for key in ("epoch", "best_fitness", "train_args", "model_config", "date", "format_version"):
+        value = tree.get(key)
+        if value is not None and key != DIGEST_KEY:
+            try:
+                meta[key] = value if isinstance(value, str) else json.dumps(value, default=str)
+            except (TypeError, ValueError):
+                meta[key] = str(value)
+    return meta
+
+
+# ---- torch.distributed.checkpoint ---------------------------------------------------------------------------------------
+
+def _to_dcp(tree: Any, out: Path, result: ConvertResult) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    if not isinstance(tree, dict):
+        raise UsageProblem(f"{result.input}: DCP needs a dict at the top of the checkpoint")
+    state = materialise(representable(tree, result.notes))
+    result.notes.append("DCP: torch's API holds the whole state dict in memory while saving")
+    with atomic_folder(out) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # single process on purpose
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
+
+
+def _from_dcp(ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, dtype, weights_only, ema, compress,
+              on_bytes) -> None:
+    """Consolidate with torch's ``dcp_to_torch_save`` (the reader already checked every item is safe), then
+    convert that file if another target was asked for."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    plain_pt = target == PT and not (dtype or weights_only or ema)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.consolidated.pt")
+    try:
+        dcp_to_torch_save(str(ckpt.path), str(tmp))
+        result.notes.append("DCP: consolidated with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
+        if plain_pt:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+            inner = open_checkpoint(out)
+            result.tensors, result.bytes = _count(inner.tree)
+            return
+        inner = open_checkpoint(tmp)
+        require_readable(inner)
+        result.layout = L.recognise(inner.tree)
+        _convert_tree(inner, Source(inner), inner.tree, out, target, result, dtype, weights_only, ema, compress,
+                      on_bytes)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,259 @@
+"""``ckpt repair IN -o OUT``: mend what can be mended, say exactly what could not, never touch IN.
+
+* storages: every record is checked (present, whole, size, CRC32).  A truncated file whose central directory
+  is gone is read by scanning local headers, so every intact record is recovered.  Storages that are lost
+  are named by the tensors that use them; ``--from OTHER`` fills them from the same tensor (same path, dtype
+  and shape) of another checkpoint, e.g. ``last.prev.pt`` or ``epochN.pt``, and the fill is recorded.
+* names: ``module.`` / ``_orig_mod.`` prefixes are stripped from weight names.
+* digest: a missing or stale content digest is rebuilt, only once every byte has passed its CRC32.
+
+The result is written to a temporary file, verified with ``ckpt verify``, and only then renamed to OUT:
+repair refuses to leave behind anything that would not pass.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ckpttools import layouts as L
+from ckpttools.atomic import fsync_dir
+from ckpttools.digest import DIGEST_KEY
+from ckpttools.reader import ZIP, Checkpoint, NotACheckpoint, iter_tensors, open_checkpoint
+from ckpttools.report import ERROR, UsageProblem
+from ckpttools.rewrite import Source, check_output, lazy_digest, refresh_digest, write_pt
+from ckpttools.scan import StorageScanner
+from ckpttools.unpickle import LazyTensor, StorageRef
+
+
+@dataclass
+class RepairResult:
+    input: str
+    output: str
+    repaired: bool = False  # OUT was written and passes verify
+    actions: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # tensors whose bytes are gone and were not filled
+    filled: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # why OUT was not written
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "notes": self.actions}
+
+
+def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathLike | None = None,
+           strip_prefix: bool = True, force: bool = False, on_bytes: Callable[[int], None] | None = None) -> RepairResult:
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(2, "missing", str(src))
+    backup_path = Path(from_) if from_ else None
+    if backup_path is not None and not backup_path.exists():
+        raise FileNotFoundError(2, "missing", str(backup_path))
+    check_output(out, [src] + ([backup_path] if backup_path else []), force)
+    result = RepairResult(str(src), str(out))
+    try:
+        ckpt = open_checkpoint(src)
+    except NotACheckpoint as exc:
+        raise UsageProblem(f"{src}: not a checkpoint: {exc}") from None
+    if ckpt.tree is None:
+        messages = [f.message for f in ckpt.findings if f.severity == ERROR]
+        result.problems.append("the pickle that describes the tensors is lost or damaged"
+                               + (f" ({messages[0]})" if messages else "")
+                               + "; nothing can be rebuilt from this file: use the previous checkpoint "
+                               "(last.prev.pt) or an epochN.pt")
+        return result
+    _refuse_dangerous(ckpt)
+    if any(f.code == "zip.no-central-directory" for f in ckpt.findings):
+        result.actions.append("zip end records were missing: records recovered by scanning local headers")
+
+    source = Source(ckpt)
+    lost = _lost_storages(ckpt, on_bytes)
+    users = _users(ckpt)
+    if lost:
+        backup = _open_backup(backup_path) if backup_path else None
+        for ref, why in lost:
+            names = users.get(id(ref), [f"storage {ref.key}"])
+            if backup is not None and _fill(ref, names, backup, source, result):
+                continue
+            result.lost.extend(f"{name} ({why})" for name in names)
+    if result.lost:
+        hint = " (give --from last.prev.pt or an epochN.pt to fill them)" if backup_path is None else ""
+        result.problems.append(f"{len(result.lost)} tensor(s) lost{hint}")
+        return result
+
+    tree = ckpt.tree
+    if strip_prefix:
+        renamed = _strip_prefixes(tree)
+        result.actions.extend(renamed)
+    if result.filled and isinstance(tree, dict) and isinstance(tree.get("history"), list):
+        tree["history"].append({"event": "repair", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                "filled_from": str(backup_path), "tensors": list(result.filled)})
+    _fix_digest(tree, source, result, changed=bool(result.filled or any("stripped" in a for a in result.actions)))
+    if ckpt.format != ZIP:
+        result.actions.append(f"{ckpt.format} input written as a torch zip checkpoint")
+    _write_verified(tree, out, source, result, on_bytes)
+    return result
+
+
+def _refuse_dangerous(ckpt: Checkpoint) -> None:
+    from ckpttools.verify import reference_status
+
+    dangerous = [r.qualname for r in ckpt.references if reference_status(r) == "dangerous"]
+    if dangerous:
+        raise UsageProblem(f"{ckpt.path}: names dangerous code ({', '.join(dangerous[:3])}); repair will not copy it "
+                           "(extract the weights with `ckpt convert --weights-only`)")
+
+
+def _users(ckpt: Checkpoint) -> dict[int, list[str]]:
+    by: dict[int, list[str]] = {}
+    for where, t in iter_tensors(ckpt.tree):
+        by.setdefault(id(t.storage), []).append(where)
+    return by
+
+
+def _lost_storages(ckpt: Checkpoint, on_bytes) -> list[tuple[StorageRef, str]]:
+    """Storages whose bytes are not all there and intact, with the reason."""
+    lost = []
+    scanner = StorageScanner(ckpt, on_bytes=on_bytes)
+    refs = {id(t.storage): t.storage for _, t in iter_tensors(ckpt.tree)}
+    for ref in refs.values():
+        record = ckpt.record_of(ref) if ckpt.record_of else None
+        if ckpt.record_of is not None:
+            if record is None:
+                lost.append((ref, "record missing"))
+                continue
+            if record.truncated:
+                lost.append((ref, "record cut off"))
+                continue
+            if record.size != ref.nbytes:
+                lost.append((ref, f"record holds {record.size} of {ref.nbytes} bytes"))
+                continue
+        try:
+            scanned = scanner.scan(ref)
+        except OSError as exc:
+            lost.append((ref, f"unreadable: {exc}"))
+            continue
+        if record is not None and record.crc is not None and scanned.crc != record.crc:
+            lost.append((ref, "CRC32 mismatch"))
+        elif scanned.bytes_read != ref.nbytes:
+            lost.append((ref, f"{scanned.bytes_read} of {ref.nbytes} bytes readable"))
+    return lost
+
+
+def _open_backup(path: Path) -> Checkpoint:
+    try:
+        backup = open_checkpoint(path)
+    except NotACheckpoint as exc:
+        raise UsageProblem(f"{path}: not a checkpoint: {exc}") from None
+    if backup.tree is None:
+        raise UsageProblem(f"{path}: cannot be read either ({[f.message for f in backup.findings][:1]})")
+    _refuse_dangerous(backup)
+    return backup
+
+
+def _normalise(name: str) -> str:
+    parts = name.split("/")
+    for i, part in enumerate(parts):
+        for prefix in L.PREFIXES:
+            while part.startswith(prefix):
+                part = part[len(prefix):]
+        parts[i] = part
+    return "/".join(parts)
+
+
+def _fill(ref: StorageRef, names: list[str], backup: Checkpoint, source: Source, result: RepairResult) -> bool:
+    """Fill a lost storage from the backup's tensor of the same name, dtype and shape (one tensor per storage,
+    covering all of it: a shared storage is only filled when that holds)."""
+    ours = {where: t for where, t in iter_tensors(backup.tree)}
+    ours_norm = {_normalise(k): t for k, t in ours.items()}
+    if len(names) != 1:
+        return False
+    name = names[0]
+    theirs = ours.get(name) or ours_norm.get(_normalise(name))
+    mine = _tensor_at(source.ckpt, name)
+    if theirs is None or mine is None or theirs.dtype != mine.dtype or tuple(theirs.shape) != tuple(mine.shape):
+        return False
+    if mine.storage_offset != 0 or mine.numel != ref.numel or not mine.is_contiguous_view():
+        return False
+    backup_source = Source(backup)
+    source.computed[id(ref)] = lambda t=theirs: b"".join(backup_source.tensor_chunks(t))
+    result.filled.append(name)
+    result.actions.append(f"{name}: lost bytes filled from {backup.path}")
+    return True
+
+
+def _tensor_at(ckpt: Checkpoint, name: str) -> LazyTensor | None:
+    for where, t in iter_tensors(ckpt.tree):
+        if where == name:
+            return t
+    return None
+
+
+def _strip_prefixes(tree: Any) -> list[str]:
+    """Strip wrapper prefixes from the weight dicts, in place; one action line per dict changed."""
+    actions = []
+    layout = L.recognise(tree)
+    candidates: list[tuple[str, dict]] = []
+    if layout == L.STATE_DICT and isinstance(tree, dict):
+        if isinstance(tree.get("state_dict"), dict):
+            candidates.append(("state_dict", tree["state_dict"]))
+        else:
+            candidates.append(("", tree))
+    elif isinstance(tree, dict):
+        spec = L.LAYOUTS.get(layout)
+        for key in (spec.weights if spec else ("model", "ema", "state_dict")):
+            if isinstance(tree.get(key), dict):
+                candidates.append((key, tree[key]))
+    for key, weights in candidates:
+        renamed = {k: _normalise(k) if isinstance(k, str) else k for k in weights}
+        count = sum(1 for k, v in renamed.items() if k != v)
+        if not count:
+            continue
+        if len(set(renamed.values())) != len(renamed):
+            actions.append(f"{key or 'state dict'}: prefixes not stripped: names would collide")
+            continue
+        items = [(renamed[k], v) for k, v in weights.items()]
+        weights.clear()
+        weights.update(items)
+        actions.append(f"{key or 'state dict'}: module. / _orig_mod. prefixes stripped from {count} name(s)")
+    return actions
+
+
+def _fix_digest(tree: Any, source: Source, result: RepairResult, changed: bool) -> None:
+    if not isinstance(tree, dict):
+        return
+    if DIGEST_KEY not in tree:
+        if L.recognise(tree) == L.FUSE_TRAIN:
+            tree[DIGEST_KEY] = None
+            refresh_digest(tree, source)
+            result.actions.append("content digest was missing: rebuilt")
+        return
+    recorded = tree[DIGEST_KEY].get("value") if isinstance(tree[DIGEST_KEY], dict) else None
+    if changed:
+        refresh_digest(tree, source)
+        result.actions.append("content digest rebuilt for the repaired content")
+    elif lazy_digest(tree, source) != recorded:
+        refresh_digest(tree, source)
+        result.actions.append("content digest did not match the (CRC-intact) content: rebuilt")
+
+
+def _write_verified(tree: Any, out: Path, source: Source, result: RepairResult, on_bytes) -> None:
+    from ckpttools.verify import verify
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.repair.tmp")
+    try:
+        write_pt(tree, tmp, source, on_bytes=on_bytes)
+        report = verify(tmp)
+        errors = [f"{f.code}: {f.message}" for f in report.errors]
+        if errors:
+            result.problems.append(f"the repaired file would not pass `ckpt verify` ({errors[0]}); nothing written")
+            return
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+        result.repaired = True
+        if not result.actions:
+            result.actions.append("nothing needed mending: OUT is a verified copy")
+    finally:
+        tmp.unlink(missing_ok=True)
