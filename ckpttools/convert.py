@@ -162,7 +162,7 @@ def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[s
         raise UsageProblem(f"{result.input}: the '{key}' entry holds no tensors")
     left = sorted(str(k) for k in tree if k != key) if isinstance(tree, dict) and key else []
     result.notes.append(f"weights from '{key or 'the state dict'}' ({len(flat)} tensors)"
-                        + (f"; not carried: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}" if left else ""))
+                        + (f"; not carried: {', '.join(left[:30])}{' ...' if len(left) > 30 else ''}" if left else ""))
     return flat
 
 
@@ -196,11 +196,22 @@ def _to_dcp(tree: Any, out: Path, result: ConvertResult) -> None:
 
     if not isinstance(tree, dict):
         raise UsageProblem(f"{result.input}: DCP needs a dict at the top of the checkpoint")
+    if _has_non_str_keys(tree):
+        result.notes.append("DCP keys are strings: non-string dict keys (e.g. optimizer state indices) come back as "
+                            "strings from a DCP folder (torch's flattening)")
     state = materialise(representable(tree, result.notes))
     result.notes.append("DCP: torch's API holds the whole state dict in memory while saving")
     with atomic_folder(out) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # single process on purpose
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
+
+
+def _has_non_str_keys(tree: Any) -> bool:
+    if isinstance(tree, dict):
+        return any(not isinstance(k, str) or _has_non_str_keys(v) for k, v in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return any(_has_non_str_keys(v) for v in tree)
+    return False
 
 
 def _from_dcp(ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, dtype, weights_only, ema, compress,

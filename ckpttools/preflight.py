@@ -19,7 +19,7 @@ from typing import Any
 RULES: dict[str, tuple[str, str]] = {
     "data": ("data", "a different dataset makes the curves incomparable"),
     "batch": ("batch", "the global batch sets the gradient noise and the per-step learning rate"),
-    "world-size": ("batch", "a different number of processes splits batches and RNG streams differently; use `ckpt remap --gpus M`"),
+    "world-size": ("batch", "a different number of processes splits batches and RNG streams differently"),
     "lr0": ("learning rate", "initial learning rate"),
     "lrf": ("learning rate", "final learning-rate fraction"),
     "momentum": ("learning rate", "SGD momentum / Adam beta1"),
@@ -126,6 +126,11 @@ def _check_data(recorded: dict, requested: dict) -> FieldCheck:
     return FieldCheck("data", path_a, path_b, "same")
 
 
+# blocked field -> what to do instead of allowing the change
+REMEDIES = {"world-size": "to resume on {requested} process(es) exactly, rewrite the checkpoint first: "
+                          "ckpt remap CKPT --gpus {requested} -o NEW.pt, then resume from NEW.pt"}
+
+
 def render_report(report: PreflightReport, console, title: str = "preflight") -> None:
     """A rich table: field / checkpoint / requested / status."""
     from rich.table import Table
@@ -144,6 +149,9 @@ def render_report(report: PreflightReport, console, title: str = "preflight") ->
         console.print(table)
     if same:
         console.print(f"unchanged: {', '.join(same)}", highlight=False)
+    for c in report.blocked:
+        if c.field in REMEDIES:
+            console.print(REMEDIES[c.field].format(requested=c.requested), highlight=False, markup=False)
 
 
 def _short(value: Any) -> str:
