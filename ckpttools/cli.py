@@ -198,11 +198,13 @@ def _print_rewrite(result: dict, as_json: bool, verb: str) -> None:
               "Ultralytics' strip_optimizer: for deployment.")
 @click.option("--ema", is_flag=True, help="Take the EMA weights instead of the raw model weights.")
 @click.option("--compress", is_flag=True, help="HDF5: gzip-compress datasets (smaller, slower).")
+@click.option("--world-size", type=int, default=1, show_default=True, metavar="M",
+              help="DCP output: write it as M ranks do (M local gloo processes, tensors sharded along dim 0).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("convert")
 def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_only: bool, ema: bool, compress: bool,
-            force: bool, as_json: bool) -> int:
+            world_size: int, force: bool, as_json: bool) -> int:
     """Write checkpoint IN in another format as OUT, one tensor at a time; IN is never modified.
 
     \b
@@ -210,7 +212,7 @@ def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_onl
     ckpt convert last.pt model.safetensors --ema EMA weights for deployment
     ckpt convert last.pt fp16.pt --weights-only --dtype fp16
     ckpt convert dcp_folder/ consolidated.pt     torch.distributed.checkpoint folder to one file
-    ckpt convert last.pt dcp_folder --to dcp     and back
+    ckpt convert last.pt dcp_folder --to dcp     and back (--world-size 4: sharded as 4 ranks write it)
     ckpt convert old_legacy.pt new.pt            pre-1.6 torch format to the zip format
 
     Reads Ultralytics, Lightning and plain state dicts without their libraries; what a target format
@@ -219,7 +221,8 @@ def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_onl
 
     _must_exist(src)
     with _progress(not as_json, "converting") as callback:
-        result = run_convert(src, out, to, dtype, weights_only, ema, compress, force, _bytes_callback(callback))
+        result = run_convert(src, out, to, dtype, weights_only, ema, compress, force, _bytes_callback(callback),
+                             world_size)
     _print_rewrite(result.to_dict(), as_json, "converted")
     return EXIT_OK
 

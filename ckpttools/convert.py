@@ -58,7 +58,7 @@ def target_of(out: Path, to: str | None) -> str:
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, to: str | None = None, dtype: str | None = None,
             weights_only: bool = False, ema: bool = False, compress: bool = False, force: bool = False,
-            on_bytes: Callable[[int], None] | None = None) -> ConvertResult:
+            on_bytes: Callable[[int], None] | None = None, world_size: int = 1) -> ConvertResult:
     src, out = Path(src), Path(out)
     if not src.exists():
         raise FileNotFoundError(2, "missing", str(src))
@@ -81,13 +81,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str | None = Non
         _from_dcp(ckpt, out, target, result, dtype, weights_only, ema, compress, on_bytes)
     else:
         _convert_tree(ckpt, Source(ckpt), ckpt.tree, out, target, result, dtype, weights_only, ema, compress,
-                      on_bytes)
+                      on_bytes, world_size)
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 
 
 def _convert_tree(ckpt: Checkpoint, source: Source, tree: Any, out: Path, target: str, result: ConvertResult,
-                  dtype: str | None, weights_only: bool, ema: bool, compress: bool, on_bytes) -> None:
+                  dtype: str | None, weights_only: bool, ema: bool, compress: bool, on_bytes,
+                  world_size: int = 1) -> None:
     layout = result.layout
     if weights_only or target == SAFETENSORS:
         tree = _weights(tree, layout, ema, result)
@@ -119,7 +120,7 @@ def _convert_tree(ckpt: Checkpoint, source: Source, tree: Any, out: Path, target
         with atomic_write(out) as f:
             write_safetensors(tensors, f, source.tensor_chunks, _safetensors_metadata(ckpt, result), on_bytes)
     elif target == DCP_TARGET:
-        _to_dcp(tree, out, result)
+        _to_dcp(tree, out, result, source, world_size)
     else:
         raise UsageProblem(f"--to {target}: choose pt, h5, safetensors or dcp")
 
@@ -191,19 +192,51 @@ def _safetensors_metadata(ckpt: Checkpoint, result: ConvertResult) -> dict[str, 
 
 # ---- torch.distributed.checkpoint ---------------------------------------------------------------------------------------
 
-def _to_dcp(tree: Any, out: Path, result: ConvertResult) -> None:
+def _to_dcp(tree: Any, out: Path, result: ConvertResult, source: Source, world_size: int = 1) -> None:
     import torch.distributed.checkpoint as dcp
 
     if not isinstance(tree, dict):
         raise UsageProblem(f"{result.input}: DCP needs a dict at the top of the checkpoint")
-    if _has_non_str_keys(tree):
-        result.notes.append("DCP keys are strings: non-string dict keys (e.g. optimizer state indices) come back as "
-                            "strings from a DCP folder (torch's flattening)")
+    if world_size > 1:
+        _to_sharded_dcp(tree, out, result, source, world_size)
+        return
+    _dcp_notes(tree, result)
     state = materialise(representable(tree, result.notes))
     result.notes.append("DCP: torch's API holds the whole state dict in memory while saving")
     with atomic_folder(out) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # single process on purpose
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
+
+
+def _to_sharded_dcp(tree: Any, out: Path, result: ConvertResult, source: Source, world_size: int) -> None:
+    from ckpttools.dcp_write import save_sharded
+
+    _dcp_notes(tree, result)
+    tree = representable(tree, result.notes)
+    plain = out.with_name(f".{out.name}.{os.getpid()}.plain.pt")
+    try:
+        write_pt(tree, plain, source)  # streamed; each rank maps it and takes its shards
+        with atomic_folder(out) as tmp:
+            save_sharded(plain, tmp, world_size)
+    finally:
+        plain.unlink(missing_ok=True)
+    result.notes.append(f"DCP: written by {world_size} gloo processes, tensors sharded along dim 0 (DTensor)")
+
+
+def _dcp_notes(tree: Any, result: ConvertResult) -> None:
+    if _has_non_str_keys(tree):
+        result.notes.append("DCP keys are strings: non-string dict keys (e.g. optimizer state indices) come back as "
+                            "strings from a DCP folder (torch's flattening)")
+    if _has_empty_dict(tree):
+        result.notes.append("DCP does not store empty dicts: they come back as None (e.g. an unused GradScaler)")
+
+
+def _has_empty_dict(tree: Any) -> bool:
+    if isinstance(tree, dict):
+        return not tree or any(_has_empty_dict(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_has_empty_dict(v) for v in tree)
+    return False
 
 
 def _has_non_str_keys(tree: Any) -> bool:

@@ -196,3 +196,26 @@ def test_cli_convert_errors_are_one_line(tmp_path):
     torn.write_bytes(src.read_bytes()[:-60])
     res = runner.invoke(ckpt, ["convert", str(torn), str(tmp_path / "t.h5")])
     assert res.exit_code == 2 and "ckpt repair" in res.output
+
+
+@pytest.mark.slow
+def test_dcp_written_for_a_world_size_and_consolidated_back(reference_run, tmp_path):
+    """`--world-size 2`: two gloo processes write DTensor shards through dcp.save; torch's dcp_to_torch_save
+    brings back every tensor bitwise."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    last = reference_run[0] / "weights" / "last.pt"
+    folder = tmp_path / "sharded"
+    result = convert(last, folder, to="dcp", world_size=2)
+    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert any("empty dicts" in n for n in result.notes)
+    dcp_to_torch_save(str(folder), str(tmp_path / "torch_own.pt"))
+    ours = tmp_path / "ours.pt"
+    convert(folder, ours)
+    for got in (load(ours), load(tmp_path / "torch_own.pt")):
+        original = load(last)
+        original["optimizer"]["state"] = {str(k): v for k, v in original["optimizer"]["state"].items()}
+        for key in ("model", "ema", "optimizer", "progress", "rng"):
+            _assert_same(original[key], got[key])
+    report = diff_checkpoints(last, ours)
+    assert not report.changed and not report.only_in_a and not report.only_in_b
