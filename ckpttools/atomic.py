@@ -55,6 +55,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, verify=None) -> Iterator[Path]:
+    """Like ``atomic_write`` for writers that need a path (h5py, torch's DCP): yields a temporary path beside
+    ``path`` that becomes ``path`` only if the body succeeds and ``verify(tmp)`` (if given) returns True."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        if verify is not None and not verify(tmp):
+            return
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _default_mode(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o777

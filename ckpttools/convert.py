@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
+from ckpttools.atomic import atomic_path
 from ckpttools.digest import DIGEST_KEY
 from ckpttools.reader import DCP, LEGACY, Checkpoint, NotACheckpoint, open_checkpoint
 from ckpttools.report import UsageProblem
@@ -108,7 +109,8 @@ def _convert_tree(ckpt: Checkpoint, source: Source, tree: Any, out: Path, target
         from ckpttools.hdf5_format import write_hdf5
 
         tree = representable(tree, result.notes)
-        _write_via_temp(out, lambda path: write_hdf5(tree, path, source.tensor_chunks, compress, on_bytes))
+        with atomic_path(out) as tmp:  # h5py writes to a path, not a file object
+            write_hdf5(tree, tmp, source.tensor_chunks, compress, on_bytes)
     elif target == SAFETENSORS:
         from ckpttools.atomic import atomic_write
         from ckpttools.safetensors_format import TO_SAFETENSORS, write_safetensors
@@ -123,20 +125,6 @@ def _convert_tree(ckpt: Checkpoint, source: Source, tree: Any, out: Path, target
         _to_dcp(tree, out, result, source, world_size)
     else:
         raise UsageProblem(f"--to {target}: choose pt, h5, safetensors or dcp")
-
-
-def _write_via_temp(out: Path, write: Callable[[Path], Any]) -> None:
-    from ckpttools.atomic import fsync_dir
-
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[str, LazyTensor]:
@@ -253,22 +241,19 @@ def _from_dcp(ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, d
     convert that file if another target was asked for."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    plain_pt = target == PT and not (dtype or weights_only or ema)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.consolidated.pt")
+    result.notes.append("DCP: consolidated with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
+    if target == PT and not (dtype or weights_only or ema):
+        with atomic_path(out) as tmp:
+            dcp_to_torch_save(str(ckpt.path), str(tmp))
+        result.tensors, result.bytes = _count(open_checkpoint(out).tree)
+        return
+    consolidated = out.with_name(f".{out.name}.{os.getpid()}.consolidated.pt")
     try:
-        dcp_to_torch_save(str(ckpt.path), str(tmp))
-        result.notes.append("DCP: consolidated with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
-        if plain_pt:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-            inner = open_checkpoint(out)
-            result.tensors, result.bytes = _count(inner.tree)
-            return
-        inner = open_checkpoint(tmp)
+        dcp_to_torch_save(str(ckpt.path), str(consolidated))
+        inner = open_checkpoint(consolidated)
         require_readable(inner)
         result.layout = L.recognise(inner.tree)
         _convert_tree(inner, Source(inner), inner.tree, out, target, result, dtype, weights_only, ema, compress,
                       on_bytes)
     finally:
-        tmp.unlink(missing_ok=True)
+        consolidated.unlink(missing_ok=True)

@@ -86,6 +86,18 @@ def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | No
     return None
 
 
+def weight_dicts(tree: Any, layout: str) -> list[tuple[str, dict]]:
+    """(key, dict) for every weight state dict the layout keeps as a dict (not as a pickled module), the
+    dicts themselves so callers can rename in place.  Key "" is a checkpoint that is a bare state dict."""
+    if not isinstance(tree, dict):
+        return []
+    if layout == STATE_DICT:
+        return [("state_dict", tree["state_dict"])] if isinstance(tree.get("state_dict"), dict) else [("", tree)]
+    spec = LAYOUTS.get(layout)
+    keys = spec.weights if spec else ("model", "ema", "state_dict")
+    return [(key, tree[key]) for key in keys if isinstance(tree.get(key), dict)]
+
+
 def flat_tensors(d: dict | None) -> dict[str, LazyTensor]:
     """The tensor entries of a state dict, by name."""
     return {str(k): v for k, v in (d or {}).items() if isinstance(v, LazyTensor)}

@@ -158,16 +158,9 @@ def _derived_rng(seed: int, step: int, rank: int, source: Source) -> dict:
 
 
 def _other_world_size(tree: Any, layout: str, m: int, add_prefix: bool, result: RemapResult) -> None:
-    found = L.weights_of(tree, layout) if layout in L.LAYOUTS else None
-    containers = []
-    if isinstance(tree, dict):
-        if layout == L.STATE_DICT:
-            containers.append(tree["state_dict"] if isinstance(tree.get("state_dict"), dict) else tree)
-        else:
-            for key in (L.LAYOUTS[layout].weights if layout in L.LAYOUTS else ()):
-                if isinstance(tree.get(key), dict):
-                    containers.append(tree[key])
+    containers = [weights for _, weights in L.weight_dicts(tree, layout)]
     if not containers:
+        found = L.weights_of(tree, layout) if layout in L.LAYOUTS else None
         what = "pickled model objects" if found else "no weight dict"
         result.not_carried.append(f"{layout} checkpoint holds {what}: names left as they are")
     for weights in containers:

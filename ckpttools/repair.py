@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.atomic import fsync_dir
+from ckpttools.atomic import atomic_path
 from ckpttools.digest import DIGEST_KEY
 from ckpttools.reader import ZIP, Checkpoint, NotACheckpoint, iter_tensors, open_checkpoint
 from ckpttools.report import ERROR, UsageProblem
@@ -73,9 +73,12 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
     users = _users(ckpt)
     if lost:
         backup = _open_backup(backup_path) if backup_path else None
+        theirs = _by_name(backup) if backup else {}
+        backup_source = Source(backup) if backup else None
+        mine = dict(iter_tensors(ckpt.tree))
         for ref, why in lost:
             names = users.get(id(ref), [f"storage {ref.key}"])
-            if backup is not None and _fill(ref, names, backup, source, result):
+            if backup is not None and _fill(ref, names, mine, theirs, source, backup_source, result):
                 continue
             result.lost.extend(f"{name} ({why})" for name in names)
     if result.lost:
@@ -163,49 +166,34 @@ def _normalise(name: str) -> str:
     return "/".join(parts)
 
 
-def _fill(ref: StorageRef, names: list[str], backup: Checkpoint, source: Source, result: RepairResult) -> bool:
-    """Fill a lost storage from the backup's tensor of the same name, dtype and shape (one tensor per storage,
-    covering all of it: a shared storage is only filled when that holds)."""
-    ours = {where: t for where, t in iter_tensors(backup.tree)}
-    ours_norm = {_normalise(k): t for k, t in ours.items()}
+def _by_name(ckpt: Checkpoint) -> dict[str, LazyTensor]:
+    """Tensors by path, also under their prefix-free names (a backup saved from a DDP-wrapped model)."""
+    named = dict(iter_tensors(ckpt.tree))
+    return {**{_normalise(k): t for k, t in named.items()}, **named}
+
+
+def _fill(ref: StorageRef, names: list[str], mine: dict[str, LazyTensor], theirs: dict[str, LazyTensor],
+          source: Source, backup: Source, result: RepairResult) -> bool:
+    """Fill a lost storage from the backup's tensor of the same name, dtype and shape; only a storage that one
+    tensor uses whole can be filled that way (a storage shared by several views cannot be rebuilt from one)."""
     if len(names) != 1:
         return False
     name = names[0]
-    theirs = ours.get(name) or ours_norm.get(_normalise(name))
-    mine = _tensor_at(source.ckpt, name)
-    if theirs is None or mine is None or theirs.dtype != mine.dtype or tuple(theirs.shape) != tuple(mine.shape):
+    other, ours = theirs.get(name) or theirs.get(_normalise(name)), mine.get(name)
+    if other is None or ours is None or other.dtype != ours.dtype or tuple(other.shape) != tuple(ours.shape):
         return False
-    if mine.storage_offset != 0 or mine.numel != ref.numel or not mine.is_contiguous_view():
+    if ours.storage_offset != 0 or ours.numel != ref.numel or not ours.is_contiguous_view():
         return False
-    backup_source = Source(backup)
-    source.computed[id(ref)] = lambda t=theirs: b"".join(backup_source.tensor_chunks(t))
+    source.computed[id(ref)] = lambda t=other: b"".join(backup.tensor_chunks(t))  # read when OUT is written
     result.filled.append(name)
-    result.actions.append(f"{name}: lost bytes filled from {backup.path}")
+    result.actions.append(f"{name}: lost bytes filled from {backup.ckpt.path}")
     return True
-
-
-def _tensor_at(ckpt: Checkpoint, name: str) -> LazyTensor | None:
-    for where, t in iter_tensors(ckpt.tree):
-        if where == name:
-            return t
-    return None
 
 
 def _strip_prefixes(tree: Any) -> list[str]:
     """Strip wrapper prefixes from the weight dicts, in place; one action line per dict changed."""
     actions = []
-    layout = L.recognise(tree)
-    candidates: list[tuple[str, dict]] = []
-    if layout == L.STATE_DICT and isinstance(tree, dict):
-        if isinstance(tree.get("state_dict"), dict):
-            candidates.append(("state_dict", tree["state_dict"]))
-        else:
-            candidates.append(("", tree))
-    elif isinstance(tree, dict):
-        spec = L.LAYOUTS.get(layout)
-        for key in (spec.weights if spec else ("model", "ema", "state_dict")):
-            if isinstance(tree.get(key), dict):
-                candidates.append((key, tree[key]))
+    candidates = L.weight_dicts(tree, L.recognise(tree))
     for key, weights in candidates:
         renamed = {k: _normalise(k) if isinstance(k, str) else k for k in weights}
         count = sum(1 for k, v in renamed.items() if k != v)
@@ -242,18 +230,16 @@ def _fix_digest(tree: Any, source: Source, result: RepairResult, changed: bool) 
 def _write_verified(tree: Any, out: Path, source: Source, result: RepairResult, on_bytes) -> None:
     from ckpttools.verify import verify
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.repair.tmp")
-    try:
-        write_pt(tree, tmp, source, on_bytes=on_bytes)
-        report = verify(tmp)
-        errors = [f"{f.code}: {f.message}" for f in report.errors]
+    def passes(tmp: Path) -> bool:
+        errors = [f"{f.code}: {f.message}" for f in verify(tmp).errors]
         if errors:
             result.problems.append(f"the repaired file would not pass `ckpt verify` ({errors[0]}); nothing written")
-            return
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-        result.repaired = True
-        if not result.actions:
-            result.actions.append("nothing needed mending: OUT is a verified copy")
-    finally:
-        tmp.unlink(missing_ok=True)
+        return not errors
+
+    with atomic_path(out, verify=passes) as tmp:
+        write_pt(tree, tmp, source, on_bytes=on_bytes)
+    if result.problems:
+        return
+    result.repaired = True
+    if not result.actions:
+        result.actions.append("nothing needed mending: OUT is a verified copy")

@@ -26,13 +26,11 @@ class Source:
     def __init__(self, ckpt: Checkpoint | None = None):
         self.ckpt = ckpt
         self.computed: dict[int, Callable[[], bytes]] = {}
-        self.others: dict[int, Checkpoint] = {}  # storages borrowed from another checkpoint (repair --from)
 
     def storage_chunks(self, ref: StorageRef) -> Iterable[bytes]:
         if id(ref) in self.computed:
             return [self.computed[id(ref)]()]
-        owner = self.others.get(id(ref), self.ckpt)
-        return owner.storage_chunks(ref)
+        return self.ckpt.storage_chunks(ref)
 
     def tensor_chunks(self, t: LazyTensor) -> Iterator[bytes]:
         return tensor_bytes(t, self.storage_chunks(t.storage))
@@ -78,7 +76,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old) if out.is_dir() else os.replace(out, old)
+            os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         else:
