@@ -12,6 +12,45 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("op_s", "process_s", "rss_mb")
 
 
+# A training-shaped checkpoint generator (model, EMA, AdamW moments) for the diff and convert benches: a
+# template (braces doubled) defining ``per`` 16 MiB tensors per group, ``model`` and ``ckpt(model)``.
+TRAINING_CKPT = r"""
+import sys, torch
+gib = float(sys.argv[-1]); n = 4 << 20
+per = max(1, int(gib * (1 << 30) / 4 / (n * 4)) + 1)
+g = torch.Generator().manual_seed(0)
+model = {{f"layer{{i}}.weight": torch.randn(n, generator=g) for i in range(per)}}
+def ckpt(m):
+    return {{"epoch": 3, "model": m, "ema": {{k: v * 0.99 for k, v in m.items()}},
+            "optimizer": {{"state": {{i: {{"exp_avg": torch.full((n,), 1e-3), "exp_avg_sq": torch.full((n,), 1e-6)}}
+                                    for i in range(per)}}, "param_groups": [{{"lr": 0.001, "params": list(range(per))}}]}},
+            "train_args": {{"lr0": 0.01}}}}
+"""
+
+
+def bench_args(doc: str, default_gb: float, prefix: str):
+    """The benches' shared options (--gb, --repeats, --keep) and the folder for the generated files."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=default_gb)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, default=None, help="folder for the generated files (default: temporary)")
+    args = parser.parse_args()
+    folder = args.keep or Path(tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    return args, folder
+
+
+def generate(code: str, *paths: Path, gb: float) -> None:
+    """Run a generator template once, unless its outputs exist (kept with --keep)."""
+    if all(p.exists() for p in paths):
+        return
+    print(f"generating {', '.join(p.name for p in paths)} ({gb} GiB each) in {paths[0].parent} ...", flush=True)
+    subprocess.run([sys.executable, "-c", code.format(root=str(ROOT)), *map(str, paths), str(gb)], check=True)
+
+
 def run_child(code: str, *args: Path) -> dict:
     """Run ``code`` (a template with {root}) in a fresh interpreter; it prints a dict literal as its last line."""
     t0 = time.perf_counter()

@@ -11,25 +11,14 @@ Reports wall time and peak RSS with ratios.  Target (issue 7): peak RSS <= 400 M
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import report, run_child, warm  # noqa: E402
+from benchlib import TRAINING_CKPT, bench_args, generate, report, run_child, warm  # noqa: E402
 
-MAKE = r"""
-import sys, torch
-gib = float(sys.argv[2]); n = 4 << 20
-per = max(1, int(gib * (1 << 30) / 4 / (n * 4)) + 1)
-g = torch.Generator().manual_seed(0)
-model = {{f"layer{{i}}.weight": torch.randn(n, generator=g) for i in range(per)}}
-torch.save({{"epoch": 3, "model": model, "ema": {{k: v * 0.99 for k, v in model.items()}},
-            "optimizer": {{"state": {{i: {{"exp_avg": torch.full((n,), 1e-3), "exp_avg_sq": torch.full((n,), 1e-6)}}
-                                    for i in range(per)}}, "param_groups": [{{"lr": 0.001, "params": list(range(per))}}]}},
-            "train_args": {{"lr0": 0.01}}}}, sys.argv[1])
+MAKE = TRAINING_CKPT + r"""
+torch.save(ckpt(model), sys.argv[1])
 """
 
 BASELINE = r"""
@@ -61,17 +50,9 @@ print({{"op_s": t2 - t1, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_m
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gb", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--keep", type=Path, default=None)
-    args = parser.parse_args()
-    folder = args.keep or Path(tempfile.mkdtemp(prefix="convert-bench-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    args, folder = bench_args(__doc__, 2.0, "convert-bench-")
     src = folder / "big.pt"
-    if not src.exists():
-        print(f"generating a {args.gb} GiB checkpoint in {folder} ...", flush=True)
-        subprocess.run([sys.executable, "-c", MAKE.format(), str(src), str(args.gb)], check=True)
+    generate(MAKE, src, gb=args.gb)
     warm(src)
     rows = {"baseline": [], "safetensors": [], "h5": []}
     for _ in range(args.repeats):

@@ -10,26 +10,13 @@ Target (issue 5): peak RSS <= 400 MB, wall time <= the baseline's.
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import report, run_child, warm  # noqa: E402
+from benchlib import TRAINING_CKPT, bench_args, generate, report, run_child, warm  # noqa: E402
 
-MAKE = r"""
-import sys, torch
-gib = float(sys.argv[3]); n = 4 << 20
-per = max(1, int(gib * (1 << 30) / 4 / (n * 4)) + 1)
-g = torch.Generator().manual_seed(0)
-model = {{f"layer{{i}}.weight": torch.randn(n, generator=g) for i in range(per)}}
-def ckpt(m):
-    return {{"epoch": 3, "model": m, "ema": {{k: v * 0.99 for k, v in m.items()}},
-            "optimizer": {{"state": {{i: {{"exp_avg": torch.full((n,), 1e-3), "exp_avg_sq": torch.full((n,), 1e-6)}}
-                                    for i in range(per)}}, "param_groups": [{{"lr": 0.001, "params": list(range(per))}}]}},
-            "train_args": {{"lr0": 0.01}}}}
+MAKE = TRAINING_CKPT + r"""
 torch.save(ckpt(model), sys.argv[1])
 changed = dict(model)
 for i in (0, per // 2, per - 1):
@@ -74,17 +61,9 @@ print({{"op_s": t2 - t1, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_m
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gb", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--keep", type=Path, default=None)
-    args = parser.parse_args()
-    folder = args.keep or Path(tempfile.mkdtemp(prefix="diff-bench-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    args, folder = bench_args(__doc__, 1.0, "diff-bench-")
     a, b = folder / "a.pt", folder / "b.pt"
-    if not (a.exists() and b.exists()):
-        print(f"generating two {args.gb} GiB checkpoints in {folder} ...", flush=True)
-        subprocess.run([sys.executable, "-c", MAKE.format(), str(a), str(b), str(args.gb)], check=True)
+    generate(MAKE, a, b, gb=args.gb)
     warm(a, b)
     rows = {"baseline": [], "diff": []}
     for _ in range(args.repeats):

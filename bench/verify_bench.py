@@ -11,16 +11,13 @@ Target (issue 4): verify wall <= 0.5 x baseline, verify peak RSS <= 400 MB.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, report, run_child, warm  # noqa: E402
+from benchlib import bench_args, generate, report, run_child, warm  # noqa: E402
 
 MAKE = r"""
 import sys, torch
@@ -78,17 +75,9 @@ print({{"op_s": t2 - t1, "import_s": t1 - t0, "rss_mb": resource.getrusage(resou
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gb", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--keep", type=Path, default=None, help="folder for the generated file (default: temporary)")
-    args = parser.parse_args()
-    folder = args.keep or Path(tempfile.mkdtemp(prefix="verify-bench-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    args, folder = bench_args(__doc__, 2.0, "verify-bench-")
     path = folder / "big.pt"
-    if not path.exists():
-        print(f"generating a {args.gb} GiB checkpoint in {path} ...", flush=True)
-        subprocess.run([sys.executable, "-c", MAKE.format(root=str(ROOT)), str(path), str(args.gb)], check=True)
+    generate(MAKE, path, gb=args.gb)
     size = path.stat().st_size
     warm(path)
     rows = {"baseline": [], "verify": []}

@@ -212,26 +212,19 @@ def _to_sharded_dcp(tree: Any, out: Path, result: ConvertResult, source: Source,
 
 
 def _dcp_notes(tree: Any, result: ConvertResult) -> None:
-    if _has_non_str_keys(tree):
+    if _any_dict(tree, lambda d: any(not isinstance(k, str) for k in d)):
         result.notes.append("DCP keys are strings: non-string dict keys (e.g. optimizer state indices) come back as "
                             "strings from a DCP folder (torch's flattening)")
-    if _has_empty_dict(tree):
+    if _any_dict(tree, lambda d: not d):
         result.notes.append("DCP does not store empty dicts: they come back as None (e.g. an unused GradScaler)")
 
 
-def _has_empty_dict(tree: Any) -> bool:
+def _any_dict(tree: Any, test: Callable[[dict], bool]) -> bool:
+    """Whether ``test`` holds for any dict in the tree."""
     if isinstance(tree, dict):
-        return not tree or any(_has_empty_dict(v) for v in tree.values())
+        return test(tree) or any(_any_dict(v, test) for v in tree.values())
     if isinstance(tree, (list, tuple)):
-        return any(_has_empty_dict(v) for v in tree)
-    return False
-
-
-def _has_non_str_keys(tree: Any) -> bool:
-    if isinstance(tree, dict):
-        return any(not isinstance(k, str) or _has_non_str_keys(v) for k, v in tree.items())
-    if isinstance(tree, (list, tuple)):
-        return any(_has_non_str_keys(v) for v in tree)
+        return any(_any_dict(v, test) for v in tree)
     return False
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ckpttools.report import ERROR, Finding
-from ckpttools.unpickle import DTYPE_SIZES, DType, LazyTensor, StorageRef
+from ckpttools.unpickle import DTYPE_SIZES, DType, LazyTensor, StorageRef, contiguous_strides
 
 KIND_ATTR, DTYPE_ATTR, JSON_ATTR, KEYS_ATTR, ORDER_ATTR = "__kind__", "dtype", "__json__", "__keys__", "__order__"
 RESERVED = {KIND_ATTR, JSON_ATTR, KEYS_ATTR, ORDER_ATTR}
@@ -125,11 +125,7 @@ def open_hdf5(path: Path):
         numel = int(np.prod(shape)) if shape else 1
         ref = StorageRef(name, DType(dtype), numel, "cpu", None)
         ckpt.storages[name] = ref
-        strides, acc = [], 1
-        for s in reversed(shape):
-            strides.append(acc)
-            acc *= s
-        return LazyTensor(ref, 0, shape, tuple(reversed(strides)))
+        return LazyTensor(ref, 0, shape, contiguous_strides(shape))
 
     def group_value(group, prefix: str) -> Any:
         json_names = set(json.loads(plain(group.attrs[JSON_ATTR]))) if JSON_ATTR in group.attrs else set()

@@ -86,6 +86,13 @@ def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | No
     return None
 
 
+def unwrapped(name: str) -> str:
+    """A weight name without the wrapper prefixes (``module._orig_mod.x`` -> ``x``)."""
+    while name.startswith(PREFIXES):
+        name = name[len(next(p for p in PREFIXES if name.startswith(p))):]
+    return name
+
+
 def weight_dicts(tree: Any, layout: str) -> list[tuple[str, dict]]:
     """(key, dict) for every weight state dict the layout keeps as a dict (not as a pickled module), the
     dicts themselves so callers can rename in place.  Key "" is a checkpoint that is a bare state dict."""

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 
 from ckpttools import torchzip
 from ckpttools.report import ERROR, WARNING, Finding
-from ckpttools.unpickle import DType, LazyTensor, Reference, StorageRef, restricted_load, scan_globals
+from ckpttools.unpickle import (DType, LazyTensor, Reference, StorageRef, contiguous_strides, restricted_load,
+                                scan_globals)
 
 ZIP, LEGACY, PICKLE, SAFETENSORS, HDF5, DCP, UNKNOWN = ("torch-zip", "torch-legacy", "pickle", "safetensors", "hdf5",
                                                          "dcp", "unknown")
@@ -308,8 +309,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
         ref = StorageRef(name, dtype, numel, "cpu", None)
         ref.reader = lambda r, s=start, e=end: _pread(path, base + s, e - s)
         ckpt.storages[name] = ref
-        contiguous = tuple(_contiguous_strides(shape))
-        tree[name] = LazyTensor(ref, 0, shape, contiguous)
+        tree[name] = LazyTensor(ref, 0, shape, contiguous_strides(shape))
     spans.sort()
     for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
         if s2 < e1:
@@ -322,14 +322,6 @@ def _open_safetensors(path: Path) -> Checkpoint:
 
     ckpt.iter_storage = iter_storage
     return ckpt
-
-
-def _contiguous_strides(shape) -> list[int]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return list(reversed(strides))
 
 
 def _pread(path: Path, offset: int, size: int) -> bytes:

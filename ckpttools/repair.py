@@ -24,7 +24,7 @@ from ckpttools.atomic import atomic_path
 from ckpttools.digest import DIGEST_KEY
 from ckpttools.reader import ZIP, Checkpoint, NotACheckpoint, iter_tensors, open_checkpoint
 from ckpttools.report import ERROR, UsageProblem
-from ckpttools.rewrite import Source, check_output, lazy_digest, refresh_digest, write_pt
+from ckpttools.rewrite import Source, check_output, lazy_digest, refresh_digest, refuse_dangerous, write_pt
 from ckpttools.scan import StorageScanner
 from ckpttools.unpickle import LazyTensor, StorageRef
 
@@ -64,7 +64,7 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
                                + "; nothing can be rebuilt from this file: use the previous checkpoint "
                                "(last.prev.pt) or an epochN.pt")
         return result
-    _refuse_dangerous(ckpt)
+    refuse_dangerous(ckpt, "repair")
     if any(f.code == "zip.no-central-directory" for f in ckpt.findings):
         result.actions.append("zip end records were missing: records recovered by scanning local headers")
 
@@ -98,15 +98,6 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
         result.actions.append(f"{ckpt.format} input written as a torch zip checkpoint")
     _write_verified(tree, out, source, result, on_bytes)
     return result
-
-
-def _refuse_dangerous(ckpt: Checkpoint) -> None:
-    from ckpttools.verify import reference_status
-
-    dangerous = [r.qualname for r in ckpt.references if reference_status(r) == "dangerous"]
-    if dangerous:
-        raise UsageProblem(f"{ckpt.path}: names dangerous code ({', '.join(dangerous[:3])}); repair will not copy it "
-                           "(extract the weights with `ckpt convert --weights-only`)")
 
 
 def _users(ckpt: Checkpoint) -> dict[int, list[str]]:
@@ -152,18 +143,12 @@ def _open_backup(path: Path) -> Checkpoint:
         raise UsageProblem(f"{path}: not a checkpoint: {exc}") from None
     if backup.tree is None:
         raise UsageProblem(f"{path}: cannot be read either ({[f.message for f in backup.findings][:1]})")
-    _refuse_dangerous(backup)
+    refuse_dangerous(backup, "fill from")
     return backup
 
 
 def _normalise(name: str) -> str:
-    parts = name.split("/")
-    for i, part in enumerate(parts):
-        for prefix in L.PREFIXES:
-            while part.startswith(prefix):
-                part = part[len(prefix):]
-        parts[i] = part
-    return "/".join(parts)
+    return "/".join(L.unwrapped(part) for part in name.split("/"))
 
 
 def _by_name(ckpt: Checkpoint) -> dict[str, LazyTensor]:

@@ -15,7 +15,7 @@ from ckpttools.digest import DIGEST_KEY, _TensorLeaf, digest_record, tree_digest
 from ckpttools.reader import Checkpoint
 from ckpttools.report import ERROR, UsageProblem
 from ckpttools.scan import tensor_bytes
-from ckpttools.unpickle import DType, LazyTensor, Placeholder, StorageRef
+from ckpttools.unpickle import DType, LazyTensor, Placeholder, StorageRef, contiguous_strides
 
 FLOATING = {"float64", "float32", "float16", "bfloat16"}
 
@@ -43,14 +43,6 @@ class Source:
         ref = StorageRef(f"computed-{len(self.computed)}", DType(dtype), numel, location)
         self.computed[id(ref)] = make
         return LazyTensor(ref, 0, tuple(shape), contiguous_strides(shape))
-
-
-def contiguous_strides(shape) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return tuple(reversed(strides))
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------
@@ -95,14 +87,19 @@ def write_pt(tree: Any, out: Path, source: Source, location=None, on_bytes=None)
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
 
-def require_readable(ckpt: Checkpoint, what: str = "convert") -> None:
-    """Refuse a damaged or hostile input with one line that says what to run instead."""
+def refuse_dangerous(ckpt: Checkpoint, what: str) -> None:
+    """Never copy a reference to dangerous code into an output (the writers write references back by name)."""
     from ckpttools.verify import reference_status
 
     dangerous = [r.qualname for r in ckpt.references if reference_status(r) == "dangerous"]
     if dangerous:
         raise UsageProblem(f"{ckpt.path}: names dangerous code ({', '.join(dangerous[:3])}); refusing to {what} it "
                            "(see `ckpt verify`)")
+
+
+def require_readable(ckpt: Checkpoint, what: str = "convert") -> None:
+    """Refuse a damaged or hostile input with one line that says what to run instead."""
+    refuse_dangerous(ckpt, what)
     errors = [f for f in ckpt.findings if f.severity == ERROR]
     if errors or ckpt.tree is None:
         first = errors[0].message if errors else "nothing could be read"

@@ -144,6 +144,15 @@ class LazyTensor:
         return f"LazyTensor({self.dtype}, {list(self.shape)}, storage={self.storage.key})"
 
 
+def contiguous_strides(shape) -> tuple[int, ...]:
+    """Row-major (C order) strides of ``shape``, in elements."""
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
 class Placeholder:
     """An inert stand-in for an object of a class that was not imported.  Records constructor arguments,
     state, list items and dict items; never runs the real class's code."""
