@@ -65,6 +65,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str | None = Non
         raise FileNotFoundError(2, "missing", str(src))
     target = target_of(out, to)
     check_output(out, [src], force)
+    if world_size < 1 or (world_size > 1 and target != DCP_TARGET):
+        raise UsageProblem(f"--world-size {world_size}: a number of ranks >= 1, for a DCP folder output (--to dcp)")
     if dtype is not None and dtype not in DTYPES:
         raise UsageProblem(f"--dtype {dtype}: choose fp16, bf16 or fp32")
     started = time.perf_counter()

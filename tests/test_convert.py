@@ -188,7 +188,9 @@ def test_cli_convert_errors_are_one_line(tmp_path):
                          (["convert", str(src), str(src), "--force"], "is the input"),
                          (["convert", str(tmp_path / "none.pt"), str(tmp_path / "x.h5")], "no such file"),
                          (["convert", str(src), str(tmp_path / "x.weird")], "cannot tell the format"),
-                         (["convert", str(src), str(tmp_path / "e.pt"), "--ema"], "--ema")):
+                         (["convert", str(src), str(tmp_path / "e.pt"), "--ema"], "--ema"),
+                         (["convert", str(src), str(tmp_path / "w.h5"), "--world-size", "2"], "--world-size"),
+                         (["convert", str(src), str(tmp_path / "w"), "--to", "dcp", "--world-size", "0"], "--world-size")):
         res = runner.invoke(ckpt, args)
         assert res.exit_code == 2, (args, res.output)
         assert needle in res.output and "Traceback" not in res.output
