@@ -38,7 +38,7 @@ print({{"op_s": t2 - t1, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_m
 CONVERT = r"""
 import os, resource, sys, time
 sys.path.insert(0, {root!r})
-from ckpttools.convert import convert
+from ckpttools.commands.convert import convert
 out = sys.argv[2]
 if os.path.exists(out): os.remove(out)
 t1 = time.perf_counter()

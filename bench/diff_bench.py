@@ -51,7 +51,7 @@ DIFF = r"""
 import resource, sys, time
 sys.path.insert(0, {root!r})
 t0 = time.perf_counter()
-from ckpttools.diff import diff_checkpoints
+from ckpttools.commands.diff import diff_checkpoints
 t1 = time.perf_counter()
 r = diff_checkpoints(sys.argv[1], sys.argv[2])
 t2 = time.perf_counter()

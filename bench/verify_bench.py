@@ -65,7 +65,7 @@ VERIFY = r"""
 import resource, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
-from ckpttools.verify import verify
+from ckpttools.commands.verify import verify
 t1 = time.perf_counter()
 report = verify(sys.argv[1])
 t2 = time.perf_counter()

@@ -1,14 +1,24 @@
 """ckpttools: read, check and change PyTorch checkpoints without running their code.
 
-The Python API mirrors the commands: ``ckpttools.verify(path) -> Report``,
-``ckpttools.inspect(path) -> dict``, ``ckpttools.preflight(recorded, requested, allow) -> PreflightReport``.
+The Python API mirrors the commands: ``ckpttools.verify(path) -> Report``, ``ckpttools.inspect(path) -> dict``,
+``ckpttools.preflight(recorded, requested, allow) -> PreflightReport``.  They are imported on first use, so
+``import ckpttools`` (and ``ckpt --help``) costs nothing beyond this file.
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
-
-# Bound here, after the submodules load, so ``ckpttools.verify`` is the function, not the module.
-from ckpttools.inspect_ckpt import inspect_checkpoint as inspect  # noqa: E402
-from ckpttools.preflight import preflight  # noqa: E402
-from ckpttools.verify import verify  # noqa: E402
-
 __all__ = ["__version__", "verify", "inspect", "preflight"]
+
+_LAZY = {"verify": ("ckpttools.commands.verify", "verify"),
+         "inspect": ("ckpttools.commands.inspect", "inspect_checkpoint"),
+         "preflight": ("ckpttools.commands.preflight", "preflight")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'ckpttools' has no attribute {name!r}")

@@ -13,7 +13,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
+
+from ckpttools.errors import UsageError
 
 PREVIOUS_SUFFIX = ".prev"  # weights/last.pt -> weights/last.prev.pt
 
@@ -113,3 +115,36 @@ def keep_previous(path: str | os.PathLike) -> Path | None:
     tmp.unlink(missing_ok=True)  # still there only if rename(2) found both names on one inode (a race with us)
     fsync_dir(path.parent)
     return prev
+
+
+# ---- outputs of the commands that write ----------------------------------------------------------------------
+
+def check_new_output(out: Path, inputs: Iterable[Path], force: bool) -> None:
+    """Outputs go to a new path: never an input, never an existing file unless --force."""
+    for src in inputs:
+        if src.exists() and out.exists() and out.resolve() == src.resolve():
+            raise UsageError(f"{out}: is the input; write the result to a new path (inputs are never modified)")
+    if out.exists() and not force:
+        raise UsageError(f"{out}: already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent}: no such folder for the output")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that replaces it only when the body finishes."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

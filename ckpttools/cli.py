@@ -13,47 +13,53 @@ from pathlib import Path
 import click
 
 from ckpttools import __version__
-from ckpttools.report import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, EXIT_USAGE, UsageProblem
+from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, CkptError, MissingPath
 
 EPILOG = """\b
-Exit codes: 0 all good; 1 problems found; 2 usage error or missing path;
-3 preflight blocked a resume.  Finding codes: docs/findings.md."""
+Exit codes: 0 all good; 1 problems found, or a damaged or unsafe input;
+2 usage error, missing path, or not a checkpoint; 3 preflight blocked a resume.
+Finding codes: docs/findings.md.  Safety policy: docs/security.md."""
 
 
 def _handle_errors(command: str):
-    """Turn expected failures into one line on stderr with a documented exit code."""
+    """The one place errors are caught: a ``CkptError`` becomes one line on stderr (and, with --json, one JSON
+    object on stdout) with its exit code; anything else is a bug, shown as an internal error."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, debug: bool = False, **kwargs):
-            from ckpttools.render import stderr
             try:
                 code = fn(*args, **kwargs)
-            except FileNotFoundError as exc:
-                code = _fail(stderr(), command, f"{exc.filename or exc}: no such file or folder", debug)
-            except (UsageProblem, IsADirectoryError, PermissionError) as exc:
-                code = _fail(stderr(), command, str(exc), debug)
+            except CkptError as exc:
+                code = _fail(command, str(exc), exc.exit_code, debug, kwargs.get("as_json", False))
+            except FileNotFoundError as exc:  # a path that vanished while we worked
+                code = _fail(command, f"{exc.filename or exc}: no such file or folder", MissingPath.exit_code, debug,
+                             kwargs.get("as_json", False))
+            except OSError as exc:  # the disk is full, a permission is missing: say which file
+                code = _fail(command, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), EXIT_PROBLEMS,
+                             debug, kwargs.get("as_json", False))
             except Exception as exc:  # noqa: BLE001 - last resort: one line, the traceback only with --debug
-                if debug:
-                    traceback.print_exc()
-                stderr().print(f"ckpt {command}: internal error: {exc.__class__.__name__}: {exc} "
-                               "(run with --debug for the traceback)", markup=False)
-                code = EXIT_PROBLEMS
+                code = _fail(command, f"internal error: {exc.__class__.__name__}: {exc} (run with --debug for the "
+                             "traceback)", EXIT_PROBLEMS, debug, kwargs.get("as_json", False), prefix="")
             sys.exit(code)
         return click.option("--debug", is_flag=True, help="Show tracebacks.")(inner)
     return wrap
 
 
-def _fail(console, command: str, message: str, debug: bool) -> int:
+def _fail(command: str, message: str, code: int, debug: bool, as_json: bool, prefix: str = "error: ") -> int:
+    from ckpttools.render import print_json, stderr
+
     if debug:
         traceback.print_exc()
-    console.print(f"ckpt {command}: error: {message}", markup=False)
-    return EXIT_USAGE
+    if as_json:
+        print_json({"ok": False, "error": message, "exit_code": code})
+    stderr().print(f"ckpt {command}: {prefix}{message}", markup=False, highlight=False)
+    return code
 
 
 def _must_exist(*paths: Path) -> None:
     for path in paths:
-        if not path.exists():
-            raise FileNotFoundError(2, "missing", str(path))
+        if not path.exists() and not path.is_symlink():
+            raise MissingPath(path)
 
 
 @contextlib.contextmanager
@@ -104,8 +110,8 @@ def verify(path: Path, as_json: bool, strict: bool) -> int:
     the checkpoint's own content digest.  Safety: every global the pickle names; os / subprocess / eval /
     exec ... are errors.  Consistency: layout keys, optimizer state against parameters, counters, NaN/Inf,
     DDP prefixes.  Exit 0 clean (warnings allowed unless --strict), 1 problems, 2 usage error."""
+    from ckpttools.commands.verify import verify as run_verify
     from ckpttools.render import print_json, render_verify, stdout
-    from ckpttools.verify import verify as run_verify
 
     _must_exist(path)
     with _progress(not as_json, "verifying") as callback:
@@ -124,15 +130,11 @@ def verify(path: Path, as_json: bool, strict: bool) -> int:
 def inspect(path: Path, as_json: bool) -> int:
     """Summarise a checkpoint: format, layout, epoch / step, best fitness, run arguments, key tree,
     parameter count, bytes by dtype, devices the tensors were saved on, code references."""
-    from ckpttools.inspect_ckpt import inspect_checkpoint
-    from ckpttools.reader import NotACheckpoint
+    from ckpttools.commands.inspect import inspect_checkpoint
     from ckpttools.render import print_json, render_inspect, stdout
 
     _must_exist(path)
-    try:
-        summary = inspect_checkpoint(path)
-    except NotACheckpoint as exc:
-        raise UsageProblem(f"{path}: not a checkpoint: {exc}") from None
+    summary = inspect_checkpoint(path)
     if as_json:
         print_json(summary)
     else:
@@ -157,16 +159,12 @@ def diff(a: Path, b: Path, atol: float, rtol: float, sections: tuple[str, ...], 
     shape / dtype changes, value differences (max abs, mean abs, relative L2, elements outside tolerance,
     bitwise identity, NaN / Inf), optimizer state, and metadata field by field.  Streams one tensor pair at a
     time.  Exit 0 identical or within tolerance, 1 different, 2 trouble (like diff(1))."""
-    from ckpttools.diff import DIFFERENT, SECTIONS, diff_checkpoints
-    from ckpttools.reader import NotACheckpoint
+    from ckpttools.commands.diff import DIFFERENT, SECTIONS, diff_checkpoints
     from ckpttools.render import print_json, render_diff, stdout
 
     _must_exist(a, b)
-    try:
-        with _progress(not as_json, "comparing") as callback:
-            report = diff_checkpoints(a, b, atol, rtol, tuple(sections) or SECTIONS, not no_strip_prefix, callback)
-    except NotACheckpoint as exc:
-        raise UsageProblem(f"not a checkpoint: {exc}") from None
+    with _progress(not as_json, "comparing") as callback:
+        report = diff_checkpoints(a, b, atol, rtol, tuple(sections) or SECTIONS, not no_strip_prefix, callback)
     if as_json:
         print_json(report.to_dict(top))
     else:
@@ -201,10 +199,12 @@ def _print_rewrite(result: dict, as_json: bool, verb: str) -> None:
 @click.option("--world-size", type=int, default=1, show_default=True, metavar="M",
               help="DCP output: write it as M ranks do (M local gloo processes, tensors sharded along dim 0).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-unsafe", is_flag=True, help="Convert an input whose pickle would run code: only its data is "
+              "written (every object as its plain state), never its code references.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("convert")
 def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_only: bool, ema: bool, compress: bool,
-            world_size: int, force: bool, as_json: bool) -> int:
+            world_size: int, force: bool, allow_unsafe: bool, as_json: bool) -> int:
     """Write checkpoint IN in another format as OUT, one tensor at a time; IN is never modified.
 
     \b
@@ -217,12 +217,12 @@ def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_onl
 
     Reads Ultralytics, Lightning and plain state dicts without their libraries; what a target format
     cannot hold (pickled classes in HDF5, optimizer state in safetensors) is listed as a note."""
-    from ckpttools.convert import convert as run_convert
+    from ckpttools.commands.convert import convert as run_convert
 
     _must_exist(src)
     with _progress(not as_json, "converting") as callback:
         result = run_convert(src, out, to, dtype, weights_only, ema, compress, force, _bytes_callback(callback),
-                             world_size)
+                             world_size, allow_unsafe)
     _print_rewrite(result.to_dict(), as_json, "converted")
     return EXIT_OK
 
@@ -235,9 +235,12 @@ def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_onl
               help="Fill lost tensors from this checkpoint (e.g. last.prev.pt or an epochN.pt).")
 @click.option("--keep-prefix", is_flag=True, help="Do not strip module. / _orig_mod. from weight names.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-unsafe", is_flag=True, help="Repair an input whose pickle would run code: only its data is "
+              "written, never its code references.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("repair")
-def repair(src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: bool, as_json: bool) -> int:
+def repair(src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: bool, allow_unsafe: bool,
+           as_json: bool) -> int:
     """Mend a damaged checkpoint into OUT and say exactly what could not be mended.
 
     \b
@@ -248,12 +251,12 @@ def repair(src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: b
     strips DDP / torch.compile prefixes, rebuilds a missing or stale digest.  OUT is verified before it is
     written; if it would not pass `ckpt verify`, nothing is written.  Exit 0 repaired, 1 not repairable
     (the lost tensors are listed), 2 usage error."""
-    from ckpttools.repair import repair as run_repair
+    from ckpttools.commands.repair import repair as run_repair
     from ckpttools.render import print_json, stderr, stdout
 
     _must_exist(src)
     with _progress(not as_json, "repairing") as callback:
-        result = run_repair(src, out, from_, not keep_prefix, force, _bytes_callback(callback))
+        result = run_repair(src, out, from_, not keep_prefix, force, _bytes_callback(callback), allow_unsafe)
     if as_json:
         print_json(result.to_dict())
         return EXIT_OK if result.repaired else EXIT_PROBLEMS
@@ -279,10 +282,12 @@ def repair(src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: b
 @click.option("--add-module-prefix", is_flag=True, help="Other trainers' state dicts: add DDP's module. prefix "
               "instead of stripping it.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-unsafe", is_flag=True, help="Remap an input whose pickle would run code: only its data is "
+              "written, never its code references.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("remap")
 def remap(src: Path, out: Path, gpus: int | None, device: str | None, add_module_prefix: bool, force: bool,
-          as_json: bool) -> int:
+          allow_unsafe: bool, as_json: bool) -> int:
     """Rewrite a checkpoint for another number of processes and/or another device.
 
     \b
@@ -294,11 +299,11 @@ def remap(src: Path, out: Path, gpus: int | None, device: str | None, add_module
     from (seed, step, rank), and the change is recorded in the history, so `fuse-train --resume` on M
     processes passes preflight with no --allow-change.  Other layouts: the module. prefix is stripped (or
     added); what cannot be carried is listed."""
-    from ckpttools.remap import remap as run_remap
+    from ckpttools.commands.remap import remap as run_remap
 
     _must_exist(src)
     with _progress(not as_json, "remapping") as callback:
-        result = run_remap(src, out, gpus, device, add_module_prefix, force, _bytes_callback(callback))
+        result = run_remap(src, out, gpus, device, add_module_prefix, force, _bytes_callback(callback), allow_unsafe)
     _print_rewrite(result.to_dict(), as_json, "remapped")
     return EXIT_OK
 
@@ -338,25 +343,18 @@ def _bytes_callback(progress):
 def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -> int:
     """Would resuming CHECKPOINT with these settings change the run?  Options not given are taken as
     unchanged.  Exit 0 if the resume may go ahead, 3 if it is blocked."""
-    from ckpttools.preflight import UnknownField, parse_allow, preflight as run_preflight, render_report
-    from ckpttools.preflight_record import NoRunRecord, recorded_fields, requested_fields
-    from ckpttools.render import print_json, stderr, stdout
+    from ckpttools.commands.preflight import parse_allow, preflight as run_preflight, recorded_fields, requested_fields
+    from ckpttools.render import print_json, render_preflight, stderr, stdout
 
-    try:
-        allow = parse_allow(allow_change)
-    except UnknownField as exc:
-        raise UsageProblem(str(exc)) from None
+    allow = parse_allow(allow_change)
     _must_exist(checkpoint)
-    try:
-        recorded = recorded_fields(checkpoint)
-        wanted = requested_fields(recorded, {k: v for k, v in requested.items() if v is not None})
-    except NoRunRecord as exc:
-        raise UsageProblem(str(exc)) from None
+    recorded = recorded_fields(checkpoint)
+    wanted = requested_fields(recorded, {k: v for k, v in requested.items() if v is not None})
     report = run_preflight(recorded, wanted, allow)
     if as_json:
         print_json(report.to_dict())
     else:
-        render_report(report, stdout(), title=f"preflight of {checkpoint}")
+        render_preflight(report, stdout(), title=f"preflight of {checkpoint}")
         if report.ok:
             stdout().print("resume may go ahead" + (f" (allowed: {', '.join(c.field for c in report.allowed)})"
                                                     if report.allowed else ""))

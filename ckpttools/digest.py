@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from typing import Any, Callable, Iterable
 
+from ckpttools.tensors import LazyTensor
+
 DIGEST_KEY = "digest"
 DIGEST_ALGORITHM = "xxh3-128-tree-v1"
 # xxh3-128 hashes at memory speed; a cryptographic hash would dominate `ckpt verify` on large files and buy
@@ -97,3 +99,23 @@ def _feed(h, value: Any, tensor_leaf, top: bool = False) -> None:
 def digest_record(tree: Any) -> dict[str, str]:
     """The value stored under ``DIGEST_KEY``."""
     return {"algorithm": DIGEST_ALGORITHM, "value": tree_digest(tree)}
+
+
+def lazy_digest(tree: Any, source) -> str:
+    """The digest of a reader tree whose tensors are LazyTensors, their bytes from ``source``
+    (a ``tensors.TensorSource``)."""
+    def leaf(value: Any):
+        if not isinstance(value, LazyTensor):
+            return None
+        return _TensorLeaf(value.dtype, value.shape, lambda v=value: source.tensor_chunks(v))
+    return tree_digest(tree, leaf)
+
+
+def refresh_digest(tree: Any, source) -> bool:
+    """Recompute the tree's recorded digest after its content changed; False when it records none."""
+    if not (isinstance(tree, dict) and DIGEST_KEY in tree):
+        return False
+    record = digest_record({})
+    record["value"] = lazy_digest(tree, source)
+    tree[DIGEST_KEY] = record
+    return True

@@ -10,9 +10,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckpttools.unpickle import LazyTensor, Placeholder
+from ckpttools.objects import Placeholder
+from ckpttools.tensors import LazyTensor
+from ckpttools.trainers import fuse_train as F
 
-PREFIXES = ("module.", "_orig_mod.")  # what DDP / torch.compile wrappers prepend to every weight name
+# ---- wrapper prefixes: the one definition ------------------------------------------------------------------
+DDP_PREFIX, COMPILE_PREFIX = "module.", "_orig_mod."
+PREFIXES = (DDP_PREFIX, COMPILE_PREFIX)  # what DDP / torch.compile wrappers prepend to every weight name
+
+
+def common_prefix(names) -> str | None:
+    """The wrapper prefix that every one of ``names`` starts with, if any."""
+    names = [n for n in names if isinstance(n, str)] if names else []
+    for prefix in PREFIXES:
+        if names and all(n.startswith(prefix) for n in names):
+            return prefix
+    return None
+
+
+def with_ddp_prefix(name, add: bool):
+    """``name`` with DDP's ``module.`` prefix added (``add``) or removed; non-string keys unchanged."""
+    if not isinstance(name, str):
+        return name
+    if add:
+        return name if name.startswith(DDP_PREFIX) else DDP_PREFIX + name
+    return name[len(DDP_PREFIX):] if name.startswith(DDP_PREFIX) else name
 
 FUSE_TRAIN, ULTRALYTICS, LIGHTNING, HF, STATE_DICT, DCP_LAYOUT, UNKNOWN = (
     "fuse-train", "ultralytics", "lightning", "huggingface", "state-dict", "dcp", "unknown")
@@ -27,8 +49,7 @@ class Layout:
 
 
 LAYOUTS = {
-    FUSE_TRAIN: Layout(FUSE_TRAIN, ("format", "format_version", "model", "ema", "updates", "optimizer", "epoch",
-                                    "best_fitness", "train_args", "progress", "rng"), ("model", "ema"), "optimizer"),
+    FUSE_TRAIN: Layout(FUSE_TRAIN, F.REQUIRED_KEYS, (F.K_MODEL, F.K_EMA), F.K_OPTIMIZER),
     ULTRALYTICS: Layout(ULTRALYTICS, ("epoch", "model"), ("ema", "model"), "optimizer"),
     LIGHTNING: Layout(LIGHTNING, ("state_dict", "epoch", "global_step"), ("state_dict",), "optimizer_states"),
     STATE_DICT: Layout(STATE_DICT, (), ("",)),
@@ -40,7 +61,7 @@ def recognise(tree: Any, path: Path | None = None) -> str:
         return DCP_LAYOUT if (path / ".metadata").exists() else UNKNOWN
     if not isinstance(tree, dict):
         return UNKNOWN
-    if tree.get("format") == "fuse-train-checkpoint":
+    if F.is_fuse_train(tree):
         return FUSE_TRAIN
     if "state_dict" in tree and ({"pytorch-lightning_version", "optimizer_states", "loops", "lr_schedulers"} & tree.keys()):
         return LIGHTNING

@@ -126,3 +126,34 @@ def render_diff(report, console: Console, top: int = 20) -> None:
     if report.ignored_metadata:
         console.print(f"[dim]differ as between any two saves (not judged): {', '.join(report.ignored_metadata)}[/]")
     console.print(f"verdict: [{colour}]{report.verdict}[/]")
+
+
+# blocked field -> what to do instead of allowing the change
+REMEDIES = {"world-size": "to resume on {requested} process(es) exactly, rewrite the checkpoint first: "
+                          "ckpt remap CKPT --gpus {requested} -o NEW.pt, then resume from NEW.pt"}
+
+
+def render_preflight(report, console, title: str = "preflight") -> None:
+    """A rich table: field / checkpoint / requested / status."""
+    table = Table(title=title, title_justify="left")
+    for col in ("field", "checkpoint", "requested", "status"):
+        table.add_column(col, overflow="fold")
+    style = {"same": "green", "changed": "bold red", "allowed": "yellow", "note": "cyan"}
+    for c in report.checks:
+        if c.status == "same":
+            continue
+        status = c.status + (f": {c.note}" if c.note else "")
+        table.add_row(c.field, _short(c.recorded), _short(c.requested), f"[{style[c.status]}]{status}[/]")
+    same = [c.field for c in report.checks if c.status == "same"]
+    if table.row_count:
+        console.print(table)
+    if same:
+        console.print(f"unchanged: {', '.join(same)}", highlight=False)
+    for c in report.blocked:
+        if c.field in REMEDIES:
+            console.print(REMEDIES[c.field].format(requested=c.requested), highlight=False, markup=False)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:28] + "…" + text[-28:]

@@ -1,16 +1,14 @@
-"""Findings and reports: what every operation returns, and the exit codes the CLI derives from them."""
+"""Findings and reports: what verify (and the checks other commands share) return.  Data only."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ckpttools.errors import EXIT_OK, EXIT_PROBLEMS
+from ckpttools.findings import FINDINGS
+
 ERROR, WARNING, INFO = "error", "warning", "info"
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
-
-
-class UsageProblem(Exception):
-    """Bad input the user can fix (a damaged input, an output that exists, a bad option); one line, exit 2."""
 
 
 @dataclass
@@ -19,6 +17,10 @@ class Finding:
     code: str  # stable identifier, documented in docs/findings.md
     message: str
     where: str = ""
+
+    def __post_init__(self) -> None:
+        if self.code not in FINDINGS:  # every code is documented: docs/findings.md is generated from FINDINGS
+            raise ValueError(f"finding code {self.code!r} is not in ckpttools.findings.FINDINGS")
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)

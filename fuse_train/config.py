@@ -106,3 +106,13 @@ class ResolvedRun:
         out = cls(**{k: v for k, v in values.items() if k in known})
         out.names = {int(k): v for k, v in out.names.items()}
         return out
+
+
+def resolve_run(cfg: RunConfig, spec, img_size: int, world_size: int, model_fingerprint: str, dataset_fingerprint: str,
+                device: str = "cpu") -> ResolvedRun:
+    """The one place a ResolvedRun is built, for a run that starts and for the resume preflight alike.
+    ``spec`` is the run's ``ckpttools.yolo_data.DataSpec``."""
+    return ResolvedRun(data_yaml=str(spec.yaml_path), data_root=str(spec.root), dataset_fingerprint=dataset_fingerprint,
+                       names=dict(spec.names), img_size=img_size, world_size=world_size,
+                       per_rank_batch=cfg.batch // max(1, world_size), device=device,
+                       model_fingerprint=model_fingerprint)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ckpttools.preflight_record import fuse_train_record
-from ckpttools.preflight import PreflightReport, UnknownField, parse_allow, preflight, render_report
+from ckpttools.atomic import previous_path
+from ckpttools.commands.preflight import PreflightReport, UnknownField, parse_allow, preflight
+from ckpttools.render import render_preflight
+from ckpttools.trainers.fuse_train import run_record as fuse_train_record
 from fuse_train import state as S
-from fuse_train.config import ConfigError, ResolvedRun, RunConfig
+from fuse_train.config import ConfigError, ResolvedRun, RunConfig, resolve_run
 from fuse_train.data import PairedDataset, load_data_spec, spec_fingerprint
 from fuse_train.model import ModelConfig, build_model, model_fingerprint
 
@@ -26,7 +28,7 @@ class PreflightBlocked(Exception):
         self.report, self.checkpoint = report, checkpoint
 
     def render(self, console) -> None:
-        render_report(self.report, console, title=f"resume from {self.checkpoint} would change the run")
+        render_preflight(self.report, console, title=f"resume from {self.checkpoint} would change the run")
         fields = ", ".join(c.field + (f" ({c.note})" if c.note else "") for c in self.report.blocked)
         console.print(f"fuse-train: resume blocked, the run would change: {fields}. Repeat the checkpoint's "
                       f"values, or allow it with {self.report.allow_hint()} (the change is recorded in the "
@@ -75,8 +77,6 @@ def find_last(project: str, name: str | None) -> Path:
 
 def load_checkpoint(path: Path) -> dict:
     """Read a fuse-train checkpoint safely (weights_only); the previous good copy is named when this fails."""
-    from ckpttools.atomic import previous_path
-
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -108,10 +108,7 @@ def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
         PairedDataset(images, ir, len(spec.names), img_size)
     with torch.device("meta"):
         model = build_model(ModelConfig(cfg.fusion, cfg.scale, len(spec.names)), img_size)
-    return ResolvedRun(data_yaml=str(spec.yaml_path), data_root=str(spec.root),
-                       dataset_fingerprint=spec_fingerprint(spec), names=spec.names,
-                       img_size=img_size, world_size=world_size, per_rank_batch=cfg.batch // max(1, world_size),
-                       model_fingerprint=model_fingerprint(model))
+    return resolve_run(cfg, spec, img_size, world_size, model_fingerprint(model), spec_fingerprint(spec))
 
 
 def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: str, console=None,

@@ -1,7 +1,9 @@
 """Training state that is not a module: EMA, LR schedule, sampler, RNG capture, and the checkpoint dict.
 
-Every piece has ``state_dict()`` / ``load_state_dict()``.  The checkpoint keys are module constants and are
-documented in docs/checkpoint-format.md.  Everything stored is a tensor, a number, a string, or a list /
+Pieces with state to restore have ``state_dict()`` / ``load_state_dict()``; the EMA is saved as its weights
+and update count (``K_EMA``, ``K_UPDATES``) and the LR schedule is rebuilt from the run record (a pure
+function of the step; its ``state_dict()`` is saved only to document what was in force).  The checkpoint keys
+come from ``ckpttools.trainers.fuse_train`` and are documented in docs/checkpoint-format.md.  Everything stored is a tensor, a number, a string, or a list /
 tuple / dict of those, so ``torch.load(weights_only=True)`` reads it.
 """
 
@@ -16,17 +18,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-FORMAT_NAME = "fuse-train-checkpoint"
-FORMAT_VERSION = 1
-
-# top-level checkpoint keys (Ultralytics-compatible names where Ultralytics has one)
-K_FORMAT, K_VERSION = "format", "format_version"
-K_MODEL, K_EMA, K_UPDATES, K_OPTIMIZER = "model", "ema", "updates", "optimizer"
-K_SCHEDULER, K_SCALER = "scheduler", "scaler"
-K_EPOCH, K_BEST_FITNESS = "epoch", "best_fitness"
-K_TRAIN_ARGS, K_RESOLVED, K_MODEL_CONFIG = "train_args", "resolved", "model_config"
-K_METRICS, K_RESULTS, K_PROGRESS, K_RNG = "train_metrics", "results", "progress", "rng"
-K_HISTORY, K_VERSIONS, K_DATE = "history", "versions", "date"
+# the checkpoint schema (format name, version, every top-level key) has one definition, shared with ckpttools
+from ckpttools.trainers.fuse_train import (FORMAT_NAME, FORMAT_VERSION, K_BEST_FITNESS, K_DATE,  # noqa: F401
+                                           K_EMA, K_EPOCH, K_FORMAT, K_HISTORY, K_METRICS, K_MODEL, K_MODEL_CONFIG,
+                                           K_OPTIMIZER, K_PROGRESS, K_RESOLVED, K_RESULTS, K_RNG, K_SCALER,
+                                           K_SCHEDULER, K_TRAIN_ARGS, K_UPDATES, K_VERSION, K_VERSIONS)
 
 
 class ModelEMA:
@@ -49,18 +45,12 @@ class ModelEMA:
             else:
                 value.copy_(source[name])
 
-    def state_dict(self) -> dict:
-        return {"weights": self.ema.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ema.load_state_dict(state["weights"])
-        self.updates = int(state["updates"])
-
 
 class LRSchedule:
     """Linear warmup (lr from 0, momentum from 0.8), then cosine or linear decay from lr0 to lr0*lrf.
 
-    A pure function of the global step, so its only state is the configuration it was built with."""
+    A pure function of the global step, so its only state is the configuration it was built with: a resume
+    rebuilds it from the (possibly allowed-changed) run record instead of loading it."""
 
     def __init__(self, lr0: float, lrf: float, momentum: float, warmup_steps: int, total_steps: int, kind: str):
         self.lr0, self.lrf, self.momentum = lr0, lrf, momentum
@@ -96,10 +86,6 @@ class LRSchedule:
     def state_dict(self) -> dict:
         return {"lr0": self.lr0, "lrf": self.lrf, "momentum": self.momentum, "warmup_steps": self.warmup_steps,
                 "total_steps": self.total_steps, "kind": self.kind}
-
-    def load_state_dict(self, state: dict) -> None:
-        # the schedule is rebuilt from the run record; the saved copy documents what was in force
-        pass
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ckpttools.atomic import atomic_write, keep_previous
 from ckpttools.digest import DIGEST_KEY, digest_record
 from fuse_train import __version__, state as S
-from fuse_train.config import ConfigError, ResolvedRun, RunConfig
+from fuse_train.config import ConfigError, RunConfig, resolve_run
 from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
 from fuse_train.demo import ensure_demo
 from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, barrier
@@ -107,11 +107,8 @@ class Trainer:
         S.seed_everything(cfg.seed)
         self.model_config = ModelConfig(cfg.fusion, cfg.scale, nc)
         self.model = build_model(self.model_config, img_size).to(self.device)
-        self.resolved = ResolvedRun(
-            data_yaml=str(spec.yaml_path), data_root=str(spec.root), dataset_fingerprint=spec_fingerprint(spec),
-            names=spec.names, img_size=img_size, world_size=dist_info.world_size,
-            per_rank_batch=cfg.batch // dist_info.world_size, device=str(self.device),
-            model_fingerprint=model_fingerprint(self.model))
+        self.resolved = resolve_run(cfg, spec, img_size, dist_info.world_size, model_fingerprint(self.model),
+                                    spec_fingerprint(spec), str(self.device))
         if self.use_cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = S.ModelEMA(self.model)

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from ckpttools.cli import main as ckpt
-from ckpttools.diff import diff_checkpoints
+from ckpttools.commands.diff import diff_checkpoints
 
 
 def _run(args):

@@ -11,10 +11,11 @@ import torch
 from click.testing import CliRunner
 
 from ckpttools.cli import main as ckpt
-from ckpttools.reader import open_checkpoint
-from ckpttools.remap import remap
-from ckpttools.rewrite import Source, write_pt
-from ckpttools.verify import verify
+from ckpttools.formats import open_checkpoint
+from ckpttools.commands.remap import remap
+from ckpttools.formats.torchzip import write_file
+from ckpttools.tensors import TensorSource
+from ckpttools.commands.verify import verify
 from tests.helpers import TINY, load, run_train, training_state_differences
 
 STOP = 6  # mid-epoch 2 of 3 (4 global steps an epoch: 16 images, global batch 4)
@@ -131,7 +132,7 @@ def test_cuda_saved_checkpoint_remapped_to_cpu_loads_with_plain_torch_load(refer
     last = reference_run[0] / "weights" / "last.pt"
     src = open_checkpoint(last)
     on_gpu = tmp_path / "cuda.pt"
-    write_pt(src.tree, on_gpu, Source(src), location=lambda ref: "cuda:1")  # as saved on the second GPU
+    write_file(src.tree, on_gpu, TensorSource(src), location=lambda ref: "cuda:1")  # as saved on the second GPU
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(on_gpu, weights_only=True)

@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 
 from ckpttools.cli import main as ckpt
-from ckpttools.diff import diff_checkpoints
-from ckpttools.repair import repair
-from ckpttools.verify import verify
+from ckpttools.commands.diff import diff_checkpoints
+from ckpttools.commands.repair import repair
+from ckpttools.commands.verify import verify
 from tests.helpers import load, training_state_differences
 
 pytestmark = pytest.mark.slow  # uses the session's reference training run

@@ -41,7 +41,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(reference_run, tiny_da
     assert second.returncode == 0, second.stderr
     assert f"resuming mid fusion (n) at epoch {stop_after // STEPS_PER_EPOCH + 1}" in second.stdout
     _assert_matches_reference(reference_run, _exp(tmp_path))
-    from ckpttools.diff import diff_checkpoints  # what a user would run to check the resume
+    from ckpttools.commands.diff import diff_checkpoints  # what a user would run to check the resume
     assert diff_checkpoints(reference_run[0] / "weights" / "last.pt", _exp(tmp_path) / "weights" / "last.pt").verdict \
         == "identical"
     history = load(_exp(tmp_path) / "weights" / "last.pt")["history"]

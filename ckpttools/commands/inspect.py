@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from ckpttools import layouts as L
-from ckpttools.reader import iter_tensors, open_checkpoint
-from ckpttools.unpickle import LazyTensor, Placeholder
-from ckpttools.verify import reference_status
+from ckpttools.formats import open_checkpoint
+from ckpttools.objects import Placeholder
+from ckpttools.pickle.policy import ALLOWED_STATUS
+from ckpttools.tensors import LazyTensor, iter_tensors
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Summary dict: format, layout, counters, run arguments, key tree, parameter count, bytes by dtype,
-    devices, code references.  Raises FileNotFoundError / reader.NotACheckpoint."""
+    devices, code references (judged by the safety policy).  Raises ckpttools.errors.MissingPath /
+    NotACheckpoint."""
     path = Path(path)
     ckpt = open_checkpoint(path)
     tree = ckpt.tree
@@ -41,13 +43,22 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "weights_key": weights[0] if weights else None,
         "bytes_by_dtype": dict(by_dtype.most_common()),
         "devices": dict(devices.most_common()),
-        "code_references": [{"reference": r.qualname, "status": reference_status(r)} for r in ckpt.references
-                            if reference_status(r) != "allowed"],
+        "code_references": _code_references(ckpt),
         "problems_while_reading": [f.to_dict() for f in ckpt.findings],
     }
     if ckpt.metadata:
         summary["metadata"] = ckpt.metadata
     return summary
+
+
+def _code_references(ckpt) -> list[dict]:
+    seen, out = set(), []
+    for where, j in ckpt.safety():
+        if j.status != ALLOWED_STATUS and (j.reference, j.reason) not in seen:
+            seen.add((j.reference, j.reason))
+            out.append({"reference": j.reference, "status": j.status, "uses": list(j.uses), "reason": j.reason,
+                        "where": where})
+    return out
 
 
 def _step(tree: Any):

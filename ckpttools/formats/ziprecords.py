@@ -1,9 +1,6 @@
-"""The ``torch.save`` zip container: records, CRC32s, and the pickle's storages.
-
-``torch.save`` writes an uncompressed zip: ``<top>/data.pkl`` (the pickle), ``<top>/data/<key>`` (one record
-per storage), ``<top>/byteorder``, ``<top>/version``, ``<top>/.data/serialization_id``.  The top folder name
-is arbitrary (the file's stem by default).  ``torch.load`` ignores the CRC32 each record carries; this
-module checks it.
+"""Zip records as they are on disk: every byte of the file accounted for, CRC32s, truncation, and a
+local-header scan for files whose end is gone.  ``torch.load`` ignores the CRC32 each record carries; the
+checks that use this module do not.  What the records *mean* for torch is ``formats/torchzip.py``.
 """
 
 from __future__ import annotations
@@ -398,9 +395,3 @@ def _iter_deflated(path: Path, record: Record, chunk: int, start: int, length: i
 
 def read_record(path: Path, record: Record) -> bytes:
     return b"".join(iter_record_bytes(path, record))
-
-
-def pickle_record_name(names: list[str]) -> str | None:
-    """The main pickle: ``<top>/data.pkl`` (any top folder name), preferring the shallowest."""
-    candidates = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
-    return min(candidates, key=lambda n: (n.count("/"), len(n))) if candidates else None

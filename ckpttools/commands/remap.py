@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.reader import DCP, NotACheckpoint, iter_tensors, open_checkpoint
-from ckpttools.report import UsageProblem
-from ckpttools.rewrite import Source, check_output, refresh_digest, require_readable, write_pt
-from ckpttools.unpickle import LazyTensor
+from ckpttools.atomic import check_new_output
+from ckpttools.commands._inputs import open_input
+from ckpttools.digest import refresh_digest
+from ckpttools.errors import UsageError
+from ckpttools.formats import DCP, torchzip
+from ckpttools.formats.base import to_plain_tree
+from ckpttools.tensors import LazyTensor, TensorSource, iter_tensors
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -46,28 +49,25 @@ class RemapResult:
 
 def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = None, device: str | None = None,
           add_module_prefix: bool = False, force: bool = False,
-          on_bytes: Callable[[int], None] | None = None) -> RemapResult:
+          on_bytes: Callable[[int], None] | None = None, allow_unsafe: bool = False) -> RemapResult:
     src, out = Path(src), Path(out)
     if gpus is None and device is None:
-        raise UsageProblem("say what to remap to: --gpus M and/or --device cpu|cuda:K")
+        raise UsageError("say what to remap to: --gpus M and/or --device cpu|cuda:K")
     if gpus is not None and gpus < 1:
-        raise UsageProblem(f"--gpus {gpus}: must be at least 1")
+        raise UsageError(f"--gpus {gpus}: must be at least 1")
     if device is not None and not DEVICE.match(device):
-        raise UsageProblem(f"--device {device}: use cpu, cuda or cuda:K")
-    if not src.exists():
-        raise FileNotFoundError(2, "missing", str(src))
-    check_output(out, [src], force)
-    try:
-        ckpt = open_checkpoint(src)
-    except NotACheckpoint as exc:
-        raise UsageProblem(f"{src}: not a checkpoint: {exc}") from None
+        raise UsageError(f"--device {device}: use cpu, cuda or cuda:K")
+    check_new_output(out, [src], force)
+    ckpt, dangerous = open_input(src, "remap", allow_unsafe)
     if ckpt.format == DCP:
-        raise UsageProblem(f"{src}: a DCP folder: `ckpt convert {src} OUT.pt` consolidates it first "
-                           "(DCP folders are resharded at load time by torch.distributed.checkpoint)")
-    require_readable(ckpt, "remap")
-    tree, source = ckpt.tree, Source(ckpt)
+        raise UsageError(f"{src}: a DCP folder: `ckpt convert {src} OUT.pt` consolidates it first "
+                         "(DCP folders are resharded at load time by torch.distributed.checkpoint)")
+    tree, source = ckpt.tree, TensorSource(ckpt)
     layout = L.recognise(tree, src)
     result = RemapResult(str(src), str(out), layout)
+    if dangerous:  # --allow-unsafe: data only
+        tree = to_plain_tree(tree, [])
+        result.not_carried.extend(dangerous)
 
     if gpus is not None:
         if layout == L.FUSE_TRAIN:
@@ -87,7 +87,7 @@ def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = Non
                                 "step": _progress(tree).get("global_step"), "changes": list(result.changes)})
     if refresh_digest(tree, source):
         result.changes.append("content digest rebuilt")
-    write_pt(tree, out, source, location=location, on_bytes=on_bytes)
+    torchzip.write_file(tree, out, source, location=location, on_bytes=on_bytes)
     return result
 
 
@@ -96,13 +96,13 @@ def _progress(tree: dict) -> dict:
     return p if isinstance(p, dict) else {}
 
 
-def _fuse_train_world_size(tree: dict, m: int, source: Source, result: RemapResult) -> None:
+def _fuse_train_world_size(tree: dict, m: int, source: TensorSource, result: RemapResult) -> None:
     import torch
 
     args, resolved = tree.get("train_args") or {}, tree.get("resolved") or {}
     batch, old = int(args.get("batch", 0)), int(resolved.get("world_size", 1))
     if batch % m:
-        raise UsageProblem(f"global batch {batch} is not divisible by {m} processes: the global batch must stay "
+        raise UsageError(f"global batch {batch} is not divisible by {m} processes: the global batch must stay "
                            f"{batch} for the run to continue unchanged; pick a process count that divides it")
     resolved["world_size"], resolved["per_rank_batch"] = m, batch // m
     result.changes.append(f"world size {old} -> {m}; global batch stays {batch}, per-rank batch "
@@ -140,7 +140,7 @@ def _fuse_train_world_size(tree: dict, m: int, source: Source, result: RemapResu
             result.changes.append("mid-epoch loss sums folded into rank 0 (the epoch's mean loss is kept)")
 
 
-def _derived_rng(seed: int, step: int, rank: int, source: Source) -> dict:
+def _derived_rng(seed: int, step: int, rank: int, source: TensorSource) -> dict:
     """Fresh, reproducible RNG streams for a rank that did not exist when the checkpoint was saved."""
     import numpy as np
     import torch
@@ -165,10 +165,7 @@ def _other_world_size(tree: Any, layout: str, m: int, add_prefix: bool, result: 
         result.not_carried.append(f"{layout} checkpoint holds {what}: names left as they are")
     for weights in containers:
         items = list(weights.items())
-        if add_prefix:
-            renamed = [(k if not isinstance(k, str) or k.startswith("module.") else "module." + k, v) for k, v in items]
-        else:
-            renamed = [(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k, v) for k, v in items]
+        renamed = [(L.with_ddp_prefix(k, add_prefix), v) for k, v in items]
         changed = sum(1 for (a, _), (b, _) in zip(items, renamed) if a != b)
         weights.clear()
         weights.update(renamed)

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from ckpttools import layouts as L
+from ckpttools.errors import UsageError
+from ckpttools.formats import open_checkpoint
+from ckpttools.trainers import fuse_train, ultralytics
+from ckpttools.yolo_data import DatasetError, load_data_spec, spec_fingerprint
 
 # field -> (group, why it matters).  Order is the order of the table.
 RULES: dict[str, tuple[str, str]] = {
@@ -70,7 +77,7 @@ class PreflightReport:
                 "checks": [c.__dict__ for c in self.checks], "allow_hint": self.allow_hint() if self.blocked else None}
 
 
-class UnknownField(ValueError):
+class UnknownField(UsageError):
     pass
 
 
@@ -126,34 +133,36 @@ def _check_data(recorded: dict, requested: dict) -> FieldCheck:
     return FieldCheck("data", path_a, path_b, "same")
 
 
-# blocked field -> what to do instead of allowing the change
-REMEDIES = {"world-size": "to resume on {requested} process(es) exactly, rewrite the checkpoint first: "
-                          "ckpt remap CKPT --gpus {requested} -o NEW.pt, then resume from NEW.pt"}
+# ---- records from checkpoints and options --------------------------------------------------------------------
+
+RECORDS = {L.FUSE_TRAIN: fuse_train.record_of_checkpoint, L.ULTRALYTICS: ultralytics.record_of_checkpoint}
 
 
-def render_report(report: PreflightReport, console, title: str = "preflight") -> None:
-    """A rich table: field / checkpoint / requested / status."""
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for col in ("field", "checkpoint", "requested", "status"):
-        table.add_column(col, overflow="fold")
-    style = {"same": "green", "changed": "bold red", "allowed": "yellow", "note": "cyan"}
-    for c in report.checks:
-        if c.status == "same":
-            continue
-        status = c.status + (f": {c.note}" if c.note else "")
-        table.add_row(c.field, _short(c.recorded), _short(c.requested), f"[{style[c.status]}]{status}[/]")
-    same = [c.field for c in report.checks if c.status == "same"]
-    if table.row_count:
-        console.print(table)
-    if same:
-        console.print(f"unchanged: {', '.join(same)}", highlight=False)
-    for c in report.blocked:
-        if c.field in REMEDIES:
-            console.print(REMEDIES[c.field].format(requested=c.requested), highlight=False, markup=False)
+def recorded_fields(path: Path) -> dict[str, Any]:
+    """The run record a checkpoint carries (fuse-train or Ultralytics), read through the safe reader."""
+    ckpt = open_checkpoint(path)
+    layout = L.recognise(ckpt.tree, Path(path))
+    reader = RECORDS.get(layout)
+    if reader is None or (layout == L.ULTRALYTICS and not isinstance(ckpt.tree.get("train_args"), dict)):
+        raise UsageError(f"{path}: a {layout} checkpoint records no run settings to compare (preflight needs a "
+                         "fuse-train or Ultralytics checkpoint)")
+    return reader(ckpt.tree)
 
 
-def _short(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= 60 else text[:28] + "…" + text[-28:]
+def requested_fields(recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The record a resume with ``given`` options (python names: img_size, weight_decay, ...) would have;
+    options not given are taken from ``recorded``."""
+    requested = dict(recorded)
+    for name, value in given.items():
+        field_name = name.replace("_", "-")
+        if field_name == "data":
+            try:
+                spec = load_data_spec(value)
+                requested["data"], requested["data-fingerprint"] = str(spec.yaml_path), spec_fingerprint(spec)
+            except DatasetError as exc:
+                raise UsageError(f"--data: {exc}") from None
+        else:
+            requested[field_name] = value
+    if {"fusion", "scale", "img-size"} & {n.replace("_", "-") for n in given}:
+        requested.pop("model", None)  # the structure fingerprint is compared by fuse-train itself
+    return requested

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools import torchzip
+from ckpttools.formats import ziprecords
 from ckpttools.digest import DIGEST_ALGORITHM, DIGEST_KEY, _TensorLeaf, tree_digest
-from ckpttools.reader import ZIP, Checkpoint, NotACheckpoint, iter_tensors, open_checkpoint
+from ckpttools.errors import NotACheckpoint
+from ckpttools.formats import ZIP, Checkpoint, open_checkpoint
+from ckpttools.formats.base import regular_file_or_folder
+from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report
-from ckpttools.scan import StorageScanner, tensor_bytes
-from ckpttools.unpickle import ALLOWED, BENIGN_PREFIXES, LazyTensor, Reference
+from ckpttools.storage_scan import StorageScanner
+from ckpttools.tensors import LazyTensor, iter_tensors, tensor_bytes
 
 METADATA_RECORDS = ("byteorder", "version", ".data/version", ".data/serialization_id", ".format_version",
                     ".storage_alignment")
@@ -22,11 +25,11 @@ METADATA_RECORDS = ("byteorder", "version", ".data/version", ".data/serializatio
 def verify(path: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> Report:
     """Check ``path``; returns a Report (findings with severity, code, message, where).
 
-    Raises FileNotFoundError for a missing path; everything else about the file is a finding."""
+    Raises MissingPath for a missing path and NotACheckpoint for what is not a regular file or folder;
+    everything else about the file is a finding."""
     path = Path(path)
     report = Report(str(path))
-    if not path.exists():
-        raise FileNotFoundError(2, "No such file or directory", str(path))
+    regular_file_or_folder(path)
     try:
         return _verify(path, report, progress)
     except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, MemoryError,
@@ -43,7 +46,7 @@ def _verify(path: Path, report: Report, progress) -> Report:
     try:
         ckpt = open_checkpoint(path)
     except NotACheckpoint as exc:
-        report.add(ERROR, "file.not-a-checkpoint", f"not a checkpoint: {exc}", str(path))
+        report.add(ERROR, "file.not-a-checkpoint", str(exc), str(path))
         return report
     report.format = ckpt.format
     report.extend(ckpt.findings)
@@ -74,30 +77,20 @@ def _verify(path: Path, report: Report, progress) -> Report:
 
 # ---- safety ---------------------------------------------------------------------------------------------------------
 
-def reference_status(ref: Reference) -> str:
-    if (ref.module, ref.name) in ALLOWED:  # replaced by an inert implementation: never dangerous
-        return "allowed"
-    if ref.dangerous:
-        return "dangerous"
-    if ref.module.startswith("numpy") or ref.module.startswith(BENIGN_PREFIXES):
-        return "allowed"
-    return "code"
-
-
 def check_safety(ckpt: Checkpoint, report: Report) -> None:
-    refs = []
-    for ref in ckpt.references:
-        status = reference_status(ref)
-        refs.append({"reference": ref.qualname, "status": status})
-        if status == "dangerous":
-            report.add(ERROR, "safety.dangerous-reference",
-                       f"the pickle references {ref.qualname}: loading this file with torch.load(weights_only=False) "
-                       "or pickle would run it", "pickle")
-        elif status == "code":
-            report.add(WARNING, "safety.code-reference",
-                       f"the pickle names {ref.qualname}: torch.load(weights_only=False) would import and run it; "
-                       "read here as an inert placeholder", "pickle")
-    report.facts["references"] = refs
+    """Every pickle's references, judged by the one policy (``ckpttools.pickle.policy``)."""
+    listed, seen = [], set()
+    for where, j in ckpt.safety():
+        key = (j.reference, j.status, j.reason)
+        if key in seen:
+            continue
+        seen.add(key)
+        listed.append({"reference": j.reference, "status": j.status, "uses": list(j.uses), "where": where})
+        if j.status == DANGEROUS:
+            report.add(ERROR, "safety.dangerous-reference", j.reason, where)
+        elif j.status == CODE:
+            report.add(WARNING, "safety.code-reference", j.reason, where)
+    report.facts["references"] = listed
 
 
 # ---- bytes: storages, records, digest -----------------------------------------------------------------------------------
@@ -137,14 +130,14 @@ def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -
 
 
 def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
-    storage_records = set(ckpt.storage_records.values())
+    storage_records = {r.name for r in map(ckpt.record_of, ckpt.storages.values()) if r is not None}
     for name, record in ckpt.records.items():
         if name in storage_records or record.truncated:
             continue
         if record.crc is not None:
             crc = 0
-            for block in torchzip.iter_record_bytes(ckpt.path, record):
-                crc = torchzip.crc32(block, crc)
+            for block in ziprecords.iter_record_bytes(ckpt.path, record):
+                crc = ziprecords.crc32(block, crc)
             if crc != record.crc:
                 report.add(ERROR, "zip.crc-mismatch", f"record {name}: CRC32 {crc:08x} != recorded {record.crc:08x}",
                            name)
@@ -225,9 +218,8 @@ def _check_consistency(ckpt: Checkpoint, report: Report) -> None:
     params = {k: t for k, t in weights.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     report.facts["parameter_count"] = sum(t.numel for t in params.values())
     report.facts["weights_key"] = key
-    prefixed = [k for k in weights if k.startswith(L.PREFIXES)]
-    if weights and len(prefixed) == len(weights):
-        prefix = next(p for p in L.PREFIXES if prefixed[0].startswith(p))
+    prefix = L.common_prefix(list(weights))
+    if prefix:
         report.add(WARNING, "keys.prefix", f"every weight name starts with {prefix!r} (saved from a DDP / "
                    f"torch.compile wrapper); `ckpt repair {ckpt.path} -o OUT` strips it", key or "state dict")
     if isinstance(tree, dict):

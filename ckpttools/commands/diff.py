@@ -18,16 +18,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from ckpttools import layouts as L
-from ckpttools.reader import Checkpoint, iter_tensors, open_checkpoint
-from ckpttools.scan import tensor_bytes
-from ckpttools.unpickle import LazyTensor, Placeholder
+from ckpttools.formats import Checkpoint, open_checkpoint
+from ckpttools.objects import Placeholder
+from ckpttools.tensors import DTYPES, LazyTensor, iter_tensors, tensor_bytes
 
 IDENTICAL, WITHIN, DIFFERENT = "identical", "within_tolerance", "different"
 SECTIONS = ("model", "ema", "optimizer", "meta")
 VOLATILE_META = ("date", "history", "digest", "versions")  # differ between any two saves; listed, not judged
-NUMPY = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-         "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_, "uint16": np.uint16,
-         "uint32": np.uint32, "uint64": np.uint64}
+NUMPY = {d.name: np.dtype(d.numpy).type for d in DTYPES.values() if d.numpy and not d.name.startswith("complex")}
 CHUNK_ELEMENTS = 1 << 21
 
 
@@ -93,10 +91,10 @@ def sections_of(ckpt: Checkpoint) -> dict[str, dict[str, LazyTensor]]:
 
 
 def _normalise(names: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor], str | None]:
-    for prefix in L.PREFIXES:
-        if names and all(k.startswith(prefix) for k in names):
-            return {k[len(prefix):]: v for k, v in names.items()}, prefix
-    return names, None
+    prefix = L.common_prefix(names)
+    if prefix is None:
+        return names, None
+    return {k[len(prefix):]: v for k, v in names.items()}, prefix
 
 
 def metadata_of(tree: Any) -> dict:
@@ -219,13 +217,18 @@ def compare_tensor(name: str, section: str, a_ck: Checkpoint, a: LazyTensor, b_c
 
 def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol: float = 0.0, rtol: float = 0.0,
                      sections: tuple[str, ...] = SECTIONS, strip_prefix: bool = True, progress=None) -> DiffReport:
-    """Compare two checkpoints in any supported containers.  Raises FileNotFoundError / NotACheckpoint."""
+    """Compare two checkpoints in any supported containers (read inertly: nothing in them runs).
+    Raises ckpttools.errors.MissingPath / NotACheckpoint."""
     a_ck, b_ck = open_checkpoint(Path(a_path)), open_checkpoint(Path(b_path))
     report = DiffReport(str(a_path), str(b_path))
     for ck, label in ((a_ck, "A"), (b_ck, "B")):
         errors = [f for f in ck.findings if f.severity == "error"]
         if errors:
             report.notes.append(f"{label} has container problems ({errors[0].code}); run `ckpt verify {ck.path}`")
+        dangerous = list(dict.fromkeys(j.reference for _, j in ck.dangerous()))
+        if dangerous:
+            report.notes.append(f"{label}'s pickle would run code when loaded with torch.load(weights_only=False) "
+                                f"({', '.join(dangerous[:3])}); compared here without running it")
     sec_a, sec_b = sections_of(a_ck), sections_of(b_ck)
     flat = {L.recognise(a_ck.tree, a_ck.path), L.recognise(b_ck.tree, b_ck.path)} - {L.FUSE_TRAIN, L.ULTRALYTICS,
                                                                                     L.LIGHTNING}

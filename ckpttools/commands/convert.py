@@ -11,24 +11,23 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.atomic import atomic_path
-from ckpttools.digest import DIGEST_KEY
-from ckpttools.reader import DCP, LEGACY, Checkpoint, NotACheckpoint, open_checkpoint
-from ckpttools.report import UsageProblem
-from ckpttools.rewrite import (Source, atomic_folder, cast_floats, check_output, materialise, refresh_digest,
-                               representable, require_readable, write_pt)
-from ckpttools.unpickle import LazyTensor
+from ckpttools.atomic import atomic_folder, atomic_path, atomic_write, check_new_output
+from ckpttools.commands._inputs import open_input, refuse_unsafe, require_intact
+from ckpttools.digest import DIGEST_KEY, refresh_digest
+from ckpttools.errors import UsageError
+from ckpttools.formats import DCP, LEGACY, Checkpoint, dcp, hdf5, open_checkpoint, safetensors, torchzip
+from ckpttools.formats.base import to_plain_tree
+from ckpttools.tensors import LazyTensor, TensorSource, iter_tensors, map_tensors, materialise
 
 PT, H5, SAFETENSORS, DCP_TARGET = "pt", "h5", "safetensors", "dcp"
 SUFFIXES = {".pt": PT, ".pth": PT, ".ckpt": PT, ".bin": PT, ".h5": H5, ".hdf5": H5, ".safetensors": SAFETENSORS}
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "float16": "float16", "bfloat16": "bfloat16",
-          "float32": "float32"}
+CASTS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+         "float32": "float32"}
 
 
 @dataclass
@@ -54,79 +53,77 @@ def target_of(out: Path, to: str | None) -> str:
         return SUFFIXES[out.suffix.lower()]
     if out.suffix == "" or out.is_dir():
         return DCP_TARGET
-    raise UsageProblem(f"{out}: cannot tell the format from the suffix {out.suffix!r}; pass --to pt|h5|safetensors|dcp")
+    raise UsageError(f"{out}: cannot tell the format from the suffix {out.suffix!r}; pass --to pt|h5|safetensors|dcp")
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, to: str | None = None, dtype: str | None = None,
             weights_only: bool = False, ema: bool = False, compress: bool = False, force: bool = False,
-            on_bytes: Callable[[int], None] | None = None, world_size: int = 1) -> ConvertResult:
+            on_bytes: Callable[[int], None] | None = None, world_size: int = 1,
+            allow_unsafe: bool = False) -> ConvertResult:
+    """Write ``src`` as ``out`` in another format.  Raises ckpttools.errors exceptions for bad options and
+    damaged, unsafe or unreadable inputs; ``allow_unsafe`` writes the tensors of an unsafe input (and only
+    its plain data, never its code references)."""
     src, out = Path(src), Path(out)
-    if not src.exists():
-        raise FileNotFoundError(2, "missing", str(src))
     target = target_of(out, to)
-    check_output(out, [src], force)
+    check_new_output(out, [src], force)
     if world_size < 1 or (world_size > 1 and target != DCP_TARGET):
-        raise UsageProblem(f"--world-size {world_size}: a number of ranks >= 1, for a DCP folder output (--to dcp)")
-    if dtype is not None and dtype not in DTYPES:
-        raise UsageProblem(f"--dtype {dtype}: choose fp16, bf16 or fp32")
+        raise UsageError(f"--world-size {world_size}: a number of ranks >= 1, for a DCP folder output (--to dcp)")
+    if dtype is not None and dtype not in CASTS:
+        raise UsageError(f"--dtype {dtype}: choose fp16, bf16 or fp32")
     started = time.perf_counter()
-    try:
-        ckpt = open_checkpoint(src)
-    except NotACheckpoint as exc:
-        raise UsageProblem(f"{src}: not a checkpoint: {exc}") from None
-    require_readable(ckpt)
+    ckpt, dangerous = open_input(src, "convert", allow_unsafe)
     layout = L.recognise(ckpt.tree, src)
     result = ConvertResult(str(src), str(out), ckpt.format, target, layout)
+    tree = ckpt.tree
+    if dangerous:  # --allow-unsafe: data only, every object turned into its plain state
+        tree = to_plain_tree(tree, [])
+        result.notes.append(f"--allow-unsafe: written as plain data only; not carried: {', '.join(dangerous[:5])}")
     if ckpt.format == LEGACY:
         result.notes.append("legacy (pre-1.6) torch file: written in the zip format")
 
     if ckpt.format == DCP:
         _from_dcp(ckpt, out, target, result, dtype, weights_only, ema, compress, on_bytes)
     else:
-        _convert_tree(ckpt, Source(ckpt), ckpt.tree, out, target, result, dtype, weights_only, ema, compress,
+        _convert_tree(ckpt, TensorSource(ckpt), tree, out, target, result, dtype, weights_only, ema, compress,
                       on_bytes, world_size)
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 
 
-def _convert_tree(ckpt: Checkpoint, source: Source, tree: Any, out: Path, target: str, result: ConvertResult,
+def _convert_tree(ckpt: Checkpoint, source: TensorSource, tree: Any, out: Path, target: str, result: ConvertResult,
                   dtype: str | None, weights_only: bool, ema: bool, compress: bool, on_bytes,
                   world_size: int = 1) -> None:
     layout = result.layout
     if weights_only or target == SAFETENSORS:
         tree = _weights(tree, layout, ema, result)
     elif ema:
-        raise UsageProblem("--ema picks the EMA weights: use it with --weights-only or a .safetensors output")
+        raise UsageError("--ema picks the EMA weights: use it with --weights-only or a .safetensors output")
     if dtype:
-        tree, n = cast_floats(tree, DTYPES[dtype], source)
-        result.notes.append(f"{n} floating tensor(s) cast to {DTYPES[dtype]}")
+        tree, n = cast_floats(tree, CASTS[dtype], source)
+        result.notes.append(f"{n} floating tensor(s) cast to {CASTS[dtype]}")
     if (dtype or weights_only) and refresh_digest(tree, source):
         result.notes.append("content digest recomputed for the changed content")
     counted = _count(tree)
     result.tensors, result.bytes = counted
 
     if target == PT:
-        write_pt(tree, out, source, on_bytes=on_bytes)
+        torchzip.write_file(tree, out, source, on_bytes=on_bytes)
     elif target == H5:
-        from ckpttools.hdf5_format import write_hdf5
-
-        tree = representable(tree, result.notes)
+        tree = to_plain_tree(tree, result.notes)
         with atomic_path(out) as tmp:  # h5py writes to a path, not a file object
-            write_hdf5(tree, tmp, source.tensor_chunks, compress, on_bytes)
+            hdf5.write_hdf5(tree, tmp, source.tensor_chunks, compress, on_bytes)
     elif target == SAFETENSORS:
-        from ckpttools.atomic import atomic_write
-        from ckpttools.safetensors_format import TO_SAFETENSORS, write_safetensors
-
-        skipped = [k for k, t in tree.items() if t.dtype not in TO_SAFETENSORS]
+        skipped = [k for k, t in tree.items() if not safetensors.writable(t.dtype)]
         if skipped:
             result.notes.append(f"{len(skipped)} tensor(s) of dtypes safetensors lacks left out: {skipped[:5]}")
         tensors = {k: t for k, t in tree.items() if k not in skipped}
         with atomic_write(out) as f:
-            write_safetensors(tensors, f, source.tensor_chunks, _safetensors_metadata(ckpt, result), on_bytes)
+            safetensors.write_safetensors(tensors, f, source.tensor_chunks, _safetensors_metadata(ckpt, result),
+                                          on_bytes)
     elif target == DCP_TARGET:
         _to_dcp(tree, out, result, source, world_size)
     else:
-        raise UsageProblem(f"--to {target}: choose pt, h5, safetensors or dcp")
+        raise UsageError(f"--to {target}: choose pt, h5, safetensors or dcp")
 
 
 def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[str, LazyTensor]:
@@ -134,23 +131,21 @@ def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[s
     if ema:
         value = tree.get("ema") if isinstance(tree, dict) else None
         if value is None:
-            raise UsageProblem(f"{result.input}: has no EMA weights ('ema' key); drop --ema")
+            raise UsageError(f"{result.input}: has no EMA weights ('ema' key); drop --ema")
         flat = L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value)
         key = "ema"
     else:
         found = L.weights_of(tree, layout) or L.weights_of(tree, L.FUSE_TRAIN)  # unknown layouts: try model / ema
         if found is None:
-            from ckpttools.reader import iter_tensors
-
             flat = dict(iter_tensors(tree))
             if not flat:
-                raise UsageProblem(f"{result.input}: no tensors found in this {layout} checkpoint")
+                raise UsageError(f"{result.input}: no tensors found in this {layout} checkpoint")
             result.notes.append(f"no model weights recognised in this {layout} checkpoint: every tensor is carried, "
                                 "named by its path")
             return flat
         key, flat = found
     if not flat:
-        raise UsageProblem(f"{result.input}: the '{key}' entry holds no tensors")
+        raise UsageError(f"{result.input}: the '{key}' entry holds no tensors")
     left = sorted(str(k) for k in tree if k != key) if isinstance(tree, dict) and key else []
     result.notes.append(f"weights from '{key or 'the state dict'}' ({len(flat)} tensors)"
                         + (f"; not carried: {', '.join(left[:30])}{' ...' if len(left) > 30 else ''}" if left else ""))
@@ -158,8 +153,6 @@ def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[s
 
 
 def _count(tree: Any) -> tuple[int, int]:
-    from ckpttools.reader import iter_tensors
-
     n = size = 0
     for _, t in iter_tensors(tree):
         n += 1
@@ -182,73 +175,71 @@ def _safetensors_metadata(ckpt: Checkpoint, result: ConvertResult) -> dict[str, 
 
 # ---- torch.distributed.checkpoint ---------------------------------------------------------------------------------------
 
-def _to_dcp(tree: Any, out: Path, result: ConvertResult, source: Source, world_size: int = 1) -> None:
-    import torch.distributed.checkpoint as dcp
-
+def _to_dcp(tree: Any, out: Path, result: ConvertResult, source: TensorSource, world_size: int = 1) -> None:
     if not isinstance(tree, dict):
-        raise UsageProblem(f"{result.input}: DCP needs a dict at the top of the checkpoint")
-    if world_size > 1:
-        _to_sharded_dcp(tree, out, result, source, world_size)
+        raise UsageError(f"{result.input}: DCP needs a dict at the top of the checkpoint")
+    result.notes.extend(dcp.notes_for(tree))
+    tree = to_plain_tree(tree, result.notes)
+    if world_size == 1:
+        result.notes.append("DCP: torch's API holds the whole state dict in memory while saving")
+        with atomic_folder(out) as tmp:
+            dcp.write_single(materialise(tree), tmp)
         return
-    _dcp_notes(tree, result)
-    state = materialise(representable(tree, result.notes))
-    result.notes.append("DCP: torch's API holds the whole state dict in memory while saving")
-    with atomic_folder(out) as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # single process on purpose
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
-
-
-def _to_sharded_dcp(tree: Any, out: Path, result: ConvertResult, source: Source, world_size: int) -> None:
-    from ckpttools.dcp_write import save_sharded
-
-    _dcp_notes(tree, result)
-    tree = representable(tree, result.notes)
     plain = out.with_name(f".{out.name}.{os.getpid()}.plain.pt")
     try:
-        write_pt(tree, plain, source)  # streamed; each rank maps it and takes its shards
+        torchzip.write_file(tree, plain, source)  # streamed; each rank maps it and takes its shards
         with atomic_folder(out) as tmp:
-            save_sharded(plain, tmp, world_size)
+            dcp.write_sharded(plain, tmp, world_size)
     finally:
         plain.unlink(missing_ok=True)
     result.notes.append(f"DCP: written by {world_size} gloo processes, tensors sharded along dim 0 (DTensor)")
 
 
-def _dcp_notes(tree: Any, result: ConvertResult) -> None:
-    if _any_dict(tree, lambda d: any(not isinstance(k, str) for k in d)):
-        result.notes.append("DCP keys are strings: non-string dict keys (e.g. optimizer state indices) come back as "
-                            "strings from a DCP folder (torch's flattening)")
-    if _any_dict(tree, lambda d: not d):
-        result.notes.append("DCP does not store empty dicts: they come back as None (e.g. an unused GradScaler)")
-
-
-def _any_dict(tree: Any, test: Callable[[dict], bool]) -> bool:
-    """Whether ``test`` holds for any dict in the tree."""
-    if isinstance(tree, dict):
-        return test(tree) or any(_any_dict(v, test) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return any(_any_dict(v, test) for v in tree)
-    return False
-
-
 def _from_dcp(ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, dtype, weights_only, ema, compress,
               on_bytes) -> None:
-    """Consolidate with torch's ``dcp_to_torch_save`` (the reader already checked every item is safe), then
-    convert that file if another target was asked for."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+    """Consolidate with torch's ``dcp_to_torch_save`` -- only ever reached after every pickle of the folder
+    passed the policy (``open_input``) -- then convert that file if another target was asked for."""
     result.notes.append("DCP: consolidated with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
     if target == PT and not (dtype or weights_only or ema):
         with atomic_path(out) as tmp:
-            dcp_to_torch_save(str(ckpt.path), str(tmp))
+            dcp.consolidate(ckpt.path, tmp)
         result.tensors, result.bytes = _count(open_checkpoint(out).tree)
         return
     consolidated = out.with_name(f".{out.name}.{os.getpid()}.consolidated.pt")
     try:
-        dcp_to_torch_save(str(ckpt.path), str(consolidated))
+        dcp.consolidate(ckpt.path, consolidated)
         inner = open_checkpoint(consolidated)
-        require_readable(inner)
+        refuse_unsafe(inner, "convert")
+        require_intact(inner)
         result.layout = L.recognise(inner.tree)
-        _convert_tree(inner, Source(inner), inner.tree, out, target, result, dtype, weights_only, ema, compress,
+        _convert_tree(inner, TensorSource(inner), inner.tree, out, target, result, dtype, weights_only, ema, compress,
                       on_bytes)
     finally:
         consolidated.unlink(missing_ok=True)
+
+
+# ---- casting ---------------------------------------------------------------------------------------------------------
+
+CASTABLE = ("float64", "float32", "float16", "bfloat16")
+
+
+def cast_floats(tree: Any, dtype: str, source: TensorSource) -> tuple[Any, int]:
+    """Floating tensors cast to ``dtype`` (computed one at a time when written); returns (tree, count)."""
+    import torch
+
+    count = 0
+
+    def cast(t: LazyTensor):
+        nonlocal count
+        if t.dtype not in CASTABLE or t.dtype == dtype:
+            return t
+        count += 1
+
+        def make(t=t) -> bytes:
+            x = t.load().to(getattr(torch, dtype)).contiguous()
+            return x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""
+        out = source.computed_tensor(dtype, t.shape, make, t.storage.location)
+        out.requires_grad, out.parameter = t.requires_grad, t.parameter
+        return out
+
+    return map_tensors(tree, cast), count

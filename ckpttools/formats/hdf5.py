@@ -26,17 +26,16 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ckpttools.errors import NotACheckpoint
+from ckpttools.formats.base import Checkpoint
 from ckpttools.report import ERROR, Finding
-from ckpttools.unpickle import DTYPE_SIZES, DType, LazyTensor, StorageRef, contiguous_strides
+from ckpttools.tensors import DTYPES, FROM_NUMPY, DType, LazyTensor, StorageRef, contiguous_strides
+
+NAME = "hdf5"
+MAGIC = b"\x89HDF\r\n\x1a\n"
 
 KIND_ATTR, DTYPE_ATTR, JSON_ATTR, KEYS_ATTR, ORDER_ATTR = "__kind__", "dtype", "__json__", "__keys__", "__order__"
 RESERVED = {KIND_ATTR, JSON_ATTR, KEYS_ATTR, ORDER_ATTR}
-NUMPY_TO_TORCH = {"float64": "float64", "float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32",
-                  "int16": "int16", "int8": "int8", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
-                  "uint64": "uint64", "bool": "bool", "complex64": "complex64", "complex128": "complex128"}
-# torch dtypes numpy lacks: stored as raw bits of the same width
-BITS_AS = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8", "float8_e4m3fnuz": "uint8",
-           "float8_e5m2fnuz": "uint8", "complex32": "uint32"}
 LIBVER = ("v108", "latest")  # 1.8+ file format: dense attribute storage, so long JSON attributes fit
 
 
@@ -101,23 +100,25 @@ def plain(value: Any) -> Any:
 
 # ---- reading ----------------------------------------------------------------------------------------------------------
 
-def open_hdf5(path: Path):
-    import h5py
+def detect(path: Path, head: bytes) -> bool:
+    return head[:8] == MAGIC
 
-    from ckpttools.reader import HDF5, Checkpoint, NotACheckpoint
 
-    ckpt = Checkpoint(path, HDF5)
+def read(path: Path) -> Checkpoint:
+    import h5py  # imported when an HDF5 file is met: it costs start-up time otherwise
+
+    ckpt = Checkpoint(path, NAME)
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
-        raise NotACheckpoint(f"HDF5 file that h5py cannot open ({exc})") from None
+        raise NotACheckpoint(f"{path}: HDF5 file that h5py cannot open ({exc})") from None
 
     def dataset(item, name: str) -> Any:
         kind = plain(item.attrs.get(KIND_ATTR, ""))
         if kind == "ndarray":
             return np.asarray(item[()])
-        dtype = str(plain(item.attrs.get(DTYPE_ATTR, NUMPY_TO_TORCH.get(item.dtype.name, "uint8"))))
-        if dtype not in DTYPE_SIZES:
+        dtype = str(plain(item.attrs.get(DTYPE_ATTR, FROM_NUMPY.get(item.dtype.name, "uint8"))))
+        if dtype not in DTYPES:
             ckpt.findings.append(Finding(ERROR, "hdf5.dtype", f"dataset {name} has dtype {dtype} that no tensor has",
                                          name))
             return None
@@ -167,7 +168,6 @@ def open_hdf5(path: Path):
     for ref in ckpt.storages.values():
         ref.reader = read_all
     ckpt.iter_storage = iter_storage
-    ckpt.references = []
     return ckpt
 
 
@@ -245,7 +245,7 @@ def _utf8_ok(text: str) -> bool:
 
 
 def _write_tensor(group, name: str, t: LazyTensor, chunks: Iterable[bytes], compress: bool, on_bytes) -> None:
-    np_dtype = np.dtype(BITS_AS.get(t.dtype, t.dtype if t.dtype != "bool" else "bool"))
+    np_dtype = np.dtype(t.dtype.info.numpy or t.dtype.info.bits)  # dtypes numpy lacks: their bits
     shape = tuple(t.shape)
     filters = {}
     if t.numel and shape:  # HDF5 cannot chunk (so cannot checksum) scalars and empty datasets

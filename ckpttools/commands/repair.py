@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.atomic import atomic_path
-from ckpttools.digest import DIGEST_KEY
-from ckpttools.reader import ZIP, Checkpoint, NotACheckpoint, iter_tensors, open_checkpoint
-from ckpttools.report import ERROR, UsageProblem
-from ckpttools.rewrite import Source, check_output, lazy_digest, refresh_digest, refuse_dangerous, write_pt
-from ckpttools.scan import StorageScanner
-from ckpttools.unpickle import LazyTensor, StorageRef
+from ckpttools.atomic import atomic_path, check_new_output
+from ckpttools.commands._inputs import refuse_unsafe
+from ckpttools.commands.verify import verify
+from ckpttools.digest import DIGEST_KEY, lazy_digest, refresh_digest
+from ckpttools.errors import UsageError
+from ckpttools.formats import ZIP, Checkpoint, open_checkpoint, torchzip
+from ckpttools.formats.base import to_plain_tree
+from ckpttools.report import ERROR
+from ckpttools.storage_scan import StorageScanner
+from ckpttools.tensors import LazyTensor, StorageRef, TensorSource, iter_tensors
 
 
 @dataclass
@@ -44,19 +47,14 @@ class RepairResult:
 
 
 def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathLike | None = None,
-           strip_prefix: bool = True, force: bool = False, on_bytes: Callable[[int], None] | None = None) -> RepairResult:
+           strip_prefix: bool = True, force: bool = False, on_bytes: Callable[[int], None] | None = None,
+           allow_unsafe: bool = False) -> RepairResult:
     src, out = Path(src), Path(out)
-    if not src.exists():
-        raise FileNotFoundError(2, "missing", str(src))
     backup_path = Path(from_) if from_ else None
-    if backup_path is not None and not backup_path.exists():
-        raise FileNotFoundError(2, "missing", str(backup_path))
-    check_output(out, [src] + ([backup_path] if backup_path else []), force)
+    check_new_output(out, [src] + ([backup_path] if backup_path else []), force)
     result = RepairResult(str(src), str(out))
-    try:
-        ckpt = open_checkpoint(src)
-    except NotACheckpoint as exc:
-        raise UsageProblem(f"{src}: not a checkpoint: {exc}") from None
+    ckpt = open_checkpoint(src)
+    backup = open_checkpoint(backup_path) if backup_path else None  # a missing --from is a usage error, first
     if ckpt.tree is None:
         messages = [f.message for f in ckpt.findings if f.severity == ERROR]
         result.problems.append("the pickle that describes the tensors is lost or damaged"
@@ -64,17 +62,20 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
                                + "; nothing can be rebuilt from this file: use the previous checkpoint "
                                "(last.prev.pt) or an epochN.pt")
         return result
-    refuse_dangerous(ckpt, "repair")
+    dangerous = refuse_unsafe(ckpt, "repair", allow_unsafe)
+    if dangerous:  # --allow-unsafe: data only
+        ckpt.tree = to_plain_tree(ckpt.tree, [])
+        result.actions.append(f"--allow-unsafe: written as plain data only; not carried: {', '.join(dangerous[:5])}")
     if any(f.code == "zip.no-central-directory" for f in ckpt.findings):
         result.actions.append("zip end records were missing: records recovered by scanning local headers")
 
-    source = Source(ckpt)
+    source = TensorSource(ckpt)
     lost = _lost_storages(ckpt, on_bytes)
     users = _users(ckpt)
     if lost:
-        backup = _open_backup(backup_path) if backup_path else None
+        _check_backup(backup)
         theirs = _by_name(backup) if backup else {}
-        backup_source = Source(backup) if backup else None
+        backup_source = TensorSource(backup) if backup else None
         mine = dict(iter_tensors(ckpt.tree))
         for ref, why in lost:
             names = users.get(id(ref), [f"storage {ref.key}"])
@@ -136,15 +137,12 @@ def _lost_storages(ckpt: Checkpoint, on_bytes) -> list[tuple[StorageRef, str]]:
     return lost
 
 
-def _open_backup(path: Path) -> Checkpoint:
-    try:
-        backup = open_checkpoint(path)
-    except NotACheckpoint as exc:
-        raise UsageProblem(f"{path}: not a checkpoint: {exc}") from None
+def _check_backup(backup: Checkpoint | None) -> None:
+    if backup is None:
+        return
     if backup.tree is None:
-        raise UsageProblem(f"{path}: cannot be read either ({[f.message for f in backup.findings][:1]})")
-    refuse_dangerous(backup, "fill from")
-    return backup
+        raise UsageError(f"{backup.path}: cannot be read either ({[f.message for f in backup.findings][:1]})")
+    refuse_unsafe(backup, "fill from")
 
 
 def _normalise(name: str) -> str:
@@ -158,7 +156,7 @@ def _by_name(ckpt: Checkpoint) -> dict[str, LazyTensor]:
 
 
 def _fill(ref: StorageRef, names: list[str], mine: dict[str, LazyTensor], theirs: dict[str, LazyTensor],
-          source: Source, backup: Source, result: RepairResult) -> bool:
+          source: TensorSource, backup: TensorSource, result: RepairResult) -> bool:
     """Fill a lost storage from the backup's tensor of the same name, dtype and shape; only a storage that one
     tensor uses whole can be filled that way (a storage shared by several views cannot be rebuilt from one)."""
     if len(names) != 1:
@@ -194,7 +192,7 @@ def _strip_prefixes(tree: Any) -> list[str]:
     return actions
 
 
-def _fix_digest(tree: Any, source: Source, result: RepairResult, changed: bool) -> None:
+def _fix_digest(tree: Any, source: TensorSource, result: RepairResult, changed: bool) -> None:
     if not isinstance(tree, dict):
         return
     if DIGEST_KEY not in tree:
@@ -212,7 +210,7 @@ def _fix_digest(tree: Any, source: Source, result: RepairResult, changed: bool) 
         result.actions.append("content digest did not match the (CRC-intact) content: rebuilt")
 
 
-def _write_verified(tree: Any, out: Path, source: Source, result: RepairResult, on_bytes) -> None:
+def _write_verified(tree: Any, out: Path, source: TensorSource, result: RepairResult, on_bytes) -> None:
     from ckpttools.verify import verify
 
     def passes(tmp: Path) -> bool:
@@ -222,7 +220,7 @@ def _write_verified(tree: Any, out: Path, source: Source, result: RepairResult, 
         return not errors
 
     with atomic_path(out, verify=passes) as tmp:
-        write_pt(tree, tmp, source, on_bytes=on_bytes)
+        torchzip.write_file(tree, tmp, source, on_bytes=on_bytes)
     if result.problems:
         return
     result.repaired = True

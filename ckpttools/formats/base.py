@@ -1,0 +1,148 @@
+"""What every container format gives back: a ``Checkpoint`` (tree of plain values and lazy tensors, the scan of
+every pickle it holds, container findings, and a way to stream each storage's bytes).
+
+A format module (``formats/<name>.py``) provides ``detect(path, head) -> bool`` and ``open(path) ->
+Checkpoint`` and, where the format can be written, a writer.  ``formats/__init__.py`` holds the list and
+``open_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ckpttools.errors import MissingPath, NotACheckpoint
+from ckpttools.layouts import module_tensors
+from ckpttools.objects import Placeholder, Reference
+from ckpttools.pickle.policy import DANGEROUS, Judgement, judge
+from ckpttools.pickle.scan import PickleScan, scan_pickle
+from ckpttools.pickle.unpickler import restricted_load
+from ckpttools.report import ERROR, WARNING, Finding
+from ckpttools.tensors import DType, StorageRef
+
+CHUNK = 8 << 20  # bytes per block when streaming a storage
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened for inspection.  ``tree`` holds plain values and LazyTensors."""
+
+    path: Path
+    format: str
+    tree: Any = None
+    scans: list[tuple[str, PickleScan]] = field(default_factory=list)  # (where, scan) of every pickle read
+    findings: list[Finding] = field(default_factory=list)  # container problems seen while opening
+    records: dict[str, Any] = field(default_factory=dict)  # zip records by name (torch zip, DCP items)
+    storages: dict[str, StorageRef] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    iter_storage: Callable[[StorageRef, int], Iterator[bytes]] | None = None
+    record_of: Callable[[StorageRef], Any] | None = None  # the zip record behind a storage, where there is one
+
+    def storage_chunks(self, ref: StorageRef, chunk: int = CHUNK) -> Iterator[bytes]:
+        if self.iter_storage is None:
+            return iter(())
+        return self.iter_storage(ref, chunk)
+
+    @property
+    def references(self) -> list[Reference]:
+        return list(dict.fromkeys(ref for _, scan in self.scans for ref in scan.references))
+
+    def safety(self) -> list[tuple[str, Judgement]]:
+        """(where, judgement) for every reference of every pickle, by the one policy."""
+        return [(where, j) for where, scan in self.scans for j in judge(scan)]
+
+    def dangerous(self) -> list[tuple[str, Judgement]]:
+        return [(where, j) for where, j in self.safety() if j.status == DANGEROUS]
+
+    def read_pickle(self, data: bytes, where: str, persistent_load=None) -> Any:
+        """Scan ``data`` (the static scan is recorded whatever happens), then unpickle it inertly.  A pickle that
+        cannot be read is a finding; returns None then."""
+        self.scans.append((where, scan_pickle(data)))
+        try:
+            return restricted_load(data, persistent_load)
+        except Exception as exc:  # noqa: BLE001 - any failure of a damaged or hostile pickle is a finding
+            self.findings.append(Finding(ERROR, "pickle.unreadable", f"the pickle cannot be read: "
+                                         f"{exc.__class__.__name__}: {exc}", where))
+            return None
+
+
+def regular_file_or_folder(path: Path) -> os.stat_result:
+    """stat of ``path``; refuses what is neither a regular file nor a folder (a FIFO would block every read)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise MissingPath(path) from None
+    except OSError as exc:  # a symlink loop, a permission problem
+        raise NotACheckpoint(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise NotACheckpoint(f"{path}: not a regular file or folder (a device, FIFO or socket)")
+    return st
+
+
+def describe_non_checkpoint(path: Path) -> str:
+    """What a path that is not a readable checkpoint looks like, in a few words."""
+    if path.is_dir():
+        return "a folder without .metadata (not a torch.distributed.checkpoint folder)"
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF",
+             b"\x1f\x8b": "a gzip file", b"BM": "a BMP image"}
+    for magic, what in kinds.items():
+        if head.startswith(magic):
+            return what
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file"
+    return f"not a known checkpoint container ({size} bytes, starts with {head[:8].hex()})"
+
+
+def storage_from_pid(ckpt: Checkpoint, pid: Any, reader=None) -> StorageRef:
+    """The storage a torch persistent id ``('storage', type, key, location, numel)`` names (one per key)."""
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+        raise ValueError(f"unknown persistent id {pid!r}")
+    _, storage_type, key, location, numel = pid[:5]
+    key = str(key)
+    if key not in ckpt.storages:
+        dtype = storage_type if isinstance(storage_type, DType) else DType("uint8")
+        ckpt.storages[key] = StorageRef(key, dtype, int(numel), str(location), reader)
+    return ckpt.storages[key]
+
+
+def to_plain_tree(tree: Any, notes: list[str], where: str = "") -> Any:
+    """The tree with what only a pickle can hold (objects of classes never imported, torch dtypes) turned into
+    plain data a non-pickle format (HDF5, DCP) can store; every change is noted."""
+    if isinstance(tree, dict):
+        return {k: to_plain_tree(v, notes, f"{where}/{k}" if where else str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [to_plain_tree(v, notes, f"{where}[{i}]") for i, v in enumerate(tree)]
+    if isinstance(tree, tuple):
+        return tuple(to_plain_tree(v, notes, f"{where}[{i}]") for i, v in enumerate(tree))
+    if isinstance(tree, DType):
+        return f"torch.{tree}"
+    if isinstance(tree, Placeholder):
+        name = tree._reference.qualname
+        weights = module_tensors(tree)
+        if weights:
+            notes.append(f"{where or 'root'}: pickled {name} stored as its state dict ({len(weights)} tensors); "
+                         "the class itself is not carried")
+            return weights
+        state = tree.state
+        notes.append(f"{where or 'root'}: pickled {name} stored as its recorded attributes")
+        return to_plain_tree(state if isinstance(state, (dict, list, tuple)) else {}, notes, where)
+    if isinstance(tree, type) and issubclass(tree, Placeholder):
+        notes.append(f"{where}: reference to {tree._reference.qualname} stored as its name")
+        return tree._reference.qualname
+    return tree
+
+
+def warn(ckpt: Checkpoint, code: str, message: str, where: str) -> None:
+    ckpt.findings.append(Finding(WARNING, code, message, where))
+
+
+def error(ckpt: Checkpoint, code: str, message: str, where: str) -> None:
+    ckpt.findings.append(Finding(ERROR, code, message, where))

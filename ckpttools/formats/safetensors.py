@@ -1,0 +1,117 @@
+"""safetensors files: read (header, byte ranges, overlap and size checks) and written one tensor at a time.
+
+``safetensors.torch.save_file`` needs every tensor in memory at once; the format itself is simple (an 8-byte
+header length, a JSON header of name -> dtype / shape / byte range, then the bytes), so this writes it
+streaming, and the result is read by ``safetensors.torch.load_file`` like any other (a test checks that).
+No pickle is involved, so nothing here can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import IO, Callable, Iterable, Iterator
+
+from ckpttools.errors import NotACheckpoint
+from ckpttools.formats.base import CHUNK, Checkpoint
+from ckpttools.report import ERROR, Finding
+from ckpttools.tensors import FROM_SAFETENSORS, DType, LazyTensor, StorageRef, contiguous_strides
+
+NAME = "safetensors"
+
+
+def detect(path: Path, head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    n = struct.unpack("<Q", head[:8])[0]
+    return 2 <= n < 100_000_000 and head[8:9] == b"{" and n + 8 <= path.stat().st_size
+
+
+def writable(dtype: str) -> bool:
+    return DType(dtype).info.safetensors is not None
+
+
+def read(path: Path) -> Checkpoint:
+    ckpt = Checkpoint(path, NAME)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise NotACheckpoint(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise NotACheckpoint(f"{path}: safetensors header is not a JSON object")
+    base = 8 + n
+    ckpt.metadata = dict(header.pop("__metadata__", None) or {})
+    tree, spans = {}, []
+    for name, info in header.items():
+        dtype = DType(FROM_SAFETENSORS.get(info.get("dtype"), "uint8"))
+        shape = tuple(info.get("shape", ()))
+        start, end = info.get("data_offsets", (0, 0))
+        numel = 1
+        for s in shape:
+            numel *= s
+        if (end - start) != numel * dtype.itemsize:
+            ckpt.findings.append(Finding(ERROR, "safetensors.size-mismatch", f"{name}: {end - start} bytes for "
+                                         f"{dtype} {list(shape)} (needs {numel * dtype.itemsize})", name))
+        if base + end > size:
+            ckpt.findings.append(Finding(ERROR, "safetensors.truncated", f"{name}: data ends at {base + end}, file "
+                                         f"has {size} bytes", name))
+        spans.append((start, end, name))
+        ref = StorageRef(name, dtype, numel, "cpu", None)
+        ref.reader = lambda r, s=start, e=end: b"".join(_iter_file_range(path, base + s, e - s, CHUNK))
+        ckpt.storages[name] = ref
+        tree[name] = LazyTensor(ref, 0, shape, contiguous_strides(shape))
+    spans.sort()
+    for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
+        if s2 < e1:
+            ckpt.findings.append(Finding(ERROR, "safetensors.overlap", f"{n1} and {n2} overlap in the data area", n2))
+    ckpt.tree = tree
+
+    def iter_storage(ref: StorageRef, chunk: int):
+        start, end = header[ref.key]["data_offsets"]
+        yield from _iter_file_range(path, base + start, end - start, chunk)
+
+    ckpt.iter_storage = iter_storage
+    return ckpt
+
+
+def _iter_file_range(path: Path, offset: int, size: int, chunk: int) -> Iterator[bytes]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos, end = offset, offset + size
+        while pos < end:
+            block = os.pread(fd, min(chunk, end - pos), pos)
+            if not block:
+                return
+            pos += len(block)
+            yield block
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(tensors: dict[str, LazyTensor], out: IO[bytes],
+                      tensor_chunks: Callable[[LazyTensor], Iterable[bytes]], metadata: dict[str, str] | None = None,
+                      on_bytes: Callable[[int], None] | None = None) -> None:
+    """Write ``tensors`` (every dtype must have a safetensors code: ``writable``) with string ``metadata``."""
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": DType(t.dtype).info.safetensors, "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data area starts 8-byte aligned, as the library writes it
+    out.write(struct.pack("<Q", len(raw)) + raw)
+    for name, t in tensors.items():
+        written = 0
+        for block in tensor_chunks(t):
+            out.write(block)
+            written += len(block)
+            if on_bytes:
+                on_bytes(len(block))
+        if written != t.nbytes:
+            raise OSError(f"tensor {name}: {written} bytes read, {t.nbytes} expected")

@@ -1,0 +1,300 @@
+"""The ``torch.save`` zip container: read it as torch reads it, and write it as torch writes it.
+
+``torch.save`` writes an uncompressed zip: ``<top>/data.pkl`` (the pickle), ``<top>/data/<key>`` (one record
+per storage), ``<top>/byteorder``, ``<top>/version``, ``<top>/.data/serialization_id``.  The top folder name
+is arbitrary (the file's stem by default); torch takes it from the first record.  The raw zip records (and
+every byte of the file accounted for) come from ``ziprecords``.
+
+Reading: every pickle in the archive is scanned (``data.pkl`` and any other record that is a pickle), then
+``data.pkl`` is unpickled inertly; a second record of the same name is refused as ambiguous (torch's reader
+may take either).
+
+Writing (``write_torch_zip``): the same archive ``torch.save`` would write, from a reader tree, one storage at
+a time and without torch.  The pickle is produced by Python's own pickler, taught three things:
+
+* ``LazyTensor`` -> ``torch._utils._rebuild_tensor_v2`` (``_rebuild_parameter`` around it for parameters),
+  the storage as a persistent id, exactly as torch writes them, so ``torch.load(weights_only=True)`` reads it;
+* ``DType`` -> the ``torch.<dtype>`` global;
+* placeholders (classes that were never imported) -> the same global reference and the same construction
+  (NEWOBJ / REDUCE / ``copyreg._reconstructor``, BUILD state, list and dict items) they were read from.
+  Nothing is imported to do that: the reference is written by name.  Callers make sure no reference the
+  policy calls dangerous reaches the writer (``commands/_inputs.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import copyreg
+import hashlib
+import io
+import pickle
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable
+
+from ckpttools.atomic import atomic_write
+from ckpttools.formats import ziprecords
+from ckpttools.formats.base import Checkpoint, storage_from_pid
+from ckpttools.objects import Placeholder, Reference, is_placeholder
+from ckpttools.pickle.scan import looks_like_pickle, scan_pickle
+from ckpttools.report import ERROR, WARNING, Finding
+from ckpttools.tensors import DTYPES, DType, LazyTensor, StorageRef
+
+NAME = "torch-zip"
+MAX_EXTRA_PICKLE = 256 << 20  # scan other pickle records up to this size
+
+
+def detect(path: Path, head: bytes) -> bool:
+    return head[:4] in (ziprecords.LOCAL_MAGIC, ziprecords.EOCD_MAGIC)
+
+
+def read(path: Path) -> Checkpoint:
+    return open_embedded(path, 0, None)
+
+
+def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Checkpoint:
+    """The torch zip in ``path`` (or embedded at ``base``, ``length`` bytes long: how DCP stores each item)."""
+    ckpt = Checkpoint(path, NAME)
+    try:
+        records, problems = ziprecords.read_records(path, base, length)
+        ckpt.findings.extend(Finding(ERROR, p.code, p.message, p.where) for p in problems)
+    except ziprecords.ZipStructureError as exc:
+        records = exc.records
+        complete = [r for r in records if not r.truncated]
+        ckpt.findings.append(Finding(ERROR, "zip.no-central-directory",
+                                     f"zip end records missing or damaged ({exc}): the file is truncated or its end "
+                                     f"is corrupt; {len(complete)} complete record(s) found by scanning "
+                                     f"(`ckpt repair` can salvage them)", "central directory"))
+        for r in records:
+            if r.truncated:
+                ckpt.findings.append(Finding(ERROR, "zip.record-truncated", f"record {r.name} is cut off", r.name))
+    for name, n in Counter(r.name for r in records).items():
+        if n > 1:
+            ckpt.findings.append(Finding(ERROR, "zip.duplicate-name", f"{n} records named {name}: torch.load may "
+                                         "read any of them; the file is ambiguous", name))
+    ckpt.records = {}
+    for r in records:
+        ckpt.records.setdefault(r.name, r)  # the first, as a sequential reader sees it; duplicates are errors
+    pkl_name = pickle_record_name([r.name for r in records])
+    if pkl_name is None:
+        ckpt.findings.append(Finding(ERROR, "zip.no-pickle", "no data.pkl record: not a torch.save checkpoint "
+                                     "or the record is lost", "data.pkl"))
+        _scan_other_pickles(ckpt, path, None)
+        return ckpt
+    top = pkl_name[: -len("data.pkl")]
+    _scan_other_pickles(ckpt, path, pkl_name)
+    pkl = ckpt.records[pkl_name]
+    if pkl.truncated:
+        return ckpt
+    data = ziprecords.read_record(path, pkl)
+    if pkl.crc is not None and pkl.crc != 0 and ziprecords.crc32(data) != pkl.crc:
+        # a damaged pickle describes nothing reliable, and unpickling garbage can cost minutes: scan it for
+        # what it names and stop there
+        scan = scan_pickle(data)
+        scan.error = None  # where a damaged stream stops is damage (reported below), not a safety verdict
+        ckpt.scans.append((pkl_name, scan))
+        ckpt.findings.append(Finding(ERROR, "pickle.damaged", f"{pkl_name} fails its CRC32 check; it was not "
+                                     "unpickled (what it names is still judged)", pkl_name))
+        return ckpt
+    byteorder = ckpt.records.get(top + "byteorder")
+    if byteorder is not None and not byteorder.truncated and ziprecords.read_record(path, byteorder).strip() == b"big":
+        ckpt.findings.append(Finding(WARNING, "zip.big-endian", "tensors were saved big-endian; values are read as "
+                                     "little-endian here", top + "byteorder"))
+
+    def reader(ref: StorageRef) -> bytes:
+        record = ckpt.record_of(ref)
+        if record is None or record.truncated:
+            raise OSError(f"storage record for {ref.key} is missing or truncated")
+        return ziprecords.read_record(path, record)
+
+    ckpt.tree = ckpt.read_pickle(data, pkl_name, lambda pid: storage_from_pid(ckpt, pid, reader))
+    ckpt.record_of = lambda ref: ckpt.records.get(top + "data/" + ref.key)
+
+    def iter_storage(ref: StorageRef, chunk: int):
+        record = ckpt.record_of(ref)
+        return ziprecords.iter_record_bytes(path, record, chunk) if record and not record.truncated else iter(())
+
+    ckpt.iter_storage = iter_storage
+    return ckpt
+
+
+def pickle_record_name(names: list[str]) -> str | None:
+    """The pickle torch loads: ``<top>/data.pkl`` where ``<top>`` is the first record's folder (torch's rule);
+    else the shallowest ``data.pkl`` (a damaged or foreign archive that is still worth describing)."""
+    if names and "/" in names[0]:
+        first = names[0].split("/", 1)[0] + "/data.pkl"
+        if first in names:
+            return first
+    candidates = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+    return min(candidates, key=lambda n: (n.count("/"), len(n))) if candidates else None
+
+
+def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None) -> None:
+    """Every other record that holds a pickle (``extra/*.pkl``, a second ``data.pkl``, TorchScript's
+    ``constants.pkl``) is judged too: another loader may unpickle it."""
+    for name, record in ckpt.records.items():
+        short = name.split("/", 1)[1] if "/" in name else name
+        if name == main or short.startswith("data/") or record.truncated or record.size > MAX_EXTRA_PICKLE:
+            continue
+        head = b"".join(ziprecords.iter_record_bytes(path, record, 64, 0, 64))
+        if name.endswith(".pkl") or (head[:1] == b"\x80" and looks_like_pickle(head)):
+            ckpt.scans.append((name, scan_pickle(ziprecords.read_record(path, record))))
+
+
+# ---- writing -------------------------------------------------------------------------------------------------------
+
+ALIGNMENT = 64  # torch aligns storage records so mmap=True loads can use them in place
+PROTOCOL = 2  # torch.save's default
+STORAGE_CLASS = {d.name: d.storage_class for d in DTYPES.values() if d.storage_class and not d.name.startswith("q")}
+
+
+class Global:
+    """A module-level name written into the pickle by reference, never imported here."""
+
+    _cache: dict[tuple[str, str], "Global"] = {}
+
+    def __new__(cls, module: str, name: str):
+        key = (module, name)
+        if key not in cls._cache:
+            obj = super().__new__(cls)
+            obj.module, obj.name = module, name
+            cls._cache[key] = obj
+        return cls._cache[key]
+
+    def __call__(self, *args):  # pickle's save_reduce insists that a reduce function be callable
+        raise TypeError(f"{self.module}.{self.name} is a reference, not a function")
+
+
+REBUILD_TENSOR = Global("torch._utils", "_rebuild_tensor_v2")
+REBUILD_TENSOR_V3 = Global("torch._utils", "_rebuild_tensor_v3")
+REBUILD_PARAMETER = Global("torch._utils", "_rebuild_parameter")
+
+
+class _TensorData:
+    """The tensor inside a Parameter: pickled without taking the Parameter's memo slot."""
+
+    def __init__(self, tensor: LazyTensor):
+        self.tensor = tensor
+
+
+class TreePickler(pickle._Pickler):  # the pure-Python pickler: it lets us write globals by name
+    def __init__(self, file: IO[bytes], storage_key: Callable[[StorageRef], str],
+                 location: Callable[[StorageRef], str]):
+        super().__init__(file, protocol=PROTOCOL)
+        self.storage_key, self.location = storage_key, location
+
+    def persistent_id(self, obj: Any):
+        if isinstance(obj, StorageRef):
+            typed = obj.dtype in STORAGE_CLASS
+            kind = Global("torch", STORAGE_CLASS[obj.dtype]) if typed else Global("torch.storage", "UntypedStorage")
+            numel = obj.numel if typed else obj.nbytes
+            return ("storage", kind, self.storage_key(obj), self.location(obj), numel)
+        return None
+
+    def reducer_override(self, obj: Any):
+        if isinstance(obj, LazyTensor):
+            if obj.parameter:
+                return REBUILD_PARAMETER, (_TensorData(obj), obj.requires_grad, collections.OrderedDict())
+            return self._rebuild(obj)
+        if isinstance(obj, _TensorData):
+            return self._rebuild(obj.tensor)
+        if isinstance(obj, Placeholder):
+            return _placeholder_reduce(obj)
+        return NotImplemented
+
+    @staticmethod
+    def _rebuild(t: LazyTensor):
+        args = (t.storage, t.storage_offset, tuple(t.shape), tuple(t.stride), t.requires_grad and not t.parameter,
+                collections.OrderedDict())
+        if t.dtype in STORAGE_CLASS:
+            return REBUILD_TENSOR, args
+        return REBUILD_TENSOR_V3, (*args, Global("torch", str(t.dtype)))
+
+    def save_global(self, obj, name=None):
+        if isinstance(obj, type) and is_placeholder(obj):
+            return self._write_global(obj, obj._reference)
+        return super().save_global(obj, name)
+
+    def _write_global(self, obj, ref: Reference):
+        self.write(pickle.GLOBAL + ref.module.encode("utf-8") + b"\n" + ref.name.encode("utf-8") + b"\n")
+        self.memoize(obj)
+
+    dispatch = pickle._Pickler.dispatch.copy()
+    dispatch[Global] = lambda self, obj: self._write_global(obj, Reference(obj.module, obj.name))
+    dispatch[DType] = lambda self, obj: self._write_global(obj, Reference("torch", str(obj)))
+
+
+def _placeholder_reduce(obj: Placeholder):
+    cls = type(obj)
+    state = obj._state
+    items = iter(obj._items) if obj._items else None
+    dict_items = iter(obj._dict_items.items()) if obj._dict_items else None
+    how = obj.__dict__.get("_built_by", "newobj")
+    if how == "reconstructor":
+        return copyreg._reconstructor, (cls, object, None), state, items, dict_items
+    if how == "call":
+        return cls, tuple(obj._args), state, items, dict_items
+    return copyreg.__newobj__, (cls, *obj._args), state, items, dict_items
+
+
+def pickle_tree(tree: Any, location: Callable[[StorageRef], str] | None = None) -> tuple[bytes, list[StorageRef]]:
+    """The ``data.pkl`` bytes for ``tree`` and its storages in key order ("0", "1", ...)."""
+    keys: dict[int, str] = {}
+    storages: list[StorageRef] = []
+
+    def storage_key(ref: StorageRef) -> str:
+        if id(ref) not in keys:
+            keys[id(ref)] = str(len(storages))
+            storages.append(ref)
+        return keys[id(ref)]
+
+    buf = io.BytesIO()
+    TreePickler(buf, storage_key, location or (lambda ref: ref.location)).dump(tree)
+    return buf.getvalue(), storages
+
+
+def write_torch_zip(tree: Any, out: IO[bytes], chunks_of: Callable[[StorageRef], Iterable[bytes]],
+                    location: Callable[[StorageRef], str] | None = None, archive: str = "archive",
+                    on_bytes: Callable[[int], None] | None = None) -> list[StorageRef]:
+    """Write ``tree`` to ``out`` (seekable) as torch.save does; each storage's bytes come from ``chunks_of``
+    and must add up to its size.  Returns the storages written, in record order."""
+    data_pkl, storages = pickle_tree(tree, location)
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write(zf, f"{archive}/data.pkl", [data_pkl], len(data_pkl))
+        for name, text in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
+            _write(zf, f"{archive}/{name}", [text], len(text))
+        for key, ref in enumerate(storages):
+            written = _write(zf, f"{archive}/data/{key}", chunks_of(ref), ref.nbytes, on_bytes)
+            if written != ref.nbytes:
+                raise OSError(f"storage {ref.key}: {written} bytes read, {ref.nbytes} expected")
+        _write(zf, f"{archive}/version", [b"3\n"], 2)
+        serial = hashlib.sha1(data_pkl).hexdigest()[:20].encode()  # deterministic: same content, same bytes
+        _write(zf, f"{archive}/.data/serialization_id", [serial], len(serial))
+    return storages
+
+
+def _write(zf: zipfile.ZipFile, name: str, chunks: Iterable[bytes], size: int,
+           on_bytes: Callable[[int], None] | None = None) -> int:
+    zinfo = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    zinfo.compress_type = zipfile.ZIP_STORED
+    zinfo.file_size = size
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule; it then appends a 20-byte zip64 field
+    header = 30 + len(name.encode("utf-8")) + (20 if zip64 else 0) + 4  # + our padding field's own header
+    pad = (-(zf.fp.tell() + header)) % ALIGNMENT
+    zinfo.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad  # torch's padding field id ("FB")
+    written = 0
+    with zf.open(zinfo, "w", force_zip64=zip64) as w:
+        for block in chunks:
+            w.write(block)
+            written += len(block)
+            if on_bytes:
+                on_bytes(len(block))
+    return written
+
+
+def write_file(tree: Any, out: Path, source, location: Callable[[StorageRef], str] | None = None,
+               on_bytes: Callable[[int], None] | None = None) -> None:
+    """``write_torch_zip`` into ``out`` atomically; storage bytes from ``source`` (a ``tensors.TensorSource``)."""
+    with atomic_write(out) as f:
+        write_torch_zip(tree, f, source.storage_chunks, location=location, on_bytes=on_bytes)

@@ -1,0 +1,242 @@
+"""THE safety policy: which globals a checkpoint's pickle may name, and what every other one means.
+
+One exact table, ``ALLOWED``: (module, name) -> why loading it is safe.  No prefixes, no wildcards.  Every
+reader and every command asks ``judge`` (through ``judge_scans``); nothing else in the package decides.
+
+For a reference that is not on the table:
+
+* the pickle **calls** it (REDUCE / INST / OBJ, or through an allowed function that calls its argument):
+  **dangerous** -- ``torch.load(weights_only=False)`` would run it with the file's arguments;
+* it belongs to a module whose import or use is an attack (``os``, ``subprocess``, ``builtins`` other than
+  the allowed types, ...), or its dotted name walks through such a module or a dunder: **dangerous**;
+* it is only **constructed** (NEWOBJ, the way pickled ``nn.Module``s and dataclasses appear) or only
+  **referenced**: **code** -- a warning naming the library the file needs; read here as an inert placeholder.
+
+Arguments matter where they decide safety: ``copyreg._reconstructor(cls, base, state)`` runs
+``base.__init__`` unless ``base`` is ``object``; ``torch._tensor._rebuild_from_type_v2(func, ...)`` calls
+``func``; ``_codecs.encode`` is allowed only for text encodings.  Whatever the scan could not follow (EXT
+codes, names computed at load time, BUILD on a global, an opcode stream that breaks off) is dangerous: a
+file that cannot be shown safe is not called safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ckpttools.objects import Reference
+from ckpttools.pickle.scan import CALLED, CONSTRUCTED, Call, Global, PickleScan, Text
+from ckpttools.tensors import DTYPES, TORCH_ALIASES
+
+ALLOWED_STATUS, CODE, DANGEROUS = "allowed", "code", "dangerous"
+
+TENSOR_REBUILD = "torch's own tensor rebuild; rebuilt here as a lazy tensor description (no torch code runs)"
+DTYPE = "a torch dtype or legacy storage type: a name, nothing is called"
+DCP_METADATA = ("a torch.distributed.checkpoint metadata dataclass: plain fields, no custom construction; "
+                "read here as an inert record")
+NUMPY = "numpy's array / scalar / dtype reconstruction from bytes and a dtype description"
+BUILTIN_TYPE = "a builtin container or scalar type: builds data from data"
+
+
+def _entries() -> dict[tuple[str, str], str]:
+    table: dict[tuple[str, str], str] = {
+        ("torch._utils", "_rebuild_tensor"): TENSOR_REBUILD,
+        ("torch._utils", "_rebuild_tensor_v2"): TENSOR_REBUILD,
+        ("torch._utils", "_rebuild_tensor_v3"): TENSOR_REBUILD,
+        ("torch._utils", "_rebuild_parameter"): "wraps a rebuilt tensor as an nn.Parameter (a flag here)",
+        ("torch._utils", "_rebuild_parameter_with_state"): "a Parameter with plain attribute state",
+        ("torch._tensor", "_rebuild_from_type_v2"): "tensor subclass rebuild; its function argument is judged "
+                                                    "as a call of its own",
+        ("torch", "Size"): "a shape: a tuple of ints",
+        ("torch", "device"): "a device name such as 'cuda:0'",
+        ("torch", "strided"): "the strided layout constant",
+        ("torch", "contiguous_format"): "a memory-format constant",
+        ("torch", "channels_last"): "a memory-format constant",
+        ("torch", "preserve_format"): "a memory-format constant",
+        ("torch.torch_version", "TorchVersion"): "a version string",
+        ("torch.serialization", "_get_layout"): "maps a layout name to torch's layout constant (DCP metadata)",
+        ("torch", "Tensor"): "the tensor class, as the target type of a tensor rebuild",
+        ("torch._tensor", "Tensor"): "the tensor class, as the target type of a tensor rebuild",
+        ("torch.nn.parameter", "Parameter"): "the Parameter class, as the target type of a tensor rebuild",
+        ("collections", "OrderedDict"): BUILTIN_TYPE,
+        ("types", "SimpleNamespace"): "an attribute bag: takes no positional arguments, state is plain data",
+        ("builtins", "object"): "the base class argument of copyreg._reconstructor (never called)",
+        ("builtins", "set"): BUILTIN_TYPE, ("builtins", "frozenset"): BUILTIN_TYPE,
+        ("builtins", "complex"): BUILTIN_TYPE, ("builtins", "slice"): BUILTIN_TYPE,
+        ("builtins", "bytearray"): BUILTIN_TYPE, ("builtins", "range"): BUILTIN_TYPE,
+        ("copyreg", "_reconstructor"): "protocol 0/1 object construction; allowed only with base `object`",
+        ("copyreg", "__newobj__"): "cls.__new__(cls, *args): judged as a construction of cls",
+        ("_codecs", "encode"): "how protocol 2 stores bytes (text -> latin-1); other encodings are refused",
+        ("numpy.core.multiarray", "_reconstruct"): NUMPY, ("numpy._core.multiarray", "_reconstruct"): NUMPY,
+        ("numpy.core.multiarray", "scalar"): NUMPY, ("numpy._core.multiarray", "scalar"): NUMPY,
+        ("numpy", "ndarray"): NUMPY, ("numpy", "dtype"): NUMPY,
+    }
+    for t in ("dict", "list", "tuple", "int", "float", "str", "bool", "bytes"):
+        table[("builtins", t)] = BUILTIN_TYPE
+    for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
+        table[("pathlib", name)] = "a filesystem path value (no file is touched)"
+    for name in list(DTYPES) + list(TORCH_ALIASES):
+        table[("torch", name)] = DTYPE
+    for info in DTYPES.values():
+        if info.storage_class:
+            table[("torch", info.storage_class)] = DTYPE
+    table[("torch", "UntypedStorage")] = table[("torch.storage", "UntypedStorage")] = DTYPE
+    table[("torch", "TypedStorage")] = table[("torch.storage", "TypedStorage")] = DTYPE
+    for name in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32",
+                 "uint64", "bool_", "complex64", "complex128"):
+        table[("numpy", name)] = NUMPY
+    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "Int16DType",
+                 "Int8DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType"):
+        table[("numpy.dtypes", name)] = NUMPY
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                 "TensorProperties", "MetadataIndex", "StorageMeta"):
+        table[("torch.distributed.checkpoint.metadata", name)] = DCP_METADATA
+    table[("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING")] = (
+        "an Enum of DCP's metadata: calling an Enum class with a value looks up its member")
+    table[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = DCP_METADATA
+    table[("torch.distributed.checkpoint.planner", "WriteItemType")] = DCP_METADATA
+    return table
+
+
+ALLOWED: dict[tuple[str, str], str] = _entries()
+
+# modules whose mere use in a checkpoint is an attack, whatever the pickle does with the name
+DANGEROUS_MODULES = frozenset({
+    "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "_posixsubprocess", "sys", "importlib", "runpy",
+    "pickle", "_pickle", "pickletools", "shelve", "marshal", "dill", "cloudpickle", "joblib", "socket", "ssl",
+    "shutil", "pty", "ctypes", "_ctypes", "cffi", "code", "codeop", "webbrowser", "antigravity",
+    "multiprocessing", "concurrent", "signal", "asyncio", "_thread", "threading", "tempfile", "io", "_io",
+    "urllib", "http", "ftplib", "smtplib", "telnetlib", "requests", "httpx", "functools", "operator", "inspect",
+    "pip", "ensurepip", "setuptools", "distutils", "timeit", "pdb", "bdb", "trace", "profile", "cProfile",
+    "zipimport", "pkgutil", "imp", "site", "sysconfig", "pydoc", "idlelib", "lib2to3", "builtins", "gc",
+    "weakref", "atexit", "resource", "fcntl", "mmap", "linecache", "glob", "zipfile", "tarfile", "logging",
+    "codecs", "_codecs", "bz2", "gzip", "lzma", "sqlite3", "dbm", "xmlrpc", "nturl2path", "uuid", "platform",
+    "venv", "unittest", "doctest", "test", "this",
+    # inside torch and numpy: the parts that load, compile, run or fetch code
+    "torch.hub", "torch._C", "torch.ops", "torch.jit", "torch.package", "torch.serialization", "torch.storage",
+    "torch.utils", "torch._inductor", "torch._dynamo", "torch.fx", "torch.compiler", "torch._ops", "torch.library",
+    "torch.distributed", "torch.multiprocessing", "torch.cuda", "torch.backends", "torch.load",
+    "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib", "numpy.lib", "numpy.load", "numpy.save",
+    "numpy.savetxt", "numpy.loadtxt", "numpy.fromfile", "numpy.memmap",
+})
+
+
+@dataclass(frozen=True)
+class Judgement:
+    reference: str  # "module.name", or "<pickle>" for what cannot be tied to one name
+    status: str  # allowed | code | dangerous
+    uses: tuple[str, ...]  # called / constructed / referenced
+    reason: str  # allowed: why it is safe; code: what it needs; dangerous: what loading would do
+
+
+def is_dangerous_name(ref: Reference) -> bool:
+    """A reference to a dangerous module, or a dotted name that walks through one or through a dunder."""
+    parts = ref.module.split(".") + ref.name.split(".")
+    if any(p.startswith("__") and p.endswith("__") and p not in ("__newobj__",) for p in ref.name.split(".")):
+        return True
+    for i in range(1, len(parts) + 1):
+        if ".".join(parts[:i]) in DANGEROUS_MODULES:
+            return True
+    attr_parts = ref.name.split(".")[:-1]  # `torch` + `serialization.pickle.loads` passes through `pickle`
+    return any(p in DANGEROUS_MODULES for p in attr_parts)
+
+
+def judge(scan: PickleScan) -> list[Judgement]:
+    """One judgement per reference of the scan, plus one per thing the scan could not follow."""
+    uses = {ref: set(how) for ref, how in scan.uses.items()}
+    extra: list[Judgement] = []
+    for call in scan.calls:
+        rule = ARGUMENT_RULES.get((call.ref.module, call.ref.name))
+        if rule is not None:
+            extra.extend(rule(call, uses))
+    out = []
+    for ref, how in uses.items():
+        out.append(_judge_reference(ref, how))
+    out.extend(extra)
+    out.extend(Judgement("<pickle>", DANGEROUS, (), problem) for problem in scan.problems)
+    if scan.error:
+        out.append(Judgement("<pickle>", DANGEROUS, (), f"the opcode stream could not be followed to its end "
+                             f"({scan.error}): the pickle cannot be shown safe"))
+    return out
+
+
+def _judge_reference(ref: Reference, how: set[str]) -> Judgement:
+    uses = tuple(sorted(how))
+    reason = ALLOWED.get((ref.module, ref.name))
+    if reason is not None:
+        return Judgement(ref.qualname, ALLOWED_STATUS, uses, reason)
+    if CALLED in how:
+        return Judgement(ref.qualname, DANGEROUS, uses, f"torch.load(weights_only=False) would call "
+                         f"{ref.qualname}(...) with arguments from the file")
+    if is_dangerous_name(ref):
+        verb = "build" if CONSTRUCTED in how else "import"
+        return Judgement(ref.qualname, DANGEROUS, uses, f"torch.load(weights_only=False) would {verb} "
+                         f"{ref.qualname}, from a module a checkpoint has no reason to name")
+    library = ref.module.split(".")[0]
+    what = "builds an object of" if CONSTRUCTED in how else "names"
+    return Judgement(ref.qualname, CODE, uses, f"{what} {ref.qualname}: needs the {library!r} library to load "
+                     "with torch.load(weights_only=False); read here as an inert placeholder")
+
+
+# ---- argument rules: allowed callables whose safety depends on what they are given ---------------------------
+
+def _global(arg) -> Reference | None:
+    return arg.ref if isinstance(arg, Global) else None
+
+
+def _reconstructor(call: Call, uses: dict) -> list[Judgement]:
+    out = []
+    cls = _global(call.args[0]) if call.args else None
+    if cls is not None:
+        uses.setdefault(cls, set()).add(CONSTRUCTED)
+    base = _global(call.args[1]) if len(call.args) > 1 else None
+    if base != Reference("builtins", "object"):
+        name = base.qualname if base else "a value computed at load time"
+        out.append(Judgement(name, DANGEROUS, (CALLED,), f"copyreg._reconstructor with base {name} would run "
+                             f"{name}.__init__ on the file's state"))
+    return out
+
+
+def _newobj(call: Call, uses: dict) -> list[Judgement]:
+    cls = _global(call.args[0]) if call.args else None
+    if cls is not None:
+        uses.setdefault(cls, set()).add(CONSTRUCTED)
+        return []
+    return [Judgement("copyreg.__newobj__", DANGEROUS, (CALLED,), "copyreg.__newobj__ of a class computed at load "
+                      "time")]
+
+
+def _rebuild_from_type(call: Call, uses: dict) -> list[Judgement]:
+    func = _global(call.args[0]) if call.args else None
+    if func is None:
+        return [Judgement("torch._tensor._rebuild_from_type_v2", DANGEROUS, (CALLED,),
+                          "_rebuild_from_type_v2 would call a function computed at load time")]
+    uses.setdefault(func, set()).add(CALLED)
+    new_type = _global(call.args[1]) if len(call.args) > 1 else None
+    if new_type is not None and new_type != Reference("torch", "Tensor"):
+        uses.setdefault(new_type, set()).add(CONSTRUCTED)
+    return []
+
+
+TEXT_ENCODINGS = frozenset({"latin1", "latin-1", "utf-8", "utf8", "ascii"})
+
+
+def _codecs_encode(call: Call, uses: dict) -> list[Judgement]:
+    encoding = call.args[1] if len(call.args) > 1 else Text("utf-8")
+    if isinstance(encoding, Text) and encoding.value.lower() in TEXT_ENCODINGS and len(call.args) <= 3:
+        return []
+    return [Judgement("_codecs.encode", DANGEROUS, (CALLED,), "_codecs.encode with an encoding that is not plain "
+                      "text (codecs can run code)")]
+
+
+ARGUMENT_RULES: dict[tuple[str, str], Callable[[Call, dict], list[Judgement]]] = {
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("copyreg", "__newobj__"): _newobj,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("_codecs", "encode"): _codecs_encode,
+}
+
+
+def worst(judgements: list[Judgement]) -> str:
+    statuses = {j.status for j in judgements}
+    return DANGEROUS if DANGEROUS in statuses else CODE if CODE in statuses else ALLOWED_STATUS

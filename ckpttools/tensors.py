@@ -1,0 +1,249 @@
+"""The tensor data model, without torch: dtypes, storages, lazy tensors, and walking trees of them.
+
+``DTYPES`` is the one dtype table of the package: every format and check derives what it needs from it
+(item size, safetensors code, numpy type or the unsigned type of the same width used to carry the bits, the
+legacy storage class, the exponent mask that marks NaN/Inf).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from ckpttools.objects import Placeholder
+
+
+@dataclass(frozen=True)
+class DTypeInfo:
+    name: str  # torch's name (torch.float32 -> "float32"); also how DCP and our HDF5 attribute name it
+    itemsize: int
+    safetensors: str | None = None  # safetensors header code
+    numpy: str | None = None  # numpy dtype holding the values natively; None: carried as bits (see ``bits``)
+    storage_class: str | None = None  # legacy typed storage class (torch.FloatStorage, ...)
+    exponent_mask: int | None = None  # all exponent bits: a float is NaN or Inf exactly when they are all set
+
+    @property
+    def bits(self) -> str:
+        """The unsigned numpy type of the same width (bit-exact carrier for dtypes numpy lacks)."""
+        return {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64", 16: "complex128"}[self.itemsize]
+
+    @property
+    def floating(self) -> bool:
+        return self.exponent_mask is not None
+
+
+def _d(name, itemsize, st=None, npy=None, storage=None, mask=None) -> DTypeInfo:
+    return DTypeInfo(name, itemsize, st, npy, storage, mask)
+
+
+DTYPES: dict[str, DTypeInfo] = {d.name: d for d in (
+    _d("float64", 8, "F64", "float64", "DoubleStorage", 0x7FF0000000000000),
+    _d("float32", 4, "F32", "float32", "FloatStorage", 0x7F800000),
+    _d("float16", 2, "F16", "float16", "HalfStorage", 0x7C00),
+    _d("bfloat16", 2, "BF16", None, "BFloat16Storage", 0x7F80),
+    _d("complex128", 16, None, "complex128", "ComplexDoubleStorage", 0x7FF0000000000000),
+    _d("complex64", 8, None, "complex64", "ComplexFloatStorage", 0x7F800000),
+    _d("complex32", 4),
+    _d("int64", 8, "I64", "int64", "LongStorage"),
+    _d("int32", 4, "I32", "int32", "IntStorage"),
+    _d("int16", 2, "I16", "int16", "ShortStorage"),
+    _d("int8", 1, "I8", "int8", "CharStorage"),
+    _d("uint8", 1, "U8", "uint8", "ByteStorage"),
+    _d("uint16", 2, "U16", "uint16"),
+    _d("uint32", 4, "U32", "uint32"),
+    _d("uint64", 8, "U64", "uint64"),
+    _d("bool", 1, "BOOL", "bool", "BoolStorage"),
+    _d("float8_e4m3fn", 1, "F8_E4M3"),  # no infinities; NaN is S.1111.111, not an exponent pattern
+    _d("float8_e5m2", 1, "F8_E5M2", mask=0x7C),
+    _d("float8_e4m3fnuz", 1),
+    _d("float8_e5m2fnuz", 1),
+    _d("qint8", 1, storage="QInt8Storage"),
+    _d("quint8", 1, storage="QUInt8Storage"),
+    _d("qint32", 4, storage="QInt32Storage"),
+)}
+TORCH_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
+                 "short": "int16", "cfloat": "complex64", "cdouble": "complex128"}
+FROM_SAFETENSORS = {d.safetensors: d.name for d in DTYPES.values() if d.safetensors}
+FROM_STORAGE_CLASS = {d.storage_class: d.name for d in DTYPES.values() if d.storage_class}
+FROM_NUMPY = {d.numpy: d.name for d in DTYPES.values() if d.numpy}
+
+
+class DType(str):
+    """A torch dtype by name ('float32', 'bfloat16', ...), without importing torch."""
+
+    @property
+    def info(self) -> DTypeInfo:
+        return DTYPES.get(self) or DTypeInfo(str(self), 1)
+
+    @property
+    def itemsize(self) -> int:
+        return self.info.itemsize
+
+
+@dataclass
+class StorageRef:
+    """One storage of a checkpoint: its key in the container, dtype, size, and the device it was saved on."""
+
+    key: str
+    dtype: DType
+    numel: int
+    location: str
+    reader: Callable[["StorageRef"], bytes] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DType(self.dtype).itemsize
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    """Row-major (C order) strides of ``shape``, in elements."""
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+@dataclass
+class LazyTensor:
+    """A tensor described by the pickle; its bytes are read from the storage only when asked."""
+
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    requires_grad: bool = False
+    parameter: bool = False
+
+    @property
+    def dtype(self) -> DType:
+        return DType(self.storage.dtype)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def extent(self) -> int:
+        """Elements of the storage this view needs (offset + furthest element + 1); 0 for an empty tensor."""
+        if self.numel == 0:
+            return 0
+        return self.storage_offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride)) + 1
+
+    def is_contiguous_view(self) -> bool:
+        return contiguous_strides(self.shape) == tuple(self.stride) or self.numel <= 1
+
+    def load(self):
+        """The tensor as a real ``torch.Tensor`` (reads its storage)."""
+        import torch
+
+        data = self.storage.reader(self.storage) if self.storage.reader else b""
+        dtype = getattr(torch, self.storage.dtype)
+        flat = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        if self.numel == 0:
+            return torch.empty(self.shape, dtype=dtype)
+        return flat.as_strided(self.shape, self.stride, self.storage_offset).clone()
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.dtype}, {list(self.shape)}, storage={self.storage.key})"
+
+
+def tensor_bytes(t: LazyTensor, blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """The tensor's elements in C order, cut from ``blocks`` (its storage's bytes, in order).
+
+    Contiguous views are sliced as they stream; a strided view (rare in checkpoints) is materialised.  A view
+    that reaches past its storage (a damaged or hostile shape) raises OSError rather than allocate for it."""
+    itemsize = t.dtype.itemsize
+    if t.numel == 0:
+        return
+    if t.extent() > t.storage.numel or any(d < 0 for d in t.shape) or any(st < 0 for st in t.stride):
+        raise OSError(f"tensor view {list(t.shape)} / {list(t.stride)} reaches past its storage of {t.storage.numel}")
+    if t.is_contiguous_view():
+        start, end = t.storage_offset * itemsize, (t.storage_offset + t.numel) * itemsize
+        pos = 0
+        for block in blocks:
+            lo, hi = max(start, pos), min(end, pos + len(block))
+            if lo < hi:
+                yield block[lo - pos: hi - pos] if (lo - pos, hi - pos) != (0, len(block)) else block
+            pos += len(block)
+        return
+    arr = np.frombuffer(b"".join(blocks), dtype=t.dtype.info.bits)
+    view = np.lib.stride_tricks.as_strided(arr[t.storage_offset:], shape=t.shape,
+                                           strides=[s * itemsize for s in t.stride])
+    yield np.ascontiguousarray(view).tobytes()
+
+
+# ---- trees ------------------------------------------------------------------------------------------------------
+
+def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, LazyTensor]]:
+    """(path, tensor) for every LazyTensor in the tree, paths like ``model/backbone.stem.0.weight``;
+    placeholder objects are walked through their recorded state."""
+    if isinstance(tree, LazyTensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from iter_tensors(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from iter_tensors(v, f"{prefix}[{i}]")
+    elif isinstance(tree, Placeholder):
+        for part in (tree._state, tree._args, tree._items, tree._dict_items):
+            if part:
+                yield from iter_tensors(part, prefix)
+
+
+def map_tensors(tree: Any, fn: Callable[[LazyTensor], Any]) -> Any:
+    """A copy of the tree's containers with every LazyTensor replaced by ``fn(tensor)``."""
+    if isinstance(tree, LazyTensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return type(tree)((k, map_tensors(v, fn)) for k, v in tree.items()) if type(tree) is not dict \
+            else {k: map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [map_tensors(v, fn) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(map_tensors(v, fn) for v in tree)
+    if isinstance(tree, Placeholder):
+        for attr in ("_state", "_args", "_items", "_dict_items"):
+            tree.__dict__[attr] = map_tensors(tree.__dict__[attr], fn)
+        return tree
+    return tree
+
+
+def materialise(tree: Any) -> Any:
+    """LazyTensors loaded as torch tensors (for APIs that need real tensors, e.g. DCP's save)."""
+    return map_tensors(tree, lambda t: t.load())
+
+
+class TensorSource:
+    """Bytes of storages and tensors: read from a checkpoint, or computed (a cast, a filled-in tensor)."""
+
+    def __init__(self, ckpt=None):
+        self.ckpt = ckpt  # anything with storage_chunks(ref): a formats.base.Checkpoint
+        self.computed: dict[int, Callable[[], bytes]] = {}
+
+    def storage_chunks(self, ref: StorageRef) -> Iterable[bytes]:
+        if id(ref) in self.computed:
+            return [self.computed[id(ref)]()]
+        return self.ckpt.storage_chunks(ref)
+
+    def tensor_chunks(self, t: LazyTensor) -> Iterator[bytes]:
+        return tensor_bytes(t, self.storage_chunks(t.storage))
+
+    def computed_tensor(self, dtype: str, shape: tuple[int, ...], make: Callable[[], bytes],
+                        location: str = "cpu") -> LazyTensor:
+        """A new contiguous tensor whose bytes ``make()`` produces when it is written."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        ref = StorageRef(f"computed-{len(self.computed)}", DType(dtype), numel, location)
+        self.computed[id(ref)] = make
+        return LazyTensor(ref, 0, tuple(shape), contiguous_strides(shape))
