@@ -41,7 +41,3 @@ class DamagedInput(CkptError):
 
 class UnsafeInput(CkptError):
     """The input's pickle would run code that the safety policy does not allow."""
-
-
-class PreflightBlocked(CkptError):
-    exit_code = EXIT_PREFLIGHT

@@ -42,14 +42,16 @@ def render_verify(report: Report, console: Console, strict: bool = False) -> Non
     extras = [f"{k.replace('_', ' ')} {facts[k]:,}" if isinstance(facts[k], int) else f"{k.replace('_', ' ')} {facts[k]}"
               for k in ("epoch", "step", "parameter_count") if facts.get(k) is not None]
     console.print(head + (" (" + ", ".join(extras) + ")" if extras else ""), markup=False)
-    shown = report.findings
-    if shown:
-        table = Table(show_header=True, header_style="bold")
-        for col in ("severity", "code", "where", "message"):
-            table.add_column(col, overflow="fold")
-        for f in sorted(shown, key=lambda f: ("error", "warning", "info").index(f.severity)):
-            table.add_row(f"[{STYLE[f.severity]}]{f.severity}[/]", f.code, f.where, f.message)
-        console.print(table)
+    if report.findings:
+        # severity in a narrow column; code and place on one line, the message below, wrapped in its column:
+        # readable at 80 columns, where a four-column table squeezes messages into a sliver
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=7, no_wrap=True)
+        grid.add_column(overflow="fold")
+        for f in sorted(report.findings, key=lambda f: ("error", "warning", "info").index(f.severity)):
+            where = f" [dim]at {escape(f.where)}[/]" if f.where else ""
+            grid.add_row(f"[{STYLE[f.severity]}]{f.severity}[/]", f"[bold]{f.code}[/]{where}\n{escape(f.message)}")
+        console.print(grid)
     n_err, n_warn = len(report.errors), len(report.warnings)
     verdict = "OK" if report.ok(strict) else "FAILED"
     colour = "green" if report.ok(strict) else "bold red"

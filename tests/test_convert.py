@@ -101,6 +101,7 @@ def test_hdf5_damage_is_caught_by_fletcher32(tmp_path):
     assert verify(tmp_path / "bad.h5").errors
 
 
+@pytest.mark.slow  # uses the session's reference training run
 def test_safetensors_loads_with_the_library_and_keeps_metadata(tmp_path, reference_run):
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -121,6 +122,7 @@ def test_safetensors_loads_with_the_library_and_keeps_metadata(tmp_path, referen
     assert tensors_equal(dict(torch.load(back, weights_only=True)), ema) == []
 
 
+@pytest.mark.slow  # uses the session's reference training run
 def test_weights_only_and_dtype_for_deployment(tmp_path, reference_run):
     last = reference_run[0] / "weights" / "last.pt"
     out = tmp_path / "fp16.pt"
@@ -135,6 +137,7 @@ def test_weights_only_and_dtype_for_deployment(tmp_path, reference_run):
     assert out.stat().st_size < last.stat().st_size / 3
 
 
+@pytest.mark.slow  # uses the session's reference training run
 def test_dtype_cast_of_a_full_checkpoint_rebuilds_its_digest(tmp_path, reference_run):
     out = tmp_path / "bf16.pt"
     convert(reference_run[0] / "weights" / "last.pt", out, dtype="bf16")

@@ -67,6 +67,7 @@ def test_assigner_marks_anchors_inside_the_box_only():
     assert torch.equal(boxes[0, fg[0]], gt[0].expand(int(fg.sum()), 4))
 
 
+@pytest.mark.slow  # trains for 25 steps
 def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     model = build_model(ModelConfig("mid", "n", 2), 64)

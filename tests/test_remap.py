@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from ckpttools.cli import main as ckpt
-from ckpttools.formats import open_checkpoint
+from ckpttools.formats.registry import open_checkpoint
 from ckpttools.commands.remap import remap
 from ckpttools.formats.torchzip import write_file
 from ckpttools.tensors import TensorSource
@@ -128,6 +128,7 @@ def test_one_process_remapped_to_two(reference_run, tiny_data, tmp_path):
     _check_remapped_run(weights.parent, reference_run[0], 2)
 
 
+@pytest.mark.slow  # uses the session's reference training run
 def test_cuda_saved_checkpoint_remapped_to_cpu_loads_with_plain_torch_load(reference_run, tmp_path):
     last = reference_run[0] / "weights" / "last.pt"
     src = open_checkpoint(last)
@@ -157,6 +158,7 @@ def test_other_layouts_strip_or_add_the_module_prefix(tmp_path):
     assert set(torch.load(tmp_path / "wrapped.pt")) == {"module.conv.weight", "module.conv.bias"}
 
 
+@pytest.mark.slow  # uses the session's reference training run
 def test_remap_refuses_what_cannot_be_kept(reference_run, tmp_path):
     last = reference_run[0] / "weights" / "last.pt"
     runner = CliRunner()

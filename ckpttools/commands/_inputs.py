@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckpttools.errors import DamagedInput, UnsafeInput
-from ckpttools.formats import Checkpoint, open_checkpoint
+from ckpttools.formats.registry import Checkpoint, open_checkpoint
 from ckpttools.report import ERROR
 
 

@@ -20,7 +20,8 @@ from ckpttools.atomic import atomic_folder, atomic_path, atomic_write, check_new
 from ckpttools.commands._inputs import open_input, refuse_unsafe, require_intact
 from ckpttools.digest import DIGEST_KEY, refresh_digest
 from ckpttools.errors import UsageError
-from ckpttools.formats import DCP, LEGACY, Checkpoint, dcp, hdf5, open_checkpoint, safetensors, torchzip
+from ckpttools.formats.registry import DCP, LEGACY, Checkpoint, open_checkpoint
+from ckpttools.formats import dcp, hdf5, safetensors, torchzip
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.tensors import LazyTensor, TensorSource, iter_tensors, map_tensors, materialise
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ckpttools import layouts as L
-from ckpttools.formats import Checkpoint, open_checkpoint
+from ckpttools.formats.registry import Checkpoint, open_checkpoint
 from ckpttools.objects import Placeholder
 from ckpttools.tensors import DTYPES, LazyTensor, iter_tensors, tensor_bytes
 

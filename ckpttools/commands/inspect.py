@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpttools import layouts as L
-from ckpttools.formats import open_checkpoint
+from ckpttools.formats.registry import open_checkpoint
 from ckpttools.objects import Placeholder
 from ckpttools.pickle.policy import ALLOWED_STATUS
 from ckpttools.tensors import LazyTensor, iter_tensors

@@ -18,7 +18,7 @@ from typing import Any
 
 from ckpttools import layouts as L
 from ckpttools.errors import UsageError
-from ckpttools.formats import open_checkpoint
+from ckpttools.formats.registry import open_checkpoint
 from ckpttools.trainers import fuse_train, ultralytics
 from ckpttools.yolo_data import DatasetError, load_data_spec, spec_fingerprint
 

@@ -28,7 +28,8 @@ from ckpttools.atomic import check_new_output
 from ckpttools.commands._inputs import open_input
 from ckpttools.digest import refresh_digest
 from ckpttools.errors import UsageError
-from ckpttools.formats import DCP, torchzip
+from ckpttools.formats.registry import DCP
+from ckpttools.formats import torchzip
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.tensors import LazyTensor, TensorSource, iter_tensors
 

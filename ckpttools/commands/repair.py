@@ -25,7 +25,8 @@ from ckpttools.commands._inputs import refuse_unsafe
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, lazy_digest, refresh_digest
 from ckpttools.errors import UsageError
-from ckpttools.formats import ZIP, Checkpoint, open_checkpoint, torchzip
+from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
+from ckpttools.formats import torchzip
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.report import ERROR
 from ckpttools.storage_scan import StorageScanner
@@ -211,8 +212,6 @@ def _fix_digest(tree: Any, source: TensorSource, result: RepairResult, changed: 
 
 
 def _write_verified(tree: Any, out: Path, source: TensorSource, result: RepairResult, on_bytes) -> None:
-    from ckpttools.verify import verify
-
     def passes(tmp: Path) -> bool:
         errors = [f"{f.code}: {f.message}" for f in verify(tmp).errors]
         if errors:

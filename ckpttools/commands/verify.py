@@ -11,7 +11,7 @@ from ckpttools import layouts as L
 from ckpttools.formats import ziprecords
 from ckpttools.digest import DIGEST_ALGORITHM, DIGEST_KEY, _TensorLeaf, tree_digest
 from ckpttools.errors import NotACheckpoint
-from ckpttools.formats import ZIP, Checkpoint, open_checkpoint
+from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats.base import regular_file_or_folder
 from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report

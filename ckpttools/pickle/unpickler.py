@@ -84,6 +84,11 @@ def _numpy_implementations() -> dict[tuple[str, str], Any]:
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         out[(mod, "_reconstruct")] = multiarray._reconstruct
         out[(mod, "scalar")] = multiarray.scalar
+    def _frombuffer(buf, dtype, shape, order):  # numpy's own helper, restated: data from bytes, nothing else
+        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape, order=order)
+
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        out[(mod, "_frombuffer")] = _frombuffer
     out[("numpy", "ndarray")] = np.ndarray
     out[("numpy", "dtype")] = np.dtype
     for (mod, name) in ALLOWED:

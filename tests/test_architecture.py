@@ -1,0 +1,80 @@
+"""The layout's rules, checked: no import cycles, no function-level imports to dodge one, lean start-up, one
+policy that every reader shares."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from ckpttools.pickle.policy import ALLOWED
+from ckpttools.pickle.unpickler import IMPLEMENTATIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "ckpttools"
+LAZY_BY_DESIGN = {"ckpttools.cli", "ckpttools"}  # the CLI imports each command when it runs (start-up time)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, tuple[set[str], set[str]]]:
+    """module -> (top-level ckpttools imports, function-level ckpttools imports)"""
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top, nested = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ckpttools"):
+                names = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                (top if node in tree.body else nested).update(names)
+        out[_module_name(path)] = (top, nested)
+    return out
+
+
+def test_no_import_cycles_and_no_function_level_imports_to_break_one():
+    graph = _imports()
+    modules = set(graph)
+    edges = {m: {t for t in graph[m][0] if t in modules and t != m} for m in modules}
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for t in edges[m]:
+            assert state.get(t) != 1, "import cycle: " + " -> ".join(stack + [m, t])
+            if t not in state:
+                visit(t, stack + [m])
+        state[m] = 2
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m, [])
+    nested = {m: sorted(n & modules) for m, (_, n) in graph.items() if m not in LAZY_BY_DESIGN and n & modules}
+    assert not nested, f"function-level imports of ckpttools modules: {nested}"
+
+
+def _loaded_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_start_up_imports_only_what_the_command_needs():
+    cli = _loaded_after("import ckpttools.cli")
+    assert not {"torch", "numpy", "h5py", "rich", "ckpttools.formats"} & cli
+    verify = _loaded_after("import ckpttools.commands.verify")
+    assert "torch" not in verify and "h5py" not in verify  # verify reads every format without torch
+
+
+def test_one_policy_every_implementation_is_allowed_and_every_entry_has_a_reason():
+    assert set(IMPLEMENTATIONS) <= set(ALLOWED)
+    assert all(isinstance(reason, str) and len(reason) > 10 for reason in ALLOWED.values())
+    assert not [key for key in ALLOWED if "*" in key[0] or "*" in key[1]]
+
+
+def test_security_page_carries_the_current_allow_list():
+    from ckpttools.pickle.policy import markdown_table
+
+    assert (ROOT / "docs" / "security.md").read_text().endswith(markdown_table())
