@@ -82,7 +82,11 @@ def load_data_spec(data_yaml: str | os.PathLike) -> DataSpec:
         names = dict(enumerate(names))
     if not isinstance(names, dict) or not names:
         raise DatasetError(f"{yaml_path}: names must be a non-empty list or mapping")
-    names = {int(k): str(v) for k, v in names.items()}
+    try:
+        names = {int(k): str(v) for k, v in names.items()}
+    except (TypeError, ValueError):
+        first = next(iter(names))
+        raise DatasetError(f"{yaml_path}: names maps class ids to names ({{0: person}}), got the key {first!r}")
     if sorted(names) != list(range(len(names))):
         raise DatasetError(f"{yaml_path}: class ids in names must be 0..{len(names) - 1}")
 
@@ -96,15 +100,23 @@ def load_data_spec(data_yaml: str | os.PathLike) -> DataSpec:
     train_ir = split("train_ir") if "train_ir" in spec else ir_folder_for(train)
     val_ir = split("val_ir") if "val_ir" in spec else ir_folder_for(val)
     imgsz = spec.get("imgsz")
-    return DataSpec(yaml_path, root, train, val, train_ir, val_ir, names, int(imgsz) if imgsz else None)
+    if imgsz is not None and (isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz <= 0):
+        raise DatasetError(f"{yaml_path}: imgsz must be a positive whole number of pixels, got {imgsz!r}")
+    return DataSpec(yaml_path, root, train, val, train_ir, val_ir, names, imgsz)
 
 
 def parse_label_file(path: Path, nc: int) -> np.ndarray:
     """Rows of (cls, cx, cy, w, h); a missing file means no objects.  Errors name file and line."""
     if not path.exists():
         return np.zeros((0, 5), np.float32)
+    if not path.is_file():
+        raise DatasetError(f"{path}: a label must be a text file, this is a folder or a device")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}); labels are lines 'cls cx cy w h'") from None
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -169,6 +181,11 @@ def split_files(images_dir: Path, ir_dir: Path) -> tuple[list[tuple[Path, Path]]
     """(rgb, ir) pairs of a split and the label file of each (which may not exist: no objects)."""
     pairs = list_pairs(images_dir, ir_dir)
     labels_dir = labels_folder_for(images_dir)
+    if not labels_dir.is_dir():
+        # a missing label *file* is an image without objects (the YOLO convention); a missing *folder* is
+        # almost always a mistake that would train on zero objects without a word
+        raise DatasetError(f"{labels_dir}: no labels folder for {images_dir}; if every image really is background, "
+                           "create the empty folder")
     return pairs, [labels_dir / (rgb.stem + ".txt") for rgb, _ in pairs]
 
 

@@ -15,7 +15,8 @@ from fuse_train.config import FUSIONS, OPTIMIZERS, SCALES, SCHEDULES, ConfigErro
 from fuse_train.data import DatasetError
 from fuse_train.distributed import init_distributed, shutdown
 from fuse_train.resume import ResumeError, PreflightBlocked, prepare_resume, fresh_run_dir
-from fuse_train.trainer import EXIT_INTERRUPTED, Trainer, TrainingInterrupted
+from fuse_train.runlock import RunLocked, run_lock
+from fuse_train.trainer import EXIT_INTERRUPTED, Trainer, TrainingFailed, TrainingInterrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
 
@@ -61,10 +62,11 @@ D = RunConfig()  # defaults shown in --help
 @click.option("--resume", "resume", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
               help="Continue a run exactly: the newest last.pt under --project (or --name's run), or PATH. Options not given come from the checkpoint.")
 @click.option("--allow-change", default="", metavar="FIELDS", help="With --resume: comma-separated preflight fields allowed to differ, e.g. batch,lr0.")
+@click.option("--no-verify", is_flag=True, help="With --resume: skip the integrity check (CRC32s, digest) of the checkpoint; by default a damaged last.pt falls back to last.prev.pt.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(__version__, "--version", prog_name="fuse-train")
 @click.pass_context
-def cli(ctx: click.Context, resume: str | None, allow_change: str, debug: bool, **options) -> None:
+def cli(ctx: click.Context, resume: str | None, allow_change: str, no_verify: bool, debug: bool, **options) -> None:
     """Train a dual-stream RGB+infrared object detector (YOLOFuse-style early / mid / late fusion) with
     exact, crash-safe resume.  Writes <project>/<name>/ with weights/last.pt, best.pt, results.csv, args.yaml."""
     console = Console(soft_wrap=True)
@@ -73,20 +75,21 @@ def cli(ctx: click.Context, resume: str | None, allow_change: str, debug: bool, 
     dist_info = None
     try:
         if resume is not None:
-            plan = prepare_resume(resume, options, explicit, allow_change, console)
+            plan = prepare_resume(resume, options, explicit, allow_change, console, check=not no_verify)
             cfg, run_dir, ckpt, event = plan.cfg, plan.run_dir, plan.checkpoint, plan.event
         else:
             cfg = RunConfig(**options)
             run_dir, ckpt, event = fresh_run_dir(cfg, console), None, None
         use_cuda = (cfg.device or "").lower() != "cpu" and torch.cuda.is_available()
         dist_info = init_distributed(use_cuda)
-        trainer = Trainer(cfg, run_dir, dist_info, resume=ckpt, console=console, history_event=event)
-        if dist_info.is_main:
-            where = f"epoch {trainer.epoch + 1}" + (f", step {trainer.step_in_epoch}" if trainer.step_in_epoch else "")
-            console.print(f"{'resuming' if ckpt else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} of "
-                          f"{cfg.epochs} on {trainer.device} ({dist_info.world_size} process(es), global batch "
-                          f"{cfg.batch}) -> {run_dir}", markup=False, highlight=False)
-        metrics = trainer.train()
+        trainer = Trainer(cfg, run_dir, dist_info, resume=ckpt, console=console, history_event=event)  # reads only
+        with run_lock(run_dir, take=dist_info.is_main):  # one process per run folder, from the first write on
+            if dist_info.is_main:
+                where = f"epoch {trainer.epoch + 1}" + (f", step {trainer.step_in_epoch}" if trainer.step_in_epoch else "")
+                console.print(f"{'resuming' if ckpt else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} of "
+                              f"{cfg.epochs} on {trainer.device} ({dist_info.world_size} process(es), global batch "
+                              f"{cfg.batch}) -> {run_dir}", markup=False, highlight=False)
+            metrics = trainer.train()
         if dist_info.is_main:
             console.print(f"done: best fitness {trainer.best_fitness:.4f}, final mAP50 {metrics.get('mAP50', 0):.3f} "
                           f"mAP50-95 {metrics.get('mAP50-95', 0):.3f}; weights in {run_dir / 'weights'}", markup=False)
@@ -99,11 +102,14 @@ def cli(ctx: click.Context, resume: str | None, allow_change: str, debug: bool, 
     except PreflightBlocked as blocked:
         blocked.render(err)
         code = EXIT_PREFLIGHT
-    except (ConfigError, DatasetError, ResumeError) as exc:
+    except (ConfigError, DatasetError, ResumeError, RunLocked) as exc:
         if debug:
             traceback.print_exc()
         err.print(f"fuse-train: error: {_one_line(exc)}", markup=False, highlight=False)
         code = EXIT_USAGE
+    except TrainingFailed as exc:
+        err.print(f"fuse-train: error: {exc}", markup=False, highlight=False)
+        code = EXIT_FAILED
     except KeyboardInterrupt:
         err.print("fuse-train: interrupted again: exiting now (last.pt is the last complete save)", markup=False)
         code = 130

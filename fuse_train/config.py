@@ -108,6 +108,18 @@ class ResolvedRun:
         return out
 
 
+def pick_img_size(cfg: RunConfig, spec) -> int:
+    """The input size: --img-size, else data.yaml's imgsz (held to the same rule as the option), else 640."""
+    if cfg.img_size:
+        return cfg.img_size
+    if spec.imgsz:
+        if spec.imgsz < 32 or spec.imgsz % 32:
+            raise ConfigError(f"{spec.yaml_path}: imgsz {spec.imgsz} must be a multiple of 32 (the largest stride); "
+                              "fix it there or pass --img-size")
+        return spec.imgsz
+    return 640
+
+
 def resolve_run(cfg: RunConfig, spec, img_size: int, world_size: int, model_fingerprint: str, dataset_fingerprint: str,
                 device: str = "cpu") -> ResolvedRun:
     """The one place a ResolvedRun is built, for a run that starts and for the resume preflight alike.

@@ -33,6 +33,20 @@ def read_image(path: Path, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert(mode))
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"{path}: refused: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+
+
+def check_image_header(path: Path) -> None:
+    """Read only the header of ``path``: a file that is not an image, or whose size is a decompression bomb,
+    is a DatasetError naming it (decoding waits for training)."""
+    try:
+        with Image.open(path):
+            pass
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"{path}: refused: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
 
@@ -58,6 +72,9 @@ class PairedDataset(torch.utils.data.Dataset):
                  seed: int = 0):
         self.pairs, self.label_files = split_files(images_dir, ir_dir)
         self.labels = [parse_label_file(p, nc) for p in self.label_files]  # parse all now: errors up front
+        for rgb, ir in self.pairs:  # headers only (cheap): an unreadable or bomb image stops the run before it starts
+            check_image_header(rgb)
+            check_image_header(ir)
         self.img_size, self.augment, self.seed = img_size, augment, seed
         self.epoch = 0
 

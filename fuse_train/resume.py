@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 
 from ckpttools.atomic import previous_path
+from ckpttools.commands.verify import verify as verify_checkpoint
+from ckpttools.errors import CkptError
 from ckpttools.commands.preflight import PreflightReport, UnknownField, parse_allow, preflight
 from ckpttools.render import render_preflight
 from ckpttools.trainers.fuse_train import run_record as fuse_train_record
 from fuse_train import state as S
-from fuse_train.config import ConfigError, ResolvedRun, RunConfig, resolve_run
+from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import PairedDataset, load_data_spec, spec_fingerprint
 from fuse_train.model import ModelConfig, build_model, model_fingerprint
 
@@ -103,7 +105,7 @@ def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
     from fuse_train.trainer import resolve_data_yaml
 
     spec = load_data_spec(resolve_data_yaml(cfg.data))
-    img_size = cfg.img_size or spec.imgsz or 640
+    img_size = pick_img_size(cfg, spec)
     for images, ir in ((spec.train, spec.train_ir), (spec.val, spec.val_ir)):  # parse labels: errors before anything
         PairedDataset(images, ir, len(spec.names), img_size)
     with torch.device("meta"):
@@ -111,8 +113,34 @@ def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
     return resolve_run(cfg, spec, img_size, world_size, model_fingerprint(model), spec_fingerprint(spec))
 
 
+def trusted_checkpoint(path: Path, console=None) -> Path:
+    """``path`` if it passes `ckpt verify` (every CRC32, the digest, structure); else its ``last.prev.pt`` if
+    that one does, said in one line; else a ResumeError that names `ckpt repair`."""
+    problem = _integrity_problem(path)
+    if problem is None:
+        return path
+    prev = previous_path(path)
+    if prev.exists() and _integrity_problem(prev) is None:
+        if console is not None:
+            console.print(f"{path} is damaged ({problem}); resuming from the previous good checkpoint {prev}",
+                          markup=False, highlight=False)
+        return prev
+    fallback = (f"the previous checkpoint {prev} is damaged too" if prev.exists()
+                else f"there is no previous checkpoint ({prev.name})")
+    raise ResumeError(f"{path}: damaged ({problem}); {fallback}. Salvage it with `ckpt repair {path} -o FIXED.pt` "
+                      "and resume from FIXED.pt, or pass --no-verify to resume from it anyway")
+
+
+def _integrity_problem(path: Path) -> str | None:
+    try:
+        errors = verify_checkpoint(path).errors
+    except CkptError as exc:
+        return str(exc)
+    return f"{errors[0].code}: {errors[0].message}" if errors else None
+
+
 def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: str, console=None,
-                   world_size: int | None = None) -> ResumePlan:
+                   world_size: int | None = None, check: bool = True) -> ResumePlan:
     """Find and read the checkpoint, merge options, run the preflight. Raises PreflightBlocked / ResumeError."""
     import os
 
@@ -121,6 +149,13 @@ def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: s
     except UnknownField as exc:
         raise ConfigError(str(exc)) from None
     path = find_last(options["project"], options["name"] if "name" in explicit else None) if resume == "auto" else Path(resume)
+    if not path.exists():
+        raise ResumeError(f"{path}: no such checkpoint")
+    if path.resolve().parent.name != "weights":
+        raise ResumeError(f"{path}: not inside a run folder (<run>/weights/{path.name}); the resumed run writes "
+                          "results.csv and weights/ beside the checkpoint's folder. Put it at <run>/weights/ first")
+    if check:
+        path = trusted_checkpoint(path, console)
     ckpt = load_checkpoint(path)
     recorded_cfg = RunConfig.from_dict(ckpt[S.K_TRAIN_ARGS])
     merged = dataclasses.replace(recorded_cfg, **{k: v for k, v in options.items() if k in explicit})

@@ -7,6 +7,7 @@ Everything that decides the next step lives in ``Trainer`` attributes that are s
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import shutil
 import signal
@@ -21,10 +22,10 @@ import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from ckpttools.atomic import atomic_write, keep_previous
+from ckpttools.atomic import atomic_write, copy_into_place, keep_previous, remove_stale, temp_path
 from ckpttools.digest import DIGEST_KEY, digest_record
 from fuse_train import __version__, state as S
-from fuse_train.config import ConfigError, RunConfig, resolve_run
+from fuse_train.config import ConfigError, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
 from fuse_train.demo import ensure_demo
 from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, barrier
@@ -35,6 +36,10 @@ from fuse_train.model import ModelConfig, anchor_grid, build_model, model_finger
 RESULTS_FIELDS = ["epoch", "train/box_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
                   "metrics/mAP50", "metrics/mAP50-95", "fitness", "lr"]
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class TrainingFailed(Exception):
+    """The run cannot go on (non-finite loss, a full disk); the message says why and what is kept."""
 
 
 class TrainingInterrupted(Exception):
@@ -97,7 +102,7 @@ class Trainer:
         self.use_cuda = self.device.type == "cuda"
 
         spec = load_data_spec(resolve_data_yaml(cfg.data))
-        img_size = cfg.img_size or spec.imgsz or 640
+        img_size = pick_img_size(cfg, spec)
         nc = len(spec.names)
         if cfg.batch % dist_info.world_size:
             raise ConfigError(f"--batch {cfg.batch} must be divisible by the number of processes ({dist_info.world_size})")
@@ -203,27 +208,46 @@ class Trainer:
         return self.run_dir / "weights"
 
     def save(self, *, best: bool = False, period: bool = False) -> Path:
-        """Write weights/last.pt (and best.pt / epoch{N}.pt) atomically; every rank must call it."""
+        """Write weights/last.pt (and best.pt / epoch{N}.pt) atomically; every rank must call it.
+
+        The copies are put in place *before* last.pt is replaced: once last.pt says an epoch is done, its copies
+        exist (a kill in between leaves the old last.pt, and the resumed run writes the same copies again)."""
         ckpt = self.checkpoint_dict()
         last = self.weights_dir / "last.pt"
         if self.dist.is_main:
-            keep_previous(last)  # last.prev.pt: the previous good checkpoint survives until the new one is whole
-            with atomic_write(last) as f:  # streamed: no second in-memory copy of the checkpoint
-                torch.save(ckpt, f)
             copies = ([self.weights_dir / "best.pt"] if best else []) \
                 + ([self.weights_dir / f"epoch{self.epoch}.pt"] if period else [])
-            for path in copies:
-                with atomic_write(path) as f, open(last, "rb") as src:
-                    shutil.copyfileobj(src, f, 16 << 20)
+            staged = temp_path(last, "staged")
+            try:
+                with atomic_write(staged) as f:  # streamed: no second in-memory copy of the checkpoint
+                    torch.save(ckpt, f)
+                for path in copies:
+                    copy_into_place(staged, path)
+                keep_previous(last)  # last.prev.pt: the previous good checkpoint survives the replacement
+                copy_into_place(staged, last)
+            except (OSError, RuntimeError) as exc:
+                raise self._save_failure(last, exc) from exc
+            finally:
+                staged.unlink(missing_ok=True)
         barrier(self.dist)
         return last
+
+    def _save_failure(self, last: Path, exc: BaseException) -> BaseException:
+        """A full disk named as such (torch reports it as a RuntimeError from its zip writer); else ``exc``."""
+        free = shutil.disk_usage(last.parent).free
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or free < (64 << 20):
+            return TrainingFailed(f"disk full writing {last} ({free / 2**20:.0f} MiB free): the previous {last.name} "
+                                  "is kept; free some space and resume with: fuse-train --resume " + str(last))
+        return exc
 
     def write_run_files(self) -> None:
         if not self.dist.is_main:
             return
-        # temporary files of saves cut short by kill -9 are garbage (the target was never replaced)
-        for stale in self.weights_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        # temporaries of saves cut short by kill -9 are garbage (the target was never replaced)
+        for folder in (self.weights_dir, self.run_dir):
+            stale = remove_stale(folder)
+            if stale:
+                self.log(f"removed {len(stale)} temporary file(s) left in {folder} by a run that was killed")
         with atomic_write(self.run_dir / "args.yaml", "w") as f:
             yaml.safe_dump({**self.cfg.to_dict(), "resolved": self.resolved.to_dict()}, f, sort_keys=False)
         self._write_results()
@@ -310,6 +334,11 @@ class Trainer:
         with autocast:
             outputs = self.train_model(images)
         loss, parts = self.criterion(outputs, targets)
+        if any_rank(not bool(torch.isfinite(loss.detach())), self.dist, self.device):
+            # stop before the step: the weights (and every saved checkpoint) stay finite
+            raise TrainingFailed(f"the loss became non-finite at step {self.global_step + 1} (epoch {self.epoch + 1}); "
+                                 f"nothing was saved from it ({self.weights_dir / 'last.pt'} is the last good state): "
+                                 "lower --lr0, keep --grad-clip on, or check the labels")
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         if self.cfg.grad_clip > 0:

@@ -69,8 +69,12 @@ def test_unreadable_image_is_named(tmp_path, tiny_data):
     root = _copy(tiny_data, tmp_path)
     (root / "images" / "train" / "00002.png").write_bytes(b"not a png")
     spec = load_data_spec(root / "data.yaml")
+    with pytest.raises(DatasetError, match=r"00002\.png: unreadable image"):  # found up front, from its header
+        PairedDataset(spec.train, spec.train_ir, 1, 64)
+    good = (root / "images" / "train" / "00003.png")
+    (root / "images" / "train" / "00002.png").write_bytes(good.read_bytes()[:120])  # a header, then the data cut
     ds = PairedDataset(spec.train, spec.train_ir, 1, 64)
-    with pytest.raises(DatasetError, match=r"00002\.png: unreadable image"):
+    with pytest.raises(DatasetError, match=r"00002\.png: unreadable image"):  # found when decoded
         ds[2]
 
 

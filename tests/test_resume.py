@@ -187,10 +187,12 @@ def test_finished_run_refuses_and_can_be_extended(reference_run, tmp_path):
 def test_resume_without_checkpoint_is_one_clear_line(tmp_path):
     proc = run_train(["--resume", "--project", str(tmp_path / "none")], tmp_path)
     assert proc.returncode == 2 and "no run with weights/last.pt" in proc.stderr
-    bad = tmp_path / "last.pt"
+    bad = tmp_path / "exp" / "weights" / "last.pt"
+    bad.parent.mkdir(parents=True)
     bad.write_bytes(b"PK\x03\x04 truncated")
     proc = run_train(["--resume", str(bad)], tmp_path)
-    assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "damaged" in proc.stderr and "ckpt repair" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_second_ctrl_c_exits_at_once_and_last_pt_still_loads(tiny_data, tmp_path):

@@ -96,7 +96,8 @@ def test_unreadable_image_inside_worker_is_one_line(tmp_path, tiny_data):
     spec = yaml.safe_load((root / "data.yaml").read_text())
     spec["path"] = str(root)
     (root / "data.yaml").write_text(yaml.safe_dump(spec))
-    (root / "images" / "train" / "00001.png").write_bytes(b"garbage")
+    good = (root / "images" / "train" / "00002.png").read_bytes()
+    (root / "images" / "train" / "00001.png").write_bytes(good[:120])  # a valid header: fails only when decoded
     proc = run_train(["--data", str(root / "data.yaml"), *TINY, "--workers", "1"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "00001.png: unreadable image" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.atomic import atomic_folder, atomic_path, atomic_write, check_new_output
+from ckpttools.atomic import atomic_folder, atomic_path, atomic_write, check_new_output, remove_stale, temp_path
 from ckpttools.commands._inputs import open_input, refuse_unsafe, require_intact
+from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, refresh_digest
-from ckpttools.errors import UsageError
+from ckpttools.errors import DamagedInput, UsageError
 from ckpttools.formats.registry import DCP, LEGACY, Checkpoint, open_checkpoint
 from ckpttools.formats import dcp, hdf5, safetensors, torchzip
 from ckpttools.formats.base import to_plain_tree
@@ -42,9 +43,10 @@ class ConvertResult:
     bytes: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    force: bool = False  # replace an existing OUT (checked up front; also decides the final rename)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "force"}
 
 
 def target_of(out: Path, to: str | None) -> str:
@@ -66,7 +68,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str | None = Non
     its plain data, never its code references)."""
     src, out = Path(src), Path(out)
     target = target_of(out, to)
-    check_new_output(out, [src], force)
+    check_new_output(out, [src], force, folder=target == DCP_TARGET)
     if world_size < 1 or (world_size > 1 and target != DCP_TARGET):
         raise UsageError(f"--world-size {world_size}: a number of ranks >= 1, for a DCP folder output (--to dcp)")
     if dtype is not None and dtype not in CASTS:
@@ -75,6 +77,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str | None = Non
     ckpt, dangerous = open_input(src, "convert", allow_unsafe)
     layout = L.recognise(ckpt.tree, src)
     result = ConvertResult(str(src), str(out), ckpt.format, target, layout)
+    result.force = force
+    stale = remove_stale(out.parent)
+    if stale:
+        result.notes.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
     tree = ckpt.tree
     if dangerous:  # --allow-unsafe: data only, every object turned into its plain state
         tree = to_plain_tree(tree, [])
@@ -108,17 +114,17 @@ def _convert_tree(ckpt: Checkpoint, source: TensorSource, tree: Any, out: Path, 
     result.tensors, result.bytes = counted
 
     if target == PT:
-        torchzip.write_file(tree, out, source, on_bytes=on_bytes)
+        torchzip.write_file(tree, out, source, on_bytes=on_bytes, replace=result.force)
     elif target == H5:
         tree = to_plain_tree(tree, result.notes)
-        with atomic_path(out) as tmp:  # h5py writes to a path, not a file object
+        with atomic_path(out, replace=result.force) as tmp:  # h5py writes to a path, not a file object
             hdf5.write_hdf5(tree, tmp, source.tensor_chunks, compress, on_bytes)
     elif target == SAFETENSORS:
         skipped = [k for k, t in tree.items() if not safetensors.writable(t.dtype)]
         if skipped:
             result.notes.append(f"{len(skipped)} tensor(s) of dtypes safetensors lacks left out: {skipped[:5]}")
         tensors = {k: t for k, t in tree.items() if k not in skipped}
-        with atomic_write(out) as f:
+        with atomic_write(out, replace=result.force) as f:
             safetensors.write_safetensors(tensors, f, source.tensor_chunks, _safetensors_metadata(ckpt, result),
                                           on_bytes)
     elif target == DCP_TARGET:
@@ -180,20 +186,35 @@ def _to_dcp(tree: Any, out: Path, result: ConvertResult, source: TensorSource, w
     if not isinstance(tree, dict):
         raise UsageError(f"{result.input}: DCP needs a dict at the top of the checkpoint")
     result.notes.extend(dcp.notes_for(tree))
-    tree = to_plain_tree(tree, result.notes)
+    # the tree as DCP will give it back (string keys, no empty dicts), so its digest is the one a reader finds
+    tree = dcp.as_dcp_returns(to_plain_tree(tree, result.notes))
+    if refresh_digest(tree, source):
+        result.notes.append("content digest recomputed for the tree as DCP returns it")
+    verified = _verified_folder(result)
     if world_size == 1:
         result.notes.append("DCP: torch's API holds the whole state dict in memory while saving")
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, verify=verified, replace=result.force) as tmp:
             dcp.write_single(materialise(tree), tmp)
         return
-    plain = out.with_name(f".{out.name}.{os.getpid()}.plain.pt")
+    plain = temp_path(out, "plain")
     try:
         torchzip.write_file(tree, plain, source)  # streamed; each rank maps it and takes its shards
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, verify=verified, replace=result.force) as tmp:
             dcp.write_sharded(plain, tmp, world_size)
     finally:
         plain.unlink(missing_ok=True)
     result.notes.append(f"DCP: written by {world_size} gloo processes, tensors sharded along dim 0 (DTensor)")
+
+
+def _verified_folder(result: ConvertResult):
+    """A check run on the finished DCP folder before it is swapped in: it must pass `ckpt verify`."""
+    def passes(folder: Path) -> bool:
+        errors = verify(folder).errors
+        if errors:
+            raise DamagedInput(f"{result.output}: the written DCP folder would not pass `ckpt verify` "
+                               f"({errors[0].code}: {errors[0].message}); nothing written")
+        return True
+    return passes
 
 
 def _from_dcp(ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, dtype, weights_only, ema, compress,
@@ -202,11 +223,11 @@ def _from_dcp(ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, d
     passed the policy (``open_input``) -- then convert that file if another target was asked for."""
     result.notes.append("DCP: consolidated with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
     if target == PT and not (dtype or weights_only or ema):
-        with atomic_path(out) as tmp:
+        with atomic_path(out, replace=result.force) as tmp:
             dcp.consolidate(ckpt.path, tmp)
         result.tensors, result.bytes = _count(open_checkpoint(out).tree)
         return
-    consolidated = out.with_name(f".{out.name}.{os.getpid()}.consolidated.pt")
+    consolidated = temp_path(out, "consolidated")
     try:
         dcp.consolidate(ckpt.path, consolidated)
         inner = open_checkpoint(consolidated)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.atomic import check_new_output
+from ckpttools.atomic import check_new_output, remove_stale
 from ckpttools.commands._inputs import open_input
 from ckpttools.digest import refresh_digest
 from ckpttools.errors import UsageError
@@ -69,6 +69,9 @@ def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = Non
     if dangerous:  # --allow-unsafe: data only
         tree = to_plain_tree(tree, [])
         result.not_carried.extend(dangerous)
+    stale = remove_stale(out.parent)
+    if stale:
+        result.changes.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
 
     if gpus is not None:
         if layout == L.FUSE_TRAIN:
@@ -88,7 +91,7 @@ def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = Non
                                 "step": _progress(tree).get("global_step"), "changes": list(result.changes)})
     if refresh_digest(tree, source):
         result.changes.append("content digest rebuilt")
-    torchzip.write_file(tree, out, source, location=location, on_bytes=on_bytes)
+    torchzip.write_file(tree, out, source, location=location, on_bytes=on_bytes, replace=force)
     return result
 
 

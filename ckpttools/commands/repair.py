@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.atomic import atomic_path, check_new_output
+from ckpttools.atomic import atomic_path, check_new_output, remove_stale
 from ckpttools.commands._inputs import refuse_unsafe
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, lazy_digest, refresh_digest
 from ckpttools.errors import UsageError
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
-from ckpttools.formats import torchzip
+from ckpttools.formats import torchzip, ziprecords
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.report import ERROR
 from ckpttools.storage_scan import StorageScanner
@@ -71,6 +71,7 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
         result.actions.append("zip end records were missing: records recovered by scanning local headers")
 
     source = TensorSource(ckpt)
+    _recover_records(ckpt, result)
     lost = _lost_storages(ckpt, on_bytes)
     users = _users(ckpt)
     if lost:
@@ -98,8 +99,40 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
     _fix_digest(tree, source, result, changed=bool(result.filled or any("stripped" in a for a in result.actions)))
     if ckpt.format != ZIP:
         result.actions.append(f"{ckpt.format} input written as a torch zip checkpoint")
-    _write_verified(tree, out, source, result, on_bytes)
+    stale = remove_stale(out.parent)
+    if stale:
+        result.actions.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
+    _write_verified(tree, out, source, result, on_bytes, force)
     return result
+
+
+def _recover_records(ckpt: Checkpoint, result: RepairResult) -> None:
+    """Storage records whose bytes are intact although the zip metadata that locates them is damaged (a central
+    directory or local-header field): found again, so no intact tensor is ever reported lost or filled from a
+    backup."""
+    if ckpt.format != ZIP or ckpt.record_of is None:
+        return
+    scanned = None
+    for ref in {id(t.storage): t.storage for _, t in iter_tensors(ckpt.tree)}.values():
+        record = ckpt.record_of(ref)
+        if record is None:  # absent from the central directory: look for it by name at the local headers
+            scanned = ziprecords.scan_local_headers(ckpt.path) if scanned is None else scanned
+            name = ckpt.record_name_of(ref) if ckpt.record_name_of else None
+            found = next((r for r in scanned if r.name == name and not r.truncated and r.crc is not None
+                          and ziprecords.record_crc(ckpt.path, r) == r.crc), None)
+            if found is not None:
+                ckpt.records[found.name] = found
+                result.actions.append(f"{found.name}: missing from the central directory; found at its local header "
+                                      "(CRC32 passes)")
+            continue
+        if not record.truncated and record.crc is not None and ziprecords.record_crc(ckpt.path, record) == record.crc:
+            continue
+        scanned = ziprecords.scan_local_headers(ckpt.path) if scanned is None else scanned
+        intact = ziprecords.locate_intact(ckpt.path, record, scanned)
+        if intact is not None and intact is not record:
+            ckpt.records[record.name] = intact
+            result.actions.append(f"{record.name}: the zip metadata locating it was damaged; its bytes, which pass "
+                                  "their CRC32, were found again")
 
 
 def _users(ckpt: Checkpoint) -> dict[int, list[str]]:
@@ -211,14 +244,14 @@ def _fix_digest(tree: Any, source: TensorSource, result: RepairResult, changed: 
         result.actions.append("content digest did not match the (CRC-intact) content: rebuilt")
 
 
-def _write_verified(tree: Any, out: Path, source: TensorSource, result: RepairResult, on_bytes) -> None:
+def _write_verified(tree: Any, out: Path, source: TensorSource, result: RepairResult, on_bytes, force: bool) -> None:
     def passes(tmp: Path) -> bool:
         errors = [f"{f.code}: {f.message}" for f in verify(tmp).errors]
         if errors:
             result.problems.append(f"the repaired file would not pass `ckpt verify` ({errors[0]}); nothing written")
         return not errors
 
-    with atomic_path(out, verify=passes) as tmp:
+    with atomic_path(out, verify=passes, replace=force) as tmp:
         torchzip.write_file(tree, tmp, source, on_bytes=on_bytes)
     if result.problems:
         return

@@ -40,6 +40,7 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
     iter_storage: Callable[[StorageRef, int], Iterator[bytes]] | None = None
     record_of: Callable[[StorageRef], Any] | None = None  # the zip record behind a storage, where there is one
+    record_name_of: Callable[[StorageRef], str] | None = None  # the name that record has (or should have)
 
     def storage_chunks(self, ref: StorageRef, chunk: int = CHUNK) -> Iterator[bytes]:
         if self.iter_storage is None:

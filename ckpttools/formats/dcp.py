@@ -75,17 +75,54 @@ def read(path: Path) -> Checkpoint:
     tree: dict[str, Any] = {}
     for fqn, md in fqns.items():
         value = _assemble(fqn, md, items.get(fqn, []), ckpt)
-        keys = planner.get(fqn) if isinstance(planner.get(fqn), (list, tuple)) else [fqn]
-        node = tree
-        for k in list(keys)[:-1]:
-            node = node.setdefault(str(k), {})
-        node[str(list(keys)[-1])] = value
+        keys = planner.get(fqn) if isinstance(planner.get(fqn), (list, tuple)) and planner.get(fqn) else [fqn]
+        _set_element(tree, list(keys), value)
     ckpt.tree = tree
     ckpt.iter_storage = lambda ref, chunk: owners[id(ref)].storage_chunks(ref, chunk) if id(ref) in owners else iter(())
     ckpt.record_of = lambda ref: owners[id(ref)].record_of(ref) if id(ref) in owners else None
     if not ckpt.storages:
         ckpt.findings.append(Finding(WARNING, "dcp.empty", "the folder holds no tensors", str(ckpt.path)))
     return ckpt
+
+
+def _set_element(root: dict, path: list, value: Any) -> None:
+    """Put ``value`` at ``path`` as DCP's own unflattening does: an int in the path is a list index (lists are
+    flattened element by element), anything else a dict key (as a string)."""
+    node: Any = root
+    for i, key in enumerate(path):
+        key = key if isinstance(key, int) else str(key)
+        if i == len(path) - 1:
+            child = value
+        else:
+            child = _get(node, key)
+            if child is None:
+                child = [] if isinstance(path[i + 1], int) else {}
+        if isinstance(node, list) and isinstance(key, int):
+            node.extend([None] * (key + 1 - len(node)))
+            node[key] = child
+        elif isinstance(node, dict):
+            node[str(key)] = child
+        node = child
+
+
+def _get(node: Any, key) -> Any:
+    if isinstance(node, list) and isinstance(key, int):
+        return node[key] if key < len(node) else None
+    return node.get(str(key)) if isinstance(node, dict) else None
+
+
+def as_dcp_returns(tree: Any) -> Any:
+    """The tree as a DCP folder gives it back: dict keys as strings, empty dicts gone (DCP stores none)."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            v = as_dcp_returns(v)
+            if not (isinstance(v, dict) and not v):
+                out[str(k)] = v
+        return out
+    if isinstance(tree, list):
+        return [as_dcp_returns(v) for v in tree]
+    return tree
 
 
 def _assemble(fqn: str, md: Any, chunks: list[tuple[tuple, Any]], ckpt) -> Any:
@@ -122,7 +159,7 @@ def notes_for(tree: Any) -> list[str]:
         notes.append("DCP keys are strings: non-string dict keys (e.g. optimizer state indices) come back as "
                      "strings from a DCP folder (torch's flattening)")
     if _any_dict(tree, lambda d: not d):
-        notes.append("DCP does not store empty dicts: they come back as None (e.g. an unused GradScaler)")
+        notes.append("DCP does not store empty dicts: they are absent when read back (e.g. an unused GradScaler)")
     return notes
 
 

@@ -29,6 +29,7 @@ import hashlib
 import io
 import pickle
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
@@ -69,6 +70,7 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
         for r in records:
             if r.truncated:
                 ckpt.findings.append(Finding(ERROR, "zip.record-truncated", f"record {r.name} is cut off", r.name))
+    _settle_names(records)
     for name, n in Counter(r.name for r in records).items():
         if n > 1:
             ckpt.findings.append(Finding(ERROR, "zip.duplicate-name", f"{n} records named {name}: torch.load may "
@@ -76,6 +78,13 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
     ckpt.records = {}
     for r in records:
         ckpt.records.setdefault(r.name, r)  # the first, as a sequential reader sees it; duplicates are errors
+    if ckpt.findings and base == 0:
+        # damaged metadata may have hidden whole records (a zeroed central-directory page): add the ones a
+        # local-header scan still finds complete, so what is intact can be described and repaired
+        for r in ziprecords.scan_local_headers(path):
+            if r.name not in ckpt.records and not r.truncated and r.crc is not None:
+                ckpt.records[r.name] = r
+        records = list(ckpt.records.values())
     pkl_name = pickle_record_name([r.name for r in records])
     if pkl_name is None:
         ckpt.findings.append(Finding(ERROR, "zip.no-pickle", "no data.pkl record: not a torch.save checkpoint "
@@ -88,6 +97,12 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
     if pkl.truncated:
         return ckpt
     data = ziprecords.read_record(path, pkl)
+    if pkl.crc is not None and pkl.crc != 0 and ziprecords.crc32(data) != pkl.crc and base == 0:
+        # the pickle's bytes may be whole and only the metadata around them damaged (already reported)
+        intact = ziprecords.locate_intact(path, pkl, ziprecords.scan_local_headers(path))
+        if intact is not None:
+            ckpt.records[pkl_name] = pkl = intact
+            data = ziprecords.read_record(path, pkl)
     if pkl.crc is not None and pkl.crc != 0 and ziprecords.crc32(data) != pkl.crc:
         # a damaged pickle describes nothing reliable, and unpickling garbage can cost minutes: scan it for
         # what it names and stop there
@@ -110,6 +125,7 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
 
     ckpt.tree = ckpt.read_pickle(data, pkl_name, lambda pid: storage_from_pid(ckpt, pid, reader))
     ckpt.record_of = lambda ref: ckpt.records.get(top + "data/" + ref.key)
+    ckpt.record_name_of = lambda ref: top + "data/" + ref.key
 
     def iter_storage(ref: StorageRef, chunk: int):
         record = ckpt.record_of(ref)
@@ -117,6 +133,18 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
 
     ckpt.iter_storage = iter_storage
     return ckpt
+
+
+def _settle_names(records: list) -> None:
+    """Where a record's central-directory name and local-header name disagree (one of them is damaged), take
+    the one no other record already has: a flipped bit that turns data/10 into data/12 must not make the bytes
+    of storage 10 pass for storage 12."""
+    for r in records:
+        if r.local_name is None:
+            continue
+        others = {o.name for o in records if o is not r}
+        if r.name in others and r.local_name not in others:
+            r.name = r.local_name
 
 
 def pickle_record_name(names: list[str]) -> str | None:
@@ -137,9 +165,12 @@ def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None) -> None:
         short = name.split("/", 1)[1] if "/" in name else name
         if name == main or short.startswith("data/") or record.truncated or record.size > MAX_EXTRA_PICKLE:
             continue
-        head = b"".join(ziprecords.iter_record_bytes(path, record, 64, 0, 64))
-        if name.endswith(".pkl") or (head[:1] == b"\x80" and looks_like_pickle(head)):
-            ckpt.scans.append((name, scan_pickle(ziprecords.read_record(path, record))))
+        try:
+            head = b"".join(ziprecords.iter_record_bytes(path, record, 64, 0, 64))
+            if name.endswith(".pkl") or (head[:1] == b"\x80" and looks_like_pickle(head)):
+                ckpt.scans.append((name, scan_pickle(ziprecords.read_record(path, record))))
+        except (OSError, zlib.error):  # a record whose metadata is damaged: reported by the structure checks
+            continue
 
 
 # ---- writing -------------------------------------------------------------------------------------------------------
@@ -294,7 +325,8 @@ def _write(zf: zipfile.ZipFile, name: str, chunks: Iterable[bytes], size: int,
 
 
 def write_file(tree: Any, out: Path, source, location: Callable[[StorageRef], str] | None = None,
-               on_bytes: Callable[[int], None] | None = None) -> None:
-    """``write_torch_zip`` into ``out`` atomically; storage bytes from ``source`` (a ``tensors.TensorSource``)."""
-    with atomic_write(out) as f:
+               on_bytes: Callable[[int], None] | None = None, replace: bool = True) -> None:
+    """``write_torch_zip`` into ``out`` atomically; storage bytes from ``source`` (a ``tensors.TensorSource``).
+    ``replace=False``: an ``out`` that appears meanwhile is never overwritten."""
+    with atomic_write(out, replace=replace) as f:
         write_torch_zip(tree, f, source.storage_chunks, location=location, on_bytes=on_bytes)

@@ -46,6 +46,7 @@ class Record:
     method: int = 0
     truncated: bool = False  # fewer bytes on disk than the record needs
     end: int = 0  # first byte after the record (after its data descriptor, if any)
+    local_name: str | None = None  # the local header's name, where it disagrees with the central directory's
 
 
 @dataclass
@@ -286,7 +287,8 @@ def _check_entry(src: "_Window", size: int, fields, name_bytes: bytes, extra: by
     if truncated:
         problems.append(ZipProblem("zip.record-truncated", f"record {name} extends past the end of the file "
                                    f"(needs {csize} bytes)", name))
-    return Record(name, offset, data_offset, csize, crc, method, truncated, end), problems
+    local_name = l_name.decode("utf-8", "replace") if l_name != name_bytes else None
+    return Record(name, offset, data_offset, csize, crc, method, truncated, end, local_name), problems
 
 
 def scan_local_headers(path: Path, base: int = 0, length: int | None = None) -> list[Record]:
@@ -395,3 +397,45 @@ def _iter_deflated(path: Path, record: Record, chunk: int, start: int, length: i
 
 def read_record(path: Path, record: Record) -> bytes:
     return b"".join(iter_record_bytes(path, record))
+
+
+def record_crc(path: Path, record: Record) -> int | None:
+    """CRC32 of the record's bytes as they are on disk; None if they are not all there."""
+    if record.truncated or record.data_offset < 0:
+        return None
+    crc, n = 0, 0
+    try:
+        for block in iter_record_bytes(path, record):
+            crc = crc32(block, crc)
+            n += len(block)
+    except (OSError, zlib.error):  # a damaged method field, an unreadable stream: not a good reading
+        return None
+    return crc if n == record.size else None
+
+
+def locate_intact(path: Path, record: Record, scanned: list[Record] | None = None) -> Record | None:
+    """A reading of ``record`` whose bytes pass its CRC32, when only the zip's metadata around it is damaged:
+    as recorded; at the position a local-header scan finds for it; or at the 64-byte aligned data offsets torch's
+    writer uses after a local header whose length fields were damaged.  None if no reading passes."""
+    if record.crc is not None and record_crc(path, record) == record.crc:
+        return record
+    candidates = []
+    for other in scanned or []:
+        if other.name == record.name or other.header_offset == record.header_offset:
+            candidates.append(other)
+            if record.crc is not None:  # the central directory's CRC and size with the scanned position
+                candidates.append(Record(record.name, other.header_offset, other.data_offset, record.size, record.crc,
+                                         record.method, False, other.end))
+    if record.method != 0:  # torch stores; a damaged method field is one more thing the metadata got wrong
+        candidates.append(Record(record.name, record.header_offset, record.data_offset, record.size, record.crc, 0,
+                                 False, record.end))
+    base = record.header_offset + LOCAL_HEADER.size + len(record.name.encode("utf-8"))
+    for extra in range(0, 64 + 4 + 20 + 1):
+        start = base + extra
+        if start % 64 == 0 and record.crc is not None:
+            candidates.append(Record(record.name, record.header_offset, start, record.size, record.crc, 0,
+                                     False, start + record.size))
+    for candidate in candidates:  # the caller checks that the size is the one its storage needs
+        if candidate.crc is not None and record_crc(path, candidate) == candidate.crc:
+            return candidate
+    return None

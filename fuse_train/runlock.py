@@ -1,0 +1,47 @@
+"""One process per run folder: an advisory lock (``fcntl.flock`` on ``<run>/.lock``) held while a run trains.
+
+A second ``fuse-train`` on the same folder (a fresh run with the same ``--name`` started at the same time, or
+a second ``--resume``) is refused with one line naming the holder.  The kernel drops the lock when its
+process dies, however it dies, so the lock of a killed run is taken over without any clean-up.  Under torchrun
+only rank 0 takes it: the other ranks belong to the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import Iterator
+
+LOCK_NAME = ".lock"
+
+
+class RunLocked(Exception):
+    """Another live process holds the run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, take: bool = True) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the body; ``take=False`` (ranks other than 0) does nothing."""
+    if not take:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            raise RunLocked(f"{run_dir}: in use by {holder}; one process per run folder (wait for it, stop it, or "
+                            "pick another --name)") from None
+        os.ftruncate(fd, 0)
+        stamp = dt.datetime.now().isoformat(timespec="seconds")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
