@@ -212,12 +212,24 @@ def _shard(x, mesh, world: int):
     return x
 
 
+def _die_with_parent() -> None:
+    """A rank of a killed conversion must not run on: ask Linux to SIGKILL it when its parent dies."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
 def _worker(rank: int, world: int, store: str, src: str, out: str) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
+    _die_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
