@@ -94,6 +94,7 @@ def main() -> None:
     ckpt remap last.pt --gpus 1 -o one.pt     resume a 4-GPU run on 1 GPU (or --device cpu)
     ckpt convert last.pt last.h5              torch <-> HDF5 / safetensors / DCP folders, legacy -> zip
     ckpt repair last.pt -o fixed.pt           salvage a truncated or damaged checkpoint
+    ckpt audit runs/fuse/exp                  was every resume of this run seamless?
     """
 
 
@@ -362,6 +363,32 @@ def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -
             stderr().print(f"ckpt preflight: blocked: {', '.join(c.field for c in report.blocked)} differ; allow with "
                            f"{report.allow_hint()}", markup=False)
     return EXIT_OK if report.ok else EXIT_PREFLIGHT
+
+
+@main.command()
+@click.argument("path", metavar="RUN_DIR_OR_CKPT", type=click.Path(path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), metavar="OUT.png",
+              help="Also draw the curves with every boundary marked.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@_handle_errors("audit")
+def audit(path: Path, plot_path: Path | None, as_json: bool) -> int:
+    """Was every resume of a run seamless?  The run's lineage (resumes, allowed changes, remaps, repairs, from
+    the checkpoint's history) and, at each resume boundary, whether the epoch counters go on by one, the
+    learning rate continues its schedule, and the losses do not jump beyond the run's own variation.  Also
+    repeated or missing epochs in results.csv and TensorBoard steps written twice.  Works on fuse-train and
+    Ultralytics run folders.  Exit 0 seamless, 1 a boundary looks broken, 2 not a run folder."""
+    from ckpttools.commands.audit import audit as run_audit, plot
+    from ckpttools.render import print_json, render_audit, stdout
+
+    _must_exist(path)
+    report = run_audit(path)
+    if plot_path is not None:
+        plot(report, plot_path)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        render_audit(report, stdout())
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
 if __name__ == "__main__":

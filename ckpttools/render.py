@@ -159,3 +159,28 @@ def render_preflight(report, console, title: str = "preflight") -> None:
 def _short(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 60 else text[:28] + "…" + text[-28:]
+
+
+def render_audit(report, console: Console) -> None:
+    """Lineage, then one row per resume boundary: where, what was checked, verdict."""
+    console.print(f"[bold]{escape(report.run_dir)}[/]  {report.layout}, {report.epochs} epoch(s) in results.csv")
+    for event in report.lineage:
+        changes = event.get("changes")
+        extra = f" changes {changes}" if changes else ""
+        console.print(f"  {event.get('date', '?')}  {event.get('event')} at step {event.get('step')}"
+                      + escape(extra), highlight=False)
+    if report.boundaries:
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True)
+        grid.add_column(overflow="fold")
+        colour = {"seamless": "green", "allowed": "yellow", "broken": "bold red", "not judged": "dim"}
+        for b in report.boundaries:
+            checks = "\n".join(f"{k}: {v}" for k, v in b.checks.items())
+            grid.add_row(f"[{colour[b.verdict]}]{b.verdict}[/]",
+                         f"[bold]epoch {b.epoch:g}[/] [dim]({escape(b.source)})[/]\n{escape(checks)}")
+        console.print(grid)
+    for problem in report.problems:
+        console.print(f"[bold red]broken[/] {escape(problem)}")
+    for note in report.notes:
+        console.print(f"[dim]note: {escape(note)}[/]")
+    console.print("[green]OK[/]: every resume is seamless" if report.ok else "[bold red]BROKEN[/]: see above")

@@ -8,7 +8,7 @@ ground truth are left out of the mean, as in COCOeval.  A test checks it against
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ class DetectionMetrics:
     recall: float
     map50: float
     map: float  # mAP50-95
+    # per class with ground truth: (class id, scores sorted descending, tp at IoU 0.5, number of gt) for the
+    # PR / F1 curves; not part of as_dict (nor of the checkpoint)
+    curves: list = field(default_factory=list, repr=False)
 
     @property
     def fitness(self) -> float:
@@ -69,6 +72,7 @@ def evaluate_detections(predictions: list[np.ndarray], ground_truth: list[np.nda
     """predictions[i]: [n, 6] (x1, y1, x2, y2, score, cls); ground_truth[i]: [m, 5] (cls, x1, y1, x2, y2)."""
     ap = np.full((len(IOU_THRESHOLDS), nc), -1.0)
     pr_at = []  # per class: (scores, tp at IoU 0.5, number of gt) for precision / recall
+    classes = []
     for c in range(nc):
         scores, matched, n_gt = [], [], 0
         for pred, gt in zip(predictions, ground_truth):
@@ -98,11 +102,36 @@ def evaluate_detections(predictions: list[np.ndarray], ground_truth: list[np.nda
         for ti in range(len(IOU_THRESHOLDS)):
             ap[ti, c] = _average_precision(tp_c[ti], n_gt)
         pr_at.append((scores_c, tp_c[0], n_gt))
+        classes.append(c)
     valid = ap[0] > -1
     if not valid.any():
         return DetectionMetrics(0.0, 0.0, 0.0, 0.0)
     precision, recall = _best_f1_point(pr_at)
-    return DetectionMetrics(precision, recall, float(ap[0, valid].mean()), float(ap[:, valid].mean()))
+    return DetectionMetrics(precision, recall, float(ap[0, valid].mean()), float(ap[:, valid].mean()),
+                            [(c, *curve) for c, curve in zip(classes, pr_at)])
+
+
+def confusion_matrix(predictions: list[np.ndarray], ground_truth: list[np.ndarray], nc: int, conf: float = 0.25,
+                     iou: float = 0.45) -> np.ndarray:
+    """[nc + 1, nc + 1] counts, rows = predicted class (last: background, a missed object), columns = true class
+    (last: background, a false detection); detections above ``conf`` matched to boxes greedily by IoU."""
+    m = np.zeros((nc + 1, nc + 1), np.int64)
+    for pred, gt in zip(predictions, ground_truth):
+        d = pred[pred[:, 4] >= conf]
+        d = d[np.argsort(-d[:, 4], kind="mergesort")]
+        ious = _iou_matrix(d[:, :4], gt[:, 1:5])
+        taken = np.zeros(len(gt), bool)
+        for di in range(len(d)):
+            candidates = np.where(~taken & (ious[di] >= iou))[0] if len(gt) else []
+            if len(candidates):
+                gi = candidates[np.argmax(ious[di, candidates])]
+                taken[gi] = True
+                m[int(d[di, 5]), int(gt[gi, 0])] += 1
+            else:
+                m[int(d[di, 5]), nc] += 1
+        for gi in np.where(~taken)[0]:
+            m[nc, int(gt[gi, 0])] += 1
+    return m
 
 
 def _average_precision(tp: np.ndarray, n_gt: int) -> float:

@@ -6,7 +6,6 @@ Everything that decides the next step lives in ``Trainer`` attributes that are s
 
 from __future__ import annotations
 
-import csv
 import errno
 import os
 import shutil
@@ -30,11 +29,10 @@ from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spe
 from fuse_train.demo import ensure_demo
 from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, barrier
 from fuse_train.loss import DetectionLoss
-from fuse_train.metrics import DetectionMetrics, evaluate_detections, postprocess
+from fuse_train.metrics import DetectionMetrics, confusion_matrix, evaluate_detections, postprocess
 from fuse_train.model import ModelConfig, anchor_grid, build_model, model_fingerprint
+from fuse_train.runlog import RunLog, boundaries, plot_confusion, plot_curves, plot_labels, plot_results
 
-RESULTS_FIELDS = ["epoch", "train/box_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
-                  "metrics/mAP50", "metrics/mAP50-95", "fitness", "lr"]
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -139,13 +137,21 @@ class Trainer:
         self.results: list[dict] = []
         self.history: list[dict] = []
         self.finished = False
+        self.resumed = resume is not None
         if resume is not None:
             self.load_checkpoint(resume)
+        self.runlog: RunLog | None = None  # opened by train(): nothing is written before then
+        self._last_eval: tuple[list, list] = ([], [])
         self.history.append(history_event or {"event": "start", "date": S.now_iso(), "step": self.global_step})
         self._stop_signal: int | None = None
         # Test hook: behave as if Ctrl-C arrived during optimizer step N (so tests can stop at an exact step).
         stop_at = os.environ.get("FUSE_TRAIN_STOP_AFTER_STEP")
         self._stop_after_step = int(stop_at) if stop_at else None
+        # Test hook: a real signal to this process after step N ("TERM:N", "KILL:N"): SIGTERM goes through the
+        # handler like an outside one, SIGKILL dies wherever the run is (events written, not yet saved, ...).
+        signal_at = os.environ.get("FUSE_TRAIN_SIGNAL_AFTER_STEP", "")
+        self._signal_after = (getattr(signal, "SIG" + signal_at.split(":")[0]), int(signal_at.split(":")[1])) \
+            if signal_at else None
 
     # ---- state -------------------------------------------------------------------------------------------
     def _make_schedule(self) -> S.LRSchedule:
@@ -215,6 +221,7 @@ class Trainer:
         ckpt = self.checkpoint_dict()
         last = self.weights_dir / "last.pt"
         if self.dist.is_main:
+            self.runlog.flush()  # every event up to this step is on disk before the checkpoint that claims it
             copies = ([self.weights_dir / "best.pt"] if best else []) \
                 + ([self.weights_dir / f"epoch{self.epoch}.pt"] if period else [])
             staged = temp_path(last, "staged")
@@ -250,14 +257,7 @@ class Trainer:
                 self.log(f"removed {len(stale)} temporary file(s) left in {folder} by a run that was killed")
         with atomic_write(self.run_dir / "args.yaml", "w") as f:
             yaml.safe_dump({**self.cfg.to_dict(), "resolved": self.resolved.to_dict()}, f, sort_keys=False)
-        self._write_results()
-
-    def _write_results(self) -> None:
-        with atomic_write(self.run_dir / "results.csv", "w") as f:
-            writer = csv.DictWriter(f, RESULTS_FIELDS, lineterminator="\n")
-            writer.writeheader()
-            for row in self.results:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.runlog.write_results(self.results)  # cut back to the checkpoint's rows: none duplicated after a resume
 
     # ---- signals -----------------------------------------------------------------------------------------
     def _install_signal_handlers(self):
@@ -286,6 +286,10 @@ class Trainer:
 
     def train(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step = the checkpoint's step + 1: events written after it by a killed run are dropped (for a
+        # fresh run, step 1: whatever an earlier attempt that never saved left in the folder)
+        self.runlog = RunLog(self.run_dir, self.global_step, self.cfg.to_dict(), enabled=self.dist.is_main,
+                             fresh=not self.resumed)
         self.write_run_files()
         restore_signals = self._install_signal_handlers()
         try:
@@ -294,10 +298,22 @@ class Trainer:
                 last = self._end_epoch()  # saves last.pt; the final one is marked finished
                 if any_rank(self._stop_signal is not None, self.dist, self.device) and self.epoch < self.cfg.epochs:
                     raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, last)  # signal came during evaluation
+            if self.dist.is_main:
+                self._final_plots()
         finally:
+            self.runlog.close()
             if self._stop_signal is None:  # once stopping, keep the handler: a second Ctrl-C must exit quietly
                 restore_signals()
         return self.last_metrics
+
+    def _final_plots(self) -> None:
+        """The end-of-training figures, from the last evaluation (EMA weights) and the training labels."""
+        names = self.resolved.names
+        preds, gts = self._last_eval
+        metrics = evaluate_detections(preds, gts, self.model_config.nc)
+        plot_curves(metrics.curves, names, self.run_dir)
+        plot_confusion(confusion_matrix(preds, gts, self.model_config.nc), names, self.run_dir / "confusion_matrix.png")
+        plot_labels(self.train_set.labels, names, self.run_dir / "labels.png")
 
     def _train_epoch(self) -> None:
         cfg, spe = self.cfg, self.sampler.steps_per_epoch
@@ -306,15 +322,19 @@ class Trainer:
         self.train_model.train()
         progress = _Progress(self, spe)
         t0 = time.time()
+        self._epoch_started = time.time()
         for images, targets, _ in loader:
             lr = self.schedule.apply(self.optimizer, self.global_step)
             loss_parts = self._step(images, targets)
             self.epoch_loss_sum += loss_parts.to(torch.float64).cpu()
             self.step_in_epoch += 1
             self.global_step += 1
+            self.runlog.step(self.global_step, loss_parts.tolist(), [g["lr"] for g in self.optimizer.param_groups])
             progress.update(self.epoch_loss_sum / self.step_in_epoch, lr, time.time() - t0)
             if self._stop_after_step == self.global_step:
                 self._stop_signal = signal.SIGINT
+            if self._signal_after and self._signal_after[1] == self.global_step:
+                os.kill(os.getpid(), self._signal_after[0])
             stop = any_rank(self._stop_signal is not None, self.dist, self.device)
             if stop and self.step_in_epoch < spe:
                 progress.close()
@@ -363,6 +383,7 @@ class Trainer:
                "metrics/mAP50-95": metrics.map, "fitness": fitness, "lr": lr}
         self.results.append(row)
         self.last_metrics = metrics.as_dict()
+        self.runlog.epoch(self.global_step, row, time.time() - self._epoch_started)
         self.log(f"epoch {self.epoch + 1}/{self.cfg.epochs}  box {row['train/box_loss']:.4f}  cls {row['train/cls_loss']:.4f}"
                  f"  P {metrics.precision:.3f}  R {metrics.recall:.3f}  mAP50 {metrics.map50:.3f}"
                  f"  mAP50-95 {metrics.map:.3f}" + ("  (best)" if improved else ""))
@@ -373,7 +394,9 @@ class Trainer:
         if self.epoch >= self.cfg.epochs:
             self.finished = True
         if self.dist.is_main:
-            self._write_results()
+            self.runlog.write_results(self.results)
+            plot_results(self.results, boundaries(self.history, self.sampler.steps_per_epoch),
+                         self.run_dir / "results.png")
         return self.save(best=improved, period=period)
 
     @torch.no_grad()
@@ -395,6 +418,7 @@ class Trainer:
             for i, d in enumerate(dets):
                 preds.append(d.cpu().double().numpy())
                 gts.append(targets[targets[:, 0] == i, 1:].double().numpy())
+        self._last_eval = (preds, gts)
         return evaluate_detections(preds, gts, self.model_config.nc)
 
 

@@ -8,19 +8,19 @@ torch zip.  Tensors saved as one chunk become one tensor; sharded tensors list t
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import os
 import tempfile
 import warnings
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
 
 from ckpttools.formats import torchzip
-from ckpttools.formats.base import Checkpoint
+from ckpttools.formats.base import CHUNK, Checkpoint
 from ckpttools.objects import Placeholder
 from ckpttools.report import ERROR, WARNING, Finding
-from ckpttools.tensors import LazyTensor
+from ckpttools.tensors import LazyTensor, StorageRef, contiguous_strides, tensor_bytes
 
 NAME = "dcp"
 
@@ -74,7 +74,7 @@ def read(path: Path) -> Checkpoint:
         ckpt.records.update({f"{file.name}@{offset}/{n}": r for n, r in sub.records.items()})
     tree: dict[str, Any] = {}
     for fqn, md in fqns.items():
-        value = _assemble(fqn, md, items.get(fqn, []), ckpt)
+        value = _assemble(fqn, md, items.get(fqn, []), ckpt, owners)
         keys = planner.get(fqn) if isinstance(planner.get(fqn), (list, tuple)) and planner.get(fqn) else [fqn]
         _set_element(tree, list(keys), value)
     ckpt.tree = tree
@@ -125,7 +125,33 @@ def as_dcp_returns(tree: Any) -> Any:
     return tree
 
 
-def _assemble(fqn: str, md: Any, chunks: list[tuple[tuple, Any]], ckpt) -> Any:
+class _Assembled:
+    """The bytes of a tensor DCP stored in chunks (one per rank), assembled in C order as they are read: chunks
+    along dim 0 are streamed one after the other; any other chunking is put together in one array."""
+
+    def __init__(self, size: tuple, parts: list[tuple[tuple, LazyTensor]], owners: dict):
+        self.size, self.parts, self.owners = size, sorted(parts, key=lambda p: p[0]), owners
+
+    def _part_bytes(self, t: LazyTensor, chunk: int):
+        return tensor_bytes(t, self.owners[id(t.storage)].storage_chunks(t.storage, chunk))
+
+    def storage_chunks(self, ref: StorageRef, chunk: int):
+        along_dim0 = all(tuple(t.shape[1:]) == self.size[1:] and not any(off[1:]) for off, t in self.parts)
+        if along_dim0:
+            for _, t in self.parts:
+                yield from self._part_bytes(t, chunk)
+            return
+        full = np.zeros(self.size, dtype=ref.dtype.info.bits)
+        for off, t in self.parts:
+            piece = np.frombuffer(b"".join(self._part_bytes(t, chunk)), dtype=full.dtype).reshape(t.shape)
+            full[tuple(slice(o, o + n) for o, n in zip(off, t.shape))] = piece
+        yield full.tobytes()
+
+    def record_of(self, ref: StorageRef):
+        return None  # no single zip record: each chunk's own record is checked
+
+
+def _assemble(fqn: str, md: Any, chunks: list[tuple[tuple, Any]], ckpt, owners: dict) -> Any:
     if not chunks:
         ckpt.findings.append(Finding(ERROR, "dcp.item-missing", f"{fqn} is in .metadata but none of its data was found",
                                      fqn))
@@ -143,7 +169,13 @@ def _assemble(fqn: str, md: Any, chunks: list[tuple[tuple, Any]], ckpt) -> Any:
                                      fqn))
     if len(tensors) == 1 and tuple(tensors[0][1].shape) == size:
         return tensors[0][1]
-    return {f"chunk@{list(off)}": t for off, t in sorted(tensors)}
+    if covered != numel or not tensors:
+        return {f"chunk@{list(off)}": t for off, t in sorted(tensors)}
+    dtype = tensors[0][1].dtype
+    ref = StorageRef(f"{fqn} (assembled from {len(tensors)} chunks)", dtype, numel, tensors[0][1].storage.location)
+    owners[id(ref)] = _Assembled(size, tensors, owners)
+    ref.reader = lambda r: b"".join(owners[id(r)].storage_chunks(r, CHUNK))
+    return LazyTensor(ref, 0, size, contiguous_strides(size))
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
