@@ -243,12 +243,7 @@ def keep_previous(path: str | os.PathLike) -> Path | None:
         # a save cut short after this point last time: prev already is this file.  Linking again would make
         # rename(2) between two names of one inode a silent no-op and strand the temporary name.
         return prev
-    tmp = temp_path(prev, "link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copy2(path, tmp)
+    tmp = _linked_temporary(path, prev)
     fault("keep-previous")
     os.replace(tmp, prev)
     tmp.unlink(missing_ok=True)  # still there only if rename(2) found both names on one inode (a race with us)
@@ -256,17 +251,23 @@ def keep_previous(path: str | os.PathLike) -> Path | None:
     return prev
 
 
-def copy_into_place(src: Path, dst: Path) -> None:
-    """``dst`` becomes a complete copy of ``src`` (a hard link where possible: checkpoints are never modified in
-    place, only replaced, so sharing an inode is safe)."""
+def _linked_temporary(src: Path, dst: Path) -> Path:
+    """A temporary beside ``dst`` holding ``src``'s bytes: a hard link, or a fsynced copy where links fail."""
     tmp = temp_path(dst, "link")
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
+        shutil.copy2(src, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+    return tmp
+
+
+def copy_into_place(src: Path, dst: Path) -> None:
+    """``dst`` becomes a complete copy of ``src`` (a hard link where possible: checkpoints are never modified in
+    place, only replaced, so sharing an inode is safe)."""
+    tmp = _linked_temporary(src, dst)
     if dst.exists() and os.path.samefile(src, dst):
         tmp.unlink()
         return

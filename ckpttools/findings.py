@@ -87,7 +87,9 @@ FINDINGS: dict[str, FindingKind] = {
     'counters.inconsistent': FindingKind(
         'error', 'fuse-train counters disagree: `global_step` vs epoch × steps + step in epoch, `epoch` vs `progress.epoch`, result rows vs finished epochs'),
     'optimizer.param-count': FindingKind(
-        'error', 'the optimizer holds a different number of parameters than the model'),
+        'error', 'the optimizer holds more parameters than the model has floating tensors'),
+    'optimizer.partial': FindingKind(
+        'info', 'the optimizer holds fewer parameters than the model has floating tensors: frozen parameters (fine-tuning with a frozen backbone) and floating buffers are not optimised. The shapes of its state are still compared with the model'),
     'optimizer.shape-mismatch': FindingKind(
         'error', 'optimizer state (momentum / Adam moments) for a parameter shape the model does not have'),
     'keys.prefix': FindingKind(
@@ -118,6 +120,8 @@ FINDINGS: dict[str, FindingKind] = {
         'error', "a sharded tensor's chunks do not add up to its size"),
     'dcp.empty': FindingKind(
         'warning', 'a DCP folder without tensors'),
+    'zip.crc-not-computed': FindingKind(
+        'warning', "records whose CRC32 field is 0 although they hold data: the writer did not compute checksums (torch.save with `torch.utils.serialization.config.save.compute_crc32 = False`). Their bytes cannot be verified; structure, digest, values and safety are still checked", 'save with checksums on to make the bytes verifiable'),
     'zip.duplicate-name': FindingKind(
         'error', 'two records of the same name: `torch.load` may read either, so the file means two things',
         'do not load this file'),

@@ -9,11 +9,12 @@ import numpy as np
 
 from ckpttools.formats import ziprecords
 from ckpttools.formats.base import CHUNK
-from ckpttools.tensors import DType, StorageRef
+from ckpttools.tensors import DTYPES, DType, StorageRef
 
-# floats numpy holds natively get a SIMD isfinite pass first (counting only when something is off)
-FLOAT_VIEWS = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "complex64": np.float32,
-               "complex128": np.float64}
+# floats numpy holds natively get a SIMD isfinite pass first (counting only when something is off); complex
+# values are scanned as their real and imaginary parts
+FLOAT_VIEWS = {d.name: np.dtype(d.numpy).type if not d.name.startswith("complex") else
+               np.dtype(d.numpy).type(0).real.dtype.type for d in DTYPES.values() if d.floating and d.numpy}
 
 
 def count_nonfinite(chunk: bytes, dtype: str) -> int:
@@ -27,8 +28,8 @@ def count_nonfinite(chunk: bytes, dtype: str) -> int:
         if n == 0 or np.isfinite(np.frombuffer(chunk, dtype=view, count=n)).all():
             return 0
     # complex values: the mask applies to each real and imaginary part, which have the width of half the item
-    kind = np.dtype(info.bits if not dtype.startswith("complex") else {"complex64": "uint32",
-                                                                         "complex128": "uint64"}[dtype]).type
+    part = np.dtype(FLOAT_VIEWS[dtype]).itemsize if dtype in FLOAT_VIEWS else info.itemsize
+    kind = np.dtype(f"uint{8 * part}").type  # the exponent mask applies to each float (each part of a complex)
     n = len(chunk) // np.dtype(kind).itemsize
     if n == 0:
         return 0

@@ -102,6 +102,17 @@ def _tensor_paths_by_storage(ckpt: Checkpoint) -> dict[int, list[str]]:
     return by
 
 
+# where trainers keep monitor and callback state, in which inf is a legitimate value (Lightning's ModelCheckpoint
+# starts kth_value / best_model_score at +-inf): NaN/Inf is judged in weights, buffers and optimizer state only
+MONITOR_KEYS = frozenset({"callbacks", "loops", "best_model_score", "best_k_models", "kth_value", "current_score",
+                          "best_fitness", "train_metrics", "metrics", "loggers"})
+
+
+def _is_monitor_state(path: str) -> bool:
+    parts = path.replace("[", "/").split("/")
+    return bool(parts) and (parts[0] in MONITOR_KEYS or any(p.split("{")[0] in MONITOR_KEYS for p in parts[-2:]))
+
+
 def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> None:
     users = _tensor_paths_by_storage(ckpt)
     for key, ref in ckpt.storages.items():
@@ -120,7 +131,7 @@ def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -
             if result and result.complete and record.crc is not None and result.crc != record.crc:
                 report.add(ERROR, "zip.crc-mismatch", f"record {record.name}: CRC32 {result.crc:08x} != recorded "
                            f"{record.crc:08x}: its bytes are damaged (torch.load would not notice)", where)
-        if result and result.nonfinite:
+        if result and result.nonfinite and not all(_is_monitor_state(p) for p in users.get(id(ref), ["?"])):
             report.add(ERROR, "values.nonfinite", f"{result.nonfinite} NaN/Inf value(s) in {ref.dtype} storage {key}",
                        where)
     for where, t in iter_tensors(ckpt.tree):
@@ -237,10 +248,13 @@ def _check_optimizer(opt: dict, params: dict[str, LazyTensor], report: Report, w
     groups = opt.get("param_groups") or []
     ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])]
     trainable = [t for t in params.values() if t.dtype.startswith(("float", "bfloat", "complex"))]
-    if ids and len(ids) != len(trainable):
-        report.add(ERROR, "optimizer.param-count", f"optimizer holds {len(ids)} parameters, the model "
-                   f"{len(trainable)}", where)
+    if ids and len(ids) > len(trainable):
+        report.add(ERROR, "optimizer.param-count", f"optimizer holds {len(ids)} parameters, the model only "
+                   f"{len(trainable)} floating tensors", where)
         return
+    if ids and len(ids) < len(trainable):  # frozen parameters and float buffers are not optimised: normal
+        report.add(INFO, "optimizer.partial", f"optimizer holds {len(ids)} of the model's {len(trainable)} floating "
+                   "tensors (frozen parameters or floating buffers); compared: the shapes of its state", where)
     state = opt.get("state") or {}
     shapes_state = Counter()
     for entry in state.values():

@@ -71,6 +71,15 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
             if r.truncated:
                 ckpt.findings.append(Finding(ERROR, "zip.record-truncated", f"record {r.name} is cut off", r.name))
     _settle_names(records)
+    unverifiable = [r for r in records if r.crc == 0 and r.size > 0]
+    if unverifiable:
+        # torch.save with serialization config save.compute_crc32 = False writes 0 in every CRC field: the
+        # bytes are fine as far as anyone can tell, just not verifiable.  Treated as unknown, said once.
+        for r in unverifiable:
+            r.crc = None
+        ckpt.findings.append(Finding(WARNING, "zip.crc-not-computed", f"{len(unverifiable)} record(s) carry CRC32 0: "
+                                     "the writer did not compute checksums (torch's compute_crc32 = False), so "
+                                     "their bytes cannot be verified; everything else was checked", "central directory"))
     for name, n in Counter(r.name for r in records).items():
         if n > 1:
             ckpt.findings.append(Finding(ERROR, "zip.duplicate-name", f"{n} records named {name}: torch.load may "
