@@ -96,7 +96,7 @@ def cli(ctx: click.Context, resume: str | None, allow_change: str, no_verify: bo
         code = EXIT_OK
     except TrainingInterrupted as stop:
         if dist_info is None or dist_info.is_main:
-            err.print(f"stopped by {stop}: saved {stop.checkpoint}\nresume with: "
+            err.print(f"{stop}: saved {stop.checkpoint}\nresume with: "
                       f"fuse-train --resume {shlex.quote(str(stop.checkpoint))}", markup=False, highlight=False)
         code = EXIT_INTERRUPTED.get(stop.signum, 130)
     except PreflightBlocked as blocked:

@@ -106,7 +106,7 @@ def boundaries(history: list[dict], steps_per_epoch: int) -> list[tuple[float, s
         if changes and label == "resume":
             label += " (" + ", ".join(str(c.get("field", c)) if isinstance(c, dict) else str(c)
                                       for c in changes)[:40] + ")"
-        out.append((int(event["step"]) / max(1, steps_per_epoch), label))
+        out.append((int(event["step"]) / max(1, steps_per_epoch), f"{label} at step {event['step']}"))
     return out
 
 
