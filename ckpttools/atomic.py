@@ -27,7 +27,7 @@ import signal
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
-from ckpttools.errors import UsageError
+from ckpttools.errors import CkptError, UsageError
 
 PREVIOUS_SUFFIX = ".prev"  # weights/last.pt -> weights/last.prev.pt
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<tag>[a-z]+)-(?P<pid>\d+)\.tmp$")
@@ -275,6 +275,19 @@ def copy_into_place(src: Path, dst: Path) -> None:
 
 
 # ---- outputs of the commands that write ----------------------------------------------------------------------
+
+class DiskFull(CkptError):
+    """Not enough free space for an output; nothing was written."""
+
+
+def ensure_space(out: Path, nbytes: int) -> None:
+    """Refuse up front when ``out``'s filesystem cannot hold ``nbytes`` more (plus a margin for the container):
+    a writer that runs out of space midway can only fail (and some libraries do so badly: h5py crashes)."""
+    need = int(nbytes * 1.02) + (1 << 20)
+    free = shutil.disk_usage(Path(out).parent).free
+    if free < need:
+        raise DiskFull(f"{out}: not enough space: the output needs about {need / 2**20:.1f} MiB, "
+                       f"{Path(out).parent} has {free / 2**20:.1f} MiB free; nothing was written")
 
 def is_dcp_folder(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()

@@ -30,19 +30,26 @@ def _handle_errors(command: str):
             try:
                 code = fn(*args, **kwargs)
             except CkptError as exc:
-                code = _fail(command, str(exc), exc.exit_code, debug, kwargs.get("as_json", False))
+                code = _fail(command, _first_line(exc), exc.exit_code, debug, kwargs.get("as_json", False))
             except FileNotFoundError as exc:  # a path that vanished while we worked
                 code = _fail(command, f"{exc.filename or exc}: no such file or folder", MissingPath.exit_code, debug,
                              kwargs.get("as_json", False))
             except OSError as exc:  # the disk is full, a permission is missing: say which file
-                code = _fail(command, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), EXIT_PROBLEMS,
-                             debug, kwargs.get("as_json", False))
+                code = _fail(command, f"{exc.filename or ''}: {exc.strerror or _first_line(exc)}".lstrip(": "),
+                             EXIT_PROBLEMS, debug, kwargs.get("as_json", False))
             except Exception as exc:  # noqa: BLE001 - last resort: one line, the traceback only with --debug
-                code = _fail(command, f"internal error: {exc.__class__.__name__}: {exc} (run with --debug for the "
-                             "traceback)", EXIT_PROBLEMS, debug, kwargs.get("as_json", False), prefix="")
+                code = _fail(command, f"internal error: {exc.__class__.__name__}: {_first_line(exc)} (run with "
+                             "--debug for the traceback)", EXIT_PROBLEMS, debug, kwargs.get("as_json", False),
+                             prefix="")
             sys.exit(code)
         return click.option("--debug", is_flag=True, help="Show tracebacks.")(inner)
     return wrap
+
+
+def _first_line(exc: BaseException) -> str:
+    """Some libraries put a whole traceback into their exception's text (torch's DCP does): one line of it."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else exc.__class__.__name__
 
 
 def _fail(command: str, message: str, code: int, debug: bool, as_json: bool, prefix: str = "error: ") -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.atomic import atomic_folder, atomic_path, atomic_write, check_new_output, remove_stale, temp_path
+from ckpttools.atomic import (atomic_folder, atomic_path, atomic_write, check_new_output, ensure_space, remove_stale,
+                              temp_path)
 from ckpttools.commands._inputs import open_input, refuse_unsafe, require_intact
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, refresh_digest
@@ -112,6 +113,7 @@ def _convert_tree(ckpt: Checkpoint, source: TensorSource, tree: Any, out: Path, 
         result.notes.append("content digest recomputed for the changed content")
     counted = _count(tree)
     result.tensors, result.bytes = counted
+    ensure_space(out, result.bytes * (2 if target == DCP_TARGET and world_size > 1 else 1))  # + the staging .pt
 
     if target == PT:
         torchzip.write_file(tree, out, source, on_bytes=on_bytes, replace=result.force)
@@ -223,10 +225,12 @@ def _from_dcp(ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, d
     passed the policy (``open_input``) -- then convert that file if another target was asked for."""
     result.notes.append("DCP: consolidated with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
     if target == PT and not (dtype or weights_only or ema):
+        ensure_space(out, sum(r.nbytes for r in ckpt.storages.values()))
         with atomic_path(out, replace=result.force) as tmp:
             dcp.consolidate(ckpt.path, tmp)
         result.tensors, result.bytes = _count(open_checkpoint(out).tree)
         return
+    ensure_space(out, 2 * sum(r.nbytes for r in ckpt.storages.values()))  # the consolidated file and the output
     consolidated = temp_path(out, "consolidated")
     try:
         dcp.consolidate(ckpt.path, consolidated)

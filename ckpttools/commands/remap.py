@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.atomic import check_new_output, remove_stale
+from ckpttools.atomic import check_new_output, ensure_space, remove_stale
 from ckpttools.commands._inputs import open_input
 from ckpttools.digest import refresh_digest
 from ckpttools.errors import UsageError
@@ -91,6 +91,7 @@ def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = Non
                                 "step": _progress(tree).get("global_step"), "changes": list(result.changes)})
     if refresh_digest(tree, source):
         result.changes.append("content digest rebuilt")
+    ensure_space(out, sum(t.storage.nbytes for _, t in iter_tensors(tree)))
     torchzip.write_file(tree, out, source, location=location, on_bytes=on_bytes, replace=force)
     return result
 

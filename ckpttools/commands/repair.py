@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools import layouts as L
-from ckpttools.atomic import atomic_path, check_new_output, remove_stale
+from ckpttools.atomic import atomic_path, check_new_output, ensure_space, remove_stale
 from ckpttools.commands._inputs import refuse_unsafe
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, lazy_digest, refresh_digest
@@ -102,6 +102,7 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
     stale = remove_stale(out.parent)
     if stale:
         result.actions.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
+    ensure_space(out, sum(r.nbytes for r in {id(t.storage): t.storage for _, t in iter_tensors(tree)}.values()))
     _write_verified(tree, out, source, result, on_bytes, force)
     return result
 

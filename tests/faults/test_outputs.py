@@ -170,3 +170,25 @@ def test_ten_random_kills_of_the_dcp_writer(tmp_path):
     done = _ckpt(["convert", str(src), str(out), "--to", "dcp", "--force"])
     assert done.returncode == 0 and not verify(out).errors
     assert not _temporaries(tmp_path), _temporaries(tmp_path)
+
+
+def test_a_full_disk_is_refused_up_front_by_every_writer(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): disk-full test needs root")
+    try:
+        src = _checkpoint(tmp_path / "src.pt")  # ~200 KB of tensors
+        torch.save({"w": torch.randn(256, 512)}, src)  # 512 KB: more than the 300 KB the folder has
+        for args in (["convert", str(src), str(mount / "o.h5")], ["convert", str(src), str(mount / "o.pt")],
+                     ["convert", str(src), str(mount / "o.safetensors")],
+                     ["convert", str(src), str(mount / "od"), "--to", "dcp"],
+                     ["remap", str(src), "--device", "cpu", "-o", str(mount / "r.pt")],
+                     ["repair", str(src), "-o", str(mount / "p.pt")]):
+            res = _ckpt(args)
+            assert res.returncode == 1 and "not enough space" in res.stderr, (args, res.stderr)
+            assert len(res.stderr.strip().splitlines()) == 1 and not list(mount.iterdir())
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
