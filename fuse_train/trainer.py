@@ -105,6 +105,9 @@ class Trainer:
         if cfg.batch % dist_info.world_size:
             raise ConfigError(f"--batch {cfg.batch} must be divisible by the number of processes ({dist_info.world_size})")
         self.train_set = PairedDataset(spec.train, spec.train_ir, nc, img_size, Augment(), cfg.seed)
+        if len(self.train_set) < 2 * dist_info.world_size:  # batch norm needs two values per channel in a batch
+            raise ConfigError(f"{spec.train}: {len(self.train_set)} training image(s); training needs at least 2 per "
+                              f"process ({dist_info.world_size} process(es))")
         self.val_set = PairedDataset(spec.val, spec.val_ir, nc, img_size)
 
         S.seed_everything(cfg.seed)

@@ -181,6 +181,13 @@ def _no_labels(d: Path):
     shutil.rmtree(d / "labels" / "train")
 
 
+def _one_image(d: Path):
+    for i, image in enumerate(sorted((d / "images" / "train").glob("*.png"))):
+        if i:
+            image.unlink()
+            (d / "imagesIR" / "train" / image.name).unlink()
+
+
 BAD_INPUT = [
     (_bad_names, "names maps class ids"),
     (_bad_imgsz, "imgsz 100 must be a multiple of 32"),
@@ -188,6 +195,7 @@ BAD_INPUT = [
     (_label_is_a_folder, "must be a text file"),
     (_bomb_image, "decompression bomb"),
     (_no_labels, "no labels folder"),
+    (_one_image, "training needs at least 2"),
 ]
 
 
