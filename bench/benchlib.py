@@ -69,8 +69,10 @@ def warm(*paths: Path) -> None:
                 pass
 
 
-def report(rows: dict[str, list[dict]], labels: dict[str, str], ours: str, baseline: str, wall_target: float) -> None:
-    """Median table, ratios, and whether the targets (wall <= wall_target x baseline, RSS <= 400 MB) are met."""
+def report(rows: dict[str, list[dict]], labels: dict[str, str], ours: str, baseline: str, wall_target: float,
+           rss_target: float = 400, nbytes: int | None = None) -> None:
+    """Median table, ratios, throughput, and whether the targets (wall <= wall_target x baseline, RSS <=
+    rss_target MB) are met."""
     med = {k: {m: statistics.median(r[m] for r in v) for m in METRICS} for k, v in rows.items()}
     print("| | operation s | whole process s | peak RSS MB |")
     print("|---|---|---|---|")
@@ -80,6 +82,19 @@ def report(rows: dict[str, list[dict]], labels: dict[str, str], ours: str, basel
     b, o = med[baseline], med[ours]
     print(f"\nratio {ours} / {baseline}: operation {o['op_s'] / b['op_s']:.2f}, whole process "
           f"{o['process_s'] / b['process_s']:.2f}, peak RSS {o['rss_mb'] / b['rss_mb']:.2f}")
+    if nbytes:
+        print(f"throughput of the operation: {ours} {nbytes / o['op_s'] / 1e9:.2f} GB/s, "
+              f"{baseline} {nbytes / b['op_s'] / 1e9:.2f} GB/s")
     print(f"targets: wall <= {wall_target:.2f} x baseline -> "
           f"{'met' if o['process_s'] <= wall_target * b['process_s'] else 'NOT met'} (whole process), "
-          f"peak RSS <= 400 MB -> {'met' if o['rss_mb'] <= 400 else 'NOT met'}")
+          f"peak RSS <= {rss_target:.0f} MB -> {'met' if o['rss_mb'] <= rss_target else 'NOT met'}")
+
+
+def median_seconds(argv: list[str], repeats: int = 5) -> float:
+    """Median wall time of a whole command (start-up included)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(argv, capture_output=True, check=False)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -5,19 +5,24 @@
 Generates a fuse-train-shaped checkpoint of at least --gb GiB (model, EMA, AdamW moments, counters, digest)
 in a separate process, then runs each side in a fresh process (so import costs and peak RSS are its own),
 alternating, --repeats times, after one warm-up read that puts the file in the page cache for both.
-Reports wall time (whole process and the operation alone) and peak RSS, with ratios.
-Target (issue 4): verify wall <= 0.5 x baseline, verify peak RSS <= 400 MB.
+Reports wall time (whole process and the operation alone), GB/s and peak RSS, with ratios; where verify's time
+goes (import, opening + pickle scan, the fused CRC32 / NaN-Inf / digest-leaf pass over the bytes on every
+core, the digest tree walk, the remaining checks); and start-up: `ckpt --help` and `ckpt verify` of a 1 MB
+checkpoint, whole process.
+Targets (issue 17): verify wall <= 0.15 x baseline, >= 4 GB/s for the operation, peak RSS <= 200 MB; `ckpt --help`
+<= 0.3 s; verify of 1 MB <= 0.5 s.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import bench_args, generate, report, run_child, warm  # noqa: E402
+from benchlib import ROOT, bench_args, generate, median_seconds, report, run_child, warm  # noqa: E402
 
 MAKE = r"""
 import sys, torch
@@ -74,6 +79,30 @@ print({{"op_s": t2 - t1, "import_s": t1 - t0, "rss_mb": resource.getrusage(resou
 """
 
 
+BREAKDOWN = r"""
+import sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, {root!r})
+from ckpttools.commands import verify as V
+from ckpttools.formats.registry import open_checkpoint
+from ckpttools.report import Report
+from ckpttools.storage_scan import StorageScanner
+t1 = time.perf_counter()
+ckpt = open_checkpoint(sys.argv[1])
+t2 = time.perf_counter()
+scanner = StorageScanner(ckpt)
+scanner.scan_all(ckpt.storages.values())
+t3 = time.perf_counter()
+report = Report(sys.argv[1])
+V._check_digest(ckpt, report, scanner)
+t4 = time.perf_counter()
+V.check_safety(ckpt, report); V._check_storages(ckpt, report, scanner); V._check_other_records(ckpt, report)
+t5 = time.perf_counter()
+print({{"import": t1 - t0, "open + pickle scan": t2 - t1, "CRC32 + NaN/Inf + digest leaves (one pass)": t3 - t2,
+        "digest tree walk": t4 - t3, "other checks": t5 - t4, "ok": not report.errors}})
+"""
+
+
 def main() -> int:
     args, folder = bench_args(__doc__, 2.0, "verify-bench-")
     path = folder / "big.pt"
@@ -88,7 +117,17 @@ def main() -> int:
     print(f"\nfile: {size / (1 << 30):.2f} GiB, {os.cpu_count()} CPUs, {args.repeats} runs each (median)")
     print(f"verify verdict: {'OK' if v_ok else 'FAILED ' + json.dumps(rows['verify'][0]['findings'])}")
     report(rows, {"baseline": "torch.load(weights_only) + isfinite scan", "verify": "ckpt verify"}, "verify",
-           "baseline", 0.5)
+           "baseline", 0.15, rss_target=200, nbytes=size)
+    parts = run_child(BREAKDOWN, path)
+    print("\nwhere verify's time goes (one run): " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items() if k != "ok"))
+    small = folder / "one_mb.pt"
+    subprocess.run([sys.executable, "-c", "import sys, torch; torch.save({'w': torch.randn(512, 512)}, sys.argv[1])",
+                    str(small)], check=True)
+    ckpt_cli = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from ckpttools.cli import main; "
+                "main()"]
+    help_s, small_s = median_seconds([*ckpt_cli, "--help"]), median_seconds([*ckpt_cli, "verify", str(small)])
+    print(f"start-up (whole process, median of 5): ckpt --help {help_s:.2f} s (target <= 0.3), "
+          f"ckpt verify of a 1 MB checkpoint {small_s:.2f} s (target <= 0.5)")
     return 0
 
 

@@ -159,10 +159,12 @@ def inspect(path: Path, as_json: bool) -> int:
               help="Restrict the comparison (repeatable); default: all.")
 @click.option("--no-strip-prefix", is_flag=True, help="Do not normalise module. / _orig_mod. prefixes.")
 @click.option("--top", type=int, default=20, show_default=True, help="Show the N largest tensor differences.")
+@click.option("--exact", is_flag=True, help="Read and compare every tensor, also those whose zip records have the "
+              "same size and CRC32 on both sides (by default those count as equal without being read).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("diff")
 def diff(a: Path, b: Path, atol: float, rtol: float, sections: tuple[str, ...], no_strip_prefix: bool, top: int,
-         as_json: bool) -> int:
+         exact: bool, as_json: bool) -> int:
     """What differs between checkpoints A and B (any supported formats, also across formats): keys only in one,
     shape / dtype changes, value differences (max abs, mean abs, relative L2, elements outside tolerance,
     bitwise identity, NaN / Inf), optimizer state, and metadata field by field.  Streams one tensor pair at a
@@ -172,7 +174,7 @@ def diff(a: Path, b: Path, atol: float, rtol: float, sections: tuple[str, ...], 
 
     _must_exist(a, b)
     with _progress(not as_json, "comparing") as callback:
-        report = diff_checkpoints(a, b, atol, rtol, tuple(sections) or SECTIONS, not no_strip_prefix, callback)
+        report = diff_checkpoints(a, b, atol, rtol, tuple(sections) or SECTIONS, not no_strip_prefix, callback, exact)
     if as_json:
         print_json(report.to_dict(top))
     else:

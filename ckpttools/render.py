@@ -119,7 +119,9 @@ def render_diff(report, console: Console, top: int = 20) -> None:
                           str(d.outside), f"{d.nonfinite_a}/{d.nonfinite_b}")
         console.print(table)
     elif report.same:
-        console.print(f"{report.same} tensors, all bitwise identical")
+        console.print(f"{report.same} tensors, all bitwise identical"
+                      + (f" ({report.equal_by_crc} equal by CRC32, not read; --exact reads them)"
+                         if report.equal_by_crc else ""))
     if report.metadata:
         table = Table("field", "A", "B", title="metadata", title_justify="left")
         for m in report.metadata[:max(top, 50)]:

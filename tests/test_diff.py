@@ -134,3 +134,16 @@ def test_dcp_folder_against_consolidated_pt(tmp_path):
     torch.save(changed, tmp_path / "changed.pt")
     r = diff_checkpoints(tmp_path / "dcp", tmp_path / "changed.pt")
     assert [d.name for d in r.changed] == ["model/conv.bias"]
+
+
+def test_tensors_with_equal_zip_crcs_are_not_read_unless_exact(tmp_path):
+    torch.manual_seed(0)
+    tree = {"model": {f"w{i}": torch.randn(64, 64) for i in range(4)}}
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(tree, a)
+    tree["model"]["w0"] = tree["model"]["w0"] + 1
+    torch.save(tree, b)
+    fast = diff_checkpoints(a, b)
+    assert fast.verdict == "different" and fast.same == 3 and fast.equal_by_crc == 3
+    exact = diff_checkpoints(a, b, exact=True)
+    assert exact.verdict == "different" and exact.same == 3 and exact.equal_by_crc == 0

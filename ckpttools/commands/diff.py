@@ -59,6 +59,7 @@ class DiffReport:
     only_in_b: list[dict] = field(default_factory=list)
     changed: list[TensorDiff] = field(default_factory=list)
     same: int = 0
+    equal_by_crc: int = 0  # of ``same``: records with the same size and CRC32, not read (--exact reads them)
     metadata: list[dict] = field(default_factory=list)
     ignored_metadata: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -67,7 +68,8 @@ class DiffReport:
         changed = self.changed if top is None else self.changed[:top]
         return {"a": self.a, "b": self.b, "verdict": self.verdict, "only_in_a": self.only_in_a,
                 "only_in_b": self.only_in_b, "changed": [c.to_dict() for c in changed],
-                "changed_count": len(self.changed), "identical_tensors": self.same, "metadata": self.metadata,
+                "changed_count": len(self.changed), "identical_tensors": self.same,
+                "equal_by_crc32": self.equal_by_crc, "metadata": self.metadata,
                 "ignored_metadata": self.ignored_metadata, "notes": self.notes}
 
 
@@ -178,8 +180,10 @@ def _accumulate(d: TensorDiff, acc: _Acc, ca: bytes, cb: bytes, da: str, db: str
 
 
 def compare_tensor(name: str, section: str, a_ck: Checkpoint, a: LazyTensor, b_ck: Checkpoint, b: LazyTensor,
-                   atol: float, rtol: float, _trust_crc: bool = True) -> TensorDiff:
-    """Compare two tensors chunk by chunk: bitwise identity, then value statistics for what differs."""
+                   atol: float, rtol: float, _trust_crc: bool = True, exact: bool = False) -> TensorDiff:
+    """Compare two tensors chunk by chunk: bitwise identity, then value statistics for what differs.  Two
+    whole-storage tensors whose zip records have the same size and CRC32 are equal by CRC without reading
+    them, unless ``exact``."""
     d = TensorDiff(name, section, tuple(a.shape), tuple(b.shape), str(a.dtype), str(b.dtype))
     if tuple(a.shape) != tuple(b.shape):
         d.note = "shape changed"
@@ -187,7 +191,10 @@ def compare_tensor(name: str, section: str, a_ck: Checkpoint, a: LazyTensor, b_c
     numeric = all(t.dtype in NUMPY or t.dtype == "bfloat16" for t in (a, b))
     same_dtype = a.dtype == b.dtype
     fp_a, fp_b = _record_fingerprint(a_ck, a), _record_fingerprint(b_ck, b)
-    likely_same = _trust_crc and same_dtype and fp_a is not None and fp_a == fp_b  # the cheap first filter
+    likely_same = _trust_crc and same_dtype and fp_a is not None and fp_a[0] is not None and fp_a == fp_b
+    if likely_same and not exact:
+        d.identical, d.note = True, "equal by CRC32"
+        return d
     acc, bitwise = _Acc(), same_dtype
     chunks_a = _tensor_chunks(a_ck, a, CHUNK_ELEMENTS * a.dtype.itemsize)
     chunks_b = _tensor_chunks(b_ck, b, CHUNK_ELEMENTS * b.dtype.itemsize)
@@ -198,7 +205,7 @@ def compare_tensor(name: str, section: str, a_ck: Checkpoint, a: LazyTensor, b_c
             continue
         bitwise = False
         if likely_same:  # a CRC32 collision: start again with full statistics (practically never)
-            return compare_tensor(name, section, a_ck, a, b_ck, b, atol, rtol, _trust_crc=False)
+            return compare_tensor(name, section, a_ck, a, b_ck, b, atol, rtol, _trust_crc=False, exact=exact)
         if numeric:
             _accumulate(d, acc, ca, cb, a.dtype, b.dtype, atol, rtol)
         elif not same_dtype:
@@ -216,7 +223,8 @@ def compare_tensor(name: str, section: str, a_ck: Checkpoint, a: LazyTensor, b_c
 
 
 def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol: float = 0.0, rtol: float = 0.0,
-                     sections: tuple[str, ...] = SECTIONS, strip_prefix: bool = True, progress=None) -> DiffReport:
+                     sections: tuple[str, ...] = SECTIONS, strip_prefix: bool = True, progress=None,
+                     exact: bool = False) -> DiffReport:
     """Compare two checkpoints in any supported containers (read inertly: nothing in them runs).
     Raises ckpttools.errors.MissingPath / NotACheckpoint."""
     a_ck, b_ck = open_checkpoint(Path(a_path)), open_checkpoint(Path(b_path))
@@ -254,9 +262,10 @@ def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol:
     total_bytes = sum(t.nbytes for _, _, t, _ in total_pairs) or 1
     done = 0
     for section, name, ta, tb in total_pairs:
-        d = compare_tensor(name, section, a_ck, ta, b_ck, tb, atol, rtol)
+        d = compare_tensor(name, section, a_ck, ta, b_ck, tb, atol, rtol, exact=exact)
         if d.identical:
             report.same += 1
+            report.equal_by_crc += d.note == "equal by CRC32"
         else:
             report.changed.append(d)
         done += ta.nbytes

@@ -23,7 +23,7 @@ from ckpttools import layouts as L
 from ckpttools.atomic import atomic_path, check_new_output, ensure_space, remove_stale
 from ckpttools.commands._inputs import refuse_unsafe
 from ckpttools.commands.verify import verify
-from ckpttools.digest import DIGEST_KEY, lazy_digest, refresh_digest
+from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, lazy_digest, refresh_digest
 from ckpttools.errors import UsageError
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats import torchzip, ziprecords
@@ -236,11 +236,12 @@ def _fix_digest(tree: Any, source: TensorSource, result: RepairResult, changed: 
             refresh_digest(tree, source)
             result.actions.append("content digest was missing: rebuilt")
         return
-    recorded = tree[DIGEST_KEY].get("value") if isinstance(tree[DIGEST_KEY], dict) else None
+    record = tree[DIGEST_KEY] if isinstance(tree[DIGEST_KEY], dict) else {}
+    recorded, algorithm = record.get("value"), record.get("algorithm")
     if changed:
         refresh_digest(tree, source)
         result.actions.append("content digest rebuilt for the repaired content")
-    elif lazy_digest(tree, source) != recorded:
+    elif algorithm not in KNOWN_ALGORITHMS or lazy_digest(tree, source, algorithm) != recorded:
         refresh_digest(tree, source)
         result.actions.append("content digest did not match the (CRC-intact) content: rebuilt")
 

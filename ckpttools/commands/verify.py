@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ckpttools import layouts as L
 from ckpttools.formats import ziprecords
-from ckpttools.digest import DIGEST_ALGORITHM, DIGEST_KEY, _TensorLeaf, tree_digest
+from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, _TensorLeaf, tree_digest
 from ckpttools.errors import NotACheckpoint
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats.base import regular_file_or_folder
@@ -61,6 +61,7 @@ def _verify(path: Path, report: Report, progress) -> Report:
             progress(done[0], total)
 
     scanner = StorageScanner(ckpt, on_bytes=on_bytes)
+    scanner.scan_all(ckpt.storages.values())  # one pass: CRC32, NaN/Inf and digest leaves, on every core
     _check_digest(ckpt, report, scanner)
     for ref in ckpt.storages.values():  # storages the digest walk did not reach
         try:
@@ -167,17 +168,20 @@ def _check_digest(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> 
                        "(`ckpt repair` rebuilds it)", DIGEST_KEY)
         return
     record = tree[DIGEST_KEY]
-    if not isinstance(record, dict) or record.get("algorithm") != DIGEST_ALGORITHM:
+    if not isinstance(record, dict) or record.get("algorithm") not in KNOWN_ALGORITHMS:
         report.add(WARNING, "digest.unknown", f"digest algorithm {record!r} is not known here", DIGEST_KEY)
         return
 
     def leaf(value: Any):
         if not isinstance(value, LazyTensor):
             return None
-        return _TensorLeaf(value.dtype, value.shape, lambda v=value: tensor_bytes(v, scanner.stream(v.storage)))
+        scanned = scanner.results.get(id(value.storage))
+        covers = value.storage_offset == 0 and value.numel == value.storage.numel and value.is_contiguous_view()
+        known = scanned.xxh3 if scanned is not None and scanned.complete and covers else None
+        return _TensorLeaf(value.dtype, value.shape, lambda v=value: tensor_bytes(v, scanner.stream(v.storage)), known)
 
     try:
-        actual = tree_digest(tree, leaf)
+        actual = tree_digest(tree, leaf, record["algorithm"])
     except OSError as exc:
         report.add(ERROR, "digest.unreadable", f"digest not checked: {exc}", DIGEST_KEY)
         return
