@@ -9,8 +9,8 @@ Folders (DCP outputs) are built beside the target and swapped in with one ``rena
 Temporaries have one naming scheme, ``.<name>.<tag>-<pid>.tmp``, so a writer can tell whose they are: every
 writer removes the stale temporaries of dead processes in the folder it writes to (``remove_stale``).
 
-``CKPTTOOLS_FAULT=<point>[@N]`` (tests only) kills the process with SIGKILL when a write reaches ``<point>``
-(for the N-th time):
+``CKPTTOOLS_FAULT=<point>[@N][:THREAD]`` (tests only) kills the process with SIGKILL when a write reaches
+``<point>`` (for the N-th time, on that thread):
 ``before-fsync``, ``before-rename``, ``after-rename``, ``keep-previous``, ``folder-before-swap``,
 ``folder-after-swap``; tests/faults/ drives every writer through every point.
 """
@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
@@ -39,13 +40,17 @@ _reached: dict[str, int] = {}
 
 def fault(point: str) -> None:
     """The fault-injection hook: die like ``kill -9`` here when the environment asks for this point
-    (``point``, or ``point@N`` for its N-th passage in this process)."""
+    (``point``, ``point@N`` for its N-th passage in this process, ``point@N:THREAD`` counting only passages on
+    the thread of that name, e.g. fuse-train's ``checkpoint-writer``)."""
     wanted = os.environ.get(FAULT_ENV)
     if not wanted or not wanted.startswith(point):
         return
+    spec, _, thread = wanted.partition(":")
+    name, _, nth = spec.partition("@")
+    if name != point or (thread and threading.current_thread().name != thread):
+        return
     _reached[point] = _reached.get(point, 0) + 1
-    name, _, nth = wanted.partition("@")
-    if name == point and _reached[point] == int(nth or 1):
+    if _reached[point] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

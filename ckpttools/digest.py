@@ -61,7 +61,7 @@ def _torch_tensor_leaf(value: Any) -> _TensorLeaf | None:
     def chunks() -> Iterable[bytes]:
         t = value.detach().cpu().contiguous()
         if t.numel():
-            yield t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            yield memoryview(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own memory: no copy
 
     return _TensorLeaf(dtype, tuple(value.shape), chunks)
 

@@ -59,6 +59,7 @@ D = RunConfig()  # defaults shown in --help
 @click.option("--save-period", type=int, default=D.save_period, show_default=True, help="Also keep weights/epoch{N}.pt every N epochs (-1: never).")
 @click.option("--save-every", type=int, default=D.save_every, show_default=True, help="Also save last.pt every N optimizer steps (0: at epoch ends only).")
 @click.option("--amp/--no-amp", default=D.amp, show_default=True, help="Mixed precision on CUDA (bf16 where supported).")
+@click.option("--async-save/--no-async-save", default=D.async_save, show_default=True, help="Write checkpoints on a background thread: training only waits for a snapshot of the step (pinned-memory copies on CUDA). Interrupt and final saves always complete before exit.")
 @click.option("--resume", "resume", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
               help="Continue a run exactly: the newest last.pt under --project (or --name's run), or PATH. Options not given come from the checkpoint.")
 @click.option("--allow-change", default="", metavar="FIELDS", help="With --resume: comma-separated preflight fields allowed to differ, e.g. batch,lr0.")

@@ -46,6 +46,7 @@ class RunConfig:
     save_period: int = -1  # also keep weights/epoch{N}.pt every N epochs; -1 = never
     save_every: int = 0  # also save last.pt every N optimizer steps; 0 = only at epoch ends
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
+    async_save: bool = True  # write checkpoints on a background thread (the snapshot is taken at the step)
     conf: float = 0.001  # evaluation confidence threshold
     iou: float = 0.7  # evaluation NMS IoU threshold
 

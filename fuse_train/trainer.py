@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ckpttools.atomic import atomic_write, copy_into_place, keep_previous, remove_stale, temp_path
 from ckpttools.digest import DIGEST_KEY, digest_record
 from fuse_train import __version__, state as S
+from fuse_train.async_save import AsyncSaver, PinnedSnapshot
 from fuse_train.config import ConfigError, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
 from fuse_train.demo import ensure_demo
@@ -119,7 +120,12 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = S.ModelEMA(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if self.use_cuda and cfg.amp else None
+        # bf16 where the GPU has it; FUSE_TRAIN_FORCE_FP16=1 (bench/cuda_check.py) exercises the fp16 + GradScaler path
+        bf16 = torch.cuda.is_bf16_supported() if self.use_cuda else False
+        self.amp_dtype = (torch.bfloat16 if bf16 and not os.environ.get("FUSE_TRAIN_FORCE_FP16") else torch.float16) \
+            if self.use_cuda and cfg.amp else None
+        if os.environ.get("FUSE_TRAIN_DETERMINISTIC"):  # bench/cuda_check.py: deterministic kernels on CUDA too
+            torch.use_deterministic_algorithms(True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.criterion = DetectionLoss(nc, img_size).to(self.device)
         self.anchors, self.strides = anchor_grid(img_size, self.device)
@@ -144,6 +150,8 @@ class Trainer:
         if resume is not None:
             self.load_checkpoint(resume)
         self.runlog: RunLog | None = None  # opened by train(): nothing is written before then
+        self.snapshot = PinnedSnapshot()  # reused pinned buffers on CUDA
+        self.saver = AsyncSaver(self.snapshot) if cfg.async_save and dist_info.is_main else None
         self._last_eval: tuple[list, list] = ([], [])
         self.history.append(history_event or {"event": "start", "date": S.now_iso(), "step": self.global_step})
         self._stop_signal: int | None = None
@@ -163,17 +171,18 @@ class Trainer:
                             self.cfg.epochs * spe, self.cfg.schedule)
 
     def checkpoint_dict(self) -> dict:
+        """Everything that decides the next step, as references to the live tensors (``save`` copies them)."""
         rng = all_gather_objects(S.capture_rng(), self.dist)
         loss_sums = torch.stack(all_gather_objects(self.epoch_loss_sum.clone(), self.dist))  # [world_size, 2]
         ckpt = {
             S.K_FORMAT: S.FORMAT_NAME, S.K_VERSION: S.FORMAT_VERSION,
             S.K_EPOCH: self.epoch - 1,  # last completed epoch, 0-based (-1: none yet), as Ultralytics
             S.K_BEST_FITNESS: self.best_fitness,
-            S.K_MODEL: {k: v.detach().float().cpu().clone() if v.dtype.is_floating_point else v.detach().cpu().clone()
+            S.K_MODEL: {k: v.detach().float() if v.dtype.is_floating_point else v.detach()
                         for k, v in self.model.state_dict().items()},
-            S.K_EMA: {k: v.detach().cpu().clone() for k, v in self.ema.ema.state_dict().items()},
+            S.K_EMA: {k: v.detach() for k, v in self.ema.ema.state_dict().items()},
             S.K_UPDATES: self.ema.updates,
-            S.K_OPTIMIZER: _to_cpu(self.optimizer.state_dict()),
+            S.K_OPTIMIZER: self.optimizer.state_dict(),
             S.K_SCHEDULER: self.schedule.state_dict(),
             S.K_SCALER: self.scaler.state_dict(),
             S.K_TRAIN_ARGS: self.cfg.to_dict(),
@@ -189,8 +198,7 @@ class Trainer:
             S.K_VERSIONS: {"fuse_train": __version__, "torch": str(torch.__version__), "python": sys.version.split()[0]},
             S.K_DATE: S.now_iso(),
         }
-        ckpt[DIGEST_KEY] = digest_record(ckpt)
-        return ckpt
+        return ckpt  # live references: save() snapshots them before anything can change them
 
     def load_checkpoint(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt[S.K_MODEL])
@@ -216,31 +224,44 @@ class Trainer:
     def weights_dir(self) -> Path:
         return self.run_dir / "weights"
 
-    def save(self, *, best: bool = False, period: bool = False) -> Path:
-        """Write weights/last.pt (and best.pt / epoch{N}.pt) atomically; every rank must call it.
+    def save(self, *, best: bool = False, period: bool = False, wait: bool = False) -> Path:
+        """Save weights/last.pt (and best.pt / epoch{N}.pt); every rank must call it.
 
-        The copies are put in place *before* last.pt is replaced: once last.pt says an epoch is done, its copies
-        exist (a kill in between leaves the old last.pt, and the resumed run writes the same copies again)."""
-        ckpt = self.checkpoint_dict()
+        The state is snapshotted now (the step being saved); rank 0 writes it, in the background unless
+        ``--no-async-save`` or ``wait`` (an interrupt, the run's last save): then it returns once the file is
+        whole.  Every event up to this step is flushed to the TensorBoard log first."""
+        state = self.checkpoint_dict()
         last = self.weights_dir / "last.pt"
         if self.dist.is_main:
-            self.runlog.flush()  # every event up to this step is on disk before the checkpoint that claims it
+            self.runlog.flush()
             copies = ([self.weights_dir / "best.pt"] if best else []) \
                 + ([self.weights_dir / f"epoch{self.epoch}.pt"] if period else [])
-            staged = temp_path(last, "staged")
-            try:
-                with atomic_write(staged) as f:  # streamed: no second in-memory copy of the checkpoint
-                    torch.save(ckpt, f)
-                for path in copies:
-                    copy_into_place(staged, path)
-                keep_previous(last)  # last.prev.pt: the previous good checkpoint survives the replacement
-                copy_into_place(staged, last)
-            except (OSError, RuntimeError) as exc:
-                raise self._save_failure(last, exc) from exc
-            finally:
-                staged.unlink(missing_ok=True)
-        barrier(self.dist)
+            if self.saver is not None and not wait:
+                self.saver.submit(state, lambda snapshot: self._write_checkpoint(snapshot, last, copies))
+            else:
+                if self.saver is not None:
+                    self.saver.wait()  # the save in flight first: files are replaced in step order
+                self._write_checkpoint(self.snapshot.take(state), last, copies)
+        if wait or not self.cfg.async_save:  # the same decision on every rank
+            barrier(self.dist)
         return last
+
+    def _write_checkpoint(self, ckpt: dict, last: Path, copies: list[Path]) -> None:
+        """Digest, then the crash-safe write: a staged file, the copies put in place *before* last.pt is
+        replaced (once last.pt says an epoch is done, its copies exist), the previous last.pt kept."""
+        ckpt[DIGEST_KEY] = digest_record(ckpt)
+        staged = temp_path(last, "staged")
+        try:
+            with atomic_write(staged) as f:  # streamed: no second in-memory copy of the checkpoint
+                torch.save(ckpt, f)
+            for path in copies:
+                copy_into_place(staged, path)
+            keep_previous(last)  # last.prev.pt: the previous good checkpoint survives the replacement
+            copy_into_place(staged, last)
+        except (OSError, RuntimeError) as exc:
+            raise self._save_failure(last, exc) from exc
+        finally:
+            staged.unlink(missing_ok=True)
 
     def _save_failure(self, last: Path, exc: BaseException) -> BaseException:
         """A full disk named as such (torch reports it as a RuntimeError from its zip writer); else ``exc``."""
@@ -304,6 +325,8 @@ class Trainer:
             if self.dist.is_main:
                 self._final_plots()
         finally:
+            if self.saver is not None:
+                self.saver.wait()  # a save in flight is finished (or its error raised) before the run ends
             self.runlog.close()
             if self._stop_signal is None:  # once stopping, keep the handler: a second Ctrl-C must exit quietly
                 restore_signals()
@@ -341,7 +364,7 @@ class Trainer:
             stop = any_rank(self._stop_signal is not None, self.dist, self.device)
             if stop and self.step_in_epoch < spe:
                 progress.close()
-                path = self.save()
+                path = self.save(wait=True)  # the resumable save: whole before the process exits
                 raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
             # a stop on the epoch's last step lets evaluation and the epoch-end save run first (see train())
             if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < spe:
@@ -400,7 +423,7 @@ class Trainer:
             self.runlog.write_results(self.results)
             plot_results(self.results, boundaries(self.history, self.sampler.steps_per_epoch),
                          self.run_dir / "results.png")
-        return self.save(best=improved, period=period)
+        return self.save(best=improved, period=period, wait=self.finished or self._stop_signal is not None)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> DetectionMetrics:
@@ -427,18 +450,6 @@ class Trainer:
 
 def _sequential_batches(n: int, batch: int) -> list[list[tuple[int, int]]]:
     return [[(0, i) for i in range(s, min(n, s + batch))] for s in range(0, n, batch)]
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu(v) for v in obj)
-    return obj
 
 
 class _Progress:
