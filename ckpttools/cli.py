@@ -17,7 +17,8 @@ from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, CkptError, 
 
 EPILOG = """\b
 Exit codes: 0 all good; 1 problems found, or a damaged or unsafe input;
-2 usage error, missing path, or not a checkpoint; 3 preflight blocked a resume.
+2 usage error, missing path, or not a checkpoint; 3 preflight blocked
+a resume.
 Finding codes: docs/findings.md.  Safety policy: docs/security.md."""
 
 
@@ -94,14 +95,14 @@ def main() -> None:
     safetensors, HDF5, torch.distributed.checkpoint folders) without running code from them.
 
     \b
-    ckpt verify last.pt          integrity (CRC32 of every record, digest), safety, consistency
-    ckpt inspect last.pt         what is inside: layout, epoch, arguments, keys, sizes, devices
-    ckpt diff a.pt b.pt          what differs: keys, shapes, dtypes, values, optimizer, hyperparameters
-    ckpt preflight last.pt --data d.yaml --batch 32   would this resume change the run?
-    ckpt remap last.pt --gpus 1 -o one.pt     resume a 4-GPU run on 1 GPU (or --device cpu)
-    ckpt convert last.pt last.h5              torch <-> HDF5 / safetensors / DCP folders, legacy -> zip
-    ckpt repair last.pt -o fixed.pt           salvage a truncated or damaged checkpoint
-    ckpt audit runs/fuse/exp                  was every resume of this run seamless?
+    ckpt verify last.pt                    whole, safe, consistent?
+    ckpt inspect last.pt                   layout, epoch, arguments, keys, sizes
+    ckpt diff a.pt b.pt                    keys, shapes, values, optimizer
+    ckpt preflight last.pt --batch 32      would this resume change the run?
+    ckpt remap last.pt --gpus 1 -o 1.pt    for 1 GPU (or --device cpu)
+    ckpt convert last.pt last.h5           HDF5, safetensors, DCP, legacy -> zip
+    ckpt repair last.pt -o fixed.pt        salvage a damaged checkpoint
+    ckpt audit runs/fuse/exp               was every resume seamless?
     """
 
 

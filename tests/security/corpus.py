@@ -104,8 +104,11 @@ def exec_open(marker: Path) -> str:
 
 def torch_zip(entries: list[tuple[str, bytes]]) -> bytes:
     """A zip in torch.save's layout (torch.load reads zips written by Python's zipfile)."""
+    import warnings
+
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with zipfile.ZipFile(buf, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name": the point of one of the cases
         for name, data in entries:
             zf.writestr(name, data)
     return buf.getvalue()
