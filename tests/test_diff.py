@@ -147,3 +147,22 @@ def test_tensors_with_equal_zip_crcs_are_not_read_unless_exact(tmp_path):
     assert fast.verdict == "different" and fast.same == 3 and fast.equal_by_crc == 3
     exact = diff_checkpoints(a, b, exact=True)
     assert exact.verdict == "different" and exact.same == 3 and exact.equal_by_crc == 0
+
+
+class _DetectionModel(torch.nn.Module):  # stands in for a pickled ultralytics.nn.tasks.DetectionModel
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+
+def test_an_ultralytics_checkpoint_against_its_safetensors_export(tmp_path):
+    from ckpttools.commands.convert import convert
+
+    src = tmp_path / "epoch1.pt"
+    torch.save({"epoch": 1, "model": None, "ema": _DetectionModel(), "updates": 10, "train_args": {"batch": 16},
+                "date": "2026-01-01"}, src)  # as Ultralytics saves it: the weights live in the pickled EMA model
+    out = tmp_path / "epoch1.safetensors"
+    convert(src, out)
+    report = diff_checkpoints(src, out)
+    assert report.verdict == "identical" and report.same == 7 and not report.only_in_a and not report.only_in_b

@@ -241,8 +241,15 @@ def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol:
     flat = {L.recognise(a_ck.tree, a_ck.path), L.recognise(b_ck.tree, b_ck.path)} - {L.FUSE_TRAIN, L.ULTRALYTICS,
                                                                                     L.LIGHTNING}
     if flat and len({L.recognise(a_ck.tree, a_ck.path), L.recognise(b_ck.tree, b_ck.path)}) > 1:
-        report.notes.append("different layouts: comparing the model weights only")
-        sections = tuple(s for s in sections if s in ("model", "meta"))
+        # e.g. a training checkpoint against its exported weights: compare the weights each side would export
+        # (Ultralytics keeps them under 'ema' with 'model' None; `ckpt convert` takes the same ones)
+        for ck, sec in ((a_ck, sec_a), (b_ck, sec_b)):
+            found = L.weights_of(ck.tree, L.recognise(ck.tree, ck.path))
+            if found and found[1]:
+                sec["model"] = found[1]
+        report.notes.append("different layouts: comparing the model weights only (the ones an export takes); run "
+                            "settings and counters are not judged (one side is not a training checkpoint)")
+        sections = tuple(s for s in sections if s == "model")
     total_pairs = []
     for section in (s for s in sections if s != "meta"):
         names_a, names_b = sec_a.get(section, {}), sec_b.get(section, {})
