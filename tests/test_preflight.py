@@ -2,7 +2,7 @@
 
 import pytest
 
-from ckpttools.commands.preflight import RULES, UnknownField, parse_allow, preflight
+from ckpttools.commands.preflight import UnknownField, parse_allow, preflight
 
 BASE = {"data": "/d/data.yaml", "data-fingerprint": "abc", "batch": 16, "world-size": 1, "lr0": 0.01, "lrf": 0.01,
         "momentum": 0.937, "weight-decay": 0.0005, "optimizer": "SGD", "warmup-epochs": 3.0, "schedule": "cosine",

@@ -3,7 +3,6 @@ uninterrupted run's step for step (CPU, fixed seed), no step twice; results.csv 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest

@@ -42,7 +42,9 @@ SEAMLESS, BROKEN, ALLOWED, UNJUDGED = "seamless", "broken", "allowed", "not judg
 class Boundary:
     index: int  # the first results row after the boundary
     epoch: Any  # that row's epoch number
-    source: str  # "history: resume at step N (date)" or "epoch column"
+    source: str  # "resume at step N (date)" or "epoch column breaks"
+    step: int | None = None  # the resume's global step, when the history records it
+    allowed: list[str] = field(default_factory=list)  # fields the resume was allowed to change (history)
     checks: dict[str, str] = field(default_factory=dict)  # counters / lr / <loss column> -> verdict text
     verdict: str = SEAMLESS
 
@@ -122,12 +124,12 @@ def audit(path: str | os.PathLike) -> AuditReport:
     cuts = _boundaries(rows, history, steps_per_epoch, report)
     rows_at = {b.index - 1 for b in cuts}  # the differences that straddle a boundary
     for boundary in cuts:
-        _judge(boundary, rows, history, report, rows_at)
+        _judge(boundary, rows, report, rows_at)
     report.boundaries = cuts
     steps = _step_series(run, report)
-    resume_steps = {int(b.source.split()[3]) for b in cuts if b.source.startswith("resume at step")}
+    resume_steps = {b.step for b in cuts if b.step is not None}
     for boundary in cuts:
-        _judge_steps(boundary, steps, history, report, resume_steps)
+        _judge_steps(boundary, steps, report, resume_steps)
     report.problems.extend(_repeated_steps(steps))
     if not cuts:
         report.notes.append("no resume recorded or visible: one uninterrupted run")
@@ -179,8 +181,10 @@ def _boundaries(rows: list[dict], history: list[dict], spe: int, report: AuditRe
         index = next((i for i, r in enumerate(rows) if r.get("epoch", 0) > done), None)
         if index is None:
             continue
+        allowed = [str(c.get("field")) for c in event.get("changes") or [] if isinstance(c, dict)]
         cuts.append(Boundary(index, rows[index].get("epoch"), f"resume at step {event['step']} "
-                                                               f"({event.get('date', '?')})"))
+                                                               f"({event.get('date', '?')})", int(event["step"]),
+                             allowed))
     epochs = [r.get("epoch") for r in rows]
     recorded = {b.index for b in cuts}
     for i in range(1, len(epochs)):
@@ -190,8 +194,7 @@ def _boundaries(rows: list[dict], history: list[dict], spe: int, report: AuditRe
     return sorted(cuts, key=lambda b: b.index)
 
 
-def _judge(boundary: Boundary, rows: list[dict], history: list[dict], report: AuditReport,
-           straddling: set[int]) -> None:
+def _judge(boundary: Boundary, rows: list[dict], report: AuditReport, straddling: set[int]) -> None:
     i = boundary.index
     if i == 0:
         boundary.checks["counters"] = "resumed within the first epoch: no earlier row to compare"
@@ -204,7 +207,7 @@ def _judge(boundary: Boundary, rows: list[dict], history: list[dict], report: Au
         broken.append("counters")
     else:
         boundary.checks["counters"] = "continue by one"
-    allowed = _allowed_changes(history, boundary)
+    allowed = set(boundary.allowed)
     lr_key = "lr" if "lr" in rows[0] else "lr/pg0" if "lr/pg0" in rows[0] else None
     if lr_key:
         series = [math.log(r[lr_key]) if r.get(lr_key, 0) > 0 else float("nan") for r in rows]
@@ -229,13 +232,6 @@ def _judge(boundary: Boundary, rows: list[dict], history: list[dict], report: Au
         report.notes.append(f"epoch {b:g}: {', '.join(broken)} broken at the boundary ({boundary.source})")
     elif allowed:
         boundary.verdict = ALLOWED
-
-
-def _allowed_changes(history: list[dict], boundary: Boundary) -> set[str]:
-    for event in history:
-        if event.get("event") == "resume" and f"step {event.get('step')} " in boundary.source + " ":
-            return {str(c.get("field")) for c in event.get("changes") or [] if isinstance(c, dict)}
-    return set()
 
 
 def _step_series(run: Path, report: AuditReport) -> dict[str, list[tuple[int, float]]]:
@@ -263,13 +259,11 @@ def _repeated_steps(series: dict[str, list[tuple[int, float]]]) -> list[str]:
     return out
 
 
-def _judge_steps(boundary: Boundary, series: dict, history: list[dict], report: AuditReport,
-                 resume_steps: set[int]) -> None:
+def _judge_steps(boundary: Boundary, series: dict, report: AuditReport, resume_steps: set[int]) -> None:
     """The same statistic on the per-step curves at the resume step: many more points than results.csv."""
-    if not boundary.source.startswith("resume at step"):
+    if boundary.step is None:
         return
-    step = int(boundary.source.split()[3])
-    allowed = _allowed_changes(history, boundary)
+    step, allowed = boundary.step, boundary.allowed
     broken = []
     for tag, points in sorted(series.items()):
         if not (tag.startswith("train/") or tag == "lr/pg0"):

@@ -71,8 +71,7 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
         result.actions.append("zip end records were missing: records recovered by scanning local headers")
 
     source = TensorSource(ckpt)
-    _recover_records(ckpt, result)
-    lost = _lost_storages(ckpt, on_bytes)
+    lost = _recover_records(ckpt, _lost_storages(ckpt, on_bytes), result)
     users = _users(ckpt)
     if lost:
         _check_backup(backup)
@@ -107,33 +106,31 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
     return result
 
 
-def _recover_records(ckpt: Checkpoint, result: RepairResult) -> None:
-    """Storage records whose bytes are intact although the zip metadata that locates them is damaged (a central
-    directory or local-header field): found again, so no intact tensor is ever reported lost or filled from a
-    backup."""
-    if ckpt.format != ZIP or ckpt.record_of is None:
-        return
-    scanned = None
-    for ref in {id(t.storage): t.storage for _, t in iter_tensors(ckpt.tree)}.values():
+def _recover_records(ckpt: Checkpoint, lost: list[tuple[StorageRef, str]],
+                     result: RepairResult) -> list[tuple[StorageRef, str]]:
+    """Of the storages that looked lost, those whose bytes are intact although the zip metadata locating them is
+    damaged (a central-directory or local-header field, or an entry missing from the central directory): found
+    again, so no intact tensor is ever reported lost or filled from a backup.  Returns the ones still lost."""
+    if ckpt.format != ZIP or ckpt.record_of is None or not lost:
+        return lost
+    scanned = ziprecords.scan_local_headers(ckpt.path)
+    still = []
+    for ref, why in lost:
         record = ckpt.record_of(ref)
         if record is None:  # absent from the central directory: look for it by name at the local headers
-            scanned = ziprecords.scan_local_headers(ckpt.path) if scanned is None else scanned
             name = ckpt.record_name_of(ref) if ckpt.record_name_of else None
             found = next((r for r in scanned if r.name == name and not r.truncated and r.crc is not None
                           and ziprecords.record_crc(ckpt.path, r) == r.crc), None)
-            if found is not None:
-                ckpt.records[found.name] = found
-                result.actions.append(f"{found.name}: missing from the central directory; found at its local header "
-                                      "(CRC32 passes)")
+            how = "missing from the central directory; found at its local header (CRC32 passes)"
+        else:
+            name, found = record.name, ziprecords.locate_intact(ckpt.path, record, scanned)
+            how = "the zip metadata locating it was damaged; its bytes, which pass their CRC32, were found again"
+        if found is None or found is record or found.size != ref.nbytes:
+            still.append((ref, why))
             continue
-        if not record.truncated and record.crc is not None and ziprecords.record_crc(ckpt.path, record) == record.crc:
-            continue
-        scanned = ziprecords.scan_local_headers(ckpt.path) if scanned is None else scanned
-        intact = ziprecords.locate_intact(ckpt.path, record, scanned)
-        if intact is not None and intact is not record:
-            ckpt.records[record.name] = intact
-            result.actions.append(f"{record.name}: the zip metadata locating it was damaged; its bytes, which pass "
-                                  "their CRC32, were found again")
+        ckpt.records[name] = found
+        result.actions.append(f"{name}: {how}")
+    return still
 
 
 def _users(ckpt: Checkpoint) -> dict[int, list[str]]:

@@ -20,7 +20,7 @@ from ckpttools.objects import Placeholder, Reference
 from ckpttools.pickle.policy import DANGEROUS, Judgement, judge
 from ckpttools.pickle.scan import PickleScan, scan_pickle
 from ckpttools.pickle.unpickler import restricted_load
-from ckpttools.report import ERROR, WARNING, Finding
+from ckpttools.report import ERROR, Finding
 from ckpttools.tensors import DType, StorageRef
 
 CHUNK = 8 << 20  # bytes per block when streaming a storage
@@ -139,11 +139,3 @@ def to_plain_tree(tree: Any, notes: list[str], where: str = "") -> Any:
         notes.append(f"{where}: reference to {tree._reference.qualname} stored as its name")
         return tree._reference.qualname
     return tree
-
-
-def warn(ckpt: Checkpoint, code: str, message: str, where: str) -> None:
-    ckpt.findings.append(Finding(WARNING, code, message, where))
-
-
-def error(ckpt: Checkpoint, code: str, message: str, where: str) -> None:
-    ckpt.findings.append(Finding(ERROR, code, message, where))

@@ -239,11 +239,6 @@ ARGUMENT_RULES: dict[tuple[str, str], Callable[[Call, dict], list[Judgement]]] =
 }
 
 
-def worst(judgements: list[Judgement]) -> str:
-    statuses = {j.status for j in judgements}
-    return DANGEROUS if DANGEROUS in statuses else CODE if CODE in statuses else ALLOWED_STATUS
-
-
 def markdown_table() -> str:
     """The allow-list as a markdown table (docs/security.md embeds it; a test checks it is current)."""
     rows = ["| module | name | why it is safe |", "|---|---|---|"]
