@@ -1,8 +1,6 @@
-"""Paired RGB+IR detection data in the YOLOFuse / LLVIP-YOLO layout.
-
-    <root>/images/{train,val}/*.jpg|png     RGB
-    <root>/imagesIR/{train,val}/<same name> IR (1- or 3-channel files, used as one channel)
-    <root>/labels/{train,val}/<stem>.txt    YOLO labels: `cls cx cy w h`, normalised to [0, 1]
+"""Paired RGB+IR detection data for training: any layout ``ckpttools.yolo_data.load_split`` reads (the
+YOLOFuse layout with a data.yaml, or LLVIP, M3FD, FLIR aligned, KAIST, VOC / COCO pairs as published; see
+docs/datasets.md).  IR files are used as one channel; 16-bit IR is scaled by the data's ``ir_scale`` rule.
 
 Geometry (letterbox, flip, scale, translate) is one affine transform applied to the stacked 4-channel
 image, so both modalities stay aligned by construction.  Photometric jitter is drawn per modality.
@@ -22,21 +20,39 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ckpttools.yolo_data import (DatasetError, ir_folder_for, load_data_spec, parse_label_file,  # noqa: F401
-                                 spec_fingerprint, split_files)
+from ckpttools.yolo_data import (DataSpec, DatasetError, SplitData, ir_folder_for, load_data_spec,  # noqa: F401
+                                 load_split, parse_label_file, spec_fingerprint, split_files)
 
 PAD_VALUE = 114 / 255  # letterbox border, as Ultralytics
 
 
-def read_image(path: Path, mode: str) -> np.ndarray:
-    """Decode ``path`` as 'RGB' (HxWx3) or 'L' (HxW) uint8; a bad file is a DatasetError naming it."""
+def read_image(path: Path, mode: str, ir_scale: str = "percentile") -> np.ndarray:
+    """Decode ``path`` as 'RGB' (HxWx3) or 'L' (HxW) uint8; a bad file is a DatasetError naming it.
+
+    A 16-bit or float single-channel frame (radiometric thermal) is scaled to 8 bits by ``ir_scale``, never
+    truncated: ``percentile`` maps this frame's 1st..99th percentile to 0..255 (robust to hot pixels),
+    ``minmax`` its full range, ``range:LO:HI`` a fixed raw range for every frame (comparable temperatures)."""
     try:
         with Image.open(path) as im:
+            if mode == "L" and im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                return scale_to_8bit(np.asarray(im).astype(np.float32), ir_scale)
             return np.asarray(im.convert(mode))
     except Image.DecompressionBombError as exc:
         raise DatasetError(f"{path}: refused: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+
+
+def scale_to_8bit(raw: np.ndarray, rule: str) -> np.ndarray:
+    if rule == "percentile":
+        lo, hi = np.percentile(raw, (1, 99))
+    elif rule == "minmax":
+        lo, hi = float(raw.min()), float(raw.max())
+    else:
+        _, lo, hi = rule.split(":")
+        lo, hi = float(lo), float(hi)
+    scaled = (raw - lo) * (255.0 / max(hi - lo, 1e-6))
+    return np.clip(scaled, 0, 255).round().astype(np.uint8)
 
 
 def check_image_header(path: Path) -> None:
@@ -68,15 +84,18 @@ NO_AUGMENT = Augment(0.0, 0.0, 0.0, 0.0, 0.0)
 class PairedDataset(torch.utils.data.Dataset):
     """Yields ``(image uint8 [4, S, S] = RGB + IR, labels float32 [n, 5] = cls x1 y1 x2 y2 in pixels, index)``."""
 
-    def __init__(self, images_dir: Path, ir_dir: Path, nc: int, img_size: int, augment: Augment = NO_AUGMENT,
-                 seed: int = 0):
-        self.pairs, self.label_files = split_files(images_dir, ir_dir)
-        self.labels = [parse_label_file(p, nc) for p in self.label_files]  # parse all now: errors up front
+    def __init__(self, split: SplitData, img_size: int, augment: Augment = NO_AUGMENT, seed: int = 0,
+                 ir_scale: str = "percentile"):
+        self.pairs, self.labels, self.ir_scale = split.pairs, split.labels, ir_scale  # labels parsed: errors up front
         for rgb, ir in self.pairs:  # headers only (cheap): an unreadable or bomb image stops the run before it starts
             check_image_header(rgb)
             check_image_header(ir)
         self.img_size, self.augment, self.seed = img_size, augment, seed
         self.epoch = 0
+
+    @classmethod
+    def from_spec(cls, spec: DataSpec, split: str, img_size: int, augment: Augment = NO_AUGMENT, seed: int = 0):
+        return cls(load_split(spec, split), img_size, augment, seed, spec.ir_scale)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -88,7 +107,7 @@ class PairedDataset(torch.utils.data.Dataset):
         # the training sampler passes (epoch, index) so workers need no epoch state; plain ints use set_epoch's
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         rgb_path, ir_path = self.pairs[index]
-        rgb, ir = read_image(rgb_path, "RGB"), read_image(ir_path, "L")
+        rgb, ir = read_image(rgb_path, "RGB"), read_image(ir_path, "L", self.ir_scale)
         if ir.shape[:2] != rgb.shape[:2]:  # resize IR onto the RGB grid so one transform fits both
             ir = np.asarray(Image.fromarray(ir).resize((rgb.shape[1], rgb.shape[0]), Image.BILINEAR))
         rng = np.random.default_rng((self.seed, epoch, index))

@@ -106,8 +106,8 @@ def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
 
     spec = load_data_spec(resolve_data_yaml(cfg.data))
     img_size = pick_img_size(cfg, spec)
-    for images, ir in ((spec.train, spec.train_ir), (spec.val, spec.val_ir)):  # parse labels: errors before anything
-        PairedDataset(images, ir, len(spec.names), img_size)
+    for split in ("train", "val"):  # parse labels: errors before anything
+        PairedDataset.from_spec(spec, split, img_size)
     with torch.device("meta"):
         model = build_model(ModelConfig(cfg.fusion, cfg.scale, len(spec.names)), img_size)
     return resolve_run(cfg, spec, img_size, world_size, model_fingerprint(model), spec_fingerprint(spec))

@@ -105,11 +105,11 @@ class Trainer:
         nc = len(spec.names)
         if cfg.batch % dist_info.world_size:
             raise ConfigError(f"--batch {cfg.batch} must be divisible by the number of processes ({dist_info.world_size})")
-        self.train_set = PairedDataset(spec.train, spec.train_ir, nc, img_size, Augment(), cfg.seed)
+        self.train_set = PairedDataset.from_spec(spec, "train", img_size, Augment(), cfg.seed)
         if len(self.train_set) < 2 * dist_info.world_size:  # batch norm needs two values per channel in a batch
-            raise ConfigError(f"{spec.train}: {len(self.train_set)} training image(s); training needs at least 2 per "
+            raise ConfigError(f"{spec.train or spec.root}: {len(self.train_set)} training image(s); training needs at least 2 per "
                               f"process ({dist_info.world_size} process(es))")
-        self.val_set = PairedDataset(spec.val, spec.val_ir, nc, img_size)
+        self.val_set = PairedDataset.from_spec(spec, "val", img_size)
 
         S.seed_everything(cfg.seed)
         self.model_config = ModelConfig(cfg.fusion, cfg.scale, nc)

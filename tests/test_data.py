@@ -62,7 +62,7 @@ def test_missing_ir_partner_is_named(tmp_path, tiny_data):
     (root / "imagesIR" / "train" / "00003.png").unlink()
     spec = load_data_spec(root / "data.yaml")
     with pytest.raises(DatasetError, match=r"00003\.png: no IR partner"):
-        PairedDataset(spec.train, spec.train_ir, 1, 64)
+        PairedDataset.from_spec(spec, "train", 64)
 
 
 def test_unreadable_image_is_named(tmp_path, tiny_data):
@@ -70,10 +70,10 @@ def test_unreadable_image_is_named(tmp_path, tiny_data):
     (root / "images" / "train" / "00002.png").write_bytes(b"not a png")
     spec = load_data_spec(root / "data.yaml")
     with pytest.raises(DatasetError, match=r"00002\.png: unreadable image"):  # found up front, from its header
-        PairedDataset(spec.train, spec.train_ir, 1, 64)
+        PairedDataset.from_spec(spec, "train", 64)
     good = (root / "images" / "train" / "00003.png")
     (root / "images" / "train" / "00002.png").write_bytes(good.read_bytes()[:120])  # a header, then the data cut
-    ds = PairedDataset(spec.train, spec.train_ir, 1, 64)
+    ds = PairedDataset.from_spec(spec, "train", 64)
     with pytest.raises(DatasetError, match=r"00002\.png: unreadable image"):  # found when decoded
         ds[2]
 
@@ -92,7 +92,7 @@ def test_three_channel_ir_is_used_as_one_channel(tmp_path, tiny_data):
     ir = np.asarray(Image.open(ir_path))
     Image.fromarray(np.stack([ir] * 3, -1)).save(ir_path)
     spec = load_data_spec(root / "data.yaml")
-    image, _, _ = PairedDataset(spec.train, spec.train_ir, 1, 64)[0]
+    image, _, _ = PairedDataset.from_spec(spec, "train", 64)[0]
     assert image.shape == (4, 64, 64)
     assert torch.equal(image[3], torch.from_numpy(np.array(ir)))
 
@@ -128,7 +128,7 @@ def test_paired_augmentation_keeps_boxes_aligned_in_both_modalities(seed):
 
 def test_augmentation_depends_only_on_seed_epoch_index(tiny_data):
     spec = load_data_spec(tiny_data)
-    ds = PairedDataset(spec.train, spec.train_ir, 1, 64, Augment(), seed=3)
+    ds = PairedDataset.from_spec(spec, "train", 64, Augment(), seed=3)
     a, la, _ = ds[(2, 5)]
     ds[(0, 1)]  # another sample in between changes nothing
     b, lb, _ = ds[(2, 5)]
@@ -139,8 +139,8 @@ def test_augmentation_depends_only_on_seed_epoch_index(tiny_data):
 
 def test_photometric_jitter_is_per_modality(tiny_data):
     spec = load_data_spec(tiny_data)
-    ds = PairedDataset(spec.train, spec.train_ir, 1, 64, Augment(flip=0, scale=0, translate=0), seed=0)
-    plain = PairedDataset(spec.train, spec.train_ir, 1, 64)
+    ds = PairedDataset.from_spec(spec, "train", 64, Augment(flip=0, scale=0, translate=0), seed=0)
+    plain = PairedDataset.from_spec(spec, "train", 64)
     ratios = []
     for i in range(6):
         aug, _, _ = ds[(0, i)]
