@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -46,6 +46,7 @@ class DataSpec:
     split_by: str = "native"
     val_fraction: float = 0.1
     split_seed: int = 0
+    split_block: int = 20
     ir_scale: str = "percentile"
     test: Path | None = None
     test_ir: Path | None = None
@@ -55,7 +56,7 @@ class DataSpec:
         """The DatasetIndex of a published layout (built once)."""
         if self._index is None:
             self._index = index_dataset(self.root, layout_named(self.layout), self.names or None, self.split_by,
-                                        self.val_fraction, self.split_seed)
+                                        self.val_fraction, self.split_seed, self.split_block)
         return self._index
 
 
@@ -176,7 +177,7 @@ def folder_spec(root: Path, layout: Layout | None = None) -> DataSpec:
 
 def _layout_spec(yaml_path: Path, spec: dict) -> DataSpec:
     """A data.yaml that points at a published layout: ``layout``, ``path``, optional ``names``, ``split_by``,
-    ``val_fraction``, ``split_seed``, ``imgsz``, ``ir_scale``."""
+    ``val_fraction``, ``split_seed``, ``split_block``, ``imgsz``, ``ir_scale``."""
     layout = spec["layout"]
     if layout not in BY_NAME:
         raise DatasetError(f"{yaml_path}: unknown layout {layout!r}; known: {', '.join(BY_NAME)}")
@@ -192,6 +193,7 @@ def _layout_spec(yaml_path: Path, spec: dict) -> DataSpec:
         raise DatasetError(f"{yaml_path}: val_fraction must be between 0 and 1, got {fraction!r}")
     out = DataSpec(yaml_path, root, None, None, None, None, names, _imgsz(yaml_path, spec), layout=layout,
                    split_by=split_by, val_fraction=float(fraction), split_seed=int(spec.get("split_seed", 0)),
+                   split_block=max(1, int(spec.get("split_block", 20))),
                    ir_scale=_ir_scale(yaml_path, spec))
     out.names = dict(out.index().names)
     return out
@@ -308,7 +310,10 @@ def load_split(spec: DataSpec, split: str) -> SplitData:
         raise DatasetError(f"{problems[0]} ({len(problems)} problem(s) in this {spec.layout} dataset; list them "
                            f"with: fuse-train data check {spec.yaml_path})")
     if not samples:
-        raise DatasetError(f"{spec.root}: no {split} pairs in this {spec.layout} dataset")
+        hint = (f"; its frames form too few recordings for a split of runs of {spec.split_block} frames: set "
+                "split_block (smaller) or val_fraction in a data.yaml with layout: (docs/datasets.md)"
+                if split == "val" and (spec.split_by == "sequence" or index.layout.split == "none") else "")
+        raise DatasetError(f"{spec.root}: no {split} pairs in this {spec.layout} dataset{hint}")
     return SplitData([(s.rgb, s.ir) for s in samples], labels,
                      [s.label_file for s in samples if s.label_file is not None])
 
@@ -323,7 +328,7 @@ def spec_fingerprint(spec: DataSpec) -> str:
         parts = []
         for split in ("train", "val"):
             data = load_split(spec, split)
-            h = hashlib.sha256(f"{spec.layout}|{spec.split_by}|{spec.val_fraction}|{spec.split_seed}\n".encode())
+            h = hashlib.sha256(f"{spec.layout}|{spec.split_by}|{spec.val_fraction}|{spec.split_seed}|{spec.split_block}\n".encode())
             for rgb, ir in data.pairs:
                 for p in (rgb, ir):
                     h.update(f"{_rel(p, spec.root)}|{p.stat().st_size}\n".encode())
@@ -332,3 +337,32 @@ def spec_fingerprint(spec: DataSpec) -> str:
             parts.append(h.hexdigest())
         out = ":".join(parts)
     return out if spec.ir_scale == "percentile" else f"{out}:ir_scale={spec.ir_scale}"
+
+
+def spec_index(spec: DataSpec):
+    """A DatasetIndex of any spec, problems collected rather than raised (for ``fuse-train data check``):
+    a published layout's own index, or the YOLOFuse folders of a data.yaml read through the same templates."""
+    if spec.layout != "yolofuse":
+        return spec.index()
+    from ckpttools.datasets.index import DatasetIndex, Problem
+
+    base = BY_NAME["yolofuse"]
+    samples, problems = [], []
+    for split, images, ir in (("train", spec.train, spec.train_ir), ("val", spec.val, spec.val_ir),
+                              ("test", spec.test, spec.test_ir)):
+        if images is None:
+            continue
+        labels = labels_folder_for(images)
+        for folder, what in ((images, "image folder"), (ir, "IR image folder"), (labels, "labels folder")):
+            if not folder.is_dir():
+                problems.append(Problem("missing", str(folder), f"{what} of the {split} split not found"))
+        root = Path(os.path.commonpath([images, ir, labels]))
+        rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+        layout = replace(base, rgb=f"{rel(images)}/{{id}}.{{ext}}", ir=f"{rel(ir)}/{{id}}.{{ext}}",
+                         labels=f"{rel(labels)}/{{id}}.txt", split="none")
+        part = index_dataset(root, layout, spec.names)
+        for sample in part.samples:
+            sample.split = split
+        samples += part.samples
+        problems += part.problems
+    return DatasetIndex(spec.root, base, spec.names, samples, problems)

@@ -23,6 +23,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
 EPILOG = """\b
 Examples:
   fuse-train                                  # mid fusion on the built-in demo data
+  fuse-train --data /data/LLVIP --img-size 640   # a published layout, read as it is
   fuse-train --data LLVIP.yaml --fusion mid --epochs 50 --batch 32
   fuse-train --resume                         # continue the newest run under --project
   fuse-train --resume runs/fuse/exp/weights/last.pt
@@ -36,8 +37,36 @@ preflight, 130 / 143 stopped by SIGINT / SIGTERM after saving a resumable last.p
 D = RunConfig()  # defaults shown in --help
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EPILOG)
-@click.option("--data", default=D.data, show_default=True, help="data.yaml (YOLOFuse layout), or 'demo' for the built-in synthetic night scenes.")
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+class TrainByDefault(click.Group):
+    """``fuse-train [OPTIONS]`` trains (as it always has); ``fuse-train data|val|predict|export ...`` are the
+    other commands.  ``--help`` shows the training options and the command list together."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help", "--version")):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx, formatter):
+        train_cmd = self.commands["train"]
+        with click.Context(train_cmd, info_name=ctx.info_name, parent=None) as train_ctx:
+            train_cmd.format_help(train_ctx, formatter)
+        formatter.write_paragraph()
+        with formatter.section("Other commands (fuse-train COMMAND --help)"):
+            formatter.write_dl([(name, cmd.get_short_help_str(80)) for name, cmd in self.commands.items()
+                                if name != "train"])
+
+
+@click.group(cls=TrainByDefault, context_settings=CONTEXT, invoke_without_command=False)
+@click.version_option(__version__, "--version", prog_name="fuse-train")
+def cli() -> None:
+    """fuse-train: train, validate, predict with and export RGB+IR fused detectors."""
+
+
+@cli.command("train", context_settings=CONTEXT, epilog=EPILOG)
+@click.option("--data", default=D.data, show_default=True, help="data.yaml, a dataset folder as published (LLVIP, M3FD, FLIR aligned, KAIST, VOC/COCO pairs: docs/datasets.md), or 'demo' for the built-in synthetic night scenes.")
 @click.option("--fusion", type=click.Choice(FUSIONS), default=D.fusion, show_default=True, help="early: 4-channel input; mid: two backbones fused at P3-P5; late: two detectors merged before NMS; rgb / ir: one modality.")
 @click.option("--scale", type=click.Choice(SCALES), default=D.scale, show_default=True, help="Model width/depth, as YOLOv8 n/s/m.")
 @click.option("--epochs", type=int, default=D.epochs, show_default=True)
@@ -65,9 +94,8 @@ D = RunConfig()  # defaults shown in --help
 @click.option("--allow-change", default="", metavar="FIELDS", help="With --resume: comma-separated preflight fields allowed to differ, e.g. batch,lr0.")
 @click.option("--no-verify", is_flag=True, help="With --resume: skip the integrity check (CRC32s, digest) of the checkpoint; by default a damaged last.pt falls back to last.prev.pt.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.version_option(__version__, "--version", prog_name="fuse-train")
 @click.pass_context
-def cli(ctx: click.Context, resume: str | None, allow_change: str, no_verify: bool, debug: bool, **options) -> None:
+def train(ctx: click.Context, resume: str | None, allow_change: str, no_verify: bool, debug: bool, **options) -> None:
     """Train a dual-stream RGB+infrared object detector (YOLOFuse-style early / mid / late fusion) with
     exact, crash-safe resume.  Writes <project>/<name>/ with weights/last.pt, best.pt, results.csv, args.yaml."""
     console = Console(soft_wrap=True)
@@ -133,6 +161,11 @@ def _one_line(exc: BaseException) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+from fuse_train.commands import register  # noqa: E402 - the other commands, beside the default one
+
+register(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,9 @@ class DetectionMetrics:
     # per class with ground truth: (class id, scores sorted descending, tp at IoU 0.5, number of gt) for the
     # PR / F1 curves; not part of as_dict (nor of the checkpoint)
     curves: list = field(default_factory=list, repr=False)
+    # per class with ground truth: {class, instances, precision, recall, mAP50, mAP50-95}; P and R at the
+    # confidence that maximises the mean F1 (the same threshold for every class, as Ultralytics' val table)
+    per_class: list = field(default_factory=list, repr=False)
 
     @property
     def fitness(self) -> float:
@@ -106,9 +109,12 @@ def evaluate_detections(predictions: list[np.ndarray], ground_truth: list[np.nda
     valid = ap[0] > -1
     if not valid.any():
         return DetectionMetrics(0.0, 0.0, 0.0, 0.0)
-    precision, recall = _best_f1_point(pr_at)
+    precision, recall, p_c, r_c = _best_f1_point(pr_at)
+    per_class = [{"class": c, "instances": int(n_gt), "precision": float(p_c[k]), "recall": float(r_c[k]),
+                  "mAP50": float(ap[0, c]), "mAP50-95": float(ap[:, c].mean())}
+                 for k, (c, (_, _, n_gt)) in enumerate(zip(classes, pr_at))]
     return DetectionMetrics(precision, recall, float(ap[0, valid].mean()), float(ap[:, valid].mean()),
-                            [(c, *curve) for c, curve in zip(classes, pr_at)])
+                            [(c, *curve) for c, curve in zip(classes, pr_at)], per_class)
 
 
 def confusion_matrix(predictions: list[np.ndarray], ground_truth: list[np.ndarray], nc: int, conf: float = 0.25,
@@ -148,8 +154,9 @@ def _average_precision(tp: np.ndarray, n_gt: int) -> float:
     return float(q.mean())
 
 
-def _best_f1_point(per_class) -> tuple[float, float]:
-    """Mean precision and recall over classes at the confidence threshold that maximises mean F1 (IoU 0.5)."""
+def _best_f1_point(per_class):
+    """Mean precision and recall over classes at the confidence threshold that maximises mean F1 (IoU 0.5),
+    and each class's precision and recall at that threshold."""
     thresholds = np.linspace(0, 1, 1001)
     p_all, r_all = [], []
     for scores, tp, n_gt in per_class:
@@ -161,4 +168,4 @@ def _best_f1_point(per_class) -> tuple[float, float]:
     p, r = np.mean(p_all, 0), np.mean(r_all, 0)
     f1 = 2 * p * r / np.maximum(p + r, 1e-16)
     i = int(np.argmax(f1))
-    return float(p[i]), float(r[i])
+    return float(p[i]), float(r[i]), [float(x[i]) for x in p_all], [float(x[i]) for x in r_all]

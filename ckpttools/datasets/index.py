@@ -232,7 +232,7 @@ def _sequence_split(samples: list[Sample], val_fraction: float, seed: int, block
     for s in samples:
         sizes[s.group] += 1
     for g in groups:
-        if taken >= want or (val and len(val) + 1 >= len(groups)):
+        if taken >= want or len(val) + 1 >= len(groups):  # at least one group always trains
             break
         val.add(g)
         taken += sizes[g]
