@@ -334,7 +334,7 @@ def _bytes_callback(progress):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--data", help="data.yaml the resume would use.")
+@click.option("--data", help="data.yaml or dataset folder the resume would use.")
 @click.option("--batch", type=int, help="Global batch size.")
 @click.option("--world-size", type=int, help="Number of processes.")
 @click.option("--lr0", type=float)

@@ -17,7 +17,8 @@ from pathlib import Path, PurePath
 import numpy as np
 import yaml
 
-from ckpttools.datasets.index import detect_layout, index_dataset, layout_named, normalised_labels
+from ckpttools.datasets.index import (DatasetIndex, Problem, detect_layout, index_dataset, layout_named,
+                                      normalised_labels)
 from ckpttools.datasets.layouts import BY_NAME, IMAGE_SUFFIXES, LAYOUTS, Layout
 
 IR_SCALES = ("percentile", "minmax")  # and "range:LO:HI"; how 16-bit infrared becomes 8-bit (docs/datasets.md)
@@ -344,8 +345,6 @@ def spec_index(spec: DataSpec):
     a published layout's own index, or the YOLOFuse folders of a data.yaml read through the same templates."""
     if spec.layout != "yolofuse":
         return spec.index()
-    from ckpttools.datasets.index import DatasetIndex, Problem
-
     base = BY_NAME["yolofuse"]
     samples, problems = [], []
     for split, images, ir in (("train", spec.train, spec.train_ir), ("val", spec.val, spec.val_ir),
