@@ -162,6 +162,14 @@ def test_data_check_names_yolo_label_and_coco_problems(datasets, tmp_path):
     (coco / "annotations.json").write_text(json.dumps(doc))
     problems = json.loads(CliRunner().invoke(cli, ["data", "check", str(coco), "--json"]).output)["problems"]
     assert len(problems) == 1 and "needs image_id, category_id and bbox" in problems[0]["message"]
+    # KAIST's bbGt text: a missing header and a short line are named with their line numbers
+    kaist = shutil.copytree(datasets / "kaist", tmp_path / "k")
+    (kaist / "annotations" / "set00" / "V000" / "I00001.txt").write_text("person 1 2 3 4 0\n")
+    (kaist / "annotations" / "set00" / "V000" / "I00002.txt").write_text("% bbGt version=3\nperson 10 12\n")
+    messages = [p["message"] for p in json.loads(CliRunner().invoke(cli, ["data", "check", str(kaist), "--json"]).output)["problems"]]
+    assert len(messages) == 2
+    assert "I00001.txt:1: expected the '% bbGt version=3' header" in messages[0]
+    assert "I00002.txt:2: expected 'label left top width height ...'" in messages[1]
     # a name outside a layout's published class list is named (M3FD has six classes, no 'Dog')
     m3fd = shutil.copytree(datasets / "m3fd", tmp_path / "m")
     xml = m3fd / "Annotation" / "00000.xml"
