@@ -9,7 +9,6 @@ fingerprint.  In ckpttools (not fuse_train) so ``ckpt preflight`` can fingerprin
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
@@ -17,6 +16,7 @@ from pathlib import Path, PurePath
 import numpy as np
 import yaml
 
+from ckpttools.datasets.annotations import parse_yolo
 from ckpttools.datasets.index import (DatasetIndex, Problem, detect_layout, index_dataset, layout_named,
                                       normalised_labels)
 from ckpttools.datasets.layouts import BY_NAME, IMAGE_SUFFIXES, LAYOUTS, Layout
@@ -201,36 +201,12 @@ def _layout_spec(yaml_path: Path, spec: dict) -> DataSpec:
 
 
 def parse_label_file(path: Path, nc: int) -> np.ndarray:
-    """Rows of (cls, cx, cy, w, h); a missing file means no objects.  Errors name file and line."""
-    if not path.exists():
-        return np.zeros((0, 5), np.float32)
-    if not path.is_file():
-        raise DatasetError(f"{path}: a label must be a text file, this is a folder or a device")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}); labels are lines 'cls cx cy w h'") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        where = f"{path}:{lineno}"
-        if len(fields) != 5:
-            raise DatasetError(f"{where}: expected 5 fields 'cls cx cy w h', got {len(fields)}")
-        try:
-            values = [float(v) for v in fields]
-        except ValueError:
-            raise DatasetError(f"{where}: not a number in {line.strip()!r}") from None
-        cls = values[0]
-        if cls != int(cls) or not 0 <= cls < nc:
-            raise DatasetError(f"{where}: class {fields[0]} is not an integer in 0..{nc - 1}")
-        if not all(math.isfinite(v) for v in values[1:]) or not all(0.0 <= v <= 1.0 for v in values[1:]):
-            raise DatasetError(f"{where}: box values must be normalised to [0, 1], got {' '.join(fields[1:])}")
-        if values[3] <= 0 or values[4] <= 0:
-            raise DatasetError(f"{where}: box width and height must be positive")
-        rows.append(values)
-    return np.array(rows, np.float32).reshape(-1, 5)
+    """Rows of (cls, cx, cy, w, h); a missing file means no objects.  The first problem is a DatasetError
+    naming file and line (``fuse-train data check`` lists them all)."""
+    ann = parse_yolo(path, nc)
+    if ann.problems:
+        raise DatasetError(ann.problems[0])
+    return np.array(ann.yolo_rows, np.float32).reshape(-1, 5)
 
 
 def list_pairs(images_dir: Path, ir_dir: Path) -> list[tuple[Path, Path]]:

@@ -29,6 +29,7 @@ class Annotation:
     boxes: list[Box] = field(default_factory=list)
     size: tuple[int, int] | None = None  # (width, height) stated by the file, when it states one
     problems: list[str] = field(default_factory=list)
+    yolo_rows: list[tuple[float, ...]] = field(default_factory=list)  # YOLO text: the rows as written
 
 
 def parse_voc(path: Path) -> Annotation:
@@ -131,6 +132,7 @@ def parse_yolo(path: Path, nc: int) -> Annotation:
             out.problems.append(f"{where}: box width and height must be positive")
             continue
         out.boxes.append(Box(str(int(cls)), cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+        out.yolo_rows.append((cls, cx, cy, w, h))
     return out
 
 
