@@ -153,6 +153,9 @@ def render_preflight(report, console, title: str = "preflight") -> None:
         console.print(table)
     if same:
         console.print(f"unchanged: {', '.join(same)}", highlight=False)
+    for c in report.checks:
+        if c.status == "same" and c.note:
+            console.print(f"  {c.field}: {c.note}", highlight=False, markup=False)
     for c in report.blocked:
         if c.field in REMEDIES:
             console.print(REMEDIES[c.field].format(requested=c.requested), highlight=False, markup=False)

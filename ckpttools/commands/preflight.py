@@ -20,6 +20,7 @@ from ckpttools import layouts as L
 from ckpttools.errors import UsageError
 from ckpttools.formats.registry import open_checkpoint
 from ckpttools.trainers import fuse_train, ultralytics
+from ckpttools.datasets.ultralytics_data import UltralyticsDataError
 from ckpttools.yolo_data import DatasetError, load_data_spec, spec_fingerprint
 
 # field -> (group, why it matters).  Order is the order of the table.
@@ -116,6 +117,12 @@ def preflight(recorded: dict[str, Any], requested: dict[str, Any], allow: set[st
             continue
         if check.status == "changed" and name in allow:
             check.status = "allowed"
+        if check.status in ("changed", "allowed") and recorded.get("trainer") == ultralytics.TRAINER:
+            key = "data-content" if name == "data" and check.recorded == check.requested else name
+            consequence = ultralytics.ON_RESUME.get(key)
+            check.note = "; ".join(x for x in (check.note, consequence) if x)
+        elif name == "data" and recorded.get("data-note") and check.status == "same":
+            check.note = recorded["data-note"]
         report.checks.append(check)
     return report
 
@@ -151,8 +158,24 @@ def recorded_fields(path: Path) -> dict[str, Any]:
 
 def requested_fields(recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """The record a resume with ``given`` options (python names: img_size, weight_decay, ...) would have;
-    options not given are taken from ``recorded``."""
+    options not given are taken from ``recorded``.  For an Ultralytics record the dataset is fingerprinted
+    now even when ``--data`` is not given: Ultralytics rescans changed files at the same path silently."""
     requested = dict(recorded)
+    if recorded.get("trainer") == ultralytics.TRAINER:
+        requested.pop("data-fingerprint", None)
+        data = given.get("data") or recorded.get("data")
+        if data:
+            try:
+                requested["data"], fingerprint = ultralytics.requested_data(str(data))
+                requested["data-fingerprint"] = fingerprint
+                if "data" not in given:
+                    requested["data"] = recorded["data"]
+            except UltralyticsDataError as exc:
+                if "data" in given:
+                    raise UsageError(f"--data: {exc}") from None
+        given = {k: v for k, v in given.items() if k != "data"}
+        if "model" in given:
+            given = dict(given, model=Path(str(given["model"])).name)
     for name, value in given.items():
         field_name = name.replace("_", "-")
         if field_name == "data":
@@ -163,6 +186,6 @@ def requested_fields(recorded: dict[str, Any], given: dict[str, Any]) -> dict[st
                 raise UsageError(f"--data: {exc}") from None
         else:
             requested[field_name] = value
-    if {"fusion", "scale", "img-size"} & {n.replace("_", "-") for n in given}:
+    if recorded.get("trainer") != ultralytics.TRAINER and {"fusion", "scale", "img-size"} & {n.replace("_", "-") for n in given}:
         requested.pop("model", None)  # the structure fingerprint is compared by fuse-train itself
     return requested

@@ -73,9 +73,13 @@ def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = Non
     if stale:
         result.changes.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
 
+    if layout == L.ULTRALYTICS and isinstance(tree.get("train_args"), dict):
+        _ultralytics_device(tree, gpus, device, result)
     if gpus is not None:
         if layout == L.FUSE_TRAIN:
             _fuse_train_world_size(tree, gpus, source, result)
+        elif layout == L.ULTRALYTICS and isinstance(tree.get("train_args"), dict):
+            pass  # no per-rank state and no prefixes in an Ultralytics checkpoint: the device string is the change
         else:
             _other_world_size(tree, layout, gpus, add_module_prefix, result)
     location = None
@@ -94,6 +98,32 @@ def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = Non
     ensure_space(out, sum(t.storage.nbytes for _, t in iter_tensors(tree)))
     torchzip.write_file(tree, out, source, location=location, on_bytes=on_bytes, replace=force)
     return result
+
+
+def _ultralytics_device(tree: dict, gpus: int | None, device: str | None, result: RemapResult) -> None:
+    """Rewrite ``train_args.device``, the value ``YOLO(last.pt).train(resume=True)`` starts its processes from.
+    Ultralytics' ``batch`` is the global batch (split over DDP processes), so it stays; ``workers`` is per
+    process and is left as it is.  The change is recorded under the checkpoint's ``ckpttools`` key (Ultralytics
+    ignores unknown top-level keys, but would refuse unknown ``train_args`` keys on resume)."""
+    args = tree["train_args"]
+    old = args.get("device")
+    if device is not None and device != "cpu" and gpus is None:
+        new = device.split(":", 1)[1] if ":" in device else "0"
+    elif device == "cpu":
+        new = "cpu"
+    else:
+        new = ",".join(str(i) for i in range(gpus)) if gpus and gpus > 1 else "0"
+    if str(old) == new:
+        result.changes.append(f"train_args.device is already {new!r}")
+        return
+    args["device"] = new
+    result.changes.append(f"train_args.device {old!r} -> {new!r} (what Ultralytics resumes on); global batch "
+                          f"{args.get('batch')} kept")
+    record = tree.setdefault("ckpttools", {})
+    if isinstance(record, dict):
+        record.setdefault("history", []).append({
+            "event": "remap", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "changes": {"train_args.device": [old, new]}})
 
 
 def _progress(tree: dict) -> dict:

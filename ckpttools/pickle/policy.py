@@ -59,6 +59,12 @@ def _entries() -> dict[tuple[str, str], str]:
         ("torch._tensor", "Tensor"): "the tensor class, as the target type of a tensor rebuild",
         ("torch.nn.parameter", "Parameter"): "the Parameter class, as the target type of a tensor rebuild",
         ("collections", "OrderedDict"): BUILTIN_TYPE,
+        # Ultralytics' resumable last.pt pickles the model's hyperparameters as this class (8.x): a
+        # types.SimpleNamespace subclass that adds only read methods (__iter__, __getattr__, get), no __init__;
+        # calling it sets attributes from the file's keywords.  Without it every genuine resumable
+        # Ultralytics checkpoint would be an error.
+        ("ultralytics.utils", "IterableSimpleNamespace"): "Ultralytics' SimpleNamespace subclass (no __init__ "
+                                                          "of its own): calling it only sets attributes",
         ("types", "SimpleNamespace"): "an attribute bag: takes no positional arguments, state is plain data",
         ("builtins", "object"): "the base class argument of copyreg._reconstructor (never called)",
         ("builtins", "set"): BUILTIN_TYPE, ("builtins", "frozenset"): BUILTIN_TYPE,

@@ -1,0 +1,179 @@
+"""Ultralytics' dataset YAML (RGB-only, and YOLOFuse's ``images/`` + ``imagesIR/`` beside it) and the label
+cache Ultralytics writes when training starts, read without running its pickle.
+
+A split is a folder of images (searched recursively), a ``.txt`` list of image paths (relative ones against the
+list's folder, as Ultralytics reads them), or a list of those.  Labels live where the last ``images`` path
+component becomes ``labels``; YOLOFuse's infrared partner where it becomes ``imagesIR``.
+
+``content_fingerprint`` is ours, over what Ultralytics trains on: every image path relative to the dataset
+root and its label rows (the infrared partner's path and size too, when one exists).  The same value is
+computed from a ``labels/<split>.cache`` (its ``labels`` list: image file, class ids, boxes), so a genuine
+checkpoint, which records no fingerprint, can still be compared with the data a resume would read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ckpttools.datasets.layouts import IMAGE_SUFFIXES
+from ckpttools.pickle.unpickler import restricted_load
+
+
+class UltralyticsDataError(ValueError):
+    """A dataset YAML or cache that cannot be read; the message names it."""
+
+
+@dataclass
+class UltralyticsData:
+    yaml_path: Path
+    root: Path
+    splits: dict[str, list[Path]]  # split -> image files
+    names: dict[int, str]
+
+
+def _swap(path: Path, new: str) -> Path | None:
+    parts = list(path.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = new
+            return Path(*parts)
+    return None
+
+
+def label_path(image: Path) -> Path | None:
+    out = _swap(image, "labels")
+    return out.with_suffix(".txt") if out else None
+
+
+def ir_path(image: Path) -> Path | None:
+    return _swap(image, "imagesIR")
+
+
+def load_ultralytics_yaml(path: str | os.PathLike) -> UltralyticsData:
+    yaml_path = Path(path).expanduser().resolve()
+    if not yaml_path.is_file():
+        raise UltralyticsDataError(f"{yaml_path}: data file not found (a dataset name such as coco8.yaml that "
+                                   "Ultralytics downloads must be given as the local file it became)")
+    try:
+        spec = yaml.safe_load(yaml_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UltralyticsDataError(f"{yaml_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict) or "train" not in spec:
+        raise UltralyticsDataError(f"{yaml_path}: expected a mapping with path, train, val, names")
+    root = Path(spec.get("path") or yaml_path.parent).expanduser()
+    root = (yaml_path.parent / root).resolve() if not root.is_absolute() else root
+    names = spec.get("names") or {}
+    names = dict(enumerate(names)) if isinstance(names, list) else {int(k): str(v) for k, v in names.items()}
+    splits = {}
+    for split in ("train", "val", "test"):
+        if spec.get(split):
+            splits[split] = _images(spec[split], root, yaml_path)
+    return UltralyticsData(yaml_path, root, splits, names)
+
+
+def _images(entry, root: Path, yaml_path: Path) -> list[Path]:
+    out: list[Path] = []
+    for item in entry if isinstance(entry, list) else [entry]:
+        p = Path(str(item)).expanduser()
+        p = p if p.is_absolute() else (root / p)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.is_file() and p.suffix == ".txt":
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if line:
+                    f = Path(line)
+                    out.append((f if f.is_absolute() else (p.parent / f)).resolve())
+        else:
+            raise UltralyticsDataError(f"{yaml_path}: {p} is neither a folder of images nor a .txt list")
+    return sorted(dict.fromkeys(out))
+
+
+def read_label_rows(path: Path | None) -> np.ndarray:
+    """[n, 5] float32 rows as Ultralytics keeps them (duplicates dropped); a missing file: no objects."""
+    if path is None or not path.is_file():
+        return np.zeros((0, 5), np.float32)
+    rows = [line.split() for line in path.read_text().strip().splitlines() if line.split()]
+    try:
+        arr = np.array([r[:5] for r in rows], np.float32).reshape(-1, 5)
+    except ValueError:
+        raise UltralyticsDataError(f"{path}: not a YOLO label file") from None
+    return np.unique(arr, axis=0) if len(arr) else arr
+
+
+def _fingerprint(items: list[tuple[str, np.ndarray, str]]) -> str:
+    """sha256 over (relative image path, rows rounded to 1e-6, infrared partner) sorted by path."""
+    h = hashlib.sha256()
+    for rel, rows, ir in sorted(items, key=lambda x: x[0]):
+        rows = np.round(rows.astype(np.float64), 6)
+        rows = rows[np.lexsort(rows.T[::-1])] if len(rows) else rows
+        h.update(f"{rel}|{ir}|".encode() + ";".join(",".join(f"{v:.6f}" for v in r) for r in rows).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return Path(os.path.abspath(path)).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def content_fingerprint(data: UltralyticsData, split: str = "train") -> str:
+    items = []
+    for image in data.splits.get(split, []):
+        ir = ir_path(image)
+        items.append((_rel(image, data.root), read_label_rows(label_path(image)),
+                      _rel(ir, data.root) if ir is not None and ir.exists() else ""))
+    return _fingerprint(items)
+
+
+def cache_path(data: UltralyticsData, split: str = "train") -> Path | None:
+    """Where Ultralytics keeps the split's label cache: beside the label folder of its first image."""
+    images = data.splits.get(split)
+    label = label_path(images[0]) if images else None
+    return label.parent.with_suffix(".cache") if label else None
+
+
+def read_label_cache(path: Path) -> dict:
+    """The dict inside an Ultralytics ``*.cache`` (a NumPy .npy holding one pickled object), read by the inert
+    unpickler: nothing in it is imported or run."""
+    from numpy.lib import format as npy  # the header parser only; np.load would unpickle
+
+    stream = io.BytesIO(path.read_bytes())
+    try:
+        version = npy.read_magic(stream)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        descr = read_header(stream)[2]
+    except (ValueError, SyntaxError) as exc:
+        raise UltralyticsDataError(f"{path}: not an Ultralytics label cache ({exc})") from None
+    if descr != np.dtype("O"):
+        raise UltralyticsDataError(f"{path}: not an Ultralytics label cache (an array of {descr})")
+    try:
+        obj = restricted_load(stream)
+    except Exception as exc:  # noqa: BLE001 - any unreadable cache is one message
+        raise UltralyticsDataError(f"{path}: unreadable label cache ({exc.__class__.__name__})") from None
+    value = obj.item() if hasattr(obj, "item") else obj
+    if not isinstance(value, dict) or not isinstance(value.get("labels"), list):
+        raise UltralyticsDataError(f"{path}: a label cache without a labels list")
+    return value
+
+
+def cache_fingerprint(cache: dict, root: Path) -> str:
+    """``content_fingerprint`` of the data as the cache recorded it (image paths relative to ``root``)."""
+    items = []
+    for entry in cache["labels"]:
+        image = Path(str(entry.get("im_file", "")))
+        cls = np.asarray(entry.get("cls", np.zeros((0, 1))), np.float32).reshape(-1, 1)
+        boxes = np.asarray(entry.get("bboxes", np.zeros((0, 4))), np.float32).reshape(-1, 4)
+        rows = np.concatenate([cls, boxes], 1) if len(cls) else np.zeros((0, 5), np.float32)
+        rows = np.unique(rows, axis=0) if len(rows) else rows
+        ir = ir_path(image)
+        items.append((_rel(image, root), rows, _rel(ir, root) if ir is not None and ir.exists() else ""))
+    return _fingerprint(items)
