@@ -84,14 +84,27 @@ def test_kills_inside_saves_never_lose_best_or_period_copies(tiny_data, referenc
     end, every epoch{N}.pt and best.pt exists and the run equals the uninterrupted one."""
     rng = random.Random(1)
     args = ["--data", str(tiny_data), *TINY, "--save-period", "1"]
-    last = _exp(tmp_path) / "weights" / "last.pt"
+
+    def newest_last() -> Path | None:
+        # a kill before a run's first last.pt leaves a folder with copies only; the next fresh run then takes a
+        # new folder (exp2, ...: a fresh run never reuses a folder with checkpoints), which is followed here
+        found = sorted(_exp(tmp_path).parent.glob("exp*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+
+    kills = 0
     for attempt in range(4):
         point = rng.choice(["before-rename", "after-rename", "keep-previous"])
-        env = {"CKPTTOOLS_FAULT": f"{point}@{rng.randint(2, 9)}"}
-        proc = run_train(["--resume", str(last)] if last.exists() else args, tmp_path, env=env)
+        # counted on the background writer only: the run's other atomic writes (args.yaml, results.csv, plots)
+        # would otherwise decide which save a count lands in
+        env = {"CKPTTOOLS_FAULT": f"{point}@{rng.randint(2, 9)}:checkpoint-writer"}
+        last = newest_last()
+        proc = run_train(["--resume", str(last)] if last else args, tmp_path, env=env)
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, proc.stderr
+        kills += 1
+    last = newest_last()
+    assert kills >= 2 and last is not None
     while not load(last)["progress"].get("finished"):
         proc = run_train(["--resume", str(last)], tmp_path)
         assert proc.returncode == 0, proc.stderr
