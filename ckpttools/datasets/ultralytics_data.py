@@ -3,10 +3,11 @@ cache Ultralytics writes when training starts, read without running its pickle.
 
 A split is a folder of images (searched recursively), a ``.txt`` list of image paths (relative ones against the
 list's folder, as Ultralytics reads them), or a list of those.  Labels live where the last ``images`` path
-component becomes ``labels``; YOLOFuse's infrared partner where it becomes ``imagesIR``.
+component becomes ``labels`` (YOLOFuse keeps its infrared partners where it becomes ``imagesIR``).
 
 ``content_fingerprint`` is ours, over what Ultralytics trains on: every image path relative to the dataset
-root and its label rows (the infrared partner's path and size too, when one exists).  The same value is
+root and its label rows.  YOLOFuse's infrared files are not in it: Ultralytics' label cache does not record
+them, so a change there could not be told from the checkpoint's side.  The same value is
 computed from a ``labels/<split>.cache`` (its ``labels`` list: image file, class ids, boxes), so a genuine
 checkpoint, which records no fingerprint, can still be compared with the data a resume would read.
 """
@@ -50,10 +51,6 @@ def _swap(path: Path, new: str) -> Path | None:
 def label_path(image: Path) -> Path | None:
     out = _swap(image, "labels")
     return out.with_suffix(".txt") if out else None
-
-
-def ir_path(image: Path) -> Path | None:
-    return _swap(image, "imagesIR")
 
 
 def load_ultralytics_yaml(path: str | os.PathLike) -> UltralyticsData:
@@ -108,13 +105,13 @@ def read_label_rows(path: Path | None) -> np.ndarray:
     return np.unique(arr, axis=0) if len(arr) else arr
 
 
-def _fingerprint(items: list[tuple[str, np.ndarray, str]]) -> str:
-    """sha256 over (relative image path, rows rounded to 1e-6, infrared partner) sorted by path."""
+def _fingerprint(items: list[tuple[str, np.ndarray]]) -> str:
+    """sha256 over (relative image path, label rows rounded to 1e-6) sorted by path."""
     h = hashlib.sha256()
-    for rel, rows, ir in sorted(items, key=lambda x: x[0]):
+    for rel, rows in sorted(items, key=lambda x: x[0]):
         rows = np.round(rows.astype(np.float64), 6)
         rows = rows[np.lexsort(rows.T[::-1])] if len(rows) else rows
-        h.update(f"{rel}|{ir}|".encode() + ";".join(",".join(f"{v:.6f}" for v in r) for r in rows).encode() + b"\n")
+        h.update(f"{rel}|".encode() + ";".join(",".join(f"{v:.6f}" for v in r) for r in rows).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -126,12 +123,8 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def content_fingerprint(data: UltralyticsData, split: str = "train") -> str:
-    items = []
-    for image in data.splits.get(split, []):
-        ir = ir_path(image)
-        items.append((_rel(image, data.root), read_label_rows(label_path(image)),
-                      _rel(ir, data.root) if ir is not None and ir.exists() else ""))
-    return _fingerprint(items)
+    return _fingerprint([(_rel(image, data.root), read_label_rows(label_path(image)))
+                         for image in data.splits.get(split, [])])
 
 
 def cache_path(data: UltralyticsData, split: str = "train") -> Path | None:
@@ -173,7 +166,5 @@ def cache_fingerprint(cache: dict, root: Path) -> str:
         cls = np.asarray(entry.get("cls", np.zeros((0, 1))), np.float32).reshape(-1, 1)
         boxes = np.asarray(entry.get("bboxes", np.zeros((0, 4))), np.float32).reshape(-1, 4)
         rows = np.concatenate([cls, boxes], 1) if len(cls) else np.zeros((0, 5), np.float32)
-        rows = np.unique(rows, axis=0) if len(rows) else rows
-        ir = ir_path(image)
-        items.append((_rel(image, root), rows, _rel(ir, root) if ir is not None and ir.exists() else ""))
+        items.append((_rel(image, root), np.unique(rows, axis=0) if len(rows) else rows))
     return _fingerprint(items)

@@ -1,0 +1,1 @@
+"""Integrations with other trainers; each imports its library lazily, on first use."""
