@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("ultralytics")  # the dev extra installs it; .ci/run installs the dev extra
+# ultralytics is in the dev extra, which .ci/run installs; it is never imported in this process (on import
+# it patches PIL, which other tests then see)
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
