@@ -35,6 +35,11 @@ class NotACheckpoint(UsageError):
     """The path is not something this tool reads as a checkpoint; the message says what it is instead."""
 
 
+class OtherArchive(NotACheckpoint):
+    """An intact archive of another kind (a torch.export .pt2, a .keras file): declined (exit 2), never reported
+    as a damaged checkpoint."""
+
+
 class DamagedInput(CkptError):
     """The input is a checkpoint, but damaged: it cannot be used until repaired."""
 

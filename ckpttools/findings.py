@@ -78,6 +78,10 @@ FINDINGS: dict[str, FindingKind] = {
         'error', 'a key the recognised layout needs is absent (fuse-train: format, model, ema, optimizer, progress, rng, ...; Ultralytics: epoch, model; Lightning: state_dict, epoch, global_step)'),
     'layout.unknown': FindingKind(
         'warning', 'not a layout this tool knows; bytes and safety were still checked'),
+    'layout.bad-metadata': FindingKind(
+        'error', "a folder layout's JSON metadata (trainer_state.json) cannot be read"),
+    'layout.torchscript': FindingKind(
+        'warning', 'a TorchScript program (torch.jit.save): torch.jit.load runs its code/; listed, not judged'),
     'ultralytics.stripped': FindingKind(
         'info', 'an Ultralytics final checkpoint (epoch -1, no optimizer)'),
     'counters.bad-epoch': FindingKind(

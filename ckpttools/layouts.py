@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ckpttools.objects import Placeholder
 from ckpttools.tensors import LazyTensor
@@ -38,36 +38,118 @@ def with_ddp_prefix(name, add: bool):
 
 FUSE_TRAIN, ULTRALYTICS, LIGHTNING, HF, STATE_DICT, DCP_LAYOUT, UNKNOWN = (
     "fuse-train", "ultralytics", "lightning", "huggingface", "state-dict", "dcp", "unknown")
+YOLOV5, TIMM, NANOGPT, MMENGINE, DETECTRON2, TUTORIAL, GENERIC, MODULE, TORCHSCRIPT = (
+    "yolov5", "timm", "nanogpt", "mmengine", "detectron2", "torch-tutorial", "generic", "pickled-module",
+    "torchscript")
+HF_TRAINER, ACCELERATE, DEEPSPEED = "hf-trainer", "accelerate", "deepspeed"
+
+WEIGHT_KEYS = ("model", "state_dict", "model_state_dict", "net", "network", "module", "model_state")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt_state", "optimizer_state")
+EPOCH_KEYS = ("epoch", "epochs")
+STEP_KEYS = ("global_step", "step", "iteration", "iter", "iter_num", "steps")
 
 
 @dataclass(frozen=True)
 class Layout:
+    """One writer's checkpoint: how to recognise it and where each piece lives (top-level keys)."""
+
     name: str
-    required: tuple[str, ...]  # top-level keys the layout must have
-    weights: tuple[str, ...]  # candidate keys holding a state dict of weights, first found wins
+    title: str
+    required: tuple[str, ...] = ()  # every one of these top-level keys
+    any_of: tuple[str, ...] = ()  # and at least one of these
+    weights: tuple[str, ...] = ()  # candidate keys of the model's weights (a state dict or a pickled module)
     optimizer: str | None = None
+    ema: str | None = None
+    scheduler: str | None = None
+    scaler: str | None = None
+    epoch: str | None = None
+    step: str | None = None
+    hparams: str | None = None
+    rng: str | None = None
+    recognise: Callable[[dict], bool] | None = None  # a rule beyond keys, where keys alone are ambiguous
 
 
-LAYOUTS = {
-    FUSE_TRAIN: Layout(FUSE_TRAIN, F.REQUIRED_KEYS, (F.K_MODEL, F.K_EMA), F.K_OPTIMIZER),
-    ULTRALYTICS: Layout(ULTRALYTICS, ("epoch", "model"), ("ema", "model"), "optimizer"),
-    LIGHTNING: Layout(LIGHTNING, ("state_dict", "epoch", "global_step"), ("state_dict",), "optimizer_states"),
-    STATE_DICT: Layout(STATE_DICT, (), ("",)),
-}
+def _lightning(tree: dict) -> bool:
+    return "state_dict" in tree and bool({"pytorch-lightning_version", "optimizer_states", "loops",
+                                          "lr_schedulers"} & tree.keys())
+
+
+def _ultralytics(tree: dict) -> bool:
+    return ("model" in tree or "ema" in tree) and ("train_args" in tree or _is_ultralytics_obj(tree.get("model"))
+                                                   or _is_ultralytics_obj(tree.get("ema")))
+
+
+def _generic(tree: dict) -> bool:
+    return any(_holds_weights(tree.get(k)) for k in WEIGHT_KEYS + ("ema",))
+
+
+# In recognition order (the first that matches): specific writers before the generic rules.
+FILE_LAYOUTS: tuple[Layout, ...] = (
+    Layout(FUSE_TRAIN, "fuse-train", F.REQUIRED_KEYS, (), (F.K_MODEL, F.K_EMA), F.K_OPTIMIZER, F.K_EMA,
+           F.K_SCHEDULER, F.K_SCALER, F.K_EPOCH, "progress.global_step", F.K_TRAIN_ARGS, F.K_RNG,
+           recognise=F.is_fuse_train),
+    Layout(LIGHTNING, "PyTorch Lightning Trainer", ("state_dict", "epoch", "global_step"), (), ("state_dict",),
+           "optimizer_states", None, "lr_schedulers", None, "epoch", "global_step", "hyper_parameters",
+           recognise=_lightning),
+    Layout(ULTRALYTICS, "Ultralytics YOLOv8 / YOLO11 / YOLOFuse (resumable and stripped)", ("epoch", "model"), (),
+           ("ema", "model"), "optimizer", "ema", None, "scaler", "epoch", None, "train_args", recognise=_ultralytics),
+    Layout(YOLOV5, "YOLOv5 train.py (pickled model + ema + optimizer, `opt`)", ("model", "optimizer", "opt"), (),
+           ("ema", "model"), "optimizer", "ema", None, None, "epoch", None, "opt"),
+    Layout(TIMM, "timm train.py / CheckpointSaver", ("state_dict",), ("arch", "version"), ("state_dict",),
+           "optimizer", "state_dict_ema", None, "amp_scaler", "epoch", None, "args"),
+    Layout(NANOGPT, "nanoGPT train.py", ("model", "model_args", "iter_num"), (), ("model",), "optimizer", None,
+           None, None, None, "iter_num", "config"),
+    Layout(MMENGINE, "MMEngine Runner (OpenMMLab)", ("meta", "state_dict"), ("message_hub", "optimizer"),
+           ("state_dict",), "optimizer", None, "param_schedulers", None, "meta.epoch", "meta.iter", "meta"),
+    Layout(DETECTRON2, "detectron2 Checkpointer", ("model", "iteration"), (), ("model",), "optimizer", None,
+           "scheduler", None, None, "iteration", None),
+    Layout(TUTORIAL, "PyTorch tutorial dict (model_state_dict, optimizer_state_dict)", ("model_state_dict",), (),
+           ("model_state_dict",), "optimizer_state_dict", None, None, None, "epoch", None, None),
+    Layout(GENERIC, "a dict with the weights under a common key (model, state_dict, net, ...)", (), (),
+           WEIGHT_KEYS + ("ema",), "optimizer", "ema", "scheduler", "scaler", "epoch", "step", None,
+           recognise=_generic),
+    Layout(STATE_DICT, "a bare state dict (name -> tensor)", (), (), ("",)),
+)
+LAYOUTS = {layout.name: layout for layout in FILE_LAYOUTS}
+
+# Folders: (name, title, marker paths that must all exist, where the weights are)
+FOLDER_LAYOUTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    (DCP_LAYOUT, "torch.distributed.checkpoint folder", (".metadata",), "the .metadata plan + __*_*.distcp shards"),
+    (HF_TRAINER, "Hugging Face Trainer checkpoint-N/", ("trainer_state.json",),
+     "model.safetensors / pytorch_model.bin; optimizer.pt, scheduler.pt, rng_state.pth; step in trainer_state.json"),
+    (ACCELERATE, "Accelerate save_state folder", ("random_states_0.pkl",),
+     "model.safetensors / pytorch_model.bin, optimizer.bin, scheduler.bin, random_states_<rank>.pkl"),
+    (DEEPSPEED, "DeepSpeed checkpoint folder", ("latest",),
+     "<tag>/mp_rank_*_model_states.pt, <tag>/*_optim_states.pt; the tag in `latest`"),
+    (HF, "Hugging Face save_pretrained (single or sharded)", ("config.json",),
+     "model.safetensors or model-*-of-*.safetensors + model.safetensors.index.json (or pytorch_model*.bin)"),
+)
+
+
+def _holds_weights(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and sum(isinstance(v, LazyTensor) for v in value.values()) >= max(1, len(value) // 2)
+    return _is_module(value)
+
+
+def _is_module(value: Any) -> bool:
+    return isinstance(value, Placeholder) and isinstance(value._state, dict) and "_modules" in value._state
 
 
 def recognise(tree: Any, path: Path | None = None) -> str:
     if path is not None and path.is_dir():
-        return DCP_LAYOUT if (path / ".metadata").exists() else UNKNOWN
+        return recognise_folder(path) or UNKNOWN
+    if _is_module(tree):
+        return MODULE
     if not isinstance(tree, dict):
         return UNKNOWN
-    if F.is_fuse_train(tree):
-        return FUSE_TRAIN
-    if "state_dict" in tree and ({"pytorch-lightning_version", "optimizer_states", "loops", "lr_schedulers"} & tree.keys()):
-        return LIGHTNING
-    if ("model" in tree or "ema" in tree) and ({"train_args", "date", "version"} & tree.keys()
-                                                 or _is_ultralytics_obj(tree.get("model"))):
-        return ULTRALYTICS
+    for layout in FILE_LAYOUTS[:-1]:
+        if layout.recognise is not None:
+            if layout.recognise(tree):
+                return layout.name
+        elif layout.required and all(k in tree for k in layout.required) and (
+                not layout.any_of or any(k in tree for k in layout.any_of)):
+            return layout.name
     if tree and all(isinstance(k, str) for k in tree) and all(isinstance(v, LazyTensor) for v in tree.values()):
         return STATE_DICT
     if "state_dict" in tree and isinstance(tree["state_dict"], dict):
@@ -75,21 +157,65 @@ def recognise(tree: Any, path: Path | None = None) -> str:
     return UNKNOWN
 
 
+def recognise_checkpoint(ckpt) -> str:
+    """``recognise`` for an opened checkpoint, which also knows its container: a zip with ``code/`` records is
+    a TorchScript program."""
+    records = getattr(ckpt, "records", None) or {}
+    if any("/code/" in name and name.endswith(".py") for name in records):
+        return TORCHSCRIPT
+    return recognise(ckpt.tree, ckpt.path)
+
+
 def _is_ultralytics_obj(obj: Any) -> bool:
     return isinstance(obj, Placeholder) and obj._reference.module.startswith("ultralytics")
 
 
 def recognise_folder(path: Path) -> str | None:
-    """Hugging Face-style model folders: config.json beside weights files."""
-    if path.is_dir() and (path / "config.json").exists() and any(
-            (path / n).exists() for n in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                                          "pytorch_model.bin.index.json")):
-        return HF
+    """The folder layout whose markers ``path`` has (the table is ordered specific first)."""
+    if not path.is_dir():
+        return None
+    for name, _title, markers, _where in FOLDER_LAYOUTS:
+        if all((path / m).exists() for m in markers):
+            if name == HF and not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+                continue
+            return name
     return None
+
+
+def markdown_table() -> str:
+    """docs/layouts.md's tables (a test checks the committed copy): ``python -m ckpttools.layouts``."""
+    def cell(value: Any) -> str:
+        return f"`{value}`" if value else "-"
+    rows = ["| layout | writer | recognised by | weights | EMA | optimizer | scheduler | scaler | epoch | step | "
+            "hyperparameters | RNG |", "|" + "---|" * 12]
+    for x in FILE_LAYOUTS:
+        rule = " + ".join(f"`{k}`" for k in x.required) or "-"
+        if x.any_of:
+            rule += " + one of " + ", ".join(f"`{k}`" for k in x.any_of)
+        if x.recognise is not None and not x.required:
+            rule = {GENERIC: "a dict of tensors or a pickled module under one of the weight keys"}.get(x.name, rule)
+        if x.name == STATE_DICT:
+            rule = "every value a tensor"
+        weights = ", ".join(f"`{k}`" for k in x.weights if k) or "the whole file"
+        rows.append(f"| `{x.name}` | {x.title} | {rule} | {weights} | {cell(x.ema)} | {cell(x.optimizer)} | "
+                    f"{cell(x.scheduler)} | {cell(x.scaler)} | {cell(x.epoch)} | {cell(x.step)} | {cell(x.hparams)} | "
+                    f"{cell(x.rng)} |")
+    rows += ["", "| folder layout | writer | recognised by | where things are |", "|---|---|---|---|"]
+    rows += [f"| `{n}` | {t} | {', '.join(f'`{m}`' for m in markers)} | {where} |"
+             for n, t, markers, where in FOLDER_LAYOUTS]
+    return ("# Checkpoint layouts\n\nGenerated by `python -m ckpttools.layouts` from the table in "
+            "`ckpttools/layouts.py`; recognition follows the order of the rows (specific writers first).\n"
+            f"Also: `{MODULE}` (a whole `torch.save(model)`: the weights are the module's parameters and buffers), "
+            f"`{TORCHSCRIPT}` (a `torch.jit.save` program: its code is listed, not judged), and `.pt2` / `.keras` "
+            "archives, which are declined (exit 2), never called damaged.\n\n" + "\n".join(rows) + "\n")
 
 
 def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | None:
     """(key, flat {name: tensor}) of the model weights, walking through pickled module placeholders."""
+    if layout == DCP_LAYOUT:  # a DCP folder holds some trainer's state dict: the layout of what is inside
+        layout = recognise(tree)
+    if layout == MODULE:
+        return "", module_tensors(tree)
     if layout == STATE_DICT:
         if isinstance(tree, dict) and "state_dict" in tree and isinstance(tree["state_dict"], dict):
             return "state_dict", flat_tensors(tree["state_dict"])
@@ -145,3 +271,28 @@ def module_tensors(obj: Any, prefix: str = "") -> dict[str, LazyTensor]:
     for name, child in (state.get("_modules") or {}).items():
         out.update(module_tensors(child, f"{prefix}{name}."))
     return out
+
+
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def parameter_count(tree: Any, layout: str) -> int | None:
+    """The model's own parameters: its weights (not the EMA, optimizer or RNG), batch-norm buffers left out,
+    tensors sharing one storage region (tied or aliased weights) counted once.  None when the layout's weights
+    cannot be found (a count of every tensor in the file would be wrong)."""
+    found = weights_of(tree, layout)
+    if not found:
+        return None
+    seen, total = set(), 0
+    for name, t in found[1].items():
+        if name.endswith(BUFFER_SUFFIXES):
+            continue
+        region = (t.storage.key, t.storage_offset, tuple(t.shape))
+        if region not in seen:
+            seen.add(region)
+            total += t.numel
+    return total
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

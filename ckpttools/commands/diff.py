@@ -238,13 +238,13 @@ def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol:
             report.notes.append(f"{label}'s pickle would run code when loaded with torch.load(weights_only=False) "
                                 f"({', '.join(dangerous[:3])}); compared here without running it")
     sec_a, sec_b = sections_of(a_ck), sections_of(b_ck)
-    flat = {L.recognise(a_ck.tree, a_ck.path), L.recognise(b_ck.tree, b_ck.path)} - {L.FUSE_TRAIN, L.ULTRALYTICS,
-                                                                                    L.LIGHTNING}
-    if flat and len({L.recognise(a_ck.tree, a_ck.path), L.recognise(b_ck.tree, b_ck.path)}) > 1:
+    layouts = {_content_layout(a_ck), _content_layout(b_ck)}
+    flat = layouts - {L.FUSE_TRAIN, L.ULTRALYTICS, L.LIGHTNING}
+    if flat and len(layouts) > 1:
         # e.g. a training checkpoint against its exported weights: compare the weights each side would export
         # (Ultralytics keeps them under 'ema' with 'model' None; `ckpt convert` takes the same ones)
         for ck, sec in ((a_ck, sec_a), (b_ck, sec_b)):
-            found = L.weights_of(ck.tree, L.recognise(ck.tree, ck.path))
+            found = L.weights_of(ck.tree, _content_layout(ck))
             if found and found[1]:
                 sec["model"] = found[1]
         report.notes.append("different layouts: comparing the model weights only (the ones an export takes); run "
@@ -315,3 +315,9 @@ def _verdict(report: DiffReport) -> str:
     if all(not d.note and d.outside == 0 for d in report.changed):
         return WITHIN
     return DIFFERENT
+
+
+def _content_layout(ck: Checkpoint) -> str:
+    """The layout of what a checkpoint holds: a DCP folder is judged by the state dict inside it."""
+    layout = L.recognise_checkpoint(ck)
+    return L.recognise(ck.tree) if layout == L.DCP_LAYOUT else layout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 from collections import Counter
 from pathlib import Path
@@ -21,7 +23,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     ckpt = open_checkpoint(path)
     tree = ckpt.tree
-    layout = L.recognise(tree, path)
+    layout = L.recognise_checkpoint(ckpt)
     tensors = list(iter_tensors(tree))
     storages = {t.storage.key: t.storage for _, t in tensors}
     by_dtype: Counter = Counter()
@@ -29,8 +31,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         by_dtype[str(s.dtype)] += s.nbytes
     devices = Counter(s.location for s in storages.values())
     weights = L.weights_of(tree, layout)
-    params = {k: t for k, t in (weights[1] if weights else {}).items()
-              if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     summary = {
         "path": str(path), "format": ckpt.format, "layout": layout,
         "epoch": tree.get("epoch") if isinstance(tree, dict) else None,
@@ -39,7 +39,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "run_arguments": _run_arguments(tree, layout),
         "keys": _key_tree(tree),
         "tensors": len(tensors),
-        "parameter_count": sum(t.numel for t in params.values()) if params else sum(t.numel for _, t in tensors),
+        "parameter_count": L.parameter_count(tree, layout),
         "weights_key": weights[0] if weights else None,
         "bytes_by_dtype": dict(by_dtype.most_common()),
         "devices": dict(devices.most_common()),
@@ -48,6 +48,16 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     }
     if ckpt.metadata:
         summary["metadata"] = ckpt.metadata
+    folder = L.recognise_folder(path) if path.is_dir() else None
+    if folder and folder != L.DCP_LAYOUT:  # a checkpoint folder: described by its weights file
+        summary["layout"], summary["weights_file"] = folder, str(ckpt.path)
+        state = path / "trainer_state.json"
+        if state.is_file():
+            try:
+                data = json.loads(state.read_text())
+                summary["step"], summary["epoch"] = data.get("global_step"), data.get("epoch")
+            except (ValueError, UnicodeDecodeError):
+                pass
     return summary
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any, Callable
 from ckpttools import layouts as L
 from ckpttools.formats import ziprecords
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, _TensorLeaf, tree_digest
-from ckpttools.errors import NotACheckpoint
+from ckpttools.errors import NotACheckpoint, OtherArchive
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats.base import regular_file_or_folder
 from ckpttools.pickle.policy import CODE, DANGEROUS
@@ -40,18 +42,20 @@ def verify(path: str | os.PathLike, progress: Callable[[int, int], None] | None 
 
 
 def _verify(path: Path, report: Report, progress) -> Report:
-    hf = L.recognise_folder(path)
-    if hf:
-        return _verify_hf_folder(path, report, progress)
+    folder = L.recognise_folder(path)
+    if folder and folder != L.DCP_LAYOUT:
+        return _verify_folder(path, folder, report, progress)
     try:
         ckpt = open_checkpoint(path)
+    except OtherArchive:
+        raise  # exit 2 with its one line: declined, not damaged
     except NotACheckpoint as exc:
         report.add(ERROR, "file.not-a-checkpoint", str(exc), str(path))
         return report
     report.format = ckpt.format
     report.extend(ckpt.findings)
     check_safety(ckpt, report)
-    report.layout = L.recognise(ckpt.tree, path)
+    report.layout = L.recognise_checkpoint(ckpt)
     total = sum(r.nbytes for r in ckpt.storages.values())
     done = [0]
 
@@ -204,8 +208,12 @@ def _check_layout(ckpt: Checkpoint, report: Report) -> None:
             if key not in tree:
                 report.add(ERROR, "layout.missing-key", f"{layout} checkpoint without {key!r}", key)
     if layout == L.UNKNOWN:
-        report.add(WARNING, "layout.unknown", "not a layout this tool knows (fuse-train, Ultralytics, Lightning, "
-                   "plain state dict, DCP); bytes and safety were still checked", "")
+        report.add(WARNING, "layout.unknown", "not a layout this tool knows (docs/layouts.md lists them); bytes and "
+                   "safety were still checked", "")
+    if layout == L.TORCHSCRIPT:
+        code = sorted(n.split("/", 1)[-1] for n in (ckpt.records or {}) if "/code/" in n and n.endswith(".py"))
+        report.add(WARNING, "layout.torchscript", f"a TorchScript program: torch.jit.load runs its code "
+                   f"({', '.join(code[:4])}{', ...' if len(code) > 4 else ''}); listed, not judged", "code/")
     if layout == L.ULTRALYTICS and tree.get("epoch") == -1:
         report.add(INFO, "ultralytics.stripped", "final (stripped) Ultralytics checkpoint: no optimizer, epoch -1", "epoch")
     if isinstance(tree, dict) and "epoch" in tree:
@@ -226,12 +234,10 @@ def _check_consistency(ckpt: Checkpoint, report: Report) -> None:
     tree, layout = ckpt.tree, report.layout
     found = L.weights_of(tree, layout) if tree is not None else None
     if found is None:
-        tensors = list(iter_tensors(tree))
-        report.facts["parameter_count"] = sum(t.numel for _, t in tensors)
         return
     key, weights = found
-    params = {k: t for k, t in weights.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-    report.facts["parameter_count"] = sum(t.numel for t in params.values())
+    params = {k: t for k, t in weights.items() if not k.endswith(L.BUFFER_SUFFIXES)}
+    report.facts["parameter_count"] = L.parameter_count(tree, layout)
     report.facts["weights_key"] = key
     prefix = L.common_prefix(list(weights))
     if prefix:
@@ -298,15 +304,34 @@ def _check_fuse_train_counters(tree: dict, report: Report) -> None:
                    "results")
 
 
-def _verify_hf_folder(path: Path, report: Report, progress) -> Report:
-    report.format, report.layout = "folder", L.HF
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+FOLDER_FILES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _verify_folder(path: Path, layout: str, report: Report, progress) -> Report:
+    """A folder of checkpoint files (Hugging Face, Trainer checkpoint-N, Accelerate, DeepSpeed): every file is
+    verified on its own, findings prefixed with its name; the step of a Trainer folder from trainer_state.json."""
+    report.format, report.layout = "folder", layout
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FOLDER_FILES)
+    weights = [f for f in files if f.name.startswith(("model", "pytorch_model", "mp_rank_"))]
     for f in files:
         sub = verify(f, progress)
+        rel = f.relative_to(path).as_posix()
         for finding in sub.findings:
-            finding.where = f"{f.name}: {finding.where}" if finding.where else f.name
-        report.extend(sub.findings)
-        report.facts["parameter_count"] = report.facts.get("parameter_count", 0) + sub.facts.get("parameter_count", 0)
-    if not files:
-        report.add(ERROR, "layout.missing-key", "config.json but no weights file", str(path))
+            if finding.code == "layout.unknown":
+                continue  # a piece of a known folder layout (optimizer.pt, rng_state.pth): not a layout of its own
+            finding.where = f"{rel}: {finding.where}" if finding.where else rel
+            report.findings.append(finding)
+        if f in weights:
+            report.facts["parameter_count"] = report.facts.get("parameter_count", 0) + sub.facts.get("parameter_count", 0)
+    if not weights:
+        report.add(ERROR, "layout.missing-key", f"a {layout} folder without a model weights file", str(path))
+    state = path / "trainer_state.json"
+    if state.is_file():
+        try:
+            data = json.loads(state.read_text())
+            report.facts["step"] = data.get("global_step")
+            if isinstance(data.get("epoch"), (int, float)):
+                report.facts["epoch"] = data["epoch"]
+        except (ValueError, UnicodeDecodeError):
+            report.add(ERROR, "layout.bad-metadata", "trainer_state.json is not valid JSON", str(state))
     return report

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable
 
 from ckpttools.atomic import atomic_write
+from ckpttools.errors import OtherArchive
 from ckpttools.formats import ziprecords
 from ckpttools.formats.base import Checkpoint, storage_from_pid
 from ckpttools.objects import Placeholder, Reference, is_placeholder
@@ -95,6 +96,10 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
                 ckpt.records[r.name] = r
         records = list(ckpt.records.values())
     pkl_name = pickle_record_name([r.name for r in records])
+    if pkl_name is None and not ckpt.findings:
+        other = other_archive([r.name for r in records])
+        if other:  # an intact archive of another kind: declined, never called damaged
+            raise OtherArchive(f"{path}: {other}, not a torch.save checkpoint; declined (its bytes were not judged)")
     if pkl_name is None:
         ckpt.findings.append(Finding(ERROR, "zip.no-pickle", "no data.pkl record: not a torch.save checkpoint "
                                      "or the record is lost", "data.pkl"))
@@ -154,6 +159,19 @@ def _settle_names(records: list) -> None:
         others = {o.name for o in records if o is not r}
         if r.name in others and r.local_name not in others:
             r.name = r.local_name
+
+
+# zip archives that are not torch.save checkpoints: (a record every such archive has, what it is)
+OTHER_ARCHIVES = (("models/model.json", "a torch.export program archive (.pt2; load it with torch.export.load)"),
+                  ("archive_format", "a torch.export / AOTInductor package (.pt2)"),
+                  ("model.weights.h5", "a Keras 3 model archive (.keras)"))
+
+
+def other_archive(names: list[str]) -> str | None:
+    for marker, what in OTHER_ARCHIVES:
+        if any(n == marker or n.endswith("/" + marker) for n in names):
+            return what
+    return None
 
 
 def pickle_record_name(names: list[str]) -> str | None:

@@ -36,6 +36,9 @@ DCP_METADATA = ("a torch.distributed.checkpoint metadata dataclass: plain fields
                 "read here as an inert record")
 NUMPY = "numpy's array / scalar / dtype reconstruction from bytes and a dtype description"
 BUILTIN_TYPE = "a builtin container or scalar type: builds data from data"
+JIT_LIST = "TorchScript's list / type tag: returns its argument (torch/jit/_pickle.py)"
+STR_ENUM = ("a str Enum: calling it looks a member up by value; its _missing_ only raises (checked in {lib}'s "
+            "source); the Hugging Face Trainer pickles these in training_args.bin")
 
 
 def _entries() -> dict[tuple[str, str], str]:
@@ -59,10 +62,20 @@ def _entries() -> dict[tuple[str, str], str]:
         ("torch._tensor", "Tensor"): "the tensor class, as the target type of a tensor rebuild",
         ("torch.nn.parameter", "Parameter"): "the Parameter class, as the target type of a tensor rebuild",
         ("collections", "OrderedDict"): BUILTIN_TYPE,
+        # TorchScript archives (torch.jit.save) tag their lists with these: each returns its (first) argument
+        ("torch.jit._pickle", "build_intlist"): JIT_LIST, ("torch.jit._pickle", "build_tensorlist"): JIT_LIST,
+        ("torch.jit._pickle", "build_doublelist"): JIT_LIST, ("torch.jit._pickle", "build_boollist"): JIT_LIST,
+        ("torch.jit._pickle", "build_tensor_from_id"): JIT_LIST, ("torch.jit._pickle", "restore_type_tag"): JIT_LIST,
         # Ultralytics' resumable last.pt pickles the model's hyperparameters as this class (8.x): a
         # types.SimpleNamespace subclass that adds only read methods (__iter__, __getattr__, get), no __init__;
         # calling it sets attributes from the file's keywords.  Without it every genuine resumable
         # Ultralytics checkpoint would be an error.
+        **{("transformers.trainer_utils", n): STR_ENUM.format(lib="transformers 5")
+           for n in ("SchedulerType", "IntervalStrategy", "SaveStrategy", "HubStrategy", "FSDPOption")},
+        ("transformers.training_args", "OptimizerNames"): STR_ENUM.format(lib="transformers 5"),
+        ("transformers.debug_utils", "DebugOption"): STR_ENUM.format(lib="transformers 5"),
+        **{("accelerate.utils.dataclasses", n): STR_ENUM.format(lib="accelerate 1.15")
+           for n in ("DistributedType", "PrecisionType", "DynamoBackend")},
         ("ultralytics.utils", "IterableSimpleNamespace"): "Ultralytics' SimpleNamespace subclass (no __init__ "
                                                           "of its own): calling it only sets attributes",
         ("types", "SimpleNamespace"): "an attribute bag: takes no positional arguments, state is plain data",

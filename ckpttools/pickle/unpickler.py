@@ -119,6 +119,9 @@ def _implementations() -> dict[tuple[str, str], Any]:
         ("copyreg", "__newobj__"): _safe_newobj,
         ("_codecs", "encode"): _safe_codecs_encode,
     }
+    for name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "build_tensor_from_id",
+                 "restore_type_tag"):
+        out[("torch.jit._pickle", name)] = lambda value, *_: value
     for t in (dict, list, tuple, int, float, str, bool, bytes):
         out[("builtins", t.__name__)] = t
     for name in ("strided", "contiguous_format", "channels_last", "preserve_format"):

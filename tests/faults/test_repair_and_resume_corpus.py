@@ -23,7 +23,7 @@ METADATA = ("bit flip in local-header", "bit flip in central-directory", "bit fl
 def _checkpoint(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     torch.save({"model": {f"l{i}.weight": torch.randn(64, 32) for i in range(12)}, "epoch": seed,
-                "optimizer": {"state": {0: {"exp_avg": torch.randn(16)}}, "param_groups": [{"lr": 0.1}]}}, path)
+                "optimizer": {"state": {0: {"exp_avg": torch.randn(64, 32)}}, "param_groups": [{"lr": 0.1}]}}, path)
     return path
 
 
