@@ -126,6 +126,9 @@ FOLDER_LAYOUTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 )
 
 
+FOLDER_NAMES = frozenset(name for name, *_ in FOLDER_LAYOUTS)
+
+
 def _holds_weights(value: Any) -> bool:
     if isinstance(value, dict):
         return bool(value) and sum(isinstance(v, LazyTensor) for v in value.values()) >= max(1, len(value) // 2)
@@ -212,7 +215,7 @@ def markdown_table() -> str:
 
 def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | None:
     """(key, flat {name: tensor}) of the model weights, walking through pickled module placeholders."""
-    if layout == DCP_LAYOUT:  # a DCP folder holds some trainer's state dict: the layout of what is inside
+    if layout in FOLDER_NAMES:  # a folder holds some writer's state dict: the layout of what is inside
         layout = recognise(tree)
     if layout == MODULE:
         return "", module_tensors(tree)

@@ -49,9 +49,8 @@ def test_verify_gives_no_error_names_the_layout_and_counts_the_models_parameters
 def test_inspect_reads_every_file_and_folder(name):
     entry = MANIFEST[name]
     result = run("inspect", str(ZOO / name), "--json")
-    if entry["layout"] in DECLINED or name == "hf_sharded":
-        assert result.exit_code == 2
-        assert ("sharded" in result.output) if name == "hf_sharded" else ("not a torch.save checkpoint" in result.output)
+    if entry["layout"] in DECLINED:
+        assert result.exit_code == 2 and "not a torch.save checkpoint" in result.output
         return
     summary = json.loads(result.output)
     assert result.exit_code == 0 and summary["layout"] == entry["layout"]
@@ -87,6 +86,14 @@ def test_diff_of_consecutive_saves(a, b):
     report = json.loads(result.output)
     assert result.exit_code == 1 and report["verdict"] == "different"  # trained between the saves
     assert run("diff", str(ZOO / a), str(ZOO / a), "--json").exit_code == 0
+
+
+def test_a_sharded_folder_is_one_checkpoint_for_inspect_diff_and_convert(tmp_path):
+    assert json.loads(run("diff", str(ZOO / "hf_sharded"), str(ZOO / "hf_pretrained"), "--json").output)[
+        "verdict"] == "identical"
+    out = tmp_path / "one.safetensors"
+    assert run("convert", str(ZOO / "hf_sharded"), str(out)).exit_code == 0
+    assert json.loads(run("diff", str(out), str(ZOO / "hf_pretrained"), "--json").output)["verdict"] == "identical"
 
 
 def test_folders_convert_and_crc0_files_convert(tmp_path):

@@ -9,6 +9,7 @@ from ckpttools import layouts as L
 from ckpttools.errors import NotACheckpoint
 from ckpttools.formats import dcp, hdf5, safetensors, torch_legacy, torchzip
 from ckpttools.formats.base import Checkpoint, describe_non_checkpoint, regular_file_or_folder
+from ckpttools.tensors import iter_tensors
 
 # order matters only where two could claim a file: a zip is never a pickle, a pickle never safetensors
 FORMATS = (torchzip, hdf5, safetensors, torch_legacy, dcp)
@@ -34,31 +35,52 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     regular_file_or_folder(path)
     if path.is_dir() and not (path / ".metadata").exists():
-        weights = folder_weights_file(path)
-        if weights is not None:
-            return open_checkpoint(weights)
+        weights = folder_weights_files(path)
+        if weights:
+            return open_checkpoint(weights[0]) if len(weights) == 1 else _merged(path, weights)
     fmt = detect_format(path)
     if fmt is None:
         raise NotACheckpoint(f"{path}: not a checkpoint: {describe_non_checkpoint(path)}")
     return fmt.read(path)
 
 
-def folder_weights_file(path: Path) -> Path | None:
-    """The one file holding the model weights of a known checkpoint folder (Hugging Face save_pretrained,
-    Trainer checkpoint-N, Accelerate save_state, DeepSpeed), which inspect, diff and convert then read;
-    None for other folders.  A sharded folder is named as such (``ckpt verify`` reads every shard)."""
+def folder_weights_files(path: Path) -> list[Path]:
+    """The files holding the model weights of a known checkpoint folder (Hugging Face save_pretrained, single or
+    sharded; Trainer checkpoint-N; Accelerate save_state; DeepSpeed), which inspect, diff and convert read as
+    one checkpoint; [] for other folders."""
     layout = L.recognise_folder(path)
     if layout == L.DEEPSPEED:
         tag = (path / "latest").read_text().strip()
-        candidates = sorted((path / tag).glob("mp_rank_*_model_states.pt"))
+        files = sorted((path / tag).glob("mp_rank_*_model_states.pt"))
     elif layout in (L.HF, L.HF_TRAINER, L.ACCELERATE):
-        candidates = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-        if not candidates and any(path.glob("*.index.json")):
-            shards = sorted(path.glob("model-*-of-*.safetensors")) or sorted(path.glob("pytorch_model-*-of-*.bin"))
-            raise NotACheckpoint(f"{path}: a sharded {layout} folder ({len(shards)} weight files): `ckpt verify` "
-                                 "reads every shard; inspect, diff and convert take one shard file")
+        files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()][:1]
+        files = files or sorted(path.glob("model-*-of-*.safetensors")) or sorted(path.glob("pytorch_model-*-of-*.bin"))
     else:
-        return None
-    if len(candidates) != 1:
-        raise NotACheckpoint(f"{path}: a {layout} folder with {len(candidates)} model weight files; name one")
-    return candidates[0]
+        return []
+    if not files:
+        raise NotACheckpoint(f"{path}: a {layout} folder without a model weights file")
+    return files
+
+
+def _merged(path: Path, files: list[Path]) -> Checkpoint:
+    """The shards of a sharded weights folder as one checkpoint: one name space, each storage read from its
+    shard.  A name found in two shards is an error (the index would be ambiguous)."""
+    parts = [open_checkpoint(f) for f in files]
+    merged = Checkpoint(path, parts[0].format, tree={})
+    owner: dict[int, Checkpoint] = {}
+    for f, part in zip(files, parts):
+        for finding in part.findings:
+            finding.where = f"{f.name}: {finding.where}" if finding.where else f.name
+            merged.findings.append(finding)
+        merged.scans += [(f"{f.name}: {where}", scan) for where, scan in part.scans]
+        for name, value in (part.tree or {}).items():
+            if name in merged.tree:
+                raise NotACheckpoint(f"{path}: {name!r} is in two shards ({f.name} and another)")
+            merged.tree[name] = value
+        for ref in part.storages.values():
+            owner[id(ref)] = part
+        for _, t in iter_tensors(part.tree):
+            owner[id(t.storage)] = part
+        merged.metadata.update(part.metadata)
+    merged.iter_storage = lambda ref, chunk: owner[id(ref)].storage_chunks(ref, chunk)
+    return merged
