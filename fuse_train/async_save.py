@@ -29,23 +29,34 @@ class PinnedSnapshot:
         self.buffers: dict[str, torch.Tensor] = {}
         self.pending_device_copies = False
 
-    def take(self, tree: Any, path: str = "") -> Any:
-        if path == "":
-            self.pending_device_copies = False
+    def take(self, tree: Any) -> Any:
+        """The tree with every tensor replaced by its buffer, filled by one batched copy per source device
+        (``torch._foreach_copy_``: a few hundred small tensors cost one dispatch, not one each)."""
+        pairs: dict[torch.device, tuple[list, list]] = {}
+        out = self._structure(tree, "", pairs)
+        self.pending_device_copies = False
+        for device, (dsts, srcs) in pairs.items():
+            cuda = device.type == "cuda"
+            torch._foreach_copy_(dsts, srcs, non_blocking=cuda)
+            self.pending_device_copies |= cuda
+        return out
+
+    def _structure(self, tree: Any, path: str, pairs: dict) -> Any:
         if isinstance(tree, torch.Tensor):
             cuda = tree.device.type == "cuda"
             buf = self.buffers.get(path)
             if buf is None or buf.shape != tree.shape or buf.dtype != tree.dtype:
                 buf = self.buffers[path] = torch.empty(tree.shape, dtype=tree.dtype, pin_memory=cuda)
-            buf.copy_(tree.detach(), non_blocking=cuda)
-            self.pending_device_copies |= cuda
+            dsts, srcs = pairs.setdefault(tree.device, ([], []))
+            dsts.append(buf)
+            srcs.append(tree.detach())
             return buf
         if isinstance(tree, dict):
-            return {k: self.take(v, f"{path}/{k}") for k, v in tree.items()}
+            return {k: self._structure(v, f"{path}/{k}", pairs) for k, v in tree.items()}
         if isinstance(tree, list):
-            return [self.take(v, f"{path}[{i}]") for i, v in enumerate(tree)]
+            return [self._structure(v, f"{path}[{i}]", pairs) for i, v in enumerate(tree)]
         if isinstance(tree, tuple):
-            return tuple(self.take(v, f"{path}[{i}]") for i, v in enumerate(tree))
+            return tuple(self._structure(v, f"{path}[{i}]", pairs) for i, v in enumerate(tree))
         return tree
 
 
