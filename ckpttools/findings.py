@@ -78,6 +78,10 @@ FINDINGS: dict[str, FindingKind] = {
         'error', 'a key the recognised layout needs is absent (fuse-train: format, model, ema, optimizer, progress, rng, ...; Ultralytics: epoch, model; Lightning: state_dict, epoch, global_step)'),
     'layout.unknown': FindingKind(
         'warning', 'not a layout this tool knows; bytes and safety were still checked'),
+    'pt2.program': FindingKind(
+        'info', 'a torch.export program archive: weights listed, the program named, not judged'),
+    'pt2.bad-config': FindingKind(
+        'error', "a .pt2 archive's weights config is unreadable or names a record / dtype that is not there"),
     'layout.bad-metadata': FindingKind(
         'error', "a folder layout's JSON metadata (trainer_state.json) cannot be read"),
     'layout.torchscript': FindingKind(

@@ -15,7 +15,7 @@ from ckpttools.layouts import markdown_table
 
 ZOO = Path(__file__).resolve().parents[1] / "fixtures" / "zoo"
 MANIFEST = json.loads((ZOO / "manifest.json").read_text())
-DECLINED = {"torch-export"}  # archives of another kind: exit 2, never called damaged
+DECLINED: set[str] = set()  # archives of another kind (.keras): exit 2, never called damaged
 
 
 def run(*args: str):
@@ -94,6 +94,19 @@ def test_a_sharded_folder_is_one_checkpoint_for_inspect_diff_and_convert(tmp_pat
     out = tmp_path / "one.safetensors"
     assert run("convert", str(ZOO / "hf_sharded"), str(out)).exit_code == 0
     assert json.loads(run("diff", str(out), str(ZOO / "hf_pretrained"), "--json").output)["verdict"] == "identical"
+
+
+def test_a_pt2_archive_lists_its_weights_and_a_flipped_bit_in_one_is_found(tmp_path):
+    import zipfile
+    summary = json.loads(run("inspect", str(ZOO / "exported.pt2"), "--json").output)
+    assert summary["layout"] == "torch-export" and summary["weights_key"] == "weights"
+    data = bytearray((ZOO / "exported.pt2").read_bytes())
+    with zipfile.ZipFile(ZOO / "exported.pt2") as z:
+        info = z.getinfo("exported/data/weights/weight_0")
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 5] ^= 0x01
+    (tmp_path / "bad.pt2").write_bytes(bytes(data))
+    report = json.loads(run("verify", str(tmp_path / "bad.pt2"), "--json").output)
+    assert not report["ok"] and "zip.crc-mismatch" in {f["code"] for f in report["findings"]}
 
 
 def test_folders_convert_and_crc0_files_convert(tmp_path):

@@ -13,6 +13,7 @@ from ckpttools import layouts as L
 from ckpttools.formats import ziprecords
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, _TensorLeaf, tree_digest
 from ckpttools.errors import NotACheckpoint, OtherArchive
+from ckpttools.formats.pt2 import NAME as PT2
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats.base import regular_file_or_folder
 from ckpttools.pickle.policy import CODE, DANGEROUS
@@ -73,7 +74,7 @@ def _verify(path: Path, report: Report, progress) -> Report:
         except OSError as exc:  # e.g. an HDF5 fletcher32 checksum failure
             report.add(ERROR, "storage.unreadable", f"cannot read storage {ref.key}: {exc}", ref.key)
     _check_storages(ckpt, report, scanner)
-    if ckpt.format == ZIP:
+    if ckpt.format in (ZIP, PT2):
         _check_other_records(ckpt, report)
     _check_layout(ckpt, report)
     _check_consistency(ckpt, report)
@@ -158,6 +159,8 @@ def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
                 report.add(ERROR, "zip.crc-mismatch", f"record {name}: CRC32 {crc:08x} != recorded {record.crc:08x}",
                            name)
         short = name.split("/", 1)[1] if "/" in name else name
+        if ckpt.format == PT2:
+            continue  # an export archive's records are its own (the CRC32 above is what is checked)
         if not name.endswith("data.pkl") and short not in METADATA_RECORDS and not short.startswith("data/"):
             report.add(INFO, "zip.extra-record", f"record {name} is not part of a torch.save checkpoint", name)
         elif short.startswith("data/") and name not in storage_records and ckpt.tree is not None:

@@ -36,7 +36,7 @@ from typing import IO, Any, Callable, Iterable
 
 from ckpttools.atomic import atomic_write
 from ckpttools.errors import OtherArchive
-from ckpttools.formats import ziprecords
+from ckpttools.formats import pt2, ziprecords
 from ckpttools.formats.base import Checkpoint, storage_from_pid
 from ckpttools.objects import Placeholder, Reference, is_placeholder
 from ckpttools.pickle.scan import looks_like_pickle, scan_pickle
@@ -96,6 +96,8 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
                 ckpt.records[r.name] = r
         records = list(ckpt.records.values())
     pkl_name = pickle_record_name([r.name for r in records])
+    if pkl_name is None and pt2.is_pt2([r.name for r in records]) is not None:
+        return pt2.read_records(ckpt, path, ckpt.records, pt2.is_pt2([r.name for r in records]))
     if pkl_name is None and not ckpt.findings:
         other = other_archive([r.name for r in records])
         if other:  # an intact archive of another kind: declined, never called damaged
@@ -162,8 +164,7 @@ def _settle_names(records: list) -> None:
 
 
 # zip archives that are not torch.save checkpoints: (a record every such archive has, what it is)
-OTHER_ARCHIVES = (("models/model.json", "a torch.export program archive (.pt2; load it with torch.export.load)"),
-                  ("archive_format", "a torch.export / AOTInductor package (.pt2)"),
+OTHER_ARCHIVES = (("archive_format", "a torch.export / AOTInductor package (.pt2) without a program"),
                   ("model.weights.h5", "a Keras 3 model archive (.keras)"))
 
 
