@@ -22,16 +22,17 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
 
 EPILOG = """\b
 Examples:
-  fuse-train                                  # mid fusion on the built-in demo data
-  fuse-train --data /data/LLVIP --img-size 640   # a published layout, read as it is
+  fuse-train                          # mid fusion on the built-in demo data
+  fuse-train --data /data/LLVIP       # a published layout, read as it is
   fuse-train --data LLVIP.yaml --fusion mid --epochs 50 --batch 32
-  fuse-train --resume                         # continue the newest run under --project
+  fuse-train --resume                 # the newest last.pt under --project
   fuse-train --resume runs/fuse/exp/weights/last.pt
-  torchrun --nproc_per_node 2 -m fuse_train --batch 32   # DDP, global batch 32
+  torchrun --nproc_per_node 2 -m fuse_train --batch 32   # DDP, batch 32
 
 \b
-Exit codes: 0 done, 1 training failed, 2 bad option or input, 3 resume blocked by the
-preflight, 130 / 143 stopped by SIGINT / SIGTERM after saving a resumable last.pt.
+Exit codes: 0 done, 1 training failed, 2 bad option or input, 3 resume
+blocked by the preflight, 130 / 143 stopped by SIGINT / SIGTERM after
+saving a resumable last.pt.
 """
 
 D = RunConfig()  # defaults shown in --help
