@@ -52,11 +52,11 @@ def data_group() -> None:
     """Check a dataset, or import a published layout once into the YOLOFuse layout."""
 
 
-@data_group.command("check", context_settings=CONTEXT, epilog="""\\b
+@data_group.command("check", context_settings=CONTEXT, epilog="""\b
 Examples:
   fuse-train data check /data/LLVIP            # a published layout, detected from its folders
   fuse-train data check data.yaml --json
-\\b
+\b
 Exit codes: 0 no problems, 1 problems found (each named), 2 not a dataset.""")
 @click.argument("data")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
@@ -75,12 +75,12 @@ def data_check(data: str, as_json: bool) -> int:
     return EXIT_PROBLEMS if report.problems else EXIT_OK
 
 
-@data_group.command("import", context_settings=CONTEXT, epilog="""\\b
+@data_group.command("import", context_settings=CONTEXT, epilog="""\b
 Examples:
   fuse-train data import llvip /data/LLVIP -o /data/LLVIP-yolofuse
   fuse-train data import m3fd /data/M3FD -o m3fd-fuse --val-fraction 0.2 --seed 1
   fuse-train data import kaist /data/kaist-rgbt -o kaist-fuse      # set00-05 train, set06-11 val
-\\b
+\b
 Images are symlinked (nothing is copied unless --copy); labels are written as YOLO text; data.yaml last.
 Pairs with a problem are left out and listed.  Layouts: docs/datasets.md.""")
 @click.argument("layout")
@@ -129,7 +129,7 @@ WEIGHTS = click.option("--weights", "-w", required=True, type=click.Path(dir_oka
 DEVICE = click.option("--device", default="", help="cpu or cuda:0 [default: cuda:0 when present, else cpu].")
 
 
-@click.command("val", context_settings=CONTEXT, epilog="""\\b
+@click.command("val", context_settings=CONTEXT, epilog="""\b
 Examples:
   fuse-train val -w runs/fuse/exp/weights/best.pt
   fuse-train val -w best.pt --data /data/LLVIP --split val --json""")
@@ -194,11 +194,11 @@ def val(weights: str, data: str | None, split: str, conf: float, iou: float, bat
     return EXIT_OK
 
 
-@click.command("predict", context_settings=CONTEXT, epilog="""\\b
+@click.command("predict", context_settings=CONTEXT, epilog="""\b
 Examples:
   fuse-train predict -w best.pt --source day/rgb.jpg --source-ir day/ir.png
   fuse-train predict -w best.pt --source visible/test --source-ir infrared/test --conf 0.4
-\\b
+\b
 Writes NAME.jpg (visible | infrared, boxes on both), labels/NAME.txt (cls cx cy w h conf) and
 predictions.json.  Video is not read: extract frames first (e.g. ffmpeg -i in.mp4 frames/%05d.png).""")
 @WEIGHTS
@@ -227,10 +227,10 @@ def predict(weights: str, source: str, source_ir: str, conf: float, iou: float, 
     return EXIT_OK
 
 
-@click.command("export", context_settings=CONTEXT, epilog="""\\b
+@click.command("export", context_settings=CONTEXT, epilog="""\b
 Example:
   fuse-train export -w runs/fuse/exp/weights/best.pt          # -> best.onnx beside it
-\\b
+\b
 The ONNX model takes rgb [B,3,S,S] and ir [B,1,S,S] (float, 0..1, letterboxed) and returns boxes [B,A,4]
 (xyxy pixels) and scores [B,A,classes]; NMS is left to the caller.  It is checked with onnxruntime on a demo
 pair against PyTorch before it is kept.""")
