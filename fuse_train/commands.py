@@ -54,7 +54,7 @@ def data_group() -> None:
 
 @data_group.command("check", context_settings=CONTEXT, epilog="""\b
 Examples:
-  fuse-train data check /data/LLVIP            # a published layout, detected from its folders
+  fuse-train data check /data/LLVIP      # layout detected from its folders
   fuse-train data check data.yaml --json
 \b
 Exit codes: 0 no problems, 1 problems found (each named), 2 not a dataset.""")
@@ -78,11 +78,12 @@ def data_check(data: str, as_json: bool) -> int:
 @data_group.command("import", context_settings=CONTEXT, epilog="""\b
 Examples:
   fuse-train data import llvip /data/LLVIP -o /data/LLVIP-yolofuse
-  fuse-train data import m3fd /data/M3FD -o m3fd-fuse --val-fraction 0.2 --seed 1
-  fuse-train data import kaist /data/kaist-rgbt -o kaist-fuse      # set00-05 train, set06-11 val
+  fuse-train data import m3fd /data/M3FD -o m3fd-fuse --val-fraction 0.2
+  fuse-train data import kaist /data/kaist-rgbt -o kaist-fuse
 \b
-Images are symlinked (nothing is copied unless --copy); labels are written as YOLO text; data.yaml last.
-Pairs with a problem are left out and listed.  Layouts: docs/datasets.md.""")
+KAIST: set00-05 train, set06-11 val.  Images are symlinked (copied with
+--copy); labels are written as YOLO text; data.yaml last.  Pairs with a
+problem are left out and listed.  Layouts: docs/datasets.md.""")
 @click.argument("layout")
 @click.argument("src", type=click.Path(file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(), help="New folder for the YOLOFuse layout.")
@@ -197,10 +198,11 @@ def val(weights: str, data: str | None, split: str, conf: float, iou: float, bat
 @click.command("predict", context_settings=CONTEXT, epilog="""\b
 Examples:
   fuse-train predict -w best.pt --source day/rgb.jpg --source-ir day/ir.png
-  fuse-train predict -w best.pt --source visible/test --source-ir infrared/test --conf 0.4
+  fuse-train predict -w best.pt --source visible --source-ir infrared
 \b
-Writes NAME.jpg (visible | infrared, boxes on both), labels/NAME.txt (cls cx cy w h conf) and
-predictions.json.  Video is not read: extract frames first (e.g. ffmpeg -i in.mp4 frames/%05d.png).""")
+Writes NAME.jpg (visible | infrared, boxes on both), labels/NAME.txt
+(cls cx cy w h conf) and predictions.json.  Video is not read: extract
+frames first (e.g. ffmpeg -i in.mp4 frames/%05d.png).""")
 @WEIGHTS
 @click.option("--source", required=True, help="A visible image, or a folder of them.")
 @click.option("--source-ir", required=True, help="Its infrared partner, or a folder of partners with the same names.")
@@ -229,11 +231,12 @@ def predict(weights: str, source: str, source_ir: str, conf: float, iou: float, 
 
 @click.command("export", context_settings=CONTEXT, epilog="""\b
 Example:
-  fuse-train export -w runs/fuse/exp/weights/best.pt          # -> best.onnx beside it
+  fuse-train export -w runs/fuse/exp/weights/best.pt   # -> best.onnx
 \b
-The ONNX model takes rgb [B,3,S,S] and ir [B,1,S,S] (float, 0..1, letterboxed) and returns boxes [B,A,4]
-(xyxy pixels) and scores [B,A,classes]; NMS is left to the caller.  It is checked with onnxruntime on a demo
-pair against PyTorch before it is kept.""")
+The ONNX model takes rgb [B,3,S,S] and ir [B,1,S,S] (float, 0..1,
+letterboxed) and returns boxes [B,A,4] (xyxy pixels) and scores
+[B,A,classes]; NMS is left to the caller.  It is checked with onnxruntime
+on a demo pair against PyTorch before it is kept.""")
 @WEIGHTS
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="[default: WEIGHTS with .onnx]")
