@@ -27,7 +27,7 @@ from ckpttools.errors import UsageError
 def _checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tree = {"model": {f"l{i}.weight": torch.randn(32, 16) for i in range(6)}, "epoch": seed,
-            "optimizer": {"state": {0: {"exp_avg": torch.randn(4)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
+            "optimizer": {"state": {0: {"exp_avg": torch.randn(32, 16)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
     torch.save(tree, path)
     return path
 
