@@ -82,6 +82,8 @@ FINDINGS: dict[str, FindingKind] = {
         'info', 'a torch.export program archive: weights listed, the program named, not judged'),
     'pt2.bad-config': FindingKind(
         'error', "a .pt2 archive's weights config is unreadable or names a record / dtype that is not there"),
+    'file.changed-while-reading': FindingKind(
+        'warning', 'the file was replaced again and again while it was verified (a writer saving it that often)'),
     'layout.bad-metadata': FindingKind(
         'error', "a folder layout's JSON metadata (trainer_state.json) cannot be read"),
     'layout.torchscript': FindingKind(

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import sys
@@ -281,3 +282,25 @@ def test_hugging_face_style_folder(tmp_path):
     save_file({"w": torch.ones(2, 2)}, tmp_path / "model.safetensors")
     report = verify(tmp_path)
     assert report.layout == "huggingface" and report.ok() and report.facts["parameter_count"] == 4
+
+
+def test_a_file_replaced_while_it_is_verified_is_read_again(tmp_path, monkeypatch):
+    """A trainer's atomic save can replace last.pt between verify's reads of it; parts of two versions must
+    not be judged together (a resume once saw a false digest mismatch this way)."""
+    import ckpttools.commands.verify as V
+
+    path, newer = tmp_path / "last.pt", tmp_path / "newer.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, path)
+    torch.save({"model": {"w": torch.ones(4)}}, newer)
+    real, calls = V._verify, []
+
+    def verify_while_a_writer_replaces(p, report, progress):
+        calls.append(p)
+        out = real(p, report, progress)
+        if len(calls) == 1:
+            os.replace(newer, path)  # the writer's rename lands during the first read
+        return out
+
+    monkeypatch.setattr(V, "_verify", verify_while_a_writer_replaces)
+    report = V.verify(path)
+    assert len(calls) == 2 and report.ok() and report.facts["parameter_count"] == 4  # the new file, read whole

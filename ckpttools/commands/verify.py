@@ -31,8 +31,28 @@ def verify(path: str | os.PathLike, progress: Callable[[int, int], None] | None 
     Raises MissingPath for a missing path and NotACheckpoint for what is not a regular file or folder;
     everything else about the file is a finding."""
     path = Path(path)
+    for attempt in range(REREADS + 1):
+        before = _identity(path)
+        report = _verify_once(path, progress)
+        if _identity(path) == before:
+            return report
+        # the file was replaced while it was read (a trainer's atomic save): its parts may come from two
+        # versions, so the verdict would be about neither; read the new one again
+    report.add(WARNING, "file.changed-while-reading", f"{path} was replaced {REREADS + 1} times while it was being "
+               "verified (a writer saves it that often); the findings above may mix two versions", str(path))
+    return report
+
+
+REREADS = 3
+
+
+def _identity(path: Path) -> tuple:
+    st = regular_file_or_folder(path)
+    return (st.st_ino, st.st_mtime_ns, st.st_size) if path.is_file() else (st.st_ino,)
+
+
+def _verify_once(path: Path, progress) -> Report:
     report = Report(str(path))
-    regular_file_or_folder(path)
     try:
         return _verify(path, report, progress)
     except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, MemoryError,
