@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,7 @@ def load_ultralytics_yaml(path: str | os.PathLike) -> UltralyticsData:
         raise UltralyticsDataError(f"{yaml_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(spec, dict) or "train" not in spec:
         raise UltralyticsDataError(f"{yaml_path}: expected a mapping with path, train, val, names")
-    root = Path(spec.get("path") or yaml_path.parent).expanduser()
-    root = (yaml_path.parent / root).resolve() if not root.is_absolute() else root
+    root = _dataset_root(spec.get("path"), yaml_path)
     names = spec.get("names") or {}
     names = dict(enumerate(names)) if isinstance(names, list) else {int(k): str(v) for k, v in names.items()}
     splits = {}
@@ -73,6 +73,27 @@ def load_ultralytics_yaml(path: str | os.PathLike) -> UltralyticsData:
         if spec.get(split):
             splits[split] = _images(spec[split], root, yaml_path)
     return UltralyticsData(yaml_path, root, splits, names)
+
+
+def _dataset_root(path, yaml_path: Path) -> Path:
+    """Where Ultralytics looks for the dataset: an absolute ``path`` as it is; a relative one under its
+    ``datasets_dir`` setting (read from its settings file, never by importing it), falling back to the YAML's
+    folder and the working directory when that does not hold it; no ``path``: the YAML's folder."""
+    if not path:
+        return yaml_path.parent
+    root = Path(str(path)).expanduser()
+    if root.is_absolute():
+        return root
+    candidates = []
+    settings = Path(os.environ.get("YOLO_CONFIG_DIR") or Path.home() / ".config" / "Ultralytics") / "settings.json"
+    try:
+        datasets_dir = json.loads(settings.read_text()).get("datasets_dir")
+        if datasets_dir:
+            candidates.append(Path(datasets_dir) / root)
+    except (OSError, ValueError):
+        pass
+    candidates += [yaml_path.parent / root, Path.cwd() / root]
+    return next((c.resolve() for c in candidates if c.is_dir()), candidates[-1].resolve())
 
 
 def _images(entry, root: Path, yaml_path: Path) -> list[Path]:
@@ -83,11 +104,13 @@ def _images(entry, root: Path, yaml_path: Path) -> list[Path]:
         if p.is_dir():
             out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         elif p.is_file() and p.suffix == ".txt":
-            for line in p.read_text().splitlines():
+            # as Ultralytics reads a list: "./x" is relative to the list's folder, anything else as written
+            for line in p.read_text(encoding="utf-8-sig").strip().splitlines():
                 line = line.strip()
                 if line:
-                    f = Path(line)
-                    out.append((f if f.is_absolute() else (p.parent / f)).resolve())
+                    f = p.parent / line[2:] if line.startswith("./") else Path(line)
+                    if f.suffix.lower() in IMAGE_SUFFIXES:
+                        out.append(Path(os.path.abspath(f)))
         else:
             raise UltralyticsDataError(f"{yaml_path}: {p} is neither a folder of images nor a .txt list")
     return sorted(dict.fromkeys(out))
