@@ -38,6 +38,16 @@ def _data_arg(datasets: Path, layout: str) -> Path:
     return datasets / layout / "data.yaml" if layout == "yolofuse" else datasets / layout
 
 
+def test_every_layout_row_is_well_formed():
+    from ckpttools.datasets.layouts import LABEL_FORMATS, LAYOUTS, SPLIT_RULES, template_regex
+    for x in LAYOUTS:
+        assert x.label_format in LABEL_FORMATS and x.split in SPLIT_RULES, x.name
+        rgb, ir = template_regex(x.rgb), template_regex(x.ir)
+        assert set(rgb.groupindex) == set(ir.groupindex) and "id" in rgb.groupindex, x.name  # partners by fields
+        assert ("split" in rgb.groupindex) == (x.split == "folder"), x.name
+        assert x.markers and (x.split != "list" or x.split_values), x.name
+
+
 def test_docs_table_is_generated_from_the_layouts():
     assert (Path(__file__).parents[1] / "docs" / "datasets.md").read_text().startswith(markdown_table())
 

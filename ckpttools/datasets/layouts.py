@@ -36,9 +36,6 @@ class Layout:
     markers: tuple[str, ...] = ()  # relative paths whose presence identifies the layout
     note: str = ""
 
-    def regex(self, template: str) -> re.Pattern:
-        return template_regex(template)
-
 
 def template_regex(template: str) -> re.Pattern:
     out, pos = [], 0
