@@ -154,7 +154,7 @@ def val(weights: str, data: str | None, split: str, conf: float, iou: float, bat
 
     from ckpttools.atomic import atomic_write
     from fuse_train.data import PairedDataset, load_data_spec
-    from fuse_train.inference import InferenceError, detect_batches, load_detector
+    from fuse_train.inference import InferenceError, load_detector
     from fuse_train.metrics import confusion_matrix, evaluate_detections
     from fuse_train.runlog import plot_confusion, plot_curves
     from fuse_train.trainer import resolve_data_yaml
@@ -166,7 +166,7 @@ def val(weights: str, data: str | None, split: str, conf: float, iou: float, bat
         raise InferenceError(f"{spec.yaml_path}: {len(spec.names)} classes, but {weights} was trained on "
                              f"{len(det.names)} ({', '.join(det.names.values())})")
     dataset = PairedDataset.from_spec(spec, split, det.img_size)
-    preds, gts = detect_batches(det, dataset, conf, iou, batch)
+    preds, gts = det.detect(dataset, conf, iou, batch)
     metrics = evaluate_detections(preds, gts, len(det.names))
     folder = Path(out) if out else _run_folder(Path(weights), "val")
     folder.mkdir(parents=True, exist_ok=True)

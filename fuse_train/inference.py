@@ -9,7 +9,6 @@ ones evaluated, predicted with and exported, as during training.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from ckpttools.atomic import atomic_write
 from ckpttools.trainers import fuse_train as S
 from fuse_train.config import ResolvedRun, RunConfig
 from ckpttools.datasets.layouts import IMAGE_SUFFIXES
-from fuse_train.data import NO_AUGMENT, collate, read_image, warp
-from fuse_train.metrics import postprocess
-from fuse_train.model import ModelConfig, anchor_grid, build_model
+from fuse_train.data import NO_AUGMENT, read_image, warp
+from fuse_train.metrics import detect_dataset, postprocess
+from fuse_train.model import ModelConfig, anchor_grid, build_model, decode_boxes
 from fuse_train.resume import ResumeError, _integrity_problem, load_checkpoint
 
 
@@ -43,6 +42,10 @@ class LoadedDetector:
 
     def anchors(self):
         return anchor_grid(self.img_size, self.device)
+
+    def detect(self, dataset, conf: float, iou: float, batch: int = 16) -> tuple[list, list]:
+        """Detections and ground truth per image of ``dataset``, by training's evaluation loop."""
+        return detect_dataset(self.model, dataset, *self.anchors(), self.device, conf, iou, batch)
 
 
 def load_detector(weights: str | Path, device: str = "cpu", verify: bool = True) -> LoadedDetector:
@@ -65,24 +68,6 @@ def load_detector(weights: str | Path, device: str = "cpu", verify: bool = True)
     dev = torch.device(device if device else ("cuda:0" if torch.cuda.is_available() else "cpu"))
     return LoadedDetector(path, model.to(dev).eval(), RunConfig.from_dict(ckpt[S.K_TRAIN_ARGS]), resolved,
                           dict(resolved.names), resolved.img_size, dev)
-
-
-@torch.no_grad()
-def detect_batches(det: LoadedDetector, dataset, conf: float, iou: float, batch: int = 16, workers: int = 0,
-                   amp_dtype=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Detections (x1 y1 x2 y2 score cls, letterboxed pixels) and ground truth per image of ``dataset``."""
-    anchors, strides = det.anchors()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers,
-                                         collate_fn=collate)
-    preds, gts = [], []
-    for images, targets, _ in loader:
-        images = images.to(det.device).float().div_(255)
-        with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext():
-            box_raw, cls_logits = det.model(images)
-        for i, d in enumerate(postprocess(box_raw, cls_logits, anchors, strides, conf, iou)):
-            preds.append(d.cpu().double().numpy())
-            gts.append(targets[targets[:, 0] == i, 1:].double().numpy())
-    return preds, gts
 
 
 # ---- predict -----------------------------------------------------------------------------------------------
@@ -185,8 +170,7 @@ class _TwoInputDetector(torch.nn.Module):
 
     def forward(self, rgb: torch.Tensor, ir: torch.Tensor):
         box_raw, cls_logits = self.model(torch.cat([rgb, ir], 1))
-        ltrb = torch.nn.functional.softplus(box_raw) * self.strides
-        return torch.cat([self.anchors - ltrb[..., :2], self.anchors + ltrb[..., 2:]], -1), cls_logits.sigmoid()
+        return decode_boxes(box_raw, self.anchors, self.strides), cls_logits.sigmoid()
 
 
 def export_onnx(det: LoadedDetector, out: Path, opset: int = 18) -> Path:

@@ -30,7 +30,7 @@ from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spe
 from fuse_train.demo import ensure_demo
 from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, barrier
 from fuse_train.loss import DetectionLoss
-from fuse_train.metrics import DetectionMetrics, confusion_matrix, evaluate_detections, postprocess
+from fuse_train.metrics import DetectionMetrics, confusion_matrix, detect_dataset, evaluate_detections
 from fuse_train.model import ModelConfig, anchor_grid, build_model, model_fingerprint
 from fuse_train.runlog import RunLog, boundaries, plot_confusion, plot_curves, plot_labels, plot_results
 
@@ -429,27 +429,12 @@ class Trainer:
     def evaluate(self, model: nn.Module | None = None) -> DetectionMetrics:
         model = model or self.ema.ema
         model.eval()
-        loader = torch.utils.data.DataLoader(
-            self.val_set, batch_sampler=_sequential_batches(len(self.val_set), max(2, 2 * self.resolved.per_rank_batch)),
-            num_workers=self.cfg.workers, collate_fn=collate, pin_memory=self.use_cuda)
-        preds, gts = [], []
-        for images, targets, _ in loader:
-            images = images.to(self.device).float().div_(255)
-            if self.use_cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
-            autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-            with autocast:
-                box_raw, cls_logits = model(images)
-            dets = postprocess(box_raw, cls_logits, self.anchors, self.strides, self.cfg.conf, self.cfg.iou)
-            for i, d in enumerate(dets):
-                preds.append(d.cpu().double().numpy())
-                gts.append(targets[targets[:, 0] == i, 1:].double().numpy())
+        preds, gts = detect_dataset(model, self.val_set, self.anchors, self.strides, self.device, self.cfg.conf,
+                                    self.cfg.iou, max(2, 2 * self.resolved.per_rank_batch), self.cfg.workers,
+                                    self.amp_dtype, channels_last=self.use_cuda, pin_memory=self.use_cuda)
         self._last_eval = (preds, gts)
         return evaluate_detections(preds, gts, self.model_config.nc)
 
-
-def _sequential_batches(n: int, batch: int) -> list[list[tuple[int, int]]]:
-    return [[(0, i) for i in range(s, min(n, s + batch))] for s in range(0, n, batch)]
 
 
 class _Progress:

@@ -19,7 +19,7 @@ import make_datasets as M  # noqa: E402
 
 from fuse_train.cli import cli  # noqa: E402
 from fuse_train.data import PairedDataset, load_data_spec  # noqa: E402
-from fuse_train.inference import check_onnx, detect_batches, letterbox_pair, load_detector  # noqa: E402
+from fuse_train.inference import check_onnx, letterbox_pair, load_detector  # noqa: E402
 from tests.helpers import load, run_train  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_predict_writes_images_labels_and_json_matching_the_model(trained, tiny_
     # the same detections as the evaluation path (dataset loader, batched), images being 64 px (no rescale)
     det = load_detector(trained)
     spec = load_data_spec(tiny_data)
-    preds, _ = detect_batches(det, PairedDataset.from_spec(spec, "val", det.img_size), 0.01, 0.7)
+    preds, _ = det.detect(PairedDataset.from_spec(spec, "val", det.img_size), 0.01, 0.7)
     assert sum(len(r["boxes"]) for r in doc["images"]) > 0
     for record, pred in zip(doc["images"], preds):
         got = np.array([b["xyxy"] + [b["score"]] for b in record["boxes"]]).reshape(-1, 5)
