@@ -16,9 +16,11 @@ from pathlib import Path
 import yaml
 
 from ckpttools.atomic import atomic_folder, check_new_output
-from ckpttools.datasets.index import DatasetIndex, Problem, image_size, index_dataset, normalised_labels
+from ckpttools.datasets.index import (DatasetIndex, Problem, detect_layout, image_size, index_dataset,
+                                      normalised_labels)
+from ckpttools.errors import UsageError
 from ckpttools.datasets.layouts import BY_NAME
-from ckpttools.yolo_data import DataSpec, DatasetError, folder_spec, load_data_spec, spec_index
+from ckpttools.yolo_data import DatasetError, load_data_spec, spec_index
 
 
 @dataclass
@@ -38,17 +40,9 @@ class CheckReport:
                 "problems": [{"kind": p.kind, "path": p.path, "message": str(p)} for p in self.problems]}
 
 
-def open_spec(data: str) -> DataSpec:
-    """A data.yaml, or a dataset folder (its layout detected)."""
-    path = Path(data).expanduser().resolve()
-    if path.is_dir():
-        return folder_spec(path)
-    return load_data_spec(path)
-
-
 def check_dataset(data: str, progress=None) -> CheckReport:
     """Every pair's files and annotations: pairing, readability, labels, classes, sizes."""
-    spec = open_spec(data)
+    spec = load_data_spec(data)  # a data.yaml, or a dataset folder (its layout detected)
     index = spec_index(spec)
     report = CheckReport(str(spec.yaml_path), spec.layout, dict(index.names), problems=list(index.problems))
     for sample in progress(index.samples) if progress else index.samples:
@@ -66,8 +60,10 @@ def check_dataset(data: str, progress=None) -> CheckReport:
             report.problems.append(Problem("size-mismatch", str(sample.ir), f"infrared {wi}x{hi} but visible {w}x{h} "
                                            f"({sample.rgb.name}); training resizes it onto the visible grid, which "
                                            "is right only if the two are registered"))
-        if "rgb" not in sizes and sample.size is None:
-            continue
+        if sample.size is None:  # no size in the annotation: the header just read (not read a second time)
+            if "rgb" not in sizes:
+                continue
+            sample.size = sizes["rgb"]
         rows, found = normalised_labels(sample)
         report.problems += found
         counts = report.instances.setdefault(sample.split, Counter())
@@ -124,7 +120,6 @@ def import_dataset(layout_name: str, src: str, out: str, copy: bool = False, spl
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset folder")
     if layout_name == "auto":
-        from ckpttools.datasets.index import detect_layout
         layout = detect_layout(root)
         if layout is None:
             raise DatasetError(f"{root}: layout not recognised; name it ({', '.join(BY_NAME)})")
@@ -135,14 +130,13 @@ def import_dataset(layout_name: str, src: str, out: str, copy: bool = False, spl
     if layout.name == "yolofuse":
         raise DatasetError(f"{root}: already the YOLOFuse layout; train on its data.yaml directly")
     out_path = Path(out).expanduser().resolve()
-    from ckpttools.errors import UsageError
     try:
         check_new_output(out_path, [root], force, folder=True)
     except UsageError as exc:
         raise DatasetError(str(exc)) from None
     index: DatasetIndex = index_dataset(root, layout, None, split_by, val_fraction, seed, block)
     bad_files = {p.path for p in index.problems}
-    skipped = [p for p in index.problems]
+    skipped = list(index.problems)
     pairs: Counter = Counter()
     with atomic_folder(out_path, replace=force) as tmp:
         for sample in index.samples:
