@@ -6,6 +6,7 @@ and where the model weights and optimizer state are found.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -186,6 +187,22 @@ def recognise_folder(path: Path) -> str | None:
                 continue
             return name
     return None
+
+
+def folder_counters(path: Path) -> dict[str, Any]:
+    """The step / epoch a checkpoint folder records (a Hugging Face Trainer's trainer_state.json); {} when it
+    records none.  Raises ValueError when that file is not valid JSON."""
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return {}
+    try:
+        data = json.loads(state.read_text())
+    except UnicodeDecodeError as exc:
+        raise ValueError(str(exc)) from None
+    out = {"step": data.get("global_step")}
+    if isinstance(data.get("epoch"), (int, float)):
+        out["epoch"] = data["epoch"]
+    return out
 
 
 def markdown_table() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import os
 from collections import Counter
@@ -51,13 +50,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     folder = L.recognise_folder(path) if path.is_dir() else None
     if folder and folder != L.DCP_LAYOUT:  # a checkpoint folder: described by its weights file
         summary["layout"], summary["weights_file"] = folder, str(ckpt.path)
-        state = path / "trainer_state.json"
-        if state.is_file():
-            try:
-                data = json.loads(state.read_text())
-                summary["step"], summary["epoch"] = data.get("global_step"), data.get("epoch")
-            except (ValueError, UnicodeDecodeError):
-                pass
+        try:
+            summary.update(L.folder_counters(path))
+        except ValueError:  # verify reports it; inspect describes what it can
+            pass
     return summary
 
 

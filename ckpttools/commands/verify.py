@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import os
 from collections import Counter, defaultdict
@@ -14,7 +13,7 @@ from ckpttools.formats import ziprecords
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, _TensorLeaf, tree_digest
 from ckpttools.errors import NotACheckpoint, OtherArchive
 from ckpttools.formats.pt2 import NAME as PT2
-from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
+from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, open_checkpoint
 from ckpttools.formats.base import regular_file_or_folder
 from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report
@@ -335,7 +334,11 @@ def _verify_folder(path: Path, layout: str, report: Report, progress) -> Report:
     verified on its own, findings prefixed with its name; the step of a Trainer folder from trainer_state.json."""
     report.format, report.layout = "folder", layout
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FOLDER_FILES)
-    weights = [f for f in files if f.name.startswith(("model", "pytorch_model", "mp_rank_"))]
+    try:
+        weights = folder_weights_files(path)
+    except NotACheckpoint as exc:
+        weights = []
+        report.add(ERROR, "layout.missing-key", str(exc), str(path))
     for f in files:
         sub = verify(f, progress)
         rel = f.relative_to(path).as_posix()
@@ -346,15 +349,8 @@ def _verify_folder(path: Path, layout: str, report: Report, progress) -> Report:
             report.findings.append(finding)
         if f in weights:
             report.facts["parameter_count"] = report.facts.get("parameter_count", 0) + sub.facts.get("parameter_count", 0)
-    if not weights:
-        report.add(ERROR, "layout.missing-key", f"a {layout} folder without a model weights file", str(path))
-    state = path / "trainer_state.json"
-    if state.is_file():
-        try:
-            data = json.loads(state.read_text())
-            report.facts["step"] = data.get("global_step")
-            if isinstance(data.get("epoch"), (int, float)):
-                report.facts["epoch"] = data["epoch"]
-        except (ValueError, UnicodeDecodeError):
-            report.add(ERROR, "layout.bad-metadata", "trainer_state.json is not valid JSON", str(state))
+    try:
+        report.facts.update(L.folder_counters(path))
+    except ValueError:
+        report.add(ERROR, "layout.bad-metadata", "trainer_state.json is not valid JSON", str(path / "trainer_state.json"))
     return report
