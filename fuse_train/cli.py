@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 
 from fuse_train import __version__
+from fuse_train.commands import one_line, register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SCALES, SCHEDULES, ConfigError, RunConfig
 from fuse_train.data import DatasetError
 from fuse_train.distributed import init_distributed, shutdown
@@ -135,7 +136,7 @@ def train(ctx: click.Context, resume: str | None, allow_change: str, no_verify: 
     except (ConfigError, DatasetError, ResumeError, RunLocked) as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"fuse-train: error: {_one_line(exc)}", markup=False, highlight=False)
+        err.print(f"fuse-train: error: {one_line(exc)}", markup=False, highlight=False)
         code = EXIT_USAGE
     except TrainingFailed as exc:
         err.print(f"fuse-train: error: {exc}", markup=False, highlight=False)
@@ -146,7 +147,7 @@ def train(ctx: click.Context, resume: str | None, allow_change: str, no_verify: 
     except Exception as exc:  # noqa: BLE001 - the top-level catch that turns failures into one line
         if debug:
             traceback.print_exc()
-        err.print(f"fuse-train: error: {exc.__class__.__name__}: {_one_line(exc)} (run with --debug for the traceback)",
+        err.print(f"fuse-train: error: {exc.__class__.__name__}: {one_line(exc)} (run with --debug for the traceback)",
                   markup=False, highlight=False)
         code = EXIT_FAILED
     finally:
@@ -155,18 +156,7 @@ def train(ctx: click.Context, resume: str | None, allow_change: str, no_verify: 
     sys.exit(code)
 
 
-def _one_line(exc: BaseException) -> str:
-    """The useful line of an error; a DataLoader worker wraps the original message in a traceback."""
-    text = str(exc)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text.splitlines()[0] if text else exc.__class__.__name__
-
-
-from fuse_train.commands import register  # noqa: E402 - the other commands, beside the default one
-
-register(cli)
+register(cli)  # the other commands, beside the default one
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,15 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks.")
 
 
+def one_line(exc: BaseException) -> str:
+    """The useful line of an error; a DataLoader worker wraps the original message in a traceback."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
 def _one_line_errors(func):
     """Bad input is one line on stderr and exit 2; anything unexpected one line and exit 1 (--debug: traceback)."""
     @functools.wraps(func)
@@ -35,12 +44,12 @@ def _one_line_errors(func):
         except (DatasetError, InferenceError, ConfigError) as exc:
             if debug:
                 traceback.print_exc()
-            err.print(f"fuse-train: error: {str(exc).splitlines()[0]}", markup=False, highlight=False)
+            err.print(f"fuse-train: error: {one_line(exc)}", markup=False, highlight=False)
             code = EXIT_USAGE
         except Exception as exc:  # noqa: BLE001 - the top-level catch that turns failures into one line
             if debug:
                 traceback.print_exc()
-            err.print(f"fuse-train: error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            err.print(f"fuse-train: error: {exc.__class__.__name__}: {one_line(exc)} "
                       "(run with --debug for the traceback)", markup=False, highlight=False)
             code = EXIT_PROBLEMS
         sys.exit(code or 0)
