@@ -166,10 +166,9 @@ def requested_fields(recorded: dict[str, Any], given: dict[str, Any]) -> dict[st
         data = given.get("data") or recorded.get("data")
         if data:
             try:
-                requested["data"], fingerprint = ultralytics.requested_data(str(data))
-                requested["data-fingerprint"] = fingerprint
-                if "data" not in given:
-                    requested["data"] = recorded["data"]
+                path, requested["data-fingerprint"] = ultralytics.requested_data(str(data))
+                if "data" in given:
+                    requested["data"] = path
             except UltralyticsDataError as exc:
                 if "data" in given:
                     raise UsageError(f"--data: {exc}") from None

@@ -9,7 +9,6 @@ from ckpttools import layouts as L
 from ckpttools.errors import NotACheckpoint
 from ckpttools.formats import dcp, hdf5, safetensors, torch_legacy, torchzip
 from ckpttools.formats.base import Checkpoint, describe_non_checkpoint, regular_file_or_folder
-from ckpttools.tensors import iter_tensors
 
 # order matters only where two could claim a file: a zip is never a pickle, a pickle never safetensors
 FORMATS = (torchzip, hdf5, safetensors, torch_legacy, dcp)
@@ -77,10 +76,9 @@ def _merged(path: Path, files: list[Path]) -> Checkpoint:
             if name in merged.tree:
                 raise NotACheckpoint(f"{path}: {name!r} is in two shards ({f.name} and another)")
             merged.tree[name] = value
-        for ref in part.storages.values():
+        for key, ref in part.storages.items():  # every reader registers each storage of its tree here
             owner[id(ref)] = part
-        for _, t in iter_tensors(part.tree):
-            owner[id(t.storage)] = part
+            merged.storages[f"{f.name}:{key}"] = ref  # shard-local keys ("0", "1", ...) can repeat
         merged.metadata.update(part.metadata)
     merged.iter_storage = lambda ref, chunk: owner[id(ref)].storage_chunks(ref, chunk)
     return merged
