@@ -201,22 +201,64 @@ def atomic_folder(out: Path, verify: Callable[[Path], bool] | None = None, repla
         if verify is not None and not verify(tmp):
             return
         _fsync_tree(tmp)
-        fault("folder-before-swap")
-        if out.exists():
-            if not replace:
-                raise UsageError(f"{out}: appeared while this was being written (another writer?); not replaced "
-                                 "(pass --force to replace it)")
-            if not exchange(tmp, out):  # no renameat2: two renames, the old folder parked under a temporary name
-                old = temp_path(out, "old")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                tmp = old
-        else:
-            os.rename(tmp, out)
-        fault("folder-after-swap")
-        fsync_dir(out.parent)
+        if out.exists() and not replace:
+            raise UsageError(f"{out}: appeared while this was being written (another writer?); not replaced "
+                             "(pass --force to replace it)")
+        tmp = swap_in_folder(tmp, out) or tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in_folder(tmp: Path, out: Path) -> Path | None:
+    """The complete, fsynced folder ``tmp`` becomes ``out`` in one step; returns where the old ``out`` now is
+    (the caller removes or keeps it), or None when there was none.  Where renameat2 is missing the old folder is
+    parked under a temporary name first (a moment without ``out``: readers fall back to the previous copy)."""
+    fault("folder-before-swap")
+    old = None
+    if out.exists():
+        if exchange(tmp, out):
+            old = tmp
+        else:
+            old = temp_path(out, "old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+    else:
+        os.rename(tmp, out)
+    fault("folder-after-swap")
+    fsync_dir(out.parent)
+    return old
+
+
+def link_folder(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of the folder ``src`` made of hard links (a copy where links fail), swapped in
+    whole; an older ``dst`` is removed.  Safe because checkpoint folders are never modified, only replaced."""
+    tmp = temp_path(dst, "link")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    _fsync_tree(tmp)
+    old = swap_in_folder(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_folder(staged: Path, out: Path) -> None:
+    """``staged`` (complete, fsynced) becomes ``out``; the folder it replaces becomes ``previous_path(out)``,
+    so at every moment ``out`` is a complete folder and the one before it is kept, as for files."""
+    old = swap_in_folder(staged, out)
+    if old is None:
+        return
+    prev = previous_path(out)
+    fault("keep-previous")
+    older = swap_in_folder(old, prev)
+    if older is not None:
+        shutil.rmtree(older, ignore_errors=True)
 
 
 def _default_mode(path: Path) -> int:

@@ -68,7 +68,7 @@ FINDINGS: dict[str, FindingKind] = {
     'digest.mismatch': FindingKind(
         'error', "the checkpoint's own content digest (`digest`, see checkpoint-format.md) does not match its content: it was changed after saving"),
     'digest.missing': FindingKind(
-        'warning', 'a fuse-train checkpoint without a digest',
+        'warning', 'a fuse-train checkpoint file without a digest (DCP folders have none: their items carry CRC32s)',
         '`ckpt repair` rebuilds it'),
     'digest.unknown': FindingKind(
         'warning', 'a digest algorithm this version does not know'),

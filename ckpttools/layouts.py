@@ -313,7 +313,7 @@ def parameter_count(tree: Any, layout: str) -> int | None:
     for name, t in found[1].items():
         if name.endswith(BUFFER_SUFFIXES):
             continue
-        region = (t.storage.key, t.storage_offset, tuple(t.shape))
+        region = (id(t.storage), t.storage_offset, tuple(t.shape))  # a storage is one object per checkpoint
         if region not in seen:
             seen.add(region)
             total += t.numel

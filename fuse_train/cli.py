@@ -12,7 +12,7 @@ from rich.console import Console
 
 from fuse_train import __version__
 from fuse_train.commands import one_line, register
-from fuse_train.config import FUSIONS, OPTIMIZERS, SCALES, SCHEDULES, ConfigError, RunConfig
+from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
 from fuse_train.data import DatasetError
 from fuse_train.distributed import init_distributed, shutdown
 from fuse_train.resume import ResumeError, PreflightBlocked, prepare_resume, fresh_run_dir
@@ -91,8 +91,11 @@ def cli() -> None:
 @click.option("--save-every", type=int, default=D.save_every, show_default=True, help="Also save last.pt every N optimizer steps (0: at epoch ends only).")
 @click.option("--amp/--no-amp", default=D.amp, show_default=True, help="Mixed precision on CUDA (bf16 where supported).")
 @click.option("--async-save/--no-async-save", default=D.async_save, show_default=True, help="Write checkpoints on a background thread: training only waits for a snapshot of the step (pinned-memory copies on CUDA). Interrupt and final saves always complete before exit.")
+@click.option("--save-format", type=click.Choice(SAVE_FORMATS), default=D.save_format, show_default=True,
+              help="pt: weights/last.pt, one file. dcp: weights/last.dcp, a torch.distributed.checkpoint folder "
+                   "written by dcp.async_save, every rank writing its share (multi-GPU runs); same crash safety.")
 @click.option("--resume", "resume", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
-              help="Continue a run exactly: the newest last.pt under --project (or --name's run), or PATH. Options not given come from the checkpoint.")
+              help="Continue a run exactly: the newest last.pt / last.dcp under --project (or --name's run), or PATH. Options not given come from the checkpoint.")
 @click.option("--allow-change", default="", metavar="FIELDS", help="With --resume: comma-separated preflight fields allowed to differ, e.g. batch,lr0.")
 @click.option("--no-verify", is_flag=True, help="With --resume: skip the integrity check (CRC32s, digest) of the checkpoint; by default a damaged last.pt falls back to last.prev.pt.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

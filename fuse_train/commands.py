@@ -134,8 +134,9 @@ def _run_folder(weights: Path, sub: str) -> Path:
     return base / sub
 
 
-WEIGHTS = click.option("--weights", "-w", required=True, type=click.Path(dir_okay=False),
-                       help="A fuse-train checkpoint (best.pt, last.pt); it must pass `ckpt verify`.")
+WEIGHTS = click.option("--weights", "-w", required=True, type=click.Path(),
+                       help="A fuse-train checkpoint (best.pt, last.pt, or a best.dcp folder); it must pass "
+                            "`ckpt verify`.")
 DEVICE = click.option("--device", default="", help="cpu or cuda:0 [default: cuda:0 when present, else cpu].")
 
 

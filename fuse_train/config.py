@@ -16,6 +16,7 @@ FUSIONS = ("early", "mid", "late", "rgb", "ir")
 SCALES = ("n", "s", "m")
 OPTIMIZERS = ("SGD", "AdamW")
 SCHEDULES = ("cosine", "linear")
+SAVE_FORMATS = ("pt", "dcp")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,7 @@ class RunConfig:
     save_every: int = 0  # also save last.pt every N optimizer steps; 0 = only at epoch ends
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
     async_save: bool = True  # write checkpoints on a background thread (the snapshot is taken at the step)
+    save_format: str = "pt"  # pt: one torch.save file; dcp: torch.distributed.checkpoint folders (dcp.async_save)
     conf: float = 0.001  # evaluation confidence threshold
     iou: float = 0.7  # evaluation NMS IoU threshold
 
@@ -68,6 +70,8 @@ class RunConfig:
         need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         need(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         need(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        need(self.save_format in SAVE_FORMATS, "save_format", f"must be one of {', '.join(SAVE_FORMATS)}, got "
+             f"{self.save_format!r}")
         need(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
 
     def to_dict(self) -> dict[str, Any]:

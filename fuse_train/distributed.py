@@ -66,6 +66,16 @@ def all_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def rank0_copies(tensors: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor]:
+    """Copies of ``tensors`` holding rank 0's values on every rank (the live tensors are not touched)."""
+    if not info.enabled:
+        return tensors
+    copies = {k: t.detach().clone() for k, t in tensors.items()}
+    for t in copies.values():
+        dist.broadcast(t, src=0)
+    return copies
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

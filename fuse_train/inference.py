@@ -50,7 +50,7 @@ class LoadedDetector:
 
 def load_detector(weights: str | Path, device: str = "cpu", verify: bool = True) -> LoadedDetector:
     path = Path(weights).expanduser()
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):  # a .pt file, or a --save-format dcp folder
         raise InferenceError(f"{path}: no such checkpoint")
     if verify:
         problem = _integrity_problem(path)

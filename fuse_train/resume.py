@@ -16,6 +16,7 @@ from ckpttools.render import render_preflight
 from ckpttools.trainers.fuse_train import run_record as fuse_train_record
 from fuse_train import state as S
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size, resolve_run
+from fuse_train.dcp_save import load_folder
 from fuse_train.data import PairedDataset, load_data_spec, spec_fingerprint
 from fuse_train.model import ModelConfig, build_model, model_fingerprint
 
@@ -46,8 +47,12 @@ class ResumePlan:
     event: dict
 
 
+LAST_NAMES = ("last.pt", "last.dcp")  # --save-format pt / dcp
+
+
 def _has_checkpoints(run_dir: Path) -> bool:
-    return any((run_dir / "weights").glob("*.pt"))
+    weights = run_dir / "weights"
+    return any(weights.glob("*.pt")) or any(p.is_dir() for p in weights.glob("*.dcp"))
 
 
 def fresh_run_dir(cfg: RunConfig, console=None) -> Path:
@@ -65,22 +70,25 @@ def fresh_run_dir(cfg: RunConfig, console=None) -> Path:
 
 
 def find_last(project: str, name: str | None) -> Path:
-    """The last.pt to resume: the named run's, else the most recently written under the project."""
-    if name:
-        path = Path(project) / name / "weights" / "last.pt"
-        if not path.exists():
-            raise ResumeError(f"{path}: no checkpoint to resume (run {name!r} under {project})")
-        return path
-    candidates = sorted(Path(project).glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
+    """The checkpoint to resume (last.pt, or last.dcp with --save-format dcp): the named run's, else the most
+    recently written under the project."""
+    runs = [Path(project) / name] if name else list(Path(project).glob("*"))
+    candidates = [run / "weights" / last for run in runs for last in LAST_NAMES if (run / "weights" / last).exists()]
     if not candidates:
+        if name:
+            raise ResumeError(f"{Path(project) / name / 'weights' / 'last.pt'}: no checkpoint to resume (run {name!r} "
+                              f"under {project})")
         raise ResumeError(f"{project}: no run with weights/last.pt to resume; pass the checkpoint: --resume PATH")
-    return candidates[-1]
+    return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Read a fuse-train checkpoint safely (weights_only); the previous good copy is named when this fails."""
+    """Read a fuse-train checkpoint safely (weights_only; a DCP folder is judged by ckpttools' inert reader first);
+    the previous good copy is named when this fails."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_folder(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
+    except CkptError as exc:  # a DCP folder that is damaged or would run code
+        raise ResumeError(str(exc)) from None
     except FileNotFoundError:
         raise ResumeError(f"{path}: no such checkpoint") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets one message
@@ -127,6 +135,9 @@ def trusted_checkpoint(path: Path, console=None) -> Path:
         return prev
     fallback = (f"the previous checkpoint {prev} is damaged too" if prev.exists()
                 else f"there is no previous checkpoint ({prev.name})")
+    if path.is_dir():  # a DCP folder: `ckpt repair` reads single files, and a damaged folder is never loaded
+        raise ResumeError(f"{path}: damaged ({problem}); {fallback}. Resume from an earlier checkpoint of the run "
+                          "(epoch{N}.dcp, best.dcp): --resume PATH")
     raise ResumeError(f"{path}: damaged ({problem}); {fallback}. Salvage it with `ckpt repair {path} -o FIXED.pt` "
                       "and resume from FIXED.pt, or pass --no-verify to resume from it anyway")
 
@@ -151,7 +162,7 @@ def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: s
     path = find_last(options["project"], options["name"] if "name" in explicit else None) if resume == "auto" else Path(resume)
     if not path.exists():
         raise ResumeError(f"{path}: no such checkpoint")
-    if path.resolve().parent.name != "weights":
+    if path.absolute().parent.name != "weights":
         raise ResumeError(f"{path}: not inside a run folder (<run>/weights/{path.name}); the resumed run writes "
                           "results.csv and weights/ beside the checkpoint's folder. Put it at <run>/weights/ first")
     if check:

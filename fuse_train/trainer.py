@@ -25,10 +25,11 @@ from ckpttools.atomic import atomic_write, copy_into_place, keep_previous, remov
 from ckpttools.digest import DIGEST_KEY, digest_record
 from fuse_train import __version__, state as S
 from fuse_train.async_save import AsyncSaver, PinnedSnapshot
+from fuse_train.dcp_save import DcpSaver
 from fuse_train.config import ConfigError, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
 from fuse_train.demo import ensure_demo
-from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, barrier
+from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, barrier, rank0_copies
 from fuse_train.loss import DetectionLoss
 from fuse_train.metrics import DetectionMetrics, confusion_matrix, detect_dataset, evaluate_detections
 from fuse_train.model import ModelConfig, anchor_grid, build_model, model_fingerprint
@@ -151,7 +152,9 @@ class Trainer:
             self.load_checkpoint(resume)
         self.runlog: RunLog | None = None  # opened by train(): nothing is written before then
         self.snapshot = PinnedSnapshot()  # reused pinned buffers on CUDA
-        self.saver = AsyncSaver(self.snapshot) if cfg.async_save and dist_info.is_main else None
+        self.saver = AsyncSaver(self.snapshot) if cfg.async_save and dist_info.is_main and cfg.save_format == "pt" \
+            else None
+        self.dcp_saver = DcpSaver(dist_info, self.snapshot, self.weights_dir) if cfg.save_format == "dcp" else None
         self._last_eval: tuple[list, list] = ([], [])
         self.history.append(history_event or {"event": "start", "date": S.now_iso(), "step": self.global_step})
         self._stop_signal: int | None = None
@@ -198,6 +201,14 @@ class Trainer:
             S.K_VERSIONS: {"fuse_train": __version__, "torch": str(torch.__version__), "python": sys.version.split()[0]},
             S.K_DATE: S.now_iso(),
         }
+        if self.dcp_saver is not None and self.dist.enabled:
+            # DCP writes a key every rank holds once, from whichever rank its planner picks, so every rank must hold
+            # rank 0's values.  Parameters and optimizer state are equal on all ranks; batch-norm running
+            # statistics (and the EMA's copies of them) are each rank's own until DDP broadcasts rank 0's at the
+            # next forward.  The live buffers stay as they are: training is the same with either format.
+            for key, module in ((S.K_MODEL, self.model), (S.K_EMA, self.ema.ema)):
+                buffers = {name: ckpt[key][name] for name, _ in module.named_buffers() if name in ckpt[key]}
+                ckpt[key].update(rank0_copies(buffers, self.dist))
         return ckpt  # live references: save() snapshots them before anything can change them
 
     def load_checkpoint(self, ckpt: dict) -> None:
@@ -225,17 +236,24 @@ class Trainer:
         return self.run_dir / "weights"
 
     def save(self, *, best: bool = False, period: bool = False, wait: bool = False) -> Path:
-        """Save weights/last.pt (and best.pt / epoch{N}.pt); every rank must call it.
+        """Save weights/last.pt (and best.pt / epoch{N}.pt; ``.dcp`` folders with --save-format dcp); every rank
+        must call it.
 
-        The state is snapshotted now (the step being saved); rank 0 writes it, in the background unless
-        ``--no-async-save`` or ``wait`` (an interrupt, the run's last save): then it returns once the file is
-        whole.  Every event up to this step is flushed to the TensorBoard log first."""
+        The state is snapshotted now (the step being saved); rank 0 writes it (with DCP, every rank writes its
+        share), in the background unless ``--no-async-save`` or ``wait`` (an interrupt, the run's last save):
+        then it returns once the checkpoint is whole.  Every event up to this step is flushed to the
+        TensorBoard log first."""
         state = self.checkpoint_dict()
-        last = self.weights_dir / "last.pt"
+        last = self.last_path
+        copies = ([self.weights_dir / f"best{last.suffix}"] if best else []) \
+            + ([self.weights_dir / f"epoch{self.epoch}{last.suffix}"] if period else [])
         if self.dist.is_main:
             self.runlog.flush()
-            copies = ([self.weights_dir / "best.pt"] if best else []) \
-                + ([self.weights_dir / f"epoch{self.epoch}.pt"] if period else [])
+        if self.dcp_saver is not None:
+            self.dcp_saver.submit(state, last, copies)
+            if wait or not self.cfg.async_save:
+                self._wait_for_saves()
+        elif self.dist.is_main:
             if self.saver is not None and not wait:
                 self.saver.submit(state, lambda snapshot: self._write_checkpoint(snapshot, last, copies))
             else:
@@ -245,6 +263,19 @@ class Trainer:
         if wait or not self.cfg.async_save:  # the same decision on every rank
             barrier(self.dist)
         return last
+
+    @property
+    def last_path(self) -> Path:
+        return self.weights_dir / ("last.dcp" if self.cfg.save_format == "dcp" else "last.pt")
+
+    def _wait_for_saves(self) -> None:
+        """The save in flight is whole (or its error raised), whichever writer has it."""
+        for saver in (self.saver, self.dcp_saver):
+            if saver is not None:
+                try:
+                    saver.wait()
+                except (OSError, RuntimeError) as exc:
+                    raise self._save_failure(self.last_path, exc) from exc
 
     def _write_checkpoint(self, ckpt: dict, last: Path, copies: list[Path]) -> None:
         """Digest, then the crash-safe write: a staged file, the copies put in place *before* last.pt is
@@ -289,10 +320,10 @@ class Trainer:
             if self._stop_signal is not None:
                 # second signal: leave now.  A save in flight is only a temporary file until its os.replace, so
                 # last.pt stays whole; the temporary file is removed by the next run.
-                os.write(2, b"\nsecond interrupt: exiting now; last.pt is the last complete save\n")
+                os.write(2, b"\nsecond interrupt: exiting now; weights/last is the last complete save\n")
                 os._exit(EXIT_INTERRUPTED.get(signum, 130))
             self._stop_signal = signum
-            self.log(f"\n{signal.Signals(signum).name} received: finishing this step and saving last.pt "
+            self.log(f"\n{signal.Signals(signum).name} received: finishing this step and saving {self.last_path.name} "
                      "(press Ctrl-C again to exit at once)")
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -325,8 +356,7 @@ class Trainer:
             if self.dist.is_main:
                 self._final_plots()
         finally:
-            if self.saver is not None:
-                self.saver.wait()  # a save in flight is finished (or its error raised) before the run ends
+            self._wait_for_saves()  # a save in flight is finished (or its error raised) before the run ends
             self.runlog.close()
             if self._stop_signal is None:  # once stopping, keep the handler: a second Ctrl-C must exit quietly
                 restore_signals()
@@ -383,7 +413,7 @@ class Trainer:
         if any_rank(not bool(torch.isfinite(loss.detach())), self.dist, self.device):
             # stop before the step: the weights (and every saved checkpoint) stay finite
             raise TrainingFailed(f"the loss became non-finite at step {self.global_step + 1} (epoch {self.epoch + 1}); "
-                                 f"nothing was saved from it ({self.weights_dir / 'last.pt'} is the last good state): "
+                                 f"nothing was saved from it ({self.last_path} is the last good state): "
                                  "lower --lr0, keep --grad-clip on, or check the labels")
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)

@@ -51,3 +51,33 @@ def test_keep_previous_after_a_save_cut_short_leaves_no_temporary_file(tmp_path)
     keep_previous(target)
     assert previous_path(target).read_bytes() == b"epoch2"
     assert _tmp_files(tmp_path) == []
+
+
+def _folder(path, text: str):
+    path.mkdir()
+    (path / "data").write_text(text)
+    return path
+
+
+def test_publish_folder_swaps_in_the_new_folder_and_keeps_the_one_it_replaced(tmp_path):
+    from ckpttools.atomic import publish_folder
+
+    last = tmp_path / "last.dcp"
+    publish_folder(_folder(tmp_path / "a", "first"), last)
+    assert (last / "data").read_text() == "first" and not previous_path(last).exists()
+    publish_folder(_folder(tmp_path / "b", "second"), last)
+    publish_folder(_folder(tmp_path / "c", "third"), last)
+    assert (last / "data").read_text() == "third"
+    assert (tmp_path / "last.prev.dcp" / "data").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.dcp", "last.prev.dcp"]  # the oldest removed
+
+
+def test_link_folder_shares_the_files_and_replaces_an_older_copy(tmp_path):
+    from ckpttools.atomic import link_folder
+
+    src = _folder(tmp_path / "src", "new")
+    dst = _folder(tmp_path / "best.dcp", "old")
+    link_folder(src, dst)
+    assert (dst / "data").read_text() == "new"
+    assert (dst / "data").stat().st_ino == (src / "data").stat().st_ino  # hard links, no second copy of the bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.dcp", "src"]

@@ -76,6 +76,33 @@ def test_ddp_resume_on_the_same_world_size_is_bitwise(ddp_reference, ddp_interru
 
 
 @pytest.mark.slow
+def test_ddp_with_dcp_folders_every_rank_writes_and_the_resume_is_bitwise(ddp_reference, tiny_data, tmp_path):
+    """--save-format dcp: dcp.async_save from both ranks; the interrupted run resumes from last.dcp (found by a
+    plain --resume) to the same weights, optimizer state and results.csv as the uninterrupted .pt run."""
+    from fuse_train.dcp_save import load_folder
+
+    proc = _torchrun(["--data", str(tiny_data), *TINY, "--save-format", "dcp"], tmp_path,
+                     env={"FUSE_TRAIN_STOP_AFTER_STEP": str(STOP)})
+    assert proc.returncode != 0 and "resume with" in proc.stderr, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "fuse" / "exp"
+    last = run / "weights" / "last.dcp"
+    shards = {p.name: p.stat().st_size for p in last.iterdir()}
+    assert set(shards) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert min(shards["__0_0.distcp"], shards["__1_0.distcp"]) > 0.3 * sum(shards.values())  # the writes are shared
+    assert load_folder(last)["progress"]["global_step"] == STOP
+    proc = _torchrun(["--resume"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert training_state_differences(load(ddp_reference / "weights" / "last.pt"), load_folder(last)) == []
+    assert (run / "results.csv").read_text() == (ddp_reference / "results.csv").read_text()
+    assert not verify(last).errors and not verify(run / "weights" / "best.dcp").errors
+    audit = CliRunner().invoke(ckpt, ["audit", str(run)])  # finds last.dcp in the run folder
+    assert audit.exit_code == 0 and "every resume is seamless" in audit.output, audit.output
+    val = subprocess.run([sys.executable, "-m", "fuse_train", "val", "-w", str(run / "weights" / "best.dcp"), "--json"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert val.returncode == 0 and '"mAP50"' in val.stdout, val.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_resume_on_another_world_size_is_blocked_and_names_remap(ddp_interrupted, tmp_path):
     proc = run_train(["--resume", str(ddp_interrupted)], tmp_path)
     assert proc.returncode == 3

@@ -76,9 +76,9 @@ def run_folder(path: Path) -> tuple[Path, Path | None]:
     """(run folder, checkpoint) for a run folder or a checkpoint inside ``<run>/weights/``."""
     if not path.exists():
         raise MissingPath(path)
-    if path.is_dir():
-        ckpt = path / "weights" / "last.pt"
-        return path, ckpt if ckpt.exists() else None
+    if path.is_dir() and not (path / ".metadata").is_file():  # a run folder (a DCP folder is a checkpoint)
+        found = [c for c in (path / "weights" / "last.pt", path / "weights" / "last.dcp") if c.exists()]
+        return path, max(found, key=lambda c: c.stat().st_mtime) if found else None  # fuse-train --save-format dcp
     run = path.parent.parent if path.parent.name == "weights" else path.parent
     return run, path
 

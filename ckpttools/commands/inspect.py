@@ -24,7 +24,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     tree = ckpt.tree
     layout = L.recognise_checkpoint(ckpt)
     tensors = list(iter_tensors(tree))
-    storages = {t.storage.key: t.storage for _, t in tensors}
+    # by identity: keys are only unique within one zip, and a DCP folder holds one zip per item
+    storages = {id(t.storage): t.storage for _, t in tensors}
     by_dtype: Counter = Counter()
     for s in storages.values():
         by_dtype[str(s.dtype)] += s.nbytes

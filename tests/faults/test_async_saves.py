@@ -3,7 +3,12 @@ still the uninterrupted one, bitwise."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -41,3 +46,40 @@ def test_sync_and_async_saves_write_the_same_run(reference_run, tiny_data, tmp_p
     assert proc.returncode == 0, proc.stderr
     sync = load(tmp_path / "runs" / "fuse" / "exp" / "weights" / "last.pt")
     assert training_state_differences(load(reference_run[0] / "weights" / "last.pt"), sync) == []
+
+
+def _start(args: list[str], cwd, env: dict | None = None) -> subprocess.Popen:
+    full = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "fuse_train", *args], cwd=cwd, env=full,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_kills_during_dcp_async_saves(reference_run, tiny_data, tmp_path):
+    """--save-format dcp: dcp.async_save writes a staging folder that is swapped in whole.  Kills at the swap
+    points (deterministic) and at random moments while a save is written every step: last.dcp is always a
+    folder that verifies, no staging folder survives the next start, and the finished run is the
+    uninterrupted one."""
+    from fuse_train.dcp_save import load_folder
+
+    rng = random.Random(5)
+    weights = tmp_path / "runs" / "fuse" / "exp" / "weights"
+    last = weights / "last.dcp"
+    fresh = ["--data", str(tiny_data), *TINY, "--save-every", "1", "--save-format", "dcp"]
+    for attempt in range(6):  # each DCP save of this model takes about a second (1,890 items), so six, not ten
+        args = ["--resume", str(last)] if last.exists() else fresh
+        if attempt % 2 == 0:  # at a swap: before it, after it, or while the replaced folder is kept
+            point = rng.choice(["folder-before-swap", "folder-after-swap", "keep-previous"])
+            proc = _start(args, tmp_path, env={"CKPTTOOLS_FAULT": f"{point}@{rng.randint(1, 3)}"})
+        else:  # anywhere: mostly inside DCP's own writes (a save every step)
+            proc = _start(args, tmp_path)
+            time.sleep(rng.uniform(3.0, 5.0))
+            proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=300) in (-9, 0)
+        if last.exists():
+            assert not verify(last).errors, f"kill {attempt} left a damaged last.dcp"
+            load_folder(last)
+    while not (last.exists() and load_folder(last)["progress"].get("finished")):
+        proc = run_train(["--resume", str(last)] if last.exists() else fresh, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert not [p.name for p in weights.iterdir() if p.name.endswith(".tmp")]  # the next start removed them
+    assert training_state_differences(load(reference_run[0] / "weights" / "last.pt"), load_folder(last)) == []
