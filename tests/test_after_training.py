@@ -95,8 +95,15 @@ def test_predict_writes_images_labels_and_json_matching_the_model(trained, tiny_
         got = np.array([b["xyxy"] + [b["score"]] for b in record["boxes"]]).reshape(-1, 5)
         want = pred[:, :5].copy()
         want[:, :4] = want[:, :4].clip(0, 64)
-        assert got.shape == want.shape and np.allclose(got[:, :4], want[:, :4], atol=0.01)
-        assert np.allclose(got[:, 4], want[:, 4], atol=1e-6)
+        assert got.shape == want.shape
+        # matched as sets: one image alone and a batch of images give scores equal to ~1e-7, so detections with
+        # near-tied scores (an untrained model at conf 0.01 has many) may come out in another order
+        unmatched = list(range(len(want)))
+        for row in got:
+            close = [j for j in unmatched if np.allclose(row[:4], want[j, :4], atol=0.01)
+                     and abs(row[4] - want[j, 4]) <= 1e-6]
+            assert close, f"predicted box {row} is not among the evaluation path's detections"
+            unmatched.remove(close[0])
         lines = (out / "labels" / f"{Path(record['rgb']).stem}.txt").read_text().splitlines()
         assert len(lines) == len(got)
 
