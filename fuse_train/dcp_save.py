@@ -101,7 +101,8 @@ class DcpSaver:
 
     def _publish(self, future: Future, last: Path, copies: list[Path], published: threading.Event) -> None:
         try:
-            future.result()
+            if future.exception() is not None:
+                return  # wait() raises it from the future itself; nothing is published
             fsync_dir(self.staged)
             for path in copies:  # in place before last.dcp says the epoch is done
                 link_folder(self.staged, path)
@@ -120,10 +121,17 @@ class DcpSaver:
 
     def wait(self) -> None:
         """Until the save in flight is written and published; raises what it raised."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         future, self._future = self._future, None
         if future is not None:
             try:
                 future.result()
+            except CheckpointException as exc:  # a BaseException: the trainer's error handling would miss it
+                errors = getattr(exc, "failures", {}) or {}
+                first = next(iter(errors.values()), exc)
+                cause = getattr(first, "exc", first)  # DCP wraps each rank's exception with its traceback
+                raise OSError(f"{self.staged}: DCP save failed: {cause}") from exc
             finally:
                 if self._published is not None:
                     self._published.wait()

@@ -107,3 +107,27 @@ def test_inspect_counts_every_item_of_a_dcp_folder(tmp_path):
     summary = inspect_checkpoint(tmp_path / "f")
     assert summary["parameter_count"] == 29
     assert summary["bytes_by_dtype"] == {"float32": 29 * 4} and summary["devices"] == {"cpu": 3}
+
+
+def test_a_failed_dcp_save_is_raised_once_and_publishes_nothing(tmp_path):
+    import torch
+
+    from fuse_train.async_save import PinnedSnapshot
+    from fuse_train.dcp_save import DcpSaver
+    from fuse_train.distributed import DistInfo
+
+    weights = tmp_path / "weights"
+    weights.write_text("a file where the weights folder should be")  # DCP cannot create its staging folder
+    saver = DcpSaver(DistInfo(), PinnedSnapshot(), weights)
+    with pytest.raises(OSError, match="DCP save failed"):  # an OSError the trainer reports in one line
+        saver.submit({"w": torch.ones(3)}, weights / "last.dcp", [])
+        saver.wait()
+    saver.wait()  # raised once, not again at the next wait
+    assert weights.is_file()
+
+    good = DcpSaver(DistInfo(), PinnedSnapshot(), tmp_path / "ok")
+    (tmp_path / "ok").mkdir()
+    good.submit({"w": torch.arange(3.0)}, tmp_path / "ok" / "last.dcp", [tmp_path / "ok" / "best.dcp"])
+    good.wait()
+    assert not good.busy and (tmp_path / "ok" / "last.dcp" / ".metadata").is_file()
+    assert (tmp_path / "ok" / "best.dcp" / ".metadata").is_file() and not list((tmp_path / "ok").glob(".*.tmp"))
