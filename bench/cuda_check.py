@@ -12,7 +12,13 @@ Rows (each runs real fuse-train / ckpt processes on the demo data):
 5. a checkpoint saved on cuda, `ckpt remap --device cpu`, then loaded with plain torch.load in a process that
    sees no GPU (CUDA_VISIBLE_DEVICES="");
 6. torchrun --nproc_per_node=N with NCCL when N >= 2 GPUs are visible: a run that finishes, and its checkpoint
-   verifies.
+   verifies;
+7. a NCCL process group of one rank on one GPU: the collectives fuse-train's loop uses (stop/save flags,
+   gathered objects, rank 0's buffers, barrier) on CUDA tensors;
+8. ``--save-format dcp`` on CUDA: DCP's async save staged through pinned memory, the folder verifies, a
+   resume from it finishes;
+9. SIGTERM to the process group of a run training on the GPU (DataLoader workers, a save every 2 steps):
+   seconds to the published last.pt and to exit (exit 143, the file verifies), scales n and s.
 
 It runs to the end on a CPU-only machine too: the CUDA rows are skipped with the reason, row 3 runs on CPU
 (where it must be bitwise) and row 4 measures the CPU copy path, so the script itself is tested here.
@@ -32,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **(env or {})}
     return subprocess.run([sys.executable, "-m", "fuse_train", *args], cwd=cwd, env=full, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -117,7 +123,7 @@ def row_remap(work: Path, cuda: bool) -> tuple[str, str]:
     last = work / "runs" / "fuse" / "oncuda" / "weights" / "last.pt"
     out = work / "cpu.pt"
     remap = subprocess.run([sys.executable, "-m", "ckpttools.cli", "remap", str(last), "--device", "cpu", "-o", str(out),
-                            "--force"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            "--force"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     load = subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(out)!r}, weights_only=True); print('ok')"],
                           capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     ok = proc.returncode == 0 and remap.returncode == 0 and load.stdout.strip() == "ok"
@@ -132,11 +138,66 @@ def row_nccl(work: Path, cuda: bool) -> tuple[str, str]:
         return "skipped", f"{n} GPU(s) visible: NCCL DDP needs 2 or more (gloo DDP is tested on CPU in tests/test_remap.py)"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "-m", "fuse_train",
                           "--epochs", "2", "--batch", str(8 * n), "--name", "nccl"], cwd=work, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1800)
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, timeout=1800)
     verify = subprocess.run([sys.executable, "-m", "ckpttools.cli", "verify",
                              str(work / "runs" / "fuse" / "nccl" / "weights" / "last.pt")], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     return ("ok" if run.returncode == 0 and verify.returncode == 0 else "FAILED"), f"torchrun on {n} GPUs (NCCL)"
+
+
+NCCL_ONE_RANK = r"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, %r)
+from fuse_train.distributed import DistInfo, any_rank_flags, barrier, rank0_copies
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", rank=0, world_size=1)
+dev = torch.device("cuda:0")
+as_ddp = DistInfo(rank=0, world_size=2)  # 'enabled': the helpers take their collective paths (on a group of 1)
+flags = any_rank_flags([True, False], as_ddp, dev)
+copies = rank0_copies({"bn.running_mean": torch.arange(4.0, device=dev)}, as_ddp)
+barrier(as_ddp)
+gathered = [None]
+dist.all_gather_object(gathered, {"step": 3})
+print(dist.get_backend(), flags, copies["bn.running_mean"].tolist(), gathered[0])
+dist.destroy_process_group()
+"""
+
+
+def row_nccl_one_rank(work: Path, cuda: bool) -> tuple[str, str]:
+    if not cuda:
+        return "skipped", "no CUDA device"
+    out = subprocess.run([sys.executable, "-c", NCCL_ONE_RANK % str(ROOT)], capture_output=True, text=True, timeout=300)
+    if out.returncode:
+        return "FAILED", (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+    return "ok", "NCCL group of 1 rank: all_reduce, broadcast, barrier, all_gather_object -> " + out.stdout.strip()
+
+
+def row_dcp_cuda(work: Path, cuda: bool) -> tuple[str, str]:
+    if not cuda:
+        return "skipped", "no CUDA device (DCP saves are tested on CPU with gloo)"
+    base = ["--device", "0", "--save-format", "dcp", "--save-every", "10", "--name", "dcpcuda"]
+    cut = _train(["--epochs", "2", *base], work, {"FUSE_TRAIN_STOP_AFTER_STEP": "30"})
+    last = work / "runs" / "fuse" / "dcpcuda" / "weights" / "last.dcp"
+    verify = subprocess.run([sys.executable, "-m", "ckpttools.cli", "verify", str(last)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    resumed = _train(["--resume", str(last)], work)
+    ok = cut.returncode == 130 and verify.returncode == 0 and resumed.returncode == 0
+    return ("ok" if ok else "FAILED"), (f"stopped at step 30 (exit {cut.returncode}), last.dcp verify exit "
+                                        f"{verify.returncode}, resume exit {resumed.returncode}")
+
+
+def row_preempt(work: Path, cuda: bool) -> tuple[str, str]:
+    if not cuda:
+        return "skipped", "no CUDA device (bench/preempt_bench.py measures CPU and torchrun)"
+    sys.path.insert(0, str(ROOT / "bench"))
+    from preempt_bench import measure
+
+    rows = measure(["n", "s"], 1, 3, "0", 640, work)
+    ok = all(r["ok"] for r in rows)
+    detail = "; ".join(f"{r['scale']}: epoch {r['epoch']} s, to last.pt {r['published']} s, to exit {r['exited']} s"
+                       for r in rows)
+    return ("ok" if ok else "FAILED"), "640 px, batch 8, median (range) of 3: " + detail
 
 
 def main() -> int:
@@ -157,7 +218,10 @@ def main() -> int:
             ("interrupt + resume, deterministic", lambda: row_resume(work, cuda, args.img_size)),
             ("async save stall", lambda: row_async(work, cuda)),
             ("cuda checkpoint -> remap --device cpu -> CPU load", lambda: row_remap(work, cuda)),
-            ("torchrun + NCCL", lambda: row_nccl(work, cuda))]
+            ("torchrun + NCCL", lambda: row_nccl(work, cuda)),
+            ("NCCL process group, 1 GPU", lambda: row_nccl_one_rank(work, cuda)),
+            ("--save-format dcp on CUDA", lambda: row_dcp_cuda(work, cuda)),
+            ("SIGTERM to the process group on CUDA", lambda: row_preempt(work, cuda))]
     print("| check | result | detail | s |")
     print("|---|---|---|---|")
     failed = False

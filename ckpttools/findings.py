@@ -128,6 +128,20 @@ FINDINGS: dict[str, FindingKind] = {
         'error', 'a name in `.metadata` with no data'),
     'dcp.chunks-incomplete': FindingKind(
         'error', "a sharded tensor's chunks do not add up to its size"),
+    'dcp.path-outside': FindingKind(
+        'error', "`.metadata` sends an item to a path outside the folder (`..`, an absolute path, a link out); torch's `dcp.load` would read it. Not read", 'use a folder from a source you trust'),
+    'hf.index-path-outside': FindingKind(
+        'error', "a Hugging Face shard index (`*.index.json`) names a file outside the folder; Transformers would load it. Not read", 'use a folder from a source you trust'),
+    'hf.index-file-missing': FindingKind(
+        'error', 'a shard named by the Hugging Face index is not in the folder', 'copy the whole folder'),
+    'hf.index-unreadable': FindingKind(
+        'error', 'the Hugging Face shard index is not a JSON object with a `weight_map` (or is implausibly large)'),
+    'folder.path-outside': FindingKind(
+        'error', "a checkpoint folder's file is a link to outside the folder (or DeepSpeed's `latest` names one); not read", 'copy the files themselves into the folder'),
+    'safetensors.duplicate-name': FindingKind(
+        'error', 'one tensor name appears twice in a safetensors header (JSON readers disagree on which one wins)'),
+    'safetensors.bad-entry': FindingKind(
+        'error', 'a safetensors header entry that is not a tensor description: unknown dtype, shape or offsets not lists of non-negative integers'),
     'dcp.empty': FindingKind(
         'warning', 'a DCP folder without tensors'),
     'zip.crc-not-computed': FindingKind(

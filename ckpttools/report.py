@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ckpttools.errors import EXIT_OK, EXIT_PROBLEMS
+from ckpttools.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE
 from ckpttools.findings import FINDINGS
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -52,6 +52,11 @@ class Report:
         return not self.errors and not (strict and self.warnings)
 
     def exit_code(self, strict: bool = False) -> int:
+        """0 / 1 by the findings; 2 when the path is not a checkpoint at all (the same answer as every other
+        command gives it: a usage error, not damage)."""
+        errors = self.errors
+        if errors and all(f.code == "file.not-a-checkpoint" for f in errors):
+            return EXIT_USAGE
         return EXIT_OK if self.ok(strict) else EXIT_PROBLEMS
 
     def to_dict(self, strict: bool = False) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 import traceback
+from pathlib import Path
 
 import click
 import torch
@@ -15,9 +16,11 @@ from fuse_train.commands import one_line, register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
 from fuse_train.data import DatasetError
 from fuse_train.distributed import init_distributed, shutdown
-from fuse_train.resume import ResumeError, PreflightBlocked, prepare_resume, fresh_run_dir
+from fuse_train.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
+from fuse_train.resume import ResumeError, PreflightBlocked, RunFinished, prepare_resume, fresh_run_dir
 from fuse_train.runlock import RunLocked, run_lock
-from fuse_train.trainer import EXIT_INTERRUPTED, Trainer, TrainingFailed, TrainingInterrupted
+from fuse_train.signals import exit_code
+from fuse_train.trainer import Trainer, TrainingFailed, TrainingInterrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
 
@@ -34,6 +37,13 @@ Examples:
 Exit codes: 0 done, 1 training failed, 2 bad option or input, 3 resume
 blocked by the preflight, 130 / 143 stopped by SIGINT / SIGTERM after
 saving a resumable last.pt.
+
+\b
+Signals (to the process or its whole group; DataLoader workers ignore
+them): SIGINT / SIGTERM finish the step, save last.pt and exit; a second
+one exits at once. SIGUSR1 saves last.pt and keeps training (Slurm:
+--signal=USR1@90). Restarts by torchrun --max-restarts or Slurm --requeue
+continue the run by themselves (README: Preemptible clusters).
 """
 
 D = RunConfig()  # defaults shown in --help
@@ -97,27 +107,49 @@ def cli() -> None:
 @click.option("--resume", "resume", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
               help="Continue a run exactly: the newest last.pt / last.dcp under --project (or --name's run), or PATH. Options not given come from the checkpoint.")
 @click.option("--allow-change", default="", metavar="FIELDS", help="With --resume: comma-separated preflight fields allowed to differ, e.g. batch,lr0.")
+@click.option("--stop-grace", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, metavar="SECONDS", help="Seconds the scheduler allows between SIGTERM and SIGKILL (torchrun and Kubernetes: 30); a one-line warning after the first epoch if a stop needs longer.")
+@click.option("--auto-resume", is_flag=True, help="Continue the run this same command started, if it has a checkpoint (else train fresh): for launchers that restart a job with its command line. Implied under torchrun restarts and Slurm requeues.")
 @click.option("--no-verify", is_flag=True, help="With --resume: skip the integrity check (CRC32s, digest) of the checkpoint; by default a damaged last.pt falls back to last.prev.pt.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
-def train(ctx: click.Context, resume: str | None, allow_change: str, no_verify: bool, debug: bool, **options) -> None:
+def train(ctx: click.Context, resume: str | None, allow_change: str, auto_resume: bool, stop_grace: float,
+          no_verify: bool, debug: bool, **options) -> None:
     """Train a dual-stream RGB+infrared object detector (YOLOFuse-style early / mid / late fusion) with
     exact, crash-safe resume.  Writes <project>/<name>/ with weights/last.pt, best.pt, results.csv, args.yaml."""
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     explicit = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     dist_info = None
+    restart = restart_reason()
+    launch = launch_record({k: options[k] for k in sorted(explicit)})
+    fresh_in = None
     try:
+        if resume is None and (auto_resume or restart or launch["job"]):
+            fresh_in = relaunched_run(options["project"], options["name"], launch)
+            last = newest_last(fresh_in) if fresh_in is not None else None
+            if last is not None:
+                resume, fresh_in = str(last), None
+                restart = restart or f"same job ({launch['job']})"
+        elif resume not in (None, "auto") and restart and Path(resume).absolute().parent.name == "weights":
+            resume = str(newest_last(Path(resume).absolute().parent.parent) or resume)  # the run's newest save
         if resume is not None:
+            if restart or auto_resume:
+                console.print(f"{restart or '--auto-resume'}: continuing the run from {resume}", markup=False,
+                              highlight=False)
             plan = prepare_resume(resume, options, explicit, allow_change, console, check=not no_verify)
             cfg, run_dir, ckpt, event = plan.cfg, plan.run_dir, plan.checkpoint, plan.event
+            if restart:
+                event["restart"] = restart
         else:
             cfg = RunConfig(**options)
-            run_dir, ckpt, event = fresh_run_dir(cfg, console), None, None
+            run_dir, ckpt, event = fresh_in or fresh_run_dir(cfg, console), None, None
         use_cuda = (cfg.device or "").lower() != "cpu" and torch.cuda.is_available()
         dist_info = init_distributed(use_cuda)
-        trainer = Trainer(cfg, run_dir, dist_info, resume=ckpt, console=console, history_event=event)  # reads only
+        trainer = Trainer(cfg, run_dir, dist_info, resume=ckpt, console=console, history_event=event,  # reads only
+                          stop_grace=stop_grace)
         with run_lock(run_dir, take=dist_info.is_main):  # one process per run folder, from the first write on
+            if dist_info.is_main and ckpt is None:
+                write_launch(run_dir, launch)  # what a restart with this command line looks for
             if dist_info.is_main:
                 where = f"epoch {trainer.epoch + 1}" + (f", step {trainer.step_in_epoch}" if trainer.step_in_epoch else "")
                 console.print(f"{'resuming' if ckpt else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} of "
@@ -132,7 +164,14 @@ def train(ctx: click.Context, resume: str | None, allow_change: str, no_verify: 
         if dist_info is None or dist_info.is_main:
             err.print(f"{stop}: saved {stop.checkpoint}\nresume with: "
                       f"fuse-train --resume {shlex.quote(str(stop.checkpoint))}", markup=False, highlight=False)
-        code = EXIT_INTERRUPTED.get(stop.signum, 130)
+        code = exit_code(stop.signum)
+    except RunFinished as exc:
+        if restart or auto_resume:  # restarted after the run's last save: the job is done, not failed
+            console.print(f"{restart or '--auto-resume'}: {exc}", markup=False, highlight=False)
+            code = EXIT_OK
+        else:
+            err.print(f"fuse-train: error: {one_line(exc)}", markup=False, highlight=False)
+            code = EXIT_USAGE
     except PreflightBlocked as blocked:
         blocked.render(err)
         code = EXIT_PREFLIGHT

@@ -25,7 +25,7 @@ import threading
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ckpttools.atomic import fsync_dir, link_folder, publish_folder
 from fuse_train.async_save import PinnedSnapshot
@@ -82,8 +82,10 @@ class DcpSaver:
         self._published: threading.Event | None = None
         self._error: BaseException | None = None
 
-    def submit(self, state: dict[str, Any], last: Path, copies: list[Path]) -> None:
-        """Stage ``state`` now and write it in the background; rank 0 publishes it as ``last`` (and ``copies``)."""
+    def submit(self, state: dict[str, Any], last: Path, copies: list[Path],
+               published: Callable[[], None] = lambda: None) -> None:
+        """Stage ``state`` now and write it in the background; rank 0 publishes it as ``last`` (and ``copies``),
+        then calls ``published``."""
         import torch.distributed.checkpoint as dcp
 
         self.wait()
@@ -95,11 +97,13 @@ class DcpSaver:
                                 no_dist=not self.dist.enabled)
         self._future = future
         if self.dist.is_main:
-            published = self._published = threading.Event()
+            then, published = published, threading.Event()
+            self._published = published
             # Future.result() returns before done-callbacks have run: wait() waits for this event instead
-            future.add_done_callback(lambda f: self._publish(f, last, copies, published))
+            future.add_done_callback(lambda f: self._publish(f, last, copies, published, then))
 
-    def _publish(self, future: Future, last: Path, copies: list[Path], published: threading.Event) -> None:
+    def _publish(self, future: Future, last: Path, copies: list[Path], published: threading.Event,
+                 then: Callable[[], None]) -> None:
         try:
             if future.exception() is not None:
                 return  # wait() raises it from the future itself; nothing is published
@@ -107,6 +111,7 @@ class DcpSaver:
             for path in copies:  # in place before last.dcp says the epoch is done
                 link_folder(self.staged, path)
             publish_folder(self.staged, last)
+            then()
         except BaseException as exc:  # noqa: BLE001 - raised on the training thread by the next wait()
             self._error = exc
         finally:

@@ -33,8 +33,29 @@ def init_distributed(use_cuda: bool) -> DistInfo:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        store = _attempt_store(world, info.rank)
+        if store is None:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        else:
+            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=info.rank, world_size=world)
     return info
+
+
+def _attempt_store(world: int, rank: int):
+    """Under torchrun: a store of this attempt's own, hosted by rank 0's worker on MASTER_PORT + 1.
+
+    torch's env rendezvous puts the process group's keys in the torchrun agent's store without a per-attempt
+    prefix ("a new TCPStore for every retry"), but the agents keep their store across ``--max-restarts``
+    restarts (same MASTER_PORT).  A restarted rank that reaches ``init_process_group`` before rank 0 then reads
+    the *previous* attempt's addresses and fails ("Gloo connectFullMesh failed ... Connection refused"), so
+    every restart fails again.  A restart counter is no way out: with several agents only some count a restart.
+    A store created by this attempt's rank 0 process exists only as long as that process: it holds no key of an
+    earlier attempt.  MASTER_ADDR is the host of rank 0 (group rank 0's node)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]) + 1, world, is_master=rank == 0,
+                         timeout=dist.constants.default_pg_timeout, wait_for_workers=False)
 
 
 def barrier(info: DistInfo) -> None:
@@ -57,6 +78,15 @@ def any_rank(flag: bool, info: DistInfo, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def any_rank_flags(flags: list[bool], info: DistInfo, device) -> list[bool]:
+    """``any_rank`` of several flags in one collective (the loop asks every step: stop? save now?)."""
+    if not info.enabled:
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def all_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

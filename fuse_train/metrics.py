@@ -17,6 +17,7 @@ import torch
 from fuse_train.boxes import batched_nms
 from fuse_train.data import collate
 from fuse_train.model import decode_boxes
+from fuse_train.signals import loader_batches, worker_init
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -46,9 +47,10 @@ def detect_dataset(model, dataset, anchors, strides, device, conf: float, iou: f
     """Detections (x1 y1 x2 y2 score cls, letterboxed pixels) and ground truth (cls x1 y1 x2 y2) per image of a
     ``PairedDataset``, in order; the one evaluation loop of training's validation and ``fuse-train val``."""
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sequential_batches(len(dataset), batch),
-                                         num_workers=workers, collate_fn=collate, pin_memory=pin_memory)
+                                         num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+                                         worker_init_fn=worker_init)
     preds, gts = [], []
-    for images, targets, _ in loader:
+    for images, targets, _ in loader_batches(loader):  # workers ignore signals: a stop during evaluation saves
         images = images.to(device).float().div_(255)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -25,6 +25,10 @@ class ResumeError(ValueError):
     """A resume that cannot start (no checkpoint, unreadable file, finished run); the message says what to do."""
 
 
+class RunFinished(ResumeError):
+    """The checkpoint's run has done all its epochs (a restart of a finished run has nothing left to do)."""
+
+
 class PreflightBlocked(Exception):
     def __init__(self, report: PreflightReport, checkpoint: Path):
         super().__init__(f"preflight blocked resume from {checkpoint}")
@@ -47,7 +51,7 @@ class ResumePlan:
     event: dict
 
 
-LAST_NAMES = ("last.pt", "last.dcp")  # --save-format pt / dcp
+from fuse_train.relaunch import LAST_NAMES  # noqa: E402 - one spelling of the last-checkpoint names
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
@@ -174,7 +178,7 @@ def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: s
     merged = dataclasses.replace(merged, project=str(path.parent.parent.parent), name=path.parent.parent.name)
     progress = ckpt[S.K_PROGRESS]
     if progress.get("finished") and merged.epochs <= recorded_cfg.epochs:
-        raise ResumeError(f"{path}: this run finished all {recorded_cfg.epochs} epochs; nothing to resume. To train "
+        raise RunFinished(f"{path}: this run finished all {recorded_cfg.epochs} epochs; nothing to resume. To train "
                           f"longer, extend it: fuse-train --resume {path} --epochs N --allow-change epochs (N > "
                           f"{recorded_cfg.epochs}), or start a fresh run")
     if merged.epochs * progress["steps_per_epoch"] < progress["global_step"]:

@@ -6,9 +6,12 @@ across resumes.
 * TensorBoard events (``events.out.tfevents.*`` in the run folder): per optimizer step the step's losses and
   the learning rate of every parameter group; per epoch the validation metrics, precision / recall and epoch
   time; the hyperparameters once.  The x axis is the global step everywhere.  On resume the writer is opened
-  with ``purge_step`` = the checkpoint's step + 1: events a killed run wrote after its last save are dropped
-  by TensorBoard, and the resumed run writes them again, identical.  The writer is flushed before every
-  checkpoint, so every event up to a save is on disk when the save is.
+  with ``purge_step`` = the checkpoint's step: events a killed run wrote from there on are dropped by
+  TensorBoard; the scalars of the checkpoint's own step are written again from the checkpoint's record
+  (``RunLog.record``), and the resumed run writes the later ones again, identical.
+* An epoch's scalars, its ``results.csv`` row and ``results.png`` are written only once the checkpoint that
+  holds the epoch is published (the trainer's ``published`` callback): the logs never claim an epoch the
+  checkpoint does not hold.
 * ``results.png`` (redrawn every epoch) with a marker at each resume and allowed change from the checkpoint's
   history; after training ``PR_curve.png``, ``F1_curve.png``, ``confusion_matrix.png`` and ``labels.png``.
 """
@@ -29,36 +32,67 @@ DETERMINISTIC_TAGS = ("train/", "lr/", "metrics/")  # time/* depends on the mach
 
 
 class RunLog:
-    """One run's logs; only rank 0 makes one (``enabled=False`` elsewhere makes every call a no-op)."""
+    """One run's logs; only rank 0 makes one (``enabled=False`` elsewhere makes every call a no-op).
 
-    def __init__(self, run_dir: Path, step: int, hparams: dict, enabled: bool = True, fresh: bool = True):
+    ``record()`` is what TensorBoard got at the latest step (saved in the checkpoint's progress).  A resume
+    from a checkpoint with such a record (``replay``) purges every event from that step on, then writes the
+    record again: the events of the checkpoint's own step are there exactly once, whether or not the killed run
+    wrote them (an epoch's scalars wait for the save to be published, so a kill can fall in between)."""
+
+    def __init__(self, run_dir: Path, step: int, hparams: dict, enabled: bool = True, fresh: bool = True,
+                 replay: dict | None = None):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.writer = None
+        self._record: dict | None = None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported when a run starts (TensorBoard is slow to load)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=step + 1, flush_secs=60)
+        replayable = bool(replay) and int(replay.get("step", -1)) == step
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=step if replayable else step + 1, flush_secs=60)
         if fresh:
             self.writer.add_hparams({k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))},
                                     {"hparam/fitness": 0.0}, run_name=".")
+        if replayable:
+            self.write_scalars(step, replay["scalars"])
+            self._record = {"step": step, "scalars": [list(pair) for pair in replay["scalars"]]}
+
+    def record(self) -> dict | None:
+        """The scalars written (or noted to be written) at the latest step: ``{"step", "scalars": [[tag, v]]}``."""
+        if self._record is None:
+            return None
+        return {"step": self._record["step"], "scalars": [list(pair) for pair in self._record["scalars"]]}
+
+    def note(self, global_step: int, scalars: list) -> None:
+        """Add ``scalars`` to the record of ``global_step`` without writing them yet (see ``write_scalars``)."""
+        if not self.enabled:
+            return
+        if self._record is None or self._record["step"] != global_step:
+            self._record = {"step": global_step, "scalars": []}
+        self._record["scalars"].extend([tag, float(v)] for tag, v in scalars)
+
+    def write_scalars(self, global_step: int, scalars: list) -> None:
+        if self.writer is None:
+            return
+        for tag, value in scalars:
+            self.writer.add_scalar(tag, float(value), global_step)
 
     def step(self, global_step: int, losses: Sequence[float], lrs: Sequence[float]) -> None:
         if self.writer is None:
             return
-        self.writer.add_scalar("train/box_loss", float(losses[0]), global_step)
-        self.writer.add_scalar("train/cls_loss", float(losses[1]), global_step)
-        for i, lr in enumerate(lrs):
-            self.writer.add_scalar(f"lr/pg{i}", float(lr), global_step)
+        scalars = [["train/box_loss", float(losses[0])], ["train/cls_loss", float(losses[1])]]
+        scalars += [[f"lr/pg{i}", float(lr)] for i, lr in enumerate(lrs)]
+        self._record = None
+        self.note(global_step, scalars)
+        self.write_scalars(global_step, scalars)
 
-    def epoch(self, global_step: int, row: dict, seconds: float) -> None:
-        if self.writer is None:
-            return
-        for key in ("metrics/precision", "metrics/recall", "metrics/mAP50", "metrics/mAP50-95"):
-            self.writer.add_scalar(key, float(row[key]), global_step)
-        self.writer.add_scalar("metrics/fitness", float(row["fitness"]), global_step)
-        self.writer.add_scalar("time/epoch_seconds", seconds, global_step)
+    @staticmethod
+    def epoch_scalars(row: dict, seconds: float) -> list:
+        """An epoch's TensorBoard scalars (validation metrics, fitness, epoch time), as [tag, value] pairs."""
+        keys = ("metrics/precision", "metrics/recall", "metrics/mAP50", "metrics/mAP50-95")
+        return [[key, float(row[key])] for key in keys] + [["metrics/fitness", float(row["fitness"])],
+                                                             ["time/epoch_seconds", float(seconds)]]
 
     def flush(self) -> None:
         if self.writer is not None:

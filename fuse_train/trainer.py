@@ -14,6 +14,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,13 +30,12 @@ from fuse_train.dcp_save import DcpSaver
 from fuse_train.config import ConfigError, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
 from fuse_train.demo import ensure_demo
-from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, barrier, rank0_copies
+from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, any_rank_flags, barrier, rank0_copies
 from fuse_train.loss import DetectionLoss
 from fuse_train.metrics import DetectionMetrics, confusion_matrix, detect_dataset, evaluate_detections
 from fuse_train.model import ModelConfig, anchor_grid, build_model, model_fingerprint
 from fuse_train.runlog import RunLog, boundaries, plot_confusion, plot_curves, plot_labels, plot_results
-
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+from fuse_train.signals import SignalState, exit_code, loader_batches, worker_init
 
 
 class TrainingFailed(Exception):
@@ -85,6 +85,7 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 def _seed_worker(worker_id: int) -> None:
+    worker_init()  # the main process decides what a signal does (fuse_train/signals.py)
     # Augmentation draws from per-sample generators; seeding the global ones too keeps any library that
     # uses them reproducible.
     seed = torch.initial_seed() % 2**32
@@ -95,7 +96,7 @@ def _seed_worker(worker_id: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, dist_info: DistInfo = DistInfo(), resume: dict | None = None,
-                 console=None, history_event: dict | None = None):
+                 console=None, history_event: dict | None = None, stop_grace: float = 30.0):
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
         self.console = console
         self.device = select_device(cfg.device, dist_info.local_rank)
@@ -148,16 +149,20 @@ class Trainer:
         self.history: list[dict] = []
         self.finished = False
         self.resumed = resume is not None
+        self.resumed_log: dict | None = None
+        self.runlog: RunLog | None = None  # opened by train(): nothing is written before then
         if resume is not None:
             self.load_checkpoint(resume)
-        self.runlog: RunLog | None = None  # opened by train(): nothing is written before then
         self.snapshot = PinnedSnapshot()  # reused pinned buffers on CUDA
         self.saver = AsyncSaver(self.snapshot) if cfg.async_save and dist_info.is_main and cfg.save_format == "pt" \
             else None
         self.dcp_saver = DcpSaver(dist_info, self.snapshot, self.weights_dir) if cfg.save_format == "dcp" else None
         self._last_eval: tuple[list, list] = ([], [])
         self.history.append(history_event or {"event": "start", "date": S.now_iso(), "step": self.global_step})
-        self._stop_signal: int | None = None
+        self.signals = SignalState(self.log, self.last_path.name)
+        self.stop_grace = stop_grace
+        self._save_seconds: float | None = None  # the latest .pt write, measured by the writer
+        self._grace_checked = False
         # Test hook: behave as if Ctrl-C arrived during optimizer step N (so tests can stop at an exact step).
         stop_at = os.environ.get("FUSE_TRAIN_STOP_AFTER_STEP")
         self._stop_after_step = int(stop_at) if stop_at else None
@@ -166,6 +171,10 @@ class Trainer:
         signal_at = os.environ.get("FUSE_TRAIN_SIGNAL_AFTER_STEP", "")
         self._signal_after = (getattr(signal, "SIG" + signal_at.split(":")[0]), int(signal_at.split(":")[1])) \
             if signal_at else None
+
+    @property
+    def _stop_signal(self) -> int | None:
+        return self.signals.stop
 
     # ---- state -------------------------------------------------------------------------------------------
     def _make_schedule(self) -> S.LRSchedule:
@@ -195,7 +204,9 @@ class Trainer:
             S.K_RESULTS: [dict(r) for r in self.results],
             S.K_PROGRESS: {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                            "steps_per_epoch": self.sampler.steps_per_epoch, "epoch_loss_sum": loss_sums,
-                           "samples_seen": self.global_step * self.cfg.batch, "finished": self.finished},
+                           "samples_seen": self.global_step * self.cfg.batch, "finished": self.finished,
+                           # the TensorBoard scalars of this step: a resume writes them again (RunLog.replay)
+                           "logged": self._logged_record()},
             S.K_RNG: {"world_size": self.dist.world_size, "ranks": rng},
             S.K_HISTORY: [dict(h) for h in self.history],
             S.K_VERSIONS: {"fuse_train": __version__, "torch": str(torch.__version__), "python": sys.version.split()[0]},
@@ -210,6 +221,11 @@ class Trainer:
                 buffers = {name: ckpt[key][name] for name, _ in module.named_buffers() if name in ckpt[key]}
                 ckpt[key].update(rank0_copies(buffers, self.dist))
         return ckpt  # live references: save() snapshots them before anything can change them
+
+    def _logged_record(self) -> dict | None:
+        """Rank 0's record of what TensorBoard got at this step (every rank holds it: DCP writes it from any)."""
+        record = self.runlog.record() if self.runlog is not None else None
+        return all_gather_objects(record, self.dist)[0] if self.dist.enabled else record
 
     def load_checkpoint(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt[S.K_MODEL])
@@ -226,6 +242,7 @@ class Trainer:
         self.last_metrics = dict(ckpt.get(S.K_METRICS) or {})
         self.results = [dict(r) for r in ckpt.get(S.K_RESULTS, [])]
         self.history = [dict(h) for h in ckpt.get(S.K_HISTORY, [])]
+        self.resumed_log = p.get("logged")
         ranks = ckpt[S.K_RNG]["ranks"]
         if len(ranks) == self.dist.world_size:
             S.restore_rng(ranks[self.dist.rank])
@@ -235,31 +252,34 @@ class Trainer:
     def weights_dir(self) -> Path:
         return self.run_dir / "weights"
 
-    def save(self, *, best: bool = False, period: bool = False, wait: bool = False) -> Path:
+    def save(self, *, best: bool = False, period: bool = False, wait: bool = False,
+             published: Callable[[], None] | None = None) -> Path:
         """Save weights/last.pt (and best.pt / epoch{N}.pt; ``.dcp`` folders with --save-format dcp); every rank
         must call it.
 
         The state is snapshotted now (the step being saved); rank 0 writes it (with DCP, every rank writes its
         share), in the background unless ``--no-async-save`` or ``wait`` (an interrupt, the run's last save):
-        then it returns once the checkpoint is whole.  Every event up to this step is flushed to the
-        TensorBoard log first."""
+        then it returns once the checkpoint is whole.  ``published`` runs on rank 0 once the checkpoint is in
+        place (on the writer's thread for a background save): what the logs may show only then."""
         state = self.checkpoint_dict()
         last = self.last_path
         copies = ([self.weights_dir / f"best{last.suffix}"] if best else []) \
             + ([self.weights_dir / f"epoch{self.epoch}{last.suffix}"] if period else [])
         if self.dist.is_main:
             self.runlog.flush()
+        then = (published or (lambda: None)) if self.dist.is_main else (lambda: None)
         if self.dcp_saver is not None:
-            self.dcp_saver.submit(state, last, copies)
+            self.dcp_saver.submit(state, last, copies, then)
             if wait or not self.cfg.async_save:
                 self._wait_for_saves()
         elif self.dist.is_main:
             if self.saver is not None and not wait:
-                self.saver.submit(state, lambda snapshot: self._write_checkpoint(snapshot, last, copies))
+                self.saver.submit(state, lambda snapshot: (self._write_checkpoint(snapshot, last, copies), then()))
             else:
                 if self.saver is not None:
-                    self.saver.wait()  # the save in flight first: files are replaced in step order
+                    self._wait_for_saves()  # the save in flight first: files are replaced in step order
                 self._write_checkpoint(self.snapshot.take(state), last, copies)
+                then()
         if wait or not self.cfg.async_save:  # the same decision on every rank
             barrier(self.dist)
         return last
@@ -280,6 +300,7 @@ class Trainer:
     def _write_checkpoint(self, ckpt: dict, last: Path, copies: list[Path]) -> None:
         """Digest, then the crash-safe write: a staged file, the copies put in place *before* last.pt is
         replaced (once last.pt says an epoch is done, its copies exist), the previous last.pt kept."""
+        started = time.perf_counter()
         ckpt[DIGEST_KEY] = digest_record(ckpt)
         staged = temp_path(last, "staged")
         try:
@@ -289,6 +310,7 @@ class Trainer:
                 copy_into_place(staged, path)
             keep_previous(last)  # last.prev.pt: the previous good checkpoint survives the replacement
             copy_into_place(staged, last)
+            self._save_seconds = time.perf_counter() - started
         except (OSError, RuntimeError) as exc:
             raise self._save_failure(last, exc) from exc
         finally:
@@ -313,21 +335,9 @@ class Trainer:
         with atomic_write(self.run_dir / "args.yaml", "w") as f:
             yaml.safe_dump({**self.cfg.to_dict(), "resolved": self.resolved.to_dict()}, f, sort_keys=False)
         self.runlog.write_results(self.results)  # cut back to the checkpoint's rows: none duplicated after a resume
-
-    # ---- signals -----------------------------------------------------------------------------------------
-    def _install_signal_handlers(self):
-        def handler(signum, frame):
-            if self._stop_signal is not None:
-                # second signal: leave now.  A save in flight is only a temporary file until its os.replace, so
-                # last.pt stays whole; the temporary file is removed by the next run.
-                os.write(2, b"\nsecond interrupt: exiting now; weights/last is the last complete save\n")
-                os._exit(EXIT_INTERRUPTED.get(signum, 130))
-            self._stop_signal = signum
-            self.log(f"\n{signal.Signals(signum).name} received: finishing this step and saving {self.last_path.name} "
-                     "(press Ctrl-C again to exit at once)")
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+        if self.resumed and self.results:  # a kill between a save's publication and its plot left an older one
+            plot_results(self.results, boundaries(self.history, self.sampler.steps_per_epoch),
+                         self.run_dir / "results.png")
 
     # ---- loop --------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -344,9 +354,9 @@ class Trainer:
         # purge_step = the checkpoint's step + 1: events written after it by a killed run are dropped (for a
         # fresh run, step 1: whatever an earlier attempt that never saved left in the folder)
         self.runlog = RunLog(self.run_dir, self.global_step, self.cfg.to_dict(), enabled=self.dist.is_main,
-                             fresh=not self.resumed)
+                             fresh=not self.resumed, replay=self.resumed_log)
         self.write_run_files()
-        restore_signals = self._install_signal_handlers()
+        restore_signals = self.signals.install()
         try:
             while self.epoch < self.cfg.epochs:
                 self._train_epoch()
@@ -374,12 +384,12 @@ class Trainer:
     def _train_epoch(self) -> None:
         cfg, spe = self.cfg, self.sampler.steps_per_epoch
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-        loader = self.make_loader(self.train_set, self.sampler)
+        batches = loader_batches(self.make_loader(self.train_set, self.sampler))  # workers ignore signals
         self.train_model.train()
         progress = _Progress(self, spe)
         t0 = time.time()
         self._epoch_started = time.time()
-        for images, targets, _ in loader:
+        for images, targets, _ in batches:
             lr = self.schedule.apply(self.optimizer, self.global_step)
             loss_parts = self._step(images, targets)
             self.epoch_loss_sum += loss_parts.to(torch.float64).cpu()
@@ -388,17 +398,24 @@ class Trainer:
             self.runlog.step(self.global_step, loss_parts.tolist(), [g["lr"] for g in self.optimizer.param_groups])
             progress.update(self.epoch_loss_sum / self.step_in_epoch, lr, time.time() - t0)
             if self._stop_after_step == self.global_step:
-                self._stop_signal = signal.SIGINT
+                self.signals.stop = signal.SIGINT
             if self._signal_after and self._signal_after[1] == self.global_step:
                 os.kill(os.getpid(), self._signal_after[0])
-            stop = any_rank(self._stop_signal is not None, self.dist, self.device)
+            stop, save_now = any_rank_flags([self._stop_signal is not None, self.signals.save_requested], self.dist,
+                                            self.device)
             if stop and self.step_in_epoch < spe:
                 progress.close()
                 path = self.save(wait=True)  # the resumable save: whole before the process exits
                 raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
             # a stop on the epoch's last step lets evaluation and the epoch-end save run first (see train())
-            if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step_in_epoch < spe:
-                self.save()
+            periodic = cfg.save_every and self.global_step % cfg.save_every == 0
+            if (periodic or save_now) and self.step_in_epoch < spe:
+                self.signals.save_requested = False
+                step = self.global_step
+                self.save(published=(lambda: self.log(f"saved {self.last_path.name} at step {step} (SIGUSR1)"))
+                          if save_now else None)
+            elif save_now:
+                self.signals.save_requested = False  # the epoch-end save below is the requested one
         progress.close()
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -439,7 +456,9 @@ class Trainer:
                "metrics/mAP50-95": metrics.map, "fitness": fitness, "lr": lr}
         self.results.append(row)
         self.last_metrics = metrics.as_dict()
-        self.runlog.epoch(self.global_step, row, time.time() - self._epoch_started)
+        seconds = time.time() - self._epoch_started
+        epoch_scalars = self.runlog.epoch_scalars(row, seconds)
+        self.runlog.note(self.global_step, epoch_scalars)  # in the checkpoint's record; written once it is published
         self.log(f"epoch {self.epoch + 1}/{self.cfg.epochs}  box {row['train/box_loss']:.4f}  cls {row['train/cls_loss']:.4f}"
                  f"  P {metrics.precision:.3f}  R {metrics.recall:.3f}  mAP50 {metrics.map50:.3f}"
                  f"  mAP50-95 {metrics.map:.3f}" + ("  (best)" if improved else ""))
@@ -449,11 +468,41 @@ class Trainer:
         period = self.cfg.save_period > 0 and self.epoch % self.cfg.save_period == 0
         if self.epoch >= self.cfg.epochs:
             self.finished = True
-        if self.dist.is_main:
-            self.runlog.write_results(self.results)
-            plot_results(self.results, boundaries(self.history, self.sampler.steps_per_epoch),
-                         self.run_dir / "results.png")
-        return self.save(best=improved, period=period, wait=self.finished or self._stop_signal is not None)
+        path = self.save(best=improved, period=period, wait=self.finished or self._stop_signal is not None,
+                         published=self._epoch_logger(self.global_step, epoch_scalars))
+        self._check_stop_fits_grace(seconds / max(1, self.sampler.steps_per_epoch))
+        return path
+
+    def _check_stop_fits_grace(self, step_seconds: float) -> None:
+        """Once, after the first save was written: can a stop finish inside the scheduler's grace period?
+
+        A stop finishes the step, waits for a save in flight and writes the resumable checkpoint, so it needs
+        about one step and two saves.  If that is more than --stop-grace (torchrun and Kubernetes give 30 s
+        before SIGKILL), say so in one line, while there is time to change the set-up."""
+        if self._grace_checked or not self.dist.is_main or self._save_seconds is None:
+            return
+        self._grace_checked = True
+        needed = step_seconds + 2 * self._save_seconds
+        if needed > self.stop_grace:
+            self.log(f"warning: a stop (SIGTERM) needs about {needed:.0f} s here (a step {step_seconds:.1f} s, writing "
+                     f"{self.last_path.name} {self._save_seconds:.1f} s, twice if a save is in flight), more than the "
+                     f"{self.stop_grace:.0f} s grace before SIGKILL (--stop-grace): raise the scheduler's grace "
+                     "(Kubernetes terminationGracePeriodSeconds, Slurm KillWait), or send SIGUSR1 before the end "
+                     "(Slurm --signal=USR1@90) so the last save is recent")
+
+    def _epoch_logger(self, step: int, scalars: list) -> Callable[[], None]:
+        """What shows an epoch as done (its TensorBoard scalars, results.csv, results.png), written only once the
+        checkpoint that holds the epoch is published: the logs never claim more than the checkpoint has.  The
+        rows are copied now; the writer thread runs this later while training goes on."""
+        rows = [dict(r) for r in self.results]
+        marks = boundaries(self.history, self.sampler.steps_per_epoch)
+
+        def write() -> None:
+            self.runlog.write_scalars(step, scalars)
+            self.runlog.write_results(rows)
+            if self.dist.is_main:
+                plot_results(rows, marks, self.run_dir / "results.png")
+        return write
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> DetectionMetrics:

@@ -30,3 +30,14 @@ def reference_run(tiny_data, tmp_path_factory):
     proc = run_train(["--data", str(tiny_data), *TINY, "--save-period", "2"], cwd)
     assert proc.returncode == 0, proc.stderr
     return cwd / "runs" / "fuse" / "exp", proc
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tiny_data, tmp_path_factory):
+    """The same 3-epoch run as two processes (torchrun, gloo), uninterrupted."""
+    from tests.helpers import TINY, run_torchrun
+
+    cwd = tmp_path_factory.mktemp("ddp_ref")
+    proc = run_torchrun(["--data", str(tiny_data), *TINY], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "runs" / "fuse" / "exp"

@@ -18,6 +18,29 @@ def run_train(args: list[str], cwd: Path, env: dict | None = None, timeout: floa
                           text=True, timeout=timeout)
 
 
+def torchrun_command(args: list[str], nproc: int = 2, launcher: list[str] | None = None) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N [launcher options] -m fuse_train ARGS`` as an argv."""
+    launch = launcher if launcher is not None else ["--standalone", "--nproc_per_node", str(nproc)]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "fuse_train", *args]
+
+
+def run_torchrun(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(torchrun_command(args), cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The deterministic TensorBoard scalars of a run folder as TensorBoard shows them (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fuse_train.runlog import DETERMINISTIC_TAGS
+
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]
+            if tag.startswith(DETERMINISTIC_TAGS)}
+
+
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 

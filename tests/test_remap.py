@@ -16,7 +16,7 @@ from ckpttools.commands.remap import remap
 from ckpttools.formats.torchzip import write_file
 from ckpttools.tensors import TensorSource
 from ckpttools.commands.verify import verify
-from tests.helpers import TINY, load, run_train, training_state_differences
+from tests.helpers import TINY, load, run_train, training_state_differences, run_torchrun
 
 STOP = 6  # mid-epoch 2 of 3 (4 global steps an epoch: 16 images, global batch 4)
 # A remapped resume is not bitwise equal to the uninterrupted run: each rank normalises its loss by its own
@@ -26,10 +26,7 @@ STOP = 6  # mid-epoch 2 of 3 (4 global steps an epoch: 16 images, global batch 4
 WEIGHT_TOLERANCE = 0.05
 
 
-def _torchrun(args, cwd, env=None):
-    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fuse_train", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=300)
+_torchrun = run_torchrun
 
 
 def _rel_l2(a: dict, b: dict) -> float:
@@ -41,14 +38,6 @@ def _rel_l2(a: dict, b: dict) -> float:
 def _rows(run_dir):
     with open(run_dir / "results.csv") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def ddp_reference(tiny_data, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("ddp_ref")
-    proc = _torchrun(["--data", str(tiny_data), *TINY], cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd / "runs" / "fuse" / "exp"
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fuse_train.runlog import DETERMINISTIC_TAGS
-from tests.helpers import TINY, run_train
+from tests.helpers import TINY, run_train, tb_scalars
 
 pytestmark = pytest.mark.slow  # end-to-end training runs
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]
-            if tag.startswith(DETERMINISTIC_TAGS)}
+scalars = tb_scalars
 
 
 def test_three_different_interruptions_leave_the_uninterrupted_curves(reference_run, tiny_data, tmp_path):

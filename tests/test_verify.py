@@ -95,7 +95,7 @@ def test_non_checkpoints_are_findings_not_tracebacks(tmp_path, content, what):
     path = tmp_path / "x.pt"
     path.write_bytes(content)
     result = _run(["verify", "--json", str(path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # not a checkpoint: 2, as in every other command (README: Exit codes)
     report = json.loads(result.output)
     assert report["ok"] is False and what in report["findings"][0]["message"]
     assert "Traceback" not in result.output
@@ -103,7 +103,7 @@ def test_non_checkpoints_are_findings_not_tracebacks(tmp_path, content, what):
 
 def test_folder_without_metadata_and_missing_path(tmp_path):
     result = _run(["verify", "--json", str(tmp_path)])
-    assert result.exit_code == 1 and "not a torch.distributed.checkpoint folder" in result.output
+    assert result.exit_code == 2 and "not a torch.distributed.checkpoint folder" in result.output
     result = _run(["verify", str(tmp_path / "nope.pt")])
     assert result.exit_code == 2 and "no such file" in result.output and "Traceback" not in result.output
 

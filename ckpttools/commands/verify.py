@@ -11,10 +11,11 @@ from typing import Any, Callable
 from ckpttools import layouts as L
 from ckpttools.formats import ziprecords
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, _TensorLeaf, tree_digest
-from ckpttools.errors import NotACheckpoint, OtherArchive
+from ckpttools.errors import NotACheckpoint, OtherArchive, UnsafeInput
 from ckpttools.formats.dcp import NAME as DCP
 from ckpttools.formats.pt2 import NAME as PT2
-from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, open_checkpoint
+from ckpttools.formats.confine import inside
+from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, index_findings, open_checkpoint
 from ckpttools.formats.base import regular_file_or_folder
 from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report
@@ -336,12 +337,20 @@ def _verify_folder(path: Path, layout: str, report: Report, progress) -> Report:
     """A folder of checkpoint files (Hugging Face, Trainer checkpoint-N, Accelerate, DeepSpeed): every file is
     verified on its own, findings prefixed with its name; the step of a Trainer folder from trainer_state.json."""
     report.format, report.layout = "folder", layout
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FOLDER_FILES)
+    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FOLDER_FILES)
+    files = [f for f in found if inside(path, f.relative_to(path).as_posix()) is not None]
+    for f in sorted(set(found) - set(files)):
+        report.add(ERROR, "folder.path-outside", f"{f.relative_to(path).as_posix()} is a link to outside the folder; "
+                   "not read", str(f.relative_to(path)))
     try:
         weights = folder_weights_files(path)
     except NotACheckpoint as exc:
         weights = []
         report.add(ERROR, "layout.missing-key", str(exc), str(path))
+    except UnsafeInput as exc:
+        weights = []
+        report.add(ERROR, "folder.path-outside", str(exc), str(path))
+    report.findings.extend(index_findings(path))
     for f in files:
         sub = verify(f, progress)
         rel = f.relative_to(path).as_posix()

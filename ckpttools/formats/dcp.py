@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ckpttools.formats import torchzip
+from ckpttools.formats.confine import inside
 from ckpttools.formats.base import CHUNK, Checkpoint
 from ckpttools.objects import Placeholder
 from ckpttools.report import ERROR, WARNING, Finding
@@ -54,7 +55,12 @@ def read(path: Path) -> Checkpoint:
     for index, info in storage.items():
         idx, where = _state(index), _state(info)
         fqn = idx.get("fqn")
-        file = path / str(where.get("relative_path", ""))
+        relative = str(where.get("relative_path", ""))
+        file = inside(path, relative)
+        if file is None:  # never read: the finding is the answer
+            ckpt.findings.append(Finding(ERROR, "dcp.path-outside", f"{fqn}: .metadata sends its data to {relative!r}, "
+                                         "outside the folder; not read", str(fqn)))
+            continue
         if not file.is_file():
             ckpt.findings.append(Finding(ERROR, "dcp.file-missing", f"{fqn}: data file {file.name} is missing", str(fqn)))
             continue

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from ckpttools import layouts as L
-from ckpttools.errors import NotACheckpoint
+from ckpttools.errors import NotACheckpoint, UnsafeInput
 from ckpttools.formats import dcp, hdf5, safetensors, torch_legacy, torchzip
 from ckpttools.formats.base import Checkpoint, describe_non_checkpoint, regular_file_or_folder
+from ckpttools.formats.confine import inside
+from ckpttools.report import ERROR, Finding
 
 # order matters only where two could claim a file: a zip is never a pickle, a pickle never safetensors
 FORMATS = (torchzip, hdf5, safetensors, torch_legacy, dcp)
@@ -36,7 +39,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if path.is_dir() and not (path / ".metadata").exists():
         weights = folder_weights_files(path)
         if weights:
-            return open_checkpoint(weights[0]) if len(weights) == 1 else _merged(path, weights)
+            ckpt = open_checkpoint(weights[0]) if len(weights) == 1 else _merged(path, weights)
+            ckpt.findings.extend(index_findings(path))
+            return ckpt
     fmt = detect_format(path)
     if fmt is None:
         raise NotACheckpoint(f"{path}: not a checkpoint: {describe_non_checkpoint(path)}")
@@ -49,8 +54,11 @@ def folder_weights_files(path: Path) -> list[Path]:
     one checkpoint; [] for other folders."""
     layout = L.recognise_folder(path)
     if layout == L.DEEPSPEED:
-        tag = (path / "latest").read_text().strip()
-        files = sorted((path / tag).glob("mp_rank_*_model_states.pt"))
+        tag = (path / "latest").read_text(errors="replace").strip()
+        tag_folder = inside(path, tag)
+        if tag_folder is None:
+            raise UnsafeInput(f"{path}: its 'latest' file names {tag!r}, outside the folder; not read")
+        files = sorted(tag_folder.glob("mp_rank_*_model_states.pt"))
     elif layout in (L.HF, L.HF_TRAINER, L.ACCELERATE):
         files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()][:1]
         files = files or sorted(path.glob("model-*-of-*.safetensors")) or sorted(path.glob("pytorch_model-*-of-*.bin"))
@@ -58,7 +66,42 @@ def folder_weights_files(path: Path) -> list[Path]:
         return []
     if not files:
         raise NotACheckpoint(f"{path}: a {layout} folder without a model weights file")
+    outside = [f for f in files if inside(path, str(f.relative_to(path))) is None]  # symlinks out of the folder
+    if outside:
+        raise UnsafeInput(f"{path}: {outside[0].name} is a link to outside the folder; not read")
     return files
+
+
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+MAX_INDEX_BYTES = 64 << 20  # a real index is a few MB at most (one line per tensor name)
+
+
+def index_findings(path: Path) -> list[Finding]:
+    """Errors for a Hugging Face shard index whose ``weight_map`` names a file outside the folder (Transformers
+    would load it) or one that is not there.  Nothing it names is read here."""
+    findings = []
+    for name in INDEX_NAMES:
+        index = path / name
+        if not index.is_file():
+            continue
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            findings.append(Finding(ERROR, "hf.index-unreadable", f"{name} is {index.stat().st_size} bytes", name))
+            continue
+        try:
+            weight_map = json.loads(index.read_bytes()).get("weight_map") or {}
+            shards = sorted({str(v) for v in weight_map.values()})
+        except (ValueError, AttributeError):
+            findings.append(Finding(ERROR, "hf.index-unreadable", f"{name} is not a JSON index with a weight_map", name))
+            continue
+        for shard in shards:
+            target = inside(path, shard)
+            if target is None:
+                findings.append(Finding(ERROR, "hf.index-path-outside", f"{name} sends tensors to {shard!r}, outside "
+                                        "the folder (Transformers would load it); not read", name))
+            elif not target.is_file():
+                findings.append(Finding(ERROR, "hf.index-file-missing", f"{name} names {shard}, which is missing",
+                                        name))
+    return findings
 
 
 def _merged(path: Path, files: list[Path]) -> Checkpoint:

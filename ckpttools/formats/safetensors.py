@@ -33,24 +33,55 @@ def writable(dtype: str) -> bool:
     return DType(dtype).info.safetensors is not None
 
 
+def _no_duplicates(pairs: list, duplicates: list[str]) -> dict:
+    """A JSON object, noting every key that appears twice (the first value is kept, as Rust's serde does)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            duplicates.append(key)
+            continue
+        out[key] = value
+    return out
+
+
+def _entry(info) -> tuple[DType, tuple, tuple[int, int]] | None:
+    """(dtype, shape, offsets) of a header entry, or None when it is not a valid tensor description."""
+    if not isinstance(info, dict) or info.get("dtype") not in FROM_SAFETENSORS:
+        return None
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    ints = (lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                    for x in xs))
+    if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        return None
+    return DType(FROM_SAFETENSORS[info["dtype"]]), tuple(shape), (offsets[0], offsets[1])
+
+
 def read(path: Path) -> Checkpoint:
     ckpt = Checkpoint(path, NAME)
     size = path.stat().st_size
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise NotACheckpoint(f"{path}: safetensors header length {n} runs past the end of the file ({size} bytes)")
+        duplicates: list[str] = []
         try:
-            header = json.loads(f.read(n))
-        except ValueError as exc:
+            header = json.loads(f.read(n), object_pairs_hook=lambda pairs: _no_duplicates(pairs, duplicates))
+        except ValueError as exc:  # UnicodeDecodeError included
             raise NotACheckpoint(f"{path}: safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise NotACheckpoint(f"{path}: safetensors header is not a JSON object")
+    for name in duplicates:
+        ckpt.findings.append(Finding(ERROR, "safetensors.duplicate-name", f"{name!r} appears twice in the header", name))
     base = 8 + n
     ckpt.metadata = dict(header.pop("__metadata__", None) or {})
     tree, spans = {}, []
     for name, info in header.items():
-        dtype = DType(FROM_SAFETENSORS.get(info.get("dtype"), "uint8"))
-        shape = tuple(info.get("shape", ()))
-        start, end = info.get("data_offsets", (0, 0))
+        entry = _entry(info)
+        if entry is None:
+            ckpt.findings.append(Finding(ERROR, "safetensors.bad-entry", f"{name}: {str(info)[:80]} is not a tensor "
+                                         "description (dtype, shape, data_offsets)", name))
+            continue
+        dtype, shape, (start, end) = entry
         numel = 1
         for s in shape:
             numel *= s

@@ -1,0 +1,105 @@
+"""Signals handled the same however they arrive: to the process, to its whole process group, from torchrun.
+
+Clusters stop a job by signalling every process of it: ``timeout(1)``, Slurm and a Kubernetes shell entrypoint
+send SIGTERM to the process group, which holds the DataLoader workers too; a terminal's Ctrl-C does the same
+with SIGINT.  The rule is that **the main process decides** and workers carry on until it shuts them down:
+
+* ``SIGINT`` / ``SIGTERM``: the main process finishes the step, waits for a save in flight, writes the
+  resumable checkpoint, then shuts its workers down (exit 130 / 143).  A second stop signal ends it at once
+  (the checkpoint being written is only a temporary file until its rename, so the last one stays whole).
+* ``SIGUSR1`` (Slurm's ``--signal=USR1@90`` warning): save a resumable checkpoint now and keep training.
+* DataLoader workers ignore all three.  torch installs a C handler in each worker that re-raises a SIGTERM not
+  sent by the parent, so a group SIGTERM used to kill the workers and end the run with "DataLoader worker is
+  killed by signal" before anything was saved.  Our ``worker_init`` replaces it; the signals are blocked in the
+  main thread while workers are forked (``workers_started``), so none can reach a worker between its fork and
+  ``worker_init`` (a signal blocked in a worker stays pending and is ignored once the handler is in place).
+  A worker whose parent has died still exits: torch's watchdog checks that every few seconds.
+* Each signal's message is printed once, by the main process of rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from typing import Callable, Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SAVE_SIGNAL = signal.SIGUSR1
+HANDLED = (*STOP_SIGNALS, SAVE_SIGNAL)
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
+
+
+def exit_code(signum: int) -> int:
+    return EXIT_CODES.get(signum, 128 + int(signum))
+
+
+class SignalState:
+    """What the signals asked of the training loop: ``stop`` (the first stop signal) and ``save_requested``.
+
+    ``install()`` sets the handlers in the main process and returns a function that puts the previous ones back.
+    ``say`` prints one line (rank 0's console); it is called once per signal received."""
+
+    def __init__(self, say: Callable[[str], None], last_name: str = "last.pt"):
+        self.say, self.last_name = say, last_name
+        self.stop: int | None = None
+        self.save_requested = False
+
+    def handle(self, signum: int, frame=None) -> None:
+        if signum == SAVE_SIGNAL:
+            if not self.save_requested and self.stop is None:
+                self.save_requested = True
+                self.say(f"SIGUSR1 received: saving {self.last_name} at the end of this step; training continues")
+            return
+        if self.stop is not None:
+            # A second stop signal: leave now.  A save in flight is a temporary file until its rename, so the
+            # last complete checkpoint stays whole; the next run removes the temporary file.
+            os.write(2, b"\nsecond stop signal: exiting now; weights/last is the last complete save\n")
+            os._exit(exit_code(signum))
+        self.stop = signum
+        self.say(f"\n{signal.Signals(signum).name} received: finishing this step and saving {self.last_name} "
+                 "(a second signal exits at once)")
+
+    def install(self) -> Callable[[], None]:
+        previous = {s: signal.signal(s, self.handle) for s in HANDLED}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def _ignore_in_worker(signum: int, frame=None) -> None:
+    """A DataLoader worker's handler: the main process decides; a worker whose parent is gone leaves."""
+    if os.getppid() != _worker_parent:
+        os._exit(0)
+
+
+_worker_parent = os.getppid()
+
+
+def worker_init(worker_id: int = 0) -> None:
+    """First thing in every DataLoader worker (``worker_init_fn``): ignore the stop and save signals, then let
+    the ones that arrived during the fork (blocked, pending) be delivered to the new handler."""
+    global _worker_parent
+    _worker_parent = os.getppid()
+    for signum in HANDLED:
+        signal.signal(signum, _ignore_in_worker)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+
+
+@contextlib.contextmanager
+def workers_started() -> Iterator[None]:
+    """Block the handled signals in this thread while DataLoader workers are forked (they inherit the mask and
+    unblock in ``worker_init``); signals that arrive meanwhile are delivered when the block ends."""
+    if sys.platform == "win32":  # no fork, no sigmask
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def loader_batches(loader) -> Iterator:
+    """``iter(loader)`` with its workers started under ``workers_started``."""
+    with workers_started():
+        return iter(loader)
