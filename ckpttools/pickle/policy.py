@@ -36,6 +36,7 @@ DCP_METADATA = ("a torch.distributed.checkpoint metadata dataclass: plain fields
                 "read here as an inert record")
 NUMPY = "numpy's array / scalar / dtype reconstruction from bytes and a dtype description"
 BUILTIN_TYPE = "a builtin container or scalar type: builds data from data"
+STDLIB_VALUE = "a standard-library value type: {what}; builds a value from data"
 JIT_LIST = "TorchScript's list / type tag: returns its argument (torch/jit/_pickle.py)"
 STR_ENUM = ("a str Enum: calling it looks a member up by value; its _missing_ only raises (checked in {lib}'s "
             "source); the Hugging Face Trainer pickles these in training_args.bin")
@@ -94,6 +95,15 @@ def _entries() -> dict[tuple[str, str], str]:
     }
     for t in ("dict", "list", "tuple", "int", "float", "str", "bool", "bytes"):
         table[("builtins", t)] = BUILTIN_TYPE
+    # value types people keep in checkpoint metadata (dates of a run, label counts, ids); each builds a value
+    # from the data it is given and runs nothing the file names.  Read here as inert placeholders.
+    for name in ("datetime", "date", "time", "timedelta", "timezone"):
+        table[("datetime", name)] = STDLIB_VALUE.format(what="a date / time value (C-implemented, from bytes)")
+    table[("collections", "Counter")] = STDLIB_VALUE.format(what="a dict of counts")
+    table[("fractions", "Fraction")] = STDLIB_VALUE.format(what="a rational number (from a string or two ints)")
+    table[("decimal", "Decimal")] = STDLIB_VALUE.format(what="a decimal number (from a string)")
+    # only this class of uuid: the module itself stays dangerous (its node helpers start processes)
+    table[("uuid", "UUID")] = STDLIB_VALUE.format(what="a 128-bit id (state: one int)")
     for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
         table[("pathlib", name)] = "a filesystem path value (no file is touched)"
     for name in list(DTYPES) + list(TORCH_ALIASES):
