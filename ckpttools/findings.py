@@ -115,6 +115,8 @@ FINDINGS: dict[str, FindingKind] = {
         'error', 'two safetensors tensors share bytes'),
     'storage.unreadable': FindingKind(
         'error', 'a storage could not be read (HDF5: a fletcher32 checksum failure)'),
+    'hdf5.cycle': FindingKind(
+        'error', 'an HDF5 group that links back to a group containing it (no checkpoint tree has that)'),
     'hdf5.dtype': FindingKind(
         'error', 'an HDF5 dataset whose `dtype` attribute names no tensor dtype'),
     'dcp.metadata-unreadable': FindingKind(

@@ -183,39 +183,74 @@ def tensor_bytes(t: LazyTensor, blocks: Iterable[bytes]) -> Iterator[bytes]:
 
 # ---- trees ------------------------------------------------------------------------------------------------------
 
+def _children(node: Any, prefix: str) -> list[tuple[str, Any]]:
+    """(path, child) of one container, in order; placeholder objects through their recorded state."""
+    if isinstance(node, dict):
+        return [(f"{prefix}/{k}" if prefix else str(k), v) for k, v in node.items()]
+    if isinstance(node, (list, tuple)):
+        return [(f"{prefix}[{i}]", v) for i, v in enumerate(node)]
+    if isinstance(node, Placeholder):
+        return [(prefix, part) for part in (node._state, node._args, node._items, node._dict_items) if part]
+    return []
+
+
 def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, LazyTensor]]:
     """(path, tensor) for every LazyTensor in the tree, paths like ``model/backbone.stem.0.weight``;
-    placeholder objects are walked through their recorded state."""
+    placeholder objects are walked through their recorded state.
+
+    Bounded by construction: a pickle's memo lets one container appear under many names (``x = [x, x]`` 64
+    times is 2**64 paths in 4 kB), so every container is entered once, at its first path, and the walk is a
+    loop, not a recursion (no depth limit).  A tensor is still yielded for every key that holds it
+    (``{"a": t, "b": t}`` has two names); a container met again is not walked again."""
     if isinstance(tree, LazyTensor):
         yield prefix, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from iter_tensors(v, f"{prefix}/{k}" if prefix else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from iter_tensors(v, f"{prefix}[{i}]")
-    elif isinstance(tree, Placeholder):
-        for part in (tree._state, tree._args, tree._items, tree._dict_items):
-            if part:
-                yield from iter_tensors(part, prefix)
+        return
+    entered: set[int] = set()
+    stack: list[tuple[str, Any]] = [(prefix, tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, LazyTensor):
+            yield path, node
+            continue
+        if id(node) in entered:
+            continue
+        children = _children(node, path)
+        if children:
+            entered.add(id(node))
+            stack.extend(reversed(children))  # reversed: popped in order, so paths come out as before
 
 
-def map_tensors(tree: Any, fn: Callable[[LazyTensor], Any]) -> Any:
-    """A copy of the tree's containers with every LazyTensor replaced by ``fn(tensor)``."""
+def map_tensors(tree: Any, fn: Callable[[LazyTensor], Any], _done: dict | None = None) -> Any:
+    """A copy of the tree's containers with every LazyTensor replaced by ``fn(tensor)``.  A container that
+    appears several times is copied once and the copy shared the same way (the work is the number of
+    containers, not of paths; a tensor object met twice is mapped once)."""
+    done = {} if _done is None else _done
+    if id(tree) in done:
+        return done[id(tree)][1]
     if isinstance(tree, LazyTensor):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return type(tree)((k, map_tensors(v, fn)) for k, v in tree.items()) if type(tree) is not dict \
-            else {k: map_tensors(v, fn) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [map_tensors(v, fn) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(map_tensors(v, fn) for v in tree)
-    if isinstance(tree, Placeholder):
+        out = fn(tree)
+    elif isinstance(tree, dict):
+        out = type(tree)() if type(tree) is not dict else {}
+        done[id(tree)] = (tree, out)  # the original is kept alive so its id is not reused meanwhile
+        for k, v in tree.items():
+            out[k] = map_tensors(v, fn, done)
+        return out
+    elif isinstance(tree, list):
+        out = []
+        done[id(tree)] = (tree, out)
+        out.extend(map_tensors(v, fn, done) for v in tree)
+        return out
+    elif isinstance(tree, tuple):
+        out = tuple(map_tensors(v, fn, done) for v in tree)
+    elif isinstance(tree, Placeholder):
+        done[id(tree)] = (tree, tree)
         for attr in ("_state", "_args", "_items", "_dict_items"):
-            tree.__dict__[attr] = map_tensors(tree.__dict__[attr], fn)
+            tree.__dict__[attr] = map_tensors(tree.__dict__[attr], fn, done)
         return tree
-    return tree
+    else:
+        return tree
+    done[id(tree)] = (tree, out)
+    return out
 
 
 def materialise(tree: Any) -> Any:

@@ -99,22 +99,42 @@ def _normalise(names: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor], str
     return {k[len(prefix):]: v for k, v in names.items()}, prefix
 
 
+MAX_METADATA_NODES = 20_000  # values shown per checkpoint; past it a marker says how much was left out
+MAX_METADATA_DEPTH = 100
+
+
 def metadata_of(tree: Any) -> dict:
-    """Everything that is not a tensor, as plain values (tensors become their dtype and shape)."""
-    def plain(v):
+    """Everything that is not a tensor, as plain values (tensors become their dtype and shape).
+
+    Bounded by construction: a container that appears again (a pickle's memo makes that cheap: ``{"a": d,
+    "b": d}`` nested 64 times is 2**64 paths) becomes ``<same as PATH>``, nesting past MAX_METADATA_DEPTH
+    and values past MAX_METADATA_NODES become markers."""
+    seen: dict[int, str] = {}
+    budget = [MAX_METADATA_NODES]
+
+    def plain(v, path: str, depth: int):
+        budget[0] -= 1
+        if budget[0] < 0:
+            return "<left out: more than %d values>" % MAX_METADATA_NODES
         if isinstance(v, LazyTensor):
             return f"<tensor {v.dtype} {list(v.shape)}>"
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items() if not isinstance(x, LazyTensor)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
         if isinstance(v, Placeholder):
             return f"<{v._reference.qualname}>"
-        return v
+        if not isinstance(v, (dict, list, tuple)):
+            return v
+        if id(v) in seen:
+            return f"<same as {seen[id(v)]}>"
+        seen[id(v)] = path
+        if depth >= MAX_METADATA_DEPTH:
+            return f"<nested deeper than {MAX_METADATA_DEPTH} levels>"
+        if isinstance(v, dict):
+            return {str(k): plain(x, f"{path}.{k}", depth + 1) for k, x in v.items() if not isinstance(x, LazyTensor)}
+        return [plain(x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v)]
+
     if not isinstance(tree, dict):
         return {}
     skip = {"model", "ema", "optimizer", "state_dict", "optimizer_states", "rng"}
-    return {str(k): plain(v) for k, v in tree.items() if k not in skip and not isinstance(v, LazyTensor)}
+    return {str(k): plain(v, str(k), 1) for k, v in tree.items() if k not in skip and not isinstance(v, LazyTensor)}
 
 
 # ---- values ------------------------------------------------------------------------------------------------------------

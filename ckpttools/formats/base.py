@@ -114,28 +114,43 @@ def storage_from_pid(ckpt: Checkpoint, pid: Any, reader=None) -> StorageRef:
     return ckpt.storages[key]
 
 
-def to_plain_tree(tree: Any, notes: list[str], where: str = "") -> Any:
+def to_plain_tree(tree: Any, notes: list[str], where: str = "", _done: dict | None = None) -> Any:
     """The tree with what only a pickle can hold (objects of classes never imported, torch dtypes) turned into
-    plain data a non-pickle format (HDF5, DCP) can store; every change is noted."""
+    plain data a non-pickle format (HDF5, DCP) can store; every change is noted.  A container met again is
+    converted once and the result shared (work and notes grow with the objects, not the paths)."""
+    done = {} if _done is None else _done
+    if id(tree) in done:
+        return done[id(tree)][1]
     if isinstance(tree, dict):
-        return {k: to_plain_tree(v, notes, f"{where}/{k}" if where else str(k)) for k, v in tree.items()}
+        out: Any = {}
+        done[id(tree)] = (tree, out)  # the original is kept alive so its id is not reused meanwhile
+        for k, v in tree.items():
+            out[k] = to_plain_tree(v, notes, f"{where}/{k}" if where else str(k), done)
+        return out
     if isinstance(tree, list):
-        return [to_plain_tree(v, notes, f"{where}[{i}]") for i, v in enumerate(tree)]
+        out = []
+        done[id(tree)] = (tree, out)
+        out.extend(to_plain_tree(v, notes, f"{where}[{i}]", done) for i, v in enumerate(tree))
+        return out
     if isinstance(tree, tuple):
-        return tuple(to_plain_tree(v, notes, f"{where}[{i}]") for i, v in enumerate(tree))
-    if isinstance(tree, DType):
+        out = tuple(to_plain_tree(v, notes, f"{where}[{i}]", done) for i, v in enumerate(tree))
+    elif isinstance(tree, DType):
         return f"torch.{tree}"
-    if isinstance(tree, Placeholder):
+    elif isinstance(tree, Placeholder):
         name = tree._reference.qualname
         weights = module_tensors(tree)
         if weights:
             notes.append(f"{where or 'root'}: pickled {name} stored as its state dict ({len(weights)} tensors); "
                          "the class itself is not carried")
-            return weights
-        state = tree.state
-        notes.append(f"{where or 'root'}: pickled {name} stored as its recorded attributes")
-        return to_plain_tree(state if isinstance(state, (dict, list, tuple)) else {}, notes, where)
-    if isinstance(tree, type) and issubclass(tree, Placeholder):
+            out = weights
+        else:
+            state = tree.state
+            notes.append(f"{where or 'root'}: pickled {name} stored as its recorded attributes")
+            out = to_plain_tree(state if isinstance(state, (dict, list, tuple)) else {}, notes, where, done)
+    elif isinstance(tree, type) and issubclass(tree, Placeholder):
         notes.append(f"{where}: reference to {tree._reference.qualname} stored as its name")
         return tree._reference.qualname
-    return tree
+    else:
+        return tree
+    done[id(tree)] = (tree, out)
+    return out

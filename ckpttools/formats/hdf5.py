@@ -76,13 +76,35 @@ def _untag(value: Any) -> Any:
     return value
 
 
-def is_plain(value: Any) -> bool:
-    """A value that is stored as an attribute (no tensors or arrays inside)."""
+def is_plain(value: Any, shared: frozenset | set = frozenset()) -> bool:
+    """A value that is stored as an attribute (no tensors or arrays inside, no container in ``shared``: a
+    container that appears more than once is a group, written once and hard-linked)."""
     if value is None or isinstance(value, (bool, int, float, str, bytes, bytearray, np.generic)):
         return True
     if isinstance(value, (list, tuple)):
-        return all(is_plain(v) for v in value)
+        return id(value) not in shared and all(is_plain(v, shared) for v in value)
     return False  # dicts become groups, tensors and arrays datasets
+
+
+def shared_objects(tree: Any) -> set[int]:
+    """ids of the containers and tensors that the tree reaches more than once (a pickle's memo makes them:
+    ``x = [x, x]`` 64 times is 2**64 paths in 4 kB).  One pass; each container is entered once."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, (dict, list, tuple, LazyTensor)):
+            continue
+        if id(node) in seen:
+            shared.add(id(node))
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return shared
 
 
 def plain(value: Any) -> Any:
@@ -128,6 +150,23 @@ def read(path: Path) -> Checkpoint:
         ckpt.storages[name] = ref
         return LazyTensor(ref, 0, shape, contiguous_strides(shape))
 
+    # a group or dataset hard-linked under several names (written so for a shared object) is read once and the
+    # same value returned for every name: the tree is a DAG again, and reading stays linear in the objects
+    done: dict[Any, Any] = {}
+    in_progress = object()
+
+    def member(item, path_name: str) -> Any:
+        value = done.get(item)
+        if value is in_progress:  # a link to an enclosing group: no tree can hold that
+            ckpt.findings.append(Finding(ERROR, "hdf5.cycle", f"{path_name} links back to a group that contains it",
+                                         path_name))
+            return None
+        if item in done:
+            return value
+        done[item] = in_progress
+        done[item] = group_value(item, path_name) if isinstance(item, h5py.Group) else dataset(item, path_name)
+        return done[item]
+
     def group_value(group, prefix: str) -> Any:
         json_names = set(json.loads(plain(group.attrs[JSON_ATTR]))) if JSON_ATTR in group.attrs else set()
         keys = {name: _untag(k) for name, k in (json.loads(plain(group.attrs[KEYS_ATTR])).items()
@@ -139,8 +178,7 @@ def read(path: Path) -> Checkpoint:
             value = plain(value)
             out[name] = _untag(json.loads(value)) if name in json_names else value
         for name, item in group.items():
-            path_name = f"{prefix}/{name}" if prefix else name
-            out[name] = group_value(item, path_name) if isinstance(item, h5py.Group) else dataset(item, path_name)
+            out[name] = member(item, f"{prefix}/{name}" if prefix else name)
         if ORDER_ATTR in group.attrs:
             order = json.loads(plain(group.attrs[ORDER_ATTR]))
             out = {name: out[name] for name in order if name in out} | out
@@ -182,8 +220,18 @@ def write_hdf5(tree: Any, path: Path, tensor_chunks: Callable[[LazyTensor], Iter
     if not isinstance(tree, dict):
         tree = {"value": tree}
     written = 0
+    shared = shared_objects(tree)
+    first: dict[int, Any] = {}  # id of a shared object -> the group / dataset it was written as
 
     def put(group, name: str, value: Any) -> None:
+        if id(value) in first:
+            group[name] = first[id(value)]  # a hard link: the same object, stored once
+            return
+        put_new(group, name, value)
+        if id(value) in shared:
+            first[id(value)] = group[name]
+
+    def put_new(group, name: str, value: Any) -> None:
         nonlocal written
         if isinstance(value, LazyTensor):
             _write_tensor(group, name, value, tensor_chunks(value), compress, on_bytes)
@@ -195,7 +243,7 @@ def write_hdf5(tree: Any, path: Path, tensor_chunks: Callable[[LazyTensor], Iter
             ds.attrs[KIND_ATTR] = "ndarray"
         elif isinstance(value, dict):
             fill(group.create_group(name, track_order=True), value)
-        elif isinstance(value, (list, tuple)) and not is_plain(value):
+        elif isinstance(value, (list, tuple)) and not is_plain(value, shared):
             sub = group.create_group(name, track_order=True)
             sub.attrs[KIND_ATTR] = "tuple" if isinstance(value, tuple) else "list"
             fill(sub, {str(i): v for i, v in enumerate(value)})
@@ -210,7 +258,7 @@ def write_hdf5(tree: Any, path: Path, tensor_chunks: Callable[[LazyTensor], Iter
             if name != key:
                 keys[name] = _tag(key)
             order.append(name)
-            if is_plain(value):
+            if is_plain(value, shared):
                 attr_names.append(name)
                 if isinstance(value, bool) or isinstance(value, float) or (
                         isinstance(value, str) and _utf8_ok(value)) or (
