@@ -128,8 +128,21 @@ def metadata_of(tree: Any) -> dict:
         if depth >= MAX_METADATA_DEPTH:
             return f"<nested deeper than {MAX_METADATA_DEPTH} levels>"
         if isinstance(v, dict):
-            return {str(k): plain(x, f"{path}.{k}", depth + 1) for k, x in v.items() if not isinstance(x, LazyTensor)}
-        return [plain(x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v)]
+            out: dict = {}
+            for i, (k, x) in enumerate(v.items()):
+                if budget[0] <= 0:
+                    out["<left out>"] = f"{len(v) - i} more entries"
+                    break
+                if not isinstance(x, LazyTensor):
+                    out[str(k)] = plain(x, f"{path}.{k}", depth + 1)
+            return out
+        items = []
+        for i, x in enumerate(v):
+            if budget[0] <= 0:
+                items.append(f"<{len(v) - i} more values left out>")
+                break
+            items.append(plain(x, f"{path}[{i}]", depth + 1))
+        return items
 
     if not isinstance(tree, dict):
         return {}
@@ -314,6 +327,8 @@ def _diff_metadata(a_ck: Checkpoint, b_ck: Checkpoint, report: DiffReport) -> No
             report.ignored_metadata.append(key)
         meta_a.pop(key, None)
         meta_b.pop(key, None)
+    if meta_a == meta_b:  # plain values: a C-speed comparison settles the usual case without DeepDiff
+        return
     dd = DeepDiff(meta_a, meta_b, ignore_order=False, verbose_level=2, ignore_nan_inequality=True)
     for kind, entries in dd.items():
         items = entries.items() if isinstance(entries, dict) else ((e, None) for e in entries)

@@ -152,3 +152,13 @@ def test_conversions_keep_the_graph(hostile, tmp_path, name, via):
     if via == "h5" and name == "lists":
         loaded = loaded["value"]  # HDF5's root is a group: a list root is stored under "value"
     assert _depth_of_sharing(loaded)
+
+
+def test_a_two_million_item_list_is_diffed_in_bounded_time_and_output(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "history": list(range(2_000_000))}, a)
+    torch.save({"model": {"w": torch.ones(2)}, "history": list(range(1, 2_000_001))}, b)
+    for left, right, expected in ((a, a, 0), (a, b, 1)):
+        code, output, rss = _ckpt(["diff", str(left), str(right)])
+        assert code == expected and "Traceback" not in output, output[-2000:]
+        assert len(output) <= LIMIT_OUTPUT and rss <= LIMIT_RSS_KB, (rss, len(output))
