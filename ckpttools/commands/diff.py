@@ -24,7 +24,9 @@ from ckpttools.tensors import DTYPES, LazyTensor, iter_tensors, tensor_bytes
 
 IDENTICAL, WITHIN, DIFFERENT = "identical", "within_tolerance", "different"
 SECTIONS = ("model", "ema", "optimizer", "meta")
-VOLATILE_META = ("date", "history", "digest", "versions")  # differ between any two saves; listed, not judged
+# differ between any two saves; listed, not judged.  Dotted: a field inside a record (fuse-train's
+# progress.logged is what TensorBoard got at the saved step, epoch time included, not training state)
+VOLATILE_META = ("date", "history", "digest", "versions", "progress.logged")
 NUMPY = {d.name: np.dtype(d.numpy).type for d in DTYPES.values() if d.numpy and not d.name.startswith("complex")}
 CHUNK_ELEMENTS = 1 << 21
 
@@ -318,15 +320,26 @@ def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol:
     return report
 
 
+_ABSENT = object()
+
+
+def _pop_path(meta: dict, dotted: str):
+    """Remove ``a.b.c`` from nested dicts and return its value (``_ABSENT`` when it is not there)."""
+    *parents, last = dotted.split(".")
+    node = meta
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node.pop(last, _ABSENT) if isinstance(node, dict) else _ABSENT
+
+
 def _diff_metadata(a_ck: Checkpoint, b_ck: Checkpoint, report: DiffReport) -> None:
     from deepdiff import DeepDiff
 
     meta_a, meta_b = metadata_of(a_ck.tree), metadata_of(b_ck.tree)
     for key in VOLATILE_META:
-        if meta_a.get(key) != meta_b.get(key) and (key in meta_a or key in meta_b):
+        a, b = _pop_path(meta_a, key), _pop_path(meta_b, key)
+        if a != b:
             report.ignored_metadata.append(key)
-        meta_a.pop(key, None)
-        meta_b.pop(key, None)
     if meta_a == meta_b:  # plain values: a C-speed comparison settles the usual case without DeepDiff
         return
     dd = DeepDiff(meta_a, meta_b, ignore_order=False, verbose_level=2, ignore_nan_inequality=True)

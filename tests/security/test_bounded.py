@@ -156,8 +156,8 @@ def test_conversions_keep_the_graph(hostile, tmp_path, name, via):
 
 def test_a_two_million_item_list_is_diffed_in_bounded_time_and_output(tmp_path):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    torch.save({"model": {"w": torch.ones(2)}, "history": list(range(2_000_000))}, a)
-    torch.save({"model": {"w": torch.ones(2)}, "history": list(range(1, 2_000_001))}, b)
+    torch.save({"model": {"w": torch.ones(2)}, "losses": list(range(2_000_000))}, a)
+    torch.save({"model": {"w": torch.ones(2)}, "losses": list(range(1, 2_000_001))}, b)
     for left, right, expected in ((a, a, 0), (a, b, 1)):
         code, output, rss = _ckpt(["diff", str(left), str(right)])
         assert code == expected and "Traceback" not in output, output[-2000:]
