@@ -8,12 +8,14 @@ with SIGINT.  The rule is that **the main process decides** and workers carry on
   resumable checkpoint, then shuts its workers down (exit 130 / 143).  A second stop signal ends it at once
   (the checkpoint being written is only a temporary file until its rename, so the last one stays whole).
 * ``SIGUSR1`` (Slurm's ``--signal=USR1@90`` warning): save a resumable checkpoint now and keep training.
-* DataLoader workers ignore all three.  torch installs a C handler in each worker that re-raises a SIGTERM not
-  sent by the parent, so a group SIGTERM used to kill the workers and end the run with "DataLoader worker is
-  killed by signal" before anything was saved.  Our ``worker_init`` replaces it; the signals are blocked in the
-  main thread while workers are forked (``workers_started``), so none can reach a worker between its fork and
-  ``worker_init`` (a signal blocked in a worker stays pending and is ignored once the handler is in place).
-  A worker whose parent has died still exits: torch's watchdog checks that every few seconds.
+* DataLoader workers ignore them, except a SIGTERM from their parent.  torch installs a C handler in each
+  worker that exits on a SIGTERM from the parent and re-raises any other, so a group SIGTERM used to kill the
+  workers and end the run with "DataLoader worker is killed by signal" before anything was saved.  In
+  ``worker_init`` SIGINT / SIGUSR1 are ignored and SIGTERM stays blocked: a thread takes it with
+  ``sigwaitinfo``, which tells the sender, and exits the worker only when the parent sent it (multiprocessing
+  terminates leftover workers so at exit; ignoring that too would hang the exit).  The signals are blocked in
+  the main thread while workers are forked (``workers_started``), so none reaches a worker between its fork
+  and ``worker_init``.  A worker whose parent has died still exits: torch's watchdog checks every few seconds.
 * Each signal's message is printed once, by the main process of rank 0.
 """
 
@@ -23,6 +25,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -75,14 +78,27 @@ def _ignore_in_worker(signum: int, frame=None) -> None:
 _worker_parent = os.getppid()
 
 
+def _sigterm_by_sender() -> None:
+    """A worker's SIGTERM, taken with its sender: the parent's (multiprocessing's terminate) ends the worker as
+    torch's own handler would; anyone else's (the job's process group) is the main process's business."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == os.getppid() or os.getppid() != _worker_parent:
+            os._exit(0)
+
+
 def worker_init(worker_id: int = 0) -> None:
-    """First thing in every DataLoader worker (``worker_init_fn``): ignore the stop and save signals, then let
-    the ones that arrived during the fork (blocked, pending) be delivered to the new handler."""
+    """First thing in every DataLoader worker (``worker_init_fn``): ignore SIGINT / SIGUSR1 (pending ones too,
+    once unblocked); leave SIGTERM blocked for ``_sigterm_by_sender``."""
     global _worker_parent
     _worker_parent = os.getppid()
     for signum in HANDLED:
+        # SIGTERM keeps a handler, not SIG_IGN (which would discard it before sigwaitinfo sees it): it catches a
+        # SIGTERM that reaches a thread of this worker where it is not blocked
         signal.signal(signum, _ignore_in_worker)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_by_sender, name="sigterm-by-sender", daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, SAVE_SIGNAL})
 
 
 @contextlib.contextmanager
