@@ -34,10 +34,8 @@ def init_distributed(use_cuda: bool) -> DistInfo:
         if use_cuda:
             torch.cuda.set_device(info.local_rank)
         store = _attempt_store(world, info.rank)
-        if store is None:
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        else:
-            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=info.rank, world_size=world)
+        own_store = {} if store is None else {"store": store, "rank": info.rank, "world_size": world}
+        dist.init_process_group("nccl" if use_cuda else "gloo", **own_store)
     return info
 
 
@@ -73,11 +71,7 @@ def all_gather_objects(obj, info: DistInfo) -> list:
 
 def any_rank(flag: bool, info: DistInfo, device) -> bool:
     """True if the flag is set on any rank (used so every rank stops at the same step)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return any_rank_flags([flag], info, device)[0]
 
 
 def any_rank_flags(flags: list[bool], info: DistInfo, device) -> list[bool]:

@@ -19,6 +19,7 @@ from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size
 from fuse_train.dcp_save import load_folder
 from fuse_train.data import PairedDataset, load_data_spec, spec_fingerprint
 from fuse_train.model import ModelConfig, build_model, model_fingerprint
+from fuse_train.relaunch import newest_last
 
 
 class ResumeError(ValueError):
@@ -51,7 +52,6 @@ class ResumePlan:
     event: dict
 
 
-from fuse_train.relaunch import LAST_NAMES  # noqa: E402 - one spelling of the last-checkpoint names
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
@@ -77,7 +77,7 @@ def find_last(project: str, name: str | None) -> Path:
     """The checkpoint to resume (last.pt, or last.dcp with --save-format dcp): the named run's, else the most
     recently written under the project."""
     runs = [Path(project) / name] if name else list(Path(project).glob("*"))
-    candidates = [run / "weights" / last for run in runs for last in LAST_NAMES if (run / "weights" / last).exists()]
+    candidates = [last for last in map(newest_last, runs) if last is not None]
     if not candidates:
         if name:
             raise ResumeError(f"{Path(project) / name / 'weights' / 'last.pt'}: no checkpoint to resume (run {name!r} "

@@ -83,8 +83,7 @@ class RunLog:
             return
         scalars = [["train/box_loss", float(losses[0])], ["train/cls_loss", float(losses[1])]]
         scalars += [[f"lr/pg{i}", float(lr)] for i, lr in enumerate(lrs)]
-        self._record = None
-        self.note(global_step, scalars)
+        self.note(global_step, scalars)  # a new step: a new record
         self.write_scalars(global_step, scalars)
 
     @staticmethod

@@ -31,11 +31,11 @@ from typing import Callable, Iterator
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SAVE_SIGNAL = signal.SIGUSR1
 HANDLED = (*STOP_SIGNALS, SAVE_SIGNAL)
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
 
 
 def exit_code(signum: int) -> int:
-    return EXIT_CODES.get(signum, 128 + int(signum))
+    """128 + the signal number, as a shell reports a process a signal ended: SIGINT 130, SIGTERM 143."""
+    return 128 + int(signum)
 
 
 class SignalState:
