@@ -40,6 +40,15 @@ class OtherArchive(NotACheckpoint):
     as a damaged checkpoint."""
 
 
+class FormatLimit(UsageError):
+    """The target format cannot hold part of the input exactly (a dtype or tensor kind it has no code for): the
+    conversion is refused, naming what, rather than written with values changed or left out."""
+
+    def __init__(self, message: str, paths: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.paths = list(paths)  # every tensor refused (the message names the first few)
+
+
 class DamagedInput(CkptError):
     """The input is a checkpoint, but damaged: it cannot be used until repaired."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ckpttools.objects import Placeholder
-from ckpttools.tensors import LazyTensor
+from ckpttools.tensors import TENSOR_TYPES, LazyTensor
 from ckpttools.trainers import fuse_train as F
 
 # ---- wrapper prefixes: the one definition ------------------------------------------------------------------
@@ -133,7 +133,7 @@ FOLDER_NAMES = frozenset(name for name, *_ in FOLDER_LAYOUTS)
 
 def _holds_weights(value: Any) -> bool:
     if isinstance(value, dict):
-        return bool(value) and sum(isinstance(v, LazyTensor) for v in value.values()) >= max(1, len(value) // 2)
+        return bool(value) and sum(isinstance(v, TENSOR_TYPES) for v in value.values()) >= max(1, len(value) // 2)
     return _is_module(value)
 
 
@@ -155,7 +155,7 @@ def recognise(tree: Any, path: Path | None = None) -> str:
         elif layout.required and all(k in tree for k in layout.required) and (
                 not layout.any_of or any(k in tree for k in layout.any_of)):
             return layout.name
-    if tree and all(isinstance(k, str) for k in tree) and all(isinstance(v, LazyTensor) for v in tree.values()):
+    if tree and all(isinstance(k, str) for k in tree) and all(isinstance(v, TENSOR_TYPES) for v in tree.values()):
         return STATE_DICT
     if "state_dict" in tree and isinstance(tree["state_dict"], dict):
         return STATE_DICT
@@ -279,8 +279,9 @@ def weight_dicts(tree: Any, layout: str) -> list[tuple[str, dict]]:
 
 
 def flat_tensors(d: dict | None) -> dict[str, LazyTensor]:
-    """The tensor entries of a state dict, by name."""
-    return {str(k): v for k, v in (d or {}).items() if isinstance(v, LazyTensor)}
+    """The tensor entries of a state dict, by name (rebuilt ones -- quantized, sparse, ... -- included: a
+    writer that cannot hold them must see them to refuse them)."""
+    return {str(k): v for k, v in (d or {}).items() if isinstance(v, TENSOR_TYPES)}
 
 
 def module_tensors(obj: Any, prefix: str = "") -> dict[str, LazyTensor]:
@@ -292,7 +293,7 @@ def module_tensors(obj: Any, prefix: str = "") -> dict[str, LazyTensor]:
         return out
     for group in ("_parameters", "_buffers"):
         for name, t in (state.get(group) or {}).items():
-            if isinstance(t, LazyTensor):
+            if isinstance(t, TENSOR_TYPES):
                 out[prefix + name] = t
     for name, child in (state.get("_modules") or {}).items():
         out.update(module_tensors(child, f"{prefix}{name}."))
@@ -313,7 +314,8 @@ def parameter_count(tree: Any, layout: str) -> int | None:
     for name, t in found[1].items():
         if name.endswith(BUFFER_SUFFIXES):
             continue
-        region = (id(t.storage), t.storage_offset, tuple(t.shape))  # a storage is one object per checkpoint
+        # a storage is one object per checkpoint; a rebuilt (quantized, sparse, ...) tensor is its own region
+        region = (id(t.storage), t.storage_offset, tuple(t.shape)) if isinstance(t, LazyTensor) else (id(t),)
         if region not in seen:
             seen.add(region)
             total += t.numel

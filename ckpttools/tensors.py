@@ -44,7 +44,7 @@ DTYPES: dict[str, DTypeInfo] = {d.name: d for d in (
     _d("float16", 2, "F16", "float16", "HalfStorage", 0x7C00),
     _d("bfloat16", 2, "BF16", None, "BFloat16Storage", 0x7F80),
     _d("complex128", 16, None, "complex128", "ComplexDoubleStorage", 0x7FF0000000000000),
-    _d("complex64", 8, None, "complex64", "ComplexFloatStorage", 0x7F800000),
+    _d("complex64", 8, "C64", "complex64", "ComplexFloatStorage", 0x7F800000),
     _d("complex32", 4),
     _d("int64", 8, "I64", "int64", "LongStorage"),
     _d("int32", 4, "I32", "int32", "IntStorage"),
@@ -57,11 +57,17 @@ DTYPES: dict[str, DTypeInfo] = {d.name: d for d in (
     _d("bool", 1, "BOOL", "bool", "BoolStorage"),
     _d("float8_e4m3fn", 1, "F8_E4M3"),  # no infinities; NaN is S.1111.111, not an exponent pattern
     _d("float8_e5m2", 1, "F8_E5M2", mask=0x7C),
-    _d("float8_e4m3fnuz", 1),
-    _d("float8_e5m2fnuz", 1),
+    _d("float8_e4m3fnuz", 1, "F8_E4M3FNUZ"),  # fnuz: no infinities, the one NaN is the pattern of -0
+    _d("float8_e5m2fnuz", 1, "F8_E5M2FNUZ"),
+    _d("float8_e8m0fnu", 1, "F8_E8M0"),  # numpy has neither: carried as bits in HDF5
+    _d("float4_e2m1fn_x2", 1, "F4"),  # safetensors' F4 counts 4-bit elements: its last dim is twice torch's
+    # torch's opaque bit containers: bytes without a numeric meaning
+    _d("bits8", 1), _d("bits16", 2), _d("bits1x8", 1), _d("bits2x4", 1), _d("bits4x2", 1),
     _d("qint8", 1, storage="QInt8Storage"),
     _d("quint8", 1, storage="QUInt8Storage"),
     _d("qint32", 4, storage="QInt32Storage"),
+    _d("quint4x2", 1, storage="QUInt4x2Storage"),
+    _d("quint2x4", 1, storage="QUInt2x4Storage"),
 )}
 TORCH_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
                  "short": "int16", "cfloat": "complex64", "cdouble": "complex128"}
@@ -156,6 +162,100 @@ class LazyTensor:
         return f"LazyTensor({self.dtype}, {list(self.shape)}, storage={self.storage.key})"
 
 
+class TorchConstant(str):
+    """A torch module constant a pickle names (``torch.per_tensor_affine``, ``torch.strided``): compares as its
+    name; written back as the same global."""
+
+
+class TorchLayout(str):
+    """A layout as torch pickles it, through ``torch.serialization._get_layout("torch.sparse_coo")``: compares as
+    that string; written back as the same call."""
+
+
+REBUILT_KINDS = {"_rebuild_qtensor": "quantized", "_rebuild_sparse_tensor": "sparse",
+                 "_rebuild_nested_tensor": "nested", "_rebuild_meta_tensor_no_storage": "meta"}
+
+
+@dataclass(eq=False)
+class RebuiltTensor:
+    """A tensor torch rebuilds with one of its other weights-only functions (``REBUILT_KINDS``): quantized,
+    sparse, nested or meta.  Kept as the function's name and its arguments, read inertly; the tensors among
+    the arguments are LazyTensors walked and checked like any other (a quantized tensor's integer data is one,
+    in place of the bare storage torch passes), and the torch writer emits the same call again."""
+
+    function: str
+    args: tuple
+
+    @property
+    def kind(self) -> str:
+        return REBUILT_KINDS[self.function]
+
+    def _first_tensor(self) -> LazyTensor | None:
+        return next((t for _, t in iter_tensors(self.args)), None)
+
+    @property
+    def dtype(self) -> DType:
+        if self.kind == "meta":
+            return DType(self.args[0])
+        if self.kind == "sparse":  # (indices, values, size[, coalesced]) or (compressed, plain, values, size)
+            return self.args[1][1 if str(self.args[0]).endswith("coo") else 2].dtype
+        t = self._first_tensor()
+        return t.dtype if t is not None else DType("?")
+
+    @property
+    def shape(self) -> tuple | None:
+        if self.kind == "quantized":
+            return tuple(self.args[0].shape)
+        if self.kind == "sparse":
+            return tuple(self.args[1][2] if str(self.args[0]).endswith("coo") else self.args[1][3])
+        if self.kind == "meta":
+            return tuple(self.args[1])
+        return None  # nested: one shape per component
+
+    @property
+    def numel(self) -> int:
+        """Values it holds: the quantized data's, the sparse values', the nested buffer's; a meta shape's."""
+        if self.kind == "meta":
+            n = 1
+            for d in self.args[1]:
+                n *= d
+            return n
+        part = self.args[1][1 if str(self.args[0]).endswith("coo") else 2] if self.kind == "sparse" else self.args[0]
+        return part.numel
+
+    def describe(self) -> str:
+        """e.g. ``quantized qint8 [4] torch.per_tensor_affine scale=0.1 zero_point=3``"""
+        shape = f" {list(self.shape)}" if self.shape is not None else ""
+        if self.kind == "quantized":
+            params = self.args[1]
+            scheme = str(params[0])
+            extra = f" scale={params[1]} zero_point={params[2]}" if len(params) == 3 else ""
+            return f"quantized {self.dtype}{shape} {scheme}{extra}"
+        if self.kind == "sparse":
+            return f"sparse {str(self.args[0]).removeprefix('torch.')} {self.dtype}{shape}"
+        if self.kind == "nested":
+            return f"nested {self.dtype} ({self.args[1].shape[0] if self.args[1].shape else '?'} components)"
+        return f"meta {self.dtype}{shape} (no data)"
+
+    def __repr__(self) -> str:
+        return f"<{self.describe()}>"
+
+
+TENSOR_TYPES = (LazyTensor, RebuiltTensor)  # what a state dict's values are
+
+
+def expand_rebuilt(flat: dict[str, Any]) -> dict[str, LazyTensor]:
+    """A flat name -> tensor dict with every rebuilt tensor replaced by its LazyTensor parts, named
+    ``NAME<kind>[i]`` (for the commands that compare or check bytes tensor by tensor)."""
+    out: dict[str, LazyTensor] = {}
+    for name, t in flat.items():
+        if isinstance(t, RebuiltTensor):
+            out.update(iter_tensors(t, name))
+        else:
+            out[name] = t
+    return out
+
+
 def tensor_bytes(t: LazyTensor, blocks: Iterable[bytes]) -> Iterator[bytes]:
     """The tensor's elements in C order, cut from ``blocks`` (its storage's bytes, in order).
 
@@ -191,28 +291,35 @@ def _children(node: Any, prefix: str) -> list[tuple[str, Any]]:
         return [(f"{prefix}[{i}]", v) for i, v in enumerate(node)]
     if isinstance(node, Placeholder):
         return [(prefix, part) for part in (node._state, node._args, node._items, node._dict_items) if part]
+    if isinstance(node, RebuiltTensor):
+        return [(f"{prefix}<{node.kind}>", node.args)]
     return []
 
 
 def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, LazyTensor]]:
-    """(path, tensor) for every LazyTensor in the tree, paths like ``model/backbone.stem.0.weight``;
-    placeholder objects are walked through their recorded state.
+    """(path, tensor) for every LazyTensor in the tree (see ``iter_nodes``)."""
+    return iter_nodes(tree, LazyTensor, prefix)
+
+
+def iter_nodes(tree: Any, kind: type | tuple[type, ...], prefix: str = "",
+               inside_found: bool = True) -> Iterator[tuple[str, Any]]:
+    """(path, node) for every node of type ``kind`` in the tree, paths like ``model/backbone.stem.0.weight``;
+    placeholder objects are walked through their recorded state, rebuilt tensors through their arguments.
 
     Bounded by construction: a pickle's memo lets one container appear under many names (``x = [x, x]`` 64
     times is 2**64 paths in 4 kB), so every container is entered once, at its first path, and the walk is a
     loop, not a recursion (no depth limit).  A tensor is still yielded for every key that holds it
-    (``{"a": t, "b": t}`` has two names); a container met again is not walked again."""
-    if isinstance(tree, LazyTensor):
-        yield prefix, tree
-        return
+    (``{"a": t, "b": t}`` has two names), and so is any node of ``kind``; a container met again is not walked
+    again.  ``inside_found=False``: what a found node holds is not searched (a rebuilt tensor, not its parts)."""
     entered: set[int] = set()
     stack: list[tuple[str, Any]] = [(prefix, tree)]
     while stack:
         path, node = stack.pop()
-        if isinstance(node, LazyTensor):
+        if isinstance(node, kind):
             yield path, node
-            continue
-        if id(node) in entered:
+            if not inside_found:
+                continue
+        if isinstance(node, LazyTensor) or id(node) in entered:
             continue
         children = _children(node, path)
         if children:
@@ -247,6 +354,8 @@ def map_tensors(tree: Any, fn: Callable[[LazyTensor], Any], _done: dict | None =
         for attr in ("_state", "_args", "_items", "_dict_items"):
             tree.__dict__[attr] = map_tensors(tree.__dict__[attr], fn, done)
         return tree
+    elif isinstance(tree, RebuiltTensor):
+        out = RebuiltTensor(tree.function, map_tensors(tree.args, fn, done))
     else:
         return tree
     done[id(tree)] = (tree, out)

@@ -21,11 +21,12 @@ from ckpttools.atomic import (atomic_folder, atomic_path, atomic_write, check_ne
 from ckpttools.commands._inputs import open_input, refuse_unsafe, require_intact
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, refresh_digest
-from ckpttools.errors import DamagedInput, UsageError
+from ckpttools.errors import DamagedInput, FormatLimit, UsageError
 from ckpttools.formats.registry import DCP, LEGACY, Checkpoint, open_checkpoint
 from ckpttools.formats import dcp, hdf5, safetensors, torchzip
 from ckpttools.formats.base import to_plain_tree
-from ckpttools.tensors import LazyTensor, TensorSource, iter_tensors, map_tensors, materialise
+from ckpttools.tensors import (TENSOR_TYPES, LazyTensor, RebuiltTensor, TensorSource, iter_nodes, iter_tensors,
+                               map_tensors, materialise)
 
 PT, H5, SAFETENSORS, DCP_TARGET = "pt", "h5", "safetensors", "dcp"
 SUFFIXES = {".pt": PT, ".pth": PT, ".ckpt": PT, ".bin": PT, ".h5": H5, ".hdf5": H5, ".safetensors": SAFETENSORS}
@@ -118,21 +119,42 @@ def _convert_tree(ckpt: Checkpoint, source: TensorSource, tree: Any, out: Path, 
     if target == PT:
         torchzip.write_file(tree, out, source, on_bytes=on_bytes, replace=result.force)
     elif target == H5:
+        refuse_unwritable(tree, result, "HDF5")
         tree = to_plain_tree(tree, result.notes)
         with atomic_path(out, replace=result.force) as tmp:  # h5py writes to a path, not a file object
             hdf5.write_hdf5(tree, tmp, source.tensor_chunks, compress, on_bytes)
     elif target == SAFETENSORS:
-        skipped = [k for k, t in tree.items() if not safetensors.writable(t.dtype)]
-        if skipped:
-            result.notes.append(f"{len(skipped)} tensor(s) of dtypes safetensors lacks left out: {skipped[:5]}")
-        tensors = {k: t for k, t in tree.items() if k not in skipped}
+        refuse_unwritable(tree, result, "safetensors", safetensors.writable)
+        held = [k for k, v in tree.items() if not isinstance(v, LazyTensor)]
+        if held:
+            raise FormatLimit(f"{result.input}: safetensors holds named tensors only, and {len(held)} weight "
+                              f"entr{'y' if len(held) == 1 else 'ies'} hold tensors inside a container: "
+                              f"{', '.join(held[:8])}; nothing written (.pt keeps them)", held)
         with atomic_write(out, replace=result.force) as f:
-            safetensors.write_safetensors(tensors, f, source.tensor_chunks, _safetensors_metadata(ckpt, result),
+            safetensors.write_safetensors(tree, f, source.tensor_chunks, _safetensors_metadata(ckpt, result),
                                           on_bytes)
     elif target == DCP_TARGET:
         _to_dcp(tree, out, result, source, world_size)
     else:
         raise UsageError(f"--to {target}: choose pt, h5, safetensors or dcp")
+
+
+def refuse_unwritable(tree: Any, result: ConvertResult, target: str,
+                      writable: Callable[[LazyTensor], bool] = lambda t: True) -> None:
+    """Exit 2 naming every tensor ``target`` cannot hold exactly (a dtype it has no code for; a quantized,
+    sparse, nested or meta tensor, which only the torch format holds): nothing is changed or left out
+    silently."""
+    lacking: list[tuple[str, str]] = []  # (path, what)
+    for path, t in iter_nodes(tree, TENSOR_TYPES, inside_found=False):
+        if isinstance(t, RebuiltTensor):
+            lacking.append((path, f"{t.kind} tensor"))
+        elif not writable(t):
+            lacking.append((path, f"dtype {t.dtype}"))
+    if lacking:
+        kinds = ", ".join(sorted({what for _, what in lacking}))
+        names = ", ".join(path for path, _ in lacking[:8]) + (" ..." if len(lacking) > 8 else "")
+        raise FormatLimit(f"{result.input}: {target} cannot hold {len(lacking)} tensor(s) exactly ({kinds}): "
+                          f"{names}; nothing written (.pt keeps every tensor)", [path for path, _ in lacking])
 
 
 def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[str, LazyTensor]:
@@ -146,13 +168,17 @@ def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[s
     else:
         found = L.weights_of(tree, layout) or L.weights_of(tree, L.FUSE_TRAIN)  # unknown layouts: try model / ema
         if found is None:
-            flat = dict(iter_tensors(tree))
+            flat = dict(iter_nodes(tree, TENSOR_TYPES, inside_found=False))
             if not flat:
                 raise UsageError(f"{result.input}: no tensors found in this {layout} checkpoint")
             result.notes.append(f"no model weights recognised in this {layout} checkpoint: every tensor is carried, "
                                 "named by its path")
             return flat
         key, flat = found
+        source = tree.get(key) if key and isinstance(tree, dict) else tree
+        if isinstance(source, dict):  # tensors the state dict holds inside tuples / lists (a dynamically
+            flat.update({str(k): v for k, v in source.items()  # quantized Linear's packed weight and bias)
+                         if str(k) not in flat and any(True for _ in iter_nodes(v, TENSOR_TYPES))})
     if not flat:
         raise UsageError(f"{result.input}: the '{key}' entry holds no tensors")
     left = sorted(str(k) for k in tree if k != key) if isinstance(tree, dict) and key else []
@@ -187,6 +213,7 @@ def _safetensors_metadata(ckpt: Checkpoint, result: ConvertResult) -> dict[str, 
 def _to_dcp(tree: Any, out: Path, result: ConvertResult, source: TensorSource, world_size: int = 1) -> None:
     if not isinstance(tree, dict):
         raise UsageError(f"{result.input}: DCP needs a dict at the top of the checkpoint")
+    refuse_unwritable(tree, result, "a DCP folder", dcp.writable)
     result.notes.extend(dcp.notes_for(tree))
     # the tree as DCP will give it back (string keys, no empty dicts), so its digest is the one a reader finds
     tree = dcp.as_dcp_returns(to_plain_tree(tree, result.notes))

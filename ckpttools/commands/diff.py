@@ -20,7 +20,7 @@ import numpy as np
 from ckpttools import layouts as L
 from ckpttools.formats.registry import Checkpoint, open_checkpoint
 from ckpttools.objects import Placeholder
-from ckpttools.tensors import DTYPES, LazyTensor, iter_tensors, tensor_bytes
+from ckpttools.tensors import DTYPES, LazyTensor, RebuiltTensor, expand_rebuilt, iter_nodes, iter_tensors, tensor_bytes
 
 IDENTICAL, WITHIN, DIFFERENT = "identical", "within_tolerance", "different"
 SECTIONS = ("model", "ema", "optimizer", "meta")
@@ -91,7 +91,7 @@ def sections_of(ckpt: Checkpoint) -> dict[str, dict[str, LazyTensor]]:
     else:
         found = L.weights_of(tree, layout)
         out["model"] = found[1] if found else dict(iter_tensors(tree))
-    return out
+    return {section: expand_rebuilt(names) for section, names in out.items()}
 
 
 def _normalise(names: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor], str | None]:
@@ -122,6 +122,8 @@ def metadata_of(tree: Any) -> dict:
             return f"<tensor {v.dtype} {list(v.shape)}>"
         if isinstance(v, Placeholder):
             return f"<{v._reference.qualname}>"
+        if isinstance(v, RebuiltTensor):
+            return repr(v)
         if not isinstance(v, (dict, list, tuple)):
             return v
         if id(v) in seen:
@@ -149,7 +151,12 @@ def metadata_of(tree: Any) -> dict:
     if not isinstance(tree, dict):
         return {}
     skip = {"model", "ema", "optimizer", "state_dict", "optimizer_states", "rng"}
-    return {str(k): plain(v, str(k), 1) for k, v in tree.items() if k not in skip and not isinstance(v, LazyTensor)}
+    out = {str(k): plain(v, str(k), 1) for k, v in tree.items() if k not in skip and not isinstance(v, LazyTensor)}
+    # a quantized tensor's scale or a sparse tensor's shape is not in its parts' bytes: compared here
+    rebuilt = {path: repr(t) for path, t in iter_nodes({k: tree[k] for k in skip if k in tree}, RebuiltTensor)}
+    if rebuilt:
+        out["<rebuilt tensors>"] = rebuilt
+    return out
 
 
 # ---- values ------------------------------------------------------------------------------------------------------------

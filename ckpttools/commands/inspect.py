@@ -12,7 +12,7 @@ from ckpttools import layouts as L
 from ckpttools.formats.registry import open_checkpoint
 from ckpttools.objects import Placeholder
 from ckpttools.pickle.policy import ALLOWED_STATUS
-from ckpttools.tensors import LazyTensor, iter_tensors
+from ckpttools.tensors import TENSOR_TYPES, LazyTensor, RebuiltTensor, iter_tensors
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -102,6 +102,8 @@ def _plain(v: Any):
 def describe_value(v: Any) -> str:
     if isinstance(v, LazyTensor):
         return f"tensor {v.dtype} {list(v.shape)}"
+    if isinstance(v, RebuiltTensor):
+        return f"tensor {v.describe()}"
     if isinstance(v, dict):
         n = sum(1 for _ in iter_tensors(v))
         return f"dict ({len(v)} keys" + (f", {n} tensors)" if n else ")")
@@ -119,6 +121,6 @@ def _key_tree(tree: Any, depth: int = 0) -> Any:
         return describe_value(tree)
     out = {}
     for k, v in tree.items():
-        small_dict = isinstance(v, dict) and depth < 1 and len(v) <= 12 and not all(isinstance(x, LazyTensor) for x in v.values())
+        small_dict = isinstance(v, dict) and depth < 1 and len(v) <= 12 and not all(isinstance(x, TENSOR_TYPES) for x in v.values())
         out[str(k)] = _key_tree(v, depth + 1) if small_dict else describe_value(v)
     return out

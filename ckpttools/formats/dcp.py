@@ -209,6 +209,20 @@ def _any_dict(tree: Any, test: Callable[[dict], bool]) -> bool:
     return False
 
 
+def writable(t: Any) -> bool:
+    """Whether torch's DCP planner can size this tensor's dtype (it asks torch.iinfo of every non-float dtype,
+    which fails for the bit containers, float4 and e8m0): asked of torch itself, so the answer follows it."""
+    import torch
+
+    if not isinstance(t, LazyTensor):
+        return False
+    try:
+        torch._utils._element_size(getattr(torch, str(t.dtype)))
+    except (TypeError, AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def write_single(state: dict, folder: Path) -> None:
     """``state``: real torch tensors and plain values (``tensors.materialise`` of a plain tree)."""
     import torch.distributed.checkpoint as dcp

@@ -29,8 +29,23 @@ def detect(path: Path, head: bytes) -> bool:
     return 2 <= n < 100_000_000 and head[8:9] == b"{" and n + 8 <= path.stat().st_size
 
 
-def writable(dtype: str) -> bool:
-    return DType(dtype).info.safetensors is not None
+# codes whose elements are smaller than torch's item: safetensors' shape counts them, torch's counts bytes
+# (``float4_e2m1fn_x2`` holds two 4-bit values; safetensors.torch writes shape [..., 2n] for torch's [..., n])
+PER_ITEM = {"F4": 2}
+
+
+def writable(t: LazyTensor) -> bool:
+    code = DType(t.dtype).info.safetensors
+    return code is not None and (code not in PER_ITEM or len(t.shape) > 0)
+
+
+def _torch_shape(code: str, shape: tuple) -> tuple | None:
+    per = PER_ITEM.get(code, 1)
+    if per == 1:
+        return shape
+    if not shape or shape[-1] % per:
+        return None
+    return (*shape[:-1], shape[-1] // per)
 
 
 def _no_duplicates(pairs: list, duplicates: list[str]) -> dict:
@@ -53,7 +68,10 @@ def _entry(info) -> tuple[DType, tuple, tuple[int, int]] | None:
                                                     for x in xs))
     if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         return None
-    return DType(FROM_SAFETENSORS[info["dtype"]]), tuple(shape), (offsets[0], offsets[1])
+    torch_shape = _torch_shape(info["dtype"], tuple(shape))
+    if torch_shape is None:
+        return None
+    return DType(FROM_SAFETENSORS[info["dtype"]]), torch_shape, (offsets[0], offsets[1])
 
 
 def read(path: Path) -> Checkpoint:
@@ -131,8 +149,9 @@ def write_safetensors(tensors: dict[str, LazyTensor], out: IO[bytes],
     header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}} if metadata else {}
     offset = 0
     for name, t in tensors.items():
-        header[name] = {"dtype": DType(t.dtype).info.safetensors, "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.nbytes]}
+        code = DType(t.dtype).info.safetensors
+        shape = list(t.shape[:-1]) + [t.shape[-1] * PER_ITEM[code]] if code in PER_ITEM else list(t.shape)
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data area starts 8-byte aligned, as the library writes it

@@ -41,7 +41,7 @@ from ckpttools.formats.base import Checkpoint, storage_from_pid
 from ckpttools.objects import Placeholder, Reference, is_placeholder
 from ckpttools.pickle.scan import looks_like_pickle, scan_pickle
 from ckpttools.report import ERROR, WARNING, Finding
-from ckpttools.tensors import DTYPES, DType, LazyTensor, StorageRef
+from ckpttools.tensors import DTYPES, DType, LazyTensor, RebuiltTensor, StorageRef, TorchConstant, TorchLayout
 
 NAME = "torch-zip"
 MAX_EXTRA_PICKLE = 256 << 20  # scan other pickle records up to this size
@@ -205,7 +205,10 @@ def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None) -> None:
 
 ALIGNMENT = 64  # torch aligns storage records so mmap=True loads can use them in place
 PROTOCOL = 2  # torch.save's default
-STORAGE_CLASS = {d.name: d.storage_class for d in DTYPES.values() if d.storage_class and not d.name.startswith("q")}
+# typed storages: what torch names a storage of these dtypes by (quantized ones only inside _rebuild_qtensor,
+# which takes its dtype from the storage); tensors of other dtypes are v3 rebuilds over an UntypedStorage
+TYPED_STORAGE = {d.name: d.storage_class for d in DTYPES.values() if d.storage_class}
+STORAGE_CLASS = {name: cls for name, cls in TYPED_STORAGE.items() if not name.startswith(("qint", "quint"))}
 
 
 class Global:
@@ -245,8 +248,8 @@ class TreePickler(pickle._Pickler):  # the pure-Python pickler: it lets us write
 
     def persistent_id(self, obj: Any):
         if isinstance(obj, StorageRef):
-            typed = obj.dtype in STORAGE_CLASS
-            kind = Global("torch", STORAGE_CLASS[obj.dtype]) if typed else Global("torch.storage", "UntypedStorage")
+            typed = obj.dtype in TYPED_STORAGE
+            kind = Global("torch", TYPED_STORAGE[obj.dtype]) if typed else Global("torch.storage", "UntypedStorage")
             numel = obj.numel if typed else obj.nbytes
             return ("storage", kind, self.storage_key(obj), self.location(obj), numel)
         return None
@@ -260,6 +263,10 @@ class TreePickler(pickle._Pickler):  # the pure-Python pickler: it lets us write
             return self._rebuild(obj.tensor)
         if isinstance(obj, Placeholder):
             return _placeholder_reduce(obj)
+        if isinstance(obj, RebuiltTensor):
+            return _rebuilt_reduce(obj)
+        if isinstance(obj, TorchLayout):
+            return GET_LAYOUT, (str(obj),)
         return NotImplemented
 
     @staticmethod
@@ -282,6 +289,20 @@ class TreePickler(pickle._Pickler):  # the pure-Python pickler: it lets us write
     dispatch = pickle._Pickler.dispatch.copy()
     dispatch[Global] = lambda self, obj: self._write_global(obj, Reference(obj.module, obj.name))
     dispatch[DType] = lambda self, obj: self._write_global(obj, Reference("torch", str(obj)))
+    dispatch[TorchConstant] = lambda self, obj: self._write_global(obj, Reference("torch", str(obj)))
+
+
+GET_LAYOUT = Global("torch.serialization", "_get_layout")
+
+
+def _rebuilt_reduce(obj: RebuiltTensor):
+    """The same call torch wrote; a quantized tensor's data goes back to (storage, offset, size, stride)."""
+    function = Global("torch._utils", obj.function)
+    if obj.kind == "quantized":
+        data, params, requires_grad, hooks = obj.args
+        return function, (data.storage, data.storage_offset, tuple(data.shape), tuple(data.stride), params,
+                          requires_grad, hooks if hooks is not None else collections.OrderedDict())
+    return function, obj.args
 
 
 def _placeholder_reduce(obj: Placeholder):

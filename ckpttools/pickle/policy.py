@@ -42,11 +42,23 @@ STR_ENUM = ("a str Enum: calling it looks a member up by value; its _missing_ on
             "source); the Hugging Face Trainer pickles these in training_args.bin")
 
 
+# quantization schemes and sparse layouts: constants torch's quantized / sparse rebuilds take
+QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric",
+            "per_channel_affine_float_qparams")
+SPARSE_LAYOUTS = ("torch.sparse_coo", "torch.sparse_csr", "torch.sparse_csc", "torch.sparse_bsr", "torch.sparse_bsc")
+OTHER_REBUILD = ("one of torch's weights-only tensor rebuilds ({what}): builds a tensor from tensors and numbers; "
+                 "rebuilt here as an inert description, written back as the same call")
+
+
 def _entries() -> dict[tuple[str, str], str]:
     table: dict[tuple[str, str], str] = {
         ("torch._utils", "_rebuild_tensor"): TENSOR_REBUILD,
         ("torch._utils", "_rebuild_tensor_v2"): TENSOR_REBUILD,
         ("torch._utils", "_rebuild_tensor_v3"): TENSOR_REBUILD,
+        ("torch._utils", "_rebuild_qtensor"): OTHER_REBUILD.format(what="a quantized tensor"),
+        ("torch._utils", "_rebuild_sparse_tensor"): OTHER_REBUILD.format(what="a sparse COO / compressed tensor"),
+        ("torch._utils", "_rebuild_nested_tensor"): OTHER_REBUILD.format(what="a nested tensor"),
+        ("torch._utils", "_rebuild_meta_tensor_no_storage"): OTHER_REBUILD.format(what="a meta tensor, no data"),
         ("torch._utils", "_rebuild_parameter"): "wraps a rebuilt tensor as an nn.Parameter (a flag here)",
         ("torch._utils", "_rebuild_parameter_with_state"): "a Parameter with plain attribute state",
         ("torch._tensor", "_rebuild_from_type_v2"): "tensor subclass rebuild; its function argument is judged "
@@ -106,6 +118,10 @@ def _entries() -> dict[tuple[str, str], str]:
     table[("uuid", "UUID")] = STDLIB_VALUE.format(what="a 128-bit id (state: one int)")
     for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
         table[("pathlib", name)] = "a filesystem path value (no file is touched)"
+    for name in QSCHEMES:
+        table[("torch", name)] = "a quantization scheme constant"
+    for name in SPARSE_LAYOUTS:
+        table[("torch", name.removeprefix("torch."))] = "a sparse layout constant"
     for name in list(DTYPES) + list(TORCH_ALIASES):
         table[("torch", name)] = DTYPE
     for info in DTYPES.values():

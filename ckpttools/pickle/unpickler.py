@@ -24,7 +24,9 @@ from typing import Any, Callable
 from ckpttools.objects import Reference, is_placeholder, placeholder_class
 from ckpttools.pickle.policy import ALLOWED
 from ckpttools.pickle.scan import normalise
-from ckpttools.tensors import DTYPES, FROM_STORAGE_CLASS, TORCH_ALIASES, DType, LazyTensor, StorageRef
+from ckpttools.tensors import (DTYPES, FROM_STORAGE_CLASS, TORCH_ALIASES, DType, LazyTensor, RebuiltTensor,
+                               StorageRef, TorchConstant, TorchLayout)
+from ckpttools.pickle.policy import QSCHEMES, SPARSE_LAYOUTS
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -46,6 +48,34 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None
     if isinstance(data, LazyTensor):
         data.requires_grad, data.parameter = bool(requires_grad), True
     return data
+
+
+def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, requires_grad, backward_hooks):
+    # the integer data as a LazyTensor (checked and streamed like any other); the writer unpacks it again
+    data = _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
+    if not (isinstance(quantizer_params, tuple) and quantizer_params and quantizer_params[0] in QSCHEMES):
+        raise pickle.UnpicklingError(f"quantized tensor with quantizer parameters {str(quantizer_params)[:60]}")
+    return RebuiltTensor("_rebuild_qtensor", (data, quantizer_params, bool(requires_grad), backward_hooks))
+
+
+def _rebuild_sparse_tensor(layout, data):
+    parts = {"torch.sparse_coo": (3, 4)}.get(str(layout), (4,))
+    if str(layout) not in SPARSE_LAYOUTS or not isinstance(data, tuple) or len(data) not in parts or not all(
+            isinstance(t, LazyTensor) for t in data[:2]):
+        raise pickle.UnpicklingError(f"sparse tensor of layout {str(layout)[:40]} with unexpected parts")
+    return RebuiltTensor("_rebuild_sparse_tensor", (layout, data))
+
+
+def _rebuild_nested_tensor(buffer, sizes, strides, storage_offsets):
+    if not all(isinstance(t, LazyTensor) for t in (buffer, sizes, strides, storage_offsets)):
+        raise pickle.UnpicklingError("nested tensor whose parts are not tensors")
+    return RebuiltTensor("_rebuild_nested_tensor", (buffer, sizes, strides, storage_offsets))
+
+
+def _rebuild_meta_tensor_no_storage(dtype, size, stride, requires_grad):
+    if not isinstance(dtype, DType):
+        raise pickle.UnpicklingError(f"meta tensor of dtype {str(dtype)[:40]}")
+    return RebuiltTensor("_rebuild_meta_tensor_no_storage", (dtype, tuple(size), tuple(stride), bool(requires_grad)))
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
@@ -107,10 +137,14 @@ def _implementations() -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
         ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch._utils", "_rebuild_qtensor"): _rebuild_qtensor,
+        ("torch._utils", "_rebuild_sparse_tensor"): _rebuild_sparse_tensor,
+        ("torch._utils", "_rebuild_nested_tensor"): _rebuild_nested_tensor,
+        ("torch._utils", "_rebuild_meta_tensor_no_storage"): _rebuild_meta_tensor_no_storage,
         ("torch", "Size"): lambda *a: tuple(*a),
         ("torch", "device"): lambda *a: ":".join(str(x) for x in a),
         ("torch.torch_version", "TorchVersion"): str,
-        ("torch.serialization", "_get_layout"): lambda name: str(name),
+        ("torch.serialization", "_get_layout"): lambda name: TorchLayout(name),
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("builtins", "object"): object,
         ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
@@ -124,8 +158,8 @@ def _implementations() -> dict[tuple[str, str], Any]:
         out[("torch.jit._pickle", name)] = lambda value, *_: value
     for t in (dict, list, tuple, int, float, str, bool, bytes):
         out[("builtins", t.__name__)] = t
-    for name in ("strided", "contiguous_format", "channels_last", "preserve_format"):
-        out[("torch", name)] = name
+    for name in ("strided", "contiguous_format", "channels_last", "preserve_format", *QSCHEMES, *SPARSE_LAYOUTS):
+        out[("torch", name.removeprefix("torch."))] = TorchConstant(name.removeprefix("torch."))
     for (mod, name), _reason in ALLOWED.items():
         if mod == "pathlib":
             out[(mod, name)] = lambda *parts: "/".join(str(p) for p in parts)
