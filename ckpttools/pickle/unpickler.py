@@ -37,6 +37,9 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype=None, metadata=None):
     t = _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
+    if dtype is not None and not isinstance(dtype, DType):  # a torch dtype newer than our table: never guessed
+        name = dtype._reference.qualname if is_placeholder(dtype) else repr(dtype)[:40]
+        raise pickle.UnpicklingError(f"a tensor of dtype {name}, which this version of ckpttools does not know")
     if dtype is not None and t.storage.dtype != dtype:
         # an UntypedStorage (dtypes without a legacy storage class, e.g. uint16): its numel counted bytes
         t.storage.numel //= DType(dtype).itemsize
