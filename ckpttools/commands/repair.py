@@ -67,6 +67,9 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
     if dangerous:  # --allow-unsafe: data only
         ckpt.tree = to_plain_tree(ckpt.tree, [])
         result.actions.append(f"--allow-unsafe: written as plain data only; not carried: {', '.join(dangerous[:5])}")
+    if not dangerous and _only_the_directory_is_damaged(ckpt, strip_prefix) and _rebuild_directory(src, out, result,
+                                                                                                 force):
+        return result
     if any(f.code == "zip.no-central-directory" for f in ckpt.findings):
         result.actions.append("zip end records were missing: records recovered by scanning local headers")
 
@@ -104,6 +107,57 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
     ensure_space(out, sum(r.nbytes for r in {id(t.storage): t.storage for _, t in iter_tensors(tree)}.values()))
     _write_verified(tree, out, source, result, on_bytes, force)
     return result
+
+
+def _only_the_directory_is_damaged(ckpt: Checkpoint, strip_prefix: bool) -> bool:
+    """The zip's directory is the one problem, and nothing else would be changed (no prefix to strip)."""
+    codes = {f.code for f in ckpt.findings if f.severity == ERROR}
+    if ckpt.format != ZIP or codes != {"zip.no-central-directory"}:
+        return False
+    if strip_prefix:
+        dicts = L.weight_dicts(ckpt.tree, L.recognise(ckpt.tree))
+        if any(isinstance(k, str) and _normalise(k) != k for _, weights in dicts for k in weights):
+            return False
+    return True
+
+
+def _rebuild_directory(src: Path, out: Path, result: RepairResult, force: bool) -> bool:
+    """Every record intact, only the central directory damaged (a zeroed page): write the file with its
+    directory rebuilt from the local headers, every other byte as it was -- the original file, bit for bit.
+    False (nothing written) when the directory cannot be rebuilt that way; the caller rewrites the file."""
+    patches = ziprecords.rebuild_central_directory(src)
+    if patches is None:
+        return False
+    problems: list[str] = []
+
+    def passes(tmp: Path) -> bool:
+        problems.extend(f"{f.code}: {f.message}" for f in verify(tmp).errors)
+        return not problems
+
+    ensure_space(out, src.stat().st_size)
+    with atomic_path(out, verify=passes, replace=force) as tmp:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            _copy_range(fin, fout, None)
+            for offset, data in patches:
+                fout.seek(offset)
+                fout.write(data)
+    if problems:
+        return False
+    result.repaired = True
+    result.actions.append("central directory rebuilt from the local headers (every record passed its CRC32; "
+                          "every other byte kept as it was)")
+    return True
+
+
+def _copy_range(fin, fout, length: int | None, block: int = 8 << 20) -> None:
+    left = length
+    while left is None or left > 0:
+        data = fin.read(block if left is None else min(block, left))
+        if not data:
+            return
+        fout.write(data)
+        if left is not None:
+            left -= len(data)
 
 
 def _recover_records(ckpt: Checkpoint, lost: list[tuple[StorageRef, str]],

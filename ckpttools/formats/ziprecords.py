@@ -177,8 +177,12 @@ def _parse(src: "_Window", size: int, problems: list[ZipProblem], path: Path, ba
         entries.append((fields, name_bytes, extra))
         pos += 46 + name_len + extra_len + comment
     if pos != len(cd) or len(entries) != n_total:
-        problems.append(ZipProblem("zip.structure", f"central directory holds {len(entries)} readable entries in "
-                                   f"{pos} of {len(cd)} bytes; the end record says {n_total}", "central directory"))
+        # a directory that breaks off (a zeroed page, wrong counts) cannot be trusted for the entries it still
+        # shows either (the one at the break has half its fields): read the records as a truncated file's are,
+        # from their local headers
+        raise ZipStructureError(f"the central directory holds {len(entries)} readable entries in {pos} of "
+                                f"{len(cd)} bytes, the end record says {n_total}",
+                                scan_local_headers(path, base, size))
     if len(entries) > 2:  # fields torch writes identically for every entry
         for index, label in ((1, "version made by"), (13, "disk number"), (14, "internal attributes"),
                              (15, "external attributes")):
@@ -439,3 +443,72 @@ def locate_intact(path: Path, record: Record, scanned: list[Record] | None = Non
         if candidate.crc is not None and record_crc(path, candidate) == candidate.crc:
             return candidate
     return None
+
+
+def rebuild_central_directory(path: Path) -> list[tuple[int, bytes]] | None:
+    """Patches, (offset, bytes), that mend a zip whose records are whole but whose central directory is
+    damaged (a zeroed page, wrong entry counts): the directory rebuilt from the local headers with the entries
+    torch's writer made, and the end records' counts, so the file comes back as it was written.  None unless
+    every condition holds: the end record is readable, a local-header scan finds records back to back from
+    byte 0 up to the directory, every one passes its CRC32, and the rebuilt directory has exactly the size the
+    end record gives."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        src = _Window(fd, 0, size)
+        eocd_at = _find_eocd(src, size)
+        if eocd_at is None:
+            return None
+        n_total, cd_size, cd_offset = EOCD.unpack(src.pread(EOCD.size, eocd_at))[4:7]
+        z64_at = None
+        loc_at = eocd_at - ZIP64_LOCATOR.size
+        if loc_at >= 0 and src.pread(4, loc_at) == ZIP64_LOCATOR_MAGIC:
+            z64_at = ZIP64_LOCATOR.unpack(src.pread(ZIP64_LOCATOR.size, loc_at))[2]
+            raw = src.pread(ZIP64_EOCD.size, z64_at)
+            if len(raw) < ZIP64_EOCD.size or raw[:4] != ZIP64_EOCD_MAGIC:
+                return None
+            cd_size, cd_offset = ZIP64_EOCD.unpack(raw)[8:10]
+        records = scan_local_headers(path)
+        if not records or records[0].header_offset != 0 or records[-1].end != cd_offset:
+            return None
+        if any(r.truncated or r.crc is None or record_crc(path, r) != r.crc for r in records):
+            return None
+        if any(a.end != b.header_offset for a, b in zip(records, records[1:])):
+            return None
+        template = _surviving_constants(src.pread(min(cd_size, 1 << 20), cd_offset))
+        directory = b"".join(_central_entry(src, r, template) for r in records)
+    finally:
+        os.close(fd)
+    if len(directory) != cd_size:
+        return None
+    n = len(records)
+    counts = struct.pack("<HH", min(n, 0xFFFF), min(n, 0xFFFF)) if n < 0xFFFF or n_total == 0xFFFF else None
+    patches = [(cd_offset, directory)] + ([(eocd_at + 8, counts)] if counts else [])
+    if z64_at is not None:
+        patches.append((z64_at + 24, struct.pack("<QQ", n, n)))
+    return patches
+
+
+def _surviving_constants(cd: bytes) -> tuple[int, int, int, int]:
+    """(version made by, disk, internal attributes, external attributes) of the directory entries still
+    readable at its start: fields a writer sets the same for every entry (torch's: all 0)."""
+    pos, seen = 0, []
+    while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos: pos + 4] == CENTRAL_MAGIC:
+        fields = CENTRAL_HEADER.unpack_from(cd, pos)
+        seen.append((fields[1], fields[13], fields[14], fields[15]))
+        pos += 46 + fields[10] + fields[11] + fields[12]
+    return max(set(seen), key=seen.count) if seen else (0, 0, 0, 0)
+
+
+def _central_entry(src: "_Window", r: Record, template: tuple[int, int, int, int]) -> bytes:
+    """One central-directory entry for a scanned record, its fields taken from the local header (as a writer
+    copies them), CRC and sizes from the data descriptor; a zip64 extra for what does not fit 32 bits."""
+    head = LOCAL_HEADER.unpack(src.pread(LOCAL_HEADER.size, r.header_offset))
+    need, flags, method, mtime, mdate, nl = head[1], head[2], head[3], head[4], head[5], head[9]
+    name = src.pread(nl, r.header_offset + 30)
+    made_by, disk, internal, external = template
+    big = [(v, 0xFFFFFFFF) if v >= 0xFFFFFFFF else (None, v) for v in (r.size, r.size, r.header_offset)]
+    extra = b"".join(struct.pack("<Q", v) for v, _ in big if v is not None)
+    extra = struct.pack("<HH", 0x0001, len(extra)) + extra if extra else b""
+    return CENTRAL_HEADER.pack(CENTRAL_MAGIC, made_by, need, flags, method, mtime, mdate, r.crc, big[1][1],
+                               big[0][1], nl, len(extra), 0, disk, internal, external, big[2][1]) + name + extra
