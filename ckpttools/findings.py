@@ -148,6 +148,9 @@ FINDINGS: dict[str, FindingKind] = {
         'warning', 'a DCP folder without tensors'),
     'zip.crc-not-computed': FindingKind(
         'warning', "records whose CRC32 field is 0 although they hold data: the writer did not compute checksums (torch.save with `torch.utils.serialization.config.save.compute_crc32 = False`). Their bytes cannot be verified; structure, digest, values and safety are still checked", 'save with checksums on to make the bytes verifiable'),
+    'zip.overlap': FindingKind(
+        'error', "a central-directory entry whose record overlaps an earlier one or comes before it: many names for the same bytes (a zip bomb) or a damaged directory. The entry's bytes are not read",
+        'do not load this file'),
     'zip.duplicate-name': FindingKind(
         'error', 'two records of the same name: `torch.load` may read either, so the file means two things',
         'do not load this file'),

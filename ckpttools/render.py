@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.markup import escape
 from rich.tree import Tree
 
-from ckpttools.report import Report
+from ckpttools.report import JSON_PER_CODE, Report
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -48,10 +48,14 @@ def render_verify(report: Report, console: Console, strict: bool = False) -> Non
         grid = Table.grid(padding=(0, 1))
         grid.add_column(width=7, no_wrap=True)
         grid.add_column(overflow="fold")
-        for f in sorted(report.findings, key=lambda f: ("error", "warning", "info").index(f.severity)):
+        kept, left = report.shown()
+        for f in sorted(kept, key=lambda f: ("error", "warning", "info").index(f.severity)):
             where = f" [dim]at {escape(f.where)}[/]" if f.where else ""
             grid.add_row(f"[{STYLE[f.severity]}]{f.severity}[/]", f"[bold]{f.code}[/]{where}\n{escape(f.message)}")
         console.print(grid)
+        for code, n in left.items():
+            console.print(f"[dim]... and {n:,} more {escape(code)} finding(s) like these (--json lists up to "
+                          f"{JSON_PER_CODE} of each)[/]")
     n_err, n_warn = len(report.errors), len(report.warnings)
     verdict = "OK" if report.ok(strict) else "FAILED"
     colour = "green" if report.ok(strict) else "bold red"
@@ -81,7 +85,9 @@ def render_inspect(summary: dict, console: Console) -> None:
             f"{r['reference']}" + (" [bold red](dangerous)[/]" if r["status"] == "dangerous" else "")
             for r in summary["code_references"]))
     for p in summary.get("problems_while_reading", []):
-        console.print(f"[{STYLE[p['severity']]}]{p['severity']}[/] {p['code']}: {p['message']}")
+        console.print(f"[{STYLE[p['severity']]}]{p['severity']}[/] {p['code']}: {escape(p['message'])}")
+    for code, n in summary.get("problems_left_out", {}).items():
+        console.print(f"[dim]... and {n:,} more {escape(code)} problem(s) like these[/]")
 
 
 def _add(node: Tree, value: Any) -> None:

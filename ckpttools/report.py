@@ -9,6 +9,8 @@ from ckpttools.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE
 from ckpttools.findings import FINDINGS
 
 ERROR, WARNING, INFO = "error", "warning", "info"
+SHOWN_PER_CODE = 20  # findings of one kind printed for a person
+JSON_PER_CODE = 500  # ... and listed in --json (the counts are always whole)
 
 
 @dataclass
@@ -24,6 +26,22 @@ class Finding:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
+
+
+def cap_findings(findings: list[Finding], per_code: int = SHOWN_PER_CODE) -> tuple[list[Finding], dict[str, int]]:
+    """The findings to show: at most ``per_code`` of each (severity, code), in order, and how many of each code
+    were left out.  A hostile zip with 300,000 extra records is 300,000 findings of one kind; printing them all
+    costs minutes and megabytes and tells nothing the first few do not."""
+    counts: dict[tuple[str, str], int] = {}
+    kept, left = [], {}
+    for f in findings:
+        key = (f.severity, f.code)
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] <= per_code:
+            kept.append(f)
+        else:
+            left[f.code] = left.get(f.code, 0) + 1
+    return kept, left
 
 
 @dataclass
@@ -59,6 +77,12 @@ class Report:
             return EXIT_USAGE
         return EXIT_OK if self.ok(strict) else EXIT_PROBLEMS
 
+    def shown(self, per_code: int = SHOWN_PER_CODE) -> tuple[list[Finding], dict[str, int]]:
+        return cap_findings(self.findings, per_code)
+
     def to_dict(self, strict: bool = False) -> dict[str, Any]:
+        kept, left = self.shown(JSON_PER_CODE)
         return {"path": self.path, "ok": self.ok(strict), "format": self.format, "layout": self.layout,
-                "findings": [f.to_dict() for f in self.findings], **self.facts}
+                "counts": {"errors": len(self.errors), "warnings": len(self.warnings)},
+                "findings": [f.to_dict() for f in kept], **({"findings_left_out": left} if left else {}),
+                **self.facts}

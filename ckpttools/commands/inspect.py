@@ -12,6 +12,7 @@ from ckpttools import layouts as L
 from ckpttools.formats.registry import open_checkpoint
 from ckpttools.objects import Placeholder
 from ckpttools.pickle.policy import ALLOWED_STATUS
+from ckpttools.report import cap_findings
 from ckpttools.tensors import TENSOR_TYPES, LazyTensor, RebuiltTensor, iter_tensors
 
 
@@ -31,6 +32,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         by_dtype[str(s.dtype)] += s.nbytes
     devices = Counter(s.location for s in storages.values())
     weights = L.weights_of(tree, layout)
+    shown, left_out = cap_findings(ckpt.findings)
     summary = {
         "path": str(path), "format": ckpt.format, "layout": layout,
         "epoch": tree.get("epoch") if isinstance(tree, dict) else None,
@@ -44,8 +46,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "bytes_by_dtype": dict(by_dtype.most_common()),
         "devices": dict(devices.most_common()),
         "code_references": _code_references(ckpt),
-        "problems_while_reading": [f.to_dict() for f in ckpt.findings],
+        "problems_while_reading": [f.to_dict() for f in shown],
     }
+    if left_out:
+        summary["problems_left_out"] = left_out
     if ckpt.metadata:
         summary["metadata"] = ckpt.metadata
     folder = L.recognise_folder(path) if path.is_dir() else None

@@ -174,7 +174,7 @@ def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
             continue
         if record.crc is not None:
             crc = 0
-            for block in ziprecords.iter_record_bytes(ckpt.path, record):
+            for block in ziprecords.iter_record_bytes(ckpt.path, record) if record.size else ():
                 crc = ziprecords.crc32(block, crc)
             if crc != record.crc:
                 report.add(ERROR, "zip.crc-mismatch", f"record {name}: CRC32 {crc:08x} != recorded {record.crc:08x}",

@@ -191,7 +191,8 @@ def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None) -> None:
     ``constants.pkl``) is judged too: another loader may unpickle it."""
     for name, record in ckpt.records.items():
         short = name.split("/", 1)[1] if "/" in name else name
-        if name == main or short.startswith("data/") or record.truncated or record.size > MAX_EXTRA_PICKLE:
+        if (name == main or short.startswith("data/") or record.truncated or record.size > MAX_EXTRA_PICKLE
+                or record.size == 0):
             continue
         try:
             head = b"".join(ziprecords.iter_record_bytes(path, record, 64, 0, 64))

@@ -41,12 +41,17 @@ class Record:
     name: str
     header_offset: int
     data_offset: int
-    size: int  # bytes stored (== uncompressed: torch stores without compression)
+    size: int  # bytes of content (uncompressed); torch stores without compression, so also the bytes on disk
     crc: int | None  # from the central directory (or the data descriptor when the directory is gone)
     method: int = 0
     truncated: bool = False  # fewer bytes on disk than the record needs
     end: int = 0  # first byte after the record (after its data descriptor, if any)
     local_name: str | None = None  # the local header's name, where it disagrees with the central directory's
+    compressed: int | None = None  # bytes on disk of a compressed (deflated) record; None: stored, == size
+
+    @property
+    def stored_size(self) -> int:
+        return self.size if self.compressed is None else self.compressed
 
 
 @dataclass
@@ -183,7 +188,9 @@ def _parse(src: "_Window", size: int, problems: list[ZipProblem], path: Path, ba
         raise ZipStructureError(f"the central directory holds {len(entries)} readable entries in {pos} of "
                                 f"{len(cd)} bytes, the end record says {n_total}",
                                 scan_local_headers(path, base, size))
-    if len(entries) > 2:  # fields torch writes identically for every entry
+    torch_style = _written_by_torch(src, entries)
+    if torch_style and len(entries) > 2:  # fields torch writes identically for every entry (other writers vary
+        # them by entry: Python's zipfile sets "version made by" per compression method)
         for index, label in ((1, "version made by"), (13, "disk number"), (14, "internal attributes"),
                              (15, "external attributes")):
             common = max(set(e[0][index] for e in entries), key=lambda v: sum(e[0][index] == v for e in entries))
@@ -191,13 +198,19 @@ def _parse(src: "_Window", size: int, problems: list[ZipProblem], path: Path, ba
                 if e[0][index] != common:
                     problems.append(ZipProblem("zip.structure", f"central directory {label} {e[0][index]:#x} differs "
                                                f"from every other entry's {common:#x}", e[1].decode("utf-8", "replace")))
-    torch_style = _written_by_torch(src, entries)
     if torch_style and has_zip64 and "zip64_versions" in locals() and zip64_versions != TORCH_ZIP64_VERSIONS:
         problems.append(ZipProblem("zip.structure", f"zip64 end record versions {zip64_versions} differ from "
                                    f"torch's {TORCH_ZIP64_VERSIONS}", "zip64 end of central directory"))
     expected_local = 0
     for fields, name_bytes, extra in entries:
         rec, rec_problems = _check_entry(src, size, fields, name_bytes, extra, torch_style)
+        if rec.header_offset < expected_local:
+            # bytes that belong to an earlier record (a non-recursive zip bomb gives one 4 MB record 50,000
+            # names): an error, and the entry is dropped so that nothing reads or checks those bytes again
+            problems.append(ZipProblem("zip.overlap", f"record {rec.name} at offset {rec.header_offset} lies "
+                                       f"inside or before the previous record (which ends at {expected_local})",
+                                       rec.name))
+            continue
         records.append(rec)
         problems.extend(rec_problems)
         if rec.header_offset != expected_local:
@@ -292,7 +305,8 @@ def _check_entry(src: "_Window", size: int, fields, name_bytes: bytes, extra: by
         problems.append(ZipProblem("zip.record-truncated", f"record {name} extends past the end of the file "
                                    f"(needs {csize} bytes)", name))
     local_name = l_name.decode("utf-8", "replace") if l_name != name_bytes else None
-    return Record(name, offset, data_offset, csize, crc, method, truncated, end, local_name), problems
+    return Record(name, offset, data_offset, usize if method else csize, crc, method, truncated, end, local_name,
+                  csize if method else None), problems
 
 
 def scan_local_headers(path: Path, base: int = 0, length: int | None = None) -> list[Record]:
@@ -383,19 +397,29 @@ def iter_record_bytes(path: Path, record: Record, chunk: int = CHUNK, start: int
 
 
 def _iter_deflated(path: Path, record: Record, chunk: int, start: int, length: int | None) -> Iterator[bytes]:
+    """A deflated record's content, inflated ``chunk`` bytes at a time whatever the ratio (a 1 GiB record of
+    zeros deflates to 1 MB: memory stays at one chunk); content past the declared size is an error (a record
+    that lies about its size is not inflated without bound)."""
     inflater = zlib.decompressobj(-15)
-    skip, left = start, (None if length is None else length)
-    for raw in iter_record_bytes(path, Record(record.name, record.header_offset, record.data_offset, record.size,
-                                              record.crc, 0), chunk):
-        out = inflater.decompress(raw)
-        if skip:
-            cut = min(skip, len(out))
-            out, skip = out[cut:], skip - cut
-        if left is not None:
-            out, left = out[:left], left - min(left, len(out))
-        if out:
-            yield out
-        if left == 0:
+    end = None if length is None else start + length
+    produced = 0
+    raw_record = Record(record.name, record.header_offset, record.data_offset, record.stored_size, record.crc, 0)
+
+    def pieces() -> Iterator[bytes]:
+        for raw in iter_record_bytes(path, raw_record, chunk):
+            while raw:
+                yield inflater.decompress(raw, chunk)
+                raw = inflater.unconsumed_tail
+        yield inflater.flush()
+
+    for out in pieces():
+        lo, produced = produced, produced + len(out)
+        if produced > record.size:
+            raise OSError(f"record {record.name}: inflates past its declared {record.size} bytes")
+        cut = out[max(0, start - lo): len(out) if end is None else max(0, end - lo)]
+        if cut:
+            yield cut
+        if end is not None and produced >= end:
             return
 
 
