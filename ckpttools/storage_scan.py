@@ -61,6 +61,23 @@ PAGE = mmap.PAGESIZE
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
+BATCH_BYTES, BATCH_ITEMS = 8 << 20, 4096
+
+
+def _batches(order: list) -> Iterator[list]:
+    """Records grouped for the pool: a big one alone, small ones together (200,000 tiny storages as one task
+    each cost more in the pool's locks than in reading them)."""
+    batch, size = [], 0
+    for item in order:
+        batch.append(item)
+        size += item[1].size
+        if size >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 class StorageScanner:
     """Reads each storage once; results by storage object (keys repeat across a DCP folder's items)."""
 
@@ -103,9 +120,10 @@ class StorageScanner:
             with open(self.ckpt.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 order = sorted(mapped, key=lambda item: -item[1].size)  # big ones first: the pool stays balanced
                 with ThreadPoolExecutor(WORKERS) as pool:
-                    for ref, result in zip((r for r, _ in order),
-                                           pool.map(lambda item: self._scan_mapped(mm, *item), order)):
-                        self.results[id(ref)] = result
+                    for batch in pool.map(lambda items: [self._scan_mapped(mm, *item) for item in items],
+                                          _batches(order)):
+                        for ref, result in batch:
+                            self.results[id(ref)] = result
         for ref in refs:
             if id(ref) not in self.results:
                 try:
@@ -113,16 +131,21 @@ class StorageScanner:
                 except OSError:
                     continue
 
+    def _is_file(self) -> bool:
+        if not hasattr(self, "_file"):
+            self._file = self.ckpt.path.is_file()
+        return self._file
+
     def _plain_record(self, ref: StorageRef):
         """The stored (uncompressed, whole) record of ``ref`` in a torch zip file, or None."""
-        if self.ckpt.format != "torch-zip" or self.ckpt.record_of is None or not self.ckpt.path.is_file():
+        if self.ckpt.format != "torch-zip" or self.ckpt.record_of is None or not self._is_file():
             return None
         record = self.ckpt.record_of(ref)
         if record is None or record.truncated or record.method != 0 or record.data_offset < 0:
             return None
         return record
 
-    def _scan_mapped(self, mm: mmap.mmap, ref: StorageRef, record) -> StorageResult:
+    def _scan_mapped(self, mm: mmap.mmap, ref: StorageRef, record) -> tuple[StorageRef, StorageResult]:
         result, h = StorageResult(), xxhash.xxh3_128()
         pos, end = record.data_offset, min(record.data_offset + record.size, len(mm))
         view = memoryview(mm)
@@ -137,10 +160,11 @@ class StorageScanner:
                 result.bytes_read += n
                 if self.on_bytes:
                     self.on_bytes(n)
-                start = pos - pos % PAGE
-                mm.madvise(mmap.MADV_DONTNEED, start, pos + n - start)  # our mapping's pages only
+                if n >= 1 << 20:  # big records: drop our mapping's pages as we go (small ones: not worth a call)
+                    start = pos - pos % PAGE
+                    mm.madvise(mmap.MADV_DONTNEED, start, pos + n - start)
                 pos += n
         finally:
             view.release()
         result.complete, result.xxh3 = True, h.digest()
-        return result
+        return ref, result

@@ -78,3 +78,11 @@ def test_security_page_carries_the_current_allow_list():
     from ckpttools.pickle.policy import markdown_table
 
     assert (ROOT / "docs" / "security.md").read_text().endswith(markdown_table())
+
+
+def test_the_scan_keeps_arguments_of_every_call_the_policy_judges_by_them():
+    from ckpttools.objects import Reference
+    from ckpttools.pickle.policy import ARGUMENT_RULES
+    from ckpttools.pickle.scan import ARGUMENT_CHECKED
+
+    assert ARGUMENT_CHECKED == {Reference(m, n) for m, n in ARGUMENT_RULES}

@@ -120,11 +120,17 @@ def describe_value(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+KEYS_SHOWN = 50  # keys of one dict listed by inspect (text and --json alike)
+
+
 def _key_tree(tree: Any, depth: int = 0) -> Any:
     if not isinstance(tree, dict):
         return describe_value(tree)
     out = {}
-    for k, v in tree.items():
+    for i, (k, v) in enumerate(tree.items()):
+        if i == KEYS_SHOWN and len(tree) > KEYS_SHOWN + 10:  # a state dict of 200,000 tensors: a sample, a count
+            out[f"... {len(tree) - KEYS_SHOWN:,} more keys"] = "not shown (the summary above counts every tensor)"
+            break
         small_dict = isinstance(v, dict) and depth < 1 and len(v) <= 12 and not all(isinstance(x, TENSOR_TYPES) for x in v.values())
         out[str(k)] = _key_tree(v, depth + 1) if small_dict else describe_value(v)
     return out
