@@ -104,6 +104,10 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
     stale = remove_stale(out.parent)
     if stale:
         result.actions.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
+    if not result.actions and not ckpt.findings and ckpt.format == ZIP and _write_patched(src, out, [], force):
+        result.repaired = True  # nothing to mend: a byte copy, verified (re-writing it would only cost time)
+        result.actions.append("nothing needed mending: OUT is a verified copy")
+        return result
     ensure_space(out, sum(r.nbytes for r in {id(t.storage): t.storage for _, t in iter_tensors(tree)}.values()))
     _write_verified(tree, out, source, result, on_bytes, force)
     return result
@@ -126,8 +130,16 @@ def _rebuild_directory(src: Path, out: Path, result: RepairResult, force: bool) 
     directory rebuilt from the local headers, every other byte as it was -- the original file, bit for bit.
     False (nothing written) when the directory cannot be rebuilt that way; the caller rewrites the file."""
     patches = ziprecords.rebuild_central_directory(src)
-    if patches is None:
+    if patches is None or not _write_patched(src, out, patches, force):
         return False
+    result.repaired = True
+    result.actions.append("central directory rebuilt from the local headers (every record passed its CRC32; "
+                          "every other byte kept as it was)")
+    return True
+
+
+def _write_patched(src: Path, out: Path, patches: list[tuple[int, bytes]], force: bool) -> bool:
+    """OUT = the bytes of IN with ``patches`` applied, published only if it passes verify."""
     problems: list[str] = []
 
     def passes(tmp: Path) -> bool:
@@ -141,12 +153,7 @@ def _rebuild_directory(src: Path, out: Path, result: RepairResult, force: bool) 
             for offset, data in patches:
                 fout.seek(offset)
                 fout.write(data)
-    if problems:
-        return False
-    result.repaired = True
-    result.actions.append("central directory rebuilt from the local headers (every record passed its CRC32; "
-                          "every other byte kept as it was)")
-    return True
+    return not problems
 
 
 def _copy_range(fin, fout, length: int | None, block: int = 8 << 20) -> None:
