@@ -14,6 +14,7 @@ import click
 
 from ckpttools import __version__
 from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, CkptError, MissingPath
+from ckpttools.report import shorten
 
 EPILOG = """\b
 Exit codes: 0 all good; 1 problems found, or a damaged or unsafe input;
@@ -50,7 +51,7 @@ def _handle_errors(command: str):
 def _first_line(exc: BaseException) -> str:
     """Some libraries put a whole traceback into their exception's text (torch's DCP does): one line of it."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else exc.__class__.__name__
+    return shorten(lines[0], 1000) if lines else exc.__class__.__name__
 
 
 def _fail(command: str, message: str, code: int, debug: bool, as_json: bool, prefix: str = "error: ") -> int:

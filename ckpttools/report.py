@@ -28,6 +28,17 @@ class Finding:
         return asdict(self)
 
 
+MAX_TEXT = 400  # characters of one message or place shown (a path 200,000 levels deep is 600 kB)
+
+
+def shorten(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` with its middle cut out past ``limit`` characters (both ends say where it is)."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 20) // 2
+    return f"{text[:half]} ...({len(text) - 2 * half:,} characters)... {text[-half:]}"
+
+
 def cap_findings(findings: list[Finding], per_code: int = SHOWN_PER_CODE) -> tuple[list[Finding], dict[str, int]]:
     """The findings to show: at most ``per_code`` of each (severity, code), in order, and how many of each code
     were left out.  A hostile zip with 300,000 extra records is 300,000 findings of one kind; printing them all
@@ -38,7 +49,8 @@ def cap_findings(findings: list[Finding], per_code: int = SHOWN_PER_CODE) -> tup
         key = (f.severity, f.code)
         counts[key] = counts.get(key, 0) + 1
         if counts[key] <= per_code:
-            kept.append(f)
+            long = len(f.message) > MAX_TEXT or len(f.where) > MAX_TEXT
+            kept.append(Finding(f.severity, f.code, shorten(f.message), shorten(f.where)) if long else f)
         else:
             left[f.code] = left.get(f.code, 0) + 1
     return kept, left

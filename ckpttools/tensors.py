@@ -327,6 +327,25 @@ def iter_nodes(tree: Any, kind: type | tuple[type, ...], prefix: str = "",
             stack.extend(reversed(children))  # reversed: popped in order, so paths come out as before
 
 
+def depth_of(tree: Any, stop_at: int | None = None) -> int:
+    """How deeply containers nest (a tensor or plain value: 0), without recursion; each container entered
+    once.  ``stop_at``: return as soon as that depth is reached."""
+    deepest, entered = 0, set()
+    stack: list[tuple[Any, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, LazyTensor) or id(node) in entered:
+            continue
+        children = _children(node, "")
+        if children:
+            entered.add(id(node))
+            deepest = max(deepest, depth + 1)
+            if stop_at is not None and deepest >= stop_at:
+                return deepest
+            stack.extend((child, depth + 1) for _, child in children)
+    return deepest
+
+
 def map_tensors(tree: Any, fn: Callable[[LazyTensor], Any], _done: dict | None = None) -> Any:
     """A copy of the tree's containers with every LazyTensor replaced by ``fn(tensor)``.  A container that
     appears several times is copied once and the copy shared the same way (the work is the number of

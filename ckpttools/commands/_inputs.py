@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckpttools.errors import DamagedInput, UnsafeInput
+from ckpttools.errors import DamagedInput, FormatLimit, UnsafeInput
 from ckpttools.formats.registry import Checkpoint, open_checkpoint
 from ckpttools.report import ERROR
+from ckpttools.tensors import depth_of
+
+# containers nested deeper than this are refused by the commands that write: pickle itself (torch.save
+# included) stops near 1,000 levels, so no genuine checkpoint comes close; a hand-made one would only make
+# every writer fail with a recursion error
+MAX_WRITE_DEPTH = 500
 
 
 def refuse_unsafe(ckpt: Checkpoint, what: str, allow_unsafe: bool = False) -> list[str]:
@@ -36,4 +42,11 @@ def open_input(path: Path, what: str, allow_unsafe: bool = False) -> tuple[Check
     ckpt = open_checkpoint(path)
     dangerous = refuse_unsafe(ckpt, what, allow_unsafe)
     require_intact(ckpt)
+    refuse_deep(ckpt, what)
     return ckpt, dangerous
+
+
+def refuse_deep(ckpt: Checkpoint, what: str) -> None:
+    if depth_of(ckpt.tree, stop_at=MAX_WRITE_DEPTH + 1) > MAX_WRITE_DEPTH:
+        raise FormatLimit(f"{ckpt.path}: containers nested more than {MAX_WRITE_DEPTH} levels deep; refusing to "
+                          f"{what} it (torch.save itself cannot write such a file)")

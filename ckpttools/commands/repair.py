@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from ckpttools import layouts as L
 from ckpttools.atomic import atomic_path, check_new_output, ensure_space, remove_stale
-from ckpttools.commands._inputs import refuse_unsafe
+from ckpttools.commands._inputs import refuse_deep, refuse_unsafe
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, lazy_digest, refresh_digest
 from ckpttools.errors import UsageError
@@ -64,6 +64,7 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
                                "(last.prev.pt) or an epochN.pt")
         return result
     dangerous = refuse_unsafe(ckpt, "repair", allow_unsafe)
+    refuse_deep(ckpt, "repair")
     if dangerous:  # --allow-unsafe: data only
         ckpt.tree = to_plain_tree(ckpt.tree, [])
         result.actions.append(f"--allow-unsafe: written as plain data only; not carried: {', '.join(dangerous[:5])}")

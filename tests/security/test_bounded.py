@@ -98,7 +98,27 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
     for path, value in files.values():
         torch.save(value, path)
         assert path.stat().st_size < 10_000  # a few kB: the whole attack
-    return {name: path for name, (path, _) in files.items()}
+    paths = {name: path for name, (path, _) in files.items()}
+    paths["deep"] = _deep_file(folder / "deep.pt")
+    return paths
+
+
+def _deep_file(path: Path, depth: int = 200_000) -> Path:
+    """A tensor under 200,000 nested lists: pickle itself cannot write this (it recurses), so the opcodes are
+    written here around a torch.save pickle, and the storage record is torch's own."""
+    import zipfile
+
+    source = path.with_suffix(".src")
+    torch.save({"w": torch.ones(2)}, source)
+    with zipfile.ZipFile(source) as z:
+        records = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as out:
+        for info, data in records:
+            if info.filename.endswith("data.pkl"):
+                assert data.startswith(b"\x80\x02") and data.endswith(b".")
+                data = b"\x80\x02}X\x04\x00\x00\x00deep" + b"]" * depth + data[2:-1] + b"a" * depth + b"s."
+            out.writestr(info, data)
+    return path
 
 
 RUN = """
@@ -117,7 +137,7 @@ def _ckpt(args: list[str]) -> tuple[int, str, int]:
     return proc.returncode, proc.stdout + proc.stderr.rsplit("RSS_KB", 1)[0], rss
 
 
-@pytest.mark.parametrize("name", ["lists", "dicts", "mixed"])
+@pytest.mark.parametrize("name", ["lists", "dicts", "mixed", "deep"])
 @pytest.mark.parametrize("command", ["verify", "inspect", "diff", "convert-safetensors", "convert-h5", "convert-pt",
                                      "repair"])
 def test_every_command_is_bounded_on_shared_graphs(hostile, tmp_path, name, command):
