@@ -15,6 +15,7 @@ import click
 from ckpttools import __version__
 from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, CkptError, MissingPath
 from ckpttools.report import shorten
+from ckpttools.options import IMG_SIZE
 
 EPILOG = """\b
 Exit codes: 0 all good; 1 problems found, or a damaged or unsafe input;
@@ -115,7 +116,6 @@ def main() -> None:
 def verify(path: Path, as_json: bool, strict: bool) -> int:
     """Check that a checkpoint is whole, safe and consistent.  Reads only; never runs or changes the file.
 
-    \b
     Integrity: zip structure, CRC32 of every record (torch.load ignores them), truncation, storage sizes,
     the checkpoint's own content digest.  Safety: every global the pickle names; os / subprocess / eval /
     exec ... are errors.  Consistency: layout keys, optimizer state against parameters, counters, NaN/Inf,
@@ -155,12 +155,12 @@ def inspect(path: Path, as_json: bool) -> int:
 @main.command()
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance per element.")
-@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance per element (of B).")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Absolute tolerance per element.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Relative tolerance per element (of B).")
 @click.option("--section", "sections", multiple=True, type=click.Choice(["model", "ema", "optimizer", "meta"]),
               help="Restrict the comparison (repeatable); default: all.")
 @click.option("--no-strip-prefix", is_flag=True, help="Do not normalise module. / _orig_mod. prefixes.")
-@click.option("--top", type=int, default=20, show_default=True, help="Show the N largest tensor differences.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Show the N largest tensor differences.")
 @click.option("--exact", is_flag=True, help="Read and compare every tensor, also those whose zip records have the "
               "same size and CRC32 on both sides (by default those count as equal without being read).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
@@ -208,7 +208,7 @@ def _print_rewrite(result: dict, as_json: bool, verb: str) -> None:
               "Ultralytics' strip_optimizer: for deployment.")
 @click.option("--ema", is_flag=True, help="Take the EMA weights instead of the raw model weights.")
 @click.option("--compress", is_flag=True, help="HDF5: gzip-compress datasets (smaller, slower).")
-@click.option("--world-size", type=int, default=1, show_default=True, metavar="M",
+@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True, metavar="M",
               help="DCP output: write it as M ranks do (M local gloo processes, tensors sharded along dim 0).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-unsafe", is_flag=True, help="Convert an input whose pickle would run code: only its data is "
@@ -220,12 +220,12 @@ def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_onl
     """Write checkpoint IN in another format as OUT, one tensor at a time; IN is never modified.
 
     \b
-    ckpt convert last.pt last.h5                 whole checkpoint to HDF5 (lossless; .h5 -> .pt too)
-    ckpt convert last.pt model.safetensors --ema EMA weights for deployment
+    ckpt convert last.pt last.h5           whole checkpoint to HDF5 (lossless)
+    ckpt convert last.pt w.safetensors --ema   EMA weights for deployment
     ckpt convert last.pt fp16.pt --weights-only --dtype fp16
-    ckpt convert dcp_folder/ consolidated.pt     torch.distributed.checkpoint folder to one file
-    ckpt convert last.pt dcp_folder --to dcp     and back (--world-size 4: sharded as 4 ranks write it)
-    ckpt convert old_legacy.pt new.pt            pre-1.6 torch format to the zip format
+    ckpt convert dcp_folder/ one.pt        a DCP folder to one file
+    ckpt convert last.pt dcp_folder --to dcp   and back (--world-size 4: sharded)
+    ckpt convert old_legacy.pt new.pt      pre-1.6 torch format to zip
 
     Reads Ultralytics, Lightning and plain state dicts without their libraries; what a target format
     cannot hold (pickled classes in HDF5, optimizer state in safetensors) is listed as a note."""
@@ -256,8 +256,9 @@ def repair(src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: b
     """Mend a damaged checkpoint into OUT and say exactly what could not be mended.
 
     \b
-    ckpt repair last.pt -o fixed.pt                      salvage a truncated file (cut central directory)
-    ckpt repair last.pt -o fixed.pt --from last.prev.pt  fill lost tensors from the previous checkpoint
+    ckpt repair last.pt -o fixed.pt        salvage a truncated or damaged file
+    ckpt repair last.pt -o fixed.pt --from last.prev.pt
+                                           fill lost tensors from the previous one
 
     Recovers every record whose bytes pass their CRC32 (scanning local headers when the zip's end is gone),
     strips DDP / torch.compile prefixes, rebuilds a missing or stale digest.  OUT is verified before it is
@@ -289,7 +290,7 @@ def repair(src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: b
 @click.argument("src", metavar="CKPT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Where the remapped checkpoint goes (a new path; CKPT is never modified).")
-@click.option("--gpus", type=int, metavar="M", help="Number of processes (GPUs) the run will resume on.")
+@click.option("--gpus", type=click.IntRange(min=1), metavar="M", help="Number of processes (GPUs) the run will resume on.")
 @click.option("--device", metavar="cpu|cuda:K", help="Device every tensor is loaded onto by plain torch.load.")
 @click.option("--add-module-prefix", is_flag=True, help="Other trainers' state dicts: add DDP's module. prefix "
               "instead of stripping it.")
@@ -303,8 +304,8 @@ def remap(src: Path, out: Path, gpus: int | None, device: str | None, add_module
     """Rewrite a checkpoint for another number of processes and/or another device.
 
     \b
-    ckpt remap last.pt --gpus 1 -o last_1gpu.pt      saved with torchrun on 4 GPUs, resume on 1
-    ckpt remap last.pt --device cpu -o last_cpu.pt   saved on cuda, load on a CPU-only machine
+    ckpt remap last.pt --gpus 1 -o 1gpu.pt     saved on 4 GPUs, resume on 1
+    ckpt remap last.pt --device cpu -o cpu.pt  saved on cuda, load on a CPU box
 
     fuse-train checkpoints: the global batch is kept (per-rank batch = batch / M), the data position is a
     global step and carries over, existing ranks keep their RNG streams and new ranks get streams derived
@@ -336,19 +337,19 @@ def _bytes_callback(progress):
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", help="data.yaml or dataset folder the resume would use.")
-@click.option("--batch", type=int, help="Global batch size.")
-@click.option("--world-size", type=int, help="Number of processes.")
-@click.option("--lr0", type=float)
-@click.option("--lrf", type=float)
-@click.option("--momentum", type=float)
-@click.option("--weight-decay", type=float)
+@click.option("--batch", type=click.IntRange(min=1), help="Global batch size.")
+@click.option("--world-size", type=click.IntRange(min=1), help="Number of processes.")
+@click.option("--lr0", type=click.FloatRange(min=0, min_open=True))
+@click.option("--lrf", type=click.FloatRange(min=0, min_open=True))
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True))
+@click.option("--weight-decay", type=click.FloatRange(min=0))
 @click.option("--optimizer")
-@click.option("--warmup-epochs", type=float)
+@click.option("--warmup-epochs", type=click.FloatRange(min=0))
 @click.option("--schedule")
-@click.option("--epochs", type=int)
+@click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--fusion")
 @click.option("--scale")
-@click.option("--img-size", type=int, help="Input size (Ultralytics: imgsz).")
+@click.option("--img-size", type=IMG_SIZE, help="Input size (Ultralytics: imgsz).")
 @click.option("--model", help="Ultralytics: the model YAML the resume would name (compared by file name).")
 @click.option("--allow-change", default="", metavar="FIELDS", help="Comma-separated fields allowed to differ.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")

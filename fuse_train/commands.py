@@ -148,8 +148,8 @@ Examples:
 @click.option("--data", default=None, help="Dataset [default: the one the checkpoint was trained on].")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True,
               help="test: a data.yaml's test split (a published test split is already fuse-train's val).")
-@click.option("--conf", type=float, default=0.001, show_default=True, help="Confidence threshold for mAP.")
-@click.option("--iou", type=float, default=0.7, show_default=True, help="NMS IoU threshold.")
+@click.option("--conf", type=click.FloatRange(0, 1), default=0.001, show_default=True, help="Confidence threshold for mAP.")
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="NMS IoU threshold.")
 @click.option("--batch", type=click.IntRange(1), default=16, show_default=True)
 @DEVICE
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -216,8 +216,8 @@ frames first (e.g. ffmpeg -i in.mp4 frames/%05d.png).""")
 @WEIGHTS
 @click.option("--source", required=True, help="A visible image, or a folder of them.")
 @click.option("--source-ir", required=True, help="Its infrared partner, or a folder of partners with the same names.")
-@click.option("--conf", type=float, default=0.25, show_default=True)
-@click.option("--iou", type=float, default=0.7, show_default=True)
+@click.option("--conf", type=click.FloatRange(0, 1), default=0.25, show_default=True)
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.7, show_default=True)
 @click.option("--ir-scale", default="percentile", show_default=True, help="16-bit infrared to 8-bit (see data import).")
 @DEVICE
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: <run>/predict].")
