@@ -11,7 +11,6 @@ import click
 import torch
 from rich.console import Console
 
-from ckpttools.options import IMG_SIZE
 from fuse_train import __version__
 from fuse_train.commands import one_line, register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
@@ -82,20 +81,20 @@ def cli() -> None:
 @click.option("--data", default=D.data, show_default=True, help="data.yaml, a dataset folder as published (LLVIP, M3FD, FLIR aligned, KAIST, VOC/COCO pairs: docs/datasets.md), or 'demo' for the built-in synthetic night scenes.")
 @click.option("--fusion", type=click.Choice(FUSIONS), default=D.fusion, show_default=True, help="early: 4-channel input; mid: two backbones fused at P3-P5; late: two detectors merged before NMS; rgb / ir: one modality.")
 @click.option("--scale", type=click.Choice(SCALES), default=D.scale, show_default=True, help="Model width/depth, as YOLOv8 n/s/m.")
-@click.option("--epochs", type=click.IntRange(min=1), default=D.epochs, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=D.batch, show_default=True, help="Global batch size, split over processes.")
-@click.option("--img-size", type=IMG_SIZE, default=None, help="Square input size, a multiple of 32 [default: data.yaml's imgsz, else 640].")
+@click.option("--epochs", type=int, default=D.epochs, show_default=True)
+@click.option("--batch", type=int, default=D.batch, show_default=True, help="Global batch size, split over processes.")
+@click.option("--img-size", type=int, default=None, help="Square input size, a multiple of 32 [default: data.yaml's imgsz, else 640].")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True)
-@click.option("--lr0", type=click.FloatRange(min=0, min_open=True), default=D.lr0, show_default=True, help="Initial learning rate (after warmup).")
-@click.option("--lrf", type=click.FloatRange(min=0, min_open=True), default=D.lrf, show_default=True, help="Final learning rate as a fraction of lr0.")
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=D.momentum, show_default=True, help="SGD momentum / AdamW beta1.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=D.weight_decay, show_default=True)
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=D.warmup_epochs, show_default=True)
+@click.option("--lr0", type=float, default=D.lr0, show_default=True, help="Initial learning rate (after warmup).")
+@click.option("--lrf", type=float, default=D.lrf, show_default=True, help="Final learning rate as a fraction of lr0.")
+@click.option("--momentum", type=float, default=D.momentum, show_default=True, help="SGD momentum / AdamW beta1.")
+@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
+@click.option("--warmup-epochs", type=float, default=D.warmup_epochs, show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True, help="Decay after warmup.")
 @click.option("--grad-clip", type=float, default=D.grad_clip, show_default=True, help="Max gradient norm (0: off).")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Same seed on CPU gives bitwise the same run.")
 @click.option("--device", default=D.device, help="cpu, 0 or cuda:0 [default: cuda:0 when present, else cpu].")
-@click.option("--workers", type=click.IntRange(min=0), default=D.workers, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", type=int, default=D.workers, show_default=True, help="DataLoader worker processes.")
 @click.option("--project", default=D.project, show_default=True, help="Folder holding run folders.")
 @click.option("--name", default=D.name, show_default=True, help="Run folder name; a fresh run never reuses a folder with checkpoints (it takes name2, name3, ...).")
 @click.option("--save-period", type=int, default=D.save_period, show_default=True, help="Also keep weights/epoch{N}.pt every N epochs (-1: never).")

@@ -67,6 +67,7 @@ class RunConfig:
              "img_size", f"must be a multiple of 32 (the largest stride), got {self.img_size}")
         need(self.lr0 > 0, "lr0", f"must be positive, got {self.lr0}")
         need(0 < self.lrf <= 1, "lrf", f"must be in (0, 1], got {self.lrf}")
+        need(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         need(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         need(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")

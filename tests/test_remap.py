@@ -179,7 +179,7 @@ def test_remap_refuses_what_cannot_be_kept(reference_run, tmp_path):
     last = reference_run[0] / "weights" / "last.pt"
     runner = CliRunner()
     for args, needle in ((["--gpus", "3"], "not divisible by 3"), ([], "--gpus M and/or --device"),
-                         (["--device", "tpu"], "use cpu, cuda or cuda:K"), (["--gpus", "0"], "at least 1")):
+                         (["--device", "tpu"], "use cpu, cuda or cuda:K"), (["--gpus", "0"], "'--gpus': 0 is not in the range x>=1")):
         res = runner.invoke(ckpt, ["remap", str(last), "-o", str(tmp_path / "x.pt"), *args])
         assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "x.pt").exists()

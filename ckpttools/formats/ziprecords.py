@@ -5,6 +5,7 @@ checks that use this module do not.  What the records *mean* for torch is ``form
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import zlib
@@ -66,14 +67,32 @@ def crc32(data, value: int = 0) -> int:
 
 
 class _Window:
-    """Reads of a byte range of a file, addressed from the range's start (a zip embedded in a DCP file)."""
+    """Reads of a byte range of a file, addressed from the range's start (a zip embedded in a DCP file).
+    Through a read-only memory map where the file can be mapped (a slice, no system call: a zip of 200,000
+    records is a million small reads), else ``os.pread``."""
 
-    def __init__(self, fd: int, base: int, size: int):
+    def __init__(self, fd: int, base: int, size: int, mapped: bool = False):
         self.fd, self.base, self.size = fd, base, size
+        self.map: mmap.mmap | None = None
+        if mapped:  # for many small scattered reads only: pages read stay in the process's RSS
+            try:
+                self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # an empty file, a file system that cannot map
+                self.map = None
 
     def pread(self, n: int, offset: int) -> bytes:
         n = min(n, self.size - offset)
-        return os.pread(self.fd, n, self.base + offset) if n > 0 and offset >= 0 else b""
+        if n <= 0 or offset < 0:
+            return b""
+        if self.map is not None:
+            start = self.base + offset
+            return self.map[start: start + n]
+        return os.pread(self.fd, n, self.base + offset)
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
 
 
 def _extra_blocks(extra: bytes) -> list[tuple[int, bytes]] | None:
@@ -123,7 +142,7 @@ def parse_zip(path: Path, base: int = 0, length: int | None = None) -> tuple[lis
     size = path.stat().st_size - base if length is None else length
     problems: list[ZipProblem] = []
     fd = os.open(path, os.O_RDONLY)
-    src = _Window(fd, base, size)
+    src = _Window(fd, base, size, mapped=True)
     try:
         records = _parse(src, size, problems, path, base)
         for r in records:  # relative -> absolute
@@ -132,6 +151,7 @@ def parse_zip(path: Path, base: int = 0, length: int | None = None) -> tuple[lis
             r.end += base
         return records, problems
     finally:
+        src.close()
         os.close(fd)
 
 
