@@ -17,7 +17,7 @@ import torch
 from ckpttools.formats import ziprecords
 from ckpttools.formats.torchzip import pickle_tree
 from ckpttools.tensors import DType, LazyTensor, StorageRef
-from tests.security.test_bounded import LIMIT_OUTPUT, LIMIT_RSS_KB, _ckpt
+from tests.security.test_bounded import COMMANDS, LIMIT_RSS_KB, _ckpt, run_bounded
 
 pytestmark = pytest.mark.slow  # ~1 minute: 3 generated files x 7 commands, each in its own process
 
@@ -108,21 +108,10 @@ def hostile_zips(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-COMMANDS = ["verify", "inspect", "diff", "convert-safetensors", "convert-h5", "convert-pt", "repair"]
-
-
 @pytest.mark.parametrize("name", ["empties", "bomb", "deflated"])
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_is_bounded_on_hostile_zips(hostile_zips, tmp_path, name, command):
-    src = hostile_zips[name]
-    args = {"verify": ["verify", str(src)], "inspect": ["inspect", str(src)], "diff": ["diff", str(src), str(src)],
-            "repair": ["repair", str(src), "-o", str(tmp_path / "r.pt")]}.get(command)
-    if args is None:
-        args = ["convert", str(src), str(tmp_path / f"out.{command.split('-')[1]}")]
-    code, output, rss = _ckpt(args)
-    assert code in (0, 1, 2), output[-2000:]
-    assert "Traceback" not in output and len(output) <= LIMIT_OUTPUT and rss <= LIMIT_RSS_KB, (rss, len(output),
-                                                                                             output[-500:])
+    code, output = run_bounded(command, hostile_zips[name], tmp_path)
     if name == "bomb" and command == "verify":
         assert code == 1 and "zip.overlap" in output
     if name == "deflated" and command == "verify":
