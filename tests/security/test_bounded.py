@@ -154,6 +154,7 @@ def run_bounded(command: str, src: Path, out: Path) -> tuple[int, str]:
     return code, output
 
 
+@pytest.mark.slow  # 28 processes (each imports torch): CI runs them, -m "not slow" keeps the in-process tests
 @pytest.mark.parametrize("name", ["lists", "dicts", "mixed", "deep"])
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_is_bounded_on_shared_graphs(hostile, tmp_path, name, command):
@@ -170,6 +171,7 @@ def _depth_of_sharing(value, steps: int = 64) -> bool:
     return True
 
 
+@pytest.mark.slow  # one process per conversion
 @pytest.mark.parametrize("name", ["lists", "dicts"])
 @pytest.mark.parametrize("via", ["pt", "h5"])
 def test_conversions_keep_the_graph(hostile, tmp_path, name, via):
@@ -183,6 +185,7 @@ def test_conversions_keep_the_graph(hostile, tmp_path, name, via):
     assert _depth_of_sharing(loaded)
 
 
+@pytest.mark.slow  # two 2-million-item files and two diff processes
 def test_a_two_million_item_list_is_diffed_in_bounded_time_and_output(tmp_path):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     torch.save({"model": {"w": torch.ones(2)}, "losses": list(range(2_000_000))}, a)
