@@ -148,6 +148,9 @@ FINDINGS: dict[str, FindingKind] = {
         'warning', 'a DCP folder without tensors'),
     'zip.crc-not-computed': FindingKind(
         'warning', "records whose CRC32 field is 0 although they hold data: the writer did not compute checksums (torch.save with `torch.utils.serialization.config.save.compute_crc32 = False`). Their bytes cannot be verified; structure, digest, values and safety are still checked", 'save with checksums on to make the bytes verifiable'),
+    'tensor.unknown-dtype': FindingKind(
+        'error', 'a tensor of a torch dtype this version of ckpttools does not know (newer than its table): not damage; nothing is guessed and nothing is written from it',
+        'use a ckpttools release that knows the dtype'),
     'zip.overlap': FindingKind(
         'error', "a central-directory entry whose record overlaps an earlier one or comes before it: many names for the same bytes (a zip bomb) or a damaged directory. The entry's bytes are not read",
         'do not load this file'),

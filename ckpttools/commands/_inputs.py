@@ -30,6 +30,9 @@ def refuse_unsafe(ckpt: Checkpoint, what: str, allow_unsafe: bool = False) -> li
 def require_intact(ckpt: Checkpoint) -> None:
     """Raise DamagedInput for a checkpoint with container errors or nothing readable."""
     errors = [f for f in ckpt.findings if f.severity == ERROR]
+    unknown = [f for f in errors if f.code == "tensor.unknown-dtype"]
+    if unknown and len(unknown) == len(errors):  # a limit of this version, not damage: repair would not help
+        raise FormatLimit(f"{ckpt.path}: {unknown[0].message}; nothing written")
     if errors or ckpt.tree is None:
         first = errors[0].message if errors else "nothing could be read"
         raise DamagedInput(f"{ckpt.path}: damaged ({len(errors)} problem(s), first: {first}); run `ckpt verify` / "

@@ -24,7 +24,7 @@ from ckpttools.atomic import atomic_path, check_new_output, ensure_space, remove
 from ckpttools.commands._inputs import refuse_deep, refuse_unsafe
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, lazy_digest, refresh_digest
-from ckpttools.errors import UsageError
+from ckpttools.errors import FormatLimit, UsageError
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats import torchzip, ziprecords
 from ckpttools.formats.base import to_plain_tree
@@ -56,6 +56,9 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
     result = RepairResult(str(src), str(out))
     ckpt = open_checkpoint(src)
     backup = open_checkpoint(backup_path) if backup_path else None  # a missing --from is a usage error, first
+    unknown = [f for f in ckpt.findings if f.code == "tensor.unknown-dtype"]
+    if unknown:  # a limit of this version, not damage: nothing to repair, and nothing to fill from a backup
+        raise FormatLimit(f"{src}: {unknown[0].message}; nothing written")
     if ckpt.tree is None:
         messages = [f.message for f in ckpt.findings if f.severity == ERROR]
         result.problems.append("the pickle that describes the tensors is lost or damaged"

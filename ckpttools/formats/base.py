@@ -19,7 +19,7 @@ from ckpttools.layouts import module_tensors
 from ckpttools.objects import Placeholder, Reference
 from ckpttools.pickle.policy import DANGEROUS, Judgement, judge
 from ckpttools.pickle.scan import PickleScan, scan_pickle
-from ckpttools.pickle.unpickler import restricted_load
+from ckpttools.pickle.unpickler import UnknownDType, restricted_load
 from ckpttools.report import ERROR, Finding
 from ckpttools.tensors import DType, StorageRef
 
@@ -64,6 +64,10 @@ class Checkpoint:
         self.scans.append((where, scan_pickle(data)))
         try:
             return restricted_load(data, persistent_load)
+        except UnknownDType as exc:
+            self.findings.append(Finding(ERROR, "tensor.unknown-dtype", f"{exc} (a newer ckpttools may read it)",
+                                         where))
+            return None
         except Exception as exc:  # noqa: BLE001 - any failure of a damaged or hostile pickle is a finding
             self.findings.append(Finding(ERROR, "pickle.unreadable", f"the pickle cannot be read: "
                                          f"{exc.__class__.__name__}: {exc}", where))

@@ -29,6 +29,10 @@ from ckpttools.tensors import (DTYPES, FROM_STORAGE_CLASS, TORCH_ALIASES, DType,
 from ckpttools.pickle.policy import QSCHEMES, SPARSE_LAYOUTS
 
 
+class UnknownDType(pickle.UnpicklingError):
+    """A tensor of a dtype newer than our table: not damage, a limit of this version."""
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, StorageRef):
         raise pickle.UnpicklingError("tensor rebuild without a storage record")
@@ -39,7 +43,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     t = _rebuild_tensor(storage, storage_offset, size, stride, requires_grad)
     if dtype is not None and not isinstance(dtype, DType):  # a torch dtype newer than our table: never guessed
         name = dtype._reference.qualname if is_placeholder(dtype) else repr(dtype)[:40]
-        raise pickle.UnpicklingError(f"a tensor of dtype {name}, which this version of ckpttools does not know")
+        raise UnknownDType(f"a tensor of dtype {name}, which this version of ckpttools does not know")
     if dtype is not None and t.storage.dtype != dtype:
         # an UntypedStorage (dtypes without a legacy storage class, e.g. uint16): its numel counted bytes
         t.storage.numel //= DType(dtype).itemsize
