@@ -176,6 +176,12 @@ REBUILT_KINDS = {"_rebuild_qtensor": "quantized", "_rebuild_sparse_tensor": "spa
                  "_rebuild_nested_tensor": "nested", "_rebuild_meta_tensor_no_storage": "meta"}
 
 
+def sparse_values_at(layout: str) -> int:
+    """Where a sparse tensor's values are in what torch pickles: (indices, values, size[, coalesced]) for COO,
+    (compressed indices, plain indices, values, size) for CSR / CSC / BSR / BSC."""
+    return 1 if str(layout).endswith("coo") else 2
+
+
 @dataclass(eq=False)
 class RebuiltTensor:
     """A tensor torch rebuilds with one of its other weights-only functions (``REBUILT_KINDS``): quantized,
@@ -190,24 +196,22 @@ class RebuiltTensor:
     def kind(self) -> str:
         return REBUILT_KINDS[self.function]
 
-    def _first_tensor(self) -> LazyTensor | None:
-        return next((t for _, t in iter_tensors(self.args)), None)
+    def _values(self) -> LazyTensor:
+        """The part that holds the values: the quantized integers, the sparse values, the nested buffer."""
+        if self.kind == "sparse":
+            return self.args[1][sparse_values_at(self.args[0])]
+        return self.args[0]
 
     @property
     def dtype(self) -> DType:
-        if self.kind == "meta":
-            return DType(self.args[0])
-        if self.kind == "sparse":  # (indices, values, size[, coalesced]) or (compressed, plain, values, size)
-            return self.args[1][1 if str(self.args[0]).endswith("coo") else 2].dtype
-        t = self._first_tensor()
-        return t.dtype if t is not None else DType("?")
+        return DType(self.args[0]) if self.kind == "meta" else self._values().dtype
 
     @property
     def shape(self) -> tuple | None:
         if self.kind == "quantized":
             return tuple(self.args[0].shape)
-        if self.kind == "sparse":
-            return tuple(self.args[1][2] if str(self.args[0]).endswith("coo") else self.args[1][3])
+        if self.kind == "sparse":  # the dense size follows the values
+            return tuple(self.args[1][sparse_values_at(self.args[0]) + 1])
         if self.kind == "meta":
             return tuple(self.args[1])
         return None  # nested: one shape per component
@@ -215,13 +219,12 @@ class RebuiltTensor:
     @property
     def numel(self) -> int:
         """Values it holds: the quantized data's, the sparse values', the nested buffer's; a meta shape's."""
-        if self.kind == "meta":
-            n = 1
-            for d in self.args[1]:
-                n *= d
-            return n
-        part = self.args[1][1 if str(self.args[0]).endswith("coo") else 2] if self.kind == "sparse" else self.args[0]
-        return part.numel
+        if self.kind != "meta":
+            return self._values().numel
+        n = 1
+        for d in self.args[1]:
+            n *= d
+        return n
 
     def describe(self) -> str:
         """e.g. ``quantized qint8 [4] torch.per_tensor_affine scale=0.1 zero_point=3``"""

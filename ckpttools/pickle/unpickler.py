@@ -25,7 +25,7 @@ from ckpttools.objects import Reference, is_placeholder, placeholder_class
 from ckpttools.pickle.policy import ALLOWED
 from ckpttools.pickle.scan import normalise
 from ckpttools.tensors import (DTYPES, FROM_STORAGE_CLASS, TORCH_ALIASES, DType, LazyTensor, RebuiltTensor,
-                               StorageRef, TorchConstant, TorchLayout)
+                               StorageRef, TorchConstant, TorchLayout, sparse_values_at)
 from ckpttools.pickle.policy import QSCHEMES, SPARSE_LAYOUTS
 
 
@@ -67,8 +67,9 @@ def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, re
 
 def _rebuild_sparse_tensor(layout, data):
     parts = {"torch.sparse_coo": (3, 4)}.get(str(layout), (4,))
+    tensors = data[: sparse_values_at(layout) + 1] if isinstance(data, tuple) else ()  # indices and values
     if str(layout) not in SPARSE_LAYOUTS or not isinstance(data, tuple) or len(data) not in parts or not all(
-            isinstance(t, LazyTensor) for t in data[:2]):
+            isinstance(t, LazyTensor) for t in tensors):
         raise pickle.UnpicklingError(f"sparse tensor of layout {str(layout)[:40]} with unexpected parts")
     return RebuiltTensor("_rebuild_sparse_tensor", (layout, data))
 
