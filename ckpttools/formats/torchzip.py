@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import functools
 import hashlib
+import importlib
 import io
 import pickle
 import zipfile
@@ -231,11 +233,6 @@ class Global:
 
 _NAMED_TYPES = frozenset({Global, DType, TorchConstant, TorchLayout})  # written by name: TreePickler only
 
-REBUILD_TENSOR = Global("torch._utils", "_rebuild_tensor_v2")
-REBUILD_TENSOR_V3 = Global("torch._utils", "_rebuild_tensor_v3")
-REBUILD_PARAMETER = Global("torch._utils", "_rebuild_parameter")
-
-
 class _TensorData:
     """The tensor inside a Parameter: pickled without taking the Parameter's memo slot."""
 
@@ -243,27 +240,55 @@ class _TensorData:
         self.tensor = tensor
 
 
-class TreePickler(pickle._Pickler):  # the pure-Python pickler: it lets us write globals by name
+class _TensorWriting:
+    """What both picklers write for storages and tensors: the persistent id and the rebuild call torch writes.
+    ``named(module, name)`` is how each pickler names a global (by reference, or as the real torch object)."""
+
+    storage_key: Callable[[StorageRef], str]
+    location: Callable[[StorageRef], str]
+
+    def named(self, module: str, name: str) -> Any:
+        raise NotImplementedError
+
+    def persistent_id(self, obj: Any):
+        if type(obj) is StorageRef:
+            typed = obj.dtype in TYPED_STORAGE
+            kind = self.named("torch", TYPED_STORAGE[obj.dtype]) if typed else self.named("torch.storage",
+                                                                                          "UntypedStorage")
+            return ("storage", kind, self.storage_key(obj), self.location(obj), obj.numel if typed else obj.nbytes)
+        return None
+
+    def tensor_reduce(self, obj: Any):
+        """The reduce value of a tensor (or of a Parameter's inner tensor); None for anything else."""
+        if type(obj) is LazyTensor:
+            if obj.parameter:
+                return (self.named("torch._utils", "_rebuild_parameter"),
+                        (_TensorData(obj), obj.requires_grad, collections.OrderedDict()))
+            return self._rebuild(obj)
+        if type(obj) is _TensorData:
+            return self._rebuild(obj.tensor)
+        return None
+
+    def _rebuild(self, t: LazyTensor):
+        args = (t.storage, t.storage_offset, tuple(t.shape), tuple(t.stride), t.requires_grad and not t.parameter,
+                collections.OrderedDict())
+        if t.dtype in STORAGE_CLASS:
+            return self.named("torch._utils", "_rebuild_tensor_v2"), args
+        return self.named("torch._utils", "_rebuild_tensor_v3"), (*args, self.named("torch", str(t.dtype)))
+
+
+class TreePickler(_TensorWriting, pickle._Pickler):  # the pure-Python pickler: it writes globals by name
     def __init__(self, file: IO[bytes], storage_key: Callable[[StorageRef], str],
                  location: Callable[[StorageRef], str]):
         super().__init__(file, protocol=PROTOCOL)
         self.storage_key, self.location = storage_key, location
 
-    def persistent_id(self, obj: Any):
-        if isinstance(obj, StorageRef):
-            typed = obj.dtype in TYPED_STORAGE
-            kind = Global("torch", TYPED_STORAGE[obj.dtype]) if typed else Global("torch.storage", "UntypedStorage")
-            numel = obj.numel if typed else obj.nbytes
-            return ("storage", kind, self.storage_key(obj), self.location(obj), numel)
-        return None
+    named = staticmethod(Global)
 
     def reducer_override(self, obj: Any):
-        if isinstance(obj, LazyTensor):
-            if obj.parameter:
-                return REBUILD_PARAMETER, (_TensorData(obj), obj.requires_grad, collections.OrderedDict())
-            return self._rebuild(obj)
-        if isinstance(obj, _TensorData):
-            return self._rebuild(obj.tensor)
+        reduced = self.tensor_reduce(obj)
+        if reduced is not None:
+            return reduced
         if isinstance(obj, Placeholder):
             return _placeholder_reduce(obj)
         if isinstance(obj, RebuiltTensor):
@@ -271,14 +296,6 @@ class TreePickler(pickle._Pickler):  # the pure-Python pickler: it lets us write
         if isinstance(obj, TorchLayout):
             return GET_LAYOUT, (str(obj),)
         return NotImplemented
-
-    @staticmethod
-    def _rebuild(t: LazyTensor):
-        args = (t.storage, t.storage_offset, tuple(t.shape), tuple(t.stride), t.requires_grad and not t.parameter,
-                collections.OrderedDict())
-        if t.dtype in STORAGE_CLASS:
-            return REBUILD_TENSOR, args
-        return REBUILD_TENSOR_V3, (*args, Global("torch", str(t.dtype)))
 
     def save_global(self, obj, name=None):
         if isinstance(obj, type) and is_placeholder(obj):
@@ -321,11 +338,17 @@ def _placeholder_reduce(obj: Placeholder):
     return copyreg.__newobj__, (cls, *obj._args), state, items, dict_items
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_object(module: str, name: str) -> Any:
+    """The real object torch's own pickles name (a rebuild function, a storage class, a dtype)."""
+    return getattr(importlib.import_module(module), name)
+
+
 class _NeedsNames(Exception):
     """The tree holds something only the name-writing pickler can write."""
 
 
-class FastTreePickler(pickle.Pickler):
+class FastTreePickler(_TensorWriting, pickle.Pickler):
     """The C pickler, for trees of plain data and tensors (state dicts, fuse-train checkpoints): the same bytes
     as ``TreePickler`` (a test holds them equal), several times faster.  torch's own rebuild functions and
     storage classes are written by reference to the real objects, which the C pickler names as torch does;
@@ -333,38 +356,19 @@ class FastTreePickler(pickle.Pickler):
 
     def __init__(self, file: IO[bytes], storage_key: Callable[[StorageRef], str],
                  location: Callable[[StorageRef], str]):
-        import torch
-
         super().__init__(file, protocol=PROTOCOL)
-        self.storage_key, self.location, self.torch = storage_key, location, torch
+        self.storage_key, self.location = storage_key, location
 
-    def persistent_id(self, obj: Any):
-        if type(obj) is StorageRef:
-            typed = obj.dtype in TYPED_STORAGE
-            kind = getattr(self.torch, TYPED_STORAGE[obj.dtype]) if typed else self.torch.storage.UntypedStorage
-            return ("storage", kind, self.storage_key(obj), self.location(obj), obj.numel if typed else obj.nbytes)
-        return None
+    named = staticmethod(_torch_object)
 
     def reducer_override(self, obj: Any):
-        kind = type(obj)
-        if kind is LazyTensor:
-            if obj.parameter:
-                return self.torch._utils._rebuild_parameter, (_TensorData(obj), obj.requires_grad,
-                                                               collections.OrderedDict())
-            return self._rebuild(obj)
-        if kind is _TensorData:
-            return self._rebuild(obj.tensor)
-        if kind in _NAMED_TYPES or isinstance(obj, (Placeholder, RebuiltTensor)) or (
+        reduced = self.tensor_reduce(obj)
+        if reduced is not None:
+            return reduced
+        if type(obj) in _NAMED_TYPES or isinstance(obj, (Placeholder, RebuiltTensor)) or (
                 isinstance(obj, type) and is_placeholder(obj)):
-            raise _NeedsNames(kind.__name__)
+            raise _NeedsNames(type(obj).__name__)
         return NotImplemented
-
-    def _rebuild(self, t: LazyTensor):
-        args = (t.storage, t.storage_offset, tuple(t.shape), tuple(t.stride), t.requires_grad and not t.parameter,
-                collections.OrderedDict())
-        if t.dtype in STORAGE_CLASS:
-            return self.torch._utils._rebuild_tensor_v2, args
-        return self.torch._utils._rebuild_tensor_v3, (*args, getattr(self.torch, str(t.dtype)))
 
 
 def pickle_tree(tree: Any, location: Callable[[StorageRef], str] | None = None) -> tuple[bytes, list[StorageRef]]:
