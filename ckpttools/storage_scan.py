@@ -114,7 +114,8 @@ class StorageScanner:
         """Scan every storage once: a torch zip's records memory-mapped and spread over threads; the rest in
         turn.  Unreadable storages are left out of ``results`` (their checks report them)."""
         refs = [r for r in refs if id(r) not in self.results]
-        mapped = [(r, self._plain_record(r)) for r in refs]
+        mappable = self.ckpt.format == "torch-zip" and self.ckpt.record_of is not None and self.ckpt.path.is_file()
+        mapped = [(r, self._plain_record(r)) for r in refs] if mappable else []
         mapped = [(r, rec) for r, rec in mapped if rec is not None]
         if mapped:
             with open(self.ckpt.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -131,15 +132,8 @@ class StorageScanner:
                 except OSError:
                     continue
 
-    def _is_file(self) -> bool:
-        if not hasattr(self, "_file"):
-            self._file = self.ckpt.path.is_file()
-        return self._file
-
     def _plain_record(self, ref: StorageRef):
         """The stored (uncompressed, whole) record of ``ref`` in a torch zip file, or None."""
-        if self.ckpt.format != "torch-zip" or self.ckpt.record_of is None or not self._is_file():
-            return None
         record = self.ckpt.record_of(ref)
         if record is None or record.truncated or record.method != 0 or record.data_offset < 0:
             return None

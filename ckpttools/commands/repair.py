@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -153,22 +154,11 @@ def _write_patched(src: Path, out: Path, patches: list[tuple[int, bytes]], force
     ensure_space(out, src.stat().st_size)
     with atomic_path(out, verify=passes, replace=force) as tmp:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            _copy_range(fin, fout, None)
+            shutil.copyfileobj(fin, fout, 8 << 20)
             for offset, data in patches:
                 fout.seek(offset)
                 fout.write(data)
     return not problems
-
-
-def _copy_range(fin, fout, length: int | None, block: int = 8 << 20) -> None:
-    left = length
-    while left is None or left > 0:
-        data = fin.read(block if left is None else min(block, left))
-        if not data:
-            return
-        fout.write(data)
-        if left is not None:
-            left -= len(data)
 
 
 def _recover_records(ckpt: Checkpoint, lost: list[tuple[StorageRef, str]],
