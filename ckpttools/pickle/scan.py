@@ -123,8 +123,8 @@ def _pop(stack: list):
 # (a fixed size, or the size of their length prefix: "<B" one byte, "<I" four, "<Q" eight)
 _FIXED_CONSTANTS = {ord("K"): 1, ord("M"): 2, ord("J"): 4, ord("G"): 8, ord("N"): 0, 0x88: 0, 0x89: 0,
                     ord("]"): 0, ord("}"): 0, 0x8F: 0, 0x97: 0}
-_SIZED_CONSTANTS = {0x8A: ("<B", False), 0x8B: ("<i", True), ord("B"): ("<I", False), ord("C"): ("<B", False),
-                    0x8E: ("<Q", False), 0x96: ("<Q", False)}  # LONG1/4, BINBYTES, SHORT_BINBYTES, (8), BYTEARRAY8
+_SIZED_CONSTANTS = {0x8A: "<B", 0x8B: "<i", ord("B"): "<I", ord("C"): "<B", 0x8E: "<Q",
+                    0x96: "<Q"}  # LONG1, LONG4, BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8
 _SIZED_STRINGS = {ord("X"): ("<I", "utf-8"), 0x8C: ("<B", "utf-8"), 0x8D: ("<Q", "utf-8"),
                   ord("T"): ("<i", "latin-1"), ord("U"): ("<B", "latin-1")}
 _LEN = {fmt: struct.Struct(fmt) for fmt in ("<B", "<H", "<i", "<I", "<Q")}
@@ -141,8 +141,6 @@ def scan_pickle(data: bytes | memoryview, start: int = 0) -> PickleScan:
     buf = bytes(memoryview(data)[start:]) if start else bytes(data)
     try:
         result.end = start + _walk(buf, result)
-        if result.end < 0:
-            result.end = 0
     except Exception as exc:  # noqa: BLE001 - malformed or hostile opcode streams are findings
         result.error = f"{exc.__class__.__name__}: {exc}"
     return result
@@ -251,8 +249,7 @@ def _walk(buf: bytes, result: PickleScan) -> int:
                 raise IndexError("list index out of range")
             memo[len(memo)] = stack[-1]
         elif op in sized:
-            fmt, signed = sized[op]
-            length = _LEN[fmt]
+            length = _LEN[sized[op]]
             _need(buf, pos, length.size, "a length")
             n = length.unpack_from(buf, pos)[0]
             pos += length.size
