@@ -244,8 +244,10 @@ class _TensorWriting:
     """What both picklers write for storages and tensors: the persistent id and the rebuild call torch writes.
     ``named(module, name)`` is how each pickler names a global (by reference, or as the real torch object)."""
 
-    storage_key: Callable[[StorageRef], str]
-    location: Callable[[StorageRef], str]
+    def __init__(self, file: IO[bytes], storage_key: Callable[[StorageRef], str],
+                 location: Callable[[StorageRef], str]):
+        super().__init__(file, protocol=PROTOCOL)  # the pickler's own (next in the method order)
+        self.storage_key, self.location = storage_key, location
 
     def named(self, module: str, name: str) -> Any:
         raise NotImplementedError
@@ -278,11 +280,6 @@ class _TensorWriting:
 
 
 class TreePickler(_TensorWriting, pickle._Pickler):  # the pure-Python pickler: it writes globals by name
-    def __init__(self, file: IO[bytes], storage_key: Callable[[StorageRef], str],
-                 location: Callable[[StorageRef], str]):
-        super().__init__(file, protocol=PROTOCOL)
-        self.storage_key, self.location = storage_key, location
-
     named = staticmethod(Global)
 
     def reducer_override(self, obj: Any):
@@ -353,11 +350,6 @@ class FastTreePickler(_TensorWriting, pickle.Pickler):
     as ``TreePickler`` (a test holds them equal), several times faster.  torch's own rebuild functions and
     storage classes are written by reference to the real objects, which the C pickler names as torch does;
     anything else that needs a name written without importing it raises ``_NeedsNames``."""
-
-    def __init__(self, file: IO[bytes], storage_key: Callable[[StorageRef], str],
-                 location: Callable[[StorageRef], str]):
-        super().__init__(file, protocol=PROTOCOL)
-        self.storage_key, self.location = storage_key, location
 
     named = staticmethod(_torch_object)
 
