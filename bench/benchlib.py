@@ -22,8 +22,10 @@ g = torch.Generator().manual_seed(0)
 model = {{f"layer{{i}}.weight": torch.randn(n, generator=g) for i in range(per)}}
 def ckpt(m):
     return {{"epoch": 3, "model": m, "ema": {{k: v * 0.99 for k, v in m.items()}},
-            "optimizer": {{"state": {{i: {{"exp_avg": torch.full((n,), 1e-3), "exp_avg_sq": torch.full((n,), 1e-6)}}
-                                    for i in range(per)}}, "param_groups": [{{"lr": 0.001, "params": list(range(per))}}]}},
+            "optimizer": {{"state": {{i: {{"exp_avg": torch.full((n,), 1e-3),
+                                         "exp_avg_sq": torch.full((n,), 1e-6)}}
+                                    for i in range(per)}},
+                          "param_groups": [{{"lr": 0.001, "params": list(range(per))}}]}},
             "train_args": {{"lr0": 0.01}}}}
 """
 
@@ -54,8 +56,9 @@ def generate(code: str, *paths: Path, gb: float) -> None:
 def run_child(code: str, *args: Path) -> dict:
     """Run ``code`` (a template with {root}) in a fresh interpreter; it prints a dict literal as its last line."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT)), *map(str, args)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code.format(root=str(ROOT)), *map(str, args)], capture_output=True, text=True, check=True
+    )
     result = eval(out.stdout.strip().splitlines()[-1])  # our own child's dict literal
     result["process_s"] = time.perf_counter() - t0
     return result
@@ -69,8 +72,15 @@ def warm(*paths: Path) -> None:
                 pass
 
 
-def report(rows: dict[str, list[dict]], labels: dict[str, str], ours: str, baseline: str, wall_target: float,
-           rss_target: float = 400, nbytes: int | None = None) -> None:
+def report(
+    rows: dict[str, list[dict]],
+    labels: dict[str, str],
+    ours: str,
+    baseline: str,
+    wall_target: float,
+    rss_target: float = 400,
+    nbytes: int | None = None,
+) -> None:
     """Median table, ratios, throughput, and whether the targets (wall <= wall_target x baseline, RSS <=
     rss_target MB) are met."""
     med = {k: {m: statistics.median(r[m] for r in v) for m in METRICS} for k, v in rows.items()}
@@ -80,14 +90,20 @@ def report(rows: dict[str, list[dict]], labels: dict[str, str], ours: str, basel
         m = med[key]
         print(f"| {labels[key]} | {m['op_s']:.2f} | {m['process_s']:.2f} | {m['rss_mb']:.0f} |")
     b, o = med[baseline], med[ours]
-    print(f"\nratio {ours} / {baseline}: operation {o['op_s'] / b['op_s']:.2f}, whole process "
-          f"{o['process_s'] / b['process_s']:.2f}, peak RSS {o['rss_mb'] / b['rss_mb']:.2f}")
+    print(
+        f"\nratio {ours} / {baseline}: operation {o['op_s'] / b['op_s']:.2f}, whole process "
+        f"{o['process_s'] / b['process_s']:.2f}, peak RSS {o['rss_mb'] / b['rss_mb']:.2f}"
+    )
     if nbytes:
-        print(f"throughput of the operation: {ours} {nbytes / o['op_s'] / 1e9:.2f} GB/s, "
-              f"{baseline} {nbytes / b['op_s'] / 1e9:.2f} GB/s")
-    print(f"targets: wall <= {wall_target:.2f} x baseline -> "
-          f"{'met' if o['process_s'] <= wall_target * b['process_s'] else 'NOT met'} (whole process), "
-          f"peak RSS <= {rss_target:.0f} MB -> {'met' if o['rss_mb'] <= rss_target else 'NOT met'}")
+        print(
+            f"throughput of the operation: {ours} {nbytes / o['op_s'] / 1e9:.2f} GB/s, "
+            f"{baseline} {nbytes / b['op_s'] / 1e9:.2f} GB/s"
+        )
+    print(
+        f"targets: wall <= {wall_target:.2f} x baseline -> "
+        f"{'met' if o['process_s'] <= wall_target * b['process_s'] else 'NOT met'} (whole process), "
+        f"peak RSS <= {rss_target:.0f} MB -> {'met' if o['rss_mb'] <= rss_target else 'NOT met'}"
+    )
 
 
 def median_seconds(argv: list[str], repeats: int = 5) -> float:

@@ -17,9 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import TRAINING_CKPT, bench_args, generate, report, run_child, warm  # noqa: E402
 
-MAKE = TRAINING_CKPT + r"""
+MAKE = (
+    TRAINING_CKPT
+    + r"""
 torch.save(ckpt(model), sys.argv[1])
 """
+)
 
 BASELINE = r"""
 import os, resource, sys, time
@@ -59,11 +62,16 @@ def main() -> int:
         rows["baseline"].append(run_child(BASELINE, src, folder / "base.safetensors"))
         rows["safetensors"].append(run_child(CONVERT, src, folder / "ours.safetensors"))
         rows["h5"].append(run_child(CONVERT, src, folder / "ours.h5"))
-    print(f"\ninput: {src.stat().st_size / (1 << 30):.2f} GiB, median of {args.repeats}; outputs: safetensors "
-          f"{rows['safetensors'][0]['out_mb']:.0f} MB (baseline {rows['baseline'][0]['out_mb']:.0f} MB), "
-          f"HDF5 (whole checkpoint) {rows['h5'][0]['out_mb']:.0f} MB")
-    labels = {"baseline": "torch.load + safetensors save_file", "safetensors": "ckpt convert -> .safetensors",
-              "h5": "ckpt convert -> .h5 (whole checkpoint)"}
+    print(
+        f"\ninput: {src.stat().st_size / (1 << 30):.2f} GiB, median of {args.repeats}; outputs: safetensors "
+        f"{rows['safetensors'][0]['out_mb']:.0f} MB (baseline {rows['baseline'][0]['out_mb']:.0f} MB), "
+        f"HDF5 (whole checkpoint) {rows['h5'][0]['out_mb']:.0f} MB"
+    )
+    labels = {
+        "baseline": "torch.load + safetensors save_file",
+        "safetensors": "ckpt convert -> .safetensors",
+        "h5": "ckpt convert -> .h5 (whole checkpoint)",
+    }
     report({k: rows[k] for k in ("baseline", "safetensors")}, labels, "safetensors", "baseline", 1.0)
     print()
     report({k: rows[k] for k in ("baseline", "h5")}, labels, "h5", "baseline", 1.0)

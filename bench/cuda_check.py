@@ -27,6 +27,7 @@ It runs to the end on a CPU-only machine too: the CUDA rows are skipped with the
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -38,9 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "fuse_train", *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=timeout)
+    full = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "fuse_train", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _load(path: Path):
@@ -71,9 +77,11 @@ def row_amp(dtype: str, steps: int, work: Path, cuda: bool) -> tuple[str, str]:
     losses = _losses(work / "runs" / "fuse" / f"amp_{dtype}")
     ckpt = _load(work / "runs" / "fuse" / f"amp_{dtype}" / "weights" / "last.pt")
     scale = ckpt.get("scaler", {}).get("scale") if dtype == "fp16" else None
-    ok = all(map(lambda x: x == x and abs(x) != float("inf"), losses)) and losses[-1] < losses[0]
-    return ("ok" if ok else "FAILED"), (f"{epochs * 20} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-                                        + (f", GradScaler scale {scale}" if scale is not None else ""))
+    ok = all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    return ("ok" if ok else "FAILED"), (
+        f"{epochs * 20} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        + (f", GradScaler scale {scale}" if scale is not None else "")
+    )
 
 
 def row_resume(work: Path, cuda: bool, img_size: int) -> tuple[str, str]:
@@ -89,7 +97,9 @@ def row_resume(work: Path, cuda: bool, img_size: int) -> tuple[str, str]:
     a, b = _load(work / "runs" / "fuse" / "full" / "weights" / "last.pt"), _load(last)
     worst = max(float((a["model"][k].double() - b["model"][k].double()).abs().max()) for k in a["model"])
     where = "CUDA, deterministic algorithms" if cuda else "CPU"
-    return ("ok" if cuda or worst == 0 else "FAILED"), f"{where}: max |weight difference| {worst:.3g} after Ctrl-C at step 27 and resume"
+    return (
+        "ok" if cuda or worst == 0 else "FAILED"
+    ), f"{where}: max |weight difference| {worst:.3g} after Ctrl-C at step 27 and resume"
 
 
 def row_async(work: Path, cuda: bool) -> tuple[str, str]:
@@ -102,11 +112,13 @@ state = {"model": {f"w{i}": torch.randn(4 << 20, device=dev) for i in range(16)}
 saver, path = AsyncSaver(), %r
 def write(snap):
     torch.save(snap, path)
-t = time.perf_counter(); torch.save({"model": {k: v.cpu() for k, v in state["model"].items()}}, path); sync = time.perf_counter() - t
+t = time.perf_counter()
+torch.save({"model": {k: v.cpu() for k, v in state["model"].items()}}, path)
+sync = time.perf_counter() - t
 saver.submit(state, write); saver.wait()  # first use allocates the pinned buffers
 t = time.perf_counter(); saver.submit(state, write); stall = time.perf_counter() - t; saver.wait()
 print(sync, stall, dev)
-""" % (str(ROOT), str(work / "async.pt"))
+""" % (str(ROOT), str(work / "async.pt"))  # noqa: UP031 (the code's own braces)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         return "FAILED", out.stderr.strip().splitlines()[-1]
@@ -122,10 +134,18 @@ def row_remap(work: Path, cuda: bool) -> tuple[str, str]:
     proc = _train(["--epochs", "1", "--device", "0", "--name", "oncuda"], work)
     last = work / "runs" / "fuse" / "oncuda" / "weights" / "last.pt"
     out = work / "cpu.pt"
-    remap = subprocess.run([sys.executable, "-m", "ckpttools.cli", "remap", str(last), "--device", "cpu", "-o", str(out),
-                            "--force"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-    load = subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(out)!r}, weights_only=True); print('ok')"],
-                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    remap = subprocess.run(
+        [sys.executable, "-m", "ckpttools.cli", "remap", str(last), "--device", "cpu", "-o", str(out), "--force"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+    )
+    load = subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(out)!r}, weights_only=True); print('ok')"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     ok = proc.returncode == 0 and remap.returncode == 0 and load.stdout.strip() == "ok"
     return ("ok" if ok else "FAILED"), "saved on cuda:0, remapped, loaded by plain torch.load with no GPU visible"
 
@@ -135,13 +155,37 @@ def row_nccl(work: Path, cuda: bool) -> tuple[str, str]:
 
     n = torch.cuda.device_count() if cuda else 0
     if n < 2:
-        return "skipped", f"{n} GPU(s) visible: NCCL DDP needs 2 or more (gloo DDP is tested on CPU in tests/test_remap.py)"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "-m", "fuse_train",
-                          "--epochs", "2", "--batch", str(8 * n), "--name", "nccl"], cwd=work, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, timeout=1800)
-    verify = subprocess.run([sys.executable, "-m", "ckpttools.cli", "verify",
-                             str(work / "runs" / "fuse" / "nccl" / "weights" / "last.pt")], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+        return (
+            "skipped",
+            f"{n} GPU(s) visible: NCCL DDP needs 2 or more (gloo DDP is tested on CPU in tests/test_remap.py)",
+        )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={n}",
+            "-m",
+            "fuse_train",
+            "--epochs",
+            "2",
+            "--batch",
+            str(8 * n),
+            "--name",
+            "nccl",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+        timeout=1800,
+    )
+    verify = subprocess.run(
+        [sys.executable, "-m", "ckpttools.cli", "verify", str(work / "runs" / "fuse" / "nccl" / "weights" / "last.pt")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+    )
     return ("ok" if run.returncode == 0 and verify.returncode == 0 else "FAILED"), f"torchrun on {n} GPUs (NCCL)"
 
 
@@ -179,12 +223,18 @@ def row_dcp_cuda(work: Path, cuda: bool) -> tuple[str, str]:
     base = ["--device", "0", "--save-format", "dcp", "--save-every", "10", "--name", "dcpcuda"]
     cut = _train(["--epochs", "2", *base], work, {"FUSE_TRAIN_STOP_AFTER_STEP": "30"})
     last = work / "runs" / "fuse" / "dcpcuda" / "weights" / "last.dcp"
-    verify = subprocess.run([sys.executable, "-m", "ckpttools.cli", "verify", str(last)], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    verify = subprocess.run(
+        [sys.executable, "-m", "ckpttools.cli", "verify", str(last)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+    )
     resumed = _train(["--resume", str(last)], work)
     ok = cut.returncode == 130 and verify.returncode == 0 and resumed.returncode == 0
-    return ("ok" if ok else "FAILED"), (f"stopped at step 30 (exit {cut.returncode}), last.dcp verify exit "
-                                        f"{verify.returncode}, resume exit {resumed.returncode}")
+    return ("ok" if ok else "FAILED"), (
+        f"stopped at step 30 (exit {cut.returncode}), last.dcp verify exit "
+        f"{verify.returncode}, resume exit {resumed.returncode}"
+    )
 
 
 def row_preempt(work: Path, cuda: bool) -> tuple[str, str]:
@@ -195,8 +245,9 @@ def row_preempt(work: Path, cuda: bool) -> tuple[str, str]:
 
     rows = measure(["n", "s"], 1, 3, "0", 640, work)
     ok = all(r["ok"] for r in rows)
-    detail = "; ".join(f"{r['scale']}: epoch {r['epoch']} s, to last.pt {r['published']} s, to exit {r['exited']} s"
-                       for r in rows)
+    detail = "; ".join(
+        f"{r['scale']}: epoch {r['epoch']} s, to last.pt {r['published']} s, to exit {r['exited']} s" for r in rows
+    )
     return ("ok" if ok else "FAILED"), "640 px, batch 8, median (range) of 3: " + detail
 
 
@@ -213,15 +264,17 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0) if cuda else "no CUDA device (CPU only)"
     print(f"cuda_check on {device}, torch {torch.__version__}\n")
-    rows = [("AMP bf16 training", lambda: row_amp("bf16", args.steps, work, cuda)),
-            ("AMP fp16 + GradScaler", lambda: row_amp("fp16", args.steps, work, cuda)),
-            ("interrupt + resume, deterministic", lambda: row_resume(work, cuda, args.img_size)),
-            ("async save stall", lambda: row_async(work, cuda)),
-            ("cuda checkpoint -> remap --device cpu -> CPU load", lambda: row_remap(work, cuda)),
-            ("torchrun + NCCL", lambda: row_nccl(work, cuda)),
-            ("NCCL process group, 1 GPU", lambda: row_nccl_one_rank(work, cuda)),
-            ("--save-format dcp on CUDA", lambda: row_dcp_cuda(work, cuda)),
-            ("SIGTERM to the process group on CUDA", lambda: row_preempt(work, cuda))]
+    rows = [
+        ("AMP bf16 training", lambda: row_amp("bf16", args.steps, work, cuda)),
+        ("AMP fp16 + GradScaler", lambda: row_amp("fp16", args.steps, work, cuda)),
+        ("interrupt + resume, deterministic", lambda: row_resume(work, cuda, args.img_size)),
+        ("async save stall", lambda: row_async(work, cuda)),
+        ("cuda checkpoint -> remap --device cpu -> CPU load", lambda: row_remap(work, cuda)),
+        ("torchrun + NCCL", lambda: row_nccl(work, cuda)),
+        ("NCCL process group, 1 GPU", lambda: row_nccl_one_rank(work, cuda)),
+        ("--save-format dcp on CUDA", lambda: row_dcp_cuda(work, cuda)),
+        ("SIGTERM to the process group on CUDA", lambda: row_preempt(work, cuda)),
+    ]
     print("| check | result | detail | s |")
     print("|---|---|---|---|")
     failed = False

@@ -17,13 +17,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import TRAINING_CKPT, bench_args, generate, report, run_child, warm  # noqa: E402
 
-MAKE = TRAINING_CKPT + r"""
+MAKE = (
+    TRAINING_CKPT
+    + r"""
 torch.save(ckpt(model), sys.argv[1])
 changed = dict(model)
 for i in (0, per // 2, per - 1):
     changed[f"layer{{i}}.weight"] = model[f"layer{{i}}.weight"] + 1e-3
 torch.save(ckpt(changed), sys.argv[2])
 """
+)
 
 BASELINE = r"""
 import resource, sys, time
@@ -70,11 +73,22 @@ def main() -> int:
     for _ in range(args.repeats):
         rows["baseline"].append(run_child(BASELINE, a, b))
         rows["diff"].append(run_child(DIFF, a, b))
-    print(f"\nfiles: {a.stat().st_size / (1 << 30):.2f} + {b.stat().st_size / (1 << 30):.2f} GiB, median of {args.repeats}")
-    print(f"tensors found different: baseline {rows['baseline'][0]['changed']}, ckpt diff {rows['diff'][0]['changed']} "
-          f"(verdict {rows['diff'][0]['verdict']})")
-    report(rows, {"baseline": "2 x torch.load + tensor-by-tensor compare", "diff": "ckpt diff"}, "diff", "baseline", 0.25,
-           rss_target=200)
+    print(
+        f"\nfiles: {a.stat().st_size / (1 << 30):.2f} + {b.stat().st_size / (1 << 30):.2f} GiB, median of "
+        f"{args.repeats}"
+    )
+    print(
+        f"tensors found different: baseline {rows['baseline'][0]['changed']}, ckpt diff {rows['diff'][0]['changed']} "
+        f"(verdict {rows['diff'][0]['verdict']})"
+    )
+    report(
+        rows,
+        {"baseline": "2 x torch.load + tensor-by-tensor compare", "diff": "ckpt diff"},
+        "diff",
+        "baseline",
+        0.25,
+        rss_target=200,
+    )
     return 0
 
 

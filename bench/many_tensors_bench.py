@@ -37,14 +37,16 @@ def main() -> None:
     src = folder / "many.pt"
     torch.save({f"layer{i}.weight": torch.zeros(2) for i in range(args.tensors)}, src)
     base, _ = timed(TORCH_LOAD, str(src))
-    print(f"{args.tensors:,} tensors, {src.stat().st_size / 1e6:.0f} MB; torch.load(weights_only=True): "
-          f"{base:.2f} s")
-    print(f"| command | seconds | x torch.load | exit |\n|---|---:|---:|---:|")
+    print(f"{args.tensors:,} tensors, {src.stat().st_size / 1e6:.0f} MB; torch.load(weights_only=True): {base:.2f} s")
+    print("| command | seconds | x torch.load | exit |\n|---|---:|---:|---:|")
     print(f"| torch.load(weights_only=True) | {base:.2f} | 1.00 | 0 |")
-    commands = {"ckpt verify": ["verify", str(src)], "ckpt inspect": ["inspect", str(src)],
-                "ckpt diff (two opens)": ["diff", str(src), str(src)],
-                "ckpt convert -> .pt": ["convert", str(src), str(folder / "out.pt"), "--force"],
-                "ckpt repair": ["repair", str(src), "-o", str(folder / "repaired.pt"), "--force"]}
+    commands = {
+        "ckpt verify": ["verify", str(src)],
+        "ckpt inspect": ["inspect", str(src)],
+        "ckpt diff (two opens)": ["diff", str(src), str(src)],
+        "ckpt convert -> .pt": ["convert", str(src), str(folder / "out.pt"), "--force"],
+        "ckpt repair": ["repair", str(src), "-o", str(folder / "repaired.pt"), "--force"],
+    }
     for label, argv in commands.items():
         seconds, code = timed(CKPT, *argv)
         print(f"| {label} | {seconds:.2f} | {seconds / base:.2f} | {code} |")

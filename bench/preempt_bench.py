@@ -8,8 +8,9 @@ own on the demo data, saving every 2 steps so that a background save is usually 
 the first epoch is done plus a random moment, then sends SIGTERM to the group as Slurm, ``timeout(1)`` and
 Kubernetes do.  Reported per scale: the step time (from the run's own epoch time), the seconds from the signal
 to the new ``last.pt`` being in place and to the job's exit (median and range), and whether every stop
-exited 143 (plain run; torchrun itself exits 1 when signalled) with a ``last.pt`` that verifies.  torchrun's grace before SIGKILL is 30 s, Kubernetes' default
-``terminationGracePeriodSeconds`` is 30 s: the stop must fit inside.
+exited 143 (plain run; torchrun itself exits 1 when signalled) with a ``last.pt`` that verifies.  torchrun's
+grace before SIGKILL is 30 s, Kubernetes' default ``terminationGracePeriodSeconds`` is 30 s: the stop must fit
+inside.
 """
 
 from __future__ import annotations
@@ -29,20 +30,56 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _command(scale: str, nproc: int, device: str, img_size: int, name: str) -> list[str]:
-    train = ["--data", "demo", "--scale", scale, "--epochs", "50", "--batch", str(8 * nproc), "--device", device,
-             "--img-size", str(img_size), "--save-every", "2", "--name", name]
+    train = [
+        "--data",
+        "demo",
+        "--scale",
+        scale,
+        "--epochs",
+        "50",
+        "--batch",
+        str(8 * nproc),
+        "--device",
+        device,
+        "--img-size",
+        str(img_size),
+        "--save-every",
+        "2",
+        "--name",
+        name,
+    ]
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                "-m", "fuse_train", *train]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "fuse_train",
+            *train,
+        ]
     return [sys.executable, "-m", "fuse_train", *train]
 
 
 def stop_once(scale: str, nproc: int, device: str, img_size: int, work: Path, name: str, rng: random.Random) -> dict:
     """One run stopped by SIGTERM to its process group; seconds to published last.pt and to exit."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
-    proc = subprocess.Popen(_command(scale, nproc, device, img_size, name), cwd=work, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
+    }
+    proc = subprocess.Popen(
+        _command(scale, nproc, device, img_size, name),
+        cwd=work,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     lines = []
     for line in proc.stdout:  # the first epoch's line: saves have been happening for a while
         lines.append(line)
@@ -63,11 +100,18 @@ def stop_once(scale: str, nproc: int, device: str, img_size: int, work: Path, na
     rest = proc.stdout.read()
     if last.exists() and last.stat().st_mtime_ns != seen:
         published = exited
-    verify = subprocess.run([sys.executable, "-m", "ckpttools.cli", "verify", str(last)], capture_output=True,
-                            text=True, env=env)
+    verify = subprocess.run(
+        [sys.executable, "-m", "ckpttools.cli", "verify", str(last)], capture_output=True, text=True, env=env
+    )
     epoch_seconds = _epoch_seconds(work / "runs" / "fuse" / name)
-    return {"code": proc.returncode, "published": published, "exited": exited, "verified": verify.returncode == 0,
-            "epoch_seconds": epoch_seconds, "log": "".join(lines) + rest}
+    return {
+        "code": proc.returncode,
+        "published": published,
+        "exited": exited,
+        "verified": verify.returncode == 0,
+        "epoch_seconds": epoch_seconds,
+        "log": "".join(lines) + rest,
+    }
 
 
 def _epoch_seconds(run: Path) -> float | None:
@@ -103,14 +147,23 @@ def measure(scales: list[str], nproc: int, repeats: int, device: str, img_size: 
     for scale in scales:
         stops = [stop_once(scale, nproc, device, img_size, work, f"{scale}{nproc}_{i}", rng) for i in range(repeats)]
         ok = all(_stopped_well(s, nproc) for s in stops)
-        rows.append({"scale": scale, "nproc": nproc, "device": device, "ok": ok, "stops": stops,
-                     "published": spread([s["published"] for s in stops]),
-                     "exited": spread([s["exited"] for s in stops]),
-                     "epoch": spread([s["epoch_seconds"] for s in stops])})
+        rows.append(
+            {
+                "scale": scale,
+                "nproc": nproc,
+                "device": device,
+                "ok": ok,
+                "stops": stops,
+                "published": spread([s["published"] for s in stops]),
+                "exited": spread([s["exited"] for s in stops]),
+                "epoch": spread([s["epoch_seconds"] for s in stops]),
+            }
+        )
         if not ok:
             bad = next(s for s in stops if not _stopped_well(s, nproc))
-            print(f"scale {scale}: exit {bad['code']}, verified {bad['verified']}\n{bad['log'][-2000:]}",
-                  file=sys.stderr)
+            print(
+                f"scale {scale}: exit {bad['code']}, verified {bad['verified']}\n{bad['log'][-2000:]}", file=sys.stderr
+            )
     return rows
 
 
@@ -124,8 +177,10 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="preempt-bench-"))
     rows = measure(args.scales.split(","), args.nproc, args.repeats, args.device, args.img_size, work)
-    print(f"SIGTERM to the process group, {args.nproc} process(es), {args.device}, demo data at "
-          f"{args.img_size} px, batch {8 * args.nproc}, a save every 2 steps; median (range) of {args.repeats}\n")
+    print(
+        f"SIGTERM to the process group, {args.nproc} process(es), {args.device}, demo data at "
+        f"{args.img_size} px, batch {8 * args.nproc}, a save every 2 steps; median (range) of {args.repeats}\n"
+    )
     print("| scale | epoch s | signal -> last.pt published, s | signal -> exit, s | saved + verifies |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -33,8 +33,10 @@ def drive(*args: str) -> None:
 
 
 def losses(run: Path) -> list[list[float]]:
-    return [[float(r[k]) for k in ("train/box_loss", "train/cls_loss", "train/dfl_loss")]
-            for r in csv.DictReader(open(run / "results.csv"))]
+    return [
+        [float(r[k]) for k in ("train/box_loss", "train/cls_loss", "train/dfl_loss")]
+        for r in csv.DictReader(open(run / "results.csv"))
+    ]
 
 
 def final_weights(run: Path) -> dict:

@@ -116,18 +116,32 @@ def main() -> int:
     v_ok = rows["verify"][0]["ok"]
     print(f"\nfile: {size / (1 << 30):.2f} GiB, {os.cpu_count()} CPUs, {args.repeats} runs each (median)")
     print(f"verify verdict: {'OK' if v_ok else 'FAILED ' + json.dumps(rows['verify'][0]['findings'])}")
-    report(rows, {"baseline": "torch.load(weights_only) + isfinite scan", "verify": "ckpt verify"}, "verify",
-           "baseline", 0.15, rss_target=200, nbytes=size)
+    report(
+        rows,
+        {"baseline": "torch.load(weights_only) + isfinite scan", "verify": "ckpt verify"},
+        "verify",
+        "baseline",
+        0.15,
+        rss_target=200,
+        nbytes=size,
+    )
     parts = run_child(BREAKDOWN, path)
     print("\nwhere verify's time goes (one run): " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items() if k != "ok"))
     small = folder / "one_mb.pt"
-    subprocess.run([sys.executable, "-c", "import sys, torch; torch.save({'w': torch.randn(512, 512)}, sys.argv[1])",
-                    str(small)], check=True)
-    ckpt_cli = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from ckpttools.cli import main; "
-                "main()"]
+    subprocess.run(
+        [sys.executable, "-c", "import sys, torch; torch.save({'w': torch.randn(512, 512)}, sys.argv[1])", str(small)],
+        check=True,
+    )
+    ckpt_cli = [
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from ckpttools.cli import main; main()",
+    ]
     help_s, small_s = median_seconds([*ckpt_cli, "--help"]), median_seconds([*ckpt_cli, "verify", str(small)])
-    print(f"start-up (whole process, median of 5): ckpt --help {help_s:.2f} s (target <= 0.3), "
-          f"ckpt verify of a 1 MB checkpoint {small_s:.2f} s (target <= 0.5)")
+    print(
+        f"start-up (whole process, median of 5): ckpt --help {help_s:.2f} s (target <= 0.3), "
+        f"ckpt verify of a 1 MB checkpoint {small_s:.2f} s (target <= 0.5)"
+    )
     return 0
 
 

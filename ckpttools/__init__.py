@@ -10,9 +10,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = ["__version__", "verify", "inspect", "preflight"]
 
-_LAZY = {"verify": ("ckpttools.commands.verify", "verify"),
-         "inspect": ("ckpttools.commands.inspect", "inspect_checkpoint"),
-         "preflight": ("ckpttools.commands.preflight", "preflight")}
+_LAZY = {
+    "verify": ("ckpttools.commands.verify", "verify"),
+    "inspect": ("ckpttools.commands.inspect", "inspect_checkpoint"),
+    "preflight": ("ckpttools.commands.preflight", "preflight"),
+}
 
 
 def __getattr__(name: str):

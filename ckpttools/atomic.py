@@ -25,8 +25,9 @@ import re
 import shutil
 import signal
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator
+from typing import IO
 
 from ckpttools.errors import CkptError, UsageError
 
@@ -114,8 +115,10 @@ def _publish(tmp: Path, path: Path, replace: bool) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise UsageError(f"{path}: appeared while this was being written (another writer?); not replaced "
-                             "(pass --force to replace it)") from None
+            raise UsageError(
+                f"{path}: appeared while this was being written (another writer?); not replaced "
+                "(pass --force to replace it)"
+            ) from None
         tmp.unlink()
     fault("after-rename")
     fsync_dir(path.parent)
@@ -142,8 +145,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", replace: bool = True
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, verify: Callable[[Path], bool] | None = None,
-                replace: bool = True) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, verify: Callable[[Path], bool] | None = None, replace: bool = True
+) -> Iterator[Path]:
     """Like ``atomic_write`` for writers that need a path (h5py, torch's DCP): yields a temporary path beside
     ``path`` that becomes ``path`` only if the body succeeds and ``verify(tmp)`` (if given) returns True."""
     path = Path(path)
@@ -202,8 +206,10 @@ def atomic_folder(out: Path, verify: Callable[[Path], bool] | None = None, repla
             return
         _fsync_tree(tmp)
         if out.exists() and not replace:
-            raise UsageError(f"{out}: appeared while this was being written (another writer?); not replaced "
-                             "(pass --force to replace it)")
+            raise UsageError(
+                f"{out}: appeared while this was being written (another writer?); not replaced "
+                "(pass --force to replace it)"
+            )
         tmp = swap_in_folder(tmp, out) or tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -323,6 +329,7 @@ def copy_into_place(src: Path, dst: Path) -> None:
 
 # ---- outputs of the commands that write ----------------------------------------------------------------------
 
+
 class DiskFull(CkptError):
     """Not enough free space for an output; nothing was written."""
 
@@ -333,8 +340,11 @@ def ensure_space(out: Path, nbytes: int) -> None:
     need = int(nbytes * 1.02) + (1 << 20)
     free = shutil.disk_usage(Path(out).parent).free
     if free < need:
-        raise DiskFull(f"{out}: not enough space: the output needs about {need / 2**20:.1f} MiB, "
-                       f"{Path(out).parent} has {free / 2**20:.1f} MiB free; nothing was written")
+        raise DiskFull(
+            f"{out}: not enough space: the output needs about {need / 2**20:.1f} MiB, "
+            f"{Path(out).parent} has {free / 2**20:.1f} MiB free; nothing was written"
+        )
+
 
 def is_dcp_folder(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
@@ -357,8 +367,10 @@ def check_new_output(out: Path, inputs: Iterable[Path], force: bool, folder: boo
         raise UsageError(f"{out}: already exists; pass --force to replace it")
     if folder:
         if not out.is_dir() or out.is_symlink() or not (is_dcp_folder(out) or not any(out.iterdir())):
-            raise UsageError(f"{out}: --force replaces only a DCP folder (with .metadata) or an empty folder; this "
-                             "one holds other things, and nothing in it is touched")
+            raise UsageError(
+                f"{out}: --force replaces only a DCP folder (with .metadata) or an empty folder; this "
+                "one holds other things, and nothing in it is touched"
+            )
         resolved = out.resolve()
         for src in inputs:
             if src.exists() and (resolved == src.resolve() or resolved in src.resolve().parents):

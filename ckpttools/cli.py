@@ -14,8 +14,8 @@ import click
 
 from ckpttools import __version__
 from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, CkptError, MissingPath
-from ckpttools.report import shorten
 from ckpttools.options import IMG_SIZE
+from ckpttools.report import shorten
 
 EPILOG = """\b
 Exit codes: 0 all good; 1 problems found, or a damaged or unsafe input;
@@ -27,6 +27,7 @@ Finding codes: docs/findings.md.  Safety policy: docs/security.md."""
 def _handle_errors(command: str):
     """The one place errors are caught: a ``CkptError`` becomes one line on stderr (and, with --json, one JSON
     object on stdout) with its exit code; anything else is a bug, shown as an internal error."""
+
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, debug: bool = False, **kwargs):
@@ -35,17 +36,35 @@ def _handle_errors(command: str):
             except CkptError as exc:
                 code = _fail(command, _first_line(exc), exc.exit_code, debug, kwargs.get("as_json", False))
             except FileNotFoundError as exc:  # a path that vanished while we worked
-                code = _fail(command, f"{exc.filename or exc}: no such file or folder", MissingPath.exit_code, debug,
-                             kwargs.get("as_json", False))
+                code = _fail(
+                    command,
+                    f"{exc.filename or exc}: no such file or folder",
+                    MissingPath.exit_code,
+                    debug,
+                    kwargs.get("as_json", False),
+                )
             except OSError as exc:  # the disk is full, a permission is missing: say which file
-                code = _fail(command, f"{exc.filename or ''}: {exc.strerror or _first_line(exc)}".lstrip(": "),
-                             EXIT_PROBLEMS, debug, kwargs.get("as_json", False))
+                code = _fail(
+                    command,
+                    f"{exc.filename or ''}: {exc.strerror or _first_line(exc)}".lstrip(": "),
+                    EXIT_PROBLEMS,
+                    debug,
+                    kwargs.get("as_json", False),
+                )
             except Exception as exc:  # noqa: BLE001 - last resort: one line, the traceback only with --debug
-                code = _fail(command, f"internal error: {exc.__class__.__name__}: {_first_line(exc)} (run with "
-                             "--debug for the traceback)", EXIT_PROBLEMS, debug, kwargs.get("as_json", False),
-                             prefix="")
+                code = _fail(
+                    command,
+                    f"internal error: {exc.__class__.__name__}: {_first_line(exc)} (run with "
+                    "--debug for the traceback)",
+                    EXIT_PROBLEMS,
+                    debug,
+                    kwargs.get("as_json", False),
+                    prefix="",
+                )
             sys.exit(code)
+
         return click.option("--debug", is_flag=True, help="Show tracebacks.")(inner)
+
     return wrap
 
 
@@ -83,8 +102,15 @@ def _progress(enabled: bool, description: str):
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    bar = Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                   console=console, transient=True)
+    bar = Progress(
+        TextColumn(description),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
     task = bar.add_task(description, total=None)
     with bar:
         yield lambda done, total: bar.update(task, completed=done, total=total)
@@ -155,18 +181,46 @@ def inspect(path: Path, as_json: bool) -> int:
 @main.command()
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
-@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Absolute tolerance per element.")
-@click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Relative tolerance per element (of B).")
-@click.option("--section", "sections", multiple=True, type=click.Choice(["model", "ema", "optimizer", "meta"]),
-              help="Restrict the comparison (repeatable); default: all.")
+@click.option(
+    "--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Absolute tolerance per element."
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Relative tolerance per element (of B).",
+)
+@click.option(
+    "--section",
+    "sections",
+    multiple=True,
+    type=click.Choice(["model", "ema", "optimizer", "meta"]),
+    help="Restrict the comparison (repeatable); default: all.",
+)
 @click.option("--no-strip-prefix", is_flag=True, help="Do not normalise module. / _orig_mod. prefixes.")
-@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Show the N largest tensor differences.")
-@click.option("--exact", is_flag=True, help="Read and compare every tensor, also those whose zip records have the "
-              "same size and CRC32 on both sides (by default those count as equal without being read).")
+@click.option(
+    "--top", type=click.IntRange(min=1), default=20, show_default=True, help="Show the N largest tensor differences."
+)
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Read and compare every tensor, also those whose zip records have the "
+    "same size and CRC32 on both sides (by default those count as equal without being read).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("diff")
-def diff(a: Path, b: Path, atol: float, rtol: float, sections: tuple[str, ...], no_strip_prefix: bool, top: int,
-         exact: bool, as_json: bool) -> int:
+def diff(
+    a: Path,
+    b: Path,
+    atol: float,
+    rtol: float,
+    sections: tuple[str, ...],
+    no_strip_prefix: bool,
+    top: int,
+    exact: bool,
+    as_json: bool,
+) -> int:
     """What differs between checkpoints A and B (any supported formats, also across formats): keys only in one,
     shape / dtype changes, value differences (max abs, mean abs, relative L2, elements outside tolerance,
     bitwise identity, NaN / Inf), optimizer state, and metadata field by field.  Streams one tensor pair at a
@@ -191,9 +245,13 @@ def _print_rewrite(result: dict, as_json: bool, verb: str) -> None:
         print_json(result)
         return
     out = stdout()
-    out.print(f"{verb} {result['input']} -> {result['output']}"
-              + (f": {result['tensors']} tensors, {result['bytes'] / 2**20:.1f} MiB" if "tensors" in result else "")
-              + (f" in {result['seconds']:.2f} s" if "seconds" in result else ""), markup=False, highlight=False)
+    out.print(
+        f"{verb} {result['input']} -> {result['output']}"
+        + (f": {result['tensors']} tensors, {result['bytes'] / 2**20:.1f} MiB" if "tensors" in result else "")
+        + (f" in {result['seconds']:.2f} s" if "seconds" in result else ""),
+        markup=False,
+        highlight=False,
+    )
     for note in result.get("notes", []):
         out.print(f"  note: {note}", markup=False, highlight=False)
 
@@ -201,22 +259,50 @@ def _print_rewrite(result: dict, as_json: bool, verb: str) -> None:
 @main.command()
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--to", type=click.Choice(["pt", "h5", "safetensors", "dcp"]), help="Output format (default: from OUT's "
-              "suffix: .pt/.pth/.ckpt, .h5, .safetensors; a path without suffix is a DCP folder).")
+@click.option(
+    "--to",
+    type=click.Choice(["pt", "h5", "safetensors", "dcp"]),
+    help="Output format (default: from OUT's "
+    "suffix: .pt/.pth/.ckpt, .h5, .safetensors; a path without suffix is a DCP folder).",
+)
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Cast floating tensors.")
-@click.option("--weights-only", is_flag=True, help="Keep only the model weights (as a flat state dict), like "
-              "Ultralytics' strip_optimizer: for deployment.")
+@click.option(
+    "--weights-only",
+    is_flag=True,
+    help="Keep only the model weights (as a flat state dict), like Ultralytics' strip_optimizer: for deployment.",
+)
 @click.option("--ema", is_flag=True, help="Take the EMA weights instead of the raw model weights.")
 @click.option("--compress", is_flag=True, help="HDF5: gzip-compress datasets (smaller, slower).")
-@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True, metavar="M",
-              help="DCP output: write it as M ranks do (M local gloo processes, tensors sharded along dim 0).")
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="M",
+    help="DCP output: write it as M ranks do (M local gloo processes, tensors sharded along dim 0).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--allow-unsafe", is_flag=True, help="Convert an input whose pickle would run code: only its data is "
-              "written (every object as its plain state), never its code references.")
+@click.option(
+    "--allow-unsafe",
+    is_flag=True,
+    help="Convert an input whose pickle would run code: only its data is "
+    "written (every object as its plain state), never its code references.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("convert")
-def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_only: bool, ema: bool, compress: bool,
-            world_size: int, force: bool, allow_unsafe: bool, as_json: bool) -> int:
+def convert(
+    src: Path,
+    out: Path,
+    to: str | None,
+    dtype: str | None,
+    weights_only: bool,
+    ema: bool,
+    compress: bool,
+    world_size: int,
+    force: bool,
+    allow_unsafe: bool,
+    as_json: bool,
+) -> int:
     """Write checkpoint IN in another format as OUT, one tensor at a time; IN is never modified.
 
     \b
@@ -233,26 +319,42 @@ def convert(src: Path, out: Path, to: str | None, dtype: str | None, weights_onl
 
     _must_exist(src)
     with _progress(not as_json, "converting") as callback:
-        result = run_convert(src, out, to, dtype, weights_only, ema, compress, force, _bytes_callback(callback),
-                             world_size, allow_unsafe)
+        result = run_convert(
+            src, out, to, dtype, weights_only, ema, compress, force, _bytes_callback(callback), world_size, allow_unsafe
+        )
     _print_rewrite(result.to_dict(), as_json, "converted")
     return EXIT_OK
 
 
 @main.command()
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Where the repaired "
-              "checkpoint goes (a new path; IN is never modified).")
-@click.option("--from", "from_", type=click.Path(path_type=Path), metavar="OTHER",
-              help="Fill lost tensors from this checkpoint (e.g. last.prev.pt or an epochN.pt).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where the repaired checkpoint goes (a new path; IN is never modified).",
+)
+@click.option(
+    "--from",
+    "from_",
+    type=click.Path(path_type=Path),
+    metavar="OTHER",
+    help="Fill lost tensors from this checkpoint (e.g. last.prev.pt or an epochN.pt).",
+)
 @click.option("--keep-prefix", is_flag=True, help="Do not strip module. / _orig_mod. from weight names.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--allow-unsafe", is_flag=True, help="Repair an input whose pickle would run code: only its data is "
-              "written, never its code references.")
+@click.option(
+    "--allow-unsafe",
+    is_flag=True,
+    help="Repair an input whose pickle would run code: only its data is written, never its code references.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("repair")
-def repair(src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: bool, allow_unsafe: bool,
-           as_json: bool) -> int:
+def repair(
+    src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: bool, allow_unsafe: bool, as_json: bool
+) -> int:
     """Mend a damaged checkpoint into OUT and say exactly what could not be mended.
 
     \b
@@ -288,19 +390,41 @@ def repair(src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: b
 
 @main.command()
 @click.argument("src", metavar="CKPT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Where the remapped checkpoint goes (a new path; CKPT is never modified).")
-@click.option("--gpus", type=click.IntRange(min=1), metavar="M", help="Number of processes (GPUs) the run will resume on.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where the remapped checkpoint goes (a new path; CKPT is never modified).",
+)
+@click.option(
+    "--gpus", type=click.IntRange(min=1), metavar="M", help="Number of processes (GPUs) the run will resume on."
+)
 @click.option("--device", metavar="cpu|cuda:K", help="Device every tensor is loaded onto by plain torch.load.")
-@click.option("--add-module-prefix", is_flag=True, help="Other trainers' state dicts: add DDP's module. prefix "
-              "instead of stripping it.")
+@click.option(
+    "--add-module-prefix",
+    is_flag=True,
+    help="Other trainers' state dicts: add DDP's module. prefix instead of stripping it.",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--allow-unsafe", is_flag=True, help="Remap an input whose pickle would run code: only its data is "
-              "written, never its code references.")
+@click.option(
+    "--allow-unsafe",
+    is_flag=True,
+    help="Remap an input whose pickle would run code: only its data is written, never its code references.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("remap")
-def remap(src: Path, out: Path, gpus: int | None, device: str | None, add_module_prefix: bool, force: bool,
-          allow_unsafe: bool, as_json: bool) -> int:
+def remap(
+    src: Path,
+    out: Path,
+    gpus: int | None,
+    device: str | None,
+    add_module_prefix: bool,
+    force: bool,
+    allow_unsafe: bool,
+    as_json: bool,
+) -> int:
     """Rewrite a checkpoint for another number of processes and/or another device.
 
     \b
@@ -331,6 +455,7 @@ def _bytes_callback(progress):
         nonlocal done
         done += n
         progress(done, None)
+
     return on_bytes
 
 
@@ -357,7 +482,8 @@ def _bytes_callback(progress):
 def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -> int:
     """Would resuming CHECKPOINT with these settings change the run?  Options not given are taken as
     unchanged.  Exit 0 if the resume may go ahead, 3 if it is blocked."""
-    from ckpttools.commands.preflight import parse_allow, preflight as run_preflight, recorded_fields, requested_fields
+    from ckpttools.commands.preflight import parse_allow, recorded_fields, requested_fields
+    from ckpttools.commands.preflight import preflight as run_preflight
     from ckpttools.render import print_json, render_preflight, stderr, stdout
 
     allow = parse_allow(allow_change)
@@ -370,18 +496,28 @@ def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -
     else:
         render_preflight(report, stdout(), title=f"preflight of {checkpoint}")
         if report.ok:
-            stdout().print("resume may go ahead" + (f" (allowed: {', '.join(c.field for c in report.allowed)})"
-                                                    if report.allowed else ""))
+            stdout().print(
+                "resume may go ahead"
+                + (f" (allowed: {', '.join(c.field for c in report.allowed)})" if report.allowed else "")
+            )
         else:
-            stderr().print(f"ckpt preflight: blocked: {', '.join(c.field for c in report.blocked)} differ; allow with "
-                           f"{report.allow_hint()}", markup=False)
+            stderr().print(
+                f"ckpt preflight: blocked: {', '.join(c.field for c in report.blocked)} differ; allow with "
+                f"{report.allow_hint()}",
+                markup=False,
+            )
     return EXIT_OK if report.ok else EXIT_PREFLIGHT
 
 
 @main.command()
 @click.argument("path", metavar="RUN_DIR_OR_CKPT", type=click.Path(path_type=Path))
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), metavar="OUT.png",
-              help="Also draw the curves with every boundary marked.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    metavar="OUT.png",
+    help="Also draw the curves with every boundary marked.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("audit")
 def audit(path: Path, plot_path: Path | None, as_json: bool) -> int:
@@ -390,7 +526,8 @@ def audit(path: Path, plot_path: Path | None, as_json: bool) -> int:
     learning rate continues its schedule, and the losses do not jump beyond the run's own variation.  Also
     repeated or missing epochs in results.csv and TensorBoard steps written twice.  Works on fuse-train and
     Ultralytics run folders.  Exit 0 seamless, 1 a boundary looks broken, 2 not a run folder."""
-    from ckpttools.commands.audit import audit as run_audit, plot
+    from ckpttools.commands.audit import audit as run_audit
+    from ckpttools.commands.audit import plot
     from ckpttools.render import print_json, render_audit, stdout
 
     _must_exist(path)

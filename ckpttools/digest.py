@@ -16,7 +16,8 @@ Two versions are read; v2 is written:
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ckpttools.tensors import LazyTensor
 
@@ -34,8 +35,9 @@ class _TensorLeaf:
 
     __slots__ = ("dtype", "shape", "chunks", "known_hash")
 
-    def __init__(self, dtype: str, shape: tuple[int, ...], chunks: Callable[[], Iterable[bytes]],
-                 known_hash: bytes | None = None):
+    def __init__(
+        self, dtype: str, shape: tuple[int, ...], chunks: Callable[[], Iterable[bytes]], known_hash: bytes | None = None
+    ):
         self.dtype, self.shape, self.chunks, self.known_hash = dtype, tuple(shape), chunks, known_hash
 
     def hash(self) -> bytes:
@@ -66,8 +68,9 @@ def _torch_tensor_leaf(value: Any) -> _TensorLeaf | None:
     return _TensorLeaf(dtype, tuple(value.shape), chunks)
 
 
-def tree_digest(tree: Any, tensor_leaf: Callable[[Any], _TensorLeaf | None] = _torch_tensor_leaf,
-                algorithm: str = DIGEST_ALGORITHM) -> str:
+def tree_digest(
+    tree: Any, tensor_leaf: Callable[[Any], _TensorLeaf | None] = _torch_tensor_leaf, algorithm: str = DIGEST_ALGORITHM
+) -> str:
     """Hex digest of ``tree`` (dicts, lists, tuples, scalars, strings, tensors) by ``algorithm``, skipping
     ``DIGEST_KEY`` at the top level.  ``tensor_leaf`` turns a tensor-like value into a ``_TensorLeaf``; readers
     that hold lazy tensors pass their own."""
@@ -131,10 +134,12 @@ def digest_record(tree: Any) -> dict[str, str]:
 def lazy_digest(tree: Any, source, algorithm: str = DIGEST_ALGORITHM) -> str:
     """The digest of a reader tree whose tensors are LazyTensors, their bytes from ``source``
     (a ``tensors.TensorSource``)."""
+
     def leaf(value: Any):
         if not isinstance(value, LazyTensor):
             return None
         return _TensorLeaf(value.dtype, value.shape, lambda v=value: source.tensor_chunks(v))
+
     return tree_digest(tree, leaf, algorithm)
 
 

@@ -7,9 +7,10 @@ and where the model weights and optimizer state are found.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ckpttools.objects import Placeholder
 from ckpttools.tensors import TENSOR_TYPES, LazyTensor
@@ -35,13 +36,29 @@ def with_ddp_prefix(name, add: bool):
         return name
     if add:
         return name if name.startswith(DDP_PREFIX) else DDP_PREFIX + name
-    return name[len(DDP_PREFIX):] if name.startswith(DDP_PREFIX) else name
+    return name[len(DDP_PREFIX) :] if name.startswith(DDP_PREFIX) else name
+
 
 FUSE_TRAIN, ULTRALYTICS, LIGHTNING, HF, STATE_DICT, DCP_LAYOUT, UNKNOWN = (
-    "fuse-train", "ultralytics", "lightning", "huggingface", "state-dict", "dcp", "unknown")
+    "fuse-train",
+    "ultralytics",
+    "lightning",
+    "huggingface",
+    "state-dict",
+    "dcp",
+    "unknown",
+)
 YOLOV5, TIMM, NANOGPT, MMENGINE, DETECTRON2, TUTORIAL, GENERIC, MODULE, TORCHSCRIPT = (
-    "yolov5", "timm", "nanogpt", "mmengine", "detectron2", "torch-tutorial", "generic", "pickled-module",
-    "torchscript")
+    "yolov5",
+    "timm",
+    "nanogpt",
+    "mmengine",
+    "detectron2",
+    "torch-tutorial",
+    "generic",
+    "pickled-module",
+    "torchscript",
+)
 TORCH_EXPORT = "torch-export"
 HF_TRAINER, ACCELERATE, DEEPSPEED = "hf-trainer", "accelerate", "deepspeed"
 
@@ -72,13 +89,15 @@ class Layout:
 
 
 def _lightning(tree: dict) -> bool:
-    return "state_dict" in tree and bool({"pytorch-lightning_version", "optimizer_states", "loops",
-                                          "lr_schedulers"} & tree.keys())
+    return "state_dict" in tree and bool(
+        {"pytorch-lightning_version", "optimizer_states", "loops", "lr_schedulers"} & tree.keys()
+    )
 
 
 def _ultralytics(tree: dict) -> bool:
-    return ("model" in tree or "ema" in tree) and ("train_args" in tree or _is_ultralytics_obj(tree.get("model"))
-                                                   or _is_ultralytics_obj(tree.get("ema")))
+    return ("model" in tree or "ema" in tree) and (
+        "train_args" in tree or _is_ultralytics_obj(tree.get("model")) or _is_ultralytics_obj(tree.get("ema"))
+    )
 
 
 def _generic(tree: dict) -> bool:
@@ -87,29 +106,151 @@ def _generic(tree: dict) -> bool:
 
 # In recognition order (the first that matches): specific writers before the generic rules.
 FILE_LAYOUTS: tuple[Layout, ...] = (
-    Layout(FUSE_TRAIN, "fuse-train", F.REQUIRED_KEYS, (), (F.K_MODEL, F.K_EMA), F.K_OPTIMIZER, F.K_EMA,
-           F.K_SCHEDULER, F.K_SCALER, F.K_EPOCH, "progress.global_step", F.K_TRAIN_ARGS, F.K_RNG,
-           recognise=F.is_fuse_train),
-    Layout(LIGHTNING, "PyTorch Lightning Trainer", ("state_dict", "epoch", "global_step"), (), ("state_dict",),
-           "optimizer_states", None, "lr_schedulers", None, "epoch", "global_step", "hyper_parameters",
-           recognise=_lightning),
-    Layout(ULTRALYTICS, "Ultralytics YOLOv8 / YOLO11 / YOLOFuse (resumable and stripped)", ("epoch", "model"), (),
-           ("ema", "model"), "optimizer", "ema", None, "scaler", "epoch", None, "train_args", recognise=_ultralytics),
-    Layout(YOLOV5, "YOLOv5 train.py (pickled model + ema + optimizer, `opt`)", ("model", "optimizer", "opt"), (),
-           ("ema", "model"), "optimizer", "ema", None, None, "epoch", None, "opt"),
-    Layout(TIMM, "timm train.py / CheckpointSaver", ("state_dict",), ("arch", "version"), ("state_dict",),
-           "optimizer", "state_dict_ema", None, "amp_scaler", "epoch", None, "args"),
-    Layout(NANOGPT, "nanoGPT train.py", ("model", "model_args", "iter_num"), (), ("model",), "optimizer", None,
-           None, None, None, "iter_num", "config"),
-    Layout(MMENGINE, "MMEngine Runner (OpenMMLab)", ("meta", "state_dict"), ("message_hub", "optimizer"),
-           ("state_dict",), "optimizer", None, "param_schedulers", None, "meta.epoch", "meta.iter", "meta"),
-    Layout(DETECTRON2, "detectron2 Checkpointer", ("model", "iteration"), (), ("model",), "optimizer", None,
-           "scheduler", None, None, "iteration", None),
-    Layout(TUTORIAL, "PyTorch tutorial dict (model_state_dict, optimizer_state_dict)", ("model_state_dict",), (),
-           ("model_state_dict",), "optimizer_state_dict", None, None, None, "epoch", None, None),
-    Layout(GENERIC, "a dict with the weights under a common key (model, state_dict, net, ...)", (), (),
-           WEIGHT_KEYS + ("ema",), "optimizer", "ema", "scheduler", "scaler", "epoch", "step", None,
-           recognise=_generic),
+    Layout(
+        FUSE_TRAIN,
+        "fuse-train",
+        F.REQUIRED_KEYS,
+        (),
+        (F.K_MODEL, F.K_EMA),
+        F.K_OPTIMIZER,
+        F.K_EMA,
+        F.K_SCHEDULER,
+        F.K_SCALER,
+        F.K_EPOCH,
+        "progress.global_step",
+        F.K_TRAIN_ARGS,
+        F.K_RNG,
+        recognise=F.is_fuse_train,
+    ),
+    Layout(
+        LIGHTNING,
+        "PyTorch Lightning Trainer",
+        ("state_dict", "epoch", "global_step"),
+        (),
+        ("state_dict",),
+        "optimizer_states",
+        None,
+        "lr_schedulers",
+        None,
+        "epoch",
+        "global_step",
+        "hyper_parameters",
+        recognise=_lightning,
+    ),
+    Layout(
+        ULTRALYTICS,
+        "Ultralytics YOLOv8 / YOLO11 / YOLOFuse (resumable and stripped)",
+        ("epoch", "model"),
+        (),
+        ("ema", "model"),
+        "optimizer",
+        "ema",
+        None,
+        "scaler",
+        "epoch",
+        None,
+        "train_args",
+        recognise=_ultralytics,
+    ),
+    Layout(
+        YOLOV5,
+        "YOLOv5 train.py (pickled model + ema + optimizer, `opt`)",
+        ("model", "optimizer", "opt"),
+        (),
+        ("ema", "model"),
+        "optimizer",
+        "ema",
+        None,
+        None,
+        "epoch",
+        None,
+        "opt",
+    ),
+    Layout(
+        TIMM,
+        "timm train.py / CheckpointSaver",
+        ("state_dict",),
+        ("arch", "version"),
+        ("state_dict",),
+        "optimizer",
+        "state_dict_ema",
+        None,
+        "amp_scaler",
+        "epoch",
+        None,
+        "args",
+    ),
+    Layout(
+        NANOGPT,
+        "nanoGPT train.py",
+        ("model", "model_args", "iter_num"),
+        (),
+        ("model",),
+        "optimizer",
+        None,
+        None,
+        None,
+        None,
+        "iter_num",
+        "config",
+    ),
+    Layout(
+        MMENGINE,
+        "MMEngine Runner (OpenMMLab)",
+        ("meta", "state_dict"),
+        ("message_hub", "optimizer"),
+        ("state_dict",),
+        "optimizer",
+        None,
+        "param_schedulers",
+        None,
+        "meta.epoch",
+        "meta.iter",
+        "meta",
+    ),
+    Layout(
+        DETECTRON2,
+        "detectron2 Checkpointer",
+        ("model", "iteration"),
+        (),
+        ("model",),
+        "optimizer",
+        None,
+        "scheduler",
+        None,
+        None,
+        "iteration",
+        None,
+    ),
+    Layout(
+        TUTORIAL,
+        "PyTorch tutorial dict (model_state_dict, optimizer_state_dict)",
+        ("model_state_dict",),
+        (),
+        ("model_state_dict",),
+        "optimizer_state_dict",
+        None,
+        None,
+        None,
+        "epoch",
+        None,
+        None,
+    ),
+    Layout(
+        GENERIC,
+        "a dict with the weights under a common key (model, state_dict, net, ...)",
+        (),
+        (),
+        WEIGHT_KEYS + ("ema",),
+        "optimizer",
+        "ema",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step",
+        None,
+        recognise=_generic,
+    ),
     Layout(STATE_DICT, "a bare state dict (name -> tensor)", (), (), ("",)),
 )
 LAYOUTS = {layout.name: layout for layout in FILE_LAYOUTS}
@@ -117,14 +258,30 @@ LAYOUTS = {layout.name: layout for layout in FILE_LAYOUTS}
 # Folders: (name, title, marker paths that must all exist, where the weights are)
 FOLDER_LAYOUTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (DCP_LAYOUT, "torch.distributed.checkpoint folder", (".metadata",), "the .metadata plan + __*_*.distcp shards"),
-    (HF_TRAINER, "Hugging Face Trainer checkpoint-N/", ("trainer_state.json",),
-     "model.safetensors / pytorch_model.bin; optimizer.pt, scheduler.pt, rng_state.pth; step in trainer_state.json"),
-    (ACCELERATE, "Accelerate save_state folder", ("random_states_0.pkl",),
-     "model.safetensors / pytorch_model.bin, optimizer.bin, scheduler.bin, random_states_<rank>.pkl"),
-    (DEEPSPEED, "DeepSpeed checkpoint folder", ("latest",),
-     "<tag>/mp_rank_*_model_states.pt, <tag>/*_optim_states.pt; the tag in `latest`"),
-    (HF, "Hugging Face save_pretrained (single or sharded)", ("config.json",),
-     "model.safetensors or model-*-of-*.safetensors + model.safetensors.index.json (or pytorch_model*.bin)"),
+    (
+        HF_TRAINER,
+        "Hugging Face Trainer checkpoint-N/",
+        ("trainer_state.json",),
+        "model.safetensors / pytorch_model.bin; optimizer.pt, scheduler.pt, rng_state.pth; step in trainer_state.json",
+    ),
+    (
+        ACCELERATE,
+        "Accelerate save_state folder",
+        ("random_states_0.pkl",),
+        "model.safetensors / pytorch_model.bin, optimizer.bin, scheduler.bin, random_states_<rank>.pkl",
+    ),
+    (
+        DEEPSPEED,
+        "DeepSpeed checkpoint folder",
+        ("latest",),
+        "<tag>/mp_rank_*_model_states.pt, <tag>/*_optim_states.pt; the tag in `latest`",
+    ),
+    (
+        HF,
+        "Hugging Face save_pretrained (single or sharded)",
+        ("config.json",),
+        "model.safetensors or model-*-of-*.safetensors + model.safetensors.index.json (or pytorch_model*.bin)",
+    ),
 )
 
 
@@ -152,8 +309,11 @@ def recognise(tree: Any, path: Path | None = None) -> str:
         if layout.recognise is not None:
             if layout.recognise(tree):
                 return layout.name
-        elif layout.required and all(k in tree for k in layout.required) and (
-                not layout.any_of or any(k in tree for k in layout.any_of)):
+        elif (
+            layout.required
+            and all(k in tree for k in layout.required)
+            and (not layout.any_of or any(k in tree for k in layout.any_of))
+        ):
             return layout.name
     if tree and all(isinstance(k, str) for k in tree) and all(isinstance(v, TENSOR_TYPES) for v in tree.values()):
         return STATE_DICT
@@ -207,10 +367,15 @@ def folder_counters(path: Path) -> dict[str, Any]:
 
 def markdown_table() -> str:
     """docs/layouts.md's tables (a test checks the committed copy): ``python -m ckpttools.layouts``."""
+
     def cell(value: Any) -> str:
         return f"`{value}`" if value else "-"
-    rows = ["| layout | writer | recognised by | weights | EMA | optimizer | scheduler | scaler | epoch | step | "
-            "hyperparameters | RNG |", "|" + "---|" * 12]
+
+    rows = [
+        "| layout | writer | recognised by | weights | EMA | optimizer | scheduler | scaler | epoch | step | "
+        "hyperparameters | RNG |",
+        "|" + "---|" * 12,
+    ]
     for x in FILE_LAYOUTS:
         rule = " + ".join(f"`{k}`" for k in x.required) or "-"
         if x.any_of:
@@ -220,18 +385,23 @@ def markdown_table() -> str:
         if x.name == STATE_DICT:
             rule = "every value a tensor"
         weights = ", ".join(f"`{k}`" for k in x.weights if k) or "the whole file"
-        rows.append(f"| `{x.name}` | {x.title} | {rule} | {weights} | {cell(x.ema)} | {cell(x.optimizer)} | "
-                    f"{cell(x.scheduler)} | {cell(x.scaler)} | {cell(x.epoch)} | {cell(x.step)} | {cell(x.hparams)} | "
-                    f"{cell(x.rng)} |")
+        rows.append(
+            f"| `{x.name}` | {x.title} | {rule} | {weights} | {cell(x.ema)} | {cell(x.optimizer)} | "
+            f"{cell(x.scheduler)} | {cell(x.scaler)} | {cell(x.epoch)} | {cell(x.step)} | {cell(x.hparams)} | "
+            f"{cell(x.rng)} |"
+        )
     rows += ["", "| folder layout | writer | recognised by | where things are |", "|---|---|---|---|"]
-    rows += [f"| `{n}` | {t} | {', '.join(f'`{m}`' for m in markers)} | {where} |"
-             for n, t, markers, where in FOLDER_LAYOUTS]
-    return ("# Checkpoint layouts\n\nGenerated by `python -m ckpttools.layouts` from the table in "
-            "`ckpttools/layouts.py`; recognition follows the order of the rows (specific writers first).\n"
-            f"Also: `{MODULE}` (a whole `torch.save(model)`: the weights are the module's parameters and buffers), "
-            f"`{TORCHSCRIPT}` (a `torch.jit.save` program: its code is listed, not judged), `{TORCH_EXPORT}` (a "
-            "`torch.export` `.pt2` archive: its weights listed, its program named, not judged); `.keras` archives "
-            "are declined (exit 2), never called damaged.\n\n" + "\n".join(rows) + "\n")
+    rows += [
+        f"| `{n}` | {t} | {', '.join(f'`{m}`' for m in markers)} | {where} |" for n, t, markers, where in FOLDER_LAYOUTS
+    ]
+    return (
+        "# Checkpoint layouts\n\nGenerated by `python -m ckpttools.layouts` from the table in "
+        "`ckpttools/layouts.py`; recognition follows the order of the rows (specific writers first).\n"
+        f"Also: `{MODULE}` (a whole `torch.save(model)`: the weights are the module's parameters and buffers), "
+        f"`{TORCHSCRIPT}` (a `torch.jit.save` program: its code is listed, not judged), `{TORCH_EXPORT}` (a "
+        "`torch.export` `.pt2` archive: its weights listed, its program named, not judged); `.keras` archives "
+        "are declined (exit 2), never called damaged.\n\n" + "\n".join(rows) + "\n"
+    )
 
 
 def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | None:
@@ -262,7 +432,7 @@ def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | No
 def unwrapped(name: str) -> str:
     """A weight name without the wrapper prefixes (``module._orig_mod.x`` -> ``x``)."""
     while name.startswith(PREFIXES):
-        name = name[len(next(p for p in PREFIXES if name.startswith(p))):]
+        name = name[len(next(p for p in PREFIXES if name.startswith(p))) :]
     return name
 
 

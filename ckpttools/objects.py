@@ -74,8 +74,11 @@ class Placeholder:
 
 def placeholder_class(ref: Reference) -> type:
     """A new Placeholder subclass that stands for ``ref``."""
-    return type(ref.name if ref.name.isidentifier() else "Placeholder", (Placeholder,),
-                {"_reference": ref, "__module__": "ckpttools.placeholder"})
+    return type(
+        ref.name if ref.name.isidentifier() else "Placeholder",
+        (Placeholder,),
+        {"_reference": ref, "__module__": "ckpttools.placeholder"},
+    )
 
 
 def is_placeholder(obj: Any) -> bool:

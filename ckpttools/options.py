@@ -17,8 +17,12 @@ class ImageSize(click.ParamType):
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a whole number of pixels", param, ctx)
         if size < STRIDE or size % STRIDE:
-            self.fail(f"{size} is not a multiple of {STRIDE} of at least {STRIDE} (the detector's stride); "
-                      f"e.g. {max(STRIDE, round(size / STRIDE) * STRIDE)}", param, ctx)
+            self.fail(
+                f"{size} is not a multiple of {STRIDE} of at least {STRIDE} (the detector's stride); "
+                f"e.g. {max(STRIDE, round(size / STRIDE) * STRIDE)}",
+                param,
+                ctx,
+            )
         return size
 
 

@@ -7,8 +7,8 @@ import sys
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.markup import escape
+from rich.table import Table
 from rich.tree import Tree
 
 from ckpttools.report import JSON_PER_CODE, Report
@@ -39,8 +39,11 @@ def human_bytes(n: float) -> str:
 def render_verify(report: Report, console: Console, strict: bool = False) -> None:
     facts = report.facts
     head = f"{report.path}: {report.format}, layout {report.layout}"
-    extras = [f"{k.replace('_', ' ')} {facts[k]:,}" if isinstance(facts[k], int) else f"{k.replace('_', ' ')} {facts[k]}"
-              for k in ("epoch", "step", "parameter_count") if facts.get(k) is not None]
+    extras = [
+        f"{k.replace('_', ' ')} {facts[k]:,}" if isinstance(facts[k], int) else f"{k.replace('_', ' ')} {facts[k]}"
+        for k in ("epoch", "step", "parameter_count")
+        if facts.get(k) is not None
+    ]
     console.print(head + (" (" + ", ".join(extras) + ")" if extras else ""), markup=False)
     if report.findings:
         # severity in a narrow column; code and place on one line, the message below, wrapped in its column:
@@ -54,22 +57,36 @@ def render_verify(report: Report, console: Console, strict: bool = False) -> Non
             grid.add_row(f"[{STYLE[f.severity]}]{f.severity}[/]", f"[bold]{f.code}[/]{where}\n{escape(f.message)}")
         console.print(grid)
         for code, n in left.items():
-            console.print(f"[dim]... and {n:,} more {escape(code)} finding(s) like these (--json lists up to "
-                          f"{JSON_PER_CODE} of each)[/]")
+            console.print(
+                f"[dim]... and {n:,} more {escape(code)} finding(s) like these (--json lists up to "
+                f"{JSON_PER_CODE} of each)[/]"
+            )
     n_err, n_warn = len(report.errors), len(report.warnings)
     verdict = "OK" if report.ok(strict) else "FAILED"
     colour = "green" if report.ok(strict) else "bold red"
-    console.print(f"[{colour}]{verdict}[/]: {n_err} error(s), {n_warn} warning(s)"
-                  + (" (--strict: warnings fail)" if strict and n_warn and not n_err else ""))
+    console.print(
+        f"[{colour}]{verdict}[/]: {n_err} error(s), {n_warn} warning(s)"
+        + (" (--strict: warnings fail)" if strict and n_warn and not n_err else "")
+    )
 
 
 def render_inspect(summary: dict, console: Console) -> None:
     console.print(f"[bold]{summary['path']}[/]  format {summary['format']}, layout {summary['layout']}")
     facts = [(k, summary.get(k)) for k in ("epoch", "step", "best_fitness", "parameter_count", "tensors")]
-    console.print("  " + "  ".join(f"{k.replace('_', ' ')}: {v:,}" if isinstance(v, int) and not isinstance(v, bool)
-                                   else f"{k.replace('_', ' ')}: {v}" for k, v in facts if v is not None))
+    console.print(
+        "  "
+        + "  ".join(
+            f"{k.replace('_', ' ')}: {v:,}"
+            if isinstance(v, int) and not isinstance(v, bool)
+            else f"{k.replace('_', ' ')}: {v}"
+            for k, v in facts
+            if v is not None
+        )
+    )
     if summary.get("bytes_by_dtype"):
-        console.print("  bytes by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in summary["bytes_by_dtype"].items()))
+        console.print(
+            "  bytes by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in summary["bytes_by_dtype"].items())
+        )
     if summary.get("devices"):
         console.print("  saved on: " + ", ".join(f"{k} ({v} storages)" for k, v in summary["devices"].items()))
     tree = Tree("keys")
@@ -81,9 +98,13 @@ def render_inspect(summary: dict, console: Console) -> None:
             table.add_row(k, str(v))
         console.print(table)
     if summary.get("code_references"):
-        console.print("code references (never imported here): " + ", ".join(
-            f"{r['reference']}" + (" [bold red](dangerous)[/]" if r["status"] == "dangerous" else "")
-            for r in summary["code_references"]))
+        console.print(
+            "code references (never imported here): "
+            + ", ".join(
+                f"{r['reference']}" + (" [bold red](dangerous)[/]" if r["status"] == "dangerous" else "")
+                for r in summary["code_references"]
+            )
+        )
     for p in summary.get("problems_while_reading", []):
         console.print(f"[{STYLE[p['severity']]}]{p['severity']}[/] {p['code']}: {escape(p['message'])}")
     for code, n in summary.get("problems_left_out", {}).items():
@@ -108,11 +129,17 @@ def render_diff(report, console: Console, top: int = 20) -> None:
         console.print(f"[cyan]note[/]: {escape(note)}")
     for label, items in (("only in A", report.only_in_a), ("only in B", report.only_in_b)):
         if items:
-            console.print(f"[bold]{label}[/] ({len(items)}): " + ", ".join(
-                f"{escape(i['section'])}/{escape(i['name'])} {i['dtype']} {i['shape']}" for i in items[:top])
-                + (" ..." if len(items) > top else ""))
+            console.print(
+                f"[bold]{label}[/] ({len(items)}): "
+                + ", ".join(
+                    f"{escape(i['section'])}/{escape(i['name'])} {i['dtype']} {i['shape']}" for i in items[:top]
+                )
+                + (" ..." if len(items) > top else "")
+            )
     if report.changed:
-        table = Table(title=f"tensors that differ ({len(report.changed)}; {report.same} identical)", title_justify="left")
+        table = Table(
+            title=f"tensors that differ ({len(report.changed)}; {report.same} identical)", title_justify="left"
+        )
         for col in ("section", "name", "change", "max abs", "mean abs", "rel L2", "outside tol", "NaN/Inf A/B"):
             table.add_column(col, overflow="fold")
         for d in report.changed[:top]:
@@ -121,16 +148,25 @@ def render_diff(report, console: Console, top: int = 20) -> None:
                 change = f"shape {list(d.shape_a)} -> {list(d.shape_b)}"
             elif d.note == "dtype changed":
                 change = f"dtype {d.dtype_a} -> {d.dtype_b}"
-            table.add_row(d.section, escape(d.name), change, f"{d.max_abs:.3g}", f"{d.mean_abs:.3g}", f"{d.rel_l2:.3g}",
-                          str(d.outside), f"{d.nonfinite_a}/{d.nonfinite_b}")
+            table.add_row(
+                d.section,
+                escape(d.name),
+                change,
+                f"{d.max_abs:.3g}",
+                f"{d.mean_abs:.3g}",
+                f"{d.rel_l2:.3g}",
+                str(d.outside),
+                f"{d.nonfinite_a}/{d.nonfinite_b}",
+            )
         console.print(table)
     elif report.same:
-        console.print(f"{report.same} tensors, all bitwise identical"
-                      + (f" ({report.equal_by_crc} equal by CRC32, not read; --exact reads them)"
-                         if report.equal_by_crc else ""))
+        console.print(
+            f"{report.same} tensors, all bitwise identical"
+            + (f" ({report.equal_by_crc} equal by CRC32, not read; --exact reads them)" if report.equal_by_crc else "")
+        )
     if report.metadata:
         table = Table("field", "A", "B", title="metadata", title_justify="left")
-        for m in report.metadata[:max(top, 50)]:
+        for m in report.metadata[: max(top, 50)]:
             table.add_row(escape(m["field"]), escape(str(m["a"])), escape(str(m["b"])))
         console.print(table)
     if report.ignored_metadata:
@@ -139,8 +175,10 @@ def render_diff(report, console: Console, top: int = 20) -> None:
 
 
 # blocked field -> what to do instead of allowing the change
-REMEDIES = {"world-size": "to resume on {requested} process(es) exactly, rewrite the checkpoint first: "
-                          "ckpt remap CKPT --gpus {requested} -o NEW.pt, then resume from NEW.pt"}
+REMEDIES = {
+    "world-size": "to resume on {requested} process(es) exactly, rewrite the checkpoint first: "
+    "ckpt remap CKPT --gpus {requested} -o NEW.pt, then resume from NEW.pt"
+}
 
 
 def render_preflight(report, console, title: str = "preflight") -> None:
@@ -178,8 +216,10 @@ def render_audit(report, console: Console) -> None:
     for event in report.lineage:
         changes = event.get("changes")
         extra = f" changes {changes}" if changes else ""
-        console.print(f"  {event.get('date', '?')}  {event.get('event')} at step {event.get('step')}"
-                      + escape(extra), highlight=False)
+        console.print(
+            f"  {event.get('date', '?')}  {event.get('event')} at step {event.get('step')}" + escape(extra),
+            highlight=False,
+        )
     if report.boundaries:
         grid = Table.grid(padding=(0, 1))
         grid.add_column(no_wrap=True)
@@ -187,8 +227,10 @@ def render_audit(report, console: Console) -> None:
         colour = {"seamless": "green", "allowed": "yellow", "broken": "bold red", "not judged": "dim"}
         for b in report.boundaries:
             checks = "\n".join(f"{k}: {v}" for k, v in b.checks.items())
-            grid.add_row(f"[{colour[b.verdict]}]{b.verdict}[/]",
-                         f"[bold]epoch {b.epoch:g}[/] [dim]({escape(b.source)})[/]\n{escape(checks)}")
+            grid.add_row(
+                f"[{colour[b.verdict]}]{b.verdict}[/]",
+                f"[bold]epoch {b.epoch:g}[/] [dim]({escape(b.source)})[/]\n{escape(checks)}",
+            )
         console.print(grid)
     for problem in report.problems:
         console.print(f"[bold red]broken[/] {escape(problem)}")

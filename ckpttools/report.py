@@ -94,7 +94,13 @@ class Report:
 
     def to_dict(self, strict: bool = False) -> dict[str, Any]:
         kept, left = self.shown(JSON_PER_CODE)
-        return {"path": self.path, "ok": self.ok(strict), "format": self.format, "layout": self.layout,
-                "counts": {"errors": len(self.errors), "warnings": len(self.warnings)},
-                "findings": [f.to_dict() for f in kept], **({"findings_left_out": left} if left else {}),
-                **self.facts}
+        return {
+            "path": self.path,
+            "ok": self.ok(strict),
+            "format": self.format,
+            "layout": self.layout,
+            "counts": {"errors": len(self.errors), "warnings": len(self.warnings)},
+            "findings": [f.to_dict() for f in kept],
+            **({"findings_left_out": left} if left else {}),
+            **self.facts,
+        }

@@ -8,11 +8,11 @@ a few blocks whatever the file size.  Other containers are read block by block t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import mmap
 import os
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import xxhash
@@ -23,8 +23,11 @@ from ckpttools.tensors import DTYPES, DType, StorageRef
 
 # floats numpy holds natively get a SIMD isfinite pass first (counting only when something is off); complex
 # values are scanned as their real and imaginary parts
-FLOAT_VIEWS = {d.name: np.dtype(d.numpy).type if not d.name.startswith("complex") else
-               np.dtype(d.numpy).type(0).real.dtype.type for d in DTYPES.values() if d.floating and d.numpy}
+FLOAT_VIEWS = {
+    d.name: np.dtype(d.numpy).type if not d.name.startswith("complex") else np.dtype(d.numpy).type(0).real.dtype.type
+    for d in DTYPES.values()
+    if d.floating and d.numpy
+}
 
 
 def count_nonfinite(chunk: bytes, dtype: str) -> int:
@@ -121,8 +124,9 @@ class StorageScanner:
             with open(self.ckpt.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 order = sorted(mapped, key=lambda item: -item[1].size)  # big ones first: the pool stays balanced
                 with ThreadPoolExecutor(WORKERS) as pool:
-                    for batch in pool.map(lambda items: [self._scan_mapped(mm, *item) for item in items],
-                                          _batches(order)):
+                    for batch in pool.map(
+                        lambda items: [self._scan_mapped(mm, *item) for item in items], _batches(order)
+                    ):
                         for ref, result in batch:
                             self.results[id(ref)] = result
         for ref in refs:
@@ -146,7 +150,7 @@ class StorageScanner:
         try:
             while pos < end:
                 n = min(self.chunk, end - pos)
-                block = view[pos: pos + n]
+                block = view[pos : pos + n]
                 result.crc = ziprecords.crc32(block, result.crc)
                 result.nonfinite += count_nonfinite(block, ref.dtype)
                 h.update(block)

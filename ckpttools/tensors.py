@@ -7,8 +7,9 @@ legacy storage class, the exponent mask that marks NaN/Inf).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -38,39 +39,54 @@ def _d(name, itemsize, st=None, npy=None, storage=None, mask=None) -> DTypeInfo:
     return DTypeInfo(name, itemsize, st, npy, storage, mask)
 
 
-DTYPES: dict[str, DTypeInfo] = {d.name: d for d in (
-    _d("float64", 8, "F64", "float64", "DoubleStorage", 0x7FF0000000000000),
-    _d("float32", 4, "F32", "float32", "FloatStorage", 0x7F800000),
-    _d("float16", 2, "F16", "float16", "HalfStorage", 0x7C00),
-    _d("bfloat16", 2, "BF16", None, "BFloat16Storage", 0x7F80),
-    _d("complex128", 16, None, "complex128", "ComplexDoubleStorage", 0x7FF0000000000000),
-    _d("complex64", 8, "C64", "complex64", "ComplexFloatStorage", 0x7F800000),
-    _d("complex32", 4),
-    _d("int64", 8, "I64", "int64", "LongStorage"),
-    _d("int32", 4, "I32", "int32", "IntStorage"),
-    _d("int16", 2, "I16", "int16", "ShortStorage"),
-    _d("int8", 1, "I8", "int8", "CharStorage"),
-    _d("uint8", 1, "U8", "uint8", "ByteStorage"),
-    _d("uint16", 2, "U16", "uint16"),
-    _d("uint32", 4, "U32", "uint32"),
-    _d("uint64", 8, "U64", "uint64"),
-    _d("bool", 1, "BOOL", "bool", "BoolStorage"),
-    _d("float8_e4m3fn", 1, "F8_E4M3"),  # no infinities; NaN is S.1111.111, not an exponent pattern
-    _d("float8_e5m2", 1, "F8_E5M2", mask=0x7C),
-    _d("float8_e4m3fnuz", 1, "F8_E4M3FNUZ"),  # fnuz: no infinities, the one NaN is the pattern of -0
-    _d("float8_e5m2fnuz", 1, "F8_E5M2FNUZ"),
-    _d("float8_e8m0fnu", 1, "F8_E8M0"),  # numpy has neither: carried as bits in HDF5
-    _d("float4_e2m1fn_x2", 1, "F4"),  # safetensors' F4 counts 4-bit elements: its last dim is twice torch's
-    # torch's opaque bit containers: bytes without a numeric meaning
-    _d("bits8", 1), _d("bits16", 2), _d("bits1x8", 1), _d("bits2x4", 1), _d("bits4x2", 1),
-    _d("qint8", 1, storage="QInt8Storage"),
-    _d("quint8", 1, storage="QUInt8Storage"),
-    _d("qint32", 4, storage="QInt32Storage"),
-    _d("quint4x2", 1, storage="QUInt4x2Storage"),
-    _d("quint2x4", 1, storage="QUInt2x4Storage"),
-)}
-TORCH_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
-                 "short": "int16", "cfloat": "complex64", "cdouble": "complex128"}
+DTYPES: dict[str, DTypeInfo] = {
+    d.name: d
+    for d in (
+        _d("float64", 8, "F64", "float64", "DoubleStorage", 0x7FF0000000000000),
+        _d("float32", 4, "F32", "float32", "FloatStorage", 0x7F800000),
+        _d("float16", 2, "F16", "float16", "HalfStorage", 0x7C00),
+        _d("bfloat16", 2, "BF16", None, "BFloat16Storage", 0x7F80),
+        _d("complex128", 16, None, "complex128", "ComplexDoubleStorage", 0x7FF0000000000000),
+        _d("complex64", 8, "C64", "complex64", "ComplexFloatStorage", 0x7F800000),
+        _d("complex32", 4),
+        _d("int64", 8, "I64", "int64", "LongStorage"),
+        _d("int32", 4, "I32", "int32", "IntStorage"),
+        _d("int16", 2, "I16", "int16", "ShortStorage"),
+        _d("int8", 1, "I8", "int8", "CharStorage"),
+        _d("uint8", 1, "U8", "uint8", "ByteStorage"),
+        _d("uint16", 2, "U16", "uint16"),
+        _d("uint32", 4, "U32", "uint32"),
+        _d("uint64", 8, "U64", "uint64"),
+        _d("bool", 1, "BOOL", "bool", "BoolStorage"),
+        _d("float8_e4m3fn", 1, "F8_E4M3"),  # no infinities; NaN is S.1111.111, not an exponent pattern
+        _d("float8_e5m2", 1, "F8_E5M2", mask=0x7C),
+        _d("float8_e4m3fnuz", 1, "F8_E4M3FNUZ"),  # fnuz: no infinities, the one NaN is the pattern of -0
+        _d("float8_e5m2fnuz", 1, "F8_E5M2FNUZ"),
+        _d("float8_e8m0fnu", 1, "F8_E8M0"),  # numpy has neither: carried as bits in HDF5
+        _d("float4_e2m1fn_x2", 1, "F4"),  # safetensors' F4 counts 4-bit elements: its last dim is twice torch's
+        # torch's opaque bit containers: bytes without a numeric meaning
+        _d("bits8", 1),
+        _d("bits16", 2),
+        _d("bits1x8", 1),
+        _d("bits2x4", 1),
+        _d("bits4x2", 1),
+        _d("qint8", 1, storage="QInt8Storage"),
+        _d("quint8", 1, storage="QUInt8Storage"),
+        _d("qint32", 4, storage="QInt32Storage"),
+        _d("quint4x2", 1, storage="QUInt4x2Storage"),
+        _d("quint2x4", 1, storage="QUInt2x4Storage"),
+    )
+}
+TORCH_ALIASES = {
+    "float": "float32",
+    "double": "float64",
+    "half": "float16",
+    "long": "int64",
+    "int": "int32",
+    "short": "int16",
+    "cfloat": "complex64",
+    "cdouble": "complex128",
+}
 FROM_SAFETENSORS = {d.safetensors: d.name for d in DTYPES.values() if d.safetensors}
 FROM_STORAGE_CLASS = {d.storage_class: d.name for d in DTYPES.values() if d.storage_class}
 FROM_NUMPY = {d.numpy: d.name for d in DTYPES.values() if d.numpy}
@@ -96,7 +112,7 @@ class StorageRef:
     dtype: DType
     numel: int
     location: str
-    reader: Callable[["StorageRef"], bytes] | None = None
+    reader: Callable[[StorageRef], bytes] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -172,8 +188,12 @@ class TorchLayout(str):
     that string; written back as the same call."""
 
 
-REBUILT_KINDS = {"_rebuild_qtensor": "quantized", "_rebuild_sparse_tensor": "sparse",
-                 "_rebuild_nested_tensor": "nested", "_rebuild_meta_tensor_no_storage": "meta"}
+REBUILT_KINDS = {
+    "_rebuild_qtensor": "quantized",
+    "_rebuild_sparse_tensor": "sparse",
+    "_rebuild_nested_tensor": "nested",
+    "_rebuild_meta_tensor_no_storage": "meta",
+}
 
 
 def sparse_values_at(layout: str) -> int:
@@ -275,16 +295,18 @@ def tensor_bytes(t: LazyTensor, blocks: Iterable[bytes]) -> Iterator[bytes]:
         for block in blocks:
             lo, hi = max(start, pos), min(end, pos + len(block))
             if lo < hi:
-                yield block[lo - pos: hi - pos] if (lo - pos, hi - pos) != (0, len(block)) else block
+                yield block[lo - pos : hi - pos] if (lo - pos, hi - pos) != (0, len(block)) else block
             pos += len(block)
         return
     arr = np.frombuffer(b"".join(blocks), dtype=t.dtype.info.bits)
-    view = np.lib.stride_tricks.as_strided(arr[t.storage_offset:], shape=t.shape,
-                                           strides=[s * itemsize for s in t.stride])
+    view = np.lib.stride_tricks.as_strided(
+        arr[t.storage_offset :], shape=t.shape, strides=[s * itemsize for s in t.stride]
+    )
     yield np.ascontiguousarray(view).tobytes()
 
 
 # ---- trees ------------------------------------------------------------------------------------------------------
+
 
 def _children(node: Any, prefix: str) -> list[tuple[str, Any]]:
     """(path, child) of one container, in order; placeholder objects through their recorded state."""
@@ -304,8 +326,9 @@ def iter_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, LazyTensor]
     return iter_nodes(tree, LazyTensor, prefix)
 
 
-def iter_nodes(tree: Any, kind: type | tuple[type, ...], prefix: str = "",
-               inside_found: bool = True) -> Iterator[tuple[str, Any]]:
+def iter_nodes(
+    tree: Any, kind: type | tuple[type, ...], prefix: str = "", inside_found: bool = True
+) -> Iterator[tuple[str, Any]]:
     """(path, node) for every node of type ``kind`` in the tree, paths like ``model/backbone.stem.0.weight``;
     placeholder objects are walked through their recorded state, rebuilt tensors through their arguments.
 
@@ -404,8 +427,9 @@ class TensorSource:
     def tensor_chunks(self, t: LazyTensor) -> Iterator[bytes]:
         return tensor_bytes(t, self.storage_chunks(t.storage))
 
-    def computed_tensor(self, dtype: str, shape: tuple[int, ...], make: Callable[[], bytes],
-                        location: str = "cpu") -> LazyTensor:
+    def computed_tensor(
+        self, dtype: str, shape: tuple[int, ...], make: Callable[[], bytes], location: str = "cpu"
+    ) -> LazyTensor:
         """A new contiguous tensor whose bytes ``make()`` produces when it is written."""
         numel = 1
         for s in shape:

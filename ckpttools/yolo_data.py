@@ -17,8 +17,14 @@ import numpy as np
 import yaml
 
 from ckpttools.datasets.annotations import parse_yolo
-from ckpttools.datasets.index import (DatasetIndex, Problem, detect_layout, index_dataset, layout_named,
-                                      normalised_labels)
+from ckpttools.datasets.index import (
+    DatasetIndex,
+    Problem,
+    detect_layout,
+    index_dataset,
+    layout_named,
+    normalised_labels,
+)
 from ckpttools.datasets.layouts import BY_NAME, IMAGE_SUFFIXES, LAYOUTS, Layout
 
 IR_SCALES = ("percentile", "minmax")  # and "range:LO:HI"; how 16-bit infrared becomes 8-bit (docs/datasets.md)
@@ -56,8 +62,15 @@ class DataSpec:
     def index(self):
         """The DatasetIndex of a published layout (built once)."""
         if self._index is None:
-            self._index = index_dataset(self.root, layout_named(self.layout), self.names or None, self.split_by,
-                                        self.val_fraction, self.split_seed, self.split_block)
+            self._index = index_dataset(
+                self.root,
+                layout_named(self.layout),
+                self.names or None,
+                self.split_by,
+                self.val_fraction,
+                self.split_seed,
+                self.split_block,
+            )
         return self._index
 
 
@@ -78,8 +91,10 @@ def ir_folder_for(images_dir: Path) -> Path:
         if parts[i] == "images":
             parts[i] = "imagesIR"
             return Path(*parts)
-    raise DatasetError(f"{images_dir}: no path component named 'images' to derive the IR folder from; "
-                       "set train_ir / val_ir in data.yaml")
+    raise DatasetError(
+        f"{images_dir}: no path component named 'images' to derive the IR folder from; "
+        "set train_ir / val_ir in data.yaml"
+    )
 
 
 def labels_folder_for(images_dir: Path) -> Path:
@@ -122,7 +137,9 @@ def load_data_spec(data_yaml: str | os.PathLike) -> DataSpec:
         names = {int(k): str(v) for k, v in names.items()}
     except (TypeError, ValueError):
         first = next(iter(names))
-        raise DatasetError(f"{yaml_path}: names maps class ids to names ({{0: person}}), got the key {first!r}")
+        raise DatasetError(
+            f"{yaml_path}: names maps class ids to names ({{0: person}}), got the key {first!r}"
+        ) from None
     if sorted(names) != list(range(len(names))):
         raise DatasetError(f"{yaml_path}: class ids in names must be 0..{len(names) - 1}")
 
@@ -137,8 +154,19 @@ def load_data_spec(data_yaml: str | os.PathLike) -> DataSpec:
     val_ir = split("val_ir") if "val_ir" in spec else ir_folder_for(val)
     test = split("test") if spec.get("test") else None
     test_ir = (split("test_ir") if "test_ir" in spec else ir_folder_for(test)) if test else None
-    return DataSpec(yaml_path, root, train, val, train_ir, val_ir, names, _imgsz(yaml_path, spec),
-                    ir_scale=_ir_scale(yaml_path, spec), test=test, test_ir=test_ir)
+    return DataSpec(
+        yaml_path,
+        root,
+        train,
+        val,
+        train_ir,
+        val_ir,
+        names,
+        _imgsz(yaml_path, spec),
+        ir_scale=_ir_scale(yaml_path, spec),
+        test=test,
+        test_ir=test_ir,
+    )
 
 
 def _imgsz(yaml_path: Path, spec: dict) -> int | None:
@@ -167,8 +195,10 @@ def folder_spec(root: Path, layout: Layout | None = None) -> DataSpec:
         return load_data_spec(root / "data.yaml")
     layout = layout or detect_layout(root)
     if layout is None:
-        raise DatasetError(f"{root}: not a dataset layout fuse-train knows (looked for "
-                           f"{'; '.join(' + '.join(x.markers) for x in LAYOUTS)}); pass a data.yaml")
+        raise DatasetError(
+            f"{root}: not a dataset layout fuse-train knows (looked for "
+            f"{'; '.join(' + '.join(x.markers) for x in LAYOUTS)}); pass a data.yaml"
+        )
     if layout.name == "yolofuse":
         raise DatasetError(f"{root}: a YOLOFuse layout needs a data.yaml (names of the classes); see docs/datasets.md")
     spec = DataSpec(root, root, None, None, None, None, {}, None, layout=layout.name)
@@ -192,10 +222,22 @@ def _layout_spec(yaml_path: Path, spec: dict) -> DataSpec:
     fraction = spec.get("val_fraction", 0.1)
     if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise DatasetError(f"{yaml_path}: val_fraction must be between 0 and 1, got {fraction!r}")
-    out = DataSpec(yaml_path, root, None, None, None, None, names, _imgsz(yaml_path, spec), layout=layout,
-                   split_by=split_by, val_fraction=float(fraction), split_seed=int(spec.get("split_seed", 0)),
-                   split_block=max(1, int(spec.get("split_block", 20))),
-                   ir_scale=_ir_scale(yaml_path, spec))
+    out = DataSpec(
+        yaml_path,
+        root,
+        None,
+        None,
+        None,
+        None,
+        names,
+        _imgsz(yaml_path, spec),
+        layout=layout,
+        split_by=split_by,
+        val_fraction=float(fraction),
+        split_seed=int(spec.get("split_seed", 0)),
+        split_block=max(1, int(spec.get("split_block", 20))),
+        ir_scale=_ir_scale(yaml_path, spec),
+    )
     out.names = dict(out.index().names)
     return out
 
@@ -258,8 +300,10 @@ def split_files(images_dir: Path, ir_dir: Path) -> tuple[list[tuple[Path, Path]]
     if not labels_dir.is_dir():
         # a missing label *file* is an image without objects (the YOLO convention); a missing *folder* is
         # almost always a mistake that would train on zero objects without a word
-        raise DatasetError(f"{labels_dir}: no labels folder for {images_dir}; if every image really is background, "
-                           "create the empty folder")
+        raise DatasetError(
+            f"{labels_dir}: no labels folder for {images_dir}; if every image really is background, "
+            "create the empty folder"
+        )
     return pairs, [labels_dir / (rgb.stem + ".txt") for rgb, _ in pairs]
 
 
@@ -267,8 +311,11 @@ def load_split(spec: DataSpec, split: str) -> SplitData:
     """The pairs and labels of ``split`` (train, val, or test where the data.yaml has one); the first defect
     is a DatasetError naming the file."""
     if spec.layout == "yolofuse":
-        images, ir = {"train": (spec.train, spec.train_ir), "val": (spec.val, spec.val_ir),
-                      "test": (spec.test, spec.test_ir)}[split]
+        images, ir = {
+            "train": (spec.train, spec.train_ir),
+            "val": (spec.val, spec.val_ir),
+            "test": (spec.test, spec.test_ir),
+        }[split]
         if images is None:
             raise DatasetError(f"{spec.yaml_path}: no {split} split (add `{split}:` to the data.yaml)")
         pairs, label_files = split_files(images, ir)
@@ -284,28 +331,38 @@ def load_split(spec: DataSpec, split: str) -> SplitData:
         problems.extend(found)
         labels.append(np.array(rows, np.float32).reshape(-1, 5))
     if problems:
-        raise DatasetError(f"{problems[0]} ({len(problems)} problem(s) in this {spec.layout} dataset; list them "
-                           f"with: fuse-train data check {spec.yaml_path})")
+        raise DatasetError(
+            f"{problems[0]} ({len(problems)} problem(s) in this {spec.layout} dataset; list them "
+            f"with: fuse-train data check {spec.yaml_path})"
+        )
     if not samples:
-        hint = (f"; its frames form too few recordings for a split of runs of {spec.split_block} frames: set "
-                "split_block (smaller) or val_fraction in a data.yaml with layout: (docs/datasets.md)"
-                if split == "val" and (spec.split_by == "sequence" or index.layout.split == "none") else "")
+        hint = (
+            f"; its frames form too few recordings for a split of runs of {spec.split_block} frames: set "
+            "split_block (smaller) or val_fraction in a data.yaml with layout: (docs/datasets.md)"
+            if split == "val" and (spec.split_by == "sequence" or index.layout.split == "none")
+            else ""
+        )
         raise DatasetError(f"{spec.root}: no {split} pairs in this {spec.layout} dataset{hint}")
-    return SplitData([(s.rgb, s.ir) for s in samples], labels,
-                     [s.label_file for s in samples if s.label_file is not None])
+    return SplitData(
+        [(s.rgb, s.ir) for s in samples], labels, [s.label_file for s in samples if s.label_file is not None]
+    )
 
 
 def spec_fingerprint(spec: DataSpec) -> str:
     """``train:val`` fingerprints of a dataset, as recorded in fuse-train checkpoints (plus the 16-bit infrared
     rule when it is not the default, and the layout and split rule of a published layout)."""
     if spec.layout == "yolofuse":
-        out = ":".join(dataset_fingerprint(*split_files(images, ir), spec.root)
-                       for images, ir in ((spec.train, spec.train_ir), (spec.val, spec.val_ir)))
+        out = ":".join(
+            dataset_fingerprint(*split_files(images, ir), spec.root)
+            for images, ir in ((spec.train, spec.train_ir), (spec.val, spec.val_ir))
+        )
     else:
         parts = []
         for split in ("train", "val"):
             data = load_split(spec, split)
-            h = hashlib.sha256(f"{spec.layout}|{spec.split_by}|{spec.val_fraction}|{spec.split_seed}|{spec.split_block}\n".encode())
+            h = hashlib.sha256(
+                f"{spec.layout}|{spec.split_by}|{spec.val_fraction}|{spec.split_seed}|{spec.split_block}\n".encode()
+            )
             for rgb, ir in data.pairs:
                 for p in (rgb, ir):
                     h.update(f"{_rel(p, spec.root)}|{p.stat().st_size}\n".encode())
@@ -323,8 +380,11 @@ def spec_index(spec: DataSpec):
         return spec.index()
     base = BY_NAME["yolofuse"]
     samples, problems = [], []
-    for split, images, ir in (("train", spec.train, spec.train_ir), ("val", spec.val, spec.val_ir),
-                              ("test", spec.test, spec.test_ir)):
+    for split, images, ir in (
+        ("train", spec.train, spec.train_ir),
+        ("val", spec.val, spec.val_ir),
+        ("test", spec.test, spec.test_ir),
+    ):
         if images is None:
             continue
         labels = labels_folder_for(images)
@@ -332,9 +392,17 @@ def spec_index(spec: DataSpec):
             if not folder.is_dir():
                 problems.append(Problem("missing", str(folder), f"{what} of the {split} split not found"))
         root = Path(os.path.commonpath([images, ir, labels]))
-        rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
-        layout = replace(base, rgb=f"{rel(images)}/{{id}}.{{ext}}", ir=f"{rel(ir)}/{{id}}.{{ext}}",
-                         labels=f"{rel(labels)}/{{id}}.txt", split="none")
+
+        def rel(p: Path, root: Path = root) -> str:
+            return p.relative_to(root).as_posix()
+
+        layout = replace(
+            base,
+            rgb=f"{rel(images)}/{{id}}.{{ext}}",
+            ir=f"{rel(ir)}/{{id}}.{{ext}}",
+            labels=f"{rel(labels)}/{{id}}.txt",
+            split="none",
+        )
         part = index_dataset(root, layout, spec.names)
         for sample in part.samples:
             sample.split = split

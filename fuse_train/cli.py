@@ -17,7 +17,7 @@ from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDUL
 from fuse_train.data import DatasetError
 from fuse_train.distributed import init_distributed, shutdown
 from fuse_train.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
-from fuse_train.resume import ResumeError, PreflightBlocked, RunFinished, prepare_resume, fresh_run_dir
+from fuse_train.resume import PreflightBlocked, ResumeError, RunFinished, fresh_run_dir, prepare_resume
 from fuse_train.runlock import RunLocked, run_lock
 from fuse_train.signals import exit_code
 from fuse_train.trainer import Trainer, TrainingFailed, TrainingInterrupted
@@ -67,8 +67,9 @@ class TrainByDefault(click.Group):
             train_cmd.format_help(train_ctx, formatter)
         formatter.write_paragraph()
         with formatter.section("Other commands (fuse-train COMMAND --help)"):
-            formatter.write_dl([(name, cmd.get_short_help_str(80)) for name, cmd in self.commands.items()
-                                if name != "train"])
+            formatter.write_dl(
+                [(name, cmd.get_short_help_str(80)) for name, cmd in self.commands.items() if name != "train"]
+            )
 
 
 @click.group(cls=TrainByDefault, context_settings=CONTEXT, invoke_without_command=False)
@@ -78,42 +79,135 @@ def cli() -> None:
 
 
 @cli.command("train", context_settings=CONTEXT, epilog=EPILOG)
-@click.option("--data", default=D.data, show_default=True, help="data.yaml, a dataset folder as published (LLVIP, M3FD, FLIR aligned, KAIST, VOC/COCO pairs: docs/datasets.md), or 'demo' for the built-in synthetic night scenes.")
-@click.option("--fusion", type=click.Choice(FUSIONS), default=D.fusion, show_default=True, help="early: 4-channel input; mid: two backbones fused at P3-P5; late: two detectors merged before NMS; rgb / ir: one modality.")
-@click.option("--scale", type=click.Choice(SCALES), default=D.scale, show_default=True, help="Model width/depth, as YOLOv8 n/s/m.")
+@click.option(
+    "--data",
+    default=D.data,
+    show_default=True,
+    help="data.yaml, a dataset folder as published (LLVIP, M3FD, FLIR aligned, KAIST, VOC/COCO pairs: "
+    "docs/datasets.md), or 'demo' for the built-in synthetic night scenes.",
+)
+@click.option(
+    "--fusion",
+    type=click.Choice(FUSIONS),
+    default=D.fusion,
+    show_default=True,
+    help="early: 4-channel input; mid: two backbones fused at P3-P5; late: two detectors merged before NMS; rgb / ir: "
+    "one modality.",
+)
+@click.option(
+    "--scale", type=click.Choice(SCALES), default=D.scale, show_default=True, help="Model width/depth, as YOLOv8 n/s/m."
+)
 @click.option("--epochs", type=int, default=D.epochs, show_default=True)
 @click.option("--batch", type=int, default=D.batch, show_default=True, help="Global batch size, split over processes.")
-@click.option("--img-size", type=int, default=None, help="Square input size, a multiple of 32 [default: data.yaml's imgsz, else 640].")
+@click.option(
+    "--img-size",
+    type=int,
+    default=None,
+    help="Square input size, a multiple of 32 [default: data.yaml's imgsz, else 640].",
+)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True)
 @click.option("--lr0", type=float, default=D.lr0, show_default=True, help="Initial learning rate (after warmup).")
 @click.option("--lrf", type=float, default=D.lrf, show_default=True, help="Final learning rate as a fraction of lr0.")
 @click.option("--momentum", type=float, default=D.momentum, show_default=True, help="SGD momentum / AdamW beta1.")
 @click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
 @click.option("--warmup-epochs", type=float, default=D.warmup_epochs, show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True, help="Decay after warmup.")
+@click.option(
+    "--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True, help="Decay after warmup."
+)
 @click.option("--grad-clip", type=float, default=D.grad_clip, show_default=True, help="Max gradient norm (0: off).")
-@click.option("--seed", type=int, default=D.seed, show_default=True, help="Same seed on CPU gives bitwise the same run.")
+@click.option(
+    "--seed", type=int, default=D.seed, show_default=True, help="Same seed on CPU gives bitwise the same run."
+)
 @click.option("--device", default=D.device, help="cpu, 0 or cuda:0 [default: cuda:0 when present, else cpu].")
 @click.option("--workers", type=int, default=D.workers, show_default=True, help="DataLoader worker processes.")
 @click.option("--project", default=D.project, show_default=True, help="Folder holding run folders.")
-@click.option("--name", default=D.name, show_default=True, help="Run folder name; a fresh run never reuses a folder with checkpoints (it takes name2, name3, ...).")
-@click.option("--save-period", type=int, default=D.save_period, show_default=True, help="Also keep weights/epoch{N}.pt every N epochs (-1: never).")
-@click.option("--save-every", type=int, default=D.save_every, show_default=True, help="Also save last.pt every N optimizer steps (0: at epoch ends only).")
-@click.option("--amp/--no-amp", default=D.amp, show_default=True, help="Mixed precision on CUDA (bf16 where supported).")
-@click.option("--async-save/--no-async-save", default=D.async_save, show_default=True, help="Write checkpoints on a background thread: training only waits for a snapshot of the step (pinned-memory copies on CUDA). Interrupt and final saves always complete before exit.")
-@click.option("--save-format", type=click.Choice(SAVE_FORMATS), default=D.save_format, show_default=True,
-              help="pt: weights/last.pt, one file. dcp: weights/last.dcp, a torch.distributed.checkpoint folder "
-                   "written by dcp.async_save, every rank writing its share (multi-GPU runs); same crash safety.")
-@click.option("--resume", "resume", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
-              help="Continue a run exactly: the newest last.pt / last.dcp under --project (or --name's run), or PATH. Options not given come from the checkpoint.")
-@click.option("--allow-change", default="", metavar="FIELDS", help="With --resume: comma-separated preflight fields allowed to differ, e.g. batch,lr0.")
-@click.option("--stop-grace", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, metavar="SECONDS", help="Seconds the scheduler allows between SIGTERM and SIGKILL (torchrun and Kubernetes: 30); a one-line warning after the first epoch if a stop needs longer.")
-@click.option("--auto-resume", is_flag=True, help="Continue the run this same command started, if it has a checkpoint (else train fresh): for launchers that restart a job with its command line. Implied under torchrun restarts and Slurm requeues.")
-@click.option("--no-verify", is_flag=True, help="With --resume: skip the integrity check (CRC32s, digest) of the checkpoint; by default a damaged last.pt falls back to last.prev.pt.")
+@click.option(
+    "--name",
+    default=D.name,
+    show_default=True,
+    help="Run folder name; a fresh run never reuses a folder with checkpoints (it takes name2, name3, ...).",
+)
+@click.option(
+    "--save-period",
+    type=int,
+    default=D.save_period,
+    show_default=True,
+    help="Also keep weights/epoch{N}.pt every N epochs (-1: never).",
+)
+@click.option(
+    "--save-every",
+    type=int,
+    default=D.save_every,
+    show_default=True,
+    help="Also save last.pt every N optimizer steps (0: at epoch ends only).",
+)
+@click.option(
+    "--amp/--no-amp", default=D.amp, show_default=True, help="Mixed precision on CUDA (bf16 where supported)."
+)
+@click.option(
+    "--async-save/--no-async-save",
+    default=D.async_save,
+    show_default=True,
+    help="Write checkpoints on a background thread: training only waits for a snapshot of the step (pinned-memory "
+    "copies on CUDA). Interrupt and final saves always complete before exit.",
+)
+@click.option(
+    "--save-format",
+    type=click.Choice(SAVE_FORMATS),
+    default=D.save_format,
+    show_default=True,
+    help="pt: weights/last.pt, one file. dcp: weights/last.dcp, a torch.distributed.checkpoint folder "
+    "written by dcp.async_save, every rank writing its share (multi-GPU runs); same crash safety.",
+)
+@click.option(
+    "--resume",
+    "resume",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[PATH]",
+    help="Continue a run exactly: the newest last.pt / last.dcp under --project (or --name's run), or PATH. Options "
+    "not given come from the checkpoint.",
+)
+@click.option(
+    "--allow-change",
+    default="",
+    metavar="FIELDS",
+    help="With --resume: comma-separated preflight fields allowed to differ, e.g. batch,lr0.",
+)
+@click.option(
+    "--stop-grace",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds the scheduler allows between SIGTERM and SIGKILL (torchrun and Kubernetes: 30); a one-line warning "
+    "after the first epoch if a stop needs longer.",
+)
+@click.option(
+    "--auto-resume",
+    is_flag=True,
+    help="Continue the run this same command started, if it has a checkpoint (else train fresh): for launchers that "
+    "restart a job with its command line. Implied under torchrun restarts and Slurm requeues.",
+)
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="With --resume: skip the integrity check (CRC32s, digest) of the checkpoint; by default a damaged last.pt "
+    "falls back to last.prev.pt.",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
-def train(ctx: click.Context, resume: str | None, allow_change: str, auto_resume: bool, stop_grace: float,
-          no_verify: bool, debug: bool, **options) -> None:
+def train(
+    ctx: click.Context,
+    resume: str | None,
+    allow_change: str,
+    auto_resume: bool,
+    stop_grace: float,
+    no_verify: bool,
+    debug: bool,
+    **options,
+) -> None:
     """Train a dual-stream RGB+infrared object detector (YOLOFuse-style early / mid / late fusion) with
     exact, crash-safe resume.  Writes <project>/<name>/ with weights/last.pt, best.pt, results.csv, args.yaml."""
     console = Console(soft_wrap=True)
@@ -134,8 +228,9 @@ def train(ctx: click.Context, resume: str | None, allow_change: str, auto_resume
             resume = str(newest_last(Path(resume).absolute().parent.parent) or resume)  # the run's newest save
         if resume is not None:
             if restart or auto_resume:
-                console.print(f"{restart or '--auto-resume'}: continuing the run from {resume}", markup=False,
-                              highlight=False)
+                console.print(
+                    f"{restart or '--auto-resume'}: continuing the run from {resume}", markup=False, highlight=False
+                )
             plan = prepare_resume(resume, options, explicit, allow_change, console, check=not no_verify)
             cfg, run_dir, ckpt, event = plan.cfg, plan.run_dir, plan.checkpoint, plan.event
             if restart:
@@ -145,25 +240,45 @@ def train(ctx: click.Context, resume: str | None, allow_change: str, auto_resume
             run_dir, ckpt, event = fresh_in or fresh_run_dir(cfg, console), None, None
         use_cuda = (cfg.device or "").lower() != "cpu" and torch.cuda.is_available()
         dist_info = init_distributed(use_cuda)
-        trainer = Trainer(cfg, run_dir, dist_info, resume=ckpt, console=console, history_event=event,  # reads only
-                          stop_grace=stop_grace)
+        trainer = Trainer(
+            cfg,
+            run_dir,
+            dist_info,
+            resume=ckpt,
+            console=console,
+            history_event=event,  # reads only
+            stop_grace=stop_grace,
+        )
         with run_lock(run_dir, take=dist_info.is_main):  # one process per run folder, from the first write on
             if dist_info.is_main and ckpt is None:
                 write_launch(run_dir, launch)  # what a restart with this command line looks for
             if dist_info.is_main:
-                where = f"epoch {trainer.epoch + 1}" + (f", step {trainer.step_in_epoch}" if trainer.step_in_epoch else "")
-                console.print(f"{'resuming' if ckpt else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} of "
-                              f"{cfg.epochs} on {trainer.device} ({dist_info.world_size} process(es), global batch "
-                              f"{cfg.batch}) -> {run_dir}", markup=False, highlight=False)
+                where = f"epoch {trainer.epoch + 1}" + (
+                    f", step {trainer.step_in_epoch}" if trainer.step_in_epoch else ""
+                )
+                console.print(
+                    f"{'resuming' if ckpt else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} of "
+                    f"{cfg.epochs} on {trainer.device} ({dist_info.world_size} process(es), global batch "
+                    f"{cfg.batch}) -> {run_dir}",
+                    markup=False,
+                    highlight=False,
+                )
             metrics = trainer.train()
         if dist_info.is_main:
-            console.print(f"done: best fitness {trainer.best_fitness:.4f}, final mAP50 {metrics.get('mAP50', 0):.3f} "
-                          f"mAP50-95 {metrics.get('mAP50-95', 0):.3f}; weights in {run_dir / 'weights'}", markup=False)
+            console.print(
+                f"done: best fitness {trainer.best_fitness:.4f}, final mAP50 {metrics.get('mAP50', 0):.3f} "
+                f"mAP50-95 {metrics.get('mAP50-95', 0):.3f}; weights in {run_dir / 'weights'}",
+                markup=False,
+            )
         code = EXIT_OK
     except TrainingInterrupted as stop:
         if dist_info is None or dist_info.is_main:
-            err.print(f"{stop}: saved {stop.checkpoint}\nresume with: "
-                      f"fuse-train --resume {shlex.quote(str(stop.checkpoint))}", markup=False, highlight=False)
+            err.print(
+                f"{stop}: saved {stop.checkpoint}\nresume with: "
+                f"fuse-train --resume {shlex.quote(str(stop.checkpoint))}",
+                markup=False,
+                highlight=False,
+            )
         code = exit_code(stop.signum)
     except RunFinished as exc:
         if restart or auto_resume:  # restarted after the run's last save: the job is done, not failed
@@ -189,8 +304,11 @@ def train(ctx: click.Context, resume: str | None, allow_change: str, auto_resume
     except Exception as exc:  # noqa: BLE001 - the top-level catch that turns failures into one line
         if debug:
             traceback.print_exc()
-        err.print(f"fuse-train: error: {exc.__class__.__name__}: {one_line(exc)} (run with --debug for the traceback)",
-                  markup=False, highlight=False)
+        err.print(
+            f"fuse-train: error: {exc.__class__.__name__}: {one_line(exc)} (run with --debug for the traceback)",
+            markup=False,
+            highlight=False,
+        )
         code = EXIT_FAILED
     finally:
         if dist_info is not None:

@@ -59,27 +59,35 @@ class RunConfig:
 
         need(self.fusion in FUSIONS, "fusion", f"must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         need(self.scale in SCALES, "scale", f"must be one of {', '.join(SCALES)}, got {self.scale!r}")
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(
+            self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+        )
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         need(self.batch >= 1, "batch", f"must be at least 1, got {self.batch}")
-        need(self.img_size is None or (self.img_size >= 32 and self.img_size % 32 == 0),
-             "img_size", f"must be a multiple of 32 (the largest stride), got {self.img_size}")
+        need(
+            self.img_size is None or (self.img_size >= 32 and self.img_size % 32 == 0),
+            "img_size",
+            f"must be a multiple of 32 (the largest stride), got {self.img_size}",
+        )
         need(self.lr0 > 0, "lr0", f"must be positive, got {self.lr0}")
         need(0 < self.lrf <= 1, "lrf", f"must be in (0, 1], got {self.lrf}")
         need(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         need(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         need(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
-        need(self.save_format in SAVE_FORMATS, "save_format", f"must be one of {', '.join(SAVE_FORMATS)}, got "
-             f"{self.save_format!r}")
+        need(
+            self.save_format in SAVE_FORMATS,
+            "save_format",
+            f"must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}",
+        )
         need(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -107,7 +115,7 @@ class ResolvedRun:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ResolvedRun":
+    def from_dict(cls, values: dict[str, Any]) -> ResolvedRun:
         known = {f.name for f in dataclasses.fields(cls)}
         out = cls(**{k: v for k, v in values.items() if k in known})
         out.names = {int(k): v for k, v in out.names.items()}
@@ -120,17 +128,33 @@ def pick_img_size(cfg: RunConfig, spec) -> int:
         return cfg.img_size
     if spec.imgsz:
         if spec.imgsz < 32 or spec.imgsz % 32:
-            raise ConfigError(f"{spec.yaml_path}: imgsz {spec.imgsz} must be a multiple of 32 (the largest stride); "
-                              "fix it there or pass --img-size")
+            raise ConfigError(
+                f"{spec.yaml_path}: imgsz {spec.imgsz} must be a multiple of 32 (the largest stride); "
+                "fix it there or pass --img-size"
+            )
         return spec.imgsz
     return 640
 
 
-def resolve_run(cfg: RunConfig, spec, img_size: int, world_size: int, model_fingerprint: str, dataset_fingerprint: str,
-                device: str = "cpu") -> ResolvedRun:
+def resolve_run(
+    cfg: RunConfig,
+    spec,
+    img_size: int,
+    world_size: int,
+    model_fingerprint: str,
+    dataset_fingerprint: str,
+    device: str = "cpu",
+) -> ResolvedRun:
     """The one place a ResolvedRun is built, for a run that starts and for the resume preflight alike.
     ``spec`` is the run's ``ckpttools.yolo_data.DataSpec``."""
-    return ResolvedRun(data_yaml=str(spec.yaml_path), data_root=str(spec.root), dataset_fingerprint=dataset_fingerprint,
-                       names=dict(spec.names), img_size=img_size, world_size=world_size,
-                       per_rank_batch=cfg.batch // max(1, world_size), device=device,
-                       model_fingerprint=model_fingerprint)
+    return ResolvedRun(
+        data_yaml=str(spec.yaml_path),
+        data_root=str(spec.root),
+        dataset_fingerprint=dataset_fingerprint,
+        names=dict(spec.names),
+        img_size=img_size,
+        world_size=world_size,
+        per_rank_batch=cfg.batch // max(1, world_size),
+        device=device,
+        model_fingerprint=model_fingerprint,
+    )

@@ -20,8 +20,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ckpttools.yolo_data import (DataSpec, DatasetError, SplitData, ir_folder_for, load_data_spec,  # noqa: F401
-                                 load_split, parse_label_file, spec_fingerprint, split_files)
+from ckpttools.yolo_data import (
+    DatasetError,
+    DataSpec,
+    SplitData,
+    ir_folder_for,
+    load_data_spec,
+    load_split,
+    parse_label_file,
+    spec_fingerprint,
+    split_files,
+)
 
 PAD_VALUE = 114 / 255  # letterbox border, as Ultralytics
 
@@ -84,8 +93,14 @@ NO_AUGMENT = Augment(0.0, 0.0, 0.0, 0.0, 0.0)
 class PairedDataset(torch.utils.data.Dataset):
     """Yields ``(image uint8 [4, S, S] = RGB + IR, labels float32 [n, 5] = cls x1 y1 x2 y2 in pixels, index)``."""
 
-    def __init__(self, split: SplitData, img_size: int, augment: Augment = NO_AUGMENT, seed: int = 0,
-                 ir_scale: str = "percentile"):
+    def __init__(
+        self,
+        split: SplitData,
+        img_size: int,
+        augment: Augment = NO_AUGMENT,
+        seed: int = 0,
+        ir_scale: str = "percentile",
+    ):
         self.pairs, self.labels, self.ir_scale = split.pairs, split.labels, ir_scale  # labels parsed: errors up front
         for rgb, ir in self.pairs:  # headers only (cheap): an unreadable or bomb image stops the run before it starts
             check_image_header(rgb)
@@ -133,8 +148,15 @@ def warp(image: torch.Tensor, labels: np.ndarray, size: int, aug: Augment, rng: 
     image = _affine(image, m, size)
 
     boxes = labels[:, 1:5].astype(np.float64) * np.array([w, h, w, h])
-    xyxy = np.stack([boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2,
-                     boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2], 1)
+    xyxy = np.stack(
+        [
+            boxes[:, 0] - boxes[:, 2] / 2,
+            boxes[:, 1] - boxes[:, 3] / 2,
+            boxes[:, 0] + boxes[:, 2] / 2,
+            boxes[:, 1] + boxes[:, 3] / 2,
+        ],
+        1,
+    )
     pts = np.stack([xyxy[:, [0, 1]], xyxy[:, [2, 3]]], 1)  # [n, 2 corners, xy]
     pts = pts @ m[:2, :2].T + m[:2, 2]
     out = np.concatenate([pts.min(1), pts.max(1)], 1)
@@ -174,5 +196,5 @@ def photometric(image: torch.Tensor, aug: Augment, rng: np.random.Generator) -> 
 def collate(batch):
     """Stack images; labels become one [N, 6] tensor of (image index in batch, cls, x1, y1, x2, y2)."""
     images, labels, indices = zip(*batch)
-    rows = [torch.cat([torch.full((len(l), 1), float(i)), l], 1) for i, l in enumerate(labels)]
+    rows = [torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(labels)]
     return torch.stack(images), torch.cat(rows) if rows else torch.zeros((0, 6)), torch.tensor(indices)

@@ -16,10 +16,9 @@ from pathlib import Path
 import yaml
 
 from ckpttools.atomic import atomic_folder, check_new_output
-from ckpttools.datasets.index import (DatasetIndex, Problem, detect_layout, image_size, index_dataset,
-                                      normalised_labels)
-from ckpttools.errors import UsageError
+from ckpttools.datasets.index import DatasetIndex, Problem, detect_layout, image_size, index_dataset, normalised_labels
 from ckpttools.datasets.layouts import BY_NAME
+from ckpttools.errors import UsageError
 from ckpttools.yolo_data import DatasetError, load_data_spec, spec_index
 
 
@@ -34,10 +33,15 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"data": self.data, "layout": self.layout, "names": self.names, "pairs": self.pairs,
-                "instances": {k: dict(v) for k, v in self.instances.items()},
-                "sizes": {m: {f"{w}x{h}": n for (w, h), n in c.items()} for m, c in self.sizes.items()},
-                "problems": [{"kind": p.kind, "path": p.path, "message": str(p)} for p in self.problems]}
+        return {
+            "data": self.data,
+            "layout": self.layout,
+            "names": self.names,
+            "pairs": self.pairs,
+            "instances": {k: dict(v) for k, v in self.instances.items()},
+            "sizes": {m: {f"{w}x{h}": n for (w, h), n in c.items()} for m, c in self.sizes.items()},
+            "problems": [{"kind": p.kind, "path": p.path, "message": str(p)} for p in self.problems],
+        }
 
 
 def check_dataset(data: str, progress=None) -> CheckReport:
@@ -57,9 +61,15 @@ def check_dataset(data: str, progress=None) -> CheckReport:
                 report.sizes[modality][size] += 1
         if len(sizes) == 2 and sizes["rgb"] != sizes["ir"]:
             (w, h), (wi, hi) = sizes["rgb"], sizes["ir"]
-            report.problems.append(Problem("size-mismatch", str(sample.ir), f"infrared {wi}x{hi} but visible {w}x{h} "
-                                           f"({sample.rgb.name}); training resizes it onto the visible grid, which "
-                                           "is right only if the two are registered"))
+            report.problems.append(
+                Problem(
+                    "size-mismatch",
+                    str(sample.ir),
+                    f"infrared {wi}x{hi} but visible {w}x{h} "
+                    f"({sample.rgb.name}); training resizes it onto the visible grid, which "
+                    "is right only if the two are registered",
+                )
+            )
         if sample.size is None:  # no size in the annotation: the header just read (not read a second time)
             if "rgb" not in sizes:
                 continue
@@ -77,9 +87,13 @@ def check_dataset(data: str, progress=None) -> CheckReport:
 def render_check(report: CheckReport, console) -> None:
     from rich.table import Table
 
-    console.print(f"{report.data}: {report.layout} layout, {sum(report.pairs.values())} pairs "
-                  f"({', '.join(f'{k} {v}' for k, v in sorted(report.pairs.items()))}), classes: "
-                  f"{', '.join(report.names.values())}", markup=False, highlight=False)
+    console.print(
+        f"{report.data}: {report.layout} layout, {sum(report.pairs.values())} pairs "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(report.pairs.items()))}), classes: "
+        f"{', '.join(report.names.values())}",
+        markup=False,
+        highlight=False,
+    )
     table = Table(title="instances per class", title_justify="left")
     splits = sorted(report.instances)
     table.add_column("class")
@@ -91,14 +105,21 @@ def render_check(report: CheckReport, console) -> None:
     for modality in ("rgb", "ir"):
         common = ", ".join(f"{w}x{h} ({n})" for (w, h), n in report.sizes[modality].most_common(4))
         more = len(report.sizes[modality]) - 4
-        console.print(f"{'visible' if modality == 'rgb' else 'infrared'} image sizes: {common or '-'}"
-                      + (f", and {more} more" if more > 0 else ""), markup=False, highlight=False)
+        console.print(
+            f"{'visible' if modality == 'rgb' else 'infrared'} image sizes: {common or '-'}"
+            + (f", and {more} more" if more > 0 else ""),
+            markup=False,
+            highlight=False,
+        )
     if not report.problems:
         console.print("no problems found", markup=False)
         return
     by_kind = Counter(p.kind for p in report.problems)
-    console.print(f"{len(report.problems)} problem(s): " + ", ".join(f"{k} {n}" for k, n in by_kind.most_common()),
-                  markup=False, highlight=False)
+    console.print(
+        f"{len(report.problems)} problem(s): " + ", ".join(f"{k} {n}" for k, n in by_kind.most_common()),
+        markup=False,
+        highlight=False,
+    )
     for problem in report.problems:
         console.print(f"  {problem.kind}: {problem}", markup=False, highlight=False, soft_wrap=True)
 
@@ -110,9 +131,18 @@ class ImportResult:
     skipped: list[Problem]
 
 
-def import_dataset(layout_name: str, src: str, out: str, copy: bool = False, split_by: str = "native",
-                   val_fraction: float = 0.1, seed: int = 0, block: int = 20, ir_scale: str = "percentile",
-                   force: bool = False) -> ImportResult:
+def import_dataset(
+    layout_name: str,
+    src: str,
+    out: str,
+    copy: bool = False,
+    split_by: str = "native",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    block: int = 20,
+    ir_scale: str = "percentile",
+    force: bool = False,
+) -> ImportResult:
     """Write ``src`` (a published layout) as a YOLOFuse dataset under ``out``: images/, imagesIR/ (symlinks to
     the originals, or copies with ``copy``), labels/ in YOLO text, data.yaml.  Pairs with a problem are left
     out and returned; ``out`` appears complete or not at all."""
@@ -162,11 +192,25 @@ def import_dataset(layout_name: str, src: str, out: str, copy: bool = False, spl
             label.write_text("".join(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for c, cx, cy, w, h in rows))
             pairs[sample.split] += 1
         if not pairs["train"] or not pairs["val"]:
-            raise DatasetError(f"{root}: the import would have {pairs['train']} train and {pairs['val']} val pairs; "
-                               "both must be non-empty (see --split-by, --val-fraction, --block)")
-        spec = {"path": ".", "train": "images/train", "val": "images/val", "names": dict(index.names),
-                "ir_scale": ir_scale, "imported_from": {"layout": layout.name, "path": str(root),
-                                                        "split_by": split_by, "val_fraction": val_fraction,
-                                                        "seed": seed, "block": block, "copied": copy}}
+            raise DatasetError(
+                f"{root}: the import would have {pairs['train']} train and {pairs['val']} val pairs; "
+                "both must be non-empty (see --split-by, --val-fraction, --block)"
+            )
+        spec = {
+            "path": ".",
+            "train": "images/train",
+            "val": "images/val",
+            "names": dict(index.names),
+            "ir_scale": ir_scale,
+            "imported_from": {
+                "layout": layout.name,
+                "path": str(root),
+                "split_by": split_by,
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "block": block,
+                "copied": copy,
+            },
+        }
         (tmp / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return ImportResult(out_path / "data.yaml", dict(pairs), skipped)

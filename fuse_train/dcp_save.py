@@ -23,9 +23,10 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ckpttools.atomic import fsync_dir, link_folder, publish_folder
 from fuse_train.async_save import PinnedSnapshot
@@ -82,8 +83,9 @@ class DcpSaver:
         self._published: threading.Event | None = None
         self._error: BaseException | None = None
 
-    def submit(self, state: dict[str, Any], last: Path, copies: list[Path],
-               published: Callable[[], None] = lambda: None) -> None:
+    def submit(
+        self, state: dict[str, Any], last: Path, copies: list[Path], published: Callable[[], None] = lambda: None
+    ) -> None:
         """Stage ``state`` now and write it in the background; rank 0 publishes it as ``last`` (and ``copies``),
         then calls ``published``."""
         import torch.distributed.checkpoint as dcp
@@ -93,8 +95,13 @@ class DcpSaver:
             # a failed save's leftovers; no rank writes before rank 0 joins the planning collective
             shutil.rmtree(self.staged, ignore_errors=True)
         writer = dcp.FileSystemWriter(str(self.staged), sync_files=True)
-        future = dcp.async_save(state, storage_writer=writer, process_group=self.group, async_stager=self.stager,
-                                no_dist=not self.dist.enabled)
+        future = dcp.async_save(
+            state,
+            storage_writer=writer,
+            process_group=self.group,
+            async_stager=self.stager,
+            no_dist=not self.dist.enabled,
+        )
         self._future = future
         if self.dist.is_main:
             then, published = published, threading.Event()
@@ -102,8 +109,9 @@ class DcpSaver:
             # Future.result() returns before done-callbacks have run: wait() waits for this event instead
             future.add_done_callback(lambda f: self._publish(f, last, copies, published, then))
 
-    def _publish(self, future: Future, last: Path, copies: list[Path], published: threading.Event,
-                 then: Callable[[], None]) -> None:
+    def _publish(
+        self, future: Future, last: Path, copies: list[Path], published: threading.Event, then: Callable[[], None]
+    ) -> None:
         try:
             if future.exception() is not None:
                 return  # wait() raises it from the future itself; nothing is published
@@ -144,7 +152,6 @@ class DcpSaver:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
 
 
 def load_folder(path: Path) -> dict:

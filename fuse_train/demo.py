@@ -75,11 +75,15 @@ def _place(rng: np.random.Generator, size: int, taken: list[tuple[float, float, 
     return None
 
 
-def make_scene(seed: int, size: int = 128) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float, float, float, float]]]:
+def make_scene(
+    seed: int, size: int = 128
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float, float, float, float]]]:
     """One scene: (rgb uint8 HxWx3, ir uint8 HxW, YOLO labels [(cls, cx, cy, w, h) normalised])."""
     rng = np.random.default_rng(seed)
     rgb, ir = _background(rng, size)
-    kinds = [PERSON] * int(rng.integers(1, 5)) + [LOOKALIKE] * int(rng.integers(0, 3)) + [DECOY] * int(rng.integers(0, 3))
+    kinds = (
+        [PERSON] * int(rng.integers(1, 5)) + [LOOKALIKE] * int(rng.integers(0, 3)) + [DECOY] * int(rng.integers(0, 3))
+    )
     rng.shuffle(kinds)
     taken: list = []
     labels = []
@@ -129,15 +133,23 @@ def write_demo(root: str | os.PathLike, n_train: int = 320, n_val: int = 80, siz
             lines = "".join(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for c, cx, cy, w, h in labels)
             (root / "labels" / split / f"{stem}.txt").write_text(lines)
     data_yaml = root / "data.yaml"
-    spec = {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(NAMES), "imgsz": size,
-            "demo_version": DEMO_VERSION}
+    spec = {
+        "path": str(root),
+        "train": "images/train",
+        "val": "images/val",
+        "names": dict(NAMES),
+        "imgsz": size,
+        "demo_version": DEMO_VERSION,
+    }
     with atomic_write(data_yaml, "w") as f:  # written last: its presence marks a complete dataset
         yaml.safe_dump(spec, f, sort_keys=False)
     return data_yaml
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("FUSE_TRAIN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "fuse-train")
+    base = os.environ.get("FUSE_TRAIN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "fuse-train"
+    )
     return Path(base)
 
 
@@ -153,8 +165,9 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fuse_train.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fuse_train.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("dir", help="folder to write the dataset into")
     parser.add_argument("--train", type=int, default=320, help="training pairs (default 320)")
     parser.add_argument("--val", type=int, default=80, help="validation pairs (default 80)")

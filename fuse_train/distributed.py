@@ -52,8 +52,14 @@ def _attempt_store(world: int, rank: int):
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    return dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]) + 1, world, is_master=rank == 0,
-                         timeout=dist.constants.default_pg_timeout, wait_for_workers=False)
+    return dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]) + 1,
+        world,
+        is_master=rank == 0,
+        timeout=dist.constants.default_pg_timeout,
+        wait_for_workers=False,
+    )
 
 
 def barrier(info: DistInfo) -> None:

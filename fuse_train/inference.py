@@ -17,9 +17,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from ckpttools.atomic import atomic_write
+from ckpttools.datasets.layouts import IMAGE_SUFFIXES
 from ckpttools.trainers import fuse_train as S
 from fuse_train.config import ResolvedRun, RunConfig
-from ckpttools.datasets.layouts import IMAGE_SUFFIXES
 from fuse_train.data import NO_AUGMENT, read_image, warp
 from fuse_train.metrics import detect_dataset, postprocess
 from fuse_train.model import ModelConfig, anchor_grid, build_model, decode_boxes
@@ -66,11 +66,19 @@ def load_detector(weights: str | Path, device: str = "cpu", verify: bool = True)
     weights_dict = ckpt.get(S.K_EMA) or ckpt[S.K_MODEL]
     model.load_state_dict(weights_dict)
     dev = torch.device(device if device else ("cuda:0" if torch.cuda.is_available() else "cpu"))
-    return LoadedDetector(path, model.to(dev).eval(), RunConfig.from_dict(ckpt[S.K_TRAIN_ARGS]), resolved,
-                          dict(resolved.names), resolved.img_size, dev)
+    return LoadedDetector(
+        path,
+        model.to(dev).eval(),
+        RunConfig.from_dict(ckpt[S.K_TRAIN_ARGS]),
+        resolved,
+        dict(resolved.names),
+        resolved.img_size,
+        dev,
+    )
 
 
 # ---- predict -----------------------------------------------------------------------------------------------
+
 
 def letterbox_pair(rgb: np.ndarray, ir: np.ndarray, size: int) -> tuple[torch.Tensor, float, tuple[float, float]]:
     """The [4, size, size] float input of one pair, the scale and the padding (to map boxes back)."""
@@ -97,7 +105,9 @@ def pair_sources(source: str, source_ir: str | None) -> list[tuple[Path, Path]]:
         return [(rgb, ir)]
     if rgb.is_dir() and ir.is_dir():
         irs = {p.stem: p for p in sorted(ir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-        pairs = [(p, irs[p.stem]) for p in sorted(rgb.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in irs]
+        pairs = [
+            (p, irs[p.stem]) for p in sorted(rgb.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in irs
+        ]
         if not pairs:
             raise InferenceError(f"{rgb}: no image has a partner of the same name in {ir}")
         return pairs
@@ -105,8 +115,14 @@ def pair_sources(source: str, source_ir: str | None) -> list[tuple[Path, Path]]:
 
 
 @torch.no_grad()
-def predict_pairs(det: LoadedDetector, pairs: list[tuple[Path, Path]], out_dir: Path, conf: float = 0.25,
-                  iou: float = 0.7, ir_scale: str = "percentile") -> list[dict]:
+def predict_pairs(
+    det: LoadedDetector,
+    pairs: list[tuple[Path, Path]],
+    out_dir: Path,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    ir_scale: str = "percentile",
+) -> list[dict]:
     """Detect on each pair; write ``NAME.jpg`` (visible | infrared side by side, boxes drawn on both),
     ``labels/NAME.txt`` (YOLO: cls cx cy w h conf) and ``predictions.json``; return the records."""
     anchors, strides = det.anchors()
@@ -120,17 +136,29 @@ def predict_pairs(det: LoadedDetector, pairs: list[tuple[Path, Path]], out_dir: 
         h, w = rgb.shape[:2]
         boxes = []
         for x1, y1, x2, y2, score, cls in d:
-            bx = [float(np.clip((x1 - px) / r, 0, w)), float(np.clip((y1 - py) / r, 0, h)),
-                  float(np.clip((x2 - px) / r, 0, w)), float(np.clip((y2 - py) / r, 0, h))]
-            boxes.append({"class": int(cls), "name": det.names.get(int(cls), str(int(cls))), "score": float(score),
-                          "xyxy": [round(v, 2) for v in bx]})
+            bx = [
+                float(np.clip((x1 - px) / r, 0, w)),
+                float(np.clip((y1 - py) / r, 0, h)),
+                float(np.clip((x2 - px) / r, 0, w)),
+                float(np.clip((y2 - py) / r, 0, h)),
+            ]
+            boxes.append(
+                {
+                    "class": int(cls),
+                    "name": det.names.get(int(cls), str(int(cls))),
+                    "score": float(score),
+                    "xyxy": [round(v, 2) for v in bx],
+                }
+            )
         stem = rgb_path.stem
         _draw(rgb, ir, boxes, out_dir / f"{stem}.jpg")
         with atomic_write(out_dir / "labels" / f"{stem}.txt", "w") as f:
             for b in boxes:
                 x1, y1, x2, y2 = b["xyxy"]
-                f.write(f"{b['class']} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
-                        f"{(y2 - y1) / h:.6f} {b['score']:.5f}\n")
+                f.write(
+                    f"{b['class']} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
+                    f"{(y2 - y1) / h:.6f} {b['score']:.5f}\n"
+                )
         records.append({"rgb": str(rgb_path), "ir": str(ir_path), "width": w, "height": h, "boxes": boxes})
     with atomic_write(out_dir / "predictions.json", "w") as f:
         json.dump({"weights": str(det.path), "conf": conf, "iou": iou, "images": records}, f, indent=1)
@@ -157,6 +185,7 @@ def _draw(rgb: np.ndarray, ir: np.ndarray, boxes: list[dict], path: Path) -> Non
 
 # ---- export ------------------------------------------------------------------------------------------------
 
+
 class _TwoInputDetector(torch.nn.Module):
     """The ONNX graph's interface: rgb [B, 3, S, S] and ir [B, 1, S, S] in [0, 1] -> boxes [B, A, 4] (xyxy
     pixels of the letterboxed input) and scores [B, A, nc] (sigmoid); NMS is left to the caller."""
@@ -182,15 +211,27 @@ def export_onnx(det: LoadedDetector, out: Path, opset: int = 18) -> Path:
     example = (torch.rand(1, 3, s, s), torch.rand(1, 1, s, s))
     with atomic_write(out, "wb") as f, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notices are not the user's concern
-        torch.onnx.export(wrapper, example, f, input_names=["rgb", "ir"], output_names=["boxes", "scores"],
-                          dynamic_axes={"rgb": {0: "batch"}, "ir": {0: "batch"}, "boxes": {0: "batch"},
-                                        "scores": {0: "batch"}}, opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            wrapper,
+            example,
+            f,
+            input_names=["rgb", "ir"],
+            output_names=["boxes", "scores"],
+            dynamic_axes={"rgb": {0: "batch"}, "ir": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     det.model.eval()
     return out
 
 
-def check_onnx(det: LoadedDetector, onnx_path: Path, pair: tuple[np.ndarray, np.ndarray] | None = None,
-               conf: float = 0.25, iou: float = 0.7) -> dict:
+def check_onnx(
+    det: LoadedDetector,
+    onnx_path: Path,
+    pair: tuple[np.ndarray, np.ndarray] | None = None,
+    conf: float = 0.25,
+    iou: float = 0.7,
+) -> dict:
     """Run the exported model with onnxruntime on one pair (default: a demo scene) and compare to PyTorch: raw
     outputs, and the boxes after the same NMS."""
     import onnxruntime as ort
@@ -214,8 +255,11 @@ def check_onnx(det: LoadedDetector, onnx_path: Path, pair: tuple[np.ndarray, np.
 
     kept_o, kept_t = nms(boxes_o, scores_o), nms(boxes_t.numpy(), scores_t.numpy())
     same_count = len(kept_o) == len(kept_t)
-    return {"max_abs_diff_boxes": float(np.abs(boxes_o - boxes_t.numpy()).max()),
-            "max_abs_diff_scores": float(np.abs(scores_o - scores_t.numpy()).max()),
-            "detections_torch": len(kept_t), "detections_onnx": len(kept_o),
-            "max_abs_diff_kept_boxes": float(np.abs(kept_o - kept_t).max()) if same_count and len(kept_t) else 0.0,
-            "same_detections": bool(same_count)}
+    return {
+        "max_abs_diff_boxes": float(np.abs(boxes_o - boxes_t.numpy()).max()),
+        "max_abs_diff_scores": float(np.abs(scores_o - scores_t.numpy()).max()),
+        "detections_torch": len(kept_t),
+        "detections_onnx": len(kept_o),
+        "max_abs_diff_kept_boxes": float(np.abs(kept_o - kept_t).max()) if same_count and len(kept_t) else 0.0,
+        "same_detections": bool(same_count),
+    }

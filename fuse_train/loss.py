@@ -14,7 +14,11 @@ BOX_GAIN, CLS_GAIN = 7.5, 0.5
 
 def pad_targets(targets: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[N, 6] (img, cls, x1, y1, x2, y2) -> labels [B, M], boxes [B, M, 4], mask [B, M]."""
-    counts = torch.bincount(targets[:, 0].long(), minlength=batch_size) if len(targets) else torch.zeros(batch_size, dtype=torch.long)
+    counts = (
+        torch.bincount(targets[:, 0].long(), minlength=batch_size)
+        if len(targets)
+        else torch.zeros(batch_size, dtype=torch.long)
+    )
     m = int(counts.max()) if batch_size else 0
     labels = torch.zeros(batch_size, m, dtype=torch.long, device=targets.device)
     boxes = torch.zeros(batch_size, m, 4, device=targets.device)
@@ -28,7 +32,9 @@ def pad_targets(targets: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def task_aligned_assign(scores, pred_boxes, anchors, gt_labels, gt_boxes, gt_mask, topk=10, alpha=0.5, beta=6.0, eps=1e-9):
+def task_aligned_assign(
+    scores, pred_boxes, anchors, gt_labels, gt_boxes, gt_mask, topk=10, alpha=0.5, beta=6.0, eps=1e-9
+):
     """Assign each anchor to at most one ground-truth box.
 
     scores [B, A, C] (probabilities), pred_boxes [B, A, 4], anchors [A, 2], gt_* [B, M, ...].
@@ -37,7 +43,11 @@ def task_aligned_assign(scores, pred_boxes, anchors, gt_labels, gt_boxes, gt_mas
     b, a, c = scores.shape
     m = gt_boxes.shape[1]
     if m == 0:
-        return torch.zeros_like(pred_boxes), torch.zeros_like(scores), torch.zeros(b, a, dtype=torch.bool, device=scores.device)
+        return (
+            torch.zeros_like(pred_boxes),
+            torch.zeros_like(scores),
+            torch.zeros(b, a, dtype=torch.bool, device=scores.device),
+        )
     lt = anchors[None, None] - gt_boxes[:, :, None, :2]
     rb = gt_boxes[:, :, None, 2:] - anchors[None, None]
     in_gt = (torch.cat([lt, rb], -1).amin(-1) > eps) & gt_mask[..., None]  # [B, M, A]
@@ -77,8 +87,9 @@ class DetectionLoss(nn.Module):
         bsz = cls_logits.shape[0]
         pred_boxes = decode_boxes(box_raw, self.anchors, self.strides)
         gt_labels, gt_boxes, gt_mask = pad_targets(targets, bsz)
-        t_boxes, t_scores, fg = task_aligned_assign(cls_logits.detach().sigmoid(), pred_boxes.detach(), self.anchors,
-                                                     gt_labels, gt_boxes, gt_mask)
+        t_boxes, t_scores, fg = task_aligned_assign(
+            cls_logits.detach().sigmoid(), pred_boxes.detach(), self.anchors, gt_labels, gt_boxes, gt_mask
+        )
         score_sum = t_scores.sum().clamp(min=1)
         loss_cls = F.binary_cross_entropy_with_logits(cls_logits, t_scores, reduction="sum") / score_sum
         if fg.any():

@@ -23,8 +23,16 @@ IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
-def postprocess(box_raw, cls_logits, anchors, strides, conf: float = 0.001, iou: float = 0.7, max_det: int = 300,
-                max_nms: int = 3000) -> list[torch.Tensor]:
+def postprocess(
+    box_raw,
+    cls_logits,
+    anchors,
+    strides,
+    conf: float = 0.001,
+    iou: float = 0.7,
+    max_det: int = 300,
+    max_nms: int = 3000,
+) -> list[torch.Tensor]:
     """Per image: [n, 6] tensor of (x1, y1, x2, y2, score, cls) after class-aware NMS."""
     boxes = decode_boxes(box_raw, anchors, strides)
     scores = cls_logits.float().sigmoid()
@@ -42,13 +50,30 @@ def postprocess(box_raw, cls_logits, anchors, strides, conf: float = 0.001, iou:
 
 
 @torch.no_grad()
-def detect_dataset(model, dataset, anchors, strides, device, conf: float, iou: float, batch: int, workers: int = 0,
-                   amp_dtype=None, channels_last: bool = False, pin_memory: bool = False):
+def detect_dataset(
+    model,
+    dataset,
+    anchors,
+    strides,
+    device,
+    conf: float,
+    iou: float,
+    batch: int,
+    workers: int = 0,
+    amp_dtype=None,
+    channels_last: bool = False,
+    pin_memory: bool = False,
+):
     """Detections (x1 y1 x2 y2 score cls, letterboxed pixels) and ground truth (cls x1 y1 x2 y2) per image of a
     ``PairedDataset``, in order; the one evaluation loop of training's validation and ``fuse-train val``."""
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sequential_batches(len(dataset), batch),
-                                         num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                                         worker_init_fn=worker_init)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sequential_batches(len(dataset), batch),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init,
+    )
     preds, gts = [], []
     for images, targets, _ in loader_batches(loader):  # workers ignore signals: a stop during evaluation saves
         images = images.to(device).float().div_(255)
@@ -73,7 +98,10 @@ def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+
+    def area(x):
+        return (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+
     return inter / (area(a)[:, None] + area(b)[None] - inter)
 
 
@@ -95,12 +123,18 @@ class DetectionMetrics:
         return 0.1 * self.map50 + 0.9 * self.map
 
     def as_dict(self) -> dict[str, float]:
-        return {"precision": self.precision, "recall": self.recall, "mAP50": self.map50, "mAP50-95": self.map,
-                "fitness": self.fitness}
+        return {
+            "precision": self.precision,
+            "recall": self.recall,
+            "mAP50": self.map50,
+            "mAP50-95": self.map,
+            "fitness": self.fitness,
+        }
 
 
-def evaluate_detections(predictions: list[np.ndarray], ground_truth: list[np.ndarray], nc: int,
-                        max_dets: int = 100) -> DetectionMetrics:
+def evaluate_detections(
+    predictions: list[np.ndarray], ground_truth: list[np.ndarray], nc: int, max_dets: int = 100
+) -> DetectionMetrics:
     """predictions[i]: [n, 6] (x1, y1, x2, y2, score, cls); ground_truth[i]: [m, 5] (cls, x1, y1, x2, y2)."""
     ap = np.full((len(IOU_THRESHOLDS), nc), -1.0)
     pr_at = []  # per class: (scores, tp at IoU 0.5, number of gt) for precision / recall
@@ -139,15 +173,30 @@ def evaluate_detections(predictions: list[np.ndarray], ground_truth: list[np.nda
     if not valid.any():
         return DetectionMetrics(0.0, 0.0, 0.0, 0.0)
     precision, recall, p_c, r_c = _best_f1_point(pr_at)
-    per_class = [{"class": c, "instances": int(n_gt), "precision": float(p_c[k]), "recall": float(r_c[k]),
-                  "mAP50": float(ap[0, c]), "mAP50-95": float(ap[:, c].mean())}
-                 for k, (c, (_, _, n_gt)) in enumerate(zip(classes, pr_at))]
-    return DetectionMetrics(precision, recall, float(ap[0, valid].mean()), float(ap[:, valid].mean()),
-                            [(c, *curve) for c, curve in zip(classes, pr_at)], per_class)
+    per_class = [
+        {
+            "class": c,
+            "instances": int(n_gt),
+            "precision": float(p_c[k]),
+            "recall": float(r_c[k]),
+            "mAP50": float(ap[0, c]),
+            "mAP50-95": float(ap[:, c].mean()),
+        }
+        for k, (c, (_, _, n_gt)) in enumerate(zip(classes, pr_at))
+    ]
+    return DetectionMetrics(
+        precision,
+        recall,
+        float(ap[0, valid].mean()),
+        float(ap[:, valid].mean()),
+        [(c, *curve) for c, curve in zip(classes, pr_at)],
+        per_class,
+    )
 
 
-def confusion_matrix(predictions: list[np.ndarray], ground_truth: list[np.ndarray], nc: int, conf: float = 0.25,
-                     iou: float = 0.45) -> np.ndarray:
+def confusion_matrix(
+    predictions: list[np.ndarray], ground_truth: list[np.ndarray], nc: int, conf: float = 0.25, iou: float = 0.45
+) -> np.ndarray:
     """[nc + 1, nc + 1] counts, rows = predicted class (last: background, a missed object), columns = true class
     (last: background, a false detection); detections above ``conf`` matched to boxes greedily by IoU."""
     m = np.zeros((nc + 1, nc + 1), np.int64)

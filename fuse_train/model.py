@@ -42,8 +42,11 @@ class ModelConfig:
 
 class Conv(nn.Sequential):
     def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1):
-        super().__init__(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03),
-                         nn.SiLU(inplace=True))
+        super().__init__(
+            nn.Conv2d(c1, c2, k, s, k // 2, bias=False),
+            nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03),
+            nn.SiLU(inplace=True),
+        )
 
 
 class Bottleneck(nn.Module):
@@ -216,8 +219,9 @@ def anchor_grid(img_size: int, device=None, dtype=torch.float32) -> tuple[torch.
     points, strides = [], []
     for s in STRIDES:
         n = img_size // s
-        ys, xs = torch.meshgrid(torch.arange(n, device=device, dtype=dtype), torch.arange(n, device=device, dtype=dtype),
-                                indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(n, device=device, dtype=dtype), torch.arange(n, device=device, dtype=dtype), indexing="ij"
+        )
         points.append(torch.stack([xs, ys], -1).reshape(-1, 2).add_(0.5).mul_(s))
         strides.append(torch.full((n * n, 1), float(s), device=device, dtype=dtype))
     return torch.cat(points), torch.cat(strides)

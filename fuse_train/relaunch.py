@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ckpttools.atomic import atomic_write
 
@@ -34,7 +34,10 @@ LAST_NAMES = ("last.pt", "last.dcp")  # --save-format pt / dcp
 
 def restart_reason(env: Mapping[str, str] = os.environ) -> str | None:
     """'torchrun restart N' / 'Slurm requeue N' when a launcher restarted this command, else None."""
-    for variable, what in (("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), ("SLURM_RESTART_COUNT", "Slurm requeue")):
+    for variable, what in (
+        ("TORCHELASTIC_RESTART_COUNT", "torchrun restart"),
+        ("SLURM_RESTART_COUNT", "Slurm requeue"),
+    ):
         count = env.get(variable, "0") or "0"
         if count.isdigit() and int(count) > 0:
             return f"{what} {int(count)}"
@@ -53,8 +56,7 @@ def job_identity(env: Mapping[str, str] = os.environ) -> str:
 
 def launch_record(command_options: dict, env: Mapping[str, str] = os.environ) -> dict:
     """What identifies a launch: the options given on the command line (JSON values) and the job."""
-    return {"options": json.loads(json.dumps(command_options, sort_keys=True, default=str)),
-            "job": job_identity(env)}
+    return {"options": json.loads(json.dumps(command_options, sort_keys=True, default=str)), "job": job_identity(env)}
 
 
 def write_launch(run_dir: Path, record: dict) -> None:

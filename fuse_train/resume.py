@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 
 from ckpttools.atomic import previous_path
+from ckpttools.commands.preflight import PreflightReport, UnknownField, parse_allow, preflight
 from ckpttools.commands.verify import verify as verify_checkpoint
 from ckpttools.errors import CkptError
-from ckpttools.commands.preflight import PreflightReport, UnknownField, parse_allow, preflight
 from ckpttools.render import render_preflight
 from ckpttools.trainers.fuse_train import run_record as fuse_train_record
 from fuse_train import state as S
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size, resolve_run
-from fuse_train.dcp_save import load_folder
 from fuse_train.data import PairedDataset, load_data_spec, spec_fingerprint
+from fuse_train.dcp_save import load_folder
 from fuse_train.model import ModelConfig, build_model, model_fingerprint
 from fuse_train.relaunch import newest_last
 
@@ -38,9 +38,13 @@ class PreflightBlocked(Exception):
     def render(self, console) -> None:
         render_preflight(self.report, console, title=f"resume from {self.checkpoint} would change the run")
         fields = ", ".join(c.field + (f" ({c.note})" if c.note else "") for c in self.report.blocked)
-        console.print(f"fuse-train: resume blocked, the run would change: {fields}. Repeat the checkpoint's "
-                      f"values, or allow it with {self.report.allow_hint()} (the change is recorded in the "
-                      "checkpoint's history).", markup=False, highlight=False)
+        console.print(
+            f"fuse-train: resume blocked, the run would change: {fields}. Repeat the checkpoint's "
+            f"values, or allow it with {self.report.allow_hint()} (the change is recorded in the "
+            "checkpoint's history).",
+            markup=False,
+            highlight=False,
+        )
 
 
 @dataclass
@@ -50,8 +54,6 @@ class ResumePlan:
     checkpoint: dict
     path: Path
     event: dict
-
-
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
@@ -67,9 +69,12 @@ def fresh_run_dir(cfg: RunConfig, console=None) -> Path:
         n += 1
         run_dir = base.with_name(f"{cfg.name}{n}")
     if run_dir != base and console is not None:
-        console.print(f"{base} holds checkpoints and is left untouched; this fresh run goes to {run_dir} "
-                      f"(to continue {base}, use: fuse-train --resume {base / 'weights' / 'last.pt'})",
-                      markup=False, highlight=False)
+        console.print(
+            f"{base} holds checkpoints and is left untouched; this fresh run goes to {run_dir} "
+            f"(to continue {base}, use: fuse-train --resume {base / 'weights' / 'last.pt'})",
+            markup=False,
+            highlight=False,
+        )
     return run_dir
 
 
@@ -80,8 +85,10 @@ def find_last(project: str, name: str | None) -> Path:
     candidates = [last for last in map(newest_last, runs) if last is not None]
     if not candidates:
         if name:
-            raise ResumeError(f"{Path(project) / name / 'weights' / 'last.pt'}: no checkpoint to resume (run {name!r} "
-                              f"under {project})")
+            raise ResumeError(
+                f"{Path(project) / name / 'weights' / 'last.pt'}: no checkpoint to resume (run {name!r} "
+                f"under {project})"
+            )
         raise ResumeError(f"{project}: no run with weights/last.pt to resume; pass the checkpoint: --resume PATH")
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
@@ -102,8 +109,10 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get(S.K_FORMAT) != S.FORMAT_NAME:
         raise ResumeError(f"{path}: not a fuse-train checkpoint (no format: {S.FORMAT_NAME})")
     if ckpt.get(S.K_VERSION, 0) > S.FORMAT_VERSION:
-        raise ResumeError(f"{path}: checkpoint format version {ckpt[S.K_VERSION]} is newer than this fuse-train "
-                          f"understands ({S.FORMAT_VERSION}); upgrade fuse-train")
+        raise ResumeError(
+            f"{path}: checkpoint format version {ckpt[S.K_VERSION]} is newer than this fuse-train "
+            f"understands ({S.FORMAT_VERSION}); upgrade fuse-train"
+        )
     return ckpt
 
 
@@ -134,16 +143,26 @@ def trusted_checkpoint(path: Path, console=None) -> Path:
     prev = previous_path(path)
     if prev.exists() and _integrity_problem(prev) is None:
         if console is not None:
-            console.print(f"{path} is damaged ({problem}); resuming from the previous good checkpoint {prev}",
-                          markup=False, highlight=False)
+            console.print(
+                f"{path} is damaged ({problem}); resuming from the previous good checkpoint {prev}",
+                markup=False,
+                highlight=False,
+            )
         return prev
-    fallback = (f"the previous checkpoint {prev} is damaged too" if prev.exists()
-                else f"there is no previous checkpoint ({prev.name})")
+    fallback = (
+        f"the previous checkpoint {prev} is damaged too"
+        if prev.exists()
+        else f"there is no previous checkpoint ({prev.name})"
+    )
     if path.is_dir():  # a DCP folder: `ckpt repair` reads single files, and a damaged folder is never loaded
-        raise ResumeError(f"{path}: damaged ({problem}); {fallback}. Resume from an earlier checkpoint of the run "
-                          "(epoch{N}.dcp, best.dcp): --resume PATH")
-    raise ResumeError(f"{path}: damaged ({problem}); {fallback}. Salvage it with `ckpt repair {path} -o FIXED.pt` "
-                      "and resume from FIXED.pt, or pass --no-verify to resume from it anyway")
+        raise ResumeError(
+            f"{path}: damaged ({problem}); {fallback}. Resume from an earlier checkpoint of the run "
+            "(epoch{N}.dcp, best.dcp): --resume PATH"
+        )
+    raise ResumeError(
+        f"{path}: damaged ({problem}); {fallback}. Salvage it with `ckpt repair {path} -o FIXED.pt` "
+        "and resume from FIXED.pt, or pass --no-verify to resume from it anyway"
+    )
 
 
 def _integrity_problem(path: Path) -> str | None:
@@ -154,8 +173,15 @@ def _integrity_problem(path: Path) -> str | None:
     return f"{errors[0].code}: {errors[0].message}" if errors else None
 
 
-def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: str, console=None,
-                   world_size: int | None = None, check: bool = True) -> ResumePlan:
+def prepare_resume(
+    resume: str,
+    options: dict,
+    explicit: set[str],
+    allow_text: str,
+    console=None,
+    world_size: int | None = None,
+    check: bool = True,
+) -> ResumePlan:
     """Find and read the checkpoint, merge options, run the preflight. Raises PreflightBlocked / ResumeError."""
     import os
 
@@ -163,12 +189,18 @@ def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: s
         allow = parse_allow(allow_text)
     except UnknownField as exc:
         raise ConfigError(str(exc)) from None
-    path = find_last(options["project"], options["name"] if "name" in explicit else None) if resume == "auto" else Path(resume)
+    path = (
+        find_last(options["project"], options["name"] if "name" in explicit else None)
+        if resume == "auto"
+        else Path(resume)
+    )
     if not path.exists():
         raise ResumeError(f"{path}: no such checkpoint")
     if path.absolute().parent.name != "weights":
-        raise ResumeError(f"{path}: not inside a run folder (<run>/weights/{path.name}); the resumed run writes "
-                          "results.csv and weights/ beside the checkpoint's folder. Put it at <run>/weights/ first")
+        raise ResumeError(
+            f"{path}: not inside a run folder (<run>/weights/{path.name}); the resumed run writes "
+            "results.csv and weights/ beside the checkpoint's folder. Put it at <run>/weights/ first"
+        )
     if check:
         path = trusted_checkpoint(path, console)
     ckpt = load_checkpoint(path)
@@ -178,11 +210,15 @@ def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: s
     merged = dataclasses.replace(merged, project=str(path.parent.parent.parent), name=path.parent.parent.name)
     progress = ckpt[S.K_PROGRESS]
     if progress.get("finished") and merged.epochs <= recorded_cfg.epochs:
-        raise RunFinished(f"{path}: this run finished all {recorded_cfg.epochs} epochs; nothing to resume. To train "
-                          f"longer, extend it: fuse-train --resume {path} --epochs N --allow-change epochs (N > "
-                          f"{recorded_cfg.epochs}), or start a fresh run")
+        raise RunFinished(
+            f"{path}: this run finished all {recorded_cfg.epochs} epochs; nothing to resume. To train "
+            f"longer, extend it: fuse-train --resume {path} --epochs N --allow-change epochs (N > "
+            f"{recorded_cfg.epochs}), or start a fresh run"
+        )
     if merged.epochs * progress["steps_per_epoch"] < progress["global_step"]:
-        raise ConfigError(f"--epochs {merged.epochs}: the checkpoint is already past that ({progress['global_step']} steps)")
+        raise ConfigError(
+            f"--epochs {merged.epochs}: the checkpoint is already past that ({progress['global_step']} steps)"
+        )
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     recorded = run_record(recorded_cfg, ResolvedRun.from_dict(ckpt[S.K_RESOLVED]))
     requested = run_record(merged, requested_resolution(merged, world))
@@ -193,10 +229,18 @@ def prepare_resume(resume: str, options: dict, explicit: set[str], allow_text: s
     notes = [c for c in report.checks if c.status == "note"]
     if console is not None:
         for c in report.allowed + notes:
-            console.print(f"preflight: {c.field}: {c.recorded} -> {c.requested} ({c.status}{': ' + c.note if c.note else ''})",
-                          markup=False, highlight=False)
-    event = {"event": "resume", "date": S.now_iso(), "step": int(progress["global_step"]), "from": str(path),
-             "changes": changes}
+            console.print(
+                f"preflight: {c.field}: {c.recorded} -> {c.requested} ({c.status}{': ' + c.note if c.note else ''})",
+                markup=False,
+                highlight=False,
+            )
+    event = {
+        "event": "resume",
+        "date": S.now_iso(),
+        "step": int(progress["global_step"]),
+        "from": str(path),
+        "changes": changes,
+    }
     if progress.get("finished"):
         progress["finished"] = False
     return ResumePlan(merged, path.parent.parent, ckpt, path, event)

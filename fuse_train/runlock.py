@@ -13,8 +13,8 @@ import datetime as dt
 import fcntl
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 LOCK_NAME = ".lock"
 
@@ -37,8 +37,10 @@ def run_lock(run_dir: Path, take: bool = True) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-            raise RunLocked(f"{run_dir}: in use by {holder}; one process per run folder (wait for it, stop it, or "
-                            "pick another --name)") from None
+            raise RunLocked(
+                f"{run_dir}: in use by {holder}; one process per run folder (wait for it, stop it, or "
+                "pick another --name)"
+            ) from None
         os.ftruncate(fd, 0)
         stamp = dt.datetime.now().isoformat(timespec="seconds")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)

@@ -19,15 +19,24 @@ across resumes.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ckpttools.atomic import atomic_write
 
-RESULTS_FIELDS = ["epoch", "train/box_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
-                  "metrics/mAP50", "metrics/mAP50-95", "fitness", "lr"]
+RESULTS_FIELDS = [
+    "epoch",
+    "train/box_loss",
+    "train/cls_loss",
+    "metrics/precision",
+    "metrics/recall",
+    "metrics/mAP50",
+    "metrics/mAP50-95",
+    "fitness",
+    "lr",
+]
 DETERMINISTIC_TAGS = ("train/", "lr/", "metrics/")  # time/* depends on the machine, the rest on the seed
 
 
@@ -39,8 +48,15 @@ class RunLog:
     record again: the events of the checkpoint's own step are there exactly once, whether or not the killed run
     wrote them (an epoch's scalars wait for the save to be published, so a kill can fall in between)."""
 
-    def __init__(self, run_dir: Path, step: int, hparams: dict, enabled: bool = True, fresh: bool = True,
-                 replay: dict | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        step: int,
+        hparams: dict,
+        enabled: bool = True,
+        fresh: bool = True,
+        replay: dict | None = None,
+    ):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.writer = None
         self._record: dict | None = None
@@ -52,8 +68,11 @@ class RunLog:
         replayable = bool(replay) and int(replay.get("step", -1)) == step
         self.writer = SummaryWriter(str(self.run_dir), purge_step=step if replayable else step + 1, flush_secs=60)
         if fresh:
-            self.writer.add_hparams({k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))},
-                                    {"hparam/fitness": 0.0}, run_name=".")
+            self.writer.add_hparams(
+                {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))},
+                {"hparam/fitness": 0.0},
+                run_name=".",
+            )
         if replayable:
             self.write_scalars(step, replay["scalars"])
             self._record = {"step": step, "scalars": [list(pair) for pair in replay["scalars"]]}
@@ -90,8 +109,10 @@ class RunLog:
     def epoch_scalars(row: dict, seconds: float) -> list:
         """An epoch's TensorBoard scalars (validation metrics, fitness, epoch time), as [tag, value] pairs."""
         keys = ("metrics/precision", "metrics/recall", "metrics/mAP50", "metrics/mAP50-95")
-        return [[key, float(row[key])] for key in keys] + [["metrics/fitness", float(row["fitness"])],
-                                                             ["time/epoch_seconds", float(seconds)]]
+        return [[key, float(row[key])] for key in keys] + [
+            ["metrics/fitness", float(row["fitness"])],
+            ["time/epoch_seconds", float(seconds)],
+        ]
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -113,6 +134,7 @@ class RunLog:
 
 
 # ---- plots ---------------------------------------------------------------------------------------------------------
+
 
 def _pyplot():
     import matplotlib
@@ -137,8 +159,9 @@ def boundaries(history: list[dict], steps_per_epoch: int) -> list[tuple[float, s
         label = event["event"]
         changes = event.get("changes") or []
         if changes and label == "resume":
-            label += " (" + ", ".join(str(c.get("field", c)) if isinstance(c, dict) else str(c)
-                                      for c in changes)[:40] + ")"
+            label += (
+                " (" + ", ".join(str(c.get("field", c)) if isinstance(c, dict) else str(c) for c in changes)[:40] + ")"
+            )
         out.append((int(event["step"]) / max(1, steps_per_epoch), f"{label} at step {event['step']}"))
     return out
 
@@ -149,9 +172,15 @@ def plot_results(rows: list[dict], marks: list[tuple[float, str]], path: Path) -
         return
     plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
-    panels = [("train/box_loss", "box loss"), ("train/cls_loss", "cls loss"), ("metrics/precision", "precision"),
-              ("metrics/recall", "recall"), ("metrics/mAP50", "mAP50"), ("metrics/mAP50-95", "mAP50-95"),
-              ("lr", "learning rate")]
+    panels = [
+        ("train/box_loss", "box loss"),
+        ("train/cls_loss", "cls loss"),
+        ("metrics/precision", "precision"),
+        ("metrics/recall", "recall"),
+        ("metrics/mAP50", "mAP50"),
+        ("metrics/mAP50-95", "mAP50-95"),
+        ("lr", "learning rate"),
+    ]
     fig, axes = plt.subplots(2, 4, figsize=(14, 6.2))
     for ax, (key, title) in zip(axes.flat, panels):
         ax.plot(epochs, [r[key] for r in rows], marker="o", markersize=3, linewidth=1.5, color="#1f77b4")
@@ -159,13 +188,14 @@ def plot_results(rows: list[dict], marks: list[tuple[float, str]], path: Path) -
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        for x, label in marks:
+        for x, _label in marks:
             ax.axvline(x, color="#d62728", linestyle="--", linewidth=1)
     legend_ax = axes.flat[-1]
     legend_ax.axis("off")
     lines = [f"epoch {x:.2f}: {label}" for x, label in marks] or ["no resume: one uninterrupted run"]
-    legend_ax.text(0.0, 1.0, "resumes (dashed red lines)\n\n" + "\n".join(lines[:12]), va="top", fontsize=9,
-                   family="monospace")
+    legend_ax.text(
+        0.0, 1.0, "resumes (dashed red lines)\n\n" + "\n".join(lines[:12]), va="top", fontsize=9, family="monospace"
+    )
     fig.suptitle(f"{path.parent.name}: {len(rows)} epoch(s)", fontsize=11)
     fig.tight_layout()
     _save(fig, path)
@@ -200,10 +230,17 @@ def plot_curves(curves: list, names: dict[int, str], folder: Path) -> None:
     mean_p, mean_f1 = np.mean(precisions, 0), np.mean(f1s, 0)
     pr_ax.plot(recall_grid, mean_p, linewidth=2.5, color="k", label=f"all classes (AP50 ~ {mean_p.mean():.3f})")
     best = int(np.argmax(mean_f1))
-    f1_ax.plot(thresholds, mean_f1, linewidth=2.5, color="k",
-               label=f"all classes ({mean_f1[best]:.2f} at {thresholds[best]:.2f})")
-    for ax, xlabel, ylabel, title in ((pr_ax, "recall", "precision", "precision-recall (IoU 0.5)"),
-                                      (f1_ax, "confidence", "F1", "F1 against confidence (IoU 0.5)")):
+    f1_ax.plot(
+        thresholds,
+        mean_f1,
+        linewidth=2.5,
+        color="k",
+        label=f"all classes ({mean_f1[best]:.2f} at {thresholds[best]:.2f})",
+    )
+    for ax, xlabel, ylabel, title in (
+        (pr_ax, "recall", "precision", "precision-recall (IoU 0.5)"),
+        (f1_ax, "confidence", "F1", "F1 against confidence (IoU 0.5)"),
+    ):
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel(xlabel)
@@ -226,8 +263,15 @@ def plot_confusion(matrix: np.ndarray, names: dict[int, str], path: Path) -> Non
     image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(labels)):
         for j in range(len(labels)):
-            ax.text(j, i, f"{matrix[i, j]}", ha="center", va="center",
-                    color="white" if normalised[i, j] > 0.5 else "black", fontsize=9)
+            ax.text(
+                j,
+                i,
+                f"{matrix[i, j]}",
+                ha="center",
+                va="center",
+                color="white" if normalised[i, j] > 0.5 else "black",
+                fontsize=9,
+            )
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("true")
@@ -242,7 +286,7 @@ def plot_confusion(matrix: np.ndarray, names: dict[int, str], path: Path) -> Non
 def plot_labels(labels: list[np.ndarray], names: dict[int, str], path: Path) -> None:
     """labels.png: instances per class and the distribution of box width / height (training split)."""
     plt = _pyplot()
-    rows = np.concatenate([l for l in labels if len(l)]) if any(len(l) for l in labels) else np.zeros((0, 5))
+    rows = np.concatenate([b for b in labels if len(b)]) if any(len(b) for b in labels) else np.zeros((0, 5))
     fig, (counts_ax, size_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     ids = list(range(len(names)))
     counts = [int((rows[:, 0] == i).sum()) for i in ids]

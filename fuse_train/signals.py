@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SAVE_SIGNAL = signal.SIGUSR1
@@ -61,8 +61,10 @@ class SignalState:
             os.write(2, b"\nsecond stop signal: exiting now; weights/last is the last complete save\n")
             os._exit(exit_code(signum))
         self.stop = signum
-        self.say(f"\n{signal.Signals(signum).name} received: finishing this step and saving {self.last_name} "
-                 "(a second signal exits at once)")
+        self.say(
+            f"\n{signal.Signals(signum).name} received: finishing this step and saving {self.last_name} "
+            "(a second signal exits at once)"
+        )
 
     def install(self) -> Callable[[], None]:
         previous = {s: signal.signal(s, self.handle) for s in HANDLED}

@@ -3,8 +3,9 @@
 Pieces with state to restore have ``state_dict()`` / ``load_state_dict()``; the EMA is saved as its weights
 and update count (``K_EMA``, ``K_UPDATES``) and the LR schedule is rebuilt from the run record (a pure
 function of the step; its ``state_dict()`` is saved only to document what was in force).  The checkpoint keys
-come from ``ckpttools.trainers.fuse_train`` and are documented in docs/checkpoint-format.md.  Everything stored is a tensor, a number, a string, or a list /
-tuple / dict of those, so ``torch.load(weights_only=True)`` reads it.
+come from ``ckpttools.trainers.fuse_train`` and are documented in docs/checkpoint-format.md.  Everything
+stored is a tensor, a number, a string, or a list / tuple / dict of those, so ``torch.load(weights_only=True)``
+reads it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,30 @@ import torch
 import torch.nn as nn
 
 # the checkpoint schema (format name, version, every top-level key) has one definition, shared with ckpttools
-from ckpttools.trainers.fuse_train import (FORMAT_NAME, FORMAT_VERSION, K_BEST_FITNESS, K_DATE,  # noqa: F401
-                                           K_EMA, K_EPOCH, K_FORMAT, K_HISTORY, K_METRICS, K_MODEL, K_MODEL_CONFIG,
-                                           K_OPTIMIZER, K_PROGRESS, K_RESOLVED, K_RESULTS, K_RNG, K_SCALER,
-                                           K_SCHEDULER, K_TRAIN_ARGS, K_UPDATES, K_VERSION, K_VERSIONS)
+from ckpttools.trainers.fuse_train import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    K_BEST_FITNESS,
+    K_DATE,
+    K_EMA,
+    K_EPOCH,
+    K_FORMAT,
+    K_HISTORY,
+    K_METRICS,
+    K_MODEL,
+    K_MODEL_CONFIG,
+    K_OPTIMIZER,
+    K_PROGRESS,
+    K_RESOLVED,
+    K_RESULTS,
+    K_RNG,
+    K_SCALER,
+    K_SCHEDULER,
+    K_TRAIN_ARGS,
+    K_UPDATES,
+    K_VERSION,
+    K_VERSIONS,
+)
 
 
 class ModelEMA:
@@ -84,8 +105,14 @@ class LRSchedule:
         return lr
 
     def state_dict(self) -> dict:
-        return {"lr0": self.lr0, "lrf": self.lrf, "momentum": self.momentum, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "kind": self.kind}
+        return {
+            "lr0": self.lr0,
+            "lrf": self.lrf,
+            "momentum": self.momentum,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "kind": self.kind,
+        }
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -120,10 +147,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         order, per_rank = self.order(), self.global_batch // self.world_size
         for step in range(self.start_step, self.steps_per_epoch):
-            batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+            batch = order[step * self.global_batch : (step + 1) * self.global_batch]
             if len(batch) < self.global_batch:  # dataset smaller than one batch: split what there is
                 per_rank = max(1, len(batch) // self.world_size)
-            mine = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+            mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
             yield [(self.epoch, i) for i in mine]
 
     def __len__(self) -> int:
@@ -144,9 +171,17 @@ def rank_loss_sum(saved: torch.Tensor, rank: int, world_size: int) -> torch.Tens
 def capture_rng() -> dict:
     """This process's RNG states, as weights_only-loadable values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -156,7 +191,9 @@ def restore_rng(state: dict) -> None:
     random.setstate(_as_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)

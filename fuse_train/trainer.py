@@ -12,9 +12,9 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,18 +24,27 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ckpttools.atomic import atomic_write, copy_into_place, keep_previous, remove_stale, temp_path
 from ckpttools.digest import DIGEST_KEY, digest_record
-from fuse_train import __version__, state as S
+from fuse_train import __version__
+from fuse_train import state as S
 from fuse_train.async_save import AsyncSaver, PinnedSnapshot
-from fuse_train.dcp_save import DcpSaver
 from fuse_train.config import ConfigError, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
+from fuse_train.dcp_save import DcpSaver
 from fuse_train.demo import ensure_demo
-from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, any_rank_flags, barrier, rank0_copies
+from fuse_train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_sum,
+    any_rank,
+    any_rank_flags,
+    barrier,
+    rank0_copies,
+)
 from fuse_train.loss import DetectionLoss
 from fuse_train.metrics import DetectionMetrics, confusion_matrix, detect_dataset, evaluate_detections
 from fuse_train.model import ModelConfig, anchor_grid, build_model, model_fingerprint
 from fuse_train.runlog import RunLog, boundaries, plot_confusion, plot_curves, plot_labels, plot_results
-from fuse_train.signals import SignalState, exit_code, loader_batches, worker_init
+from fuse_train.signals import SignalState, loader_batches, worker_init
 
 
 class TrainingFailed(Exception):
@@ -91,12 +100,22 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     import random
+
     random.seed(seed)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, dist_info: DistInfo = DistInfo(), resume: dict | None = None,
-                 console=None, history_event: dict | None = None, stop_grace: float = 30.0):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        dist_info: DistInfo | None = None,
+        resume: dict | None = None,
+        console=None,
+        history_event: dict | None = None,
+        stop_grace: float = 30.0,
+    ):
+        dist_info = dist_info or DistInfo()
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
         self.console = console
         self.device = select_device(cfg.device, dist_info.local_rank)
@@ -106,37 +125,56 @@ class Trainer:
         img_size = pick_img_size(cfg, spec)
         nc = len(spec.names)
         if cfg.batch % dist_info.world_size:
-            raise ConfigError(f"--batch {cfg.batch} must be divisible by the number of processes ({dist_info.world_size})")
+            raise ConfigError(
+                f"--batch {cfg.batch} must be divisible by the number of processes ({dist_info.world_size})"
+            )
         self.train_set = PairedDataset.from_spec(spec, "train", img_size, Augment(), cfg.seed)
         if len(self.train_set) < 2 * dist_info.world_size:  # batch norm needs two values per channel in a batch
-            raise ConfigError(f"{spec.train or spec.root}: {len(self.train_set)} training image(s); training needs at least 2 per "
-                              f"process ({dist_info.world_size} process(es))")
+            raise ConfigError(
+                f"{spec.train or spec.root}: {len(self.train_set)} training image(s); training needs at least 2 per "
+                f"process ({dist_info.world_size} process(es))"
+            )
         self.val_set = PairedDataset.from_spec(spec, "val", img_size)
 
         S.seed_everything(cfg.seed)
         self.model_config = ModelConfig(cfg.fusion, cfg.scale, nc)
         self.model = build_model(self.model_config, img_size).to(self.device)
-        self.resolved = resolve_run(cfg, spec, img_size, dist_info.world_size, model_fingerprint(self.model),
-                                    spec_fingerprint(spec), str(self.device))
+        self.resolved = resolve_run(
+            cfg,
+            spec,
+            img_size,
+            dist_info.world_size,
+            model_fingerprint(self.model),
+            spec_fingerprint(spec),
+            str(self.device),
+        )
         if self.use_cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = S.ModelEMA(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         # bf16 where the GPU has it; FUSE_TRAIN_FORCE_FP16=1 (bench/cuda_check.py) exercises the fp16 + GradScaler path
         bf16 = torch.cuda.is_bf16_supported() if self.use_cuda else False
-        self.amp_dtype = (torch.bfloat16 if bf16 and not os.environ.get("FUSE_TRAIN_FORCE_FP16") else torch.float16) \
-            if self.use_cuda and cfg.amp else None
+        self.amp_dtype = (
+            (torch.bfloat16 if bf16 and not os.environ.get("FUSE_TRAIN_FORCE_FP16") else torch.float16)
+            if self.use_cuda and cfg.amp
+            else None
+        )
         if os.environ.get("FUSE_TRAIN_DETERMINISTIC"):  # bench/cuda_check.py: deterministic kernels on CUDA too
             torch.use_deterministic_algorithms(True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.criterion = DetectionLoss(nc, img_size).to(self.device)
         self.anchors, self.strides = anchor_grid(img_size, self.device)
 
-        self.sampler = S.EpochBatchSampler(len(self.train_set), cfg.batch, cfg.seed, dist_info.rank, dist_info.world_size)
+        self.sampler = S.EpochBatchSampler(
+            len(self.train_set), cfg.batch, cfg.seed, dist_info.rank, dist_info.world_size
+        )
         self.resolved.steps_per_epoch = self.sampler.steps_per_epoch
         self.schedule = self._make_schedule()
-        self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.use_cuda else None)
-                            if dist_info.enabled else self.model)
+        self.train_model = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.use_cuda else None)
+            if dist_info.enabled
+            else self.model
+        )
 
         # counters: the run's position
         self.epoch = 0  # epoch in progress (0-based)
@@ -154,8 +192,9 @@ class Trainer:
         if resume is not None:
             self.load_checkpoint(resume)
         self.snapshot = PinnedSnapshot()  # reused pinned buffers on CUDA
-        self.saver = AsyncSaver(self.snapshot) if cfg.async_save and dist_info.is_main and cfg.save_format == "pt" \
-            else None
+        self.saver = (
+            AsyncSaver(self.snapshot) if cfg.async_save and dist_info.is_main and cfg.save_format == "pt" else None
+        )
         self.dcp_saver = DcpSaver(dist_info, self.snapshot, self.weights_dir) if cfg.save_format == "dcp" else None
         self._last_eval: tuple[list, list] = ([], [])
         self.history.append(history_event or {"event": "start", "date": S.now_iso(), "step": self.global_step})
@@ -169,8 +208,9 @@ class Trainer:
         # Test hook: a real signal to this process after step N ("TERM:N", "KILL:N"): SIGTERM goes through the
         # handler like an outside one, SIGKILL dies wherever the run is (events written, not yet saved, ...).
         signal_at = os.environ.get("FUSE_TRAIN_SIGNAL_AFTER_STEP", "")
-        self._signal_after = (getattr(signal, "SIG" + signal_at.split(":")[0]), int(signal_at.split(":")[1])) \
-            if signal_at else None
+        self._signal_after = (
+            (getattr(signal, "SIG" + signal_at.split(":")[0]), int(signal_at.split(":")[1])) if signal_at else None
+        )
 
     @property
     def _stop_signal(self) -> int | None:
@@ -179,19 +219,28 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------------------------
     def _make_schedule(self) -> S.LRSchedule:
         spe = self.sampler.steps_per_epoch
-        return S.LRSchedule(self.cfg.lr0, self.cfg.lrf, self.cfg.momentum, round(self.cfg.warmup_epochs * spe),
-                            self.cfg.epochs * spe, self.cfg.schedule)
+        return S.LRSchedule(
+            self.cfg.lr0,
+            self.cfg.lrf,
+            self.cfg.momentum,
+            round(self.cfg.warmup_epochs * spe),
+            self.cfg.epochs * spe,
+            self.cfg.schedule,
+        )
 
     def checkpoint_dict(self) -> dict:
         """Everything that decides the next step, as references to the live tensors (``save`` copies them)."""
         rng = all_gather_objects(S.capture_rng(), self.dist)
         loss_sums = torch.stack(all_gather_objects(self.epoch_loss_sum.clone(), self.dist))  # [world_size, 2]
         ckpt = {
-            S.K_FORMAT: S.FORMAT_NAME, S.K_VERSION: S.FORMAT_VERSION,
+            S.K_FORMAT: S.FORMAT_NAME,
+            S.K_VERSION: S.FORMAT_VERSION,
             S.K_EPOCH: self.epoch - 1,  # last completed epoch, 0-based (-1: none yet), as Ultralytics
             S.K_BEST_FITNESS: self.best_fitness,
-            S.K_MODEL: {k: v.detach().float() if v.dtype.is_floating_point else v.detach()
-                        for k, v in self.model.state_dict().items()},
+            S.K_MODEL: {
+                k: v.detach().float() if v.dtype.is_floating_point else v.detach()
+                for k, v in self.model.state_dict().items()
+            },
             S.K_EMA: {k: v.detach() for k, v in self.ema.ema.state_dict().items()},
             S.K_UPDATES: self.ema.updates,
             S.K_OPTIMIZER: self.optimizer.state_dict(),
@@ -202,14 +251,24 @@ class Trainer:
             S.K_MODEL_CONFIG: self.model_config.to_dict(),
             S.K_METRICS: dict(self.last_metrics),
             S.K_RESULTS: [dict(r) for r in self.results],
-            S.K_PROGRESS: {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                           "steps_per_epoch": self.sampler.steps_per_epoch, "epoch_loss_sum": loss_sums,
-                           "samples_seen": self.global_step * self.cfg.batch, "finished": self.finished,
-                           # the TensorBoard scalars of this step: a resume writes them again (RunLog.replay)
-                           "logged": self._logged_record()},
+            S.K_PROGRESS: {
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step,
+                "steps_per_epoch": self.sampler.steps_per_epoch,
+                "epoch_loss_sum": loss_sums,
+                "samples_seen": self.global_step * self.cfg.batch,
+                "finished": self.finished,
+                # the TensorBoard scalars of this step: a resume writes them again (RunLog.replay)
+                "logged": self._logged_record(),
+            },
             S.K_RNG: {"world_size": self.dist.world_size, "ranks": rng},
             S.K_HISTORY: [dict(h) for h in self.history],
-            S.K_VERSIONS: {"fuse_train": __version__, "torch": str(torch.__version__), "python": sys.version.split()[0]},
+            S.K_VERSIONS: {
+                "fuse_train": __version__,
+                "torch": str(torch.__version__),
+                "python": sys.version.split()[0],
+            },
             S.K_DATE: S.now_iso(),
         }
         if self.dcp_saver is not None and self.dist.enabled:
@@ -235,7 +294,11 @@ class Trainer:
         if ckpt.get(S.K_SCALER):
             self.scaler.load_state_dict(ckpt[S.K_SCALER])
         p = ckpt[S.K_PROGRESS]
-        self.epoch, self.step_in_epoch, self.global_step = int(p["epoch"]), int(p["step_in_epoch"]), int(p["global_step"])
+        self.epoch, self.step_in_epoch, self.global_step = (
+            int(p["epoch"]),
+            int(p["step_in_epoch"]),
+            int(p["global_step"]),
+        )
         self.epoch_loss_sum = S.rank_loss_sum(p["epoch_loss_sum"], self.dist.rank, self.dist.world_size)
         self.finished = bool(p.get("finished", False))
         self.best_fitness = ckpt[S.K_BEST_FITNESS]
@@ -252,8 +315,14 @@ class Trainer:
     def weights_dir(self) -> Path:
         return self.run_dir / "weights"
 
-    def save(self, *, best: bool = False, period: bool = False, wait: bool = False,
-             published: Callable[[], None] | None = None) -> Path:
+    def save(
+        self,
+        *,
+        best: bool = False,
+        period: bool = False,
+        wait: bool = False,
+        published: Callable[[], None] | None = None,
+    ) -> Path:
         """Save weights/last.pt (and best.pt / epoch{N}.pt; ``.dcp`` folders with --save-format dcp); every rank
         must call it.
 
@@ -263,8 +332,9 @@ class Trainer:
         place (on the writer's thread for a background save): what the logs may show only then."""
         state = self.checkpoint_dict()
         last = self.last_path
-        copies = ([self.weights_dir / f"best{last.suffix}"] if best else []) \
-            + ([self.weights_dir / f"epoch{self.epoch}{last.suffix}"] if period else [])
+        copies = ([self.weights_dir / f"best{last.suffix}"] if best else []) + (
+            [self.weights_dir / f"epoch{self.epoch}{last.suffix}"] if period else []
+        )
         if self.dist.is_main:
             self.runlog.flush()
         then = (published or (lambda: None)) if self.dist.is_main else (lambda: None)
@@ -320,8 +390,10 @@ class Trainer:
         """A full disk named as such (torch reports it as a RuntimeError from its zip writer); else ``exc``."""
         free = shutil.disk_usage(last.parent).free
         if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or free < (64 << 20):
-            return TrainingFailed(f"disk full writing {last} ({free / 2**20:.0f} MiB free): the previous {last.name} "
-                                  "is kept; free some space and resume with: fuse-train --resume " + str(last))
+            return TrainingFailed(
+                f"disk full writing {last} ({free / 2**20:.0f} MiB free): the previous {last.name} "
+                "is kept; free some space and resume with: fuse-train --resume " + str(last)
+            )
         return exc
 
     def write_run_files(self) -> None:
@@ -336,8 +408,9 @@ class Trainer:
             yaml.safe_dump({**self.cfg.to_dict(), "resolved": self.resolved.to_dict()}, f, sort_keys=False)
         self.runlog.write_results(self.results)  # cut back to the checkpoint's rows: none duplicated after a resume
         if self.resumed and self.results:  # a kill between a save's publication and its plot left an older one
-            plot_results(self.results, boundaries(self.history, self.sampler.steps_per_epoch),
-                         self.run_dir / "results.png")
+            plot_results(
+                self.results, boundaries(self.history, self.sampler.steps_per_epoch), self.run_dir / "results.png"
+            )
 
     # ---- loop --------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -345,16 +418,28 @@ class Trainer:
             (self.console.print(message, markup=False, highlight=False) if self.console else print(message, flush=True))
 
     def make_loader(self, dataset, batch_sampler):
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.cfg.workers,
-                                           collate_fn=collate, pin_memory=self.use_cuda, worker_init_fn=_seed_worker,
-                                           persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=self.cfg.workers,
+            collate_fn=collate,
+            pin_memory=self.use_cuda,
+            worker_init_fn=_seed_worker,
+            persistent_workers=False,
+        )
 
     def train(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # purge_step = the checkpoint's step + 1: events written after it by a killed run are dropped (for a
         # fresh run, step 1: whatever an earlier attempt that never saved left in the folder)
-        self.runlog = RunLog(self.run_dir, self.global_step, self.cfg.to_dict(), enabled=self.dist.is_main,
-                             fresh=not self.resumed, replay=self.resumed_log)
+        self.runlog = RunLog(
+            self.run_dir,
+            self.global_step,
+            self.cfg.to_dict(),
+            enabled=self.dist.is_main,
+            fresh=not self.resumed,
+            replay=self.resumed_log,
+        )
         self.write_run_files()
         restore_signals = self.signals.install()
         try:
@@ -362,7 +447,9 @@ class Trainer:
                 self._train_epoch()
                 last = self._end_epoch()  # saves last.pt; the final one is marked finished
                 if any_rank(self._stop_signal is not None, self.dist, self.device) and self.epoch < self.cfg.epochs:
-                    raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, last)  # signal came during evaluation
+                    raise TrainingInterrupted(
+                        self._stop_signal or signal.SIGTERM, last
+                    )  # signal came during evaluation
             if self.dist.is_main:
                 self._final_plots()
         finally:
@@ -401,8 +488,9 @@ class Trainer:
                 self.signals.stop = signal.SIGINT
             if self._signal_after and self._signal_after[1] == self.global_step:
                 os.kill(os.getpid(), self._signal_after[0])
-            stop, save_now = any_rank_flags([self._stop_signal is not None, self.signals.save_requested], self.dist,
-                                            self.device)
+            stop, save_now = any_rank_flags(
+                [self._stop_signal is not None, self.signals.save_requested], self.dist, self.device
+            )
             if stop and self.step_in_epoch < spe:
                 progress.close()
                 path = self.save(wait=True)  # the resumable save: whole before the process exits
@@ -412,8 +500,11 @@ class Trainer:
             if (periodic or save_now) and self.step_in_epoch < spe:
                 self.signals.save_requested = False
                 step = self.global_step
-                self.save(published=(lambda: self.log(f"saved {self.last_path.name} at step {step} (SIGUSR1)"))
-                          if save_now else None)
+                self.save(
+                    published=(lambda step=step: self.log(f"saved {self.last_path.name} at step {step} (SIGUSR1)"))
+                    if save_now
+                    else None
+                )
             elif save_now:
                 self.signals.save_requested = False  # the epoch-end save below is the requested one
         progress.close()
@@ -429,9 +520,11 @@ class Trainer:
         loss, parts = self.criterion(outputs, targets)
         if any_rank(not bool(torch.isfinite(loss.detach())), self.dist, self.device):
             # stop before the step: the weights (and every saved checkpoint) stay finite
-            raise TrainingFailed(f"the loss became non-finite at step {self.global_step + 1} (epoch {self.epoch + 1}); "
-                                 f"nothing was saved from it ({self.last_path} is the last good state): "
-                                 "lower --lr0, keep --grad-clip on, or check the labels")
+            raise TrainingFailed(
+                f"the loss became non-finite at step {self.global_step + 1} (epoch {self.epoch + 1}); "
+                f"nothing was saved from it ({self.last_path} is the last good state): "
+                "lower --lr0, keep --grad-clip on, or check the labels"
+            )
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         if self.cfg.grad_clip > 0:
@@ -451,25 +544,40 @@ class Trainer:
         if improved:
             self.best_fitness = fitness
         lr = self.optimizer.param_groups[0]["lr"]
-        row = {"epoch": self.epoch + 1, "train/box_loss": float(losses[0]), "train/cls_loss": float(losses[1]),
-               "metrics/precision": metrics.precision, "metrics/recall": metrics.recall, "metrics/mAP50": metrics.map50,
-               "metrics/mAP50-95": metrics.map, "fitness": fitness, "lr": lr}
+        row = {
+            "epoch": self.epoch + 1,
+            "train/box_loss": float(losses[0]),
+            "train/cls_loss": float(losses[1]),
+            "metrics/precision": metrics.precision,
+            "metrics/recall": metrics.recall,
+            "metrics/mAP50": metrics.map50,
+            "metrics/mAP50-95": metrics.map,
+            "fitness": fitness,
+            "lr": lr,
+        }
         self.results.append(row)
         self.last_metrics = metrics.as_dict()
         seconds = time.time() - self._epoch_started
         epoch_scalars = self.runlog.epoch_scalars(row, seconds)
         self.runlog.note(self.global_step, epoch_scalars)  # in the checkpoint's record; written once it is published
-        self.log(f"epoch {self.epoch + 1}/{self.cfg.epochs}  box {row['train/box_loss']:.4f}  cls {row['train/cls_loss']:.4f}"
-                 f"  P {metrics.precision:.3f}  R {metrics.recall:.3f}  mAP50 {metrics.map50:.3f}"
-                 f"  mAP50-95 {metrics.map:.3f}" + ("  (best)" if improved else ""))
+        self.log(
+            f"epoch {self.epoch + 1}/{self.cfg.epochs}  box {row['train/box_loss']:.4f}  cls "
+            f"{row['train/cls_loss']:.4f}"
+            f"  P {metrics.precision:.3f}  R {metrics.recall:.3f}  mAP50 {metrics.map50:.3f}"
+            f"  mAP50-95 {metrics.map:.3f}" + ("  (best)" if improved else "")
+        )
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_loss_sum = torch.zeros(2, dtype=torch.float64)
         period = self.cfg.save_period > 0 and self.epoch % self.cfg.save_period == 0
         if self.epoch >= self.cfg.epochs:
             self.finished = True
-        path = self.save(best=improved, period=period, wait=self.finished or self._stop_signal is not None,
-                         published=self._epoch_logger(self.global_step, epoch_scalars))
+        path = self.save(
+            best=improved,
+            period=period,
+            wait=self.finished or self._stop_signal is not None,
+            published=self._epoch_logger(self.global_step, epoch_scalars),
+        )
         self._check_stop_fits_grace(seconds / max(1, self.sampler.steps_per_epoch))
         return path
 
@@ -484,11 +592,13 @@ class Trainer:
         self._grace_checked = True
         needed = step_seconds + 2 * self._save_seconds
         if needed > self.stop_grace:
-            self.log(f"warning: a stop (SIGTERM) needs about {needed:.0f} s here (a step {step_seconds:.1f} s, writing "
-                     f"{self.last_path.name} {self._save_seconds:.1f} s, twice if a save is in flight), more than the "
-                     f"{self.stop_grace:.0f} s grace before SIGKILL (--stop-grace): raise the scheduler's grace "
-                     "(Kubernetes terminationGracePeriodSeconds, Slurm KillWait), or send SIGUSR1 before the end "
-                     "(Slurm --signal=USR1@90) so the last save is recent")
+            self.log(
+                f"warning: a stop (SIGTERM) needs about {needed:.0f} s here (a step {step_seconds:.1f} s, writing "
+                f"{self.last_path.name} {self._save_seconds:.1f} s, twice if a save is in flight), more than the "
+                f"{self.stop_grace:.0f} s grace before SIGKILL (--stop-grace): raise the scheduler's grace "
+                "(Kubernetes terminationGracePeriodSeconds, Slurm KillWait), or send SIGUSR1 before the end "
+                "(Slurm --signal=USR1@90) so the last save is recent"
+            )
 
     def _epoch_logger(self, step: int, scalars: list) -> Callable[[], None]:
         """What shows an epoch as done (its TensorBoard scalars, results.csv, results.png), written only once the
@@ -502,18 +612,29 @@ class Trainer:
             self.runlog.write_results(rows)
             if self.dist.is_main:
                 plot_results(rows, marks, self.run_dir / "results.png")
+
         return write
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> DetectionMetrics:
         model = model or self.ema.ema
         model.eval()
-        preds, gts = detect_dataset(model, self.val_set, self.anchors, self.strides, self.device, self.cfg.conf,
-                                    self.cfg.iou, max(2, 2 * self.resolved.per_rank_batch), self.cfg.workers,
-                                    self.amp_dtype, channels_last=self.use_cuda, pin_memory=self.use_cuda)
+        preds, gts = detect_dataset(
+            model,
+            self.val_set,
+            self.anchors,
+            self.strides,
+            self.device,
+            self.cfg.conf,
+            self.cfg.iou,
+            max(2, 2 * self.resolved.per_rank_batch),
+            self.cfg.workers,
+            self.amp_dtype,
+            channels_last=self.use_cuda,
+            pin_memory=self.use_cuda,
+        )
         self._last_eval = (preds, gts)
         return evaluate_detections(preds, gts, self.model_config.nc)
-
 
 
 class _Progress:
@@ -526,9 +647,16 @@ class _Progress:
         console = trainer.console
         if trainer.dist.is_main and console is not None and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self.bar = Progress(TextColumn(f"epoch {self.epoch + 1}/{trainer.cfg.epochs}"), BarColumn(),
-                                MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                console=console, transient=True)
+
+            self.bar = Progress(
+                TextColumn(f"epoch {self.epoch + 1}/{trainer.cfg.epochs}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
             self.task = self.bar.add_task("train", total=steps, completed=trainer.step_in_epoch, info="")
             self.bar.start()
         self.next_plain = max(1, steps // 4)

@@ -14,8 +14,14 @@ TINY = ["--epochs", "3", "--batch", "4", "--workers", "0", "--device", "cpu", "-
 
 def run_train(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "fuse_train", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fuse_train", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def torchrun_command(args: list[str], nproc: int = 2, launcher: list[str] | None = None) -> list[str]:
@@ -24,7 +30,9 @@ def torchrun_command(args: list[str], nproc: int = 2, launcher: list[str] | None
     return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "fuse_train", *args]
 
 
-def run_torchrun(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_torchrun(
+    args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(torchrun_command(args), cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
@@ -37,8 +45,11 @@ def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     ea.Reload()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]
-            if tag.startswith(DETERMINISTIC_TAGS)}
+    return {
+        tag: [(e.step, e.value) for e in ea.Scalars(tag)]
+        for tag in ea.Tags()["scalars"]
+        if tag.startswith(DETERMINISTIC_TAGS)
+    }
 
 
 def load(path: Path) -> dict:
@@ -53,8 +64,13 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def tensors_equal(a, b, where: str = "") -> list[str]:
     """Paths at which two nested structures differ (tensors compared bitwise)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ok = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape \
+        ok = (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
             and torch.equal(_bytes(a), _bytes(b))
+        )
         return [] if ok else [where]
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
@@ -72,6 +88,9 @@ def training_state_differences(a: dict, b: dict) -> list[str]:
     keys = ["model", "ema", "updates", "optimizer", "epoch", "best_fitness", "train_metrics", "results", "scaler"]
     diffs = [d for k in keys for d in tensors_equal(a[k], b[k], k)]
     pa, pb = a["progress"], b["progress"]
-    diffs += tensors_equal({k: pa[k] for k in ("epoch", "step_in_epoch", "global_step")},
-                           {k: pb[k] for k in ("epoch", "step_in_epoch", "global_step")}, "progress")
+    diffs += tensors_equal(
+        {k: pa[k] for k in ("epoch", "step_in_epoch", "global_step")},
+        {k: pb[k] for k in ("epoch", "step_in_epoch", "global_step")},
+        "progress",
+    )
     return diffs

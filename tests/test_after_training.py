@@ -68,7 +68,9 @@ def test_val_reproduces_the_metrics_training_recorded(trained, tmp_path):
     recorded = load(trained)["train_metrics"]
     for key in ("precision", "recall", "mAP50", "mAP50-95"):
         assert abs(metrics[key] - recorded[key]) < 1e-9, key
-    assert [c["name"] for c in metrics["classes"]] == ["person"] and metrics["classes"][0]["instances"] == metrics["instances"]
+    assert [c["name"] for c in metrics["classes"]] == ["person"] and metrics["classes"][0]["instances"] == metrics[
+        "instances"
+    ]
     for png in ("PR_curve.png", "F1_curve.png", "confusion_matrix.png"):
         assert (tmp_path / "v" / png).stat().st_size > 1000
     table = CliRunner().invoke(cli, ["val", "-w", str(trained), "--out", str(tmp_path / "v2")], env={"COLUMNS": "80"})
@@ -78,8 +80,22 @@ def test_val_reproduces_the_metrics_training_recorded(trained, tmp_path):
 def test_predict_writes_images_labels_and_json_matching_the_model(trained, tiny_data, tmp_path):
     val_rgb, val_ir = tiny_data.parent / "images" / "val", tiny_data.parent / "imagesIR" / "val"
     out = tmp_path / "pred"
-    result = CliRunner().invoke(cli, ["predict", "-w", str(trained), "--source", str(val_rgb), "--source-ir",
-                                      str(val_ir), "--conf", "0.01", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            "-w",
+            str(trained),
+            "--source",
+            str(val_rgb),
+            "--source-ir",
+            str(val_ir),
+            "--conf",
+            "0.01",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "predictions.json").read_text())
     names = sorted(p.stem for p in val_rgb.iterdir())
@@ -100,8 +116,11 @@ def test_predict_writes_images_labels_and_json_matching_the_model(trained, tiny_
         # near-tied scores (an untrained model at conf 0.01 has many) may come out in another order
         unmatched = list(range(len(want)))
         for row in got:
-            close = [j for j in unmatched if np.allclose(row[:4], want[j, :4], atol=0.01)
-                     and abs(row[4] - want[j, 4]) <= 1e-6]
+            close = [
+                j
+                for j in unmatched
+                if np.allclose(row[:4], want[j, :4], atol=0.01) and abs(row[4] - want[j, 4]) <= 1e-6
+            ]
             assert close, f"predicted box {row} is not among the evaluation path's detections"
             unmatched.remove(close[0])
         lines = (out / "labels" / f"{Path(record['rgb']).stem}.txt").read_text().splitlines()
@@ -118,13 +137,17 @@ def test_export_onnx_matches_torch_in_onnxruntime(trained, tiny_data, tmp_path):
     onnx_path = weights.with_suffix(".onnx")
     det = load_detector(weights)
     from fuse_train.data import read_image
+
     rgb = read_image(tiny_data.parent / "images" / "val" / "00000.png", "RGB")
     ir = read_image(tiny_data.parent / "imagesIR" / "val" / "00000.png", "L")
     x, _, _ = letterbox_pair(rgb, ir, det.img_size)
-    boxes, scores = ort.InferenceSession(str(onnx_path)).run(None, {"rgb": x[None, :3].numpy(), "ir": x[None, 3:].numpy()})
+    boxes, scores = ort.InferenceSession(str(onnx_path)).run(
+        None, {"rgb": x[None, :3].numpy(), "ir": x[None, 3:].numpy()}
+    )
     with torch.no_grad():
         box_raw, cls_logits = det.model(x[None])
     from fuse_train.model import decode_boxes
+
     anchors, strides = det.anchors()
     assert np.allclose(boxes[0], decode_boxes(box_raw, anchors, strides)[0].numpy(), atol=1e-3)
     assert np.allclose(scores[0], cls_logits.sigmoid()[0].numpy(), atol=1e-5)
@@ -137,12 +160,18 @@ def test_val_predict_export_refuse_a_damaged_checkpoint(trained, tiny_data, tmp_
     damaged = tmp_path / "best.pt"
     data = bytearray(trained.read_bytes())
     import zipfile
+
     with zipfile.ZipFile(trained) as z:
         info = max(z.infolist(), key=lambda i: i.file_size)  # the largest tensor record
     offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2
     data[offset] ^= 0x10
     damaged.write_bytes(bytes(data))
-    pair = ["--source", str(tiny_data.parent / "images" / "val"), "--source-ir", str(tiny_data.parent / "imagesIR" / "val")]
+    pair = [
+        "--source",
+        str(tiny_data.parent / "images" / "val"),
+        "--source-ir",
+        str(tiny_data.parent / "imagesIR" / "val"),
+    ]
     for args in (["val"], ["predict", *pair, "--out", str(tmp_path / "p")], ["export"]):
         result = CliRunner().invoke(cli, [*args, "-w", str(damaged)])
         assert result.exit_code == 2, result.output

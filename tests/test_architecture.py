@@ -85,4 +85,4 @@ def test_the_scan_keeps_arguments_of_every_call_the_policy_judges_by_them():
     from ckpttools.pickle.policy import ARGUMENT_RULES
     from ckpttools.pickle.scan import ARGUMENT_CHECKED
 
-    assert ARGUMENT_CHECKED == {Reference(m, n) for m, n in ARGUMENT_RULES}
+    assert {Reference(m, n) for m, n in ARGUMENT_RULES} == ARGUMENT_CHECKED

@@ -12,10 +12,9 @@ def _tmp_files(folder):
 def test_atomic_write_replaces_only_on_success(tmp_path):
     target = tmp_path / "last.pt"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_write(target) as f:
-            f.write(b"half")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), atomic_write(target) as f:
+        f.write(b"half")
+        raise RuntimeError("killed mid-write")
     assert target.read_bytes() == b"old" and _tmp_files(tmp_path) == []
     with atomic_write(target) as f:
         f.write(b"new")

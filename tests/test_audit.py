@@ -53,18 +53,34 @@ def test_a_seamless_resume_passes_and_the_plot_marks_it(resumed_run, tmp_path):
     assert code == 0 and report["ok"], report
     assert [b["epoch"] for b in report["boundaries"]] == [3.0] and report["boundaries"][0]["verdict"] == "seamless"
     assert report["lineage"][-1]["event"] == "resume" and report["lineage"][-1]["step"] == 10
-    res = CliRunner().invoke(ckpt, ["audit", str(resumed_run / "weights" / "last.pt"), "--plot",
-                                    str(tmp_path / "a.png")])
+    res = CliRunner().invoke(
+        ckpt, ["audit", str(resumed_run / "weights" / "last.pt"), "--plot", str(tmp_path / "a.png")]
+    )
     assert res.exit_code == 0 and (tmp_path / "a.png").stat().st_size > 10_000 and "seamless" in res.output
 
 
 PLANTS = {  # edit of results.csv, what the report must say, the epoch of the boundary it must call broken
     "duplicated epoch": (lambda rows: rows[:3] + [rows[2]] + rows[3:], "epoch 3 appears twice", 3.0),
-    "restart at epoch 0": (lambda rows: rows[:2] + [{**r, "epoch": str(i + 1)} for i, r in enumerate(rows[2:])],
-                           "epoch numbers restart at row 3", 1.0),
-    "loss spike (optimizer reset)": (lambda rows: rows[:2] + [{**r, "train/cls_loss": str(3 * float(r["train/cls_loss"])),
-                                                              "train/box_loss": str(3 * float(r["train/box_loss"]))}
-                                                             for r in rows[2:]], "jumps up", 3.0),
+    "restart at epoch 0": (
+        lambda rows: rows[:2] + [{**r, "epoch": str(i + 1)} for i, r in enumerate(rows[2:])],
+        "epoch numbers restart at row 3",
+        1.0,
+    ),
+    "loss spike (optimizer reset)": (
+        lambda rows: (
+            rows[:2]
+            + [
+                {
+                    **r,
+                    "train/cls_loss": str(3 * float(r["train/cls_loss"])),
+                    "train/box_loss": str(3 * float(r["train/box_loss"])),
+                }
+                for r in rows[2:]
+            ]
+        ),
+        "jumps up",
+        3.0,
+    ),
 }
 
 
@@ -88,8 +104,11 @@ def test_a_changed_lr_is_allowed_when_recorded_and_broken_when_not(resumed_run, 
     run = tmp_path / "exp"
     shutil.copytree(resumed_run, run)
     last = run / "weights" / "last.pt"
-    stopped = run_train(["--resume", str(last), "--epochs", "8", "--allow-change", "epochs"], tmp_path,
-                        env={"FUSE_TRAIN_STOP_AFTER_STEP": "27"})
+    stopped = run_train(
+        ["--resume", str(last), "--epochs", "8", "--allow-change", "epochs"],
+        tmp_path,
+        env={"FUSE_TRAIN_STOP_AFTER_STEP": "27"},
+    )
     assert stopped.returncode == 130, stopped.stderr
     changed = run_train(["--resume", str(last), "--lr0", "0.02", "--allow-change", "lr0"], tmp_path)
     assert changed.returncode == 0, changed.stderr
@@ -124,12 +143,30 @@ def test_tensorboard_steps_written_twice_are_flagged(resumed_run, tmp_path):
 def _ultralytics_folder(root: Path, epochs: list[int]) -> Path:
     """results.csv as Ultralytics 8 writes it (padded column names, lr per group), no resume record."""
     root.mkdir()
-    names = ["epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision(B)",
-             "metrics/mAP50(B)", "lr/pg0", "lr/pg1", "lr/pg2"]
+    names = [
+        "epoch",
+        "train/box_loss",
+        "train/cls_loss",
+        "train/dfl_loss",
+        "metrics/precision(B)",
+        "metrics/mAP50(B)",
+        "lr/pg0",
+        "lr/pg1",
+        "lr/pg2",
+    ]
     lines = [",".join(f"{n:>20s}" for n in names)]
     for i, e in enumerate(epochs):
-        values = [e, 1.5 - 0.05 * i, 2.0 - 0.1 * i, 1.2 - 0.02 * i, 0.3 + 0.05 * i, 0.2 + 0.05 * i,
-                  0.01 * (0.9 ** i), 0.01 * (0.9 ** i), 0.01 * (0.9 ** i)]
+        values = [
+            e,
+            1.5 - 0.05 * i,
+            2.0 - 0.1 * i,
+            1.2 - 0.02 * i,
+            0.3 + 0.05 * i,
+            0.2 + 0.05 * i,
+            0.01 * (0.9**i),
+            0.01 * (0.9**i),
+            0.01 * (0.9**i),
+        ]
         lines.append(",".join(f"{v:>20.5g}" for v in values))
     (root / "results.csv").write_text("\n".join(lines) + "\n")
     return root

@@ -16,8 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_cuda_check_runs_here_and_says_what_it_skipped(tmp_path):
     import torch
 
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_check.py"), "--out", str(tmp_path),
-                           "--img-size", "64"], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cuda_check.py"), "--out", str(tmp_path), "--img-size", "64"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = proc.stdout
     assert "| interrupt + resume, deterministic | ok |" in table and "max |weight difference| 0 " in table

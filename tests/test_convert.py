@@ -30,12 +30,24 @@ def _training_like(path):
     net(torch.randn(2, 3, 6, 6)).sum().backward()
     opt.step()
     big = torch.randn(6, 5)
-    tree = {"model": net.state_dict(), "ema": {k: v.clone() + 1 for k, v in net.state_dict().items()},
-            "optimizer": opt.state_dict(), "epoch": 3, "best_fitness": None, "lr": (0.01, 0.9),
-            "names": {0: "person", 1: "car"}, "bf16": torch.randn(7, 3).bfloat16(), "fp16": torch.randn(4).half(),
-            "view": big.t(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "huge_int": 2**70,
-            "nan": float("nan"), "param": torch.nn.Parameter(torch.ones(3)),
-            "rng": {"python": __import__("random").getstate(), "numpy": np.random.RandomState(1).get_state()}}
+    tree = {
+        "model": net.state_dict(),
+        "ema": {k: v.clone() + 1 for k, v in net.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "epoch": 3,
+        "best_fitness": None,
+        "lr": (0.01, 0.9),
+        "names": {0: "person", 1: "car"},
+        "bf16": torch.randn(7, 3).bfloat16(),
+        "fp16": torch.randn(4).half(),
+        "view": big.t(),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "huge_int": 2**70,
+        "nan": float("nan"),
+        "param": torch.nn.Parameter(torch.ones(3)),
+        "rng": {"python": __import__("random").getstate(), "numpy": np.random.RandomState(1).get_state()},
+    }
     torch.save(tree, path)
     return tree
 
@@ -187,13 +199,15 @@ def test_cli_convert_errors_are_one_line(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(ckpt, ["convert", str(src), str(tmp_path / "a.h5"), "--json"])
     assert ok.exit_code == 0 and json.loads(ok.output)["tensors"] == 1
-    for args, needle in ((["convert", str(src), str(tmp_path / "a.h5")], "already exists"),
-                         (["convert", str(src), str(src), "--force"], "is the input"),
-                         (["convert", str(tmp_path / "none.pt"), str(tmp_path / "x.h5")], "no such file"),
-                         (["convert", str(src), str(tmp_path / "x.weird")], "cannot tell the format"),
-                         (["convert", str(src), str(tmp_path / "e.pt"), "--ema"], "--ema"),
-                         (["convert", str(src), str(tmp_path / "w.h5"), "--world-size", "2"], "--world-size"),
-                         (["convert", str(src), str(tmp_path / "w"), "--to", "dcp", "--world-size", "0"], "--world-size")):
+    for args, needle in (
+        (["convert", str(src), str(tmp_path / "a.h5")], "already exists"),
+        (["convert", str(src), str(src), "--force"], "is the input"),
+        (["convert", str(tmp_path / "none.pt"), str(tmp_path / "x.h5")], "no such file"),
+        (["convert", str(src), str(tmp_path / "x.weird")], "cannot tell the format"),
+        (["convert", str(src), str(tmp_path / "e.pt"), "--ema"], "--ema"),
+        (["convert", str(src), str(tmp_path / "w.h5"), "--world-size", "2"], "--world-size"),
+        (["convert", str(src), str(tmp_path / "w"), "--to", "dcp", "--world-size", "0"], "--world-size"),
+    ):
         res = runner.invoke(ckpt, args)
         assert res.exit_code == 2, (args, res.output)
         assert needle in res.output and "Traceback" not in res.output

@@ -7,8 +7,16 @@ import torch
 import yaml
 from PIL import Image
 
-from fuse_train.data import (Augment, DatasetError, PairedDataset, collate, ir_folder_for, load_data_spec,
-                             parse_label_file, warp)
+from fuse_train.data import (
+    Augment,
+    DatasetError,
+    PairedDataset,
+    collate,
+    ir_folder_for,
+    load_data_spec,
+    parse_label_file,
+    warp,
+)
 from fuse_train.demo import make_scene, write_demo
 
 
@@ -33,8 +41,17 @@ def test_data_yaml_relative_path_and_explicit_ir(tmp_path, tiny_data):
     (root / "thermal").mkdir()
     shutil.move(str(root / "imagesIR" / "train"), root / "thermal" / "train")
     (root / "sub").mkdir()
-    (root / "sub" / "d.yaml").write_text(yaml.safe_dump(
-        {"path": "..", "train": "images/train", "val": "images/val", "train_ir": "thermal/train", "names": ["person"]}))
+    (root / "sub" / "d.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "path": "..",
+                "train": "images/train",
+                "val": "images/val",
+                "train_ir": "thermal/train",
+                "names": ["person"],
+            }
+        )
+    )
     spec = load_data_spec(root / "sub" / "d.yaml")
     assert spec.root == root.resolve()
     assert spec.train_ir == (root / "thermal" / "train").resolve()
@@ -42,13 +59,16 @@ def test_data_yaml_relative_path_and_explicit_ir(tmp_path, tiny_data):
     assert spec.names == {0: "person"}
 
 
-@pytest.mark.parametrize("line, message", [
-    ("0 0.5 0.5 0.1", "expected 5 fields"),
-    ("0 0.5 0.5 0.1 x", "not a number"),
-    ("3 0.5 0.5 0.1 0.1", "class 3 is not an integer in 0..0"),
-    ("0 1.5 0.5 0.1 0.1", "normalised"),
-    ("0 0.5 0.5 0 0.1", "positive"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("0 0.5 0.5 0.1", "expected 5 fields"),
+        ("0 0.5 0.5 0.1 x", "not a number"),
+        ("3 0.5 0.5 0.1 0.1", "class 3 is not an integer in 0..0"),
+        ("0 1.5 0.5 0.1 0.1", "normalised"),
+        ("0 0.5 0.5 0 0.1", "positive"),
+    ],
+)
 def test_malformed_label_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "a.txt"
     path.write_text("0 0.5 0.5 0.2 0.2\n" + line + "\n")
@@ -71,7 +91,7 @@ def test_unreadable_image_is_named(tmp_path, tiny_data):
     spec = load_data_spec(root / "data.yaml")
     with pytest.raises(DatasetError, match=r"00002\.png: unreadable image"):  # found up front, from its header
         PairedDataset.from_spec(spec, "train", 64)
-    good = (root / "images" / "train" / "00003.png")
+    good = root / "images" / "train" / "00003.png"
     (root / "images" / "train" / "00002.png").write_bytes(good.read_bytes()[:120])  # a header, then the data cut
     ds = PairedDataset.from_spec(spec, "train", 64)
     with pytest.raises(DatasetError, match=r"00002\.png: unreadable image"):  # found when decoded
@@ -145,7 +165,9 @@ def test_photometric_jitter_is_per_modality(tiny_data):
     for i in range(6):
         aug, _, _ = ds[(0, i)]
         ref, _, _ = plain[i]
-        ratios.append((aug[:3].float().mean() / ref[:3].float().mean() - aug[3].float().mean() / ref[3].float().mean()).abs())
+        ratios.append(
+            (aug[:3].float().mean() / ref[:3].float().mean() - aug[3].float().mean() / ref[3].float().mean()).abs()
+        )
     assert max(ratios) > 0.05  # RGB and IR gains drawn independently
 
 

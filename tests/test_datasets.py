@@ -40,6 +40,7 @@ def _data_arg(datasets: Path, layout: str) -> Path:
 
 def test_every_layout_row_is_well_formed():
     from ckpttools.datasets.layouts import LABEL_FORMATS, LAYOUTS, SPLIT_RULES, template_regex
+
     for x in LAYOUTS:
         assert x.label_format in LABEL_FORMATS and x.split in SPLIT_RULES, x.name
         rgb, ir = template_regex(x.rgb), template_regex(x.ir)
@@ -74,8 +75,11 @@ def test_each_layout_is_detected_and_read_with_the_generators_boxes(datasets, la
             by_seed[tag, frame] = make_scene(n, 64)[2]
             n += 1
     for (rgb, ir), rows in zip(pairs, labels):
-        (key,) = [(t, f) for t, f in by_seed if f in rgb.name and (t in str(rgb) or len({x for x, _ in by_seed}) == 1
-                                                                   or layout == "flir-aligned")]
+        (key,) = [
+            (t, f)
+            for t, f in by_seed
+            if f in rgb.name and (t in str(rgb) or len({x for x, _ in by_seed}) == 1 or layout == "flir-aligned")
+        ]
         expected = np.array([r[1:] for r in by_seed[key]], np.float32).reshape(-1, 4)
         assert rows.shape[0] == len(expected), rgb
         if len(expected):
@@ -87,7 +91,9 @@ def test_published_splits_and_kaist_rules(datasets):
     llvip = load_data_spec(datasets / "llvip")
     assert all("/test/" in str(rgb) for rgb, _ in load_split(llvip, "val").pairs)  # LLVIP validates on test
     flir = load_data_spec(datasets / "flir-aligned")
-    assert {rgb.name for rgb, _ in load_split(flir, "val").pairs} == {f"FLIR_{i:05d}_RGB.jpg" for i in range(8863, 8867)}
+    assert {rgb.name for rgb, _ in load_split(flir, "val").pairs} == {
+        f"FLIR_{i:05d}_RGB.jpg" for i in range(8863, 8867)
+    }
     kaist = load_data_spec(datasets / "kaist")
     assert all("set06" in str(rgb) for rgb, _ in load_split(kaist, "val").pairs)
     # 'person?' lines are skipped, so KAIST-txt and KAIST-VOC (no such lines) give the same boxes
@@ -153,6 +159,7 @@ def test_data_check_names_every_planted_defect_and_nothing_else(datasets, tmp_pa
 
 def test_data_check_names_yolo_label_and_coco_problems(datasets, tmp_path):
     import shutil
+
     root = shutil.copytree(datasets / "yolofuse", tmp_path / "y")
     (root / "data.yaml").write_text((root / "data.yaml").read_text().replace(str(datasets / "yolofuse"), str(root)))
     (root / "labels" / "train" / "00001.txt").write_text("3 0.5 0.5 0.1 0.1\n0 0.5\n")
@@ -176,7 +183,10 @@ def test_data_check_names_yolo_label_and_coco_problems(datasets, tmp_path):
     kaist = shutil.copytree(datasets / "kaist", tmp_path / "k")
     (kaist / "annotations" / "set00" / "V000" / "I00001.txt").write_text("person 1 2 3 4 0\n")
     (kaist / "annotations" / "set00" / "V000" / "I00002.txt").write_text("% bbGt version=3\nperson 10 12\n")
-    messages = [p["message"] for p in json.loads(CliRunner().invoke(cli, ["data", "check", str(kaist), "--json"]).output)["problems"]]
+    messages = [
+        p["message"]
+        for p in json.loads(CliRunner().invoke(cli, ["data", "check", str(kaist), "--json"]).output)["problems"]
+    ]
     assert len(messages) == 2
     assert "I00001.txt:1: expected the '% bbGt version=3' header" in messages[0]
     assert "I00002.txt:2: expected 'label left top width height ...'" in messages[1]
@@ -213,8 +223,15 @@ def test_import_writes_the_yolofuse_layout_with_symlinks_and_the_same_labels(dat
     again = CliRunner().invoke(cli, ["data", "import", "kaist", str(datasets / "kaist"), "-o", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
     copied = tmp_path / "copied"
-    assert CliRunner().invoke(cli, ["data", "import", "auto", str(datasets / "m3fd"), "-o", str(copied), "--copy",
-                                    "--val-fraction", "0.4"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(
+            cli,
+            ["data", "import", "auto", str(datasets / "m3fd"), "-o", str(copied), "--copy", "--val-fraction", "0.4"],
+        )
+        .exit_code
+        == 0
+    )
     pairs = load_split(load_data_spec(copied / "data.yaml"), "train").pairs
     assert pairs and not any(p.is_symlink() for pair in pairs for p in pair)
 

@@ -81,7 +81,9 @@ def test_a_damaged_last_dcp_falls_back_to_last_prev_dcp(tmp_path):
     for name in ("last.dcp", "last.prev.dcp"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.save({"w": torch.arange(4096.0)}, storage_writer=dcp.FileSystemWriter(str(weights / name)), no_dist=True)
+            dcp.save(
+                {"w": torch.arange(4096.0)}, storage_writer=dcp.FileSystemWriter(str(weights / name)), no_dist=True
+            )
     data = weights / "last.dcp" / "__0_0.distcp"
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the tensor's bytes

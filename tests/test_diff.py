@@ -17,8 +17,11 @@ def _run(args):
 
 def _sd(**overrides):
     g = torch.Generator().manual_seed(0)
-    sd = {"conv.weight": torch.randn(8, 3, 3, 3, generator=g), "conv.bias": torch.zeros(8),
-          "head.weight": torch.randn(4, 8, generator=g)}
+    sd = {
+        "conv.weight": torch.randn(8, 3, 3, 3, generator=g),
+        "conv.bias": torch.zeros(8),
+        "head.weight": torch.randn(4, 8, generator=g),
+    }
     sd.update(overrides)
     return sd
 
@@ -43,7 +46,9 @@ def test_tolerance_edges(tmp_path):
     assert loose.verdict == "within_tolerance" and tight.verdict == "different"
     (d,) = tight.changed
     assert d.name == "head.weight" and d.outside == 32 and d.max_abs == pytest.approx(1e-3, rel=1e-3)
-    assert d.rel_l2 == pytest.approx(float((b["head.weight"] - a["head.weight"]).norm() / a["head.weight"].norm()), rel=1e-6)
+    assert d.rel_l2 == pytest.approx(
+        float((b["head.weight"] - a["head.weight"]).norm() / a["head.weight"].norm()), rel=1e-6
+    )
     assert _run(["diff", "--atol", "2e-3", str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]).exit_code == 0
     assert _run(["diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]).exit_code == 1
     rel = diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt", rtol=10.0, atol=0.0)
@@ -54,7 +59,14 @@ def test_keys_shapes_dtypes_and_nan(tmp_path):
     a = _sd(extra=torch.ones(2))
     nan = a["head.weight"].clone()
     nan[0, 0] = float("nan")
-    b = _sd(**{"conv.bias": torch.zeros(9), "conv.weight": a["conv.weight"].half(), "head.weight": nan, "new": torch.ones(1)})
+    b = _sd(
+        **{
+            "conv.bias": torch.zeros(9),
+            "conv.weight": a["conv.weight"].half(),
+            "head.weight": nan,
+            "new": torch.ones(1),
+        }
+    )
     torch.save(a, tmp_path / "a.pt")
     torch.save(b, tmp_path / "b.pt")
     r = diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt")
@@ -76,19 +88,41 @@ def test_prefix_normalisation(tmp_path):
 
 def test_cross_format_pt_against_safetensors(tmp_path):
     from safetensors.torch import save_file
-    torch.save({"state_dict": _sd(), "epoch": 3, "global_step": 30, "optimizer_states": [],
-                "pytorch-lightning_version": "2.4"}, tmp_path / "a.ckpt")
+
+    torch.save(
+        {
+            "state_dict": _sd(),
+            "epoch": 3,
+            "global_step": 30,
+            "optimizer_states": [],
+            "pytorch-lightning_version": "2.4",
+        },
+        tmp_path / "a.ckpt",
+    )
     save_file(_sd(), tmp_path / "b.safetensors")
     r = diff_checkpoints(tmp_path / "a.ckpt", tmp_path / "b.safetensors")
     assert r.same == 3 and not r.changed and not r.only_in_a and not r.only_in_b
 
 
 def test_metadata_differences_by_field_and_sections(tmp_path):
-    base = {"format": "fuse-train-checkpoint", "format_version": 1, "model": _sd(), "ema": _sd(), "updates": 5,
-            "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"params": [0], "lr": 0.1}]},
-            "epoch": 1, "best_fitness": 0.5, "train_args": {"lr0": 0.01, "batch": 16}, "date": "x"}
-    other = dict(base, train_args={"lr0": 0.02, "batch": 16}, date="y",
-                 optimizer={"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"params": [0], "lr": 0.1}]})
+    base = {
+        "format": "fuse-train-checkpoint",
+        "format_version": 1,
+        "model": _sd(),
+        "ema": _sd(),
+        "updates": 5,
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"params": [0], "lr": 0.1}]},
+        "epoch": 1,
+        "best_fitness": 0.5,
+        "train_args": {"lr0": 0.01, "batch": 16},
+        "date": "x",
+    }
+    other = dict(
+        base,
+        train_args={"lr0": 0.02, "batch": 16},
+        date="y",
+        optimizer={"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"params": [0], "lr": 0.1}]},
+    )
     torch.save(base, tmp_path / "a.pt")
     torch.save(other, tmp_path / "b.pt")
     r = diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt")
@@ -123,6 +157,7 @@ def test_dcp_folder_against_consolidated_pt(tmp_path):
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     state = {"model": _sd(), "epoch": 3}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single-process DCP save
@@ -160,8 +195,17 @@ def test_an_ultralytics_checkpoint_against_its_safetensors_export(tmp_path):
     from ckpttools.commands.convert import convert
 
     src = tmp_path / "epoch1.pt"
-    torch.save({"epoch": 1, "model": None, "ema": _DetectionModel(), "updates": 10, "train_args": {"batch": 16},
-                "date": "2026-01-01"}, src)  # as Ultralytics saves it: the weights live in the pickled EMA model
+    torch.save(
+        {
+            "epoch": 1,
+            "model": None,
+            "ema": _DetectionModel(),
+            "updates": 10,
+            "train_args": {"batch": 16},
+            "date": "2026-01-01",
+        },
+        src,
+    )  # as Ultralytics saves it: the weights live in the pickled EMA model
     out = tmp_path / "epoch1.safetensors"
     convert(src, out)
     report = diff_checkpoints(src, out)

@@ -31,9 +31,9 @@ def _examples() -> dict:
     dense = torch.randn(4, 6, generator=g).masked_fill(torch.rand(4, 6, generator=g) < 0.5, 0)
     return {
         "quantized_per_tensor": torch.quantize_per_tensor(torch.randn(5, generator=g), 0.1, 3, torch.qint8),
-        "quantized_per_channel": torch.quantize_per_channel(torch.randn(2, 3, generator=g),
-                                                            torch.tensor([0.1, 0.2]), torch.tensor([0, 1]), 0,
-                                                            torch.quint8),
+        "quantized_per_channel": torch.quantize_per_channel(
+            torch.randn(2, 3, generator=g), torch.tensor([0.1, 0.2]), torch.tensor([0, 1]), 0, torch.quint8
+        ),
         "sparse_coo": dense.to_sparse(),
         "sparse_csr": dense.to_sparse_csr(),
         "sparse_csc": dense.to_sparse_csc(),
@@ -61,8 +61,11 @@ def equal(a, b) -> bool:
     if a.device.type == "meta":
         return a.shape == b.shape and a.stride() == b.stride()
     if a.is_quantized:
-        return (a.qscheme() == b.qscheme() and torch.equal(a.int_repr(), b.int_repr())
-                and torch.equal(a.dequantize(), b.dequantize()))
+        return (
+            a.qscheme() == b.qscheme()
+            and torch.equal(a.int_repr(), b.int_repr())
+            and torch.equal(a.dequantize(), b.dequantize())
+        )
     if a.layout != torch.strided:
         return torch.equal(a.to_dense(), b.to_dense())
     return torch.equal(a, b)
@@ -81,16 +84,16 @@ def edge_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _ckpt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ckpttools.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "ckpttools.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_verify_inspect_and_diff_take_it(edge_files, kind):
     path = edge_files[kind]
     report = verify(path)
-    assert not report.errors and not [f for f in report.warnings if f.code.startswith("safety")], \
-        [(f.code, f.message) for f in report.findings]
+    assert not report.errors and not [f for f in report.warnings if f.code.startswith("safety")], [
+        (f.code, f.message) for f in report.findings
+    ]
     shown = _ckpt("inspect", str(path))
     assert shown.returncode == 0 and "not imported" not in shown.stdout, shown.stdout + shown.stderr
     word = "quantized" if "quantized" in kind else kind.split("_")[0]

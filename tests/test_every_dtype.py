@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ckpttools.commands.convert import convert
 from ckpttools.commands.remap import remap
@@ -83,8 +84,7 @@ def every_dtype(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def _ckpt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ckpttools.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "ckpttools.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_verify_inspect_and_diff_take_every_dtype(every_dtype):
@@ -132,7 +132,7 @@ def test_safetensors_is_exact_or_refused(tmp_path, name):
     except FormatLimit as exc:
         assert "x" in str(exc) and name in str(exc) and not out.exists()
         # the refusal is real: safetensors' own torch API cannot write and read this dtype back either
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 (a write error or values that differ: either refutes)
             save_file({"x": value}, tmp_path / "theirs.safetensors")
             assert same(load_file(tmp_path / "theirs.safetensors")["x"], value)
         return
@@ -161,8 +161,12 @@ def test_dcp_is_exact_or_refused_for_every_dtype(tmp_path, every_dtype):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(dtype=st.sampled_from(SAVEABLE), data=st.binary(min_size=32, max_size=96),
-       step=st.integers(1, 3), offset=st.integers(0, 3))
+@given(
+    dtype=st.sampled_from(SAVEABLE),
+    data=st.binary(min_size=32, max_size=96),
+    step=st.integers(1, 3),
+    offset=st.integers(0, 3),
+)
 def test_any_bytes_any_view_round_trip_through_pt_and_hdf5(tmp_path_factory, dtype, data, step, offset):
     """Arbitrary bit patterns (NaNs, subnormals, any byte) in strided views: kept bit for bit."""
     folder = tmp_path_factory.mktemp("bits")
@@ -197,8 +201,11 @@ def test_a_dtype_newer_than_our_table_is_named_never_guessed(tmp_path):
     assert [f.code for f in report.errors] == ["tensor.unknown-dtype"] and "torch.bitsXX" in report.errors[0].message
     from ckpttools.commands.repair import repair
 
-    for write in (lambda out: remap(src, out, device="cpu"), lambda out: convert(src, out),
-                  lambda out: repair(src, out)):
+    for write in (
+        lambda out: remap(src, out, device="cpu"),
+        lambda out: convert(src, out),
+        lambda out: repair(src, out),
+    ):
         with pytest.raises(FormatLimit, match="bitsXX"):  # exit 2: a limit of this version, never "damaged"
             write(tmp_path / "out.pt")
         assert not (tmp_path / "out.pt").exists()

@@ -9,7 +9,8 @@ import collections
 import io
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ckpttools.formats import torchzip
 from ckpttools.objects import Reference, placeholder_class
@@ -35,8 +36,16 @@ def _slow(tree) -> bytes:
 def _describe(value, pids: dict) -> object:
     """A comparable description of a tree read back by our reader (tensors by their storage's persistent id)."""
     if isinstance(value, LazyTensor):
-        return ("T", pids[id(value.storage)], str(value.dtype), value.storage_offset, value.shape, value.stride,
-                value.requires_grad, value.parameter)
+        return (
+            "T",
+            pids[id(value.storage)],
+            str(value.dtype),
+            value.storage_offset,
+            value.shape,
+            value.stride,
+            value.requires_grad,
+            value.parameter,
+        )
     if isinstance(value, dict):
         return (type(value).__name__, [(k, _describe(v, pids)) for k, v in value.items()])
     if isinstance(value, (list, tuple)):
@@ -74,14 +83,30 @@ def tensors(draw, storages):
 
 @st.composite
 def trees(draw):
-    storages = [StorageRef(str(i), DType(draw(dtypes)), draw(st.integers(1, 6)), draw(st.sampled_from(
-        ["cpu", "cuda:0"]))) for i in range(draw(st.integers(1, 4)))]
-    leaves = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False),
-                       st.text(max_size=6), tensors(storages))
-    return draw(st.recursive(leaves, lambda kids: st.one_of(
-        st.lists(kids, max_size=4), st.tuples(kids, kids),
-        st.dictionaries(st.text(max_size=4), kids, max_size=5),
-        st.dictionaries(st.text(max_size=4), kids, max_size=3).map(collections.OrderedDict)), max_leaves=30))
+    storages = [
+        StorageRef(str(i), DType(draw(dtypes)), draw(st.integers(1, 6)), draw(st.sampled_from(["cpu", "cuda:0"])))
+        for i in range(draw(st.integers(1, 4)))
+    ]
+    leaves = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**40), 2**40),
+        st.floats(allow_nan=False),
+        st.text(max_size=6),
+        tensors(storages),
+    )
+    return draw(
+        st.recursive(
+            leaves,
+            lambda kids: st.one_of(
+                st.lists(kids, max_size=4),
+                st.tuples(kids, kids),
+                st.dictionaries(st.text(max_size=4), kids, max_size=5),
+                st.dictionaries(st.text(max_size=4), kids, max_size=3).map(collections.OrderedDict),
+            ),
+            max_leaves=30,
+        )
+    )
 
 
 @settings(max_examples=200, deadline=None)

@@ -14,8 +14,12 @@ from ckpttools.tensors import TensorSource, iter_tensors, materialise
 
 
 def _source_checkpoint(tmp_path):
-    tree = {"model": {"w": torch.randn(4, 3), "b": torch.zeros(3, dtype=torch.bfloat16), "n": torch.tensor(5)},
-            "opt": {"state": {"0": {"exp_avg": torch.randn(4, 3)}}, "lr": 0.01}, "epoch": 2, "names": ["a", "b"]}
+    tree = {
+        "model": {"w": torch.randn(4, 3), "b": torch.zeros(3, dtype=torch.bfloat16), "n": torch.tensor(5)},
+        "opt": {"state": {"0": {"exp_avg": torch.randn(4, 3)}}, "lr": 0.01},
+        "epoch": 2,
+        "names": ["a", "b"],
+    }
     path = tmp_path / "src.pt"
     torch.save(tree, path)
     return open_checkpoint(path)
@@ -36,8 +40,9 @@ def _write(fmt: str, ckpt, out):
         dcp.write_single(materialise(ckpt.tree), out)
 
 
-@pytest.mark.parametrize("fmt,name", [("torchzip", "out.pt"), ("hdf5", "out.h5"), ("safetensors", "out.safetensors"),
-                                      ("dcp", "out_dcp")])
+@pytest.mark.parametrize(
+    "fmt,name", [("torchzip", "out.pt"), ("hdf5", "out.h5"), ("safetensors", "out.safetensors"), ("dcp", "out_dcp")]
+)
 def test_write_then_read_is_bitwise_equal_with_the_same_digest(tmp_path, fmt, name):
     ckpt = _source_checkpoint(tmp_path)
     out = tmp_path / name

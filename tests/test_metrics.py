@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from pycocotools.coco import COCO  # the dev extra; a missing install fails, never skips
+from pycocotools.cocoeval import COCOeval
 
 from fuse_train.boxes import batched_nms, box_iou, nms
 from fuse_train.metrics import evaluate_detections
-
-from pycocotools.coco import COCO  # the dev extra; a missing install fails, never skips
-from pycocotools.cocoeval import COCOeval
 
 
 def _random_case(seed: int, n_images: int = 12, nc: int = 3):
@@ -39,8 +38,16 @@ def _pycocotools_map(preds, gts, nc):
         images.append({"id": i, "width": 200, "height": 200})
         for row in g:
             x1, y1, x2, y2 = row[1:]
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(row[0]),
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": int(row[0]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
         for row in p:
             x1, y1, x2, y2, s, c = row
             results.append({"image_id": i, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})

@@ -58,8 +58,9 @@ def test_assigner_marks_anchors_inside_the_box_only():
     gt = torch.tensor([[[8.0, 8.0, 40.0, 40.0]]])
     pred = decode_boxes(torch.zeros(1, len(anchors), 4), anchors, strides)
     scores = torch.full((1, len(anchors), 2), 0.5)
-    boxes, target_scores, fg = task_aligned_assign(scores, pred, anchors, torch.tensor([[1]]), gt,
-                                                   torch.tensor([[True]]))
+    boxes, target_scores, fg = task_aligned_assign(
+        scores, pred, anchors, torch.tensor([[1]]), gt, torch.tensor([[True]])
+    )
     assert fg.sum() > 0
     inside = ((anchors > 8) & (anchors < 40)).all(1)
     assert not (fg[0] & ~inside).any()

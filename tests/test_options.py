@@ -38,8 +38,7 @@ def test_nonsense_values_exit_2_naming_the_option(tmp_path, monkeypatch, program
     result = CliRunner().invoke(program, args)
     assert result.exit_code == 2, result.output
     # click's range check ("Invalid value for '--conf'"), or fuse-train train's one-line config check
-    assert f"Invalid value for '{option}'" in result.output or f"error: {option}: must" in result.output, \
-        result.output
+    assert f"Invalid value for '{option}'" in result.output or f"error: {option}: must" in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not any(tmp_path.iterdir())  # nothing was started, nothing written
 

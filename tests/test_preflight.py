@@ -4,12 +4,42 @@ import pytest
 
 from ckpttools.commands.preflight import UnknownField, parse_allow, preflight
 
-BASE = {"data": "/d/data.yaml", "data-fingerprint": "abc", "batch": 16, "world-size": 1, "lr0": 0.01, "lrf": 0.01,
-        "momentum": 0.937, "weight-decay": 0.0005, "optimizer": "SGD", "warmup-epochs": 3.0, "schedule": "cosine",
-        "epochs": 50, "fusion": "mid", "scale": "n", "nc": 1, "img-size": 640, "model": "fp1"}
-CHANGED = {"batch": 32, "world-size": 2, "lr0": 0.02, "lrf": 0.1, "momentum": 0.9, "weight-decay": 0.001,
-           "optimizer": "AdamW", "warmup-epochs": 1.0, "schedule": "linear", "epochs": 60, "fusion": "late",
-           "scale": "s", "nc": 2, "img-size": 320, "model": "fp2"}
+BASE = {
+    "data": "/d/data.yaml",
+    "data-fingerprint": "abc",
+    "batch": 16,
+    "world-size": 1,
+    "lr0": 0.01,
+    "lrf": 0.01,
+    "momentum": 0.937,
+    "weight-decay": 0.0005,
+    "optimizer": "SGD",
+    "warmup-epochs": 3.0,
+    "schedule": "cosine",
+    "epochs": 50,
+    "fusion": "mid",
+    "scale": "n",
+    "nc": 1,
+    "img-size": 640,
+    "model": "fp1",
+}
+CHANGED = {
+    "batch": 32,
+    "world-size": 2,
+    "lr0": 0.02,
+    "lrf": 0.1,
+    "momentum": 0.9,
+    "weight-decay": 0.001,
+    "optimizer": "AdamW",
+    "warmup-epochs": 1.0,
+    "schedule": "linear",
+    "epochs": 60,
+    "fusion": "late",
+    "scale": "s",
+    "nc": 2,
+    "img-size": 320,
+    "model": "fp2",
+}
 
 
 def test_identical_records_pass():

@@ -2,7 +2,6 @@
 2 -> 1 and 1 -> 2 through `ckpt remap --gpus`, a cuda-saved checkpoint remapped to cpu, other layouts' prefixes."""
 
 import csv
-import os
 import subprocess
 import sys
 
@@ -11,12 +10,12 @@ import torch
 from click.testing import CliRunner
 
 from ckpttools.cli import main as ckpt
-from ckpttools.formats.registry import open_checkpoint
 from ckpttools.commands.remap import remap
+from ckpttools.commands.verify import verify
+from ckpttools.formats.registry import open_checkpoint
 from ckpttools.formats.torchzip import write_file
 from ckpttools.tensors import TensorSource
-from ckpttools.commands.verify import verify
-from tests.helpers import TINY, load, run_train, training_state_differences, run_torchrun
+from tests.helpers import TINY, load, run_torchrun, run_train, training_state_differences
 
 STOP = 6  # mid-epoch 2 of 3 (4 global steps an epoch: 16 images, global batch 4)
 # A remapped resume is not bitwise equal to the uninterrupted run: each rank normalises its loss by its own
@@ -57,10 +56,13 @@ def ddp_interrupted(tiny_data, tmp_path_factory):
 def test_ddp_resume_on_the_same_world_size_is_bitwise(ddp_reference, ddp_interrupted, tmp_path):
     run = tmp_path / "exp"
     import shutil
+
     shutil.copytree(ddp_interrupted.parent.parent, run)
     proc = _torchrun(["--resume", str(run / "weights" / "last.pt")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert training_state_differences(load(ddp_reference / "weights" / "last.pt"), load(run / "weights" / "last.pt")) == []
+    assert (
+        training_state_differences(load(ddp_reference / "weights" / "last.pt"), load(run / "weights" / "last.pt")) == []
+    )
     assert (run / "results.csv").read_text() == (ddp_reference / "results.csv").read_text()
 
 
@@ -70,8 +72,11 @@ def test_ddp_with_dcp_folders_every_rank_writes_and_the_resume_is_bitwise(ddp_re
     plain --resume) to the same weights, optimizer state and results.csv as the uninterrupted .pt run."""
     from fuse_train.dcp_save import load_folder
 
-    proc = _torchrun(["--data", str(tiny_data), *TINY, "--save-format", "dcp"], tmp_path,
-                     env={"FUSE_TRAIN_STOP_AFTER_STEP": str(STOP)})
+    proc = _torchrun(
+        ["--data", str(tiny_data), *TINY, "--save-format", "dcp"],
+        tmp_path,
+        env={"FUSE_TRAIN_STOP_AFTER_STEP": str(STOP)},
+    )
     assert proc.returncode != 0 and "resume with" in proc.stderr, proc.stderr[-3000:]
     run = tmp_path / "runs" / "fuse" / "exp"
     last = run / "weights" / "last.dcp"
@@ -86,8 +91,13 @@ def test_ddp_with_dcp_folders_every_rank_writes_and_the_resume_is_bitwise(ddp_re
     assert not verify(last).errors and not verify(run / "weights" / "best.dcp").errors
     audit = CliRunner().invoke(ckpt, ["audit", str(run)])  # finds last.dcp in the run folder
     assert audit.exit_code == 0 and "every resume is seamless" in audit.output, audit.output
-    val = subprocess.run([sys.executable, "-m", "fuse_train", "val", "-w", str(run / "weights" / "best.dcp"), "--json"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    val = subprocess.run(
+        [sys.executable, "-m", "fuse_train", "val", "-w", str(run / "weights" / "best.dcp"), "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert val.returncode == 0 and '"mAP50"' in val.stdout, val.stderr[-2000:]
 
 
@@ -108,7 +118,9 @@ def _check_remapped_run(run_dir, reference_dir, world_size):
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]  # every epoch once
     assert [r["lr"] for r in rows] == [r["lr"] for r in ref_rows]  # the schedule is a function of the global step
     assert rows[0] == ref_rows[0]  # the epoch finished before the interruption is carried over as it was
-    assert abs(float(rows[1]["train/box_loss"]) - float(ref_rows[1]["train/box_loss"])) < 0.1 * float(ref_rows[1]["train/box_loss"])
+    assert abs(float(rows[1]["train/box_loss"]) - float(ref_rows[1]["train/box_loss"])) < 0.1 * float(
+        ref_rows[1]["train/box_loss"]
+    )
     assert _rel_l2(final["model"], ref["model"]) < WEIGHT_TOLERANCE
     assert not verify(run_dir / "weights" / "last.pt").errors
 
@@ -117,7 +129,9 @@ def _check_remapped_run(run_dir, reference_dir, world_size):
 def test_two_processes_remapped_to_one(ddp_reference, ddp_interrupted, tmp_path):
     run = tmp_path / "exp"
     (run / "weights").mkdir(parents=True)
-    res = CliRunner().invoke(ckpt, ["remap", str(ddp_interrupted), "--gpus", "1", "-o", str(run / "weights" / "last.1gpu.pt")])
+    res = CliRunner().invoke(
+        ckpt, ["remap", str(ddp_interrupted), "--gpus", "1", "-o", str(run / "weights" / "last.1gpu.pt")]
+    )
     assert res.exit_code == 0, res.output
     assert "world size 2 -> 1" in res.output and "per-rank batch 2 -> 4" in res.output
     proc = run_train(["--resume", str(run / "weights" / "last.1gpu.pt")], tmp_path)  # no --allow-change needed
@@ -127,8 +141,9 @@ def test_two_processes_remapped_to_one(ddp_reference, ddp_interrupted, tmp_path)
 
 @pytest.mark.slow
 def test_one_process_remapped_to_two(reference_run, tiny_data, tmp_path):
-    first = run_train(["--data", str(tiny_data), *TINY, "--save-period", "2"], tmp_path,
-                      env={"FUSE_TRAIN_STOP_AFTER_STEP": str(STOP)})
+    first = run_train(
+        ["--data", str(tiny_data), *TINY, "--save-period", "2"], tmp_path, env={"FUSE_TRAIN_STOP_AFTER_STEP": str(STOP)}
+    )
     assert first.returncode == 130, first.stderr
     weights = tmp_path / "runs" / "fuse" / "exp" / "weights"
     result = remap(weights / "last.pt", weights / "last.2gpu.pt", gpus=2)
@@ -138,7 +153,8 @@ def test_one_process_remapped_to_two(reference_run, tiny_data, tmp_path):
     assert not two["rng"]["ranks"][1]["torch"].equal(two["rng"]["ranks"][0]["torch"])
     again = remap(weights / "last.pt", tmp_path / "again.pt", gpus=2)  # derivation is deterministic
     assert again.changes == result.changes and load(tmp_path / "again.pt")["rng"]["ranks"][1]["torch"].equal(
-        two["rng"]["ranks"][1]["torch"])
+        two["rng"]["ranks"][1]["torch"]
+    )
     proc = _torchrun(["--resume", str(weights / "last.2gpu.pt")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_remapped_run(weights.parent, reference_run[0], 2)
@@ -159,8 +175,12 @@ def test_cuda_saved_checkpoint_remapped_to_cpu_loads_with_plain_torch_load(refer
     assert cpu["resolved"]["device"] == "cpu"
     ref = load(last)
     assert training_state_differences(ref, cpu) == []
-    assert all(t.device.type == "cpu" for s in cpu["optimizer"]["state"].values() for t in s.values()
-               if isinstance(t, torch.Tensor))
+    assert all(
+        t.device.type == "cpu"
+        for s in cpu["optimizer"]["state"].values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
     assert not verify(tmp_path / "cpu.pt").errors
 
 
@@ -178,8 +198,12 @@ def test_other_layouts_strip_or_add_the_module_prefix(tmp_path):
 def test_remap_refuses_what_cannot_be_kept(reference_run, tmp_path):
     last = reference_run[0] / "weights" / "last.pt"
     runner = CliRunner()
-    for args, needle in ((["--gpus", "3"], "not divisible by 3"), ([], "--gpus M and/or --device"),
-                         (["--device", "tpu"], "use cpu, cuda or cuda:K"), (["--gpus", "0"], "'--gpus': 0 is not in the range x>=1")):
+    for args, needle in (
+        (["--gpus", "3"], "not divisible by 3"),
+        ([], "--gpus M and/or --device"),
+        (["--device", "tpu"], "use cpu, cuda or cuda:K"),
+        (["--gpus", "0"], "'--gpus': 0 is not in the range x>=1"),
+    ):
         res = runner.invoke(ckpt, ["remap", str(last), "-o", str(tmp_path / "x.pt"), *args])
         assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "x.pt").exists()

@@ -64,7 +64,9 @@ def test_damaged_tensor_is_reported_then_filled_from_a_backup(last, reference_ru
     others = {k: v for k, v in fixed["model"].items() if k != "head.cls.0.2.weight"}
     original = load(last)["model"]  # loaded once, not once per key
     assert all(torch.equal(v, original[k]) for k, v in others.items())
-    assert fixed["history"][-1]["event"] == "repair" and fixed["history"][-1]["tensors"] == ["model/head.cls.0.2.weight"]
+    assert fixed["history"][-1]["event"] == "repair" and fixed["history"][-1]["tensors"] == [
+        "model/head.cls.0.2.weight"
+    ]
     assert not verify(tmp_path / "fixed.pt").errors
 
 
@@ -115,7 +117,8 @@ def test_a_zeroed_directory_page_or_wrong_counts_come_back_bit_for_bit(last, tmp
     from the wrong bytes; wrong entry counts likewise.  The directory is rebuilt from the local headers."""
     import struct
 
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     data = last.read_bytes()
     offset, size = _directory_span(data)
@@ -136,15 +139,15 @@ def test_a_zeroed_directory_page_or_wrong_counts_come_back_bit_for_bit(last, tmp
         page = offset + start - (offset + start) % length  # page-aligned, as a storage fault zeroes it
         end = min(page + length, offset + size)  # the end records stay whole (they say where things are)
         damaged = bytearray(data)
-        damaged[max(page, offset):end] = bytes(end - max(page, offset))
+        damaged[max(page, offset) : end] = bytes(end - max(page, offset))
         if bytes(damaged) != data:
             check(bytes(damaged), "zeroed")
 
     zeroed()
     eocd = data.rfind(b"PK\x05\x06")
     wrong = bytearray(data)
-    wrong[eocd + 8: eocd + 12] = struct.pack("<HH", 3, 3)
+    wrong[eocd + 8 : eocd + 12] = struct.pack("<HH", 3, 3)
     z64 = data.rfind(b"PK\x06\x06")
     if 0 <= z64 < eocd:
-        wrong[z64 + 24: z64 + 40] = struct.pack("<QQ", 3, 3)
+        wrong[z64 + 24 : z64 + 40] = struct.pack("<QQ", 3, 3)
     check(bytes(wrong), "counts")

@@ -31,8 +31,11 @@ def _assert_matches_reference(reference_run, run: Path):
 
 @pytest.mark.parametrize("stop_after", [STEPS_PER_EPOCH, 6], ids=["epoch-boundary", "mid-epoch"])
 def test_interrupted_and_resumed_run_is_bitwise_identical(reference_run, tiny_data, tmp_path, stop_after):
-    first = run_train(["--data", str(tiny_data), *TINY, "--save-period", "2"], tmp_path,
-                      env={"FUSE_TRAIN_STOP_AFTER_STEP": str(stop_after)})
+    first = run_train(
+        ["--data", str(tiny_data), *TINY, "--save-period", "2"],
+        tmp_path,
+        env={"FUSE_TRAIN_STOP_AFTER_STEP": str(stop_after)},
+    )
     assert first.returncode == 130, first.stderr
     assert "resume with: fuse-train --resume" in first.stderr
     ckpt = load(_exp(tmp_path) / "weights" / "last.pt")
@@ -42,16 +45,25 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(reference_run, tiny_da
     assert f"resuming mid fusion (n) at epoch {stop_after // STEPS_PER_EPOCH + 1}" in second.stdout
     _assert_matches_reference(reference_run, _exp(tmp_path))
     from ckpttools.commands.diff import diff_checkpoints  # what a user would run to check the resume
-    assert diff_checkpoints(reference_run[0] / "weights" / "last.pt", _exp(tmp_path) / "weights" / "last.pt").verdict \
+
+    assert (
+        diff_checkpoints(reference_run[0] / "weights" / "last.pt", _exp(tmp_path) / "weights" / "last.pt").verdict
         == "identical"
+    )
     history = load(_exp(tmp_path) / "weights" / "last.pt")["history"]
     assert [h["event"] for h in history] == ["start", "resume"] and history[1]["step"] == stop_after
 
 
 def _start(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fuse_train", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fuse_train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first_line = proc.stdout.readline()  # printed once the signal handlers are installed and training starts
     assert first_line.startswith(("training", "resuming")), first_line + proc.stderr.read()
     return proc
@@ -98,7 +110,9 @@ def test_kill_9_at_random_moments_including_saves(reference_run, tiny_data, tmp_
         if kills >= 4:
             break
     assert kills >= 1
-    if not last.exists() or not load(last)["progress"]["finished"]:  # on a slow day every kill may precede the first save
+    if (
+        not last.exists() or not load(last)["progress"]["finished"]
+    ):  # on a slow day every kill may precede the first save
         final = run_train(["--resume", str(last)] if last.exists() else args, tmp_path)
         assert final.returncode == 0, final.stderr
     assert not list(last.parent.glob(".*.tmp")), "stale temporary files left behind"
@@ -118,13 +132,22 @@ def _snapshot(folder: Path) -> dict:
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("extra, field", [
-    (["--batch", "8"], "batch"), (["--lr0", "0.01"], "lr0"), (["--lrf", "0.1"], "lrf"),
-    (["--momentum", "0.9"], "momentum"), (["--weight-decay", "0.001"], "weight-decay"),
-    (["--optimizer", "SGD"], "optimizer"), (["--warmup-epochs", "2"], "warmup-epochs"),
-    (["--fusion", "early"], "fusion"), (["--scale", "s"], "scale"), (["--img-size", "96"], "img-size"),
-    (["--epochs", "5"], "epochs"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        (["--batch", "8"], "batch"),
+        (["--lr0", "0.01"], "lr0"),
+        (["--lrf", "0.1"], "lrf"),
+        (["--momentum", "0.9"], "momentum"),
+        (["--weight-decay", "0.001"], "weight-decay"),
+        (["--optimizer", "SGD"], "optimizer"),
+        (["--warmup-epochs", "2"], "warmup-epochs"),
+        (["--fusion", "early"], "fusion"),
+        (["--scale", "s"], "scale"),
+        (["--img-size", "96"], "img-size"),
+        (["--epochs", "5"], "epochs"),
+    ],
+)
 def test_preflight_blocks_a_changed_field_before_writing_anything(stopped_run, extra, field):
     run = stopped_run.parent.parent
     before = _snapshot(run)
@@ -138,7 +161,9 @@ def test_preflight_blocks_a_changed_field_before_writing_anything(stopped_run, e
 def test_allowed_change_is_recorded_in_history(stopped_run, tmp_path):
     run = tmp_path / "exp"
     shutil.copytree(stopped_run.parent.parent, run)
-    proc = run_train(["--resume", str(run / "weights" / "last.pt"), "--lr0", "0.003", "--allow-change", "lr0"], tmp_path)
+    proc = run_train(
+        ["--resume", str(run / "weights" / "last.pt"), "--lr0", "0.003", "--allow-change", "lr0"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     ckpt = load(run / "weights" / "last.pt")
     assert ckpt["train_args"]["lr0"] == 0.003
@@ -206,5 +231,7 @@ def test_second_ctrl_c_exits_at_once_and_last_pt_still_loads(tiny_data, tmp_path
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     last = _exp(tmp_path) / "weights" / "last.pt"
-    if last.exists():  # the second signal may land before the first save finished: then no last.pt yet, never a torn one
+    if (
+        last.exists()
+    ):  # the second signal may land before the first save finished: then no last.pt yet, never a torn one
         assert load(last)["progress"]["global_step"] >= 1

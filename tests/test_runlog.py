@@ -3,8 +3,6 @@ uninterrupted run's step for step (CPU, fixed seed), no step twice; results.csv 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from PIL import Image
 

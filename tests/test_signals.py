@@ -15,29 +15,42 @@ from pathlib import Path
 
 import pytest
 
-from fuse_train.relaunch import (job_identity, launch_record, newest_last, relaunched_run, restart_reason,
-                                 run_folders, write_launch)
+from fuse_train.relaunch import (
+    job_identity,
+    launch_record,
+    newest_last,
+    relaunched_run,
+    restart_reason,
+    run_folders,
+    write_launch,
+)
 from fuse_train.signals import SignalState, exit_code
 
 
-@pytest.mark.parametrize("env, reason", [
-    ({}, None),
-    ({"TORCHELASTIC_RESTART_COUNT": "0"}, None),
-    ({"TORCHELASTIC_RESTART_COUNT": "2"}, "torchrun restart 2"),
-    ({"SLURM_RESTART_COUNT": "1"}, "Slurm requeue 1"),
-    ({"TORCHELASTIC_RESTART_COUNT": "", "SLURM_RESTART_COUNT": "x"}, None),
-])
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({}, None),
+        ({"TORCHELASTIC_RESTART_COUNT": "0"}, None),
+        ({"TORCHELASTIC_RESTART_COUNT": "2"}, "torchrun restart 2"),
+        ({"SLURM_RESTART_COUNT": "1"}, "Slurm requeue 1"),
+        ({"TORCHELASTIC_RESTART_COUNT": "", "SLURM_RESTART_COUNT": "x"}, None),
+    ],
+)
 def test_restart_reason(env, reason):
     assert restart_reason(env) == reason
 
 
-@pytest.mark.parametrize("env, job", [
-    ({}, ""),
-    ({"TORCHELASTIC_RUN_ID": "none"}, ""),  # torchrun's default id: every job without --rdzv-id has it
-    ({"TORCHELASTIC_RUN_ID": "abc"}, "torchrun:abc"),
-    ({"SLURM_JOB_ID": "4242"}, "slurm:4242"),
-    ({"TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "7"}, "slurm:7"),
-])
+@pytest.mark.parametrize(
+    "env, job",
+    [
+        ({}, ""),
+        ({"TORCHELASTIC_RUN_ID": "none"}, ""),  # torchrun's default id: every job without --rdzv-id has it
+        ({"TORCHELASTIC_RUN_ID": "abc"}, "torchrun:abc"),
+        ({"SLURM_JOB_ID": "4242"}, "slurm:4242"),
+        ({"TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "7"}, "slurm:7"),
+    ],
+)
 def test_job_identity(env, job):
     assert job_identity(env) == job
 
@@ -47,8 +60,7 @@ def test_a_restart_finds_the_last_folder_this_launch_started(tmp_path):
     mine = launch_record({"epochs": 5, "name": "exp"}, {"TORCHELASTIC_RUN_ID": "j1"})
     other_job = launch_record({"epochs": 5, "name": "exp"}, {"TORCHELASTIC_RUN_ID": "j0"})
     other_options = launch_record({"epochs": 6, "name": "exp"}, {"TORCHELASTIC_RUN_ID": "j1"})
-    for folder, record in (("exp", other_job), ("exp2", mine), ("exp3", other_options), ("exp4", mine),
-                           ("exp5", None)):
+    for folder, record in (("exp", other_job), ("exp2", mine), ("exp3", other_options), ("exp4", mine), ("exp5", None)):
         (project / folder / "weights").mkdir(parents=True)
         if record:
             write_launch(project / folder, record)
@@ -120,8 +132,14 @@ print("batches", batches, "received", len(received), flush=True)
 def _fire_at_workers(script_text: str, tmp_path: Path, rng: random.Random, epochs: int):
     script = tmp_path / "fire.py"
     script.write_text(script_text)
-    proc = subprocess.Popen([sys.executable, str(script), str(epochs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(epochs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.stdout.readline().strip() == "ready"
     sent = 0
     while proc.poll() is None and sent < 40:
@@ -150,6 +168,7 @@ def test_dataloader_workers_survive_signals_to_the_group_at_random_moments(tmp_p
 def test_negative_control_plain_workers_die_of_the_same_signals(tmp_path):
     """The same fire at a DataLoader without worker_init / loader_batches: torch's workers die of it."""
     plain = WORKERS_UNDER_FIRE.replace("worker_init_fn=worker_init", "worker_init_fn=None").replace(
-        "loader_batches(loader)", "iter(loader)")
+        "loader_batches(loader)", "iter(loader)"
+    )
     code, out, err, sent = _fire_at_workers(plain, tmp_path, random.Random("plain"), 12)
     assert code != 0 and "batches" not in out and "DataLoader worker" in err

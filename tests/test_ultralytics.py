@@ -26,13 +26,19 @@ DRIVER = ROOT / "fixtures" / "ultralytics_driver.py"
 
 def drive(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True, text=True, env=full,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(DRIVER), *args], capture_output=True, text=True, env=full, cwd=cwd, timeout=600
+    )
 
 
 def ckpt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ckpttools.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ckpttools.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+        timeout=300,
+    )
 
 
 def load(path: Path) -> dict:
@@ -61,8 +67,19 @@ def test_genuine_checkpoint_verifies_and_preflight_reads_its_rgb_only_data(cut_r
     same = ckpt("preflight", str(cut_run), "--data", str(data))
     assert same.returncode == 0, same.stdout + same.stderr
     assert "label cache Ultralytics wrote" in same.stdout
-    changed = ckpt("preflight", str(cut_run), "--batch", "8", "--lr0", "0.05", "--img-size", "96",
-                   "--model", "yolo11s.yaml", "--json")
+    changed = ckpt(
+        "preflight",
+        str(cut_run),
+        "--batch",
+        "8",
+        "--lr0",
+        "0.05",
+        "--img-size",
+        "96",
+        "--model",
+        "yolo11s.yaml",
+        "--json",
+    )
     assert changed.returncode == 3
     report = json.loads(changed.stdout)
     assert sorted(report["blocked"]) == ["batch", "img-size", "lr0", "model"]
@@ -113,13 +130,15 @@ def test_remap_device_lets_genuine_ultralytics_resume_on_cpu(cut_run, tmp_path):
     resumed = drive("resume", str(cpu))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming training" in resumed.stdout + resumed.stderr
-    rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))
+    rows = list(csv.DictReader((tmp_path / "run" / "results.csv").read_text().splitlines()))
     assert int(float(rows[-1]["epoch"])) == 3  # trained to the end of the planned 3 epochs
 
 
 def _losses(run: Path) -> list[list[float]]:
-    return [[float(r[k]) for k in ("train/box_loss", "train/cls_loss", "train/dfl_loss")]
-            for r in csv.DictReader(open(run / "results.csv"))]
+    return [
+        [float(r[k]) for k in ("train/box_loss", "train/cls_loss", "train/dfl_loss")]
+        for r in csv.DictReader(open(run / "results.csv"))
+    ]
 
 
 def _state(run: Path) -> dict:
@@ -131,8 +150,9 @@ def test_integration_resume_is_exact_where_plain_ultralytics_drifts(data, tmp_pa
     runs = {}
     for label, safe in (("plain", []), ("safe", ["--safe"])):
         full = drive("train", str(data), str(tmp_path), f"{label}-full", "--epochs", "4", "--nbs", "4", *safe)
-        cut = drive("train", str(data), str(tmp_path), f"{label}-cut", "--epochs", "4", "--nbs", "4", "--cut", "1",
-                    *safe)
+        cut = drive(
+            "train", str(data), str(tmp_path), f"{label}-cut", "--epochs", "4", "--nbs", "4", "--cut", "1", *safe
+        )
         assert full.returncode == 0 and cut.returncode == 0, full.stderr[-1500:] + cut.stderr[-1500:]
         resumed = drive("resume", str(tmp_path / f"{label}-cut" / "weights" / "last.pt"), *safe)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -151,12 +171,21 @@ def test_integration_resume_is_exact_where_plain_ultralytics_drifts(data, tmp_pa
 def test_integration_kills_during_saves_always_leave_a_loadable_last_pt(data, tmp_path):
     # the n-th passage of each point of the atomic write: the first save writes best.pt then last.pt (passages
     # 1 and 2); every point below falls in a later save (a previous last.pt exists) or in the final strip
-    points = ["before-rename@3", "before-fsync@3", "after-rename@3", "keep-previous", "keep-previous@2",
-              "before-fsync@4", "before-rename@4", "after-rename@4", "before-fsync@5", "before-rename@5"]
+    points = [
+        "before-rename@3",
+        "before-fsync@3",
+        "after-rename@3",
+        "keep-previous",
+        "keep-previous@2",
+        "before-fsync@4",
+        "before-rename@4",
+        "after-rename@4",
+        "before-fsync@5",
+        "before-rename@5",
+    ]
     for i, point in enumerate(points):
         name = f"k{i}"
-        proc = drive("train", str(data), str(tmp_path), name, "--epochs", "3", "--safe",
-                     env={"CKPTTOOLS_FAULT": point})
+        proc = drive("train", str(data), str(tmp_path), name, "--epochs", "3", "--safe", env={"CKPTTOOLS_FAULT": point})
         assert proc.returncode == -9, (point, proc.returncode, proc.stderr[-1500:])
         last = tmp_path / name / "weights" / "last.pt"
         assert ckpt("verify", str(last)).returncode == 0, point  # 10 of 10: whole, verified

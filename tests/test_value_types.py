@@ -19,15 +19,26 @@ from ckpttools.commands.verify import verify
 
 def test_metadata_values_torch_saves_are_no_error(tmp_path):
     path = tmp_path / "meta.pt"
-    torch.save({"model": {"w": torch.ones(3)},
-                "meta": {"started": datetime.datetime(2026, 12, 4, 15, 0, tzinfo=datetime.timezone.utc),
-                         "day": datetime.date(2026, 12, 4), "at": datetime.time(15, 4),
-                         "took": datetime.timedelta(hours=3), "labels": collections.Counter(car=3, person=5),
-                         "ratio": fractions.Fraction(1, 3), "lr": decimal.Decimal("0.001"),
-                         "run_id": uuid.UUID(int=42)}}, path)
+    torch.save(
+        {
+            "model": {"w": torch.ones(3)},
+            "meta": {
+                "started": datetime.datetime(2026, 12, 4, 15, 0, tzinfo=datetime.timezone.utc),
+                "day": datetime.date(2026, 12, 4),
+                "at": datetime.time(15, 4),
+                "took": datetime.timedelta(hours=3),
+                "labels": collections.Counter(car=3, person=5),
+                "ratio": fractions.Fraction(1, 3),
+                "lr": decimal.Decimal("0.001"),
+                "run_id": uuid.UUID(int=42),
+            },
+        },
+        path,
+    )
     report = verify(path)
-    assert not report.errors and not [f for f in report.findings if f.code.startswith("safety.")], \
-        [(f.code, f.message) for f in report.findings]
+    assert not report.errors and not [f for f in report.findings if f.code.startswith("safety.")], [
+        (f.code, f.message) for f in report.findings
+    ]
     assert CliRunner().invoke(ckpt, ["inspect", str(path)]).exit_code == 0
 
 

@@ -38,10 +38,23 @@ def test_checksums_switched_off_are_a_warning_and_every_command_works(tmp_path):
 
 def _lightning(tmp_path, weights, kth=float("inf")):
     path = tmp_path / "epoch=1.ckpt"
-    torch.save({"state_dict": weights, "epoch": 1, "global_step": 10, "pytorch-lightning_version": "2.4.0",
-                "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
-                    "kth_value": torch.tensor(kth), "best_model_score": torch.tensor(kth)}},
-                "optimizer_states": [], "lr_schedulers": []}, path)
+    torch.save(
+        {
+            "state_dict": weights,
+            "epoch": 1,
+            "global_step": 10,
+            "pytorch-lightning_version": "2.4.0",
+            "callbacks": {
+                "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
+                    "kth_value": torch.tensor(kth),
+                    "best_model_score": torch.tensor(kth),
+                }
+            },
+            "optimizer_states": [],
+            "lr_schedulers": [],
+        },
+        path,
+    )
     return path
 
 

@@ -65,8 +65,14 @@ def test_corruption_corpus_is_flagged_every_time(reference_run, tmp_path):
         if ok:
             missed.append(v["name"])
     assert missed == []
-    assert {"bit flip in tensor-data", "bit flip in pickle", "bit flip in central-directory", "truncation",
-            "zero length", "random bytes"} <= kinds
+    assert {
+        "bit flip in tensor-data",
+        "bit flip in pickle",
+        "bit flip in central-directory",
+        "truncation",
+        "zero length",
+        "random bytes",
+    } <= kinds
     assert verify(work).ok(strict=True)  # restored copy passes again
 
 
@@ -74,6 +80,7 @@ def test_bit_flip_in_tensor_data_names_the_tensor(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save({"layer.weight": torch.randn(64, 64), "layer.bias": torch.zeros(64)}, path)
     from ckpttools.formats.ziprecords import parse_zip
+
     records, _ = parse_zip(path)
     rec = next(r for r in records if r.name.endswith("data/0"))
     data = bytearray(path.read_bytes())
@@ -87,10 +94,15 @@ def test_bit_flip_in_tensor_data_names_the_tensor(tmp_path):
     assert crc and "layer.weight" in crc[0].where
 
 
-@pytest.mark.parametrize("content, what", [
-    (b"", "empty file"), (bytes(range(256)) * 40, "not a known checkpoint"),
-    (b"\x89PNG\r\n\x1a\n" + b"\0" * 100, "PNG image"), (b"hello world\n", "text file"),
-])
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (b"", "empty file"),
+        (bytes(range(256)) * 40, "not a known checkpoint"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 100, "PNG image"),
+        (b"hello world\n", "text file"),
+    ],
+)
 def test_non_checkpoints_are_findings_not_tracebacks(tmp_path, content, what):
     path = tmp_path / "x.pt"
     path.write_bytes(content)
@@ -137,6 +149,7 @@ def test_nan_in_weights_is_an_error_naming_the_tensor(tmp_path):
 
 def test_digest_detects_a_rewritten_checkpoint(tmp_path):
     from ckpttools.digest import digest_record
+
     good = {"format": "x", "model": {"w": torch.arange(6.0)}, "epoch": 1}
     good["digest"] = digest_record(good)
     torch.save(good, tmp_path / "good.pt")
@@ -148,10 +161,17 @@ def test_digest_detects_a_rewritten_checkpoint(tmp_path):
 
 def test_lightning_optimizer_state_against_parameters(tmp_path):
     sd = {"net.weight": torch.ones(4, 3), "net.bias": torch.ones(4)}
-    state = {0: {"exp_avg": torch.zeros(4, 3), "exp_avg_sq": torch.zeros(4, 3), "step": torch.tensor(1.0)},
-             1: {"exp_avg": torch.zeros(5), "exp_avg_sq": torch.zeros(5), "step": torch.tensor(1.0)}}
-    ckpt_dict = {"state_dict": sd, "epoch": 1, "global_step": 10, "pytorch-lightning_version": "2.4.0",
-                 "optimizer_states": [{"state": state, "param_groups": [{"params": [0, 1], "lr": 0.1}]}]}
+    state = {
+        0: {"exp_avg": torch.zeros(4, 3), "exp_avg_sq": torch.zeros(4, 3), "step": torch.tensor(1.0)},
+        1: {"exp_avg": torch.zeros(5), "exp_avg_sq": torch.zeros(5), "step": torch.tensor(1.0)},
+    }
+    ckpt_dict = {
+        "state_dict": sd,
+        "epoch": 1,
+        "global_step": 10,
+        "pytorch-lightning_version": "2.4.0",
+        "optimizer_states": [{"state": state, "param_groups": [{"params": [0, 1], "lr": 0.1}]}],
+    }
     torch.save(ckpt_dict, tmp_path / "l.ckpt")
     report = verify(tmp_path / "l.ckpt")
     assert report.layout == "lightning" and "optimizer.shape-mismatch" in _codes(report)
@@ -165,6 +185,7 @@ def test_lightning_optimizer_state_against_parameters(tmp_path):
 
 def test_other_containers(tmp_path):
     from safetensors.torch import save_file
+
     save_file({"w": torch.randn(3, 4), "b": torch.zeros(4)}, tmp_path / "m.safetensors", metadata={"epoch": "3"})
     report = verify(tmp_path / "m.safetensors")
     assert report.format == "safetensors" and report.ok() and report.facts["parameter_count"] == 16
@@ -232,16 +253,19 @@ def test_findings_page_is_generated_from_the_registry_and_unknown_codes_are_refu
     from ckpttools.report import Report
 
     root = Path(__file__).resolve().parent.parent
-    assert (root / "docs" / "findings.md").read_text() == markdown(), \
+    assert (root / "docs" / "findings.md").read_text() == markdown(), (
         "regenerate: python -m ckpttools.findings > docs/findings.md"
+    )
     with pytest.raises(ValueError, match="not in ckpttools.findings"):
         Report("x").add("error", "zip.made-up", "a code nobody documented")
 
 
 def test_dcp_folder_is_read_without_torch_distributed(tmp_path):
     import torch.distributed.checkpoint as dcp
+
     state = {"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}, "epoch": 3}
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
         dcp.save(state, checkpoint_id=str(tmp_path / "ck"))
@@ -263,6 +287,7 @@ def test_dcp_folder_is_read_without_torch_distributed(tmp_path):
 
 def test_hdf5_is_described_and_checksums_are_checked(tmp_path):
     import h5py
+
     w = np.arange(12, dtype=np.float32).reshape(3, 4)
     with h5py.File(tmp_path / "c.h5", "w") as f:
         f.create_group("model").create_dataset("w", data=w, fletcher32=True, chunks=True)
@@ -278,6 +303,7 @@ def test_hdf5_is_described_and_checksums_are_checked(tmp_path):
 
 def test_hugging_face_style_folder(tmp_path):
     from safetensors.torch import save_file
+
     (tmp_path / "config.json").write_text('{"model_type": "yolo"}')
     save_file({"w": torch.ones(2, 2)}, tmp_path / "model.safetensors")
     report = verify(tmp_path)

@@ -44,15 +44,16 @@ class _Subprocess:
 def _memo_stack_global(marker) -> bytes:
     """Protocol-4 pickle: the module name is memoized, then fetched through BINGET for STACK_GLOBAL."""
     cmd = f"touch {marker}".encode()
-    return (b"\x80\x04"  # PROTO 4
-            b"\x8c\x05posix\x94"  # SHORT_BINUNICODE 'posix', MEMOIZE -> memo[0]
-            b"\x8c\x04junk\x94"  # another memo entry
-            b"0"  # POP
-            b"0"  # POP
-            b"h\x00"  # BINGET 0 -> 'posix'
-            b"\x8c\x06system\x93"  # SHORT_BINUNICODE 'system', STACK_GLOBAL
-            b"\x8c" + bytes([len(cmd)]) + cmd + b"\x85R."  # arg, TUPLE1, REDUCE, STOP
-            )
+    return (
+        b"\x80\x04"  # PROTO 4
+        b"\x8c\x05posix\x94"  # SHORT_BINUNICODE 'posix', MEMOIZE -> memo[0]
+        b"\x8c\x04junk\x94"  # another memo entry
+        b"0"  # POP
+        b"0"  # POP
+        b"h\x00"  # BINGET 0 -> 'posix'
+        b"\x8c\x06system\x93"  # SHORT_BINUNICODE 'system', STACK_GLOBAL
+        b"\x8c" + bytes([len(cmd)]) + cmd + b"\x85R."  # arg, TUPLE1, REDUCE, STOP
+    )
 
 
 def _payloads(tmp_path, marker):
@@ -80,9 +81,9 @@ def _zip_with_bad_crc(cmd) -> bytes:
     info = next(i for i in zf.infolist() if i.filename.endswith("data.pkl"))
     # flip one bit of the recorded CRC in the central directory entry of data.pkl
     cd_name = info.filename.encode()
-    at = data.rfind(b"PK\x01\x02" + data[data.rfind(cd_name) - 42: data.rfind(cd_name) - 42 + 12][4:], 0)
+    at = data.rfind(b"PK\x01\x02" + data[data.rfind(cd_name) - 42 : data.rfind(cd_name) - 42 + 12][4:], 0)
     entry = data.rfind(cd_name) - 46
-    assert data[entry: entry + 4] == b"PK\x01\x02", at
+    assert data[entry : entry + 4] == b"PK\x01\x02", at
     data[entry + 16] ^= 0x01
     return bytes(data)
 
@@ -98,18 +99,31 @@ def test_payloads_are_live(tmp_path):
     """Sanity: the payloads really run under plain pickle, so the tests below would notice execution."""
     live = tmp_path / "LIVE"
     data, _ = _payloads(tmp_path, live)["plain-pickle-named-pt (os.system, protocol 2)"]
-    subprocess.run([sys.executable, "-c", "import pickle,sys; pickle.loads(sys.stdin.buffer.read())"], input=data,
-                   check=False)
+    subprocess.run(
+        [sys.executable, "-c", "import pickle,sys; pickle.loads(sys.stdin.buffer.read())"], input=data, check=False
+    )
     assert live.exists()
     live.unlink()
-    subprocess.run([sys.executable, "-c", "import pickle,sys; pickle.loads(sys.stdin.buffer.read())"],
-                   input=_memo_stack_global(live), check=False)
+    subprocess.run(
+        [sys.executable, "-c", "import pickle,sys; pickle.loads(sys.stdin.buffer.read())"],
+        input=_memo_stack_global(live),
+        check=False,
+    )
     assert live.exists()
 
 
-@pytest.mark.parametrize("case", ["plain-pickle-named-pt (os.system, protocol 2)", "exec via STACK_GLOBAL (protocol 4)",
-                                  "subprocess.call", "memo indirection", "inside torch.save zip", "legacy torch format",
-                                  "zip with wrong data.pkl CRC"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain-pickle-named-pt (os.system, protocol 2)",
+        "exec via STACK_GLOBAL (protocol 4)",
+        "subprocess.call",
+        "memo indirection",
+        "inside torch.save zip",
+        "legacy torch format",
+        "zip with wrong data.pkl CRC",
+    ],
+)
 def test_malicious_checkpoint_is_named_and_never_run(tmp_path, marker, case):
     data, reference = _payloads(tmp_path, marker)[case]
     path = tmp_path / "evil.pt"
@@ -152,11 +166,20 @@ def test_unknown_classes_become_inert_placeholders(tmp_path, marker):
     sys.modules["ultralytics_fake_tasks"] = fake
     try:
         path = tmp_path / "u.pt"
-        torch.save({"epoch": 3, "model": DetectionModel(), "ema": None, "train_args": {"batch": 16, "lr0": 0.01},
-                    "date": "2026"}, path)
+        torch.save(
+            {
+                "epoch": 3,
+                "model": DetectionModel(),
+                "ema": None,
+                "train_args": {"batch": 16, "lr0": 0.01},
+                "date": "2026",
+            },
+            path,
+        )
     finally:
         del sys.modules["ultralytics_fake_tasks"]
     from ckpttools import verify
+
     report = verify(path)
     codes = {f.code for f in report.findings}
     assert "safety.code-reference" in codes and "safety.dangerous-reference" not in codes

@@ -44,6 +44,7 @@ def test_every_genuine_entry_reads_without_error_with_its_layout_and_parameter_c
 
 def test_an_archive_of_another_kind_is_declined_not_called_damaged(tmp_path):
     import zipfile
+
     keras = tmp_path / "model.keras"  # the records a Keras 3 archive holds (no Keras here to write a real one)
     with zipfile.ZipFile(keras, "w") as z:
         z.writestr("metadata.json", "{}")
@@ -69,15 +70,21 @@ def test_facts_of_particular_writers():
     assert "layout.torchscript" in _findings("torchscript.pt")
     lightning = json.loads(run("verify", str(ZOO / "lightning_epoch1.ckpt"), "--json").output)
     assert lightning["ok"] and lightning["step"] == 4  # its callback state holds kth_value = inf: not an error
-    steps = [json.loads(run("verify", str(ZOO / f"hf_trainer_checkpoint-{n}"), "--json").output)["step"]
-             for n in (1, 2)]
+    steps = [
+        json.loads(run("verify", str(ZOO / f"hf_trainer_checkpoint-{n}"), "--json").output)["step"] for n in (1, 2)
+    ]
     assert steps == [1, 2]  # from trainer_state.json
 
 
-@pytest.mark.parametrize("a,b", [("torch_tutorial_epoch1.pt", "torch_tutorial_epoch2.pt"),
-                                 ("timm_checkpoint-0.pth.tar", "timm_checkpoint-1.pth.tar"),
-                                 ("lightning_epoch0.ckpt", "lightning_epoch1.ckpt"),
-                                 ("hf_trainer_checkpoint-1", "hf_trainer_checkpoint-2")])
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("torch_tutorial_epoch1.pt", "torch_tutorial_epoch2.pt"),
+        ("timm_checkpoint-0.pth.tar", "timm_checkpoint-1.pth.tar"),
+        ("lightning_epoch0.ckpt", "lightning_epoch1.ckpt"),
+        ("hf_trainer_checkpoint-1", "hf_trainer_checkpoint-2"),
+    ],
+)
 def test_diff_of_consecutive_saves(a, b):
     result = run("diff", str(ZOO / a), str(ZOO / b), "--json")
     report = json.loads(result.output)
@@ -86,8 +93,10 @@ def test_diff_of_consecutive_saves(a, b):
 
 
 def test_a_sharded_folder_is_one_checkpoint_for_inspect_diff_and_convert(tmp_path):
-    assert json.loads(run("diff", str(ZOO / "hf_sharded"), str(ZOO / "hf_pretrained"), "--json").output)[
-        "verdict"] == "identical"
+    assert (
+        json.loads(run("diff", str(ZOO / "hf_sharded"), str(ZOO / "hf_pretrained"), "--json").output)["verdict"]
+        == "identical"
+    )
     out = tmp_path / "one.safetensors"
     assert run("convert", str(ZOO / "hf_sharded"), str(out)).exit_code == 0
     assert json.loads(run("diff", str(out), str(ZOO / "hf_pretrained"), "--json").output)["verdict"] == "identical"
@@ -95,6 +104,7 @@ def test_a_sharded_folder_is_one_checkpoint_for_inspect_diff_and_convert(tmp_pat
 
 def test_a_pt2_archive_lists_its_weights_and_a_flipped_bit_in_one_is_found(tmp_path):
     import zipfile
+
     summary = json.loads(run("inspect", str(ZOO / "exported.pt2"), "--json").output)
     assert summary["layout"] == "torch-export" and summary["weights_key"] == "weights"
     data = bytearray((ZOO / "exported.pt2").read_bytes())

@@ -22,8 +22,10 @@ def refuse_unsafe(ckpt: Checkpoint, what: str, allow_unsafe: bool = False) -> li
     dangerous = list(dict.fromkeys(j.reference for _, j in ckpt.dangerous()))
     if dangerous and not allow_unsafe:
         shown = ", ".join(dangerous[:3]) + (f" and {len(dangerous) - 3} more" if len(dangerous) > 3 else "")
-        raise UnsafeInput(f"{ckpt.path}: its pickle would run code ({shown}); refusing to {what} it (see `ckpt "
-                          f"verify {ckpt.path}`; --allow-unsafe writes its tensors only)")
+        raise UnsafeInput(
+            f"{ckpt.path}: its pickle would run code ({shown}); refusing to {what} it (see `ckpt "
+            f"verify {ckpt.path}`; --allow-unsafe writes its tensors only)"
+        )
     return dangerous
 
 
@@ -35,8 +37,9 @@ def require_intact(ckpt: Checkpoint) -> None:
         raise FormatLimit(f"{ckpt.path}: {unknown[0].message}; nothing written")
     if errors or ckpt.tree is None:
         first = errors[0].message if errors else "nothing could be read"
-        raise DamagedInput(f"{ckpt.path}: damaged ({len(errors)} problem(s), first: {first}); run `ckpt verify` / "
-                           "`ckpt repair` first")
+        raise DamagedInput(
+            f"{ckpt.path}: damaged ({len(errors)} problem(s), first: {first}); run `ckpt verify` / `ckpt repair` first"
+        )
 
 
 def open_input(path: Path, what: str, allow_unsafe: bool = False) -> tuple[Checkpoint, list[str]]:
@@ -51,5 +54,7 @@ def open_input(path: Path, what: str, allow_unsafe: bool = False) -> tuple[Check
 
 def refuse_deep(ckpt: Checkpoint, what: str) -> None:
     if depth_of(ckpt.tree, stop_at=MAX_WRITE_DEPTH + 1) > MAX_WRITE_DEPTH:
-        raise FormatLimit(f"{ckpt.path}: containers nested more than {MAX_WRITE_DEPTH} levels deep; refusing to "
-                          f"{what} it (torch.save itself cannot write such a file)")
+        raise FormatLimit(
+            f"{ckpt.path}: containers nested more than {MAX_WRITE_DEPTH} levels deep; refusing to "
+            f"{what} it (torch.save itself cannot write such a file)"
+        )

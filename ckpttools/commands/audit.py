@@ -67,9 +67,16 @@ class AuditReport:
         return not self.problems and all(b.verdict != BROKEN for b in self.boundaries)
 
     def to_dict(self) -> dict:
-        return {"run_dir": self.run_dir, "ok": self.ok, "layout": self.layout, "epochs": self.epochs,
-                "lineage": self.lineage, "boundaries": [b.to_dict() for b in self.boundaries],
-                "problems": self.problems, "notes": self.notes}
+        return {
+            "run_dir": self.run_dir,
+            "ok": self.ok,
+            "layout": self.layout,
+            "epochs": self.epochs,
+            "lineage": self.lineage,
+            "boundaries": [b.to_dict() for b in self.boundaries],
+            "problems": self.problems,
+            "notes": self.notes,
+        }
 
 
 def run_folder(path: Path) -> tuple[Path, Path | None]:
@@ -98,7 +105,9 @@ def read_results(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def is_jump(diffs: list[float], b: int, upward_only: bool, boundaries: set[int] = frozenset()) -> tuple[bool | None, str]:
+def is_jump(
+    diffs: list[float], b: int, upward_only: bool, boundaries: set[int] = frozenset()
+) -> tuple[bool | None, str]:
     """Whether ``diffs[b]`` is a jump by the statistic in the module docstring; None when there is too little
     else to compare with.  The run's own variation is measured away from every boundary (``boundaries``)."""
     others = [d for j, d in enumerate(diffs) if j != b and j not in boundaries and math.isfinite(d)]
@@ -151,8 +160,9 @@ def _history(ckpt_path: Path | None, report: AuditReport) -> tuple[list[dict], i
     if isinstance(versions, dict):
         report.notes.append("saved by " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     if report.layout == L.ULTRALYTICS:
-        report.notes.append("Ultralytics records no resumes in its checkpoints: boundaries come from the epoch "
-                            "column only")
+        report.notes.append(
+            "Ultralytics records no resumes in its checkpoints: boundaries come from the epoch column only"
+        )
     return history, int(progress.get("steps_per_epoch") or 0)
 
 
@@ -182,14 +192,19 @@ def _boundaries(rows: list[dict], history: list[dict], spe: int, report: AuditRe
         if index is None:
             continue
         allowed = [str(c.get("field")) for c in event.get("changes") or [] if isinstance(c, dict)]
-        cuts.append(Boundary(index, rows[index].get("epoch"), f"resume at step {event['step']} "
-                                                               f"({event.get('date', '?')})", int(event["step"]),
-                             allowed))
+        cuts.append(
+            Boundary(
+                index,
+                rows[index].get("epoch"),
+                f"resume at step {event['step']} ({event.get('date', '?')})",
+                int(event["step"]),
+                allowed,
+            )
+        )
     epochs = [r.get("epoch") for r in rows]
     recorded = {b.index for b in cuts}
     for i in range(1, len(epochs)):
-        if epochs[i] is not None and epochs[i - 1] is not None and epochs[i] != epochs[i - 1] + 1 \
-                and i not in recorded:
+        if epochs[i] is not None and epochs[i - 1] is not None and epochs[i] != epochs[i - 1] + 1 and i not in recorded:
             cuts.append(Boundary(i, epochs[i], "epoch column breaks"))
     return sorted(cuts, key=lambda b: b.index)
 
@@ -224,7 +239,7 @@ def _judge(boundary: Boundary, rows: list[dict], report: AuditReport, straddling
         series = [r.get(key, float("nan")) for r in rows]
         diffs = [y - x for x, y in zip(series, series[1:])]
         jump, why = is_jump(diffs, i - 1, upward_only=True, boundaries=straddling)
-        boundary.checks[key] = (f"jumps up: {why}" if jump else "continues" if jump is False else why)
+        boundary.checks[key] = f"jumps up: {why}" if jump else "continues" if jump is False else why
         if jump:
             broken.append(key)
     if broken:
@@ -306,7 +321,7 @@ def plot(report: AuditReport, path: Path) -> None:
         ax.set_xlabel("row of results.csv", fontsize=8)
         for b in report.boundaries:
             ax.axvline(b.index + 0.5, color="#d62728" if b.verdict == BROKEN else "#7f7f7f", linestyle="--")
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(f"ckpt audit {report.run_dir}: {'OK' if report.ok else 'BROKEN'}", fontsize=11)
     fig.tight_layout()

@@ -11,27 +11,49 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ckpttools import layouts as L
-from ckpttools.atomic import (atomic_folder, atomic_path, atomic_write, check_new_output, ensure_space, remove_stale,
-                              temp_path)
+from ckpttools.atomic import (
+    atomic_folder,
+    atomic_path,
+    atomic_write,
+    check_new_output,
+    ensure_space,
+    remove_stale,
+    temp_path,
+)
 from ckpttools.commands._inputs import open_input, refuse_unsafe, require_intact
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, refresh_digest
 from ckpttools.errors import DamagedInput, FormatLimit, UsageError
-from ckpttools.formats.registry import DCP, LEGACY, Checkpoint, open_checkpoint
 from ckpttools.formats import dcp, hdf5, safetensors, torchzip
 from ckpttools.formats.base import to_plain_tree
-from ckpttools.tensors import (TENSOR_TYPES, LazyTensor, RebuiltTensor, TensorSource, iter_nodes, iter_tensors,
-                               map_tensors, materialise)
+from ckpttools.formats.registry import DCP, LEGACY, Checkpoint, open_checkpoint
+from ckpttools.tensors import (
+    TENSOR_TYPES,
+    LazyTensor,
+    RebuiltTensor,
+    TensorSource,
+    iter_nodes,
+    iter_tensors,
+    map_tensors,
+    materialise,
+)
 
 PT, H5, SAFETENSORS, DCP_TARGET = "pt", "h5", "safetensors", "dcp"
 SUFFIXES = {".pt": PT, ".pth": PT, ".ckpt": PT, ".bin": PT, ".h5": H5, ".hdf5": H5, ".safetensors": SAFETENSORS}
-CASTS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "float16": "float16", "bfloat16": "bfloat16",
-         "float32": "float32"}
+CASTS = {
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "float32": "float32",
+}
 
 
 @dataclass
@@ -61,10 +83,19 @@ def target_of(out: Path, to: str | None) -> str:
     raise UsageError(f"{out}: cannot tell the format from the suffix {out.suffix!r}; pass --to pt|h5|safetensors|dcp")
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, to: str | None = None, dtype: str | None = None,
-            weights_only: bool = False, ema: bool = False, compress: bool = False, force: bool = False,
-            on_bytes: Callable[[int], None] | None = None, world_size: int = 1,
-            allow_unsafe: bool = False) -> ConvertResult:
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    to: str | None = None,
+    dtype: str | None = None,
+    weights_only: bool = False,
+    ema: bool = False,
+    compress: bool = False,
+    force: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+    world_size: int = 1,
+    allow_unsafe: bool = False,
+) -> ConvertResult:
     """Write ``src`` as ``out`` in another format.  Raises ckpttools.errors exceptions for bad options and
     damaged, unsafe or unreadable inputs; ``allow_unsafe`` writes the tensors of an unsafe input (and only
     its plain data, never its code references)."""
@@ -93,15 +124,38 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str | None = Non
     if ckpt.format == DCP:
         _from_dcp(ckpt, out, target, result, dtype, weights_only, ema, compress, on_bytes)
     else:
-        _convert_tree(ckpt, TensorSource(ckpt), tree, out, target, result, dtype, weights_only, ema, compress,
-                      on_bytes, world_size)
+        _convert_tree(
+            ckpt,
+            TensorSource(ckpt),
+            tree,
+            out,
+            target,
+            result,
+            dtype,
+            weights_only,
+            ema,
+            compress,
+            on_bytes,
+            world_size,
+        )
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 
 
-def _convert_tree(ckpt: Checkpoint, source: TensorSource, tree: Any, out: Path, target: str, result: ConvertResult,
-                  dtype: str | None, weights_only: bool, ema: bool, compress: bool, on_bytes,
-                  world_size: int = 1) -> None:
+def _convert_tree(
+    ckpt: Checkpoint,
+    source: TensorSource,
+    tree: Any,
+    out: Path,
+    target: str,
+    result: ConvertResult,
+    dtype: str | None,
+    weights_only: bool,
+    ema: bool,
+    compress: bool,
+    on_bytes,
+    world_size: int = 1,
+) -> None:
     layout = result.layout
     if weights_only or target == SAFETENSORS:
         tree = _weights(tree, layout, ema, result)
@@ -127,20 +181,23 @@ def _convert_tree(ckpt: Checkpoint, source: TensorSource, tree: Any, out: Path, 
         refuse_unwritable(tree, result, "safetensors", safetensors.writable)
         held = [k for k, v in tree.items() if not isinstance(v, LazyTensor)]
         if held:
-            raise FormatLimit(f"{result.input}: safetensors holds named tensors only, and {len(held)} weight "
-                              f"entr{'y' if len(held) == 1 else 'ies'} hold tensors inside a container: "
-                              f"{', '.join(held[:8])}; nothing written (.pt keeps them)", held)
+            raise FormatLimit(
+                f"{result.input}: safetensors holds named tensors only, and {len(held)} weight "
+                f"entr{'y' if len(held) == 1 else 'ies'} hold tensors inside a container: "
+                f"{', '.join(held[:8])}; nothing written (.pt keeps them)",
+                held,
+            )
         with atomic_write(out, replace=result.force) as f:
-            safetensors.write_safetensors(tree, f, source.tensor_chunks, _safetensors_metadata(ckpt, result),
-                                          on_bytes)
+            safetensors.write_safetensors(tree, f, source.tensor_chunks, _safetensors_metadata(ckpt, result), on_bytes)
     elif target == DCP_TARGET:
         _to_dcp(tree, out, result, source, world_size)
     else:
         raise UsageError(f"--to {target}: choose pt, h5, safetensors or dcp")
 
 
-def refuse_unwritable(tree: Any, result: ConvertResult, target: str,
-                      writable: Callable[[LazyTensor], bool] = lambda t: True) -> None:
+def refuse_unwritable(
+    tree: Any, result: ConvertResult, target: str, writable: Callable[[LazyTensor], bool] = lambda t: True
+) -> None:
     """Exit 2 naming every tensor ``target`` cannot hold exactly (a dtype it has no code for; a quantized,
     sparse, nested or meta tensor, which only the torch format holds): nothing is changed or left out
     silently."""
@@ -153,8 +210,11 @@ def refuse_unwritable(tree: Any, result: ConvertResult, target: str,
     if lacking:
         kinds = ", ".join(sorted({what for _, what in lacking}))
         names = ", ".join(path for path, _ in lacking[:8]) + (" ..." if len(lacking) > 8 else "")
-        raise FormatLimit(f"{result.input}: {target} cannot hold {len(lacking)} tensor(s) exactly ({kinds}): "
-                          f"{names}; nothing written (.pt keeps every tensor)", [path for path, _ in lacking])
+        raise FormatLimit(
+            f"{result.input}: {target} cannot hold {len(lacking)} tensor(s) exactly ({kinds}): "
+            f"{names}; nothing written (.pt keeps every tensor)",
+            [path for path, _ in lacking],
+        )
 
 
 def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[str, LazyTensor]:
@@ -171,19 +231,27 @@ def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[s
             flat = dict(iter_nodes(tree, TENSOR_TYPES, inside_found=False))
             if not flat:
                 raise UsageError(f"{result.input}: no tensors found in this {layout} checkpoint")
-            result.notes.append(f"no model weights recognised in this {layout} checkpoint: every tensor is carried, "
-                                "named by its path")
+            result.notes.append(
+                f"no model weights recognised in this {layout} checkpoint: every tensor is carried, named by its path"
+            )
             return flat
         key, flat = found
         source = tree.get(key) if key and isinstance(tree, dict) else tree
         if isinstance(source, dict):  # tensors the state dict holds inside tuples / lists (a dynamically
-            flat.update({str(k): v for k, v in source.items()  # quantized Linear's packed weight and bias)
-                         if str(k) not in flat and any(True for _ in iter_nodes(v, TENSOR_TYPES))})
+            flat.update(
+                {
+                    str(k): v
+                    for k, v in source.items()  # quantized Linear's packed weight and bias)
+                    if str(k) not in flat and any(True for _ in iter_nodes(v, TENSOR_TYPES))
+                }
+            )
     if not flat:
         raise UsageError(f"{result.input}: the '{key}' entry holds no tensors")
     left = sorted(str(k) for k in tree if k != key) if isinstance(tree, dict) and key else []
-    result.notes.append(f"weights from '{key or 'the state dict'}' ({len(flat)} tensors)"
-                        + (f"; not carried: {', '.join(left[:30])}{' ...' if len(left) > 30 else ''}" if left else ""))
+    result.notes.append(
+        f"weights from '{key or 'the state dict'}' ({len(flat)} tensors)"
+        + (f"; not carried: {', '.join(left[:30])}{' ...' if len(left) > 30 else ''}" if left else "")
+    )
     return flat
 
 
@@ -208,7 +276,9 @@ def _safetensors_metadata(ckpt: Checkpoint, result: ConvertResult) -> dict[str, 
     return meta
 
 
-# ---- torch.distributed.checkpoint ---------------------------------------------------------------------------------------
+# ---- torch.distributed.checkpoint
+# ---------------------------------------------------------------------------------------
+
 
 def _to_dcp(tree: Any, out: Path, result: ConvertResult, source: TensorSource, world_size: int = 1) -> None:
     if not isinstance(tree, dict):
@@ -237,17 +307,22 @@ def _to_dcp(tree: Any, out: Path, result: ConvertResult, source: TensorSource, w
 
 def _verified_folder(result: ConvertResult):
     """A check run on the finished DCP folder before it is swapped in: it must pass `ckpt verify`."""
+
     def passes(folder: Path) -> bool:
         errors = verify(folder).errors
         if errors:
-            raise DamagedInput(f"{result.output}: the written DCP folder would not pass `ckpt verify` "
-                               f"({errors[0].code}: {errors[0].message}); nothing written")
+            raise DamagedInput(
+                f"{result.output}: the written DCP folder would not pass `ckpt verify` "
+                f"({errors[0].code}: {errors[0].message}); nothing written"
+            )
         return True
+
     return passes
 
 
-def _from_dcp(ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, dtype, weights_only, ema, compress,
-              on_bytes) -> None:
+def _from_dcp(
+    ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, dtype, weights_only, ema, compress, on_bytes
+) -> None:
     """Consolidate with torch's ``dcp_to_torch_save`` -- only ever reached after every pickle of the folder
     passed the policy (``open_input``) -- then convert that file if another target was asked for."""
     result.notes.append("DCP: consolidated with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
@@ -265,8 +340,9 @@ def _from_dcp(ckpt: Checkpoint, out: Path, target: str, result: ConvertResult, d
         refuse_unsafe(inner, "convert")
         require_intact(inner)
         result.layout = L.recognise(inner.tree)
-        _convert_tree(inner, TensorSource(inner), inner.tree, out, target, result, dtype, weights_only, ema, compress,
-                      on_bytes)
+        _convert_tree(
+            inner, TensorSource(inner), inner.tree, out, target, result, dtype, weights_only, ema, compress, on_bytes
+        )
     finally:
         consolidated.unlink(missing_ok=True)
 
@@ -291,6 +367,7 @@ def cast_floats(tree: Any, dtype: str, source: TensorSource) -> tuple[Any, int]:
         def make(t=t) -> bytes:
             x = t.load().to(getattr(torch, dtype)).contiguous()
             return x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""
+
         out = source.computed_tensor(dtype, t.shape, make, t.storage.location)
         out.requires_grad, out.parameter = t.requires_grad, t.parameter
         return out

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -68,14 +69,25 @@ class DiffReport:
 
     def to_dict(self, top: int | None = None) -> dict:
         changed = self.changed if top is None else self.changed[:top]
-        return {"a": self.a, "b": self.b, "verdict": self.verdict, "only_in_a": self.only_in_a,
-                "only_in_b": self.only_in_b, "changed": [c.to_dict() for c in changed],
-                "changed_count": len(self.changed), "identical_tensors": self.same,
-                "equal_by_crc32": self.equal_by_crc, "metadata": self.metadata,
-                "ignored_metadata": self.ignored_metadata, "notes": self.notes}
+        return {
+            "a": self.a,
+            "b": self.b,
+            "verdict": self.verdict,
+            "only_in_a": self.only_in_a,
+            "only_in_b": self.only_in_b,
+            "changed": [c.to_dict() for c in changed],
+            "changed_count": len(self.changed),
+            "identical_tensors": self.same,
+            "equal_by_crc32": self.equal_by_crc,
+            "metadata": self.metadata,
+            "ignored_metadata": self.ignored_metadata,
+            "notes": self.notes,
+        }
 
 
-# ---- which tensors: sections -------------------------------------------------------------------------------------------
+# ---- which tensors: sections
+# -------------------------------------------------------------------------------------------
+
 
 def sections_of(ckpt: Checkpoint) -> dict[str, dict[str, LazyTensor]]:
     tree, layout = ckpt.tree, L.recognise(ckpt.tree, ckpt.path)
@@ -83,7 +95,7 @@ def sections_of(ckpt: Checkpoint) -> dict[str, dict[str, LazyTensor]]:
     if layout in (L.FUSE_TRAIN, L.ULTRALYTICS) and isinstance(tree, dict):
         for section in ("model", "ema"):
             value = tree.get(section)
-            out[section] = (L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value))
+            out[section] = L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value)
         out["optimizer"] = dict(iter_tensors(tree.get("optimizer")))
     elif layout == L.LIGHTNING:
         out["model"] = L.flat_tensors(tree["state_dict"])
@@ -98,7 +110,7 @@ def _normalise(names: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor], str
     prefix = L.common_prefix(names)
     if prefix is None:
         return names, None
-    return {k[len(prefix):]: v for k, v in names.items()}, prefix
+    return {k[len(prefix) :]: v for k, v in names.items()}, prefix
 
 
 MAX_METADATA_NODES = 20_000  # values shown per checkpoint; past it a marker says how much was left out
@@ -117,7 +129,7 @@ def metadata_of(tree: Any) -> dict:
     def plain(v, path: str, depth: int):
         budget[0] -= 1
         if budget[0] < 0:
-            return "<left out: more than %d values>" % MAX_METADATA_NODES
+            return f"<left out: more than {MAX_METADATA_NODES} values>"
         if isinstance(v, LazyTensor):
             return f"<tensor {v.dtype} {list(v.shape)}>"
         if isinstance(v, Placeholder):
@@ -159,7 +171,9 @@ def metadata_of(tree: Any) -> dict:
     return out
 
 
-# ---- values ------------------------------------------------------------------------------------------------------------
+# ---- values
+# ------------------------------------------------------------------------------------------------------------
+
 
 def _as_float(chunk: bytes, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
@@ -221,8 +235,18 @@ def _accumulate(d: TensorDiff, acc: _Acc, ca: bytes, cb: bytes, da: str, db: str
     acc.sum_sq_a += float(np.dot(xa[both], xa[both]))
 
 
-def compare_tensor(name: str, section: str, a_ck: Checkpoint, a: LazyTensor, b_ck: Checkpoint, b: LazyTensor,
-                   atol: float, rtol: float, _trust_crc: bool = True, exact: bool = False) -> TensorDiff:
+def compare_tensor(
+    name: str,
+    section: str,
+    a_ck: Checkpoint,
+    a: LazyTensor,
+    b_ck: Checkpoint,
+    b: LazyTensor,
+    atol: float,
+    rtol: float,
+    _trust_crc: bool = True,
+    exact: bool = False,
+) -> TensorDiff:
     """Compare two tensors chunk by chunk: bitwise identity, then value statistics for what differs.  Two
     whole-storage tensors whose zip records have the same size and CRC32 are equal by CRC without reading
     them, unless ``exact``."""
@@ -255,8 +279,11 @@ def compare_tensor(name: str, section: str, a_ck: Checkpoint, a: LazyTensor, b_c
     d.identical = bitwise
     if not bitwise and numeric:
         d.mean_abs = acc.sum_abs / max(1, a.numel)
-        d.rel_l2 = math.sqrt(acc.sum_sq_diff) / math.sqrt(acc.sum_sq_a) if acc.sum_sq_a else (
-            0.0 if acc.sum_sq_diff == 0 else math.inf)
+        d.rel_l2 = (
+            math.sqrt(acc.sum_sq_diff) / math.sqrt(acc.sum_sq_a)
+            if acc.sum_sq_a
+            else (0.0 if acc.sum_sq_diff == 0 else math.inf)
+        )
     if not same_dtype:
         d.note = "dtype changed"
     elif not bitwise and not numeric:
@@ -264,9 +291,16 @@ def compare_tensor(name: str, section: str, a_ck: Checkpoint, a: LazyTensor, b_c
     return d
 
 
-def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol: float = 0.0, rtol: float = 0.0,
-                     sections: tuple[str, ...] = SECTIONS, strip_prefix: bool = True, progress=None,
-                     exact: bool = False) -> DiffReport:
+def diff_checkpoints(
+    a_path: str | os.PathLike,
+    b_path: str | os.PathLike,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    sections: tuple[str, ...] = SECTIONS,
+    strip_prefix: bool = True,
+    progress=None,
+    exact: bool = False,
+) -> DiffReport:
     """Compare two checkpoints in any supported containers (read inertly: nothing in them runs).
     Raises ckpttools.errors.MissingPath / NotACheckpoint."""
     a_ck, b_ck = open_checkpoint(Path(a_path)), open_checkpoint(Path(b_path))
@@ -277,8 +311,10 @@ def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol:
             report.notes.append(f"{label} has container problems ({errors[0].code}); run `ckpt verify {ck.path}`")
         dangerous = list(dict.fromkeys(j.reference for _, j in ck.dangerous()))
         if dangerous:
-            report.notes.append(f"{label}'s pickle would run code when loaded with torch.load(weights_only=False) "
-                                f"({', '.join(dangerous[:3])}); compared here without running it")
+            report.notes.append(
+                f"{label}'s pickle would run code when loaded with torch.load(weights_only=False) "
+                f"({', '.join(dangerous[:3])}); compared here without running it"
+            )
     sec_a, sec_b = sections_of(a_ck), sections_of(b_ck)
     layouts = {_content_layout(a_ck), _content_layout(b_ck)}
     flat = layouts - {L.FUSE_TRAIN, L.ULTRALYTICS, L.LIGHTNING}
@@ -289,8 +325,10 @@ def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol:
             found = L.weights_of(ck.tree, _content_layout(ck))
             if found and found[1]:
                 sec["model"] = found[1]
-        report.notes.append("different layouts: comparing the model weights only (the ones an export takes); run "
-                            "settings and counters are not judged (one side is not a training checkpoint)")
+        report.notes.append(
+            "different layouts: comparing the model weights only (the ones an export takes); run "
+            "settings and counters are not judged (one side is not a training checkpoint)"
+        )
         sections = tuple(s for s in sections if s == "model")
     total_pairs = []
     for section in (s for s in sections if s != "meta"):
@@ -302,11 +340,23 @@ def diff_checkpoints(a_path: str | os.PathLike, b_path: str | os.PathLike, atol:
                 if prefix and prefix != (pb if label == "A" else pa):
                     report.notes.append(f"{section}: stripped the {prefix!r} prefix of {label}'s names to match")
         for name in sorted(names_a.keys() - names_b.keys()):
-            report.only_in_a.append({"section": section, "name": name, "shape": list(names_a[name].shape),
-                                     "dtype": str(names_a[name].dtype)})
+            report.only_in_a.append(
+                {
+                    "section": section,
+                    "name": name,
+                    "shape": list(names_a[name].shape),
+                    "dtype": str(names_a[name].dtype),
+                }
+            )
         for name in sorted(names_b.keys() - names_a.keys()):
-            report.only_in_b.append({"section": section, "name": name, "shape": list(names_b[name].shape),
-                                     "dtype": str(names_b[name].dtype)})
+            report.only_in_b.append(
+                {
+                    "section": section,
+                    "name": name,
+                    "shape": list(names_b[name].shape),
+                    "dtype": str(names_b[name].dtype),
+                }
+            )
         total_pairs += [(section, n, names_a[n], names_b[n]) for n in sorted(names_a.keys() & names_b.keys())]
     total_bytes = sum(t.nbytes for _, _, t, _ in total_pairs) or 1
     done = 0
@@ -355,7 +405,9 @@ def _diff_metadata(a_ck: Checkpoint, b_ck: Checkpoint, report: DiffReport) -> No
         for path, change in items:
             field_name = str(path).replace("root", "", 1).replace("']['", ".").strip("[]'")
             if kind == "values_changed" or kind == "type_changes":
-                report.metadata.append({"field": field_name, "a": change.get("old_value"), "b": change.get("new_value")})
+                report.metadata.append(
+                    {"field": field_name, "a": change.get("old_value"), "b": change.get("new_value")}
+                )
             elif kind.endswith("_removed"):
                 report.metadata.append({"field": field_name, "a": change, "b": None})
             elif kind.endswith("_added"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import os
 from collections import Counter
 from pathlib import Path
@@ -34,7 +33,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     weights = L.weights_of(tree, layout)
     shown, left_out = cap_findings(ckpt.findings)
     summary = {
-        "path": str(path), "format": ckpt.format, "layout": layout,
+        "path": str(path),
+        "format": ckpt.format,
+        "layout": layout,
         "epoch": tree.get("epoch") if isinstance(tree, dict) else None,
         "step": _step(tree),
         "best_fitness": tree.get("best_fitness") if isinstance(tree, dict) else None,
@@ -67,8 +68,9 @@ def _code_references(ckpt) -> list[dict]:
     for where, j in ckpt.safety():
         if j.status != ALLOWED_STATUS and (j.reference, j.reason) not in seen:
             seen.add((j.reference, j.reason))
-            out.append({"reference": j.reference, "status": j.status, "uses": list(j.uses), "reason": j.reason,
-                        "where": where})
+            out.append(
+                {"reference": j.reference, "status": j.status, "uses": list(j.uses), "reason": j.reason, "where": where}
+            )
     return out
 
 
@@ -131,6 +133,11 @@ def _key_tree(tree: Any, depth: int = 0) -> Any:
         if i == KEYS_SHOWN and len(tree) > KEYS_SHOWN + 10:  # a state dict of 200,000 tensors: a sample, a count
             out[f"... {len(tree) - KEYS_SHOWN:,} more keys"] = "not shown (the summary above counts every tensor)"
             break
-        small_dict = isinstance(v, dict) and depth < 1 and len(v) <= 12 and not all(isinstance(x, TENSOR_TYPES) for x in v.values())
+        small_dict = (
+            isinstance(v, dict)
+            and depth < 1
+            and len(v) <= 12
+            and not all(isinstance(x, TENSOR_TYPES) for x in v.values())
+        )
         out[str(k)] = _key_tree(v, depth + 1) if small_dict else describe_value(v)
     return out

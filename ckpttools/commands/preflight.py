@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ckpttools import layouts as L
+from ckpttools.datasets.ultralytics_data import UltralyticsDataError
 from ckpttools.errors import UsageError
 from ckpttools.formats.registry import open_checkpoint
 from ckpttools.trainers import fuse_train, ultralytics
-from ckpttools.datasets.ultralytics_data import UltralyticsDataError
 from ckpttools.yolo_data import DatasetError, load_data_spec, spec_fingerprint
 
 # field -> (group, why it matters).  Order is the order of the table.
@@ -74,8 +74,13 @@ class PreflightReport:
         return "--allow-change " + ",".join(c.field for c in self.blocked)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "blocked": [c.field for c in self.blocked], "allowed": [c.field for c in self.allowed],
-                "checks": [c.__dict__ for c in self.checks], "allow_hint": self.allow_hint() if self.blocked else None}
+        return {
+            "ok": self.ok,
+            "blocked": [c.field for c in self.blocked],
+            "allowed": [c.field for c in self.allowed],
+            "checks": [c.__dict__ for c in self.checks],
+            "allow_hint": self.allow_hint() if self.blocked else None,
+        }
 
 
 class UnknownField(UsageError):
@@ -151,8 +156,10 @@ def recorded_fields(path: Path) -> dict[str, Any]:
     layout = L.recognise(ckpt.tree, Path(path))
     reader = RECORDS.get(layout)
     if reader is None or (layout == L.ULTRALYTICS and not isinstance(ckpt.tree.get("train_args"), dict)):
-        raise UsageError(f"{path}: a {layout} checkpoint records no run settings to compare (preflight needs a "
-                         "fuse-train or Ultralytics checkpoint)")
+        raise UsageError(
+            f"{path}: a {layout} checkpoint records no run settings to compare (preflight needs a "
+            "fuse-train or Ultralytics checkpoint)"
+        )
     return reader(ckpt.tree)
 
 
@@ -185,6 +192,8 @@ def requested_fields(recorded: dict[str, Any], given: dict[str, Any]) -> dict[st
                 raise UsageError(f"--data: {exc}") from None
         else:
             requested[field_name] = value
-    if recorded.get("trainer") != ultralytics.TRAINER and {"fusion", "scale", "img-size"} & {n.replace("_", "-") for n in given}:
+    if recorded.get("trainer") != ultralytics.TRAINER and {"fusion", "scale", "img-size"} & {
+        n.replace("_", "-") for n in given
+    }:
         requested.pop("model", None)  # the structure fingerprint is compared by fuse-train itself
     return requested

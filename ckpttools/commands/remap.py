@@ -19,18 +19,19 @@ import datetime as _dt
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ckpttools import layouts as L
 from ckpttools.atomic import check_new_output, ensure_space, remove_stale
 from ckpttools.commands._inputs import open_input
 from ckpttools.digest import refresh_digest
 from ckpttools.errors import UsageError
-from ckpttools.formats.registry import DCP
 from ckpttools.formats import torchzip
 from ckpttools.formats.base import to_plain_tree
+from ckpttools.formats.registry import DCP
 from ckpttools.tensors import LazyTensor, TensorSource, iter_tensors
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -48,9 +49,16 @@ class RemapResult:
         return {**self.__dict__, "notes": self.changes + [f"not carried: {n}" for n in self.not_carried]}
 
 
-def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = None, device: str | None = None,
-          add_module_prefix: bool = False, force: bool = False,
-          on_bytes: Callable[[int], None] | None = None, allow_unsafe: bool = False) -> RemapResult:
+def remap(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    gpus: int | None = None,
+    device: str | None = None,
+    add_module_prefix: bool = False,
+    force: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+    allow_unsafe: bool = False,
+) -> RemapResult:
     src, out = Path(src), Path(out)
     if gpus is None and device is None:
         raise UsageError("say what to remap to: --gpus M and/or --device cpu|cuda:K")
@@ -61,8 +69,10 @@ def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = Non
     check_new_output(out, [src], force)
     ckpt, dangerous = open_input(src, "remap", allow_unsafe)
     if ckpt.format == DCP:
-        raise UsageError(f"{src}: a DCP folder: `ckpt convert {src} OUT.pt` consolidates it first "
-                         "(DCP folders are resharded at load time by torch.distributed.checkpoint)")
+        raise UsageError(
+            f"{src}: a DCP folder: `ckpt convert {src} OUT.pt` consolidates it first "
+            "(DCP folders are resharded at load time by torch.distributed.checkpoint)"
+        )
     tree, source = ckpt.tree, TensorSource(ckpt)
     layout = L.recognise(tree, src)
     result = RemapResult(str(src), str(out), layout)
@@ -91,8 +101,14 @@ def remap(src: str | os.PathLike, out: str | os.PathLike, gpus: int | None = Non
             tree["resolved"]["device"] = device
             result.changes.append(f"recorded device -> {device}")
     if layout == L.FUSE_TRAIN and isinstance(tree, dict) and isinstance(tree.get("history"), list):
-        tree["history"].append({"event": "remap", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                                "step": _progress(tree).get("global_step"), "changes": list(result.changes)})
+        tree["history"].append(
+            {
+                "event": "remap",
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "step": _progress(tree).get("global_step"),
+                "changes": list(result.changes),
+            }
+        )
     if refresh_digest(tree, source):
         result.changes.append("content digest rebuilt")
     ensure_space(out, sum(t.storage.nbytes for _, t in iter_tensors(tree)))
@@ -117,13 +133,18 @@ def _ultralytics_device(tree: dict, gpus: int | None, device: str | None, result
         result.changes.append(f"train_args.device is already {new!r}")
         return
     args["device"] = new
-    result.changes.append(f"train_args.device {old!r} -> {new!r} (what Ultralytics resumes on); global batch "
-                          f"{args.get('batch')} kept")
+    result.changes.append(
+        f"train_args.device {old!r} -> {new!r} (what Ultralytics resumes on); global batch {args.get('batch')} kept"
+    )
     record = tree.setdefault("ckpttools", {})
     if isinstance(record, dict):
-        record.setdefault("history", []).append({
-            "event": "remap", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "changes": {"train_args.device": [old, new]}})
+        record.setdefault("history", []).append(
+            {
+                "event": "remap",
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "changes": {"train_args.device": [old, new]},
+            }
+        )
 
 
 def _progress(tree: dict) -> dict:
@@ -137,15 +158,20 @@ def _fuse_train_world_size(tree: dict, m: int, source: TensorSource, result: Rem
     args, resolved = tree.get("train_args") or {}, tree.get("resolved") or {}
     batch, old = int(args.get("batch", 0)), int(resolved.get("world_size", 1))
     if batch % m:
-        raise UsageError(f"global batch {batch} is not divisible by {m} processes: the global batch must stay "
-                           f"{batch} for the run to continue unchanged; pick a process count that divides it")
+        raise UsageError(
+            f"global batch {batch} is not divisible by {m} processes: the global batch must stay "
+            f"{batch} for the run to continue unchanged; pick a process count that divides it"
+        )
     resolved["world_size"], resolved["per_rank_batch"] = m, batch // m
-    result.changes.append(f"world size {old} -> {m}; global batch stays {batch}, per-rank batch "
-                          f"{batch // max(1, old)} -> {batch // m}")
+    result.changes.append(
+        f"world size {old} -> {m}; global batch stays {batch}, per-rank batch {batch // max(1, old)} -> {batch // m}"
+    )
     progress = _progress(tree)
     step = int(progress.get("global_step", 0))
-    result.changes.append(f"data position: global step {step} = sample {progress.get('samples_seen', step * batch)} "
-                          "of the seed's global order (the same on any world size)")
+    result.changes.append(
+        f"data position: global step {step} = sample {progress.get('samples_seen', step * batch)} "
+        "of the seed's global order (the same on any world size)"
+    )
 
     rng = tree.get("rng") or {}
     ranks = list(rng.get("ranks") or [])
@@ -157,19 +183,23 @@ def _fuse_train_world_size(tree: dict, m: int, source: TensorSource, result: Rem
         else:
             new_ranks.append(_derived_rng(seed, step, r, source))
     derived = m - min(m, len(ranks))
-    result.changes.append(f"RNG streams: ranks 0..{min(m, len(ranks)) - 1} kept" +
-                          (f", {derived} new rank(s) derived from (seed {seed}, step {step}, rank)" if derived else "")
-                          + (f", ranks {m}..{len(ranks) - 1} dropped" if len(ranks) > m else ""))
+    result.changes.append(
+        f"RNG streams: ranks 0..{min(m, len(ranks)) - 1} kept"
+        + (f", {derived} new rank(s) derived from (seed {seed}, step {step}, rank)" if derived else "")
+        + (f", ranks {m}..{len(ranks) - 1} dropped" if len(ranks) > m else "")
+    )
     tree["rng"] = {**rng, "world_size": m, "ranks": new_ranks}
 
     sums = progress.get("epoch_loss_sum")
     if isinstance(sums, LazyTensor):
+
         def folded(t=sums) -> bytes:
             table = torch.zeros(m, 2, dtype=torch.float64)
             # the trainer divides the epoch's sum by steps x world size: rescale the old ranks' total so the
             # epoch mean stays the mean over steps
             table[0] = t.load().to(torch.float64).reshape(-1, 2).sum(0) * (m / old)
             return table.reshape(-1).view(torch.uint8).numpy().tobytes()
+
         progress["epoch_loss_sum"] = source.computed_tensor("float64", (m, 2), folded)
         if int(progress.get("step_in_epoch", 0)):
             result.changes.append("mid-epoch loss sums folded into rank 0 (the epoch's mean loss is kept)")
@@ -186,10 +216,17 @@ def _derived_rng(seed: int, step: int, rank: int, source: TensorSource) -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.RandomState(s % 2**32).get_state()
     torch_bytes = torch_state.numpy().tobytes()
     key_bytes = keys.astype(np.int64).tobytes()
-    return {"python": random.Random(s).getstate(),
-            "torch": source.computed_tensor("uint8", tuple(torch_state.shape), lambda b=torch_bytes: b),
-            "numpy": {"kind": kind, "keys": source.computed_tensor("int64", (len(keys),), lambda b=key_bytes: b),
-                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
+    return {
+        "python": random.Random(s).getstate(),
+        "torch": source.computed_tensor("uint8", tuple(torch_state.shape), lambda b=torch_bytes: b),
+        "numpy": {
+            "kind": kind,
+            "keys": source.computed_tensor("int64", (len(keys),), lambda b=key_bytes: b),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+    }
 
 
 def _other_world_size(tree: Any, layout: str, m: int, add_prefix: bool, result: RemapResult) -> None:
@@ -206,5 +243,7 @@ def _other_world_size(tree: Any, layout: str, m: int, add_prefix: bool, result: 
         weights.update(renamed)
         if changed:
             result.changes.append(f"{'added' if add_prefix else 'stripped'} the module. prefix on {changed} name(s)")
-    result.not_carried.append(f"{layout} checkpoints record no per-rank state (RNG, sampler position) here: "
-                              f"the {m}-process run starts those afresh")
+    result.not_carried.append(
+        f"{layout} checkpoints record no per-rank state (RNG, sampler position) here: "
+        f"the {m}-process run starts those afresh"
+    )

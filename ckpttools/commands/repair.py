@@ -16,9 +16,10 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ckpttools import layouts as L
 from ckpttools.atomic import atomic_path, check_new_output, ensure_space, remove_stale
@@ -26,9 +27,9 @@ from ckpttools.commands._inputs import refuse_deep, refuse_unsafe
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, lazy_digest, refresh_digest
 from ckpttools.errors import FormatLimit, UsageError
-from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats import torchzip, ziprecords
 from ckpttools.formats.base import to_plain_tree
+from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.report import ERROR
 from ckpttools.storage_scan import StorageScanner
 from ckpttools.tensors import LazyTensor, StorageRef, TensorSource, iter_tensors
@@ -48,9 +49,15 @@ class RepairResult:
         return {**self.__dict__, "notes": self.actions}
 
 
-def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathLike | None = None,
-           strip_prefix: bool = True, force: bool = False, on_bytes: Callable[[int], None] | None = None,
-           allow_unsafe: bool = False) -> RepairResult:
+def repair(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    from_: str | os.PathLike | None = None,
+    strip_prefix: bool = True,
+    force: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+    allow_unsafe: bool = False,
+) -> RepairResult:
     src, out = Path(src), Path(out)
     backup_path = Path(from_) if from_ else None
     check_new_output(out, [src] + ([backup_path] if backup_path else []), force)
@@ -62,18 +69,23 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
         raise FormatLimit(f"{src}: {unknown[0].message}; nothing written")
     if ckpt.tree is None:
         messages = [f.message for f in ckpt.findings if f.severity == ERROR]
-        result.problems.append("the pickle that describes the tensors is lost or damaged"
-                               + (f" ({messages[0]})" if messages else "")
-                               + "; nothing can be rebuilt from this file: use the previous checkpoint "
-                               "(last.prev.pt) or an epochN.pt")
+        result.problems.append(
+            "the pickle that describes the tensors is lost or damaged"
+            + (f" ({messages[0]})" if messages else "")
+            + "; nothing can be rebuilt from this file: use the previous checkpoint "
+            "(last.prev.pt) or an epochN.pt"
+        )
         return result
     dangerous = refuse_unsafe(ckpt, "repair", allow_unsafe)
     refuse_deep(ckpt, "repair")
     if dangerous:  # --allow-unsafe: data only
         ckpt.tree = to_plain_tree(ckpt.tree, [])
         result.actions.append(f"--allow-unsafe: written as plain data only; not carried: {', '.join(dangerous[:5])}")
-    if not dangerous and _only_the_directory_is_damaged(ckpt, strip_prefix) and _rebuild_directory(src, out, result,
-                                                                                                 force):
+    if (
+        not dangerous
+        and _only_the_directory_is_damaged(ckpt, strip_prefix)
+        and _rebuild_directory(src, out, result, force)
+    ):
         return result
     if any(f.code == "zip.no-central-directory" for f in ckpt.findings):
         result.actions.append("zip end records were missing: records recovered by scanning local headers")
@@ -101,8 +113,14 @@ def repair(src: str | os.PathLike, out: str | os.PathLike, from_: str | os.PathL
         renamed = _strip_prefixes(tree)
         result.actions.extend(renamed)
     if result.filled and isinstance(tree, dict) and isinstance(tree.get("history"), list):
-        tree["history"].append({"event": "repair", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                                "filled_from": str(backup_path), "tensors": list(result.filled)})
+        tree["history"].append(
+            {
+                "event": "repair",
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "filled_from": str(backup_path),
+                "tensors": list(result.filled),
+            }
+        )
     _fix_digest(tree, source, result, changed=bool(result.filled or any("stripped" in a for a in result.actions)))
     if ckpt.format != ZIP:
         result.actions.append(f"{ckpt.format} input written as a torch zip checkpoint")
@@ -138,8 +156,10 @@ def _rebuild_directory(src: Path, out: Path, result: RepairResult, force: bool) 
     if patches is None or not _write_patched(src, out, patches, force):
         return False
     result.repaired = True
-    result.actions.append("central directory rebuilt from the local headers (every record passed its CRC32; "
-                          "every other byte kept as it was)")
+    result.actions.append(
+        "central directory rebuilt from the local headers (every record passed its CRC32; "
+        "every other byte kept as it was)"
+    )
     return True
 
 
@@ -152,17 +172,17 @@ def _write_patched(src: Path, out: Path, patches: list[tuple[int, bytes]], force
         return not problems
 
     ensure_space(out, src.stat().st_size)
-    with atomic_path(out, verify=passes, replace=force) as tmp:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 8 << 20)
-            for offset, data in patches:
-                fout.seek(offset)
-                fout.write(data)
+    with atomic_path(out, verify=passes, replace=force) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 8 << 20)
+        for offset, data in patches:
+            fout.seek(offset)
+            fout.write(data)
     return not problems
 
 
-def _recover_records(ckpt: Checkpoint, lost: list[tuple[StorageRef, str]],
-                     result: RepairResult) -> list[tuple[StorageRef, str]]:
+def _recover_records(
+    ckpt: Checkpoint, lost: list[tuple[StorageRef, str]], result: RepairResult
+) -> list[tuple[StorageRef, str]]:
     """Of the storages that looked lost, those whose bytes are intact although the zip metadata locating them is
     damaged (a central-directory or local-header field, or an entry missing from the central directory): found
     again, so no intact tensor is ever reported lost or filled from a backup.  Returns the ones still lost."""
@@ -174,8 +194,17 @@ def _recover_records(ckpt: Checkpoint, lost: list[tuple[StorageRef, str]],
         record = ckpt.record_of(ref)
         if record is None:  # absent from the central directory: look for it by name at the local headers
             name = ckpt.record_name_of(ref) if ckpt.record_name_of else None
-            found = next((r for r in scanned if r.name == name and not r.truncated and r.crc is not None
-                          and ziprecords.record_crc(ckpt.path, r) == r.crc), None)
+            found = next(
+                (
+                    r
+                    for r in scanned
+                    if r.name == name
+                    and not r.truncated
+                    and r.crc is not None
+                    and ziprecords.record_crc(ckpt.path, r) == r.crc
+                ),
+                None,
+            )
             how = "missing from the central directory; found at its local header (CRC32 passes)"
         else:
             name, found = record.name, ziprecords.locate_intact(ckpt.path, record, scanned)
@@ -242,8 +271,15 @@ def _by_name(ckpt: Checkpoint) -> dict[str, LazyTensor]:
     return {**{_normalise(k): t for k, t in named.items()}, **named}
 
 
-def _fill(ref: StorageRef, names: list[str], mine: dict[str, LazyTensor], theirs: dict[str, LazyTensor],
-          source: TensorSource, backup: TensorSource, result: RepairResult) -> bool:
+def _fill(
+    ref: StorageRef,
+    names: list[str],
+    mine: dict[str, LazyTensor],
+    theirs: dict[str, LazyTensor],
+    source: TensorSource,
+    backup: TensorSource,
+    result: RepairResult,
+) -> bool:
     """Fill a lost storage from the backup's tensor of the same name, dtype and shape; only a storage that one
     tensor uses whole can be filled that way (a storage shared by several views cannot be rebuilt from one)."""
     if len(names) != 1:

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
-
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ckpttools import layouts as L
-from ckpttools.formats import ziprecords
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, _TensorLeaf, tree_digest
 from ckpttools.errors import NotACheckpoint, OtherArchive, UnsafeInput
+from ckpttools.formats import ziprecords
+from ckpttools.formats.base import regular_file_or_folder
+from ckpttools.formats.confine import inside
 from ckpttools.formats.dcp import NAME as DCP
 from ckpttools.formats.pt2 import NAME as PT2
-from ckpttools.formats.confine import inside
 from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, index_findings, open_checkpoint
-from ckpttools.formats.base import regular_file_or_folder
 from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report
 from ckpttools.storage_scan import StorageScanner
 from ckpttools.tensors import LazyTensor, iter_tensors, tensor_bytes
 
-METADATA_RECORDS = ("byteorder", "version", ".data/version", ".data/serialization_id", ".format_version",
-                    ".storage_alignment")
+METADATA_RECORDS = (
+    "byteorder",
+    "version",
+    ".data/version",
+    ".data/serialization_id",
+    ".format_version",
+    ".storage_alignment",
+)
 
 
 def verify(path: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> Report:
@@ -32,15 +38,20 @@ def verify(path: str | os.PathLike, progress: Callable[[int, int], None] | None 
     Raises MissingPath for a missing path and NotACheckpoint for what is not a regular file or folder;
     everything else about the file is a finding."""
     path = Path(path)
-    for attempt in range(REREADS + 1):
+    for _ in range(REREADS + 1):
         before = _identity(path)
         report = _verify_once(path, progress)
         if _identity(path) == before:
             return report
         # the file was replaced while it was read (a trainer's atomic save): its parts may come from two
         # versions, so the verdict would be about neither; read the new one again
-    report.add(WARNING, "file.changed-while-reading", f"{path} was replaced {REREADS + 1} times while it was being "
-               "verified (a writer saves it that often); the findings above may mix two versions", str(path))
+    report.add(
+        WARNING,
+        "file.changed-while-reading",
+        f"{path} was replaced {REREADS + 1} times while it was being "
+        "verified (a writer saves it that often); the findings above may mix two versions",
+        str(path),
+    )
     return report
 
 
@@ -56,8 +67,19 @@ def _verify_once(path: Path, progress) -> Report:
     report = Report(str(path))
     try:
         return _verify(path, report, progress)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, MemoryError,
-            RecursionError, EOFError, UnicodeError) as exc:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+        EOFError,
+        UnicodeError,
+    ) as exc:
         # damage the checks above did not anticipate still ends as a finding, never a traceback
         report.add(ERROR, "file.unreadable", f"reading stopped: {exc.__class__.__name__}: {exc}", str(path))
         return report
@@ -104,6 +126,7 @@ def _verify(path: Path, report: Report, progress) -> Report:
 
 # ---- safety ---------------------------------------------------------------------------------------------------------
 
+
 def check_safety(ckpt: Checkpoint, report: Report) -> None:
     """Every pickle's references, judged by the one policy (``ckpttools.pickle.policy``)."""
     listed, seen = [], set()
@@ -120,7 +143,9 @@ def check_safety(ckpt: Checkpoint, report: Report) -> None:
     report.facts["references"] = listed
 
 
-# ---- bytes: storages, records, digest -----------------------------------------------------------------------------------
+# ---- bytes: storages, records, digest
+# -----------------------------------------------------------------------------------
+
 
 def _tensor_paths_by_storage(ckpt: Checkpoint) -> dict[int, list[str]]:
     by: dict[int, list[str]] = defaultdict(list)
@@ -131,8 +156,20 @@ def _tensor_paths_by_storage(ckpt: Checkpoint) -> dict[int, list[str]]:
 
 # where trainers keep monitor and callback state, in which inf is a legitimate value (Lightning's ModelCheckpoint
 # starts kth_value / best_model_score at +-inf): NaN/Inf is judged in weights, buffers and optimizer state only
-MONITOR_KEYS = frozenset({"callbacks", "loops", "best_model_score", "best_k_models", "kth_value", "current_score",
-                          "best_fitness", "train_metrics", "metrics", "loggers"})
+MONITOR_KEYS = frozenset(
+    {
+        "callbacks",
+        "loops",
+        "best_model_score",
+        "best_k_models",
+        "kth_value",
+        "current_score",
+        "best_fitness",
+        "train_metrics",
+        "metrics",
+        "loggers",
+    }
+)
 
 
 def _is_monitor_state(path: str) -> bool:
@@ -153,18 +190,33 @@ def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -
             if record.truncated:
                 continue  # reported when the container was opened
             if record.size != ref.nbytes:
-                report.add(ERROR, "storage.size-mismatch", f"record {record.name} holds {record.size} bytes, the "
-                           f"pickle says {ref.numel} x {ref.dtype} = {ref.nbytes}", where)
+                report.add(
+                    ERROR,
+                    "storage.size-mismatch",
+                    f"record {record.name} holds {record.size} bytes, the "
+                    f"pickle says {ref.numel} x {ref.dtype} = {ref.nbytes}",
+                    where,
+                )
             if result and result.complete and record.crc is not None and result.crc != record.crc:
-                report.add(ERROR, "zip.crc-mismatch", f"record {record.name}: CRC32 {result.crc:08x} != recorded "
-                           f"{record.crc:08x}: its bytes are damaged (torch.load would not notice)", where)
+                report.add(
+                    ERROR,
+                    "zip.crc-mismatch",
+                    f"record {record.name}: CRC32 {result.crc:08x} != recorded "
+                    f"{record.crc:08x}: its bytes are damaged (torch.load would not notice)",
+                    where,
+                )
         if result and result.nonfinite and not all(_is_monitor_state(p) for p in users.get(id(ref), ["?"])):
-            report.add(ERROR, "values.nonfinite", f"{result.nonfinite} NaN/Inf value(s) in {ref.dtype} storage {key}",
-                       where)
+            report.add(
+                ERROR, "values.nonfinite", f"{result.nonfinite} NaN/Inf value(s) in {ref.dtype} storage {key}", where
+            )
     for where, t in iter_tensors(ckpt.tree):
         if t.extent() > t.storage.numel:
-            report.add(ERROR, "tensor.out-of-bounds", f"view needs {t.extent()} elements of a storage of "
-                       f"{t.storage.numel}", where)
+            report.add(
+                ERROR,
+                "tensor.out-of-bounds",
+                f"view needs {t.extent()} elements of a storage of {t.storage.numel}",
+                where,
+            )
 
 
 def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
@@ -177,8 +229,9 @@ def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
             for block in ziprecords.iter_record_bytes(ckpt.path, record) if record.size else ():
                 crc = ziprecords.crc32(block, crc)
             if crc != record.crc:
-                report.add(ERROR, "zip.crc-mismatch", f"record {name}: CRC32 {crc:08x} != recorded {record.crc:08x}",
-                           name)
+                report.add(
+                    ERROR, "zip.crc-mismatch", f"record {name}: CRC32 {crc:08x} != recorded {record.crc:08x}", name
+                )
         short = name.split("/", 1)[1] if "/" in name else name
         if ckpt.format == PT2:
             continue  # an export archive's records are its own (the CRC32 above is what is checked)
@@ -194,8 +247,12 @@ def _check_digest(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> 
         # fuse-train's DCP folders have no tree digest (dcp.async_save writes what it staged; every item still
         # carries its CRC32s, checked above)
         if L.recognise(tree) == L.FUSE_TRAIN and ckpt.format != DCP:
-            report.add(WARNING, "digest.missing", "fuse-train checkpoint without a content digest "
-                       "(`ckpt repair` rebuilds it)", DIGEST_KEY)
+            report.add(
+                WARNING,
+                "digest.missing",
+                "fuse-train checkpoint without a content digest (`ckpt repair` rebuilds it)",
+                DIGEST_KEY,
+            )
         return
     record = tree[DIGEST_KEY]
     if not isinstance(record, dict) or record.get("algorithm") not in KNOWN_ALGORITHMS:
@@ -217,11 +274,18 @@ def _check_digest(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> 
         return
     report.facts["digest"] = actual
     if actual != record.get("value"):
-        report.add(ERROR, "digest.mismatch", f"content digest {actual[:16]}… != recorded "
-                   f"{str(record.get('value'))[:16]}…: the content changed after it was saved", DIGEST_KEY)
+        report.add(
+            ERROR,
+            "digest.mismatch",
+            f"content digest {actual[:16]}… != recorded "
+            f"{str(record.get('value'))[:16]}…: the content changed after it was saved",
+            DIGEST_KEY,
+        )
 
 
-# ---- layout and consistency ---------------------------------------------------------------------------------------------
+# ---- layout and consistency
+# ---------------------------------------------------------------------------------------------
+
 
 def _check_layout(ckpt: Checkpoint, report: Report) -> None:
     tree = ckpt.tree
@@ -234,14 +298,25 @@ def _check_layout(ckpt: Checkpoint, report: Report) -> None:
             if key not in tree:
                 report.add(ERROR, "layout.missing-key", f"{layout} checkpoint without {key!r}", key)
     if layout == L.UNKNOWN:
-        report.add(WARNING, "layout.unknown", "not a layout this tool knows (docs/layouts.md lists them); bytes and "
-                   "safety were still checked", "")
+        report.add(
+            WARNING,
+            "layout.unknown",
+            "not a layout this tool knows (docs/layouts.md lists them); bytes and safety were still checked",
+            "",
+        )
     if layout == L.TORCHSCRIPT:
         code = sorted(n.split("/", 1)[-1] for n in (ckpt.records or {}) if "/code/" in n and n.endswith(".py"))
-        report.add(WARNING, "layout.torchscript", f"a TorchScript program: torch.jit.load runs its code "
-                   f"({', '.join(code[:4])}{', ...' if len(code) > 4 else ''}); listed, not judged", "code/")
+        report.add(
+            WARNING,
+            "layout.torchscript",
+            f"a TorchScript program: torch.jit.load runs its code "
+            f"({', '.join(code[:4])}{', ...' if len(code) > 4 else ''}); listed, not judged",
+            "code/",
+        )
     if layout == L.ULTRALYTICS and tree.get("epoch") == -1:
-        report.add(INFO, "ultralytics.stripped", "final (stripped) Ultralytics checkpoint: no optimizer, epoch -1", "epoch")
+        report.add(
+            INFO, "ultralytics.stripped", "final (stripped) Ultralytics checkpoint: no optimizer, epoch -1", "epoch"
+        )
     if isinstance(tree, dict) and "epoch" in tree:
         epoch = tree["epoch"]
         if not isinstance(epoch, int) or epoch < -1:
@@ -249,7 +324,10 @@ def _check_layout(ckpt: Checkpoint, report: Report) -> None:
         else:
             report.facts["epoch"] = epoch
     if isinstance(tree, dict):
-        step = tree.get("global_step", (tree.get("progress") or {}).get("global_step") if isinstance(tree.get("progress"), dict) else None)
+        step = tree.get(
+            "global_step",
+            (tree.get("progress") or {}).get("global_step") if isinstance(tree.get("progress"), dict) else None,
+        )
         if step is not None:
             report.facts["step"] = step
         if "best_fitness" in tree:
@@ -267,8 +345,13 @@ def _check_consistency(ckpt: Checkpoint, report: Report) -> None:
     report.facts["weights_key"] = key
     prefix = L.common_prefix(list(weights))
     if prefix:
-        report.add(WARNING, "keys.prefix", f"every weight name starts with {prefix!r} (saved from a DDP / "
-                   f"torch.compile wrapper); `ckpt repair {ckpt.path} -o OUT` strips it", key or "state dict")
+        report.add(
+            WARNING,
+            "keys.prefix",
+            f"every weight name starts with {prefix!r} (saved from a DDP / "
+            f"torch.compile wrapper); `ckpt repair {ckpt.path} -o OUT` strips it",
+            key or "state dict",
+        )
     if isinstance(tree, dict):
         spec = L.LAYOUTS.get(layout)
         opt = tree.get(spec.optimizer) if spec and spec.optimizer else None
@@ -285,12 +368,21 @@ def _check_optimizer(opt: dict, params: dict[str, LazyTensor], report: Report, w
     ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])]
     trainable = [t for t in params.values() if t.dtype.startswith(("float", "bfloat", "complex"))]
     if ids and len(ids) > len(trainable):
-        report.add(ERROR, "optimizer.param-count", f"optimizer holds {len(ids)} parameters, the model only "
-                   f"{len(trainable)} floating tensors", where)
+        report.add(
+            ERROR,
+            "optimizer.param-count",
+            f"optimizer holds {len(ids)} parameters, the model only {len(trainable)} floating tensors",
+            where,
+        )
         return
     if ids and len(ids) < len(trainable):  # frozen parameters and float buffers are not optimised: normal
-        report.add(INFO, "optimizer.partial", f"optimizer holds {len(ids)} of the model's {len(trainable)} floating "
-                   "tensors (frozen parameters or floating buffers); compared: the shapes of its state", where)
+        report.add(
+            INFO,
+            "optimizer.partial",
+            f"optimizer holds {len(ids)} of the model's {len(trainable)} floating "
+            "tensors (frozen parameters or floating buffers); compared: the shapes of its state",
+            where,
+        )
     state = opt.get("state") or {}
     shapes_state = Counter()
     for entry in state.values():
@@ -305,8 +397,12 @@ def _check_optimizer(opt: dict, params: dict[str, LazyTensor], report: Report, w
         extra = shapes_state - shapes_params
         if extra:
             shape, _ = next(iter(extra.items()))
-            report.add(ERROR, "optimizer.shape-mismatch", f"optimizer state for a parameter of shape {list(shape)} "
-                       "that the model does not have", where)
+            report.add(
+                ERROR,
+                "optimizer.shape-mismatch",
+                f"optimizer state for a parameter of shape {list(shape)} that the model does not have",
+                where,
+            )
 
 
 def _check_fuse_train_counters(tree: dict, report: Report) -> None:
@@ -314,20 +410,30 @@ def _check_fuse_train_counters(tree: dict, report: Report) -> None:
     if not isinstance(p, dict):
         return
     try:
-        spe, epoch, step_in, step = (int(p["steps_per_epoch"]), int(p["epoch"]), int(p["step_in_epoch"]),
-                                     int(p["global_step"]))
+        spe, epoch, step_in, step = (
+            int(p["steps_per_epoch"]),
+            int(p["epoch"]),
+            int(p["step_in_epoch"]),
+            int(p["global_step"]),
+        )
     except (KeyError, TypeError, ValueError):
         report.add(ERROR, "counters.bad-progress", "progress record incomplete", "progress")
         return
     if step != epoch * spe + step_in or not 0 <= step_in <= spe:
-        report.add(ERROR, "counters.inconsistent", f"global_step {step} != epoch {epoch} x {spe} steps + "
-                   f"{step_in}", "progress")
+        report.add(
+            ERROR, "counters.inconsistent", f"global_step {step} != epoch {epoch} x {spe} steps + {step_in}", "progress"
+        )
     if tree.get("epoch") != epoch - 1:
-        report.add(ERROR, "counters.inconsistent", f"epoch {tree.get('epoch')} does not match progress.epoch "
-                   f"{epoch} - 1", "epoch")
+        report.add(
+            ERROR,
+            "counters.inconsistent",
+            f"epoch {tree.get('epoch')} does not match progress.epoch {epoch} - 1",
+            "epoch",
+        )
     if isinstance(tree.get("results"), list) and len(tree["results"]) != epoch:
-        report.add(ERROR, "counters.inconsistent", f"{len(tree['results'])} result rows for {epoch} finished epochs",
-                   "results")
+        report.add(
+            ERROR, "counters.inconsistent", f"{len(tree['results'])} result rows for {epoch} finished epochs", "results"
+        )
 
 
 FOLDER_FILES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -340,8 +446,12 @@ def _verify_folder(path: Path, layout: str, report: Report, progress) -> Report:
     found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FOLDER_FILES)
     files = [f for f in found if inside(path, f.relative_to(path).as_posix()) is not None]
     for f in sorted(set(found) - set(files)):
-        report.add(ERROR, "folder.path-outside", f"{f.relative_to(path).as_posix()} is a link to outside the folder; "
-                   "not read", str(f.relative_to(path)))
+        report.add(
+            ERROR,
+            "folder.path-outside",
+            f"{f.relative_to(path).as_posix()} is a link to outside the folder; not read",
+            str(f.relative_to(path)),
+        )
     try:
         weights = folder_weights_files(path)
     except NotACheckpoint as exc:
@@ -360,9 +470,13 @@ def _verify_folder(path: Path, layout: str, report: Report, progress) -> Report:
             finding.where = f"{rel}: {finding.where}" if finding.where else rel
             report.findings.append(finding)
         if f in weights:
-            report.facts["parameter_count"] = report.facts.get("parameter_count", 0) + sub.facts.get("parameter_count", 0)
+            report.facts["parameter_count"] = report.facts.get("parameter_count", 0) + sub.facts.get(
+                "parameter_count", 0
+            )
     try:
         report.facts.update(L.folder_counters(path))
     except ValueError:
-        report.add(ERROR, "layout.bad-metadata", "trainer_state.json is not valid JSON", str(path / "trainer_state.json"))
+        report.add(
+            ERROR, "layout.bad-metadata", "trainer_state.json is not valid JSON", str(path / "trainer_state.json")
+        )
     return report

@@ -144,7 +144,11 @@ def parse_coco(path: Path) -> tuple[dict[str, Annotation], list[str], list[str]]
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return {}, [], [f"{path}: not a readable COCO JSON ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"]
-    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("images"), list)
+        or not isinstance(doc.get("annotations"), list)
+    ):
         return {}, [], [f"{path}: a COCO JSON needs 'images' and 'annotations' lists"]
     categories = {c.get("id"): str(c.get("name")) for c in doc.get("categories", []) if isinstance(c, dict)}
     by_id: dict = {}

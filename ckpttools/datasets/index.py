@@ -94,8 +94,15 @@ def _match(root: Path, template: str) -> dict[tuple, tuple[str, dict]]:
     return found
 
 
-def index_dataset(root: str | os.PathLike, layout: Layout, names: dict[int, str] | None = None,
-                  split_by: str = "native", val_fraction: float = 0.1, seed: int = 0, block: int = 20) -> DatasetIndex:
+def index_dataset(
+    root: str | os.PathLike,
+    layout: Layout,
+    names: dict[int, str] | None = None,
+    split_by: str = "native",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    block: int = 20,
+) -> DatasetIndex:
     """Index ``root`` as ``layout``.  ``names`` fixes the classes (a data.yaml's); else the layout's list, else
     the names found.  ``split_by='sequence'`` (or a layout with no published split) draws a seeded split of
     whole recordings / runs of ``block`` consecutive frames with about ``val_fraction`` of the pairs in val."""
@@ -103,11 +110,21 @@ def index_dataset(root: str | os.PathLike, layout: Layout, names: dict[int, str]
     problems: list[Problem] = []
     rgb, ir = _match(root, layout.rgb), _match(root, layout.ir)
     for key in sorted(rgb.keys() - ir.keys()):
-        problems.append(Problem("unpaired-rgb", str(root / rgb[key][0]), f"no infrared partner (expected "
-                                f"{_expected(root, layout.ir, rgb[key][1])})"))
+        problems.append(
+            Problem(
+                "unpaired-rgb",
+                str(root / rgb[key][0]),
+                f"no infrared partner (expected {_expected(root, layout.ir, rgb[key][1])})",
+            )
+        )
     for key in sorted(ir.keys() - rgb.keys()):
-        problems.append(Problem("unpaired-ir", str(root / ir[key][0]), f"no visible partner (expected "
-                                f"{_expected(root, layout.rgb, ir[key][1])})"))
+        problems.append(
+            Problem(
+                "unpaired-ir",
+                str(root / ir[key][0]),
+                f"no visible partner (expected {_expected(root, layout.rgb, ir[key][1])})",
+            )
+        )
     keys = sorted(rgb.keys() & ir.keys())
 
     parsed, found_names = _annotations(root, layout, [rgb[k][1] for k in keys], problems, names)
@@ -121,8 +138,15 @@ def index_dataset(root: str | os.PathLike, layout: Layout, names: dict[int, str]
     for key in keys:
         rel, fields = rgb[key]
         label_file, ann = parsed[key]
-        sample = Sample(_sample_key(fields), root / rel, root / ir[key][0], label_file, "", _group(layout, fields),
-                        size=ann.size if ann else None)
+        sample = Sample(
+            _sample_key(fields),
+            root / rel,
+            root / ir[key][0],
+            label_file,
+            "",
+            _group(layout, fields),
+            size=ann.size if ann else None,
+        )
         for box in ann.boxes if ann else []:
             name = aliases.get(box.name, box.name)
             if name in ignored or box.name in ignored:
@@ -130,8 +154,9 @@ def index_dataset(root: str | os.PathLike, layout: Layout, names: dict[int, str]
             if layout.label_format == "yolo":
                 sample.boxes.append((int(box.name), box.x1, box.y1, box.x2, box.y2))
             elif name not in class_id:
-                problems.append(Problem("class", str(label_file), f"class {box.name!r} is not one of "
-                                        f"{', '.join(names.values())}"))
+                problems.append(
+                    Problem("class", str(label_file), f"class {box.name!r} is not one of {', '.join(names.values())}")
+                )
             else:
                 sample.boxes.append((class_id[name], box.x1, box.y1, box.x2, box.y2))
         samples.append(sample)
@@ -154,8 +179,9 @@ def _group(layout: Layout, fields: dict) -> str:
     return ""  # filled by _assign_splits from runs of frame numbers
 
 
-def _annotations(root: Path, layout: Layout, field_list: list[dict], problems: list[Problem],
-                 names: dict[int, str] | None):
+def _annotations(
+    root: Path, layout: Layout, field_list: list[dict], problems: list[Problem], names: dict[int, str] | None
+):
     """{key: (label file, Annotation | None)} and the class names seen."""
     out, seen = {}, set()
     nc = len(names) if names else 0
@@ -165,7 +191,9 @@ def _annotations(root: Path, layout: Layout, field_list: list[dict], problems: l
         path = root / layout.labels.format(**fields)
         if layout.label_format == "coco":
             if path not in coco_cache:
-                table, cat_names, file_problems = A.parse_coco(path) if path.exists() else ({}, [], [f"{path}: missing"])
+                table, cat_names, file_problems = (
+                    A.parse_coco(path) if path.exists() else ({}, [], [f"{path}: missing"])
+                )
                 problems.extend(Problem("label", str(path), p) for p in file_problems)
                 seen.update(cat_names)
                 coco_cache[path] = table
@@ -186,8 +214,16 @@ def _annotations(root: Path, layout: Layout, field_list: list[dict], problems: l
     return out, seen
 
 
-def _assign_splits(root: Path, layout: Layout, samples: list[Sample], split_by: str, val_fraction: float,
-                   seed: int, block: int, problems: list[Problem]) -> None:
+def _assign_splits(
+    root: Path,
+    layout: Layout,
+    samples: list[Sample],
+    split_by: str,
+    val_fraction: float,
+    seed: int,
+    block: int,
+    problems: list[Problem],
+) -> None:
     rule = layout.split if split_by == "native" else "none"
     if rule == "folder":
         table = dict(layout.split_values)
@@ -265,12 +301,17 @@ def normalised_labels(sample: Sample, nc_names: dict[int, str] | None = None) ->
         tolerance = EDGE_TOLERANCE
     rows, problems = [], []
     for cls, x1, y1, x2, y2 in sample.boxes:
-        if x1 < -tolerance or y1 < -tolerance or x2 > w + tolerance or y2 > h + tolerance:
-            if sample.size != (1, 1):
-                where = str(sample.label_file or sample.rgb)
-                problems.append(Problem("outside", where, f"box {x1:g},{y1:g},{x2:g},{y2:g} is outside the "
-                                        f"{w}x{h} image {sample.rgb.name}"))
-                continue
+        outside = x1 < -tolerance or y1 < -tolerance or x2 > w + tolerance or y2 > h + tolerance
+        if outside and sample.size != (1, 1):
+            where = str(sample.label_file or sample.rgb)
+            problems.append(
+                Problem(
+                    "outside",
+                    where,
+                    f"box {x1:g},{y1:g},{x2:g},{y2:g} is outside the {w}x{h} image {sample.rgb.name}",
+                )
+            )
+            continue
         x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
         y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
         if x2 - x1 <= 0 or y2 - y1 <= 0:

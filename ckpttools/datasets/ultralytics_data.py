@@ -57,8 +57,10 @@ def label_path(image: Path) -> Path | None:
 def load_ultralytics_yaml(path: str | os.PathLike) -> UltralyticsData:
     yaml_path = Path(path).expanduser().resolve()
     if not yaml_path.is_file():
-        raise UltralyticsDataError(f"{yaml_path}: data file not found (a dataset name such as coco8.yaml that "
-                                   "Ultralytics downloads must be given as the local file it became)")
+        raise UltralyticsDataError(
+            f"{yaml_path}: data file not found (a dataset name such as coco8.yaml that "
+            "Ultralytics downloads must be given as the local file it became)"
+        )
     try:
         spec = yaml.safe_load(yaml_path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -146,8 +148,9 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def content_fingerprint(data: UltralyticsData, split: str = "train") -> str:
-    return _fingerprint([(_rel(image, data.root), read_label_rows(label_path(image)))
-                         for image in data.splits.get(split, [])])
+    return _fingerprint(
+        [(_rel(image, data.root), read_label_rows(label_path(image))) for image in data.splits.get(split, [])]
+    )
 
 
 def cache_path(data: UltralyticsData, split: str = "train") -> Path | None:

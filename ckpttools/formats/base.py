@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ckpttools.errors import MissingPath, NotACheckpoint
 from ckpttools.layouts import module_tensors
@@ -65,12 +66,16 @@ class Checkpoint:
         try:
             return restricted_load(data, persistent_load)
         except UnknownDType as exc:
-            self.findings.append(Finding(ERROR, "tensor.unknown-dtype", f"{exc} (a newer ckpttools may read it)",
-                                         where))
+            self.findings.append(
+                Finding(ERROR, "tensor.unknown-dtype", f"{exc} (a newer ckpttools may read it)", where)
+            )
             return None
         except Exception as exc:  # noqa: BLE001 - any failure of a damaged or hostile pickle is a finding
-            self.findings.append(Finding(ERROR, "pickle.unreadable", f"the pickle cannot be read: "
-                                         f"{exc.__class__.__name__}: {exc}", where))
+            self.findings.append(
+                Finding(
+                    ERROR, "pickle.unreadable", f"the pickle cannot be read: {exc.__class__.__name__}: {exc}", where
+                )
+            )
             return None
 
 
@@ -96,8 +101,14 @@ def describe_non_checkpoint(path: Path) -> str:
         return "an empty file (0 bytes)"
     with open(path, "rb") as f:
         head = f.read(16)
-    kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF",
-             b"\x1f\x8b": "a gzip file", b"BM": "a BMP image"}
+    kinds = {
+        b"\x89PNG": "a PNG image",
+        b"\xff\xd8\xff": "a JPEG image",
+        b"GIF8": "a GIF image",
+        b"%PDF": "a PDF",
+        b"\x1f\x8b": "a gzip file",
+        b"BM": "a BMP image",
+    }
     for magic, what in kinds.items():
         if head.startswith(magic):
             return what
@@ -144,8 +155,10 @@ def to_plain_tree(tree: Any, notes: list[str], where: str = "", _done: dict | No
         name = tree._reference.qualname
         weights = module_tensors(tree)
         if weights:
-            notes.append(f"{where or 'root'}: pickled {name} stored as its state dict ({len(weights)} tensors); "
-                         "the class itself is not carried")
+            notes.append(
+                f"{where or 'root'}: pickled {name} stored as its state dict ({len(weights)} tensors); "
+                "the class itself is not carried"
+            )
             out = weights
         else:
             state = tree.state

@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ckpttools.formats import torchzip
-from ckpttools.formats.confine import inside
 from ckpttools.formats.base import CHUNK, Checkpoint
+from ckpttools.formats.confine import inside
 from ckpttools.objects import Placeholder
 from ckpttools.report import ERROR, WARNING, Finding
 from ckpttools.tensors import LazyTensor, StorageRef, contiguous_strides, tensor_bytes
@@ -58,16 +59,30 @@ def read(path: Path) -> Checkpoint:
         relative = str(where.get("relative_path", ""))
         file = inside(path, relative)
         if file is None:  # never read: the finding is the answer
-            ckpt.findings.append(Finding(ERROR, "dcp.path-outside", f"{fqn}: .metadata sends its data to {relative!r}, "
-                                         "outside the folder; not read", str(fqn)))
+            ckpt.findings.append(
+                Finding(
+                    ERROR,
+                    "dcp.path-outside",
+                    f"{fqn}: .metadata sends its data to {relative!r}, outside the folder; not read",
+                    str(fqn),
+                )
+            )
             continue
         if not file.is_file():
-            ckpt.findings.append(Finding(ERROR, "dcp.file-missing", f"{fqn}: data file {file.name} is missing", str(fqn)))
+            ckpt.findings.append(
+                Finding(ERROR, "dcp.file-missing", f"{fqn}: data file {file.name} is missing", str(fqn))
+            )
             continue
         offset, length = int(where.get("offset", 0)), int(where.get("length", 0))
         if offset + length > file.stat().st_size:
-            ckpt.findings.append(Finding(ERROR, "dcp.truncated", f"{fqn}: bytes {offset}..{offset + length} run past the "
-                                         f"end of {file.name}", str(fqn)))
+            ckpt.findings.append(
+                Finding(
+                    ERROR,
+                    "dcp.truncated",
+                    f"{fqn}: bytes {offset}..{offset + length} run past the end of {file.name}",
+                    str(fqn),
+                )
+            )
             continue
         sub = torchzip.open_embedded(file, offset, length)
         for f in sub.findings:
@@ -159,8 +174,9 @@ class _Assembled:
 
 def _assemble(fqn: str, md: Any, chunks: list[tuple[tuple, Any]], ckpt, owners: dict) -> Any:
     if not chunks:
-        ckpt.findings.append(Finding(ERROR, "dcp.item-missing", f"{fqn} is in .metadata but none of its data was found",
-                                     fqn))
+        ckpt.findings.append(
+            Finding(ERROR, "dcp.item-missing", f"{fqn} is in .metadata but none of its data was found", fqn)
+        )
         return None
     if _kind(md) != "TensorStorageMetadata":
         return chunks[0][1]
@@ -171,8 +187,9 @@ def _assemble(fqn: str, md: Any, chunks: list[tuple[tuple, Any]], ckpt, owners: 
     tensors = [(off, t) for off, t in chunks if isinstance(t, LazyTensor)]
     covered = sum(t.numel for _, t in tensors)
     if covered != numel:
-        ckpt.findings.append(Finding(ERROR, "dcp.chunks-incomplete", f"{fqn}: chunks hold {covered} of {numel} elements",
-                                     fqn))
+        ckpt.findings.append(
+            Finding(ERROR, "dcp.chunks-incomplete", f"{fqn}: chunks hold {covered} of {numel} elements", fqn)
+        )
     if len(tensors) == 1 and tuple(tensors[0][1].shape) == size:
         return tensors[0][1]
     if covered != numel or not tensors:
@@ -190,12 +207,15 @@ def _assemble(fqn: str, md: Any, chunks: list[tuple[tuple, Any]], ckpt, owners: 
 # dim 0 over a 1-D mesh (the layout FSDP2 writes), everything else replicated, and calls ``dcp.save``
 # collectively.  One ``.distcp`` file per rank; DCP reshards at load time, so any world size reads it.
 
+
 def notes_for(tree: Any) -> list[str]:
     """What DCP will not carry exactly, said before writing."""
     notes = []
     if _any_dict(tree, lambda d: any(not isinstance(k, str) for k in d)):
-        notes.append("DCP keys are strings: non-string dict keys (e.g. optimizer state indices) come back as "
-                     "strings from a DCP folder (torch's flattening)")
+        notes.append(
+            "DCP keys are strings: non-string dict keys (e.g. optimizer state indices) come back as "
+            "strings from a DCP folder (torch's flattening)"
+        )
     if _any_dict(tree, lambda d: not d):
         notes.append("DCP does not store empty dicts: they are absent when read back (e.g. an unused GradScaler)")
     return notes

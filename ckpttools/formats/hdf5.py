@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,7 @@ LIBVER = ("v108", "latest")  # 1.8+ file format: dense attribute storage, so lon
 
 
 # ---- plain values <-> tagged JSON -------------------------------------------------------------------------------
+
 
 def _tag(value: Any) -> Any:
     if value is None or isinstance(value, (bool, str)):
@@ -120,7 +122,9 @@ def plain(value: Any) -> Any:
     return value
 
 
-# ---- reading ----------------------------------------------------------------------------------------------------------
+# ---- reading
+# ----------------------------------------------------------------------------------------------------------
+
 
 def detect(path: Path, head: bytes) -> bool:
     return head[:8] == MAGIC
@@ -141,8 +145,9 @@ def read(path: Path) -> Checkpoint:
             return np.asarray(item[()])
         dtype = str(plain(item.attrs.get(DTYPE_ATTR, FROM_NUMPY.get(item.dtype.name, "uint8"))))
         if dtype not in DTYPES:
-            ckpt.findings.append(Finding(ERROR, "hdf5.dtype", f"dataset {name} has dtype {dtype} that no tensor has",
-                                         name))
+            ckpt.findings.append(
+                Finding(ERROR, "hdf5.dtype", f"dataset {name} has dtype {dtype} that no tensor has", name)
+            )
             return None
         shape = tuple(item.shape)
         numel = int(np.prod(shape)) if shape else 1
@@ -158,8 +163,9 @@ def read(path: Path) -> Checkpoint:
     def member(item, path_name: str) -> Any:
         value = done.get(item)
         if value is in_progress:  # a link to an enclosing group: no tree can hold that
-            ckpt.findings.append(Finding(ERROR, "hdf5.cycle", f"{path_name} links back to a group that contains it",
-                                         path_name))
+            ckpt.findings.append(
+                Finding(ERROR, "hdf5.cycle", f"{path_name} links back to a group that contains it", path_name)
+            )
             return None
         if item in done:
             return value
@@ -169,8 +175,10 @@ def read(path: Path) -> Checkpoint:
 
     def group_value(group, prefix: str) -> Any:
         json_names = set(json.loads(plain(group.attrs[JSON_ATTR]))) if JSON_ATTR in group.attrs else set()
-        keys = {name: _untag(k) for name, k in (json.loads(plain(group.attrs[KEYS_ATTR])).items()
-                                                 if KEYS_ATTR in group.attrs else ())}
+        keys = {
+            name: _untag(k)
+            for name, k in (json.loads(plain(group.attrs[KEYS_ATTR])).items() if KEYS_ATTR in group.attrs else ())
+        }
         out: dict[Any, Any] = {}
         for name, value in group.attrs.items():
             if name in RESERVED:
@@ -201,7 +209,7 @@ def read(path: Path) -> Checkpoint:
             return
         rows = max(1, chunk // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]) if ds.ndim > 1 else 1)))
         for start in range(0, ds.shape[0], rows):  # HDF5 checks fletcher32 per chunk as it reads
-            yield np.ascontiguousarray(ds[start: start + rows]).tobytes()
+            yield np.ascontiguousarray(ds[start : start + rows]).tobytes()
 
     for ref in ckpt.storages.values():
         ref.reader = read_all
@@ -209,10 +217,17 @@ def read(path: Path) -> Checkpoint:
     return ckpt
 
 
-# ---- writing ----------------------------------------------------------------------------------------------------------
+# ---- writing
+# ----------------------------------------------------------------------------------------------------------
 
-def write_hdf5(tree: Any, path: Path, tensor_chunks: Callable[[LazyTensor], Iterable[bytes]], compress: bool = False,
-               on_bytes: Callable[[int], None] | None = None) -> int:
+
+def write_hdf5(
+    tree: Any,
+    path: Path,
+    tensor_chunks: Callable[[LazyTensor], Iterable[bytes]],
+    compress: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
     """Write ``tree`` (dicts, lists, tuples, plain values, LazyTensors, numpy arrays) to a new HDF5 file.
     ``tensor_chunks`` yields a tensor's bytes in C order.  Returns the number of tensors written."""
     import h5py
@@ -253,18 +268,26 @@ def write_hdf5(tree: Any, path: Path, tensor_chunks: Callable[[LazyTensor], Iter
     def fill(group, mapping: dict) -> None:
         keys, json_names, attr_names, child_names, order = {}, [], [], [], []
         for i, (key, value) in enumerate(mapping.items()):
-            name = key if isinstance(key, str) and key and "/" not in key and key != "." and key not in RESERVED \
-                and not key.startswith("~") else f"~{i}"
+            name = (
+                key
+                if isinstance(key, str)
+                and key
+                and "/" not in key
+                and key != "."
+                and key not in RESERVED
+                and not key.startswith("~")
+                else f"~{i}"
+            )
             if name != key:
                 keys[name] = _tag(key)
             order.append(name)
             if is_plain(value, shared):
                 attr_names.append(name)
-                if isinstance(value, bool) or isinstance(value, float) or (
-                        isinstance(value, str) and _utf8_ok(value)) or (
-                        isinstance(value, int) and -2**63 <= value < 2**63):
-                    group.attrs[name] = value
-                elif isinstance(value, np.generic):
+                if (
+                    isinstance(value, (bool, float))
+                    or (isinstance(value, str) and _utf8_ok(value))
+                    or (isinstance(value, int) and -(2**63) <= value < 2**63)
+                ) or isinstance(value, np.generic):
                     group.attrs[name] = value
                 else:
                     group.attrs[name] = json.dumps(_tag(value))
@@ -317,8 +340,9 @@ def _write_tensor(group, name: str, t: LazyTensor, chunks: Iterable[bytes], comp
             on_bytes(len(block))
         rows = len(pending) // row
         if rows:
-            ds[start: start + rows] = np.frombuffer(pending, dtype=np_dtype, count=rows * row // np_dtype.itemsize) \
-                .reshape((rows, *shape[1:]))
+            ds[start : start + rows] = np.frombuffer(
+                pending, dtype=np_dtype, count=rows * row // np_dtype.itemsize
+            ).reshape((rows, *shape[1:]))
             del pending[: rows * row]
             start += rows
     if start != shape[0] or pending:

@@ -15,8 +15,21 @@ from ckpttools.tensors import DType, LazyTensor, StorageRef
 
 NAME = "pt2"
 # torch._export.serde.schema.ScalarType codes -> torch dtype names
-SCALAR_TYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float16", 7: "float32", 8: "float64",
-                9: "complex32", 10: "complex64", 11: "complex128", 12: "bool", 13: "bfloat16"}
+SCALAR_TYPES = {
+    1: "uint8",
+    2: "int8",
+    3: "int16",
+    4: "int32",
+    5: "int64",
+    6: "float16",
+    7: "float32",
+    8: "float64",
+    9: "complex32",
+    10: "complex64",
+    11: "complex128",
+    12: "bool",
+    13: "bfloat16",
+}
 
 
 def is_pt2(names: list[str]) -> str | None:
@@ -52,8 +65,14 @@ def read_records(ckpt: Checkpoint, path: Path, records: dict, top: str) -> Check
             data_name = f"{top}data/{group}/{entry.get('path_name')}"
             data = records.get(data_name)
             if dtype is None or data is None:
-                ckpt.findings.append(Finding(ERROR, "pt2.bad-config", f"{name}: dtype code {meta.get('dtype')} or "
-                                             f"record {data_name} unknown", data_name))
+                ckpt.findings.append(
+                    Finding(
+                        ERROR,
+                        "pt2.bad-config",
+                        f"{name}: dtype code {meta.get('dtype')} or record {data_name} unknown",
+                        data_name,
+                    )
+                )
                 continue
             itemsize = DType(dtype).itemsize
             numel = max(1, data.size // itemsize) if data.size else 0
@@ -64,8 +83,18 @@ def read_records(ckpt: Checkpoint, path: Path, records: dict, top: str) -> Check
     ckpt.tree = tree
     ckpt.record_of = lambda ref: records.get(ref.key)
     ckpt.record_name_of = lambda ref: ref.key
-    ckpt.iter_storage = lambda ref, chunk: (ziprecords.iter_record_bytes(path, records[ref.key], chunk)
-                                            if ref.key in records and not records[ref.key].truncated else iter(()))
-    ckpt.findings.append(Finding(INFO, "pt2.program", "a torch.export program archive: its weights are listed; the "
-                                 f"program ({top}models/model.json) is named, not judged", f"{top}models/model.json"))
+    ckpt.iter_storage = lambda ref, chunk: (
+        ziprecords.iter_record_bytes(path, records[ref.key], chunk)
+        if ref.key in records and not records[ref.key].truncated
+        else iter(())
+    )
+    ckpt.findings.append(
+        Finding(
+            INFO,
+            "pt2.program",
+            "a torch.export program archive: its weights are listed; the "
+            f"program ({top}models/model.json) is named, not judged",
+            f"{top}models/model.json",
+        )
+    )
     return ckpt

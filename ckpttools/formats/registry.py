@@ -15,8 +15,14 @@ from ckpttools.report import ERROR, Finding
 
 # order matters only where two could claim a file: a zip is never a pickle, a pickle never safetensors
 FORMATS = (torchzip, hdf5, safetensors, torch_legacy, dcp)
-ZIP, LEGACY, PICKLE, SAFETENSORS, HDF5, DCP = (torchzip.NAME, torch_legacy.LEGACY, torch_legacy.PICKLE,
-                                              safetensors.NAME, hdf5.NAME, dcp.NAME)
+ZIP, LEGACY, PICKLE, SAFETENSORS, HDF5, DCP = (
+    torchzip.NAME,
+    torch_legacy.LEGACY,
+    torch_legacy.PICKLE,
+    safetensors.NAME,
+    hdf5.NAME,
+    dcp.NAME,
+)
 
 
 def detect_format(path: Path):
@@ -91,16 +97,25 @@ def index_findings(path: Path) -> list[Finding]:
             weight_map = json.loads(index.read_bytes()).get("weight_map") or {}
             shards = sorted({str(v) for v in weight_map.values()})
         except (ValueError, AttributeError):
-            findings.append(Finding(ERROR, "hf.index-unreadable", f"{name} is not a JSON index with a weight_map", name))
+            findings.append(
+                Finding(ERROR, "hf.index-unreadable", f"{name} is not a JSON index with a weight_map", name)
+            )
             continue
         for shard in shards:
             target = inside(path, shard)
             if target is None:
-                findings.append(Finding(ERROR, "hf.index-path-outside", f"{name} sends tensors to {shard!r}, outside "
-                                        "the folder (Transformers would load it); not read", name))
+                findings.append(
+                    Finding(
+                        ERROR,
+                        "hf.index-path-outside",
+                        f"{name} sends tensors to {shard!r}, outside the folder (Transformers would load it); not read",
+                        name,
+                    )
+                )
             elif not target.is_file():
-                findings.append(Finding(ERROR, "hf.index-file-missing", f"{name} names {shard}, which is missing",
-                                        name))
+                findings.append(
+                    Finding(ERROR, "hf.index-file-missing", f"{name} names {shard}, which is missing", name)
+                )
     return findings
 
 

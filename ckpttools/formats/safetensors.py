@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator
+from typing import IO
 
 from ckpttools.errors import NotACheckpoint
 from ckpttools.formats.base import CHUNK, Checkpoint
@@ -64,8 +65,10 @@ def _entry(info) -> tuple[DType, tuple, tuple[int, int]] | None:
     if not isinstance(info, dict) or info.get("dtype") not in FROM_SAFETENSORS:
         return None
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    ints = (lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                                                    for x in xs))
+
+    def ints(xs) -> bool:
+        return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+
     if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         return None
     torch_shape = _torch_shape(info["dtype"], tuple(shape))
@@ -89,33 +92,50 @@ def read(path: Path) -> Checkpoint:
     if not isinstance(header, dict):
         raise NotACheckpoint(f"{path}: safetensors header is not a JSON object")
     for name in duplicates:
-        ckpt.findings.append(Finding(ERROR, "safetensors.duplicate-name", f"{name!r} appears twice in the header", name))
+        ckpt.findings.append(
+            Finding(ERROR, "safetensors.duplicate-name", f"{name!r} appears twice in the header", name)
+        )
     base = 8 + n
     ckpt.metadata = dict(header.pop("__metadata__", None) or {})
     tree, spans = {}, []
     for name, info in header.items():
         entry = _entry(info)
         if entry is None:
-            ckpt.findings.append(Finding(ERROR, "safetensors.bad-entry", f"{name}: {str(info)[:80]} is not a tensor "
-                                         "description (dtype, shape, data_offsets)", name))
+            ckpt.findings.append(
+                Finding(
+                    ERROR,
+                    "safetensors.bad-entry",
+                    f"{name}: {str(info)[:80]} is not a tensor description (dtype, shape, data_offsets)",
+                    name,
+                )
+            )
             continue
         dtype, shape, (start, end) = entry
         numel = 1
         for s in shape:
             numel *= s
         if (end - start) != numel * dtype.itemsize:
-            ckpt.findings.append(Finding(ERROR, "safetensors.size-mismatch", f"{name}: {end - start} bytes for "
-                                         f"{dtype} {list(shape)} (needs {numel * dtype.itemsize})", name))
+            ckpt.findings.append(
+                Finding(
+                    ERROR,
+                    "safetensors.size-mismatch",
+                    f"{name}: {end - start} bytes for {dtype} {list(shape)} (needs {numel * dtype.itemsize})",
+                    name,
+                )
+            )
         if base + end > size:
-            ckpt.findings.append(Finding(ERROR, "safetensors.truncated", f"{name}: data ends at {base + end}, file "
-                                         f"has {size} bytes", name))
+            ckpt.findings.append(
+                Finding(
+                    ERROR, "safetensors.truncated", f"{name}: data ends at {base + end}, file has {size} bytes", name
+                )
+            )
         spans.append((start, end, name))
         ref = StorageRef(name, dtype, numel, "cpu", None)
         ref.reader = lambda r, s=start, e=end: b"".join(_iter_file_range(path, base + s, e - s, CHUNK))
         ckpt.storages[name] = ref
         tree[name] = LazyTensor(ref, 0, shape, contiguous_strides(shape))
     spans.sort()
-    for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
+    for (_, e1, n1), (s2, _, n2) in zip(spans, spans[1:]):
         if s2 < e1:
             ckpt.findings.append(Finding(ERROR, "safetensors.overlap", f"{n1} and {n2} overlap in the data area", n2))
     ckpt.tree = tree
@@ -142,9 +162,13 @@ def _iter_file_range(path: Path, offset: int, size: int, chunk: int) -> Iterator
         os.close(fd)
 
 
-def write_safetensors(tensors: dict[str, LazyTensor], out: IO[bytes],
-                      tensor_chunks: Callable[[LazyTensor], Iterable[bytes]], metadata: dict[str, str] | None = None,
-                      on_bytes: Callable[[int], None] | None = None) -> None:
+def write_safetensors(
+    tensors: dict[str, LazyTensor],
+    out: IO[bytes],
+    tensor_chunks: Callable[[LazyTensor], Iterable[bytes]],
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
     """Write ``tensors`` (every dtype must have a safetensors code: ``writable``) with string ``metadata``."""
     header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}} if metadata else {}
     offset = 0

@@ -58,8 +58,14 @@ def _read_legacy(path: Path, data: bytes) -> Checkpoint:
         scan = scan_pickle(data, pos)
         ckpt.scans.append((f"{part} pickle", scan))
         if scan.error:
-            ckpt.findings.append(Finding(ERROR, "pickle.unreadable", f"legacy torch file: the {part} pickle cannot "
-                                         f"be read ({scan.error})", f"{part} pickle"))
+            ckpt.findings.append(
+                Finding(
+                    ERROR,
+                    "pickle.unreadable",
+                    f"legacy torch file: the {part} pickle cannot be read ({scan.error})",
+                    f"{part} pickle",
+                )
+            )
             return ckpt
         spans.append((pos, scan.end))
         pos = scan.end
@@ -67,7 +73,7 @@ def _read_legacy(path: Path, data: bytes) -> Checkpoint:
 
     def reader(ref: StorageRef) -> bytes:
         start, size = offsets[ref.key]
-        return data[start: start + size]
+        return data[start : start + size]
 
     try:
         for _ in range(3):  # magic, protocol version, sys info: plain values
@@ -77,22 +83,34 @@ def _read_legacy(path: Path, data: bytes) -> Checkpoint:
         pos = stream.tell()
         for key in keys:
             ref = ckpt.storages.get(str(key))
-            (n,) = struct.unpack("<q", data[pos: pos + 8])
+            (n,) = struct.unpack("<q", data[pos : pos + 8])
             size = n * (ref.dtype.itemsize if ref else 1)
             offsets[str(key)] = (pos + 8, size)
             pos += 8 + size
         if pos > len(data):
-            ckpt.findings.append(Finding(ERROR, "legacy.truncated", f"storage data runs past the end of the file "
-                                         f"({pos} > {len(data)} bytes)", "storages"))
+            ckpt.findings.append(
+                Finding(
+                    ERROR,
+                    "legacy.truncated",
+                    f"storage data runs past the end of the file ({pos} > {len(data)} bytes)",
+                    "storages",
+                )
+            )
     except Exception as exc:  # noqa: BLE001
-        ckpt.findings.append(Finding(ERROR, "pickle.unreadable", f"legacy torch file cannot be read: "
-                                     f"{exc.__class__.__name__}: {exc}", "pickle"))
+        ckpt.findings.append(
+            Finding(
+                ERROR,
+                "pickle.unreadable",
+                f"legacy torch file cannot be read: {exc.__class__.__name__}: {exc}",
+                "pickle",
+            )
+        )
         return ckpt
 
     def iter_storage(ref: StorageRef, chunk: int):
         start, size = offsets.get(ref.key, (0, 0))
         for i in range(start, start + size, chunk):
-            yield data[i: min(start + size, i + chunk)]
+            yield data[i : min(start + size, i + chunk)]
 
     ckpt.iter_storage = iter_storage
     return ckpt

@@ -33,8 +33,9 @@ import pickle
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable
+from typing import IO, Any
 
 from ckpttools.atomic import atomic_write
 from ckpttools.errors import OtherArchive
@@ -66,10 +67,16 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
     except ziprecords.ZipStructureError as exc:
         records = exc.records
         complete = [r for r in records if not r.truncated]
-        ckpt.findings.append(Finding(ERROR, "zip.no-central-directory",
-                                     f"zip end records missing or damaged ({exc}): the file is truncated or its end "
-                                     f"is corrupt; {len(complete)} complete record(s) found by scanning "
-                                     f"(`ckpt repair` can salvage them)", "central directory"))
+        ckpt.findings.append(
+            Finding(
+                ERROR,
+                "zip.no-central-directory",
+                f"zip end records missing or damaged ({exc}): the file is truncated or its end "
+                f"is corrupt; {len(complete)} complete record(s) found by scanning "
+                f"(`ckpt repair` can salvage them)",
+                "central directory",
+            )
+        )
         for r in records:
             if r.truncated:
                 ckpt.findings.append(Finding(ERROR, "zip.record-truncated", f"record {r.name} is cut off", r.name))
@@ -80,13 +87,26 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
         # bytes are fine as far as anyone can tell, just not verifiable.  Treated as unknown, said once.
         for r in unverifiable:
             r.crc = None
-        ckpt.findings.append(Finding(WARNING, "zip.crc-not-computed", f"{len(unverifiable)} record(s) carry CRC32 0: "
-                                     "the writer did not compute checksums (torch's compute_crc32 = False), so "
-                                     "their bytes cannot be verified; everything else was checked", "central directory"))
+        ckpt.findings.append(
+            Finding(
+                WARNING,
+                "zip.crc-not-computed",
+                f"{len(unverifiable)} record(s) carry CRC32 0: "
+                "the writer did not compute checksums (torch's compute_crc32 = False), so "
+                "their bytes cannot be verified; everything else was checked",
+                "central directory",
+            )
+        )
     for name, n in Counter(r.name for r in records).items():
         if n > 1:
-            ckpt.findings.append(Finding(ERROR, "zip.duplicate-name", f"{n} records named {name}: torch.load may "
-                                         "read any of them; the file is ambiguous", name))
+            ckpt.findings.append(
+                Finding(
+                    ERROR,
+                    "zip.duplicate-name",
+                    f"{n} records named {name}: torch.load may read any of them; the file is ambiguous",
+                    name,
+                )
+            )
     ckpt.records = {}
     for r in records:
         ckpt.records.setdefault(r.name, r)  # the first, as a sequential reader sees it; duplicates are errors
@@ -105,8 +125,14 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
         if other:  # an intact archive of another kind: declined, never called damaged
             raise OtherArchive(f"{path}: {other}, not a torch.save checkpoint; declined (its bytes were not judged)")
     if pkl_name is None:
-        ckpt.findings.append(Finding(ERROR, "zip.no-pickle", "no data.pkl record: not a torch.save checkpoint "
-                                     "or the record is lost", "data.pkl"))
+        ckpt.findings.append(
+            Finding(
+                ERROR,
+                "zip.no-pickle",
+                "no data.pkl record: not a torch.save checkpoint or the record is lost",
+                "data.pkl",
+            )
+        )
         _scan_other_pickles(ckpt, path, None)
         return ckpt
     top = pkl_name[: -len("data.pkl")]
@@ -127,13 +153,25 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
         scan = scan_pickle(data)
         scan.error = None  # where a damaged stream stops is damage (reported below), not a safety verdict
         ckpt.scans.append((pkl_name, scan))
-        ckpt.findings.append(Finding(ERROR, "pickle.damaged", f"{pkl_name} fails its CRC32 check; it was not "
-                                     "unpickled (what it names is still judged)", pkl_name))
+        ckpt.findings.append(
+            Finding(
+                ERROR,
+                "pickle.damaged",
+                f"{pkl_name} fails its CRC32 check; it was not unpickled (what it names is still judged)",
+                pkl_name,
+            )
+        )
         return ckpt
     byteorder = ckpt.records.get(top + "byteorder")
     if byteorder is not None and not byteorder.truncated and ziprecords.read_record(path, byteorder).strip() == b"big":
-        ckpt.findings.append(Finding(WARNING, "zip.big-endian", "tensors were saved big-endian; values are read as "
-                                     "little-endian here", top + "byteorder"))
+        ckpt.findings.append(
+            Finding(
+                WARNING,
+                "zip.big-endian",
+                "tensors were saved big-endian; values are read as little-endian here",
+                top + "byteorder",
+            )
+        )
 
     def reader(ref: StorageRef) -> bytes:
         record = ckpt.record_of(ref)
@@ -166,8 +204,10 @@ def _settle_names(records: list) -> None:
 
 
 # zip archives that are not torch.save checkpoints: (a record every such archive has, what it is)
-OTHER_ARCHIVES = (("archive_format", "a torch.export / AOTInductor package (.pt2) without a program"),
-                  ("model.weights.h5", "a Keras 3 model archive (.keras)"))
+OTHER_ARCHIVES = (
+    ("archive_format", "a torch.export / AOTInductor package (.pt2) without a program"),
+    ("model.weights.h5", "a Keras 3 model archive (.keras)"),
+)
 
 
 def other_archive(names: list[str]) -> str | None:
@@ -193,8 +233,13 @@ def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None) -> None:
     ``constants.pkl``) is judged too: another loader may unpickle it."""
     for name, record in ckpt.records.items():
         short = name.split("/", 1)[1] if "/" in name else name
-        if (name == main or short.startswith("data/") or record.truncated or record.size > MAX_EXTRA_PICKLE
-                or record.size == 0):
+        if (
+            name == main
+            or short.startswith("data/")
+            or record.truncated
+            or record.size > MAX_EXTRA_PICKLE
+            or record.size == 0
+        ):
             continue
         try:
             head = b"".join(ziprecords.iter_record_bytes(path, record, 64, 0, 64))
@@ -217,7 +262,7 @@ STORAGE_CLASS = {name: cls for name, cls in TYPED_STORAGE.items() if not name.st
 class Global:
     """A module-level name written into the pickle by reference, never imported here."""
 
-    _cache: dict[tuple[str, str], "Global"] = {}
+    _cache: dict[tuple[str, str], Global] = {}
 
     def __new__(cls, module: str, name: str):
         key = (module, name)
@@ -233,6 +278,7 @@ class Global:
 
 _NAMED_TYPES = frozenset({Global, DType, TorchConstant, TorchLayout})  # written by name: TreePickler only
 
+
 class _TensorData:
     """The tensor inside a Parameter: pickled without taking the Parameter's memo slot."""
 
@@ -244,8 +290,9 @@ class _TensorWriting:
     """What both picklers write for storages and tensors: the persistent id and the rebuild call torch writes.
     ``named(module, name)`` is how each pickler names a global (by reference, or as the real torch object)."""
 
-    def __init__(self, file: IO[bytes], storage_key: Callable[[StorageRef], str],
-                 location: Callable[[StorageRef], str]):
+    def __init__(
+        self, file: IO[bytes], storage_key: Callable[[StorageRef], str], location: Callable[[StorageRef], str]
+    ):
         super().__init__(file, protocol=PROTOCOL)  # the pickler's own (next in the method order)
         self.storage_key, self.location = storage_key, location
 
@@ -255,8 +302,11 @@ class _TensorWriting:
     def persistent_id(self, obj: Any):
         if type(obj) is StorageRef:
             typed = obj.dtype in TYPED_STORAGE
-            kind = self.named("torch", TYPED_STORAGE[obj.dtype]) if typed else self.named("torch.storage",
-                                                                                          "UntypedStorage")
+            kind = (
+                self.named("torch", TYPED_STORAGE[obj.dtype])
+                if typed
+                else self.named("torch.storage", "UntypedStorage")
+            )
             return ("storage", kind, self.storage_key(obj), self.location(obj), obj.numel if typed else obj.nbytes)
         return None
 
@@ -264,16 +314,24 @@ class _TensorWriting:
         """The reduce value of a tensor (or of a Parameter's inner tensor); None for anything else."""
         if type(obj) is LazyTensor:
             if obj.parameter:
-                return (self.named("torch._utils", "_rebuild_parameter"),
-                        (_TensorData(obj), obj.requires_grad, collections.OrderedDict()))
+                return (
+                    self.named("torch._utils", "_rebuild_parameter"),
+                    (_TensorData(obj), obj.requires_grad, collections.OrderedDict()),
+                )
             return self._rebuild(obj)
         if type(obj) is _TensorData:
             return self._rebuild(obj.tensor)
         return None
 
     def _rebuild(self, t: LazyTensor):
-        args = (t.storage, t.storage_offset, tuple(t.shape), tuple(t.stride), t.requires_grad and not t.parameter,
-                collections.OrderedDict())
+        args = (
+            t.storage,
+            t.storage_offset,
+            tuple(t.shape),
+            tuple(t.stride),
+            t.requires_grad and not t.parameter,
+            collections.OrderedDict(),
+        )
         if t.dtype in STORAGE_CLASS:
             return self.named("torch._utils", "_rebuild_tensor_v2"), args
         return self.named("torch._utils", "_rebuild_tensor_v3"), (*args, self.named("torch", str(t.dtype)))
@@ -317,8 +375,15 @@ def _rebuilt_reduce(obj: RebuiltTensor):
     function = Global("torch._utils", obj.function)
     if obj.kind == "quantized":
         data, params, requires_grad, hooks = obj.args
-        return function, (data.storage, data.storage_offset, tuple(data.shape), tuple(data.stride), params,
-                          requires_grad, hooks if hooks is not None else collections.OrderedDict())
+        return function, (
+            data.storage,
+            data.storage_offset,
+            tuple(data.shape),
+            tuple(data.stride),
+            params,
+            requires_grad,
+            hooks if hooks is not None else collections.OrderedDict(),
+        )
     return function, obj.args
 
 
@@ -335,7 +400,7 @@ def _placeholder_reduce(obj: Placeholder):
     return copyreg.__newobj__, (cls, *obj._args), state, items, dict_items
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_object(module: str, name: str) -> Any:
     """The real object torch's own pickles name (a rebuild function, a storage class, a dtype)."""
     return getattr(importlib.import_module(module), name)
@@ -357,8 +422,11 @@ class FastTreePickler(_TensorWriting, pickle.Pickler):
         reduced = self.tensor_reduce(obj)
         if reduced is not None:
             return reduced
-        if type(obj) in _NAMED_TYPES or isinstance(obj, (Placeholder, RebuiltTensor)) or (
-                isinstance(obj, type) and is_placeholder(obj)):
+        if (
+            type(obj) in _NAMED_TYPES
+            or isinstance(obj, (Placeholder, RebuiltTensor))
+            or (isinstance(obj, type) and is_placeholder(obj))
+        ):
             raise _NeedsNames(type(obj).__name__)
         return NotImplemented
 
@@ -386,9 +454,14 @@ def pickle_tree(tree: Any, location: Callable[[StorageRef], str] | None = None) 
     return buf.getvalue(), storages
 
 
-def write_torch_zip(tree: Any, out: IO[bytes], chunks_of: Callable[[StorageRef], Iterable[bytes]],
-                    location: Callable[[StorageRef], str] | None = None, archive: str = "archive",
-                    on_bytes: Callable[[int], None] | None = None) -> list[StorageRef]:
+def write_torch_zip(
+    tree: Any,
+    out: IO[bytes],
+    chunks_of: Callable[[StorageRef], Iterable[bytes]],
+    location: Callable[[StorageRef], str] | None = None,
+    archive: str = "archive",
+    on_bytes: Callable[[int], None] | None = None,
+) -> list[StorageRef]:
     """Write ``tree`` to ``out`` (seekable) as torch.save does; each storage's bytes come from ``chunks_of``
     and must add up to its size.  Returns the storages written, in record order."""
     data_pkl, storages = pickle_tree(tree, location)
@@ -406,8 +479,9 @@ def write_torch_zip(tree: Any, out: IO[bytes], chunks_of: Callable[[StorageRef],
     return storages
 
 
-def _write(zf: zipfile.ZipFile, name: str, chunks: Iterable[bytes], size: int,
-           on_bytes: Callable[[int], None] | None = None) -> int:
+def _write(
+    zf: zipfile.ZipFile, name: str, chunks: Iterable[bytes], size: int, on_bytes: Callable[[int], None] | None = None
+) -> int:
     zinfo = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     zinfo.compress_type = zipfile.ZIP_STORED
     zinfo.file_size = size
@@ -425,8 +499,14 @@ def _write(zf: zipfile.ZipFile, name: str, chunks: Iterable[bytes], size: int,
     return written
 
 
-def write_file(tree: Any, out: Path, source, location: Callable[[StorageRef], str] | None = None,
-               on_bytes: Callable[[int], None] | None = None, replace: bool = True) -> None:
+def write_file(
+    tree: Any,
+    out: Path,
+    source,
+    location: Callable[[StorageRef], str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    replace: bool = True,
+) -> None:
     """``write_torch_zip`` into ``out`` atomically; storage bytes from ``source`` (a ``tensors.TensorSource``).
     ``replace=False``: an ``out`` that appears meanwhile is never overwritten."""
     with atomic_write(out, replace=replace) as f:

@@ -9,9 +9,9 @@ import mmap
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 try:  # ISA-L's crc32 is several times faster than zlib's; optional
     from isal.isal_zlib import crc32 as _crc32
@@ -32,7 +32,7 @@ CHUNK = 8 << 20
 class ZipStructureError(Exception):
     """The zip's end records are gone; ``records`` holds what a local-header scan could still find."""
 
-    def __init__(self, message: str, records: list["Record"]):
+    def __init__(self, message: str, records: list[Record]):
         super().__init__(message)
         self.records = records
 
@@ -86,7 +86,7 @@ class _Window:
             return b""
         if self.map is not None:
             start = self.base + offset
-            return self.map[start: start + n]
+            return self.map[start : start + n]
         return os.pread(self.fd, n, self.base + offset)
 
     def close(self) -> None:
@@ -103,7 +103,7 @@ def _extra_blocks(extra: bytes) -> list[tuple[int, bytes]] | None:
         tag, size = struct.unpack_from("<HH", extra, pos)
         if pos + 4 + size > len(extra):
             return None
-        blocks.append((tag, extra[pos + 4: pos + 4 + size]))
+        blocks.append((tag, extra[pos + 4 : pos + 4 + size]))
         pos += 4 + size
     return blocks
 
@@ -155,101 +155,159 @@ def parse_zip(path: Path, base: int = 0, length: int | None = None) -> tuple[lis
         os.close(fd)
 
 
-def _parse(src: "_Window", size: int, problems: list[ZipProblem], path: Path, base: int) -> list[Record]:
+def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base: int) -> list[Record]:
     eocd_at = _find_eocd(src, size)
     if eocd_at is None:
         raise ZipStructureError("end of central directory not found", scan_local_headers(path, base, size))
     (_, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment_len) = EOCD.unpack(src.pread(EOCD.size, eocd_at))
     cd_end_expected = eocd_at
     if disk or cd_disk:
-        problems.append(ZipProblem("zip.structure", f"end record names disk {disk}/{cd_disk}; a checkpoint is one "
-                                   "file", "end of central directory"))
+        problems.append(
+            ZipProblem(
+                "zip.structure",
+                f"end record names disk {disk}/{cd_disk}; a checkpoint is one file",
+                "end of central directory",
+            )
+        )
     if n_disk != n_total:
-        problems.append(ZipProblem("zip.structure", f"end record counts {n_disk} vs {n_total} entries",
-                                   "end of central directory"))
+        problems.append(
+            ZipProblem("zip.structure", f"end record counts {n_disk} vs {n_total} entries", "end of central directory")
+        )
     loc_at = eocd_at - ZIP64_LOCATOR.size
     has_zip64 = loc_at >= 0 and src.pread(4, loc_at) == ZIP64_LOCATOR_MAGIC
     if has_zip64:
         _, z_disk, z64_at, z_disks = ZIP64_LOCATOR.unpack(src.pread(ZIP64_LOCATOR.size, loc_at))
         raw = src.pread(ZIP64_EOCD.size, z64_at)
         if len(raw) < ZIP64_EOCD.size or raw[:4] != ZIP64_EOCD_MAGIC or z64_at + ZIP64_EOCD.size != loc_at:
-            problems.append(ZipProblem("zip.structure", "zip64 end record not where its locator points",
-                                       "zip64 end of central directory"))
+            problems.append(
+                ZipProblem(
+                    "zip.structure", "zip64 end record not where its locator points", "zip64 end of central directory"
+                )
+            )
         else:
-            (_, rec_size, z_made, z_need, z_d, z_cd_d, z_n_disk, z_n_total, z_cd_size, z_cd_offset) = ZIP64_EOCD.unpack(raw)
+            (_, rec_size, z_made, z_need, z_d, z_cd_d, z_n_disk, z_n_total, z_cd_size, z_cd_offset) = ZIP64_EOCD.unpack(
+                raw
+            )
             zip64_versions = (z_made, z_need)
             if rec_size != ZIP64_EOCD.size - 12 or z_d or z_cd_d or z_disk or z_disks != 1 or z_n_disk != z_n_total:
-                problems.append(ZipProblem("zip.structure", "zip64 end record fields are inconsistent",
-                                           "zip64 end of central directory"))
-            for small, big, what in ((n_total, z_n_total, "entry count"), (cd_size, z_cd_size, "directory size"),
-                                     (cd_offset, z_cd_offset, "directory offset")):
+                problems.append(
+                    ZipProblem(
+                        "zip.structure", "zip64 end record fields are inconsistent", "zip64 end of central directory"
+                    )
+                )
+            for small, big, what in (
+                (n_total, z_n_total, "entry count"),
+                (cd_size, z_cd_size, "directory size"),
+                (cd_offset, z_cd_offset, "directory offset"),
+            ):
                 if small not in (big, 0xFFFF, 0xFFFFFFFF):
-                    problems.append(ZipProblem("zip.structure", f"end records disagree on the {what}",
-                                               "end of central directory"))
+                    problems.append(
+                        ZipProblem("zip.structure", f"end records disagree on the {what}", "end of central directory")
+                    )
             n_total, cd_size, cd_offset = z_n_total, z_cd_size, z_cd_offset
             cd_end_expected = z64_at
     if cd_offset + cd_size != cd_end_expected:
-        problems.append(ZipProblem("zip.structure", f"central directory spans {cd_offset}..{cd_offset + cd_size}, "
-                                   f"the end records start at {cd_end_expected}", "central directory"))
+        problems.append(
+            ZipProblem(
+                "zip.structure",
+                f"central directory spans {cd_offset}..{cd_offset + cd_size}, "
+                f"the end records start at {cd_end_expected}",
+                "central directory",
+            )
+        )
     cd = src.pread(cd_size, cd_offset)
     records, entries = [], []
     pos = 0
-    while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos: pos + 4] == CENTRAL_MAGIC:
+    while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos : pos + 4] == CENTRAL_MAGIC:
         fields = CENTRAL_HEADER.unpack_from(cd, pos)
         name_len, extra_len, comment = fields[10], fields[11], fields[12]
-        name_bytes = cd[pos + 46: pos + 46 + name_len]
-        extra = cd[pos + 46 + name_len: pos + 46 + name_len + extra_len]
+        name_bytes = cd[pos + 46 : pos + 46 + name_len]
+        extra = cd[pos + 46 + name_len : pos + 46 + name_len + extra_len]
         entries.append((fields, name_bytes, extra))
         pos += 46 + name_len + extra_len + comment
     if pos != len(cd) or len(entries) != n_total:
         # a directory that breaks off (a zeroed page, wrong counts) cannot be trusted for the entries it still
         # shows either (the one at the break has half its fields): read the records as a truncated file's are,
         # from their local headers
-        raise ZipStructureError(f"the central directory holds {len(entries)} readable entries in {pos} of "
-                                f"{len(cd)} bytes, the end record says {n_total}",
-                                scan_local_headers(path, base, size))
+        raise ZipStructureError(
+            f"the central directory holds {len(entries)} readable entries in {pos} of "
+            f"{len(cd)} bytes, the end record says {n_total}",
+            scan_local_headers(path, base, size),
+        )
     torch_style = _written_by_torch(src, entries)
     if torch_style and len(entries) > 2:  # fields torch writes identically for every entry (other writers vary
         # them by entry: Python's zipfile sets "version made by" per compression method)
-        for index, label in ((1, "version made by"), (13, "disk number"), (14, "internal attributes"),
-                             (15, "external attributes")):
-            common = max(set(e[0][index] for e in entries), key=lambda v: sum(e[0][index] == v for e in entries))
+        for index, label in (
+            (1, "version made by"),
+            (13, "disk number"),
+            (14, "internal attributes"),
+            (15, "external attributes"),
+        ):
+            common = max({e[0][index] for e in entries}, key=lambda v: sum(e[0][index] == v for e in entries))
             for e in entries:
                 if e[0][index] != common:
-                    problems.append(ZipProblem("zip.structure", f"central directory {label} {e[0][index]:#x} differs "
-                                               f"from every other entry's {common:#x}", e[1].decode("utf-8", "replace")))
+                    problems.append(
+                        ZipProblem(
+                            "zip.structure",
+                            f"central directory {label} {e[0][index]:#x} differs from every other entry's {common:#x}",
+                            e[1].decode("utf-8", "replace"),
+                        )
+                    )
     if torch_style and has_zip64 and "zip64_versions" in locals() and zip64_versions != TORCH_ZIP64_VERSIONS:
-        problems.append(ZipProblem("zip.structure", f"zip64 end record versions {zip64_versions} differ from "
-                                   f"torch's {TORCH_ZIP64_VERSIONS}", "zip64 end of central directory"))
+        problems.append(
+            ZipProblem(
+                "zip.structure",
+                f"zip64 end record versions {zip64_versions} differ from torch's {TORCH_ZIP64_VERSIONS}",
+                "zip64 end of central directory",
+            )
+        )
     expected_local = 0
     for fields, name_bytes, extra in entries:
         rec, rec_problems = _check_entry(src, size, fields, name_bytes, extra, torch_style)
         if rec.header_offset < expected_local:
             # bytes that belong to an earlier record (a non-recursive zip bomb gives one 4 MB record 50,000
             # names): an error, and the entry is dropped so that nothing reads or checks those bytes again
-            problems.append(ZipProblem("zip.overlap", f"record {rec.name} at offset {rec.header_offset} lies "
-                                       f"inside or before the previous record (which ends at {expected_local})",
-                                       rec.name))
+            problems.append(
+                ZipProblem(
+                    "zip.overlap",
+                    f"record {rec.name} at offset {rec.header_offset} lies "
+                    f"inside or before the previous record (which ends at {expected_local})",
+                    rec.name,
+                )
+            )
             continue
         records.append(rec)
         problems.extend(rec_problems)
         if rec.header_offset != expected_local:
-            problems.append(ZipProblem("zip.structure", f"{rec.header_offset - expected_local:+d} unaccounted "
-                                       f"bytes before record {rec.name}", rec.name))
+            problems.append(
+                ZipProblem(
+                    "zip.structure",
+                    f"{rec.header_offset - expected_local:+d} unaccounted bytes before record {rec.name}",
+                    rec.name,
+                )
+            )
         expected_local = rec.end
     if records and expected_local != cd_offset:
-        problems.append(ZipProblem("zip.structure", f"{cd_offset - expected_local:+d} unaccounted bytes before the "
-                                   "central directory", "central directory"))
+        problems.append(
+            ZipProblem(
+                "zip.structure",
+                f"{cd_offset - expected_local:+d} unaccounted bytes before the central directory",
+                "central directory",
+            )
+        )
     if comment_len:
-        problems.append(ZipProblem("zip.structure", f"zip comment of {comment_len} bytes (torch writes none)",
-                                   "end of central directory"))
+        problems.append(
+            ZipProblem(
+                "zip.structure", f"zip comment of {comment_len} bytes (torch writes none)", "end of central directory"
+            )
+        )
     return records
 
 
 TORCH_ZIP64_VERSIONS = (0x031E, 45)  # what torch's writer (miniz) puts in the zip64 end record
 
 
-def _written_by_torch(src: "_Window", entries) -> bool:
+def _written_by_torch(src: _Window, entries) -> bool:
     """torch's writer pads every record with an 'FB' extra block and sets flag bit 3; when most records
     look like that, fields it writes identically are held to its values."""
     padded = 0
@@ -263,10 +321,12 @@ def _written_by_torch(src: "_Window", entries) -> bool:
     return bool(entries) and padded * 2 > len(entries)
 
 
-def _check_entry(src: "_Window", size: int, fields, name_bytes: bytes, extra: bytes,
-                 torch_style: bool = False) -> tuple[Record, list[ZipProblem]]:
-    (_, _made, need, flags, method, mtime, mdate, crc, csize, usize, _nl, _el, _cl, _disk, _iattr, _eattr,
-     offset) = fields
+def _check_entry(
+    src: _Window, size: int, fields, name_bytes: bytes, extra: bytes, torch_style: bool = False
+) -> tuple[Record, list[ZipProblem]]:
+    (_, _made, need, flags, method, mtime, mdate, crc, csize, usize, _nl, _el, _cl, _disk, _iattr, _eattr, offset) = (
+        fields
+    )
     name = name_bytes.decode("utf-8", "replace")
     problems: list[ZipProblem] = []
     wanted = [n for n, v in (("usize", usize), ("csize", csize), ("offset", offset)) if v == 0xFFFFFFFF]
@@ -282,9 +342,18 @@ def _check_entry(src: "_Window", size: int, fields, name_bytes: bytes, extra: by
     l_name = src.pread(l_nl, offset + 30)
     l_extra = src.pread(l_el, offset + 30 + l_nl)
     data_offset = offset + 30 + l_nl + l_el
-    mismatched = [label for label, a, b in (("version", l_need, need), ("flags", l_flags, flags),
-                                            ("method", l_method, method), ("time", l_time, mtime),
-                                            ("date", l_date, mdate), ("name", l_name, name_bytes)) if a != b]
+    mismatched = [
+        label
+        for label, a, b in (
+            ("version", l_need, need),
+            ("flags", l_flags, flags),
+            ("method", l_method, method),
+            ("time", l_time, mtime),
+            ("date", l_date, mdate),
+            ("name", l_name, name_bytes),
+        )
+        if a != b
+    ]
     descriptor = bool(flags & 0x08)
     if descriptor:
         if (l_crc, l_csize, l_usize) != (0, 0, 0) and (l_crc, l_csize, l_usize) != (crc, csize, usize):
@@ -294,18 +363,28 @@ def _check_entry(src: "_Window", size: int, fields, name_bytes: bytes, extra: by
         if (l_crc, l64.get("csize", l_csize), l64.get("usize", l_usize)) != (crc, csize, usize):
             mismatched.append("crc/sizes")
     if mismatched:
-        problems.append(ZipProblem("zip.header-mismatch", f"local header and central directory disagree on "
-                                   f"{', '.join(mismatched)}", name))
+        problems.append(
+            ZipProblem(
+                "zip.header-mismatch", f"local header and central directory disagree on {', '.join(mismatched)}", name
+            )
+        )
     blocks = _extra_blocks(l_extra)
     if blocks is None:
         problems.append(ZipProblem("zip.structure", "local extra field is malformed", name))
     else:
         for tag, data in blocks:
             if tag == PADDING_ID and data.strip(b"Z"):
-                problems.append(ZipProblem("zip.structure", "alignment padding is damaged (torch writes only 'Z')", name))
+                problems.append(
+                    ZipProblem("zip.structure", "alignment padding is damaged (torch writes only 'Z')", name)
+                )
             elif torch_style and tag not in (PADDING_ID, 0x0001):
-                problems.append(ZipProblem("zip.structure", f"unexpected extra block {tag:#06x} in a torch-written "
-                                           "record (damaged padding header?)", name))
+                problems.append(
+                    ZipProblem(
+                        "zip.structure",
+                        f"unexpected extra block {tag:#06x} in a torch-written record (damaged padding header?)",
+                        name,
+                    )
+                )
     end = data_offset + csize
     truncated = end > size
     if descriptor and not truncated:
@@ -318,15 +397,29 @@ def _check_entry(src: "_Window", size: int, fields, name_bytes: bytes, extra: by
             d_sig, d_crc = raw[:4], struct.unpack_from("<I", raw, 4)[0]
             d_csize, d_usize = struct.unpack_from("<QQ" if zip64 else "<II", raw, 8)
             if d_sig != DESCRIPTOR_MAGIC or (d_crc, d_csize, d_usize) != (crc, csize, usize):
-                problems.append(ZipProblem("zip.header-mismatch", "data descriptor disagrees with the central directory",
-                                           name))
+                problems.append(
+                    ZipProblem("zip.header-mismatch", "data descriptor disagrees with the central directory", name)
+                )
             end += d_len
     if truncated:
-        problems.append(ZipProblem("zip.record-truncated", f"record {name} extends past the end of the file "
-                                   f"(needs {csize} bytes)", name))
+        problems.append(
+            ZipProblem(
+                "zip.record-truncated", f"record {name} extends past the end of the file (needs {csize} bytes)", name
+            )
+        )
     local_name = l_name.decode("utf-8", "replace") if l_name != name_bytes else None
-    return Record(name, offset, data_offset, usize if method else csize, crc, method, truncated, end, local_name,
-                  csize if method else None), problems
+    return Record(
+        name,
+        offset,
+        data_offset,
+        usize if method else csize,
+        crc,
+        method,
+        truncated,
+        end,
+        local_name,
+        csize if method else None,
+    ), problems
 
 
 def scan_local_headers(path: Path, base: int = 0, length: int | None = None) -> list[Record]:
@@ -368,7 +461,7 @@ def scan_local_headers(path: Path, base: int = 0, length: int | None = None) -> 
     return records
 
 
-def _find_descriptor(src: "_Window", data_offset: int, size: int) -> tuple[int, int, int] | None:
+def _find_descriptor(src: _Window, data_offset: int, size: int) -> tuple[int, int, int] | None:
     """(crc, size, descriptor length) of the first descriptor whose size field matches its position."""
     pos, overlap, window = data_offset, 3, 64 << 10
     while pos < size:
@@ -394,8 +487,9 @@ def read_records(path: Path, base: int = 0, length: int | None = None) -> tuple[
     return parse_zip(path, base, length)
 
 
-def iter_record_bytes(path: Path, record: Record, chunk: int = CHUNK, start: int = 0,
-                      length: int | None = None) -> Iterator[bytes]:
+def iter_record_bytes(
+    path: Path, record: Record, chunk: int = CHUNK, start: int = 0, length: int | None = None
+) -> Iterator[bytes]:
     """Stream a stored record's bytes (or a byte range of it) with bounded memory."""
     if record.method == 8:  # deflate (not written by torch, but other zip tools do)
         yield from _iter_deflated(path, record, chunk, start, length)
@@ -436,7 +530,7 @@ def _iter_deflated(path: Path, record: Record, chunk: int, start: int, length: i
         lo, produced = produced, produced + len(out)
         if produced > record.size:
             raise OSError(f"record {record.name}: inflates past its declared {record.size} bytes")
-        cut = out[max(0, start - lo): len(out) if end is None else max(0, end - lo)]
+        cut = out[max(0, start - lo) : len(out) if end is None else max(0, end - lo)]
         if cut:
             yield cut
         if end is not None and produced >= end:
@@ -472,17 +566,29 @@ def locate_intact(path: Path, record: Record, scanned: list[Record] | None = Non
         if other.name == record.name or other.header_offset == record.header_offset:
             candidates.append(other)
             if record.crc is not None:  # the central directory's CRC and size with the scanned position
-                candidates.append(Record(record.name, other.header_offset, other.data_offset, record.size, record.crc,
-                                         record.method, False, other.end))
+                candidates.append(
+                    Record(
+                        record.name,
+                        other.header_offset,
+                        other.data_offset,
+                        record.size,
+                        record.crc,
+                        record.method,
+                        False,
+                        other.end,
+                    )
+                )
     if record.method != 0:  # torch stores; a damaged method field is one more thing the metadata got wrong
-        candidates.append(Record(record.name, record.header_offset, record.data_offset, record.size, record.crc, 0,
-                                 False, record.end))
+        candidates.append(
+            Record(record.name, record.header_offset, record.data_offset, record.size, record.crc, 0, False, record.end)
+        )
     base = record.header_offset + LOCAL_HEADER.size + len(record.name.encode("utf-8"))
     for extra in range(0, 64 + 4 + 20 + 1):
         start = base + extra
         if start % 64 == 0 and record.crc is not None:
-            candidates.append(Record(record.name, record.header_offset, start, record.size, record.crc, 0,
-                                     False, start + record.size))
+            candidates.append(
+                Record(record.name, record.header_offset, start, record.size, record.crc, 0, False, start + record.size)
+            )
     for candidate in candidates:  # the caller checks that the size is the one its storage needs
         if candidate.crc is not None and record_crc(path, candidate) == candidate.crc:
             return candidate
@@ -537,14 +643,14 @@ def _surviving_constants(cd: bytes) -> tuple[int, int, int, int]:
     """(version made by, disk, internal attributes, external attributes) of the directory entries still
     readable at its start: fields a writer sets the same for every entry (torch's: all 0)."""
     pos, seen = 0, []
-    while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos: pos + 4] == CENTRAL_MAGIC:
+    while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos : pos + 4] == CENTRAL_MAGIC:
         fields = CENTRAL_HEADER.unpack_from(cd, pos)
         seen.append((fields[1], fields[13], fields[14], fields[15]))
         pos += 46 + fields[10] + fields[11] + fields[12]
     return max(set(seen), key=seen.count) if seen else (0, 0, 0, 0)
 
 
-def _central_entry(src: "_Window", r: Record, template: tuple[int, int, int, int]) -> bytes:
+def _central_entry(src: _Window, r: Record, template: tuple[int, int, int, int]) -> bytes:
     """One central-directory entry for a scanned record, its fields taken from the local header (as a writer
     copies them), CRC and sizes from the data descriptor; a zip64 extra for what does not fit 32 bits."""
     head = LOCAL_HEADER.unpack(src.pread(LOCAL_HEADER.size, r.header_offset))
@@ -554,5 +660,26 @@ def _central_entry(src: "_Window", r: Record, template: tuple[int, int, int, int
     big = [(v, 0xFFFFFFFF) if v >= 0xFFFFFFFF else (None, v) for v in (r.size, r.size, r.header_offset)]
     extra = b"".join(struct.pack("<Q", v) for v, _ in big if v is not None)
     extra = struct.pack("<HH", 0x0001, len(extra)) + extra if extra else b""
-    return CENTRAL_HEADER.pack(CENTRAL_MAGIC, made_by, need, flags, method, mtime, mdate, r.crc, big[1][1],
-                               big[0][1], nl, len(extra), 0, disk, internal, external, big[2][1]) + name + extra
+    return (
+        CENTRAL_HEADER.pack(
+            CENTRAL_MAGIC,
+            made_by,
+            need,
+            flags,
+            method,
+            mtime,
+            mdate,
+            r.crc,
+            big[1][1],
+            big[0][1],
+            nl,
+            len(extra),
+            0,
+            disk,
+            internal,
+            external,
+            big[2][1],
+        )
+        + name
+        + extra
+    )

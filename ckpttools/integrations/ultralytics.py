@@ -38,7 +38,6 @@ import random
 import shutil
 from pathlib import Path
 
-
 import numpy as np
 import torch
 
@@ -65,7 +64,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def safe_trainer(base: type | None = None, allow_change: str = "") -> type:
     """A subclass of ``base`` (default: Ultralytics' DetectionTrainer; any BaseTrainer subclass works, e.g.
     YOLOFuse's) with safe saves and exact, preflighted resumes.  ``allow_change``: preflight fields that may
@@ -108,8 +107,10 @@ class _SafeMixin:
             self.wdir, self.last, self.best = real
         written = sorted(staging.iterdir())
         if written:
-            extra = {RECORD_KEY: {"history": list(getattr(self, "_ckpttools_history", []))},
-                     STATE_KEY: _capture_state(self)}
+            extra = {
+                RECORD_KEY: {"history": list(getattr(self, "_ckpttools_history", []))},
+                STATE_KEY: _capture_state(self),
+            }
             data = _with_digest(written[0], extra)
             for f in written:
                 target = self.wdir / f.name
@@ -174,24 +175,34 @@ def _with_digest(path: Path, extra: dict, drop: tuple[str, ...] = ()) -> bytes:
 
 # ---- exact state -----------------------------------------------------------------------------------------
 
+
 def _capture_state(trainer) -> dict:
     from ultralytics.utils.torch_utils import unwrap_model
 
     model = unwrap_model(trainer.model)
     np_state = np.random.get_state()
-    rng = {"python": _plain(random.getstate()),
-           "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                     "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-           "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    rng = {
+        "python": _plain(random.getstate()),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
     generator = getattr(getattr(trainer, "train_loader", None), "generator", None)
     if generator is not None:
         rng["loader"] = generator.get_state()
-    return {"epoch": int(trainer.epoch),
-            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "ema": {k: v.detach().clone() for k, v in trainer.ema.ema.state_dict().items()} if trainer.ema else None,
-            "optimizer": trainer.optimizer.state_dict(),
-            "rng": rng}
+    return {
+        "epoch": int(trainer.epoch),
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "ema": {k: v.detach().clone() for k, v in trainer.ema.ema.state_dict().items()} if trainer.ema else None,
+        "optimizer": trainer.optimizer.state_dict(),
+        "rng": rng,
+    }
 
 
 def _plain(value):
@@ -243,29 +254,41 @@ def _replay_epoch_tail(loader) -> None:
     sampler in the resumed run would not: the same draw is made here so the next epoch's order is the same."""
     from torch.utils.data import RandomSampler
 
-    sampler = getattr(getattr(loader.batch_sampler, "sampler", None), "sampler", None)  # _RepeatSampler > Batch > Random
+    sampler = getattr(
+        getattr(loader.batch_sampler, "sampler", None), "sampler", None
+    )  # _RepeatSampler > Batch > Random
     if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.generator is loader.generator:
         torch.randperm(len(sampler.data_source), generator=loader.generator)
 
 
 # ---- preflight -------------------------------------------------------------------------------------------
 
+
 def _preflight_resume(last: Path, overrides: dict, allow: set[str]) -> list[dict]:
     """Block a resume that would change the run; return the checkpoint's history plus this resume's event."""
     tree = open_checkpoint(last).tree
     recorded = U.record_of_checkpoint(tree)
     by_key = {key: field for field, key in U.FIELDS.items()}
-    given = {by_key[k].replace("-", "_"): v for k, v in overrides.items()
-             if k in by_key and k != "model" and v is not None}
+    given = {
+        by_key[k].replace("-", "_"): v for k, v in overrides.items() if k in by_key and k != "model" and v is not None
+    }
     report = preflight(recorded, requested_fields(recorded, given), allow)
     if not report.ok:
         rows = "; ".join(f"{c.field}: {c.recorded!r} -> {c.requested!r} ({c.note})" for c in report.blocked)
-        raise ResumeBlocked(f"{last}: resume blocked by the preflight: {rows}. Start a new run, or allow with "
-                            f"safe_trainer(allow_change={','.join(c.field for c in report.blocked)!r}) or "
-                            f"{ALLOW_ENV}={','.join(c.field for c in report.blocked)}")
+        raise ResumeBlocked(
+            f"{last}: resume blocked by the preflight: {rows}. Start a new run, or allow with "
+            f"safe_trainer(allow_change={','.join(c.field for c in report.blocked)!r}) or "
+            f"{ALLOW_ENV}={','.join(c.field for c in report.blocked)}"
+        )
     history = list(((tree.get(RECORD_KEY) or {}).get("history")) or [])
-    history.append({"event": "resume", "date": _now(), "from": str(last),
-                    "allowed": {c.field: [c.recorded, c.requested] for c in report.allowed}})
+    history.append(
+        {
+            "event": "resume",
+            "date": _now(),
+            "from": str(last),
+            "allowed": {c.field: [c.recorded, c.requested] for c in report.allowed},
+        }
+    )
     return history
 
 
@@ -274,6 +297,7 @@ def _now() -> str:
 
 
 # ---- extending a finished run ----------------------------------------------------------------------------
+
 
 def extend_epochs(path: str | os.PathLike, epochs: int, out: str | os.PathLike | None = None) -> Path:
     """A copy of a resumable checkpoint (a finished run's ``last.resumable.pt``) whose run ends at ``epochs``;
@@ -285,8 +309,10 @@ def extend_epochs(path: str | os.PathLike, epochs: int, out: str | os.PathLike |
     tree = ckpt.tree
     args = tree.get("train_args")
     if not isinstance(args, dict) or tree.get("optimizer") is None:
-        raise ValueError(f"{path}: not a resumable Ultralytics checkpoint (no train_args / optimizer): a stripped "
-                         f"final last.pt cannot be extended; use {RESUMABLE_NAME} from the same folder")
+        raise ValueError(
+            f"{path}: not a resumable Ultralytics checkpoint (no train_args / optimizer): a stripped "
+            f"final last.pt cannot be extended; use {RESUMABLE_NAME} from the same folder"
+        )
     done = int(tree.get("epoch", -1)) + 1
     if epochs <= done:
         raise ValueError(f"{path}: {done} epoch(s) are done already; ask for more than {done}")
@@ -298,5 +324,3 @@ def extend_epochs(path: str | os.PathLike, epochs: int, out: str | os.PathLike |
         tree[DIGEST_KEY] = {"algorithm": DIGEST_ALGORITHM, "value": lazy_digest(tree, TensorSource(ckpt))}
     torchzip.write_file(tree, out, TensorSource(ckpt), replace=False)
     return out
-
-

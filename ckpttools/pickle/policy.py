@@ -21,8 +21,8 @@ file that cannot be shown safe is not called safe.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ckpttools.objects import Reference
 from ckpttools.pickle.scan import CALLED, CONSTRUCTED, Call, Global, PickleScan, Text
@@ -32,22 +32,33 @@ ALLOWED_STATUS, CODE, DANGEROUS = "allowed", "code", "dangerous"
 
 TENSOR_REBUILD = "torch's own tensor rebuild; rebuilt here as a lazy tensor description (no torch code runs)"
 DTYPE = "a torch dtype or legacy storage type: a name, nothing is called"
-DCP_METADATA = ("a torch.distributed.checkpoint metadata dataclass: plain fields, no custom construction; "
-                "read here as an inert record")
+DCP_METADATA = (
+    "a torch.distributed.checkpoint metadata dataclass: plain fields, no custom construction; "
+    "read here as an inert record"
+)
 NUMPY = "numpy's array / scalar / dtype reconstruction from bytes and a dtype description"
 BUILTIN_TYPE = "a builtin container or scalar type: builds data from data"
 STDLIB_VALUE = "a standard-library value type: {what}; builds a value from data"
 JIT_LIST = "TorchScript's list / type tag: returns its argument (torch/jit/_pickle.py)"
-STR_ENUM = ("a str Enum: calling it looks a member up by value; its _missing_ only raises (checked in {lib}'s "
-            "source); the Hugging Face Trainer pickles these in training_args.bin")
+STR_ENUM = (
+    "a str Enum: calling it looks a member up by value; its _missing_ only raises (checked in {lib}'s "
+    "source); the Hugging Face Trainer pickles these in training_args.bin"
+)
 
 
 # quantization schemes and sparse layouts: constants torch's quantized / sparse rebuilds take
-QSCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric",
-            "per_channel_affine_float_qparams")
+QSCHEMES = (
+    "per_tensor_affine",
+    "per_tensor_symmetric",
+    "per_channel_affine",
+    "per_channel_symmetric",
+    "per_channel_affine_float_qparams",
+)
 SPARSE_LAYOUTS = ("torch.sparse_coo", "torch.sparse_csr", "torch.sparse_csc", "torch.sparse_bsr", "torch.sparse_bsc")
-OTHER_REBUILD = ("one of torch's weights-only tensor rebuilds ({what}): builds a tensor from tensors and numbers; "
-                 "rebuilt here as an inert description, written back as the same call")
+OTHER_REBUILD = (
+    "one of torch's weights-only tensor rebuilds ({what}): builds a tensor from tensors and numbers; "
+    "rebuilt here as an inert description, written back as the same call"
+)
 
 
 def _entries() -> dict[tuple[str, str], str]:
@@ -62,7 +73,7 @@ def _entries() -> dict[tuple[str, str], str]:
         ("torch._utils", "_rebuild_parameter"): "wraps a rebuilt tensor as an nn.Parameter (a flag here)",
         ("torch._utils", "_rebuild_parameter_with_state"): "a Parameter with plain attribute state",
         ("torch._tensor", "_rebuild_from_type_v2"): "tensor subclass rebuild; its function argument is judged "
-                                                    "as a call of its own",
+        "as a call of its own",
         ("torch", "Size"): "a shape: a tuple of ints",
         ("torch", "device"): "a device name such as 'cuda:0'",
         ("torch", "strided"): "the strided layout constant",
@@ -76,32 +87,45 @@ def _entries() -> dict[tuple[str, str], str]:
         ("torch.nn.parameter", "Parameter"): "the Parameter class, as the target type of a tensor rebuild",
         ("collections", "OrderedDict"): BUILTIN_TYPE,
         # TorchScript archives (torch.jit.save) tag their lists with these: each returns its (first) argument
-        ("torch.jit._pickle", "build_intlist"): JIT_LIST, ("torch.jit._pickle", "build_tensorlist"): JIT_LIST,
-        ("torch.jit._pickle", "build_doublelist"): JIT_LIST, ("torch.jit._pickle", "build_boollist"): JIT_LIST,
-        ("torch.jit._pickle", "build_tensor_from_id"): JIT_LIST, ("torch.jit._pickle", "restore_type_tag"): JIT_LIST,
+        ("torch.jit._pickle", "build_intlist"): JIT_LIST,
+        ("torch.jit._pickle", "build_tensorlist"): JIT_LIST,
+        ("torch.jit._pickle", "build_doublelist"): JIT_LIST,
+        ("torch.jit._pickle", "build_boollist"): JIT_LIST,
+        ("torch.jit._pickle", "build_tensor_from_id"): JIT_LIST,
+        ("torch.jit._pickle", "restore_type_tag"): JIT_LIST,
         # Ultralytics' resumable last.pt pickles the model's hyperparameters as this class (8.x): a
         # types.SimpleNamespace subclass that adds only read methods (__iter__, __getattr__, get), no __init__;
         # calling it sets attributes from the file's keywords.  Without it every genuine resumable
         # Ultralytics checkpoint would be an error.
-        **{("transformers.trainer_utils", n): STR_ENUM.format(lib="transformers 5")
-           for n in ("SchedulerType", "IntervalStrategy", "SaveStrategy", "HubStrategy", "FSDPOption")},
+        **{
+            ("transformers.trainer_utils", n): STR_ENUM.format(lib="transformers 5")
+            for n in ("SchedulerType", "IntervalStrategy", "SaveStrategy", "HubStrategy", "FSDPOption")
+        },
         ("transformers.training_args", "OptimizerNames"): STR_ENUM.format(lib="transformers 5"),
         ("transformers.debug_utils", "DebugOption"): STR_ENUM.format(lib="transformers 5"),
-        **{("accelerate.utils.dataclasses", n): STR_ENUM.format(lib="accelerate 1.15")
-           for n in ("DistributedType", "PrecisionType", "DynamoBackend")},
+        **{
+            ("accelerate.utils.dataclasses", n): STR_ENUM.format(lib="accelerate 1.15")
+            for n in ("DistributedType", "PrecisionType", "DynamoBackend")
+        },
         ("ultralytics.utils", "IterableSimpleNamespace"): "Ultralytics' SimpleNamespace subclass (no __init__ "
-                                                          "of its own): calling it only sets attributes",
+        "of its own): calling it only sets attributes",
         ("types", "SimpleNamespace"): "an attribute bag: takes no positional arguments, state is plain data",
         ("builtins", "object"): "the base class argument of copyreg._reconstructor (never called)",
-        ("builtins", "set"): BUILTIN_TYPE, ("builtins", "frozenset"): BUILTIN_TYPE,
-        ("builtins", "complex"): BUILTIN_TYPE, ("builtins", "slice"): BUILTIN_TYPE,
-        ("builtins", "bytearray"): BUILTIN_TYPE, ("builtins", "range"): BUILTIN_TYPE,
+        ("builtins", "set"): BUILTIN_TYPE,
+        ("builtins", "frozenset"): BUILTIN_TYPE,
+        ("builtins", "complex"): BUILTIN_TYPE,
+        ("builtins", "slice"): BUILTIN_TYPE,
+        ("builtins", "bytearray"): BUILTIN_TYPE,
+        ("builtins", "range"): BUILTIN_TYPE,
         ("copyreg", "_reconstructor"): "protocol 0/1 object construction; allowed only with base `object`",
         ("copyreg", "__newobj__"): "cls.__new__(cls, *args): judged as a construction of cls",
         ("_codecs", "encode"): "how protocol 2 stores bytes (text -> latin-1); other encodings are refused",
-        ("numpy.core.multiarray", "_reconstruct"): NUMPY, ("numpy._core.multiarray", "_reconstruct"): NUMPY,
-        ("numpy.core.multiarray", "scalar"): NUMPY, ("numpy._core.multiarray", "scalar"): NUMPY,
-        ("numpy", "ndarray"): NUMPY, ("numpy", "dtype"): NUMPY,
+        ("numpy.core.multiarray", "_reconstruct"): NUMPY,
+        ("numpy._core.multiarray", "_reconstruct"): NUMPY,
+        ("numpy.core.multiarray", "scalar"): NUMPY,
+        ("numpy._core.multiarray", "scalar"): NUMPY,
+        ("numpy", "ndarray"): NUMPY,
+        ("numpy", "dtype"): NUMPY,
         ("numpy.core.numeric", "_frombuffer"): NUMPY + " (protocol 5: an array from a bytes buffer)",
         ("numpy._core.numeric", "_frombuffer"): NUMPY + " (protocol 5: an array from a bytes buffer)",
     }
@@ -129,17 +153,51 @@ def _entries() -> dict[tuple[str, str], str]:
             table[("torch", info.storage_class)] = DTYPE
     table[("torch", "UntypedStorage")] = table[("torch.storage", "UntypedStorage")] = DTYPE
     table[("torch", "TypedStorage")] = table[("torch.storage", "TypedStorage")] = DTYPE
-    for name in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32",
-                 "uint64", "bool_", "complex64", "complex128"):
+    for name in (
+        "float64",
+        "float32",
+        "float16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool_",
+        "complex64",
+        "complex128",
+    ):
         table[("numpy", name)] = NUMPY
-    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "Int16DType",
-                 "Int8DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType"):
+    for name in (
+        "Float64DType",
+        "Float32DType",
+        "Float16DType",
+        "Int64DType",
+        "Int32DType",
+        "Int16DType",
+        "Int8DType",
+        "UInt8DType",
+        "UInt16DType",
+        "UInt32DType",
+        "UInt64DType",
+        "BoolDType",
+    ):
         table[("numpy.dtypes", name)] = NUMPY
-    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                 "TensorProperties", "MetadataIndex", "StorageMeta"):
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+    ):
         table[("torch.distributed.checkpoint.metadata", name)] = DCP_METADATA
     table[("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING")] = (
-        "an Enum of DCP's metadata: calling an Enum class with a value looks up its member")
+        "an Enum of DCP's metadata: calling an Enum class with a value looks up its member"
+    )
     table[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = DCP_METADATA
     table[("torch.distributed.checkpoint.planner", "WriteItemType")] = DCP_METADATA
     return table
@@ -148,24 +206,135 @@ def _entries() -> dict[tuple[str, str], str]:
 ALLOWED: dict[tuple[str, str], str] = _entries()
 
 # modules whose mere use in a checkpoint is an attack, whatever the pickle does with the name
-DANGEROUS_MODULES = frozenset({
-    "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "_posixsubprocess", "sys", "importlib", "runpy",
-    "pickle", "_pickle", "pickletools", "shelve", "marshal", "dill", "cloudpickle", "joblib", "socket", "ssl",
-    "shutil", "pty", "ctypes", "_ctypes", "cffi", "code", "codeop", "webbrowser", "antigravity",
-    "multiprocessing", "concurrent", "signal", "asyncio", "_thread", "threading", "tempfile", "io", "_io",
-    "urllib", "http", "ftplib", "smtplib", "telnetlib", "requests", "httpx", "functools", "operator", "inspect",
-    "pip", "ensurepip", "setuptools", "distutils", "timeit", "pdb", "bdb", "trace", "profile", "cProfile",
-    "zipimport", "pkgutil", "imp", "site", "sysconfig", "pydoc", "idlelib", "lib2to3", "builtins", "gc",
-    "weakref", "atexit", "resource", "fcntl", "mmap", "linecache", "glob", "zipfile", "tarfile", "logging",
-    "codecs", "_codecs", "bz2", "gzip", "lzma", "sqlite3", "dbm", "xmlrpc", "nturl2path", "uuid", "platform",
-    "venv", "unittest", "doctest", "test", "this",
-    # inside torch and numpy: the parts that load, compile, run or fetch code
-    "torch.hub", "torch._C", "torch.ops", "torch.jit", "torch.package", "torch.serialization", "torch.storage",
-    "torch.utils", "torch._inductor", "torch._dynamo", "torch.fx", "torch.compiler", "torch._ops", "torch.library",
-    "torch.distributed", "torch.multiprocessing", "torch.cuda", "torch.backends", "torch.load",
-    "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib", "numpy.lib", "numpy.load", "numpy.save",
-    "numpy.savetxt", "numpy.loadtxt", "numpy.fromfile", "numpy.memmap",
-})
+DANGEROUS_MODULES = frozenset(
+    {
+        "os",
+        "posix",
+        "nt",
+        "posixpath",
+        "ntpath",
+        "subprocess",
+        "_posixsubprocess",
+        "sys",
+        "importlib",
+        "runpy",
+        "pickle",
+        "_pickle",
+        "pickletools",
+        "shelve",
+        "marshal",
+        "dill",
+        "cloudpickle",
+        "joblib",
+        "socket",
+        "ssl",
+        "shutil",
+        "pty",
+        "ctypes",
+        "_ctypes",
+        "cffi",
+        "code",
+        "codeop",
+        "webbrowser",
+        "antigravity",
+        "multiprocessing",
+        "concurrent",
+        "signal",
+        "asyncio",
+        "_thread",
+        "threading",
+        "tempfile",
+        "io",
+        "_io",
+        "urllib",
+        "http",
+        "ftplib",
+        "smtplib",
+        "telnetlib",
+        "requests",
+        "httpx",
+        "functools",
+        "operator",
+        "inspect",
+        "pip",
+        "ensurepip",
+        "setuptools",
+        "distutils",
+        "timeit",
+        "pdb",
+        "bdb",
+        "trace",
+        "profile",
+        "cProfile",
+        "zipimport",
+        "pkgutil",
+        "imp",
+        "site",
+        "sysconfig",
+        "pydoc",
+        "idlelib",
+        "lib2to3",
+        "builtins",
+        "gc",
+        "weakref",
+        "atexit",
+        "resource",
+        "fcntl",
+        "mmap",
+        "linecache",
+        "glob",
+        "zipfile",
+        "tarfile",
+        "logging",
+        "codecs",
+        "_codecs",
+        "bz2",
+        "gzip",
+        "lzma",
+        "sqlite3",
+        "dbm",
+        "xmlrpc",
+        "nturl2path",
+        "uuid",
+        "platform",
+        "venv",
+        "unittest",
+        "doctest",
+        "test",
+        "this",
+        # inside torch and numpy: the parts that load, compile, run or fetch code
+        "torch.hub",
+        "torch._C",
+        "torch.ops",
+        "torch.jit",
+        "torch.package",
+        "torch.serialization",
+        "torch.storage",
+        "torch.utils",
+        "torch._inductor",
+        "torch._dynamo",
+        "torch.fx",
+        "torch.compiler",
+        "torch._ops",
+        "torch.library",
+        "torch.distributed",
+        "torch.multiprocessing",
+        "torch.cuda",
+        "torch.backends",
+        "torch.load",
+        "numpy.testing",
+        "numpy.f2py",
+        "numpy.distutils",
+        "numpy.ctypeslib",
+        "numpy.lib",
+        "numpy.load",
+        "numpy.save",
+        "numpy.savetxt",
+        "numpy.loadtxt",
+        "numpy.fromfile",
+        "numpy.memmap",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -202,8 +371,14 @@ def judge(scan: PickleScan) -> list[Judgement]:
     out.extend(extra)
     out.extend(Judgement("<pickle>", DANGEROUS, (), problem) for problem in scan.problems)
     if scan.error:
-        out.append(Judgement("<pickle>", DANGEROUS, (), f"the opcode stream could not be followed to its end "
-                             f"({scan.error}): the pickle cannot be shown safe"))
+        out.append(
+            Judgement(
+                "<pickle>",
+                DANGEROUS,
+                (),
+                f"the opcode stream could not be followed to its end ({scan.error}): the pickle cannot be shown safe",
+            )
+        )
     return out
 
 
@@ -213,19 +388,34 @@ def _judge_reference(ref: Reference, how: set[str]) -> Judgement:
     if reason is not None:
         return Judgement(ref.qualname, ALLOWED_STATUS, uses, reason)
     if CALLED in how:
-        return Judgement(ref.qualname, DANGEROUS, uses, f"torch.load(weights_only=False) would call "
-                         f"{ref.qualname}(...) with arguments from the file")
+        return Judgement(
+            ref.qualname,
+            DANGEROUS,
+            uses,
+            f"torch.load(weights_only=False) would call {ref.qualname}(...) with arguments from the file",
+        )
     if is_dangerous_name(ref):
         verb = "build" if CONSTRUCTED in how else "import"
-        return Judgement(ref.qualname, DANGEROUS, uses, f"torch.load(weights_only=False) would {verb} "
-                         f"{ref.qualname}, from a module a checkpoint has no reason to name")
+        return Judgement(
+            ref.qualname,
+            DANGEROUS,
+            uses,
+            f"torch.load(weights_only=False) would {verb} "
+            f"{ref.qualname}, from a module a checkpoint has no reason to name",
+        )
     library = ref.module.split(".")[0]
     what = "builds an object of" if CONSTRUCTED in how else "names"
-    return Judgement(ref.qualname, CODE, uses, f"{what} {ref.qualname}: needs the {library!r} library to load "
-                     "with torch.load(weights_only=False); read here as an inert placeholder")
+    return Judgement(
+        ref.qualname,
+        CODE,
+        uses,
+        f"{what} {ref.qualname}: needs the {library!r} library to load "
+        "with torch.load(weights_only=False); read here as an inert placeholder",
+    )
 
 
 # ---- argument rules: allowed callables whose safety depends on what they are given ---------------------------
+
 
 def _global(arg) -> Reference | None:
     return arg.ref if isinstance(arg, Global) else None
@@ -239,8 +429,14 @@ def _reconstructor(call: Call, uses: dict) -> list[Judgement]:
     base = _global(call.args[1]) if len(call.args) > 1 else None
     if base != Reference("builtins", "object"):
         name = base.qualname if base else "a value computed at load time"
-        out.append(Judgement(name, DANGEROUS, (CALLED,), f"copyreg._reconstructor with base {name} would run "
-                             f"{name}.__init__ on the file's state"))
+        out.append(
+            Judgement(
+                name,
+                DANGEROUS,
+                (CALLED,),
+                f"copyreg._reconstructor with base {name} would run {name}.__init__ on the file's state",
+            )
+        )
     return out
 
 
@@ -249,15 +445,22 @@ def _newobj(call: Call, uses: dict) -> list[Judgement]:
     if cls is not None:
         uses.setdefault(cls, set()).add(CONSTRUCTED)
         return []
-    return [Judgement("copyreg.__newobj__", DANGEROUS, (CALLED,), "copyreg.__newobj__ of a class computed at load "
-                      "time")]
+    return [
+        Judgement("copyreg.__newobj__", DANGEROUS, (CALLED,), "copyreg.__newobj__ of a class computed at load time")
+    ]
 
 
 def _rebuild_from_type(call: Call, uses: dict) -> list[Judgement]:
     func = _global(call.args[0]) if call.args else None
     if func is None:
-        return [Judgement("torch._tensor._rebuild_from_type_v2", DANGEROUS, (CALLED,),
-                          "_rebuild_from_type_v2 would call a function computed at load time")]
+        return [
+            Judgement(
+                "torch._tensor._rebuild_from_type_v2",
+                DANGEROUS,
+                (CALLED,),
+                "_rebuild_from_type_v2 would call a function computed at load time",
+            )
+        ]
     uses.setdefault(func, set()).add(CALLED)
     new_type = _global(call.args[1]) if len(call.args) > 1 else None
     if new_type is not None and new_type != Reference("torch", "Tensor"):
@@ -272,8 +475,14 @@ def _codecs_encode(call: Call, uses: dict) -> list[Judgement]:
     encoding = call.args[1] if len(call.args) > 1 else Text("utf-8")
     if isinstance(encoding, Text) and encoding.value.lower() in TEXT_ENCODINGS and len(call.args) <= 3:
         return []
-    return [Judgement("_codecs.encode", DANGEROUS, (CALLED,), "_codecs.encode with an encoding that is not plain "
-                      "text (codecs can run code)")]
+    return [
+        Judgement(
+            "_codecs.encode",
+            DANGEROUS,
+            (CALLED,),
+            "_codecs.encode with an encoding that is not plain text (codecs can run code)",
+        )
+    ]
 
 
 ARGUMENT_RULES: dict[tuple[str, str], Callable[[Call, dict], list[Judgement]]] = {

@@ -99,7 +99,7 @@ def looks_like_pickle(data: bytes) -> bool:
 def _pop_to_mark(stack: list) -> list:
     for i in range(len(stack) - 1, -1, -1):
         if stack[i] is MARK:
-            items = stack[i + 1:]
+            items = stack[i + 1 :]
             del stack[i:]
             return items
     raise ValueError("no MARK on the stack")
@@ -121,12 +121,34 @@ def _pop(stack: list):
 
 # opcodes that push a value whose content never matters to the verdict, and how many argument bytes they carry
 # (a fixed size, or the size of their length prefix: "<B" one byte, "<I" four, "<Q" eight)
-_FIXED_CONSTANTS = {ord("K"): 1, ord("M"): 2, ord("J"): 4, ord("G"): 8, ord("N"): 0, 0x88: 0, 0x89: 0,
-                    ord("]"): 0, ord("}"): 0, 0x8F: 0, 0x97: 0}
-_SIZED_CONSTANTS = {0x8A: "<B", 0x8B: "<i", ord("B"): "<I", ord("C"): "<B", 0x8E: "<Q",
-                    0x96: "<Q"}  # LONG1, LONG4, BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8
-_SIZED_STRINGS = {ord("X"): ("<I", "utf-8"), 0x8C: ("<B", "utf-8"), 0x8D: ("<Q", "utf-8"),
-                  ord("T"): ("<i", "latin-1"), ord("U"): ("<B", "latin-1")}
+_FIXED_CONSTANTS = {
+    ord("K"): 1,
+    ord("M"): 2,
+    ord("J"): 4,
+    ord("G"): 8,
+    ord("N"): 0,
+    0x88: 0,
+    0x89: 0,
+    ord("]"): 0,
+    ord("}"): 0,
+    0x8F: 0,
+    0x97: 0,
+}
+_SIZED_CONSTANTS = {
+    0x8A: "<B",
+    0x8B: "<i",
+    ord("B"): "<I",
+    ord("C"): "<B",
+    0x8E: "<Q",
+    0x96: "<Q",
+}  # LONG1, LONG4, BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8
+_SIZED_STRINGS = {
+    ord("X"): ("<I", "utf-8"),
+    0x8C: ("<B", "utf-8"),
+    0x8D: ("<Q", "utf-8"),
+    ord("T"): ("<i", "latin-1"),
+    ord("U"): ("<B", "latin-1"),
+}
 _LEN = {fmt: struct.Struct(fmt) for fmt in ("<B", "<H", "<i", "<I", "<Q")}
 _LINE_OPCODES = {code: pickletools.code2op[chr(code)] for code in b"IFLSVPgpci"}  # text arguments
 
@@ -199,7 +221,7 @@ def _walk(buf: bytes, result: PickleScan) -> int:
             pos += length.size
             if n < 0 or pos + n > size:
                 raise ValueError(f"string of {n} bytes, {size - pos} remain")
-            push(Text(buf[pos: pos + n].decode(encoding, "surrogatepass" if encoding == "utf-8" else "strict")))
+            push(Text(buf[pos : pos + n].decode(encoding, "surrogatepass" if encoding == "utf-8" else "strict")))
             pos += n
         elif op in fixed:
             n = fixed[op]
@@ -242,8 +264,10 @@ def _walk(buf: bytes, result: PickleScan) -> int:
             _pop(stack)
             target = stack[-1] if stack else None
             if isinstance(target, Global):
-                result.problems.append(f"BUILD sets attributes on {target.ref.qualname} itself (monkey-patching a "
-                                       "class or function of the loading process)")
+                result.problems.append(
+                    f"BUILD sets attributes on {target.ref.qualname} itself (monkey-patching a "
+                    "class or function of the loading process)"
+                )
         elif op == 0x94:  # MEMOIZE
             if not stack:
                 raise IndexError("list index out of range")
@@ -309,8 +333,9 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: dict, result: Pickle
     if op == 0x93:  # STACK_GLOBAL
         attr, module = _pop(stack), _pop(stack)
         if not (isinstance(module, Text) and isinstance(attr, Text)):
-            result.problems.append("STACK_GLOBAL with a module or name computed at load time (cannot be judged "
-                                   "without running the pickle)")
+            result.problems.append(
+                "STACK_GLOBAL with a module or name computed at load time (cannot be judged without running the pickle)"
+            )
             stack.append(UNKNOWN)
             return pos
         ref = normalise(module.value, attr.value)
@@ -320,10 +345,12 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: dict, result: Pickle
     if op in (0x82, 0x83, 0x84):  # EXT1, EXT2, EXT4
         n = {0x82: 1, 0x83: 2, 0x84: 4}[op]
         _need(buf, pos, n, "EXT")
-        code = int.from_bytes(buf[pos: pos + n], "little", signed=n == 4)
+        code = int.from_bytes(buf[pos : pos + n], "little", signed=n == 4)
         name = {0x82: "EXT1", 0x83: "EXT2", 0x84: "EXT4"}[op]
-        result.problems.append(f"{name} extension code {code}: resolved through copyreg's extension registry of the "
-                               "loading process, which a file cannot be checked against")
+        result.problems.append(
+            f"{name} extension code {code}: resolved through copyreg's extension registry of the "
+            "loading process, which a file cannot be checked against"
+        )
         stack.append(UNKNOWN)
         return pos + n
     if op in (0x6C, 0x64, 0x91):  # LIST, DICT, FROZENSET
@@ -375,8 +402,14 @@ def _call_value(func: Any, args: tuple, op: str, result: PickleScan) -> None:
 
 # the callables whose arguments decide their verdict (policy.ARGUMENT_RULES; a test holds the two equal): only
 # their calls are kept with arguments -- a torch state dict calls _rebuild_tensor_v2 once per tensor
-ARGUMENT_CHECKED = frozenset({Reference("copyreg", "_reconstructor"), Reference("copyreg", "__newobj__"),
-                              Reference("torch._tensor", "_rebuild_from_type_v2"), Reference("_codecs", "encode")})
+ARGUMENT_CHECKED = frozenset(
+    {
+        Reference("copyreg", "_reconstructor"),
+        Reference("copyreg", "__newobj__"),
+        Reference("torch._tensor", "_rebuild_from_type_v2"),
+        Reference("_codecs", "encode"),
+    }
+)
 
 
 def _call(ref: Reference, args: tuple, op: str, result: PickleScan) -> None:

@@ -19,14 +19,24 @@ from __future__ import annotations
 import collections
 import io
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ckpttools.objects import Reference, is_placeholder, placeholder_class
-from ckpttools.pickle.policy import ALLOWED
+from ckpttools.pickle.policy import ALLOWED, QSCHEMES, SPARSE_LAYOUTS
 from ckpttools.pickle.scan import normalise
-from ckpttools.tensors import (DTYPES, FROM_STORAGE_CLASS, TORCH_ALIASES, DType, LazyTensor, RebuiltTensor,
-                               StorageRef, TorchConstant, TorchLayout, sparse_values_at)
-from ckpttools.pickle.policy import QSCHEMES, SPARSE_LAYOUTS
+from ckpttools.tensors import (
+    DTYPES,
+    FROM_STORAGE_CLASS,
+    TORCH_ALIASES,
+    DType,
+    LazyTensor,
+    RebuiltTensor,
+    StorageRef,
+    TorchConstant,
+    TorchLayout,
+    sparse_values_at,
+)
 
 
 class UnknownDType(pickle.UnpicklingError):
@@ -68,8 +78,12 @@ def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, re
 def _rebuild_sparse_tensor(layout, data):
     parts = {"torch.sparse_coo": (3, 4)}.get(str(layout), (4,))
     tensors = data[: sparse_values_at(layout) + 1] if isinstance(data, tuple) else ()  # indices and values
-    if str(layout) not in SPARSE_LAYOUTS or not isinstance(data, tuple) or len(data) not in parts or not all(
-            isinstance(t, LazyTensor) for t in tensors):
+    if (
+        str(layout) not in SPARSE_LAYOUTS
+        or not isinstance(data, tuple)
+        or len(data) not in parts
+        or not all(isinstance(t, LazyTensor) for t in tensors)
+    ):
         raise pickle.UnpicklingError(f"sparse tensor of layout {str(layout)[:40]} with unexpected parts")
     return RebuiltTensor("_rebuild_sparse_tensor", (layout, data))
 
@@ -114,6 +128,7 @@ def _safe_codecs_encode(obj, encoding="utf-8", errors="strict"):
 
 def _numpy_implementations() -> dict[tuple[str, str], Any]:
     import numpy as np
+
     try:  # numpy's own pickle helpers (numpy 2 renamed numpy.core to numpy._core)
         from numpy._core import multiarray
     except ImportError:  # pragma: no cover - numpy 1.x
@@ -122,6 +137,7 @@ def _numpy_implementations() -> dict[tuple[str, str], Any]:
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         out[(mod, "_reconstruct")] = multiarray._reconstruct
         out[(mod, "scalar")] = multiarray.scalar
+
     def _frombuffer(buf, dtype, shape, order):  # numpy's own helper, restated: data from bytes, nothing else
         return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape, order=order)
 
@@ -129,7 +145,7 @@ def _numpy_implementations() -> dict[tuple[str, str], Any]:
         out[(mod, "_frombuffer")] = _frombuffer
     out[("numpy", "ndarray")] = np.ndarray
     out[("numpy", "dtype")] = np.dtype
-    for (mod, name) in ALLOWED:
+    for mod, name in ALLOWED:
         if mod == "numpy" and hasattr(np, name) and (mod, name) not in out:
             out[(mod, name)] = getattr(np, name)
         elif mod == "numpy.dtypes" and hasattr(np, "dtypes") and hasattr(np.dtypes, name):
@@ -155,14 +171,24 @@ def _implementations() -> dict[tuple[str, str], Any]:
         ("torch.serialization", "_get_layout"): lambda name: TorchLayout(name),
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("builtins", "object"): object,
-        ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
-        ("builtins", "slice"): slice, ("builtins", "bytearray"): bytearray, ("builtins", "range"): range,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "complex"): complex,
+        ("builtins", "slice"): slice,
+        ("builtins", "bytearray"): bytearray,
+        ("builtins", "range"): range,
         ("copyreg", "_reconstructor"): _safe_reconstructor,
         ("copyreg", "__newobj__"): _safe_newobj,
         ("_codecs", "encode"): _safe_codecs_encode,
     }
-    for name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "build_tensor_from_id",
-                 "restore_type_tag"):
+    for name in (
+        "build_intlist",
+        "build_tensorlist",
+        "build_doublelist",
+        "build_boollist",
+        "build_tensor_from_id",
+        "restore_type_tag",
+    ):
         out[("torch.jit._pickle", name)] = lambda value, *_: value
     for t in (dict, list, tuple, int, float, str, bool, bytes):
         out[("builtins", t.__name__)] = t

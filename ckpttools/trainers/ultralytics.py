@@ -8,13 +8,29 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
-from ckpttools.datasets.ultralytics_data import (UltralyticsDataError, cache_fingerprint, cache_path,
-                                                 content_fingerprint, load_ultralytics_yaml, read_label_cache)
+from ckpttools.datasets.ultralytics_data import (
+    UltralyticsDataError,
+    cache_fingerprint,
+    cache_path,
+    content_fingerprint,
+    load_ultralytics_yaml,
+    read_label_cache,
+)
 
 # preflight field -> Ultralytics train_args key
-FIELDS = {"data": "data", "batch": "batch", "lr0": "lr0", "lrf": "lrf", "momentum": "momentum",
-          "weight-decay": "weight_decay", "optimizer": "optimizer", "warmup-epochs": "warmup_epochs",
-          "epochs": "epochs", "img-size": "imgsz", "model": "model"}
+FIELDS = {
+    "data": "data",
+    "batch": "batch",
+    "lr0": "lr0",
+    "lrf": "lrf",
+    "momentum": "momentum",
+    "weight-decay": "weight_decay",
+    "optimizer": "optimizer",
+    "warmup-epochs": "warmup_epochs",
+    "epochs": "epochs",
+    "img-size": "imgsz",
+    "model": "model",
+}
 TRAINER = "ultralytics"
 
 # What `YOLO("last.pt").train(resume=True, <option>=new)` does with a new value, from Ultralytics 8.4's
@@ -24,9 +40,15 @@ IGNORED = "Ultralytics ignores it on resume and keeps the checkpoint's value (a 
 ON_RESUME = {
     "data": "Ultralytics trains on the new data on resume (8.4; earlier 8.x kept the checkpoint's path)",
     "data-content": "Ultralytics rescans the changed files and trains on them without a word",
-    "batch": APPLIED, "img-size": APPLIED,
-    "lr0": IGNORED, "lrf": IGNORED, "momentum": IGNORED, "weight-decay": IGNORED, "optimizer": IGNORED,
-    "warmup-epochs": IGNORED, "epochs": IGNORED + "; a finished run cannot be extended this way",
+    "batch": APPLIED,
+    "img-size": APPLIED,
+    "lr0": IGNORED,
+    "lrf": IGNORED,
+    "momentum": IGNORED,
+    "weight-decay": IGNORED,
+    "optimizer": IGNORED,
+    "warmup-epochs": IGNORED,
+    "epochs": IGNORED + "; a finished run cannot be extended this way",
     "model": "Ultralytics ignores it on resume: the checkpoint's model is rebuilt",
 }
 

@@ -22,7 +22,7 @@ def test_ten_kills_during_background_writes(reference_run, tiny_data, tmp_path):
     rng = random.Random(3)
     last = tmp_path / "runs" / "fuse" / "exp" / "weights" / "last.pt"
     kills = 0
-    for attempt in range(10):
+    for _ in range(10):
         point = rng.choice(["before-fsync", "before-rename", "after-rename", "keep-previous"])
         fault = f"{point}@{rng.randint(1, 4)}:checkpoint-writer"  # only on the background writer's thread
         args = ["--resume", str(last)] if last.exists() else ["--data", str(tiny_data), *TINY, "--save-every", "1"]
@@ -50,8 +50,13 @@ def test_sync_and_async_saves_write_the_same_run(reference_run, tiny_data, tmp_p
 
 def _start(args: list[str], cwd, env: dict | None = None) -> subprocess.Popen:
     full = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "fuse_train", *args], cwd=cwd, env=full,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fuse_train", *args],
+        cwd=cwd,
+        env=full,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def test_kills_during_dcp_async_saves(reference_run, tiny_data, tmp_path):

@@ -26,16 +26,20 @@ from ckpttools.errors import UsageError
 
 def _checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    tree = {"model": {f"l{i}.weight": torch.randn(32, 16) for i in range(6)}, "epoch": seed,
-            "optimizer": {"state": {0: {"exp_avg": torch.randn(32, 16)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    tree = {
+        "model": {f"l{i}.weight": torch.randn(32, 16) for i in range(6)},
+        "epoch": seed,
+        "optimizer": {"state": {0: {"exp_avg": torch.randn(32, 16)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+    }
     torch.save(tree, path)
     return path
 
 
 def _sha(path: Path) -> str:
     if path.is_dir():
-        return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sorted(path.rglob("*"))
-                                       if p.is_file())).hexdigest()
+        return hashlib.sha256(
+            b"".join(p.name.encode() + p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file())
+        ).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -43,8 +47,9 @@ def _ckpt(args: list[str], fault: str | None = None, timeout: float = 120) -> su
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if fault:
         env["CKPTTOOLS_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "ckpttools.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ckpttools.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _temporaries(folder: Path) -> list[str]:
@@ -52,6 +57,7 @@ def _temporaries(folder: Path) -> list[str]:
 
 
 # ---- --force never destroys what is not the output ---------------------------------------------------------------
+
 
 def test_force_never_replaces_a_folder_that_holds_the_input(tmp_path):
     run = tmp_path / "exp"
@@ -75,8 +81,13 @@ def test_dcp_output_verifies_and_so_does_its_conversion_back_and_force_replaces_
     from ckpttools.digest import digest_record
 
     src = tmp_path / "last.pt"
-    tree = {"model": {"w": torch.randn(8, 4)}, "scaler": {}, "optimizer": {"state": {0: {"m": torch.ones(2)}}},
-            "names": {0: "person"}, "epoch": 3}
+    tree = {
+        "model": {"w": torch.randn(8, 4)},
+        "scaler": {},
+        "optimizer": {"state": {0: {"m": torch.ones(2)}}},
+        "names": {0: "person"},
+        "epoch": 3,
+    }
     tree["digest"] = digest_record(tree)
     torch.save(tree, src)
     out = tmp_path / "d"
@@ -91,10 +102,9 @@ def test_dcp_output_verifies_and_so_does_its_conversion_back_and_force_replaces_
 
 def test_an_output_that_appears_while_writing_is_not_replaced(tmp_path):
     out = tmp_path / "out.pt"
-    with pytest.raises(UsageError, match="appeared while"):
-        with atomic_write(out, replace=False) as f:
-            f.write(b"ours")
-            out.write_bytes(b"someone else's")  # a concurrent writer finishes first
+    with pytest.raises(UsageError, match="appeared while"), atomic_write(out, replace=False) as f:
+        f.write(b"ours")
+        out.write_bytes(b"someone else's")  # a concurrent writer finishes first
     assert out.read_bytes() == b"someone else's" and not _temporaries(tmp_path)
 
 
@@ -143,8 +153,9 @@ def test_a_kill_at_every_point_leaves_the_old_output_or_the_new_one_and_no_garba
     _checkpoint(src, seed=1)  # new content, so old and new outputs differ
     killed = _ckpt([*args_of(src, out), "--force"], fault=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert out.exists() and _sha(out) in (old,) + ((_sha(out),) if point.startswith("after") or point.endswith(
-        "after-swap") else ())
+    assert out.exists() and _sha(out) in (old,) + (
+        (_sha(out),) if point.startswith("after") or point.endswith("after-swap") else ()
+    )
     assert not verify(out).errors, "a kill left a damaged output under the final name"
     if point in ("before-fsync", "before-rename", "folder-before-swap"):
         assert _sha(out) == old  # the kill came before the switch: the old output, whole
@@ -160,8 +171,12 @@ def test_ten_random_kills_of_the_dcp_writer(tmp_path):
     rng = random.Random(0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for i in range(10):
-        proc = subprocess.Popen([sys.executable, "-m", "ckpttools.cli", "convert", str(src), str(out), "--to", "dcp",
-                                 "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ckpttools.cli", "convert", str(src), str(out), "--to", "dcp", "--force"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.2, 3.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -175,18 +190,22 @@ def test_ten_random_kills_of_the_dcp_writer(tmp_path):
 def test_a_full_disk_is_refused_up_front_by_every_writer(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): disk-full test needs root")
     try:
         src = _checkpoint(tmp_path / "src.pt")  # ~200 KB of tensors
         torch.save({"w": torch.randn(256, 512)}, src)  # 512 KB: more than the 300 KB the folder has
-        for args in (["convert", str(src), str(mount / "o.h5")], ["convert", str(src), str(mount / "o.pt")],
-                     ["convert", str(src), str(mount / "o.safetensors")],
-                     ["convert", str(src), str(mount / "od"), "--to", "dcp"],
-                     ["remap", str(src), "--device", "cpu", "-o", str(mount / "r.pt")],
-                     ["repair", str(src), "-o", str(mount / "p.pt")]):
+        for args in (
+            ["convert", str(src), str(mount / "o.h5")],
+            ["convert", str(src), str(mount / "o.pt")],
+            ["convert", str(src), str(mount / "o.safetensors")],
+            ["convert", str(src), str(mount / "od"), "--to", "dcp"],
+            ["remap", str(src), "--device", "cpu", "-o", str(mount / "r.pt")],
+            ["repair", str(src), "-o", str(mount / "p.pt")],
+        ):
             res = _ckpt(args)
             assert res.returncode == 1 and "not enough space" in res.stderr, (args, res.stderr)
             assert len(res.stderr.strip().splitlines()) == 1 and not list(mount.iterdir())

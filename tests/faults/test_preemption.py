@@ -37,12 +37,15 @@ class Job:
 
     def __init__(self, argv: list[str], cwd: Path, env: dict | None = None):
         full = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         self.lines: list[str] = []
         self.err: list[str] = []
-        self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True),
-                         threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True)]
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
+        ]
         for reader in self._readers:
             reader.start()
 
@@ -88,8 +91,9 @@ def _fuse_train(args: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "INT"])
-def test_a_signal_to_the_process_group_saves_once_and_the_resume_is_exact(reference_run, tiny_data, tmp_path,
-                                                                           signum, code):
+def test_a_signal_to_the_process_group_saves_once_and_the_resume_is_exact(
+    reference_run, tiny_data, tmp_path, signum, code
+):
     """kill -SIG -- -PGID with DataLoader workers at random moments, an async save in flight most of the time
     (a save every step): the main process decides, prints one message, saves, exits 143 / 130."""
     rng = random.Random(f"group-{signum}")
@@ -164,8 +168,10 @@ def test_fifty_kills_never_leave_logs_ahead_of_the_checkpoint(tiny_data, tmp_pat
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        lanes = [pool.submit(_kill_lane, args, reference, tmp_path / f"lane{i}", random.Random(f"lane{i}"), 25)
-                 for i in range(2)]
+        lanes = [
+            pool.submit(_kill_lane, args, reference, tmp_path / f"lane{i}", random.Random(f"lane{i}"), 25)
+            for i in range(2)
+        ]
         assert sum(lane.result() for lane in lanes) == 50
 
 
@@ -196,8 +202,9 @@ def _kill_lane(args: list[str], reference: Path, folder: Path, rng: random.Rando
         ckpt = load(last)
         assert _epochs_in_results(_exp(cwd)) <= len(ckpt["results"]), f"kill {kills}: results.csv ahead"
         step = ckpt["progress"]["global_step"]
-        epoch_points = [s for tag, points in tb_scalars(_exp(cwd)).items() if tag.startswith("metrics/")
-                        for s, _ in points]
+        epoch_points = [
+            s for tag, points in tb_scalars(_exp(cwd)).items() if tag.startswith("metrics/") for s, _ in points
+        ]
         assert max(epoch_points, default=0) <= step, f"kill {kills}: an epoch in TensorBoard past step {step}"
     if cwd is not None:
         last = _exp(cwd) / "weights" / "last.pt"
@@ -214,6 +221,7 @@ def _assert_same_curves(reference: Path, cwd: Path) -> None:
 
 
 # ---- torchrun: elastic restarts ------------------------------------------------------------------------------------
+
 
 def _workers_of(launcher_pids: list[int]) -> list[int]:
     """The fuse-train processes started by the given torchrun agents (their children)."""
@@ -236,8 +244,12 @@ def _workers_of(launcher_pids: list[int]) -> list[int]:
 def _agents(argv: list[str], cwd: Path, env: dict, count: int):
     """``count`` torchrun agents, each in a process group of its own; whatever happens, no process of theirs
     outlives the test (a hung job left behind holds ports and disturbs later distributed runs)."""
-    agents = [subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True) for _ in range(count)]
+    agents = [
+        subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        for _ in range(count)
+    ]
     try:
         yield agents
     finally:
@@ -282,8 +294,9 @@ def _assert_final_is_the_reference(ddp_reference: Path, cwd: Path, kills: int) -
 def test_torchrun_max_restarts_continue_the_run_bitwise(ddp_reference, tiny_data, tmp_path):
     rng = random.Random("elastic")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = torchrun_command(["--data", str(tiny_data), *TINY], launcher=[
-        "--standalone", "--nproc_per_node", "2", "--max-restarts", "2"])
+    argv = torchrun_command(
+        ["--data", str(tiny_data), *TINY], launcher=["--standalone", "--nproc_per_node", "2", "--max-restarts", "2"]
+    )
     with _agents(argv, tmp_path, env, 1) as agents:
         kills = _kill_a_worker_twice(agents, rng, per_agent=2)
         out, _ = agents[0].communicate(timeout=300)
@@ -302,8 +315,20 @@ def test_two_torchrun_agents_with_c10d_rendezvous_continue_the_run_bitwise(ddp_r
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--max-restarts", "2", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"preempt-{port}"]
+    launcher = [
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--max-restarts",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        f"preempt-{port}",
+    ]
     argv = torchrun_command(["--data", str(tiny_data), *TINY], launcher=launcher)
     with _agents(argv, tmp_path, env, 2) as agents:
         kills = _kill_a_worker_twice(agents, rng, per_agent=1)

@@ -16,14 +16,25 @@ from ckpttools.commands.repair import repair
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures"))
 from make_corpus import apply, variants  # noqa: E402
 
-METADATA = ("bit flip in local-header", "bit flip in central-directory", "bit flip in descriptor",
-            "bit flip in end-records", "bit flip in other-record")
+METADATA = (
+    "bit flip in local-header",
+    "bit flip in central-directory",
+    "bit flip in descriptor",
+    "bit flip in end-records",
+    "bit flip in other-record",
+)
 
 
 def _checkpoint(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    torch.save({"model": {f"l{i}.weight": torch.randn(64, 32) for i in range(12)}, "epoch": seed,
-                "optimizer": {"state": {0: {"exp_avg": torch.randn(64, 32)}}, "param_groups": [{"lr": 0.1}]}}, path)
+    torch.save(
+        {
+            "model": {f"l{i}.weight": torch.randn(64, 32) for i in range(12)},
+            "epoch": seed,
+            "optimizer": {"state": {0: {"exp_avg": torch.randn(64, 32)}}, "param_groups": [{"lr": 0.1}]},
+        },
+        path,
+    )
     return path
 
 

@@ -29,8 +29,9 @@ def _exp(cwd: Path) -> Path:
 def saved_every_step(tiny_data, tmp_path_factory):
     """A run stopped after step 3 with a save every step: last.pt is step 3, last.prev.pt step 2."""
     cwd = tmp_path_factory.mktemp("every_step")
-    proc = run_train(["--data", str(tiny_data), *TINY, "--save-every", "1"], cwd,
-                     env={"FUSE_TRAIN_STOP_AFTER_STEP": "3"})
+    proc = run_train(
+        ["--data", str(tiny_data), *TINY, "--save-every", "1"], cwd, env={"FUSE_TRAIN_STOP_AFTER_STEP": "3"}
+    )
     assert proc.returncode == 130, proc.stderr
     return _exp(cwd)
 
@@ -92,7 +93,7 @@ def test_kills_inside_saves_never_lose_best_or_period_copies(tiny_data, referenc
         return found[-1] if found else None
 
     kills = 0
-    for attempt in range(4):
+    for _ in range(4):
         point = rng.choice(["before-rename", "after-rename", "keep-previous"])
         # counted on the background writer only: the run's other atomic writes (args.yaml, results.csv, plots)
         # would otherwise decide which save a count lands in
@@ -120,8 +121,14 @@ def test_a_second_process_on_the_same_run_is_refused(saved_every_step, tmp_path)
     last = run / "weights" / "last.pt"
     longer = ["--resume", str(last), "--epochs", "40", "--allow-change", "epochs"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "fuse_train", *longer], cwd=tmp_path, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fuse_train", *longer],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lock = run / ".lock"
         deadline = time.time() + 120
@@ -134,7 +141,9 @@ def test_a_second_process_on_the_same_run_is_refused(saved_every_step, tmp_path)
         first.send_signal(signal.SIGKILL)
         first.wait()
     # the killed holder's lock went with it: the run resumes without any clean-up
-    proc = run_train(longer, tmp_path, env={"FUSE_TRAIN_STOP_AFTER_STEP": str(load(last)["progress"]["global_step"] + 1)})
+    proc = run_train(
+        longer, tmp_path, env={"FUSE_TRAIN_STOP_AFTER_STEP": str(load(last)["progress"]["global_step"] + 1)}
+    )
     assert proc.returncode == 130 and "in use" not in proc.stderr, proc.stderr
 
 
@@ -144,13 +153,15 @@ def test_disk_full_names_the_file_keeps_the_previous_checkpoint(tiny_data, refer
     size = (reference_run[0] / "weights" / "last.pt").stat().st_size
     data_size = sum(p.stat().st_size for p in tiny_data.parent.rglob("*") if p.is_file())
     limit = int(size * 1.6) + data_size + (256 << 10)  # room for one checkpoint, not for the next one beside it
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={limit}", "tmpfs", str(mount)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={limit}", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): disk-full test needs root")
     try:
-        proc = run_train(["--data", str(tiny_data), *TINY, "--save-every", "1", "--project", str(mount / "runs")],
-                         tmp_path)
+        proc = run_train(
+            ["--data", str(tiny_data), *TINY, "--save-every", "1", "--project", str(mount / "runs")], tmp_path
+        )
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "disk full" in proc.stderr and "last.pt" in proc.stderr and "Traceback" not in proc.stderr
         last = mount / "runs" / "exp" / "weights" / "last.pt"
@@ -160,6 +171,7 @@ def test_disk_full_names_the_file_keeps_the_previous_checkpoint(tiny_data, refer
 
 
 # ---- bad input: one line, exit 2, nothing written ----------------------------------------------------------------
+
 
 def _edit_yaml(data_yaml: Path, **changes) -> None:
     spec = yaml.safe_load(data_yaml.read_text())

@@ -23,9 +23,9 @@ import pickle
 import struct
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 # ---- a pickle writer that can name anything by reference ---------------------------------------------------------
 
@@ -127,10 +127,16 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def legacy_parts() -> list[bytes]:
-    return [pickle.dumps(LEGACY_MAGIC, protocol=2), pickle.dumps(1001, protocol=2),
-            pickle.dumps({"protocol_version": 1001, "little_endian": True,
-                          "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2),
-            pickle.dumps({"epoch": 1}, protocol=2), pickle.dumps([], protocol=2)]
+    return [
+        pickle.dumps(LEGACY_MAGIC, protocol=2),
+        pickle.dumps(1001, protocol=2),
+        pickle.dumps(
+            {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+            protocol=2,
+        ),
+        pickle.dumps({"epoch": 1}, protocol=2),
+        pickle.dumps([], protocol=2),
+    ]
 
 
 def dcp_folder(folder: Path, payload_in: str, payload_pickle: bytes) -> None:
@@ -154,8 +160,10 @@ def dcp_folder(folder: Path, payload_in: str, payload_pickle: bytes) -> None:
     data_file = folder / info.relative_path
     raw = bytearray(data_file.read_bytes())
     evil = torch_save_with(payload_pickle)
-    meta.storage_data = {k: (v if k.fqn != "note" else type(v)(v.relative_path, len(raw), len(evil)))
-                         for k, v in meta.storage_data.items()}
+    meta.storage_data = {
+        k: (v if k.fqn != "note" else type(v)(v.relative_path, len(raw), len(evil)))
+        for k, v in meta.storage_data.items()
+    }
     data_file.write_bytes(bytes(raw) + evil)
     with open(folder / ".metadata", "wb") as f:
         pickle.dump(meta, f)
@@ -178,6 +186,7 @@ def _file(suffix: str, make: Callable[[Path], bytes]) -> Callable[[Path, Path], 
         path = folder / f"case{suffix}"
         path.write_bytes(make(marker))
         return path
+
     return build
 
 
@@ -218,6 +227,7 @@ def _with_folder(make: Callable[[Path, Path], object], suffix: str = ".pt", prot
         path = folder / f"case{suffix}"
         path.write_bytes(dumps(make(folder, marker), protocol))
         return path
+
     return build
 
 
@@ -235,8 +245,12 @@ def _obj(marker: Path) -> bytes:
 
 def _memo_stack_global(marker: Path) -> bytes:
     cmd = touch(marker).encode()
-    return (b"\x80\x04\x8c\x05posix\x94\x8c\x04junk\x94" b"00" b"h\x00" b"\x8c\x06system\x93"
-            + b"\x8c" + bytes([len(cmd)]) + cmd + b"\x85R.")
+    return (
+        b"\x80\x04\x8c\x05posix\x94\x8c\x04junk\x94"
+        b"00"
+        b"h\x00"
+        b"\x8c\x06system\x93" + b"\x8c" + bytes([len(cmd)]) + cmd + b"\x85R."
+    )
 
 
 def _computed_stack_global(marker: Path) -> bytes:
@@ -258,16 +272,20 @@ def _after_benign_prefix(marker: Path) -> bytes:
 
 def _reconstructor_base(marker: Path):
     # copyreg._reconstructor(cls, base, state) runs base.__init__(obj, state): a FileHandler opens (creates) a file
-    return Call(Ref("copyreg", "_reconstructor"), Ref("logging", "FileHandler"), Ref("logging", "FileHandler"),
-                str(marker))
+    return Call(
+        Ref("copyreg", "_reconstructor"), Ref("logging", "FileHandler"), Ref("logging", "FileHandler"), str(marker)
+    )
 
 
 def _partial_kwargs(marker: Path, folder: Path):
     """functools.partial built by NEWOBJ + BUILD sets keyword arguments a REDUCE cannot pass."""
     inner = folder / "inner.pt"
     inner.write_bytes(torch_save_with(dumps(system(touch(marker)))))
-    partial = Built(Ref("functools", "partial"), (Ref("torch", "load"),),
-                    (Ref("torch", "load"), (str(inner),), {"weights_only": False}, None))
+    partial = Built(
+        Ref("functools", "partial"),
+        (Ref("torch", "load"),),
+        (Ref("torch", "load"), (str(inner),), {"weights_only": False}, None),
+    )
     return Call(partial)
 
 
@@ -276,6 +294,7 @@ def _legacy(index: int) -> Callable[[Path], bytes]:
         parts = legacy_parts()
         parts[index] = dumps(system(touch(marker)))
         return legacy_file(parts)
+
     return make
 
 
@@ -284,6 +303,7 @@ def _dcp(payload_in: str, obj_of: Callable[[Path], object]):
         out = folder / "case_dcp"
         dcp_folder(out, payload_in, dumps(obj_of(marker), 4))
         return out
+
     return build
 
 
@@ -302,177 +322,540 @@ def cases() -> list[Case]:
     dotted = "dotted names resolved by attribute walk (picklescan GHSA bypasses, protocol >= 4)"
     out = [
         # -- the classics, in every protocol ------------------------------------------------------------------------
-        *[Case(f"os.system protocol {p}", P, "system", _file(f".p{p}", _pickle(lambda m: system(touch(m), "os"), p)),
-               "the textbook payload (Python docs' pickle warning)") for p in range(0, 6)],
-        Case("posix.system in torch.save zip", T, SYS, _file(".pt", lambda m: torch_save_with(dumps(system(touch(m))))),
-             "Hugging Face malicious model reports (JFrog 2024)"),
-        Case("builtins.exec", P, "exec", _file(".pkl", _pickle(lambda m: Call(Ref("builtins", "exec"), exec_open(m))))
-             , "fickling, picklescan default deny-list"),
-        Case("builtins.eval", P, "eval", _file(".pkl", _pickle(lambda m: Call(Ref("builtins", "eval"), exec_open(m)))),
-             "picklescan default deny-list"),
-        Case("__builtin__.eval (protocol 0 name mapping)", P, "eval",
-             _file(".pkl", _pickle(lambda m: Call(Ref("__builtin__", "eval"), exec_open(m)), 0)),
-             "fix_imports name mapping: __builtin__ -> builtins (modelscan bypass report)"),
-        Case("builtins.open writes a file", P, "open",
-             _file(".pkl", _pickle(lambda m: Call(Ref("builtins", "open"), str(m), "w")))
-             , "file write without any command (JFrog scanner bypass write-up)"),
-        Case("builtins.getattr(__import__('os'), 'system')", P, "getattr",
-             _file(".pkl", _pickle(lambda m: Call(Call(Ref("builtins", "getattr"),
-                                                        Call(Ref("builtins", "__import__"), "os"), "system"),
-                                                   touch(m)))), "getattr chains (fickling docs)"),
-        Case("importlib.import_module + getattr", P, "import_module",
-             _file(".pkl", _pickle(lambda m: Call(Call(Ref("builtins", "getattr"),
-                                                        Call(Ref("importlib", "import_module"), "os"), "system"),
-                                                   touch(m)))), "picklescan advisory"),
-        Case("subprocess.call", P, "subprocess.call",
-             _file(".pkl", _pickle(lambda m: Call(Ref("subprocess", "call"), ["touch", str(m)]))), "modelscan"),
-        Case("subprocess.Popen", P, "subprocess.Popen",
-             _file(".pkl", _pickle(lambda m: Call(Ref("subprocess", "Popen"), ["touch", str(m)]))), "modelscan"),
-        Case("subprocess.run", P, "subprocess.run",
-             _file(".pkl", _pickle(lambda m: Call(Ref("subprocess", "run"), ["touch", str(m)]))), "modelscan"),
-        Case("subprocess.getoutput", P, "subprocess.getoutput",
-             _file(".pkl", _pickle(lambda m: Call(Ref("subprocess", "getoutput"), touch(m)))), "modelscan"),
-        Case("os.popen", P, "popen", _file(".pkl", _pickle(lambda m: Call(Call(Ref("os", "popen"), touch(m)))))
-             , "modelscan"),
-        Case("runpy._run_code", P, "runpy", _file(".pkl", _pickle(lambda m: Call(Ref("runpy", "_run_code"),
-                                                                                  exec_open(m), {})))
-             , "picklescan advisory GHSA (runpy)"),
-        Case("timeit.timeit runs a statement", P, "timeit",
-             _file(".pkl", _pickle(lambda m: Call(Ref("timeit", "timeit"), exec_open(m), "pass", Ref("time", "perf_counter"), 1))),
-             deny),
-        Case("cProfile.run runs a statement", P, "cProfile",
-             _file(".pkl", _pickle(lambda m: Call(Ref("cProfile", "run"), exec_open(m)))), deny),
-        Case("code.InteractiveInterpreter.runsource (dotted)", P, "code.",
-             _file(".pkl", _pickle(lambda m: Call(Ref("code", "InteractiveInterpreter.runsource", True),
-                                                  Call(Ref("code", "InteractiveInterpreter")), exec_open(m)), 4)),
-             dotted),
+        *[
+            Case(
+                f"os.system protocol {p}",
+                P,
+                "system",
+                _file(f".p{p}", _pickle(lambda m: system(touch(m), "os"), p)),
+                "the textbook payload (Python docs' pickle warning)",
+            )
+            for p in range(0, 6)
+        ],
+        Case(
+            "posix.system in torch.save zip",
+            T,
+            SYS,
+            _file(".pt", lambda m: torch_save_with(dumps(system(touch(m))))),
+            "Hugging Face malicious model reports (JFrog 2024)",
+        ),
+        Case(
+            "builtins.exec",
+            P,
+            "exec",
+            _file(".pkl", _pickle(lambda m: Call(Ref("builtins", "exec"), exec_open(m)))),
+            "fickling, picklescan default deny-list",
+        ),
+        Case(
+            "builtins.eval",
+            P,
+            "eval",
+            _file(".pkl", _pickle(lambda m: Call(Ref("builtins", "eval"), exec_open(m)))),
+            "picklescan default deny-list",
+        ),
+        Case(
+            "__builtin__.eval (protocol 0 name mapping)",
+            P,
+            "eval",
+            _file(".pkl", _pickle(lambda m: Call(Ref("__builtin__", "eval"), exec_open(m)), 0)),
+            "fix_imports name mapping: __builtin__ -> builtins (modelscan bypass report)",
+        ),
+        Case(
+            "builtins.open writes a file",
+            P,
+            "open",
+            _file(".pkl", _pickle(lambda m: Call(Ref("builtins", "open"), str(m), "w"))),
+            "file write without any command (JFrog scanner bypass write-up)",
+        ),
+        Case(
+            "builtins.getattr(__import__('os'), 'system')",
+            P,
+            "getattr",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Call(Ref("builtins", "getattr"), Call(Ref("builtins", "__import__"), "os"), "system"), touch(m)
+                    )
+                ),
+            ),
+            "getattr chains (fickling docs)",
+        ),
+        Case(
+            "importlib.import_module + getattr",
+            P,
+            "import_module",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Call(Ref("builtins", "getattr"), Call(Ref("importlib", "import_module"), "os"), "system"),
+                        touch(m),
+                    )
+                ),
+            ),
+            "picklescan advisory",
+        ),
+        Case(
+            "subprocess.call",
+            P,
+            "subprocess.call",
+            _file(".pkl", _pickle(lambda m: Call(Ref("subprocess", "call"), ["touch", str(m)]))),
+            "modelscan",
+        ),
+        Case(
+            "subprocess.Popen",
+            P,
+            "subprocess.Popen",
+            _file(".pkl", _pickle(lambda m: Call(Ref("subprocess", "Popen"), ["touch", str(m)]))),
+            "modelscan",
+        ),
+        Case(
+            "subprocess.run",
+            P,
+            "subprocess.run",
+            _file(".pkl", _pickle(lambda m: Call(Ref("subprocess", "run"), ["touch", str(m)]))),
+            "modelscan",
+        ),
+        Case(
+            "subprocess.getoutput",
+            P,
+            "subprocess.getoutput",
+            _file(".pkl", _pickle(lambda m: Call(Ref("subprocess", "getoutput"), touch(m)))),
+            "modelscan",
+        ),
+        Case(
+            "os.popen",
+            P,
+            "popen",
+            _file(".pkl", _pickle(lambda m: Call(Call(Ref("os", "popen"), touch(m))))),
+            "modelscan",
+        ),
+        Case(
+            "runpy._run_code",
+            P,
+            "runpy",
+            _file(".pkl", _pickle(lambda m: Call(Ref("runpy", "_run_code"), exec_open(m), {}))),
+            "picklescan advisory GHSA (runpy)",
+        ),
+        Case(
+            "timeit.timeit runs a statement",
+            P,
+            "timeit",
+            _file(
+                ".pkl",
+                _pickle(lambda m: Call(Ref("timeit", "timeit"), exec_open(m), "pass", Ref("time", "perf_counter"), 1)),
+            ),
+            deny,
+        ),
+        Case(
+            "cProfile.run runs a statement",
+            P,
+            "cProfile",
+            _file(".pkl", _pickle(lambda m: Call(Ref("cProfile", "run"), exec_open(m)))),
+            deny,
+        ),
+        Case(
+            "code.InteractiveInterpreter.runsource (dotted)",
+            P,
+            "code.",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Ref("code", "InteractiveInterpreter.runsource", True),
+                        Call(Ref("code", "InteractiveInterpreter")),
+                        exec_open(m),
+                    ),
+                    4,
+                ),
+            ),
+            dotted,
+        ),
         # -- what deny-lists missed ----------------------------------------------------------------------------------
-        Case("pydoc.pipepager", P, "pydoc.pipepager",
-             _file(".pkl", _pickle(lambda m: Call(Ref("pydoc", "pipepager"), "x", touch(m))))
-             , deny + ": pydoc.pipepager"),
-        Case("pydoc.locate then call", P, "pydoc.locate",
-             _file(".pkl", _pickle(lambda m: Call(Call(Ref("pydoc", "locate"), "os.system"), touch(m)))),
-             deny + ": pydoc.locate"),
-        Case("pkgutil.resolve_name then call", P, "pkgutil",
-             _file(".pkl", _pickle(lambda m: Call(Call(Ref("pkgutil", "resolve_name"), "os:system"), touch(m)))),
-             deny),
-        Case("logging.config.dictConfig with ()", P, "dictConfig",
-             _file(".pkl", _pickle(lambda m: Call(Ref("logging.config", "dictConfig"),
-                                                  {"version": 1, "handlers": {"h": {"()": "posix.system",
-                                                                                    "command": touch(m)}}}))),
-             deny + ": logging.config.dictConfig"),
-        Case("codecs.open writes a file", P, "codecs.open",
-             _file(".pkl", _pickle(lambda m: Call(Ref("codecs", "open"), str(m), "w")))
-             , deny + ": codecs.open"),
-        Case("pathlib.Path.write_text (dotted)", P, "write_text",
-             _file(".pkl", _pickle(lambda m: Call(Ref("pathlib", "Path.write_text", True),
-                                                  Call(Ref("pathlib", "PosixPath"), str(m)), "x"), 4)),
-             deny + ": pathlib.Path.write_text"),
-        Case("shutil.copyfile writes a file", P, "shutil",
-             _file(".pkl", _pickle(lambda m: Call(Ref("shutil", "copyfile"), sys.executable, str(m))))
-             , deny),
-        Case("zipfile.ZipFile creates a file", P, "zipfile",
-             _file(".pkl", _pickle(lambda m: Call(Ref("zipfile", "ZipFile"), str(m), "w"))), deny),
-        Case("logging.FileHandler creates a file", P, "FileHandler",
-             _file(".pkl", _pickle(lambda m: Call(Ref("logging", "FileHandler"), str(m)))), deny),
-        Case("io.FileIO creates a file", P, "FileIO",
-             _file(".pkl", _pickle(lambda m: Call(Ref("io", "FileIO"), str(m), "w"))), deny),
-        Case("sqlite3.connect creates a file", P, "sqlite3",
-             _file(".pkl", _pickle(lambda m: Call(Ref("sqlite3", "connect"), str(m)))), deny),
-        Case("gzip.open creates a file", P, "gzip",
-             _file(".pkl", _pickle(lambda m: Call(Ref("gzip", "open"), str(m), "wb"))), deny),
-        Case("ctypes.CDLL(None).system", P, "ctypes",
-             _file(".pkl", _pickle(lambda m: Call(Call(Ref("builtins", "getattr"), Call(Ref("ctypes", "CDLL"), None),
-                                                       "system"), touch(m).encode()), 3)), "ctypes gadget (fickling)"),
-        Case("operator.methodcaller", P, "operator",
-             _file(".pkl", _pickle(lambda m: Call(Call(Ref("operator", "methodcaller"), "system", touch(m)),
-                                                  Call(Ref("builtins", "__import__"), "os")))), deny),
-        Case("torch.load via functools.partial(weights_only=False) built by BUILD", P, "torch.load",
-             _with_folder(lambda f, m: _partial_kwargs(m, f), ".pkl"),
-             deny + ": torch.load; functools.partial keyword state via BUILD (fickling)"),
-        Case("torch.storage._load_from_bytes", P, "_load_from_bytes",
-             _file(".pkl", _pickle(lambda m: Call(Ref("torch.storage", "_load_from_bytes"),
-                                                  torch_save_with(dumps(system(touch(m))))), 3)),
-             deny + ": torch.storage._load_from_bytes (weights_only=False inside)"),
-        Case("torch.utils.collect_env.run", P, "collect_env",
-             _file(".pkl", _pickle(lambda m: Call(Ref("torch.utils.collect_env", "run"), touch(m)))),
-             deny + ": torch.utils.collect_env.run"),
-        Case("datapipes pickle decoder", P, "decoder",
-             _file(".pkl", _pickle(lambda m: Call(Ref("torch.utils.data.datapipes.utils.decoder", "basichandlers"),
-                                                  "pickle", _nested_bytes(m)), 3)),
-             deny + ": the datapipes pickle decoder"),
-        Case("pickle.loads of a nested pickle", P, "pickle.loads",
-             _file(".pkl", _pickle(lambda m: Call(Ref("pickle", "loads"), _nested_bytes(m)), 3)), "nested pickles"),
-        Case("_pickle.loads of a nested pickle", P, "_pickle",
-             _file(".pkl", _pickle(lambda m: Call(Ref("_pickle", "loads"), _nested_bytes(m)), 3)), "nested pickles"),
-        Case("marshal + types.FunctionType", P, "FunctionType",
-             _file(".pkl", _pickle(lambda m: Call(Call(Ref("types", "FunctionType"),
-                                                       Call(Ref("marshal", "loads"),
-                                                            __import__("marshal").dumps(compile(exec_open(m), "x",
-                                                                                                "exec"))),
-                                                       {}), ), 3)),
-             "code objects through marshal (Trail of Bits)"),
-        Case("numpy.savetxt writes a file", P, "numpy.savetxt",
-             _file(".pkl", _pickle(lambda m: Call(Ref("numpy", "savetxt"), str(m), [1.0]))), pfx),
-        Case("numpy.load with allow_pickle", P, "numpy.load",
-             _with_folder(lambda f, m: Call(Ref("numpy", "load"), str(_numpy_object_npy(f, m)), None, True), ".pkl"),
-             pfx),
-        Case("numpy.memmap creates a file", P, "memmap",
-             _file(".pkl", _pickle(lambda m: Call(Ref("numpy", "memmap"), str(m), "uint8", "w+", 0, (1,))))
-             , pfx),
-        Case("numpy.lib._npyio_impl + os.system (dotted)", P, "os.system",
-             _file(".pkl", _pickle(lambda m: Call(Ref("numpy.lib._npyio_impl", "os.system", True), touch(m)), 4)),
-             pfx + "; " + dotted),
-        Case("numpy.ndarray.tofile on an allowed array (dotted)", P, "tofile",
-             _file(".pkl", _pickle(lambda m: Call(Ref("numpy", "ndarray.tofile", True),
-                                                  Call(Ref("numpy._core.multiarray", "_reconstruct"),
-                                                       Ref("numpy", "ndarray"), (0,), b"b"), str(m)), 4)),
-             pfx + "; " + dotted),
-        Case("posixpath + os.system (dotted)", P, "os.system",
-             _file(".pkl", _pickle(lambda m: Call(Ref("posixpath", "os.system", True), touch(m)), 4)), dotted),
-        Case("torch + os.system (dotted)", T, "os.system",
-             _file(".pt", lambda m: torch_save_with(dumps(Call(Ref("torch", "os.system", True), touch(m)), 4))),
-             dotted),
-        Case("builtins + print.__self__.exec (dotted)", P, "__self__",
-             _file(".pkl", _pickle(lambda m: Call(Ref("builtins", "print.__self__.exec", True), exec_open(m)), 4)),
-             dotted),
-        Case("torch + serialization.pickle.loads (dotted)", P, "pickle.loads",
-             _file(".pkl", _pickle(lambda m: Call(Ref("torch", "serialization.pickle.loads", True),
-                                                  _nested_bytes(m)), 4)), dotted),
-        Case("copyreg._reconstructor with a harmful base", P, "FileHandler",
-             _file(".pkl", _pickle(_reconstructor_base)), "copyreg._reconstructor base.__init__ (fickling)"),
+        Case(
+            "pydoc.pipepager",
+            P,
+            "pydoc.pipepager",
+            _file(".pkl", _pickle(lambda m: Call(Ref("pydoc", "pipepager"), "x", touch(m)))),
+            deny + ": pydoc.pipepager",
+        ),
+        Case(
+            "pydoc.locate then call",
+            P,
+            "pydoc.locate",
+            _file(".pkl", _pickle(lambda m: Call(Call(Ref("pydoc", "locate"), "os.system"), touch(m)))),
+            deny + ": pydoc.locate",
+        ),
+        Case(
+            "pkgutil.resolve_name then call",
+            P,
+            "pkgutil",
+            _file(".pkl", _pickle(lambda m: Call(Call(Ref("pkgutil", "resolve_name"), "os:system"), touch(m)))),
+            deny,
+        ),
+        Case(
+            "logging.config.dictConfig with ()",
+            P,
+            "dictConfig",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Ref("logging.config", "dictConfig"),
+                        {"version": 1, "handlers": {"h": {"()": "posix.system", "command": touch(m)}}},
+                    )
+                ),
+            ),
+            deny + ": logging.config.dictConfig",
+        ),
+        Case(
+            "codecs.open writes a file",
+            P,
+            "codecs.open",
+            _file(".pkl", _pickle(lambda m: Call(Ref("codecs", "open"), str(m), "w"))),
+            deny + ": codecs.open",
+        ),
+        Case(
+            "pathlib.Path.write_text (dotted)",
+            P,
+            "write_text",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Ref("pathlib", "Path.write_text", True), Call(Ref("pathlib", "PosixPath"), str(m)), "x"
+                    ),
+                    4,
+                ),
+            ),
+            deny + ": pathlib.Path.write_text",
+        ),
+        Case(
+            "shutil.copyfile writes a file",
+            P,
+            "shutil",
+            _file(".pkl", _pickle(lambda m: Call(Ref("shutil", "copyfile"), sys.executable, str(m)))),
+            deny,
+        ),
+        Case(
+            "zipfile.ZipFile creates a file",
+            P,
+            "zipfile",
+            _file(".pkl", _pickle(lambda m: Call(Ref("zipfile", "ZipFile"), str(m), "w"))),
+            deny,
+        ),
+        Case(
+            "logging.FileHandler creates a file",
+            P,
+            "FileHandler",
+            _file(".pkl", _pickle(lambda m: Call(Ref("logging", "FileHandler"), str(m)))),
+            deny,
+        ),
+        Case(
+            "io.FileIO creates a file",
+            P,
+            "FileIO",
+            _file(".pkl", _pickle(lambda m: Call(Ref("io", "FileIO"), str(m), "w"))),
+            deny,
+        ),
+        Case(
+            "sqlite3.connect creates a file",
+            P,
+            "sqlite3",
+            _file(".pkl", _pickle(lambda m: Call(Ref("sqlite3", "connect"), str(m)))),
+            deny,
+        ),
+        Case(
+            "gzip.open creates a file",
+            P,
+            "gzip",
+            _file(".pkl", _pickle(lambda m: Call(Ref("gzip", "open"), str(m), "wb"))),
+            deny,
+        ),
+        Case(
+            "ctypes.CDLL(None).system",
+            P,
+            "ctypes",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Call(Ref("builtins", "getattr"), Call(Ref("ctypes", "CDLL"), None), "system"), touch(m).encode()
+                    ),
+                    3,
+                ),
+            ),
+            "ctypes gadget (fickling)",
+        ),
+        Case(
+            "operator.methodcaller",
+            P,
+            "operator",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Call(Ref("operator", "methodcaller"), "system", touch(m)),
+                        Call(Ref("builtins", "__import__"), "os"),
+                    )
+                ),
+            ),
+            deny,
+        ),
+        Case(
+            "torch.load via functools.partial(weights_only=False) built by BUILD",
+            P,
+            "torch.load",
+            _with_folder(lambda f, m: _partial_kwargs(m, f), ".pkl"),
+            deny + ": torch.load; functools.partial keyword state via BUILD (fickling)",
+        ),
+        Case(
+            "torch.storage._load_from_bytes",
+            P,
+            "_load_from_bytes",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(Ref("torch.storage", "_load_from_bytes"), torch_save_with(dumps(system(touch(m))))),
+                    3,
+                ),
+            ),
+            deny + ": torch.storage._load_from_bytes (weights_only=False inside)",
+        ),
+        Case(
+            "torch.utils.collect_env.run",
+            P,
+            "collect_env",
+            _file(".pkl", _pickle(lambda m: Call(Ref("torch.utils.collect_env", "run"), touch(m)))),
+            deny + ": torch.utils.collect_env.run",
+        ),
+        Case(
+            "datapipes pickle decoder",
+            P,
+            "decoder",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Ref("torch.utils.data.datapipes.utils.decoder", "basichandlers"), "pickle", _nested_bytes(m)
+                    ),
+                    3,
+                ),
+            ),
+            deny + ": the datapipes pickle decoder",
+        ),
+        Case(
+            "pickle.loads of a nested pickle",
+            P,
+            "pickle.loads",
+            _file(".pkl", _pickle(lambda m: Call(Ref("pickle", "loads"), _nested_bytes(m)), 3)),
+            "nested pickles",
+        ),
+        Case(
+            "_pickle.loads of a nested pickle",
+            P,
+            "_pickle",
+            _file(".pkl", _pickle(lambda m: Call(Ref("_pickle", "loads"), _nested_bytes(m)), 3)),
+            "nested pickles",
+        ),
+        Case(
+            "marshal + types.FunctionType",
+            P,
+            "FunctionType",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Call(
+                            Ref("types", "FunctionType"),
+                            Call(
+                                Ref("marshal", "loads"), __import__("marshal").dumps(compile(exec_open(m), "x", "exec"))
+                            ),
+                            {},
+                        ),
+                    ),
+                    3,
+                ),
+            ),
+            "code objects through marshal (Trail of Bits)",
+        ),
+        Case(
+            "numpy.savetxt writes a file",
+            P,
+            "numpy.savetxt",
+            _file(".pkl", _pickle(lambda m: Call(Ref("numpy", "savetxt"), str(m), [1.0]))),
+            pfx,
+        ),
+        Case(
+            "numpy.load with allow_pickle",
+            P,
+            "numpy.load",
+            _with_folder(lambda f, m: Call(Ref("numpy", "load"), str(_numpy_object_npy(f, m)), None, True), ".pkl"),
+            pfx,
+        ),
+        Case(
+            "numpy.memmap creates a file",
+            P,
+            "memmap",
+            _file(".pkl", _pickle(lambda m: Call(Ref("numpy", "memmap"), str(m), "uint8", "w+", 0, (1,)))),
+            pfx,
+        ),
+        Case(
+            "numpy.lib._npyio_impl + os.system (dotted)",
+            P,
+            "os.system",
+            _file(".pkl", _pickle(lambda m: Call(Ref("numpy.lib._npyio_impl", "os.system", True), touch(m)), 4)),
+            pfx + "; " + dotted,
+        ),
+        Case(
+            "numpy.ndarray.tofile on an allowed array (dotted)",
+            P,
+            "tofile",
+            _file(
+                ".pkl",
+                _pickle(
+                    lambda m: Call(
+                        Ref("numpy", "ndarray.tofile", True),
+                        Call(Ref("numpy._core.multiarray", "_reconstruct"), Ref("numpy", "ndarray"), (0,), b"b"),
+                        str(m),
+                    ),
+                    4,
+                ),
+            ),
+            pfx + "; " + dotted,
+        ),
+        Case(
+            "posixpath + os.system (dotted)",
+            P,
+            "os.system",
+            _file(".pkl", _pickle(lambda m: Call(Ref("posixpath", "os.system", True), touch(m)), 4)),
+            dotted,
+        ),
+        Case(
+            "torch + os.system (dotted)",
+            T,
+            "os.system",
+            _file(".pt", lambda m: torch_save_with(dumps(Call(Ref("torch", "os.system", True), touch(m)), 4))),
+            dotted,
+        ),
+        Case(
+            "builtins + print.__self__.exec (dotted)",
+            P,
+            "__self__",
+            _file(".pkl", _pickle(lambda m: Call(Ref("builtins", "print.__self__.exec", True), exec_open(m)), 4)),
+            dotted,
+        ),
+        Case(
+            "torch + serialization.pickle.loads (dotted)",
+            P,
+            "pickle.loads",
+            _file(
+                ".pkl", _pickle(lambda m: Call(Ref("torch", "serialization.pickle.loads", True), _nested_bytes(m)), 4)
+            ),
+            dotted,
+        ),
+        Case(
+            "copyreg._reconstructor with a harmful base",
+            P,
+            "FileHandler",
+            _file(".pkl", _pickle(_reconstructor_base)),
+            "copyreg._reconstructor base.__init__ (fickling)",
+        ),
         # -- opcodes scanners skip -----------------------------------------------------------------------------
-        Case("text protocol 0 starting with c", P, "system", _file(".pt", _text_protocol0),
-             "protocol 0 files taken for text (modelscan bypass report)"),
+        Case(
+            "text protocol 0 starting with c",
+            P,
+            "system",
+            _file(".pt", _text_protocol0),
+            "protocol 0 files taken for text (modelscan bypass report)",
+        ),
         Case("INST opcode", P, "system", _file(".pt", _inst), "INST (picklescan GHSA)"),
         Case("OBJ opcode", P, "system", _file(".pt", _obj), "OBJ (picklescan GHSA)"),
         Case("STACK_GLOBAL through the memo", P, SYS, _file(".pt", _memo_stack_global), "memo indirection"),
-        Case("STACK_GLOBAL of a computed name", P, "computed", _file(".pt", _computed_stack_global),
-             "names built at load time (fickling)"),
+        Case(
+            "STACK_GLOBAL of a computed name",
+            P,
+            "computed",
+            _file(".pt", _computed_stack_global),
+            "names built at load time (fickling)",
+        ),
         Case("EXT1 extension code", "ext", "EXT1", _file(".pt", _ext), "copyreg extension registry"),
         Case("payload after benign content", P, SYS, _file(".pt", _after_benign_prefix), "scanners stopping early"),
         # -- containers ----------------------------------------------------------------------------------------------
-        Case("duplicate data.pkl, evil first", T, "records named", _zip_case(lambda m: [
-            ("archive/data.pkl", dumps(system(touch(m)))), ("archive/data.pkl", BENIGN),
-            ("archive/version", b"3\n")]), "zip ambiguity (JFrog / picklescan GHSA)"),
-        Case("data.pkl under an unexpected top folder", T, SYS, _zip_case(lambda m: [
-            ("weights/data.pkl", dumps(system(touch(m)))), ("weights/version", b"3\n")]), "zip layout tricks"),
-        Case("data.pkl with a wrong CRC", T, SYS,
-             _file(".pt", lambda m: _bad_crc(torch_save_with(dumps(system(touch(m)))))),
-             "torch.load ignores zip CRCs (picklescan GHSA)"),
-        Case("extra pickle record", "zip-record:archive/extra/hook.pkl", SYS, _zip_case(lambda m: [
-            ("archive/data.pkl", BENIGN), ("archive/extra/hook.pkl", dumps(system(touch(m)))),
-            ("archive/version", b"3\n")]), "extra records loaded by other tools"),
-        *[Case(f"legacy file: payload in the {part} pickle", T, SYS, _file(".pt", _legacy(i)),
-               "legacy torch files hold five pickles (modelscan)")
-          for i, part in enumerate(("magic number", "protocol version", "sys info", "object", "storage keys"))],
-        Case("DCP .metadata: os.system", D, SYS, _dcp("metadata", lambda m: system(touch(m))),
-             "torch DCP loads .metadata with pickle (CVE-2025-32434 family)"),
-        Case("DCP .metadata: torch.distributed.checkpoint.filesystem + os.system", D, "os.system",
-             _dcp("metadata", lambda m: Call(Ref("torch.distributed.checkpoint.filesystem", "os.system", True),
-                                             touch(m))), pfx + "; " + dotted),
-        Case("DCP bytes item: os.system", D, SYS, _dcp("item", lambda m: system(touch(m))),
-             "DCP loads bytes items with torch.load(weights_only=False)"),
+        Case(
+            "duplicate data.pkl, evil first",
+            T,
+            "records named",
+            _zip_case(
+                lambda m: [
+                    ("archive/data.pkl", dumps(system(touch(m)))),
+                    ("archive/data.pkl", BENIGN),
+                    ("archive/version", b"3\n"),
+                ]
+            ),
+            "zip ambiguity (JFrog / picklescan GHSA)",
+        ),
+        Case(
+            "data.pkl under an unexpected top folder",
+            T,
+            SYS,
+            _zip_case(lambda m: [("weights/data.pkl", dumps(system(touch(m)))), ("weights/version", b"3\n")]),
+            "zip layout tricks",
+        ),
+        Case(
+            "data.pkl with a wrong CRC",
+            T,
+            SYS,
+            _file(".pt", lambda m: _bad_crc(torch_save_with(dumps(system(touch(m)))))),
+            "torch.load ignores zip CRCs (picklescan GHSA)",
+        ),
+        Case(
+            "extra pickle record",
+            "zip-record:archive/extra/hook.pkl",
+            SYS,
+            _zip_case(
+                lambda m: [
+                    ("archive/data.pkl", BENIGN),
+                    ("archive/extra/hook.pkl", dumps(system(touch(m)))),
+                    ("archive/version", b"3\n"),
+                ]
+            ),
+            "extra records loaded by other tools",
+        ),
+        *[
+            Case(
+                f"legacy file: payload in the {part} pickle",
+                T,
+                SYS,
+                _file(".pt", _legacy(i)),
+                "legacy torch files hold five pickles (modelscan)",
+            )
+            for i, part in enumerate(("magic number", "protocol version", "sys info", "object", "storage keys"))
+        ],
+        Case(
+            "DCP .metadata: os.system",
+            D,
+            SYS,
+            _dcp("metadata", lambda m: system(touch(m))),
+            "torch DCP loads .metadata with pickle (CVE-2025-32434 family)",
+        ),
+        Case(
+            "DCP .metadata: torch.distributed.checkpoint.filesystem + os.system",
+            D,
+            "os.system",
+            _dcp(
+                "metadata", lambda m: Call(Ref("torch.distributed.checkpoint.filesystem", "os.system", True), touch(m))
+            ),
+            pfx + "; " + dotted,
+        ),
+        Case(
+            "DCP bytes item: os.system",
+            D,
+            SYS,
+            _dcp("item", lambda m: system(touch(m))),
+            "DCP loads bytes items with torch.load(weights_only=False)",
+        ),
     ]
     return out
 

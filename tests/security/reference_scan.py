@@ -6,8 +6,20 @@ from __future__ import annotations
 import pickletools
 from typing import Any
 
-from ckpttools.pickle.scan import (CALLED, CONSTRUCTED, MARK, REFERENCED, UNKNOWN, Global, PickleScan, Text,
-                                   Tuple, _call, _call_value, _container, normalise)
+from ckpttools.pickle.scan import (
+    CONSTRUCTED,
+    MARK,
+    REFERENCED,
+    UNKNOWN,
+    Global,
+    PickleScan,
+    Text,
+    Tuple,
+    _call,
+    _call_value,
+    _container,
+    normalise,
+)
 
 
 class _Stack(list):
@@ -47,9 +59,28 @@ def reference_scan(data: bytes | memoryview, start: int = 0) -> PickleScan:
     return result
 
 
-_CONSTANTS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "NONE", "NEWTRUE", "NEWFALSE",
-              "FLOAT", "BINFLOAT", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NEXT_BUFFER",
-              "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"}
+_CONSTANTS = {
+    "INT",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "LONG",
+    "LONG1",
+    "LONG4",
+    "NONE",
+    "NEWTRUE",
+    "NEWFALSE",
+    "FLOAT",
+    "BINFLOAT",
+    "BINBYTES",
+    "SHORT_BINBYTES",
+    "BINBYTES8",
+    "BYTEARRAY8",
+    "NEXT_BUFFER",
+    "EMPTY_LIST",
+    "EMPTY_DICT",
+    "EMPTY_SET",
+}
 _STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
 
 
@@ -108,16 +139,19 @@ def _step(name: str, arg: Any, stack: _Stack, memo: dict, result: PickleScan) ->
     elif name == "STACK_GLOBAL":
         attr, module = stack.take(), stack.take()
         if not (isinstance(module, Text) and isinstance(attr, Text)):
-            result.problems.append("STACK_GLOBAL with a module or name computed at load time (cannot be judged "
-                                   "without running the pickle)")
+            result.problems.append(
+                "STACK_GLOBAL with a module or name computed at load time (cannot be judged without running the pickle)"
+            )
             stack.append(UNKNOWN)
             return
         ref = normalise(module.value, attr.value)
         result.use(ref, REFERENCED)
         stack.append(Global(ref))
     elif name in ("EXT1", "EXT2", "EXT4"):
-        result.problems.append(f"{name} extension code {arg}: resolved through copyreg's extension registry of the "
-                               "loading process, which a file cannot be checked against")
+        result.problems.append(
+            f"{name} extension code {arg}: resolved through copyreg's extension registry of the "
+            "loading process, which a file cannot be checked against"
+        )
         stack.append(UNKNOWN)
     elif name == "INST":
         module, _, attr = arg.partition(" ")
@@ -149,8 +183,10 @@ def _step(name: str, arg: Any, stack: _Stack, memo: dict, result: PickleScan) ->
         stack.take()
         target = stack[-1] if stack else None
         if isinstance(target, Global):
-            result.problems.append(f"BUILD sets attributes on {target.ref.qualname} itself (monkey-patching a class "
-                                   "or function of the loading process)")
+            result.problems.append(
+                f"BUILD sets attributes on {target.ref.qualname} itself (monkey-patching a class "
+                "or function of the loading process)"
+            )
     elif name == "PERSID":
         stack.append(UNKNOWN)
     elif name == "BINPERSID":
@@ -160,5 +196,3 @@ def _step(name: str, arg: Any, stack: _Stack, memo: dict, result: PickleScan) ->
         stack.take()
     else:  # pragma: no cover - every opcode of protocols 0-5 is handled above
         raise ValueError(f"opcode {name} is not understood")
-
-

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.objects import Placeholder  # noqa: F401 - walked through by the same helpers
-from ckpttools.tensors import LazyTensor, StorageRef, DType, contiguous_strides, iter_tensors, map_tensors
+from ckpttools.tensors import DType, LazyTensor, StorageRef, contiguous_strides, iter_tensors, map_tensors
 
 LIMIT_S, LIMIT_RSS_KB, LIMIT_OUTPUT = 20, 1_200_000, 200_000
 
@@ -29,7 +30,7 @@ def dags(draw):
     """A random DAG: node k is a list or dict whose children are tensors or earlier nodes (shared freely)."""
     tensors = [_lazy(i) for i in range(draw(st.integers(1, 3)))]
     nodes: list = []
-    for k in range(draw(st.integers(1, 12))):
+    for _ in range(draw(st.integers(1, 12))):
         pool = tensors + nodes
         children = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3))
         nodes.append(children if draw(st.booleans()) else {f"k{i}": c for i, c in enumerate(children)})
@@ -83,6 +84,7 @@ def test_map_tensors_and_to_plain_tree_keep_the_sharing(dag):
 
 # ---- the attack files, every command ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("dag")
@@ -93,8 +95,11 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
     d: object = {"t": t}
     for _ in range(64):
         d = {"a": d, "b": d}
-    files = {"lists": (folder / "lists.pt", x), "dicts": (folder / "dicts.pt", d),
-             "mixed": (folder / "mixed.pt", {"model": {"w": t}, "meta": [d, x, {"again": d}]})}
+    files = {
+        "lists": (folder / "lists.pt", x),
+        "dicts": (folder / "dicts.pt", d),
+        "mixed": (folder / "mixed.pt", {"model": {"w": t}, "meta": [d, x, {"again": d}]}),
+    }
     for path, value in files.values():
         torch.save(value, path)
         assert path.stat().st_size < 10_000  # a few kB: the whole attack
@@ -143,14 +148,21 @@ COMMANDS = ["verify", "inspect", "diff", "convert-safetensors", "convert-h5", "c
 def run_bounded(command: str, src: Path, out: Path) -> tuple[int, str]:
     """One of COMMANDS on ``src`` (outputs in the folder ``out``), held to the limits: a documented exit code,
     no traceback, at most LIMIT_S seconds, LIMIT_RSS_KB of memory and LIMIT_OUTPUT characters printed."""
-    args = {"verify": ["verify", str(src)], "inspect": ["inspect", str(src)], "diff": ["diff", str(src), str(src)],
-            "repair": ["repair", str(src), "-o", str(out / "r.pt")]}.get(command)
+    args = {
+        "verify": ["verify", str(src)],
+        "inspect": ["inspect", str(src)],
+        "diff": ["diff", str(src), str(src)],
+        "repair": ["repair", str(src), "-o", str(out / "r.pt")],
+    }.get(command)
     if args is None:
         args = ["convert", str(src), str(out / f"out.{command.split('-')[1]}")]
     code, output, rss = _ckpt(args)
     assert code in (0, 1, 2), output[-2000:]
-    assert "Traceback" not in output and len(output) <= LIMIT_OUTPUT and rss <= LIMIT_RSS_KB, (rss, len(output),
-                                                                                             output[-500:])
+    assert "Traceback" not in output and len(output) <= LIMIT_OUTPUT and rss <= LIMIT_RSS_KB, (
+        rss,
+        len(output),
+        output[-500:],
+    )
     return code, output
 
 

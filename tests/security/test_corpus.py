@@ -32,8 +32,13 @@ def test_the_corpus_is_large_and_each_case_distinct():
 
 
 def _trigger(case, path, tmp_path) -> str:
-    proc = subprocess.run([sys.executable, "-c", TRIGGER_SCRIPT, case.trigger, str(path), str(tmp_path / "victim.pt")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRIGGER_SCRIPT, case.trigger, str(path), str(tmp_path / "victim.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     return proc.stderr
 
 
@@ -57,10 +62,12 @@ def test_live_payload_is_named_and_never_run(case, tmp_path):
     for args in (["inspect", str(path)], ["diff", str(path), str(path)], ["verify", str(path)]):
         result = runner.invoke(ckpt, args)
         assert result.exit_code in (0, 1) and "Traceback" not in result.output, (args, result.output)
-    for args in (["convert", str(path), str(tmp_path / "out.pt")],
-                 ["convert", str(path), str(tmp_path / "out.h5")],
-                 ["remap", str(path), "--device", "cpu", "-o", str(tmp_path / "remapped.pt")],
-                 ["repair", str(path), "-o", str(tmp_path / "repaired.pt")]):
+    for args in (
+        ["convert", str(path), str(tmp_path / "out.pt")],
+        ["convert", str(path), str(tmp_path / "out.h5")],
+        ["remap", str(path), "--device", "cpu", "-o", str(tmp_path / "remapped.pt")],
+        ["repair", str(path), "-o", str(tmp_path / "repaired.pt")],
+    ):
         result = runner.invoke(ckpt, args)
         assert result.exit_code == 1, (args, result.output)
         assert "would run code" in result.output or "not repaired" in result.output, (args, result.output)

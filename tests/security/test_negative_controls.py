@@ -33,17 +33,36 @@ def _trees():
     opt.step()
     yield "state dict", model.state_dict()
     yield "whole module", model
-    yield "tutorial dict", {"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-                            "loss": 0.5}
-    yield "namespace and rng", {"model": model.state_dict(), "args": argparse.Namespace(lr=0.1, name="x"),
-                                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                        "torch": torch.get_rng_state()}}
-    yield "lightning-style", {"state_dict": collections.OrderedDict(model.state_dict()), "epoch": 1,
-                              "global_step": 10, "pytorch-lightning_version": "2.4.0",
-                              "callbacks": {"ModelCheckpoint": {"dirpath": pathlib.PosixPath("/tmp/x"),
-                                                                "best_model_score": torch.tensor(0.5)}},
-                              "hyper_parameters": {"lr": 0.1}, "optimizer_states": [opt.state_dict()]}
-    yield "numpy arrays and scalars", {"w": np.arange(4.0), "s": np.float32(1.5), "bf16": torch.ones(2, dtype=torch.bfloat16)}
+    yield (
+        "tutorial dict",
+        {"epoch": 3, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "loss": 0.5},
+    )
+    yield (
+        "namespace and rng",
+        {
+            "model": model.state_dict(),
+            "args": argparse.Namespace(lr=0.1, name="x"),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        },
+    )
+    yield (
+        "lightning-style",
+        {
+            "state_dict": collections.OrderedDict(model.state_dict()),
+            "epoch": 1,
+            "global_step": 10,
+            "pytorch-lightning_version": "2.4.0",
+            "callbacks": {
+                "ModelCheckpoint": {"dirpath": pathlib.PosixPath("/tmp/x"), "best_model_score": torch.tensor(0.5)}
+            },
+            "hyper_parameters": {"lr": 0.1},
+            "optimizer_states": [opt.state_dict()],
+        },
+    )
+    yield (
+        "numpy arrays and scalars",
+        {"w": np.arange(4.0), "s": np.float32(1.5), "bf16": torch.ones(2, dtype=torch.bfloat16)},
+    )
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])

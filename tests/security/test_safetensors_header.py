@@ -9,9 +9,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-from safetensors.torch import save_file
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from ckpttools.commands.verify import verify
 from ckpttools.errors import CkptError, NotACheckpoint
@@ -35,24 +36,32 @@ def test_a_duplicate_name_is_an_error(tmp_path):
     assert "safetensors.duplicate-name" in codes
 
 
-@pytest.mark.parametrize("entry", [
-    {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]},          # unknown dtype (was read as uint8)
-    {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]},         # negative dimension
-    {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},          # not a list
-    {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},          # reversed offsets
-    {"dtype": "F32", "shape": [2], "data_offsets": [0]},             # one offset
-    {"dtype": "F32", "shape": [True], "data_offsets": [0, 8]},       # a bool is no dimension
-    "not an object",
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]},  # unknown dtype (was read as uint8)
+        {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]},  # negative dimension
+        {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},  # not a list
+        {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},  # reversed offsets
+        {"dtype": "F32", "shape": [2], "data_offsets": [0]},  # one offset
+        {"dtype": "F32", "shape": [True], "data_offsets": [0, 8]},  # a bool is no dimension
+        "not an object",
+    ],
+)
 def test_an_entry_that_is_no_tensor_description_is_an_error(tmp_path, entry):
     text = json.dumps({"w": entry}).encode()
-    assert "safetensors.bad-entry" in [f.code for f in verify(_write(tmp_path / "bad.safetensors", text, bytes(8))).errors]
+    assert "safetensors.bad-entry" in [
+        f.code for f in verify(_write(tmp_path / "bad.safetensors", text, bytes(8))).errors
+    ]
 
 
-@pytest.mark.parametrize("header, data", [
-    (b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b""),  # header fine, data missing
-    (b"\xff\xfe{}", b""),                                               # not UTF-8
-])
+@pytest.mark.parametrize(
+    "header, data",
+    [
+        (b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b""),  # header fine, data missing
+        (b"\xff\xfe{}", b""),  # not UTF-8
+    ],
+)
 def test_broken_files_are_answered_in_one_line(tmp_path, header, data):
     path = _write(tmp_path / "broken.safetensors", header, data)
     try:
@@ -74,15 +83,22 @@ def test_a_header_length_past_the_end_is_not_a_checkpoint(tmp_path):
 
 
 ENTRY = st.one_of(
-    st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "F16", "I64", "BOOL", "X1", ""]),
-                           "shape": st.lists(st.integers(-2, 4), max_size=3),
-                           "data_offsets": st.lists(st.integers(-4, 64), min_size=0, max_size=3)}),
-    st.integers(), st.text(max_size=5), st.none(), st.lists(st.integers(), max_size=2))
+    st.fixed_dictionaries(
+        {
+            "dtype": st.sampled_from(["F32", "F16", "I64", "BOOL", "X1", ""]),
+            "shape": st.lists(st.integers(-2, 4), max_size=3),
+            "data_offsets": st.lists(st.integers(-4, 64), min_size=0, max_size=3),
+        }
+    ),
+    st.integers(),
+    st.text(max_size=5),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(entries=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), ENTRY), max_size=5),
-       data_len=st.integers(0, 80))
+@given(entries=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), ENTRY), max_size=5), data_len=st.integers(0, 80))
 def test_any_header_gets_an_answer_never_a_traceback(tmp_path, entries, data_len):
     """Property: whatever the header, verify returns a report or raises our one-line error; names that repeat
     are reported; an entry we cannot read as a tensor is reported."""

@@ -7,28 +7,48 @@ from __future__ import annotations
 
 import pickle
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ckpttools.pickle.policy import judge
 from ckpttools.pickle.scan import ARGUMENT_CHECKED, scan_pickle
 from tests.security.corpus import Built, Call, Ref, dumps
 from tests.security.reference_scan import reference_scan
 
-NAMES = [("posix", "system"), ("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"),
-         ("copyreg", "_reconstructor"), ("_codecs", "encode"), ("builtins", "getattr"), ("torch", "float32"),
-         ("torch._tensor", "_rebuild_from_type_v2"), ("__builtin__", "set"), ("ultralytics.nn.tasks", "Model")]
+NAMES = [
+    ("posix", "system"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("collections", "OrderedDict"),
+    ("copyreg", "_reconstructor"),
+    ("_codecs", "encode"),
+    ("builtins", "getattr"),
+    ("torch", "float32"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("__builtin__", "set"),
+    ("ultralytics.nn.tasks", "Model"),
+]
 
 refs = st.builds(lambda n, stack: Ref(*n, stack=stack), st.sampled_from(NAMES), st.booleans())
-leaves = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
-                   st.text(max_size=8), st.binary(max_size=8), refs)
+leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+    refs,
+)
 
 
 def _extend(children):
-    return st.one_of(st.lists(children, max_size=4), st.tuples(children, children),
-                     st.dictionaries(st.text(max_size=4), children, max_size=4),
-                     st.builds(lambda f, a: Call(f, *a), refs, st.lists(children, max_size=3)),
-                     st.builds(lambda c, a, s: Built(c, tuple(a), s), refs, st.lists(children, max_size=2), children),
-                     st.frozensets(st.integers(0, 5), max_size=3))
+    return st.one_of(
+        st.lists(children, max_size=4),
+        st.tuples(children, children),
+        st.dictionaries(st.text(max_size=4), children, max_size=4),
+        st.builds(lambda f, a: Call(f, *a), refs, st.lists(children, max_size=3)),
+        st.builds(lambda c, a, s: Built(c, tuple(a), s), refs, st.lists(children, max_size=2), children),
+        st.frozensets(st.integers(0, 5), max_size=3),
+    )
 
 
 objects = st.recursive(leaves, _extend, max_leaves=25)
@@ -65,8 +85,16 @@ def test_same_verdicts_on_damaged_pickles(obj, protocol, data):
 
 
 def test_same_verdicts_on_plain_pickles_of_every_protocol():
-    value = {"a": [1, 2.5, "x", b"y", None, True], "b": (1, 2, 3), "c": {1, 2}, "d": frozenset({3}),
-             "e": bytearray(b"z"), "big": 2**100, "neg": -5, "nested": [[[]]]}
+    value = {
+        "a": [1, 2.5, "x", b"y", None, True],
+        "b": (1, 2, 3),
+        "c": {1, 2},
+        "d": frozenset({3}),
+        "e": bytearray(b"z"),
+        "big": 2**100,
+        "neg": -5,
+        "nested": [[[]]],
+    }
     value["self"] = value["a"]  # memo reuse
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         _same_verdict(pickle.dumps(value, protocol))

@@ -46,10 +46,10 @@ def shared_record_bomb(path: Path, names: int = 50_000) -> Path:
     storage = next(r for r in records if r.name.endswith("data/0"))
     cd_offset = records[-1].end
     entries, pos = [], data.index(b"PK\x01\x02", cd_offset)
-    while data[pos: pos + 4] == b"PK\x01\x02":
+    while data[pos : pos + 4] == b"PK\x01\x02":
         fields = ziprecords.CENTRAL_HEADER.unpack_from(data, pos)
         size = 46 + fields[10] + fields[11] + fields[12]
-        entries.append(data[pos: pos + size])
+        entries.append(data[pos : pos + size])
         pos += size
     template = next(e for e in entries if struct.unpack_from("<I", e, 42)[0] == storage.header_offset)
     fields = list(ziprecords.CENTRAL_HEADER.unpack_from(template, 0))
@@ -58,7 +58,7 @@ def shared_record_bomb(path: Path, names: int = 50_000) -> Path:
     for i in range(names):
         name = f"{base.stem}/data/x{i}".encode()
         fields[10] = len(name)
-        bomb.append(ziprecords.CENTRAL_HEADER.pack(*fields) + name + template[46 + name_len:])
+        bomb.append(ziprecords.CENTRAL_HEADER.pack(*fields) + name + template[46 + name_len :])
     directory = b"".join(entries + bomb)
     n = len(entries) + len(bomb)
     z64 = b"PK\x06\x06" + struct.pack("<QHHIIQQQQ", 44, 0x031E, 45, 0, 0, n, n, len(directory), cd_offset)
@@ -93,7 +93,7 @@ def deflated_gigabyte(path: Path, declared: int | None = None) -> Path:
 def _entries_named(raw: bytearray, name: bytes) -> list[int]:
     out, pos = [], raw.find(b"PK\x01\x02")
     while pos >= 0:
-        if raw[pos + 46: pos + 46 + len(name)] == name:
+        if raw[pos + 46 : pos + 46 + len(name)] == name:
             out.append(pos)
         pos = raw.find(b"PK\x01\x02", pos + 1)
     return out
@@ -102,8 +102,11 @@ def _entries_named(raw: bytearray, name: bytes) -> list[int]:
 @pytest.fixture(scope="module")
 def hostile_zips(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("zips")
-    files = {"empties": many_empty_records(folder / "empties.pt"), "bomb": shared_record_bomb(folder / "bomb.pt"),
-             "deflated": deflated_gigabyte(folder / "deflated.pt")}
+    files = {
+        "empties": many_empty_records(folder / "empties.pt"),
+        "bomb": shared_record_bomb(folder / "bomb.pt"),
+        "deflated": deflated_gigabyte(folder / "deflated.pt"),
+    }
     assert files["bomb"].stat().st_size < 10 << 20 and files["deflated"].stat().st_size < 2 << 20
     return files
 
@@ -123,8 +126,10 @@ def test_the_deflated_gigabyte_is_what_torch_reads(hostile_zips, tmp_path):
     assert code == 0, output
     # in a child process: a 1 GiB tensor in this one would raise the RSS high-water mark that later children
     # inherit across exec (ru_maxrss survives execve on Linux), and the memory limits above would read it
-    check = ("import sys, torch; w = torch.load(sys.argv[1], weights_only=True, mmap=True)['w']; "
-             "assert w.shape == (1 << 28,) and not w.any()")
+    check = (
+        "import sys, torch; w = torch.load(sys.argv[1], weights_only=True, mmap=True)['w']; "
+        "assert w.shape == (1 << 28,) and not w.any()"
+    )
     subprocess.run([sys.executable, "-c", check, str(tmp_path / "plain.pt")], check=True, timeout=120)
 
 
