@@ -14,7 +14,7 @@ from typing import Any
 
 from ckpttools.objects import Placeholder
 from ckpttools.tensors import TENSOR_TYPES, LazyTensor
-from ckpttools.trainers import fuse_train as F
+from ckpttools.trainers import fuse_train_schema as F
 
 # ---- wrapper prefixes: the one definition ------------------------------------------------------------------
 DDP_PREFIX, COMPILE_PREFIX = "module.", "_orig_mod."
@@ -402,6 +402,11 @@ def markdown_table() -> str:
         "`torch.export` `.pt2` archive: its weights listed, its program named, not judged); `.keras` archives "
         "are declined (exit 2), never called damaged.\n\n" + "\n".join(rows) + "\n"
     )
+
+
+def content_layout(tree: Any, layout: str) -> str:
+    """The layout of what a checkpoint holds: a DCP folder is judged by the state dict inside it."""
+    return recognise(tree) if layout == DCP_LAYOUT else layout
 
 
 def weights_of(tree: Any, layout: str) -> tuple[str, dict[str, LazyTensor]] | None:

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from ckpttools.atomic import atomic_write
 from ckpttools.datasets.layouts import IMAGE_SUFFIXES
-from ckpttools.trainers import fuse_train as S
+from ckpttools.trainers import fuse_train_schema as S
 from fuse_train.config import ResolvedRun, RunConfig
 from fuse_train.data import NO_AUGMENT, read_image, warp
 from fuse_train.metrics import detect_dataset, postprocess

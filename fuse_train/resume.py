@@ -13,7 +13,7 @@ from ckpttools.commands.preflight import PreflightReport, UnknownField, parse_al
 from ckpttools.commands.verify import verify as verify_checkpoint
 from ckpttools.errors import CkptError
 from ckpttools.render import render_preflight
-from ckpttools.trainers.fuse_train import run_record as fuse_train_record
+from ckpttools.trainers.fuse_train_schema import run_record as fuse_train_record
 from fuse_train import state as S
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import PairedDataset, load_data_spec, spec_fingerprint

@@ -3,7 +3,7 @@
 Pieces with state to restore have ``state_dict()`` / ``load_state_dict()``; the EMA is saved as its weights
 and update count (``K_EMA``, ``K_UPDATES``) and the LR schedule is rebuilt from the run record (a pure
 function of the step; its ``state_dict()`` is saved only to document what was in force).  The checkpoint keys
-come from ``ckpttools.trainers.fuse_train`` and are documented in docs/checkpoint-format.md.  Everything
+come from ``ckpttools.trainers.fuse_train_schema`` and are documented in docs/checkpoint-format.md.  Everything
 stored is a tensor, a number, a string, or a list / tuple / dict of those, so ``torch.load(weights_only=True)``
 reads it.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 # the checkpoint schema (format name, version, every top-level key) has one definition, shared with ckpttools
-from ckpttools.trainers.fuse_train import (
+from ckpttools.trainers.fuse_train_schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     K_BEST_FITNESS,

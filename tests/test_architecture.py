@@ -4,6 +4,7 @@ policy that every reader shares."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,30 @@ def test_the_scan_keeps_arguments_of_every_call_the_policy_judges_by_them():
     from ckpttools.pickle.scan import ARGUMENT_CHECKED
 
     assert {Reference(m, n) for m, n in ARGUMENT_RULES} == ARGUMENT_CHECKED
+
+
+TRAINER_NAMES = re.compile(r"fuse.?train|ultralytics|lightning|yolofuse|layout ==", re.IGNORECASE)
+
+
+def test_commands_hold_no_trainer_knowledge():
+    """What a trainer does with its checkpoints lives in its module under ckpttools/trainers/ (issue 28): the
+    commands ask the registry, so adding a trainer never means editing a command."""
+    hits = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in sorted((PACKAGE / "commands").glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if TRAINER_NAMES.search(line)
+    ]
+    assert not hits, "\n".join(hits)
+
+
+def test_every_trainer_module_is_registered_once_under_a_known_layout():
+    from ckpttools import layouts as L
+    from ckpttools.trainers.base import TrainerRules
+    from ckpttools.trainers.registry import BY_LAYOUT, TRAINERS
+
+    modules = {p.stem for p in (PACKAGE / "trainers").glob("*.py")} - {"__init__", "base", "registry"}
+    modules -= {m for m in modules if m.endswith("_schema")}
+    assert {type(r).__module__.rsplit(".", 1)[1] for r in TRAINERS} == modules
+    assert len(BY_LAYOUT) == len(TRAINERS) and all(isinstance(r, TrainerRules) for r in TRAINERS)
+    assert set(BY_LAYOUT) <= set(L.LAYOUTS)

@@ -1,8 +1,8 @@
 """``ckpt audit RUN_DIR_OR_CKPT``: the lineage of a run and a verdict on every resume.
 
-Reads the run folder's ``results.csv``, the checkpoint's ``history`` (fuse-train: resumes, allowed changes,
-remaps, repairs, with steps and dates) and, where TensorBoard is installed, the event files.  For every resume
-boundary it asks:
+Reads the run folder's ``results.csv``, the checkpoint's ``history`` (where the trainer keeps one: resumes,
+allowed changes, remaps, repairs, with steps and dates) and, where TensorBoard is installed, the event
+files.  For every resume boundary it asks:
 
 * **counters**: do the epoch numbers go on by one (no gap, no repeat, no restart)?
 * **learning rate**: does it continue its schedule?  Compared in log space with the run's own epoch-to-epoch
@@ -15,9 +15,9 @@ boundary difference ``d_b`` is a jump when ``d_b - m > max(6 s, 2 max |d_j - m|)
 standard deviations *and* than twice any other change of the run.  Loss jumps count upwards only; the learning
 rate is judged on ``log(lr)`` in both directions.  Fewer than three other differences: not judged.
 
-Also flagged anywhere in the log: repeated or missing epochs, and TensorBoard steps written twice.  Works on
-Ultralytics run folders too (``results.csv`` + ``weights/last.pt``): they record no resumes, so boundaries
-are where the epoch column breaks.
+Also flagged anywhere in the log: repeated or missing epochs, and TensorBoard steps written twice.  A run
+folder whose checkpoints record no resumes (``results.csv`` + ``weights/last.pt``) is read too: boundaries are
+where the epoch column breaks.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ckpttools import layouts as L
 from ckpttools.atomic import atomic_write
 from ckpttools.errors import MissingPath, UsageError
 from ckpttools.formats.registry import open_checkpoint
+from ckpttools.trainers.registry import rules_for, run_folder_trainers
 
 SEAMLESS, BROKEN, ALLOWED, UNJUDGED = "seamless", "broken", "allowed", "not judged"
 
@@ -85,13 +86,13 @@ def run_folder(path: Path) -> tuple[Path, Path | None]:
         raise MissingPath(path)
     if path.is_dir() and not (path / ".metadata").is_file():  # a run folder (a DCP folder is a checkpoint)
         found = [c for c in (path / "weights" / "last.pt", path / "weights" / "last.dcp") if c.exists()]
-        return path, max(found, key=lambda c: c.stat().st_mtime) if found else None  # fuse-train --save-format dcp
+        return path, max(found, key=lambda c: c.stat().st_mtime) if found else None  # a run saved as DCP folders
     run = path.parent.parent if path.parent.name == "weights" else path.parent
     return run, path
 
 
 def read_results(path: Path) -> list[dict[str, float]]:
-    """results.csv rows as numbers (Ultralytics pads its column names with spaces)."""
+    """results.csv rows as numbers (column names may be padded with spaces)."""
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -125,7 +126,7 @@ def audit(path: str | os.PathLike) -> AuditReport:
     run, ckpt_path = run_folder(Path(path))
     results = run / "results.csv"
     if not results.is_file():
-        raise UsageError(f"{run}: no results.csv: not a run folder (fuse-train or Ultralytics)")
+        raise UsageError(f"{run}: no results.csv: not a run folder ({run_folder_trainers()})")
     rows = read_results(results)
     report = AuditReport(str(run), epochs=len(rows))
     history, steps_per_epoch = _history(ckpt_path, report)
@@ -159,10 +160,7 @@ def _history(ckpt_path: Path | None, report: AuditReport) -> tuple[list[dict], i
     versions = tree.get("versions")
     if isinstance(versions, dict):
         report.notes.append("saved by " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    if report.layout == L.ULTRALYTICS:
-        report.notes.append(
-            "Ultralytics records no resumes in its checkpoints: boundaries come from the epoch column only"
-        )
+    report.notes.extend(rules_for(report.layout).audit_notes())
     return history, int(progress.get("steps_per_epoch") or 0)
 
 

@@ -226,7 +226,7 @@ def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[s
         flat = L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value)
         key = "ema"
     else:
-        found = L.weights_of(tree, layout) or L.weights_of(tree, L.FUSE_TRAIN)  # unknown layouts: try model / ema
+        found = L.weights_of(tree, layout) or L.weights_of(tree, L.GENERIC)  # unknown layouts: the common keys
         if found is None:
             flat = dict(iter_nodes(tree, TENSOR_TYPES, inside_found=False))
             if not flat:

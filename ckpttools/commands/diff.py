@@ -22,12 +22,13 @@ from ckpttools import layouts as L
 from ckpttools.formats.registry import Checkpoint, open_checkpoint
 from ckpttools.objects import Placeholder
 from ckpttools.tensors import DTYPES, LazyTensor, RebuiltTensor, expand_rebuilt, iter_nodes, iter_tensors, tensor_bytes
+from ckpttools.trainers.base import GENERIC
+from ckpttools.trainers.registry import rules_for
 
 IDENTICAL, WITHIN, DIFFERENT = "identical", "within_tolerance", "different"
 SECTIONS = ("model", "ema", "optimizer", "meta")
-# differ between any two saves; listed, not judged.  Dotted: a field inside a record (fuse-train's
-# progress.logged is what TensorBoard got at the saved step, epoch time included, not training state)
-VOLATILE_META = ("date", "history", "digest", "versions", "progress.logged")
+# differ between any two saves; listed, not judged (a trainer adds its own: TrainerRules.volatile_metadata)
+VOLATILE_META = ("date", "history", "digest", "versions")
 NUMPY = {d.name: np.dtype(d.numpy).type for d in DTYPES.values() if d.numpy and not d.name.startswith("complex")}
 CHUNK_ELEMENTS = 1 << 21
 
@@ -92,14 +93,13 @@ class DiffReport:
 def sections_of(ckpt: Checkpoint) -> dict[str, dict[str, LazyTensor]]:
     tree, layout = ckpt.tree, L.recognise(ckpt.tree, ckpt.path)
     out: dict[str, dict[str, LazyTensor]] = {"model": {}, "ema": {}, "optimizer": {}}
-    if layout in (L.FUSE_TRAIN, L.ULTRALYTICS) and isinstance(tree, dict):
-        for section in ("model", "ema"):
-            value = tree.get(section)
-            out[section] = L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value)
-        out["optimizer"] = dict(iter_tensors(tree.get("optimizer")))
-    elif layout == L.LIGHTNING:
-        out["model"] = L.flat_tensors(tree["state_dict"])
-        out["optimizer"] = dict(iter_tensors(tree.get("optimizer_states")))
+    sections = rules_for(layout).sections(tree)
+    if sections is not None:
+        for section, value in sections.items():
+            if section == "optimizer":
+                out[section] = dict(iter_tensors(value))
+            else:
+                out[section] = L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value)
     else:
         found = L.weights_of(tree, layout)
         out["model"] = found[1] if found else dict(iter_tensors(tree))
@@ -317,10 +317,10 @@ def diff_checkpoints(
             )
     sec_a, sec_b = sections_of(a_ck), sections_of(b_ck)
     layouts = {_content_layout(a_ck), _content_layout(b_ck)}
-    flat = layouts - {L.FUSE_TRAIN, L.ULTRALYTICS, L.LIGHTNING}
+    flat = {x for x in layouts if rules_for(x) is GENERIC}  # not a trainer's training checkpoint
     if flat and len(layouts) > 1:
         # e.g. a training checkpoint against its exported weights: compare the weights each side would export
-        # (Ultralytics keeps them under 'ema' with 'model' None; `ckpt convert` takes the same ones)
+        # (some trainers keep them under 'ema' with 'model' None; `ckpt convert` takes the same ones)
         for ck, sec in ((a_ck, sec_a), (b_ck, sec_b)):
             found = L.weights_of(ck.tree, _content_layout(ck))
             if found and found[1]:
@@ -393,7 +393,9 @@ def _diff_metadata(a_ck: Checkpoint, b_ck: Checkpoint, report: DiffReport) -> No
     from deepdiff import DeepDiff
 
     meta_a, meta_b = metadata_of(a_ck.tree), metadata_of(b_ck.tree)
-    for key in VOLATILE_META:
+    layouts = (_content_layout(a_ck), _content_layout(b_ck))
+    volatile = dict.fromkeys(VOLATILE_META + tuple(f for x in layouts for f in rules_for(x).volatile_metadata))
+    for key in volatile:
         a, b = _pop_path(meta_a, key), _pop_path(meta_b, key)
         if a != b:
             report.ignored_metadata.append(key)
@@ -426,5 +428,4 @@ def _verdict(report: DiffReport) -> str:
 
 def _content_layout(ck: Checkpoint) -> str:
     """The layout of what a checkpoint holds: a DCP folder is judged by the state dict inside it."""
-    layout = L.recognise_checkpoint(ck)
-    return L.recognise(ck.tree) if layout == L.DCP_LAYOUT else layout
+    return L.content_layout(ck.tree, L.recognise_checkpoint(ck))

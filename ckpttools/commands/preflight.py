@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ckpttools import layouts as L
-from ckpttools.datasets.ultralytics_data import UltralyticsDataError
 from ckpttools.errors import UsageError
 from ckpttools.formats.registry import open_checkpoint
-from ckpttools.trainers import fuse_train, ultralytics
-from ckpttools.yolo_data import DatasetError, load_data_spec, spec_fingerprint
+from ckpttools.trainers.base import TrainerRules
+from ckpttools.trainers.registry import TRAINERS, rules_for
 
 # field -> (group, why it matters).  Order is the order of the table.
 RULES: dict[str, tuple[str, str]] = {
@@ -122,9 +121,9 @@ def preflight(recorded: dict[str, Any], requested: dict[str, Any], allow: set[st
             continue
         if check.status == "changed" and name in allow:
             check.status = "allowed"
-        if check.status in ("changed", "allowed") and recorded.get("trainer") == ultralytics.TRAINER:
-            key = "data-content" if name == "data" and check.recorded == check.requested else name
-            consequence = ultralytics.ON_RESUME.get(key)
+        if check.status in ("changed", "allowed"):
+            content_only = name == "data" and check.recorded == check.requested
+            consequence = rules_for(recorded.get("trainer")).resume_consequence(name, content_only)
             check.note = "; ".join(x for x in (check.note, consequence) if x)
         elif name == "data" and recorded.get("data-note") and check.status == "same":
             check.note = recorded["data-note"]
@@ -147,53 +146,23 @@ def _check_data(recorded: dict, requested: dict) -> FieldCheck:
 
 # ---- records from checkpoints and options --------------------------------------------------------------------
 
-RECORDS = {L.FUSE_TRAIN: fuse_train.record_of_checkpoint, L.ULTRALYTICS: ultralytics.record_of_checkpoint}
-
 
 def recorded_fields(path: Path) -> dict[str, Any]:
-    """The run record a checkpoint carries (fuse-train or Ultralytics), read through the safe reader."""
+    """The run record a checkpoint carries, read through the safe reader; its trainer says where it lives."""
     ckpt = open_checkpoint(path)
     layout = L.recognise(ckpt.tree, Path(path))
-    reader = RECORDS.get(layout)
-    if reader is None or (layout == L.ULTRALYTICS and not isinstance(ckpt.tree.get("train_args"), dict)):
+    record = rules_for(layout).run_record(ckpt.tree) if isinstance(ckpt.tree, dict) else None
+    if record is None:
+        names = ", ".join(r.title for r in TRAINERS if r.run_record is not TrainerRules.run_record)
         raise UsageError(
-            f"{path}: a {layout} checkpoint records no run settings to compare (preflight needs a "
-            "fuse-train or Ultralytics checkpoint)"
+            f"{path}: a {layout} checkpoint records no run settings to compare (preflight needs a checkpoint of "
+            f"{names})"
         )
-    return reader(ckpt.tree)
+    return {"trainer": layout, **record}
 
 
 def requested_fields(recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """The record a resume with ``given`` options (python names: img_size, weight_decay, ...) would have;
-    options not given are taken from ``recorded``.  For an Ultralytics record the dataset is fingerprinted
-    now even when ``--data`` is not given: Ultralytics rescans changed files at the same path silently."""
-    requested = dict(recorded)
-    if recorded.get("trainer") == ultralytics.TRAINER:
-        requested.pop("data-fingerprint", None)
-        data = given.get("data") or recorded.get("data")
-        if data:
-            try:
-                path, requested["data-fingerprint"] = ultralytics.requested_data(str(data))
-                if "data" in given:
-                    requested["data"] = path
-            except UltralyticsDataError as exc:
-                if "data" in given:
-                    raise UsageError(f"--data: {exc}") from None
-        given = {k: v for k, v in given.items() if k != "data"}
-        if "model" in given:
-            given = dict(given, model=Path(str(given["model"])).name)
-    for name, value in given.items():
-        field_name = name.replace("_", "-")
-        if field_name == "data":
-            try:
-                spec = load_data_spec(value)
-                requested["data"], requested["data-fingerprint"] = str(spec.yaml_path), spec_fingerprint(spec)
-            except DatasetError as exc:
-                raise UsageError(f"--data: {exc}") from None
-        else:
-            requested[field_name] = value
-    if recorded.get("trainer") != ultralytics.TRAINER and {"fusion", "scale", "img-size"} & {
-        n.replace("_", "-") for n in given
-    }:
-        requested.pop("model", None)  # the structure fingerprint is compared by fuse-train itself
-    return requested
+    options not given are taken from ``recorded``; the checkpoint's trainer reads ``--data`` its own way."""
+    fields = {name.replace("_", "-"): value for name, value in given.items()}
+    return rules_for(recorded.get("trainer")).requested_record(recorded, fields)

@@ -33,6 +33,7 @@ from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.report import ERROR
 from ckpttools.storage_scan import StorageScanner
 from ckpttools.tensors import LazyTensor, StorageRef, TensorSource, iter_tensors
+from ckpttools.trainers.registry import rules_for
 
 
 @dataclass
@@ -319,7 +320,7 @@ def _fix_digest(tree: Any, source: TensorSource, result: RepairResult, changed: 
     if not isinstance(tree, dict):
         return
     if DIGEST_KEY not in tree:
-        if L.recognise(tree) == L.FUSE_TRAIN:
+        if rules_for(L.recognise(tree)).rebuilds_missing_digest():
             tree[DIGEST_KEY] = None
             refresh_digest(tree, source)
             result.actions.append("content digest was missing: rebuilt")

@@ -14,13 +14,13 @@ from ckpttools.errors import NotACheckpoint, OtherArchive, UnsafeInput
 from ckpttools.formats import ziprecords
 from ckpttools.formats.base import regular_file_or_folder
 from ckpttools.formats.confine import inside
-from ckpttools.formats.dcp import NAME as DCP
 from ckpttools.formats.pt2 import NAME as PT2
 from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, index_findings, open_checkpoint
 from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report
 from ckpttools.storage_scan import StorageScanner
 from ckpttools.tensors import LazyTensor, iter_tensors, tensor_bytes
+from ckpttools.trainers.registry import rules_for
 
 METADATA_RECORDS = (
     "byteorder",
@@ -154,7 +154,7 @@ def _tensor_paths_by_storage(ckpt: Checkpoint) -> dict[int, list[str]]:
     return by
 
 
-# where trainers keep monitor and callback state, in which inf is a legitimate value (Lightning's ModelCheckpoint
+# where trainers keep monitor and callback state, in which inf is a legitimate value (a checkpoint callback
 # starts kth_value / best_model_score at +-inf): NaN/Inf is judged in weights, buffers and optimizer state only
 MONITOR_KEYS = frozenset(
     {
@@ -244,13 +244,12 @@ def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
 def _check_digest(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> None:
     tree = ckpt.tree
     if not isinstance(tree, dict) or DIGEST_KEY not in tree:
-        # fuse-train's DCP folders have no tree digest (dcp.async_save writes what it staged; every item still
-        # carries its CRC32s, checked above)
-        if L.recognise(tree) == L.FUSE_TRAIN and ckpt.format != DCP:
+        rules = rules_for(L.recognise(tree))
+        if rules.expects_digest(ckpt.format):
             report.add(
                 WARNING,
                 "digest.missing",
-                "fuse-train checkpoint without a content digest (`ckpt repair` rebuilds it)",
+                f"{rules.title} checkpoint without a content digest (`ckpt repair` rebuilds it)",
                 DIGEST_KEY,
             )
         return
@@ -297,26 +296,11 @@ def _check_layout(ckpt: Checkpoint, report: Report) -> None:
         for key in spec.required:
             if key not in tree:
                 report.add(ERROR, "layout.missing-key", f"{layout} checkpoint without {key!r}", key)
-    if layout == L.UNKNOWN:
-        report.add(
-            WARNING,
-            "layout.unknown",
-            "not a layout this tool knows (docs/layouts.md lists them); bytes and safety were still checked",
-            "",
-        )
-    if layout == L.TORCHSCRIPT:
-        code = sorted(n.split("/", 1)[-1] for n in (ckpt.records or {}) if "/code/" in n and n.endswith(".py"))
-        report.add(
-            WARNING,
-            "layout.torchscript",
-            f"a TorchScript program: torch.jit.load runs its code "
-            f"({', '.join(code[:4])}{', ...' if len(code) > 4 else ''}); listed, not judged",
-            "code/",
-        )
-    if layout == L.ULTRALYTICS and tree.get("epoch") == -1:
-        report.add(
-            INFO, "ultralytics.stripped", "final (stripped) Ultralytics checkpoint: no optimizer, epoch -1", "epoch"
-        )
+    note = LAYOUT_NOTES.get(layout)
+    if note:
+        note(ckpt, report)
+    if isinstance(tree, dict):
+        rules_for(layout).check(tree, report)
     if isinstance(tree, dict) and "epoch" in tree:
         epoch = tree["epoch"]
         if not isinstance(epoch, int) or epoch < -1:
@@ -332,6 +316,32 @@ def _check_layout(ckpt: Checkpoint, report: Report) -> None:
             report.facts["step"] = step
         if "best_fitness" in tree:
             report.facts["best_fitness"] = tree["best_fitness"]
+
+
+def _unknown_layout(ckpt: Checkpoint, report: Report) -> None:
+    report.add(
+        WARNING,
+        "layout.unknown",
+        "not a layout this tool knows (docs/layouts.md lists them); bytes and safety were still checked",
+        "",
+    )
+
+
+def _torchscript(ckpt: Checkpoint, report: Report) -> None:
+    code = sorted(n.split("/", 1)[-1] for n in (ckpt.records or {}) if "/code/" in n and n.endswith(".py"))
+    report.add(
+        WARNING,
+        "layout.torchscript",
+        f"a TorchScript program: torch.jit.load runs its code "
+        f"({', '.join(code[:4])}{', ...' if len(code) > 4 else ''}); listed, not judged",
+        "code/",
+    )
+
+
+LAYOUT_NOTES: dict[str, Callable[[Checkpoint, Report], None]] = {
+    L.UNKNOWN: _unknown_layout,
+    L.TORCHSCRIPT: _torchscript,
+}
 
 
 def _check_consistency(ckpt: Checkpoint, report: Report) -> None:
@@ -354,13 +364,9 @@ def _check_consistency(ckpt: Checkpoint, report: Report) -> None:
         )
     if isinstance(tree, dict):
         spec = L.LAYOUTS.get(layout)
-        opt = tree.get(spec.optimizer) if spec and spec.optimizer else None
-        if layout == L.LIGHTNING and isinstance(opt, list):
-            opt = opt[0] if opt else None
+        opt = rules_for(layout).optimizer_state(tree, spec.optimizer) if spec and spec.optimizer else None
         if isinstance(opt, dict):
             _check_optimizer(opt, params, report, spec.optimizer)
-    if layout == L.FUSE_TRAIN:
-        _check_fuse_train_counters(tree, report)
 
 
 def _check_optimizer(opt: dict, params: dict[str, LazyTensor], report: Report, where: str) -> None:
@@ -403,37 +409,6 @@ def _check_optimizer(opt: dict, params: dict[str, LazyTensor], report: Report, w
                 f"optimizer state for a parameter of shape {list(shape)} that the model does not have",
                 where,
             )
-
-
-def _check_fuse_train_counters(tree: dict, report: Report) -> None:
-    p = tree.get("progress")
-    if not isinstance(p, dict):
-        return
-    try:
-        spe, epoch, step_in, step = (
-            int(p["steps_per_epoch"]),
-            int(p["epoch"]),
-            int(p["step_in_epoch"]),
-            int(p["global_step"]),
-        )
-    except (KeyError, TypeError, ValueError):
-        report.add(ERROR, "counters.bad-progress", "progress record incomplete", "progress")
-        return
-    if step != epoch * spe + step_in or not 0 <= step_in <= spe:
-        report.add(
-            ERROR, "counters.inconsistent", f"global_step {step} != epoch {epoch} x {spe} steps + {step_in}", "progress"
-        )
-    if tree.get("epoch") != epoch - 1:
-        report.add(
-            ERROR,
-            "counters.inconsistent",
-            f"epoch {tree.get('epoch')} does not match progress.epoch {epoch} - 1",
-            "epoch",
-        )
-    if isinstance(tree.get("results"), list) and len(tree["results"]) != epoch:
-        report.add(
-            ERROR, "counters.inconsistent", f"{len(tree['results'])} result rows for {epoch} finished epochs", "results"
-        )
 
 
 FOLDER_FILES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -8,6 +8,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
+from ckpttools import layouts as L
 from ckpttools.datasets.ultralytics_data import (
     UltralyticsDataError,
     cache_fingerprint,
@@ -16,6 +17,9 @@ from ckpttools.datasets.ultralytics_data import (
     load_ultralytics_yaml,
     read_label_cache,
 )
+from ckpttools.errors import UsageError
+from ckpttools.report import INFO, Report
+from ckpttools.trainers.base import TrainerRules, now
 
 # preflight field -> Ultralytics train_args key
 FIELDS = {
@@ -91,3 +95,88 @@ def requested_data(value: str) -> tuple[str, str]:
     """(yaml path, content fingerprint of its train split now) for ``--data``; raises UltralyticsDataError."""
     spec = load_ultralytics_yaml(value)
     return str(spec.yaml_path), content_fingerprint(spec)
+
+
+class UltralyticsRules(TrainerRules):
+    """Ultralytics 8.x and its forks (YOLOFuse): ``YOLO(last.pt).train(resume=True)`` reads ``train_args``."""
+
+    layout = L.ULTRALYTICS
+    title = "Ultralytics"
+    run_folders = True
+
+    def check(self, tree: dict, report: Report) -> None:
+        if tree.get("epoch") == -1:
+            report.add(
+                INFO, "ultralytics.stripped", "final (stripped) Ultralytics checkpoint: no optimizer, epoch -1", "epoch"
+            )
+
+    def sections(self, tree: Any) -> dict[str, Any] | None:
+        if not isinstance(tree, dict):
+            return None
+        return {"model": tree.get("model"), "ema": tree.get("ema"), "optimizer": tree.get("optimizer")}
+
+    def remap_device(self, tree: dict, gpus: int | None, device: str | None, changes: list[str]) -> None:
+        if isinstance(tree.get("train_args"), dict):
+            remap_device(tree, gpus, device, changes)
+
+    def remap_processes(self, tree: dict, gpus: int, source, changes: list[str]) -> bool:
+        # no per-rank state and no prefixes in an Ultralytics checkpoint: the device string is the change
+        return isinstance(tree.get("train_args"), dict)
+
+    def run_record(self, tree: dict) -> dict[str, Any] | None:
+        return record_of_checkpoint(tree) if isinstance(tree.get("train_args"), dict) else None
+
+    def requested_record(self, recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """The dataset is fingerprinted now even when ``--data`` is not given: Ultralytics rescans changed
+        files at the same path silently."""
+        requested = dict(recorded)
+        requested.pop("data-fingerprint", None)
+        data = given.get("data") or recorded.get("data")
+        if data:
+            try:
+                path, requested["data-fingerprint"] = requested_data(str(data))
+                if "data" in given:
+                    requested["data"] = path
+            except UltralyticsDataError as exc:
+                if "data" in given:
+                    raise UsageError(f"--data: {exc}") from None
+        for name, value in given.items():
+            if name != "data":
+                requested[name] = Path(str(value)).name if name == "model" else value
+        return requested
+
+    def resume_consequence(self, field: str, content_only: bool) -> str | None:
+        return ON_RESUME.get("data-content" if field == "data" and content_only else field)
+
+    def audit_notes(self) -> list[str]:
+        return ["Ultralytics records no resumes in its checkpoints: boundaries come from the epoch column only"]
+
+
+RULES = UltralyticsRules()
+
+
+def remap_device(tree: dict, gpus: int | None, device: str | None, changes: list[str]) -> None:
+    """Rewrite ``train_args.device``, the value ``YOLO(last.pt).train(resume=True)`` starts its processes from.
+    Ultralytics' ``batch`` is the global batch (split over DDP processes), so it stays; ``workers`` is per
+    process and is left as it is.  The change is recorded under the checkpoint's ``ckpttools`` key (Ultralytics
+    ignores unknown top-level keys, but would refuse unknown ``train_args`` keys on resume)."""
+    args = tree["train_args"]
+    old = args.get("device")
+    if device is not None and device != "cpu" and gpus is None:
+        new = device.split(":", 1)[1] if ":" in device else "0"
+    elif device == "cpu":
+        new = "cpu"
+    else:
+        new = ",".join(str(i) for i in range(gpus)) if gpus and gpus > 1 else "0"
+    if str(old) == new:
+        changes.append(f"train_args.device is already {new!r}")
+        return
+    args["device"] = new
+    changes.append(
+        f"train_args.device {old!r} -> {new!r} (what Ultralytics resumes on); global batch {args.get('batch')} kept"
+    )
+    record = tree.setdefault("ckpttools", {})
+    if isinstance(record, dict):
+        record.setdefault("history", []).append(
+            {"event": "remap", "date": now(), "changes": {"train_args.device": [old, new]}}
+        )

@@ -1,0 +1,19 @@
+"""Every trainer ckpttools knows, by layout name.  Adding one = its module + one line here."""
+
+from __future__ import annotations
+
+from ckpttools.trainers import fuse_train, lightning, ultralytics
+from ckpttools.trainers.base import GENERIC, TrainerRules
+
+TRAINERS: tuple[TrainerRules, ...] = (fuse_train.RULES, ultralytics.RULES, lightning.RULES)
+BY_LAYOUT = {rules.layout: rules for rules in TRAINERS}
+
+
+def rules_for(layout: str | None) -> TrainerRules:
+    """The rules for a layout name (or a run record's ``trainer``); the generic ones for any other."""
+    return BY_LAYOUT.get(layout or "", GENERIC)
+
+
+def run_folder_trainers() -> str:
+    """'fuse-train or Ultralytics': the trainers whose run folders `ckpt audit` reads, for messages."""
+    return " or ".join(r.title for r in TRAINERS if r.run_folders)
