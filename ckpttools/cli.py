@@ -14,7 +14,7 @@ import click
 
 from ckpttools import __version__
 from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, CkptError, MissingPath
-from ckpttools.options import IMG_SIZE
+from ckpttools.options import IMG_SIZE, OneLineErrors
 from ckpttools.report import shorten
 
 EPILOG = """\b
@@ -116,7 +116,9 @@ def _progress(enabled: bool, description: str):
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EPILOG)
+@click.group(
+    cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EPILOG
+)
 @click.version_option(__version__, "--version", prog_name="ckpt")
 def main() -> None:
     """Check, compare and migrate PyTorch checkpoints (fuse-train, Ultralytics, Lightning, plain state dicts,

@@ -11,6 +11,7 @@ import click
 import torch
 from rich.console import Console
 
+from ckpttools.options import OneLineErrors
 from fuse_train import __version__
 from fuse_train.commands import one_line, register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
@@ -52,7 +53,7 @@ D = RunConfig()  # defaults shown in --help
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-class TrainByDefault(click.Group):
+class TrainByDefault(OneLineErrors):
     """``fuse-train [OPTIONS]`` trains (as it always has); ``fuse-train data|val|predict|export ...`` are the
     other commands.  ``--help`` shows the training options and the command list together."""
 
@@ -60,6 +61,10 @@ class TrainByDefault(click.Group):
         if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help", "--version")):
             args = ["train", *args]
         return super().parse_args(ctx, args)
+
+    def shown_path(self, ctx):
+        # the training options are the program's own (`fuse-train --epochs 3`): name it as typed
+        return ctx.parent.command_path if ctx.parent is not None and ctx.info_name == "train" else ctx.command_path
 
     def format_help(self, ctx, formatter):
         train_cmd = self.commands["train"]

@@ -43,22 +43,23 @@ def _one_line_errors(func):
         try:
             code = func(*args, **kwargs)
         except (DatasetError, InferenceError, ConfigError) as exc:
-            if debug:
-                traceback.print_exc()
-            err.print(f"fuse-train: error: {one_line(exc)}", markup=False, highlight=False)
-            code = EXIT_USAGE
+            code = _fail(one_line(exc), EXIT_USAGE, debug, kwargs.get("as_json", False), err)
         except Exception as exc:  # noqa: BLE001 - the top-level catch that turns failures into one line
-            if debug:
-                traceback.print_exc()
-            err.print(
-                f"fuse-train: error: {exc.__class__.__name__}: {one_line(exc)} (run with --debug for the traceback)",
-                markup=False,
-                highlight=False,
-            )
-            code = EXIT_PROBLEMS
+            message = f"{exc.__class__.__name__}: {one_line(exc)} (run with --debug for the traceback)"
+            code = _fail(message, EXIT_PROBLEMS, debug, kwargs.get("as_json", False), err)
         sys.exit(code or 0)
 
     return wrapper
+
+
+def _fail(message: str, code: int, debug: bool, as_json: bool, err: Console) -> int:
+    """One line on stderr; with --json also the one JSON object the README promises on stdout."""
+    if debug:
+        traceback.print_exc()
+    if as_json:
+        print(json.dumps({"ok": False, "error": message, "exit_code": code}, indent=1))
+    err.print(f"fuse-train: error: {message}", markup=False, highlight=False)
+    return code
 
 
 @click.group("data", context_settings=CONTEXT)

@@ -50,3 +50,42 @@ def test_every_help_fits_80_columns(group):
         result = CliRunner().invoke(group, ([command] if command else []) + ["--help"], terminal_width=80)
         wide = [line for line in result.output.splitlines() if len(line) > 80]
         assert result.exit_code == 0 and result.output and not wide, (command, wide)
+
+
+USAGE_ERRORS = [
+    (CKPT, ["convert", "--dtype", "fp8", "a.pt", "b.safetensors", "--json"], "ckpt convert", "--dtype"),
+    (CKPT, ["verify", "--json"], "ckpt verify", "PATH"),
+    (CKPT, ["verify", "--json", "--bogus", "a.pt"], "ckpt verify", "--bogus"),
+    (CKPT, ["diff", "--json", "--atol", "-1", "a.pt", "b.pt"], "ckpt diff", "--atol"),
+    (FUSE, ["--json", "--epochs", "3"], "fuse-train", "--json"),
+    (FUSE, ["val", "--json", "--conf", "2", "-w", "last.pt"], "fuse-train val", "--conf"),
+    (FUSE, ["val", "--json", "-w", "missing.pt"], "fuse-train", "missing.pt"),
+    (FUSE, ["data", "check", "--json", "missing"], "fuse-train", "missing"),
+]
+
+
+@pytest.mark.parametrize("program,args,command,named", USAGE_ERRORS, ids=[" ".join(a) for _, a, _, _ in USAGE_ERRORS])
+def test_json_errors_are_one_object_on_stdout_and_one_line_on_stderr(
+    tmp_path, monkeypatch, program, args, command, named
+):
+    """The one error contract (issue 26): click's own usage errors too, exit 2, one JSON object with
+    "ok": false on stdout for a script, one line on stderr for a person that names the command and the input."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    name = "ckpt" if program is CKPT else "fuse-train"
+    result = CliRunner().invoke(program, args, prog_name=name, terminal_width=80)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    answer = json.loads(result.stdout)  # the whole of stdout is one object
+    assert answer["ok"] is False and answer["exit_code"] == 2 and named in answer["error"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{command}: error: ") and named in lines[0], lines
+
+
+def test_usage_errors_without_json_print_nothing_on_stdout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(CKPT, ["diff", "--atol", "-1", "a.pt", "b.pt"], prog_name="ckpt")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "ckpt diff: error: Invalid value for '--atol': -1.0 is not in the range x>=0 (see ckpt diff --help)"
+    )

@@ -126,7 +126,9 @@ def audit(path: str | os.PathLike) -> AuditReport:
     run, ckpt_path = run_folder(Path(path))
     results = run / "results.csv"
     if not results.is_file():
-        raise UsageError(f"{run}: no results.csv: not a run folder ({run_folder_trainers()})")
+        given = Path(path)
+        where = f"{given}: no results.csv" + (f" in {run}" if given != run else "")
+        raise UsageError(f"{where}: not a run folder or a checkpoint in one ({run_folder_trainers()})")
     rows = read_results(results)
     report = AuditReport(str(run), epochs=len(rows))
     history, steps_per_epoch = _history(ckpt_path, report)
