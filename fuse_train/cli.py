@@ -181,6 +181,15 @@ def cli() -> None:
     help="With --resume: comma-separated preflight fields allowed to differ, e.g. batch,lr0.",
 )
 @click.option(
+    "--log-interval",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="When output is not a terminal (a log file, nohup, a cluster's log): one line per this many seconds "
+    "with step, losses, speed and the epoch's ETA; 0 turns the lines off.",
+)
+@click.option(
     "--stop-grace",
     type=click.FloatRange(min=0, min_open=True),
     default=30.0,
@@ -209,6 +218,7 @@ def train(
     allow_change: str,
     auto_resume: bool,
     stop_grace: float,
+    log_interval: float,
     no_verify: bool,
     debug: bool,
     **options,
@@ -253,6 +263,7 @@ def train(
             console=console,
             history_event=event,  # reads only
             stop_grace=stop_grace,
+            log_interval=log_interval,
         )
         with run_lock(run_dir, take=dist_info.is_main):  # one process per run folder, from the first write on
             if dist_info.is_main and ckpt is None:

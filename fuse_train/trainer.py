@@ -114,6 +114,7 @@ class Trainer:
         console=None,
         history_event: dict | None = None,
         stop_grace: float = 30.0,
+        log_interval: float = 30.0,
     ):
         dist_info = dist_info or DistInfo()
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
@@ -199,7 +200,7 @@ class Trainer:
         self._last_eval: tuple[list, list] = ([], [])
         self.history.append(history_event or {"event": "start", "date": S.now_iso(), "step": self.global_step})
         self.signals = SignalState(self.log, self.last_path.name)
-        self.stop_grace = stop_grace
+        self.stop_grace, self.log_interval = stop_grace, log_interval
         self._save_seconds: float | None = None  # the latest .pt write, measured by the writer
         self._grace_checked = False
         # Test hook: behave as if Ctrl-C arrived during optimizer step N (so tests can stop at an exact step).
@@ -638,7 +639,8 @@ class Trainer:
 
 
 class _Progress:
-    """A rich progress bar on a terminal; a plain line every 25 % of the epoch otherwise."""
+    """A rich progress bar on a terminal; otherwise (a log file) one plain line per ``log_interval`` seconds
+    with the step, losses, speed and the epoch's ETA, as file loggers do."""
 
     def __init__(self, trainer: Trainer, steps: int):
         self.trainer, self.steps = trainer, steps
@@ -659,17 +661,34 @@ class _Progress:
             )
             self.task = self.bar.add_task("train", total=steps, completed=trainer.step_in_epoch, info="")
             self.bar.start()
-        self.next_plain = max(1, steps // 4)
+        self.first_step, self.started = trainer.step_in_epoch, time.monotonic()
+        self.last_line = self.started
 
     def update(self, mean_losses: torch.Tensor, lr: float, elapsed: float) -> None:
         info = f"box {mean_losses[0]:.4f} cls {mean_losses[1]:.4f} lr {lr:.2e}"
         done = self.trainer.step_in_epoch
         if self.bar is not None:
             self.bar.update(self.task, completed=done, info=info)
-        elif self.trainer.dist.is_main and self.steps >= 40 and done % self.next_plain == 0 and done < self.steps:
-            self.trainer.log(f"  epoch {self.epoch + 1} step {done}/{self.steps}  {info}  {elapsed:.0f}s")
+            return
+        now, interval = time.monotonic(), self.trainer.log_interval
+        if not self.trainer.dist.is_main or interval <= 0 or now - self.last_line < interval or done >= self.steps:
+            return
+        self.last_line = now
+        rate = (done - self.first_step) / max(now - self.started, 1e-9)  # steps per second since this epoch began
+        eta = (self.steps - done) / rate if rate > 0 else float("nan")
+        self.trainer.log(
+            f"  epoch {self.epoch + 1}/{self.trainer.cfg.epochs} step {done}/{self.steps}  {info}  "
+            f"{rate * self.trainer.cfg.batch:.1f} img/s  epoch ETA {_clock(eta)}  ({elapsed:.0f}s)"
+        )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no speed measured yet
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
