@@ -140,8 +140,9 @@ def main() -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
+@click.option("--all", "show_all", is_flag=True, help="List every finding (by default a code met often is one line).")
 @_handle_errors("verify")
-def verify(path: Path, as_json: bool, strict: bool) -> int:
+def verify(path: Path, as_json: bool, strict: bool, show_all: bool) -> int:
     """Check that a checkpoint is whole, safe and consistent.  Reads only; never runs or changes the file.
 
     Integrity: zip structure, CRC32 of every record (torch.load ignores them), truncation, storage sizes,
@@ -157,7 +158,7 @@ def verify(path: Path, as_json: bool, strict: bool) -> int:
     if as_json:
         print_json(report.to_dict(strict))
     else:
-        render_verify(report, stdout(), strict)
+        render_verify(report, stdout(), strict, show_all)
     return report.exit_code(strict)
 
 
@@ -379,10 +380,11 @@ def repair(
         return EXIT_OK if result.repaired else EXIT_PROBLEMS
     for line in result.actions:
         stdout().print(f"  {line}", markup=False, highlight=False)
-    for name in result.lost[:50]:
-        stdout().print(f"  lost: {name}", markup=False, highlight=False)
-    if len(result.lost) > 50:
-        stdout().print(f"  ... and {len(result.lost) - 50} more", markup=False)
+    if result.lost:
+        from ckpttools.render import lost_summary
+
+        for line in lost_summary(result.lost):
+            stdout().print(f"  {line}", markup=False, highlight=False)
     if result.repaired:
         stdout().print(f"repaired {src} -> {out} (passes ckpt verify)", markup=False, highlight=False)
         return EXIT_OK

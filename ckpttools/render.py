@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
-from ckpttools.report import JSON_PER_CODE, Report
+from ckpttools.findings import FINDINGS
+from ckpttools.report import JSON_PER_CODE, Report, cap_findings, shorten
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -36,37 +40,138 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
-def render_verify(report: Report, console: Console, strict: bool = False) -> None:
+TRAILING = re.compile(r" +(?=(?:\x1b\[[0-9;]*m)*$)")
+
+
+def print_trimmed(console: Console, renderable: Any) -> None:
+    """Print a table or padded block without the spaces rich pads each line with to the terminal's width (they
+    end up in log files and copied text)."""
+    with console.capture() as captured:
+        console.print(renderable, highlight=False)
+    for line in captured.get().splitlines():
+        console.file.write(TRAILING.sub("", line) + "\n")
+    console.file.flush()
+
+
+GROUP_OVER = 3  # more findings of one code than this are one grouped entry (all of them with --all)
+SEVERITIES = ("error", "warning", "info")
+LOST = ("zip.record-missing", "zip.record-truncated")  # a storage whose bytes are gone
+CUT_SHORT = ("zip.no-central-directory", "zip.record-truncated")
+
+
+def render_verify(report: Report, console: Console, strict: bool = False, show_all: bool = False) -> None:
+    """The summary first (verdict, what happened, what to do), then at most a screen of findings: a code met
+    more than GROUP_OVER times is one entry saying how many and where; ``show_all`` lists every one."""
+    console.print(report.path, markup=False, highlight=False, style="bold")
     facts = report.facts
-    head = f"{report.path}: {report.format}, layout {report.layout}"
-    extras = [
-        f"{k.replace('_', ' ')} {facts[k]:,}" if isinstance(facts[k], int) else f"{k.replace('_', ' ')} {facts[k]}"
-        for k in ("epoch", "step", "parameter_count")
-        if facts.get(k) is not None
-    ]
-    console.print(head + (" (" + ", ".join(extras) + ")" if extras else ""), markup=False)
-    if report.findings:
-        # severity in a narrow column; code and place on one line, the message below, wrapped in its column:
-        # readable at 80 columns, where a four-column table squeezes messages into a sliver
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(width=7, no_wrap=True)
-        grid.add_column(overflow="fold")
-        kept, left = report.shown()
-        for f in sorted(kept, key=lambda f: ("error", "warning", "info").index(f.severity)):
-            where = f" [dim]at {escape(f.where)}[/]" if f.where else ""
-            grid.add_row(f"[{STYLE[f.severity]}]{f.severity}[/]", f"[bold]{f.code}[/]{where}\n{escape(f.message)}")
-        console.print(grid)
-        for code, n in left.items():
-            console.print(
-                f"[dim]... and {n:,} more {escape(code)} finding(s) like these (--json lists up to "
-                f"{JSON_PER_CODE} of each)[/]"
-            )
+    about = [report.format, report.layout]
+    about += [f"{k} {facts[k]}" for k in ("epoch", "step") if facts.get(k) is not None]
+    if isinstance(facts.get("parameter_count"), int):
+        about.append(f"{facts['parameter_count']:,} parameters")
+    console.print("  " + " · ".join(str(a) for a in about), markup=False, highlight=False)
     n_err, n_warn = len(report.errors), len(report.warnings)
-    verdict = "OK" if report.ok(strict) else "FAILED"
-    colour = "green" if report.ok(strict) else "bold red"
+    ok = report.ok(strict)
     console.print(
-        f"[{colour}]{verdict}[/]: {n_err} error(s), {n_warn} warning(s)"
+        f"[{'green' if ok else 'bold red'}]{'OK' if ok else 'FAILED'}[/]: {n_err:,} error(s), {n_warn:,} warning(s)"
         + (" (--strict: warnings fail)" if strict and n_warn and not n_err else "")
+    )
+    for line in _what_happened(report):
+        print_trimmed(console, Padding(Text(line), (0, 0, 0, 2)))  # wrapped lines keep the indent
+    groups: dict[tuple[str, str], list] = {}
+    for f in report.findings:
+        groups.setdefault((f.severity, f.code), []).append(f)
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(width=7, no_wrap=True)
+    grid.add_column(overflow="fold")
+    grouped = False
+    for (severity, code), items in sorted(groups.items(), key=lambda kv: SEVERITIES.index(kv[0][0])):
+        label = f"[{STYLE[severity]}]{severity}[/]"
+        if code == "safety.code-reference" and not show_all:
+            grid.add_row(label, f"[bold]{code}[/] x{len(items)}\n{escape(_code_references(items))}")
+            grouped = True
+        elif len(items) > GROUP_OVER and not show_all:
+            where = _sections(f.where for f in items)
+            example = ", ".join(escape(f.where) for f in items[:2] if f.where)
+            grid.add_row(
+                label,
+                f"[bold]{code}[/] x{len(items):,}{(' in ' + escape(where)) if where else ''}\n"
+                f"{escape(shorten(items[0].message, 200))}" + (f"\n[dim]e.g. at {example}[/]" if example else ""),
+            )
+            grouped = True
+        else:
+            kept, _ = cap_findings(items, len(items) if show_all else GROUP_OVER)
+            for f in kept:
+                place = f" [dim]at {escape(f.where)}[/]" if f.where else ""
+                grid.add_row(label, f"[bold]{f.code}[/]{place}\n{escape(f.message)}")
+    if groups:
+        print_trimmed(console, grid)
+    if grouped:
+        console.print(f"[dim](--all lists every finding; --json up to {JSON_PER_CODE} of each code)[/]")
+
+
+def lost_summary(lost: list[str], shown: int = 5) -> list[str]:
+    """`ckpt repair`'s lost tensors ('model.x (record missing)'): how many, in which parts, the first few."""
+    lines = [f"lost: {len(lost):,} tensor(s), in {_sections(lost)}"]
+    lines += [f"  {name}" for name in lost[:shown]]
+    if len(lost) > shown:
+        lines.append(f"  ... and {len(lost) - shown:,} more (--json lists them all)")
+    return lines
+
+
+def _what_happened(report: Report) -> list[str]:
+    """One line on what happened to the file, and what to do, from the findings' own remedies."""
+    codes = [f.code for f in report.errors]
+    lines = []
+    if any(c in CUT_SHORT for c in codes):
+        lost = [f for f in report.errors if f.code in LOST]
+        where = _sections(f.where for f in lost)
+        lines.append(
+            f"the file ends early (cut off while it was written): {len(lost):,} storage record(s) lost"
+            + (f", in {where}" if where else "")
+        )
+        lines.append(
+            f"to do: ckpt repair {report.path} -o FIXED.pt (--from an earlier checkpoint fills what was lost), "
+            "or resume from the previous save (last.prev.pt)"
+        )
+        codes = [c for c in codes if c not in CUT_SHORT + LOST]
+    remedies = []
+    for code in dict.fromkeys(codes):
+        remedy = FINDINGS[code].remedy
+        if remedy and remedy != "as above" and remedy not in remedies:
+            remedies.append(remedy)
+    lines += [f"to do: {r}" for r in remedies[: max(0, 2 - len(lines))]]
+    return lines
+
+
+def _sections(places) -> str:
+    """'optimizer (754), model (3)': how many findings fall in each top-level part of the checkpoint."""
+    counts: dict[str, int] = {}
+    for place in places:
+        head = place.replace("[", "/").split("/", 1)[0] if place else ""
+        if head:
+            counts[head] = counts.get(head, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{k} ({v:,})" for k, v in top[:4])
+    return text + (f" and {len(top) - 4} more" if len(top) > 4 else "")
+
+
+def _code_references(items) -> str:
+    """Code-reference warnings as one line per library: 'torch: Sequential, Conv2d, ...; __main__: Tiny'."""
+    import re
+
+    by_library: dict[str, list[str]] = {}
+    for f in items:
+        found = re.search(r"of ([\w.]+): needs the '([^']+)' library", f.message)
+        library, name = (found.group(2), found.group(1).rsplit(".", 1)[-1]) if found else ("other", f.message[:40])
+        by_library.setdefault(library, []).append(name)
+    parts = [
+        f"{lib}: {', '.join(dict.fromkeys(names[:6]))}{', ...' if len(set(names)) > 6 else ''}"
+        for lib, names in by_library.items()
+    ]
+    return (
+        "classes torch.load(weights_only=False) would import (read here as inert placeholders); "
+        + "; ".join(parts)
+        + ". `ckpt convert --weights-only` makes a copy without them"
     )
 
 
@@ -137,41 +242,109 @@ def render_diff(report, console: Console, top: int = 20) -> None:
                 + (" ..." if len(items) > top else "")
             )
     if report.changed:
-        table = Table(
-            title=f"tensors that differ ({len(report.changed)}; {report.same} identical)", title_justify="left"
-        )
-        for col in ("section", "name", "change", "max abs", "mean abs", "rel L2", "outside tol", "NaN/Inf A/B"):
-            table.add_column(col, overflow="fold")
-        for d in report.changed[:top]:
-            change = d.note or "values"
-            if d.note == "shape changed":
-                change = f"shape {list(d.shape_a)} -> {list(d.shape_b)}"
-            elif d.note == "dtype changed":
-                change = f"dtype {d.dtype_a} -> {d.dtype_b}"
-            table.add_row(
-                d.section,
-                escape(d.name),
-                change,
-                f"{d.max_abs:.3g}",
-                f"{d.mean_abs:.3g}",
-                f"{d.rel_l2:.3g}",
-                str(d.outside),
-                f"{d.nonfinite_a}/{d.nonfinite_b}",
-            )
-        console.print(table)
+        _render_changed(report, console, top)
     elif report.same:
         console.print(
             f"{report.same} tensors, all bitwise identical"
             + (f" ({report.equal_by_crc} equal by CRC32, not read; --exact reads them)" if report.equal_by_crc else "")
         )
     if report.metadata:
-        table = Table("field", "A", "B", title="metadata", title_justify="left")
+        table = Table("field", "A", "B", title="metadata that differs", title_justify="left")
+        table.columns[0].overflow = "fold"
         for m in report.metadata[: max(top, 50)]:
-            table.add_row(escape(m["field"]), escape(str(m["a"])), escape(str(m["b"])))
+            table.add_row(escape(m["field"]), escape(_short(m["a"])), escape(_short(m["b"])))
         console.print(table)
     if report.ignored_metadata:
         console.print(f"[dim]differ as between any two saves (not judged): {', '.join(report.ignored_metadata)}[/]")
     console.print(f"verdict: [{colour}]{report.verdict}[/]")
+
+
+NUMBERS = 38  # width of the numbers before a tensor's name in `ckpt diff`; the name takes the rest of the line
+
+
+def _render_changed(report, console: Console, top: int) -> None:
+    """One row per tensor: the numbers, then the whole name (wrapped at dots when the line is too narrow, never
+    inside a component); counters (integer scalars such as num_batches_tracked) summarised in one line."""
+    counters = [d for d in report.changed if _is_counter(d)]
+    tensors = [d for d in report.changed if not _is_counter(d)]
+    console.print(
+        f"[bold]tensors that differ[/]: {len(report.changed):,} ({report.same:,} identical), largest relative "
+        "change first",
+        highlight=False,
+    )
+    width = max(console.width, 40)
+    rows = []
+    for d in tensors[:top]:
+        if d.note == "shape changed":
+            numbers = f"  shape {list(d.shape_a)} -> {list(d.shape_b)}"
+        elif d.note == "dtype changed":
+            numbers = f"  dtype {d.dtype_a} -> {d.dtype_b}"
+        elif d.note:
+            numbers = f"  {d.note}"
+        else:
+            numbers = f"{d.rel_l2:>8.3g} {d.max_abs:>9.3g} {d.mean_abs:>9.3g} {d.outside:>8,}"
+        name = f"{d.section}/{d.name}"
+        if d.nonfinite_a or d.nonfinite_b:
+            name += f"  (NaN/Inf {d.nonfinite_a}/{d.nonfinite_b})"
+        rows.append((numbers, name))
+    # numbers and name on one line when every name fits beside the numbers; otherwise each name on a line of its
+    # own (whole wherever the terminal is wide enough for it) with its numbers beneath
+    side_by_side = all(len(n) <= NUMBERS and NUMBERS + 2 + len(name) <= width for n, name in rows)
+    header = f"{'rel L2':>8} {'max abs':>9} {'mean abs':>9} {'outside':>8}"
+    if rows:
+        console.print(f"[dim]{header}  tensor[/]" if side_by_side else f"[dim]tensor\n{header}[/]", highlight=False)
+    for numbers, name in rows:
+        lines = [f"{numbers:<{NUMBERS}}  {name}"] if side_by_side else [*_name_lines(name, width), numbers]
+        for line in lines:
+            console.print(line, markup=False, highlight=False)
+    if len(tensors) > top:
+        console.print(f"... and {len(tensors) - top:,} more (--top N shows more; --json lists them all)")
+    if counters:
+        largest = max(d.max_abs for d in counters)
+        console.print(
+            f"counters: {len(counters):,} integer scalar(s) (num_batches_tracked, ...) differ by up to {largest:g}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _is_counter(d) -> bool:
+    kinds = ("int", "uint", "bool")
+    return (
+        not d.note
+        and str(d.dtype_a or "").startswith(kinds)
+        and tuple(d.shape_a or ()) in ((), (1,))
+        and tuple(d.shape_b or ()) in ((), (1,))
+    )
+
+
+def _name_lines(name: str, width: int) -> list[str]:
+    """``name`` whole on one line if it fits ``width``; otherwise wrapped after a dot (or slash) onto lines
+    indented by two (a component longer than a line is kept whole: a name is never cut inside a component)."""
+    if len(name) <= width:
+        return [name]
+    lines, current = [], ""
+    for part in _dot_parts(name):
+        room = width - (2 if lines else 0)
+        if current and len(current) + len(part) > room:
+            lines.append(current)
+            current = ""
+        current += part
+    lines.append(current)
+    return [lines[0]] + ["  " + line for line in lines[1:]]
+
+
+def _dot_parts(name: str) -> list[str]:
+    """'model/bb.p3.0.weight' -> ['model/', 'bb.', 'p3.', '0.', 'weight']: the places a name may wrap."""
+    parts, current = [], ""
+    for ch in name:
+        current += ch
+        if ch in "./":
+            parts.append(current)
+            current = ""
+    if current:
+        parts.append(current)
+    return parts
 
 
 # blocked field -> what to do instead of allowing the change

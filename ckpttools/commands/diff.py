@@ -370,7 +370,7 @@ def diff_checkpoints(
         done += ta.nbytes
         if progress:
             progress(done, total_bytes)
-    report.changed.sort(key=lambda d: (d.note == "", -(d.max_abs if math.isfinite(d.max_abs) else math.inf)))
+    report.changed.sort(key=_importance)
     if "meta" in sections:
         _diff_metadata(a_ck, b_ck, report)
     report.verdict = _verdict(report)
@@ -405,7 +405,7 @@ def _diff_metadata(a_ck: Checkpoint, b_ck: Checkpoint, report: DiffReport) -> No
     for kind, entries in dd.items():
         items = entries.items() if isinstance(entries, dict) else ((e, None) for e in entries)
         for path, change in items:
-            field_name = str(path).replace("root", "", 1).replace("']['", ".").strip("[]'")
+            field_name = _field_path(path)
             if kind == "values_changed" or kind == "type_changes":
                 report.metadata.append(
                     {"field": field_name, "a": change.get("old_value"), "b": change.get("new_value")}
@@ -414,6 +414,35 @@ def _diff_metadata(a_ck: Checkpoint, b_ck: Checkpoint, report: DiffReport) -> No
                 report.metadata.append({"field": field_name, "a": change, "b": None})
             elif kind.endswith("_added"):
                 report.metadata.append({"field": field_name, "a": None, "b": change})
+
+
+def _importance(d: TensorDiff) -> tuple:
+    """Sort key, most important first: a changed shape or dtype, then the largest relative change (NaN/Inf as
+    the largest), then the largest absolute one."""
+
+    def largest_first(x: float) -> float:
+        return -(x if math.isfinite(x) else math.inf)
+
+    return (d.note == "", largest_first(d.rel_l2), largest_first(d.max_abs))
+
+
+def _field_path(path: str) -> str:
+    """A DeepDiff path as a user writes it: ``root['results'][1]['mAP50']`` -> ``results[1].mAP50``."""
+    from deepdiff.path import parse_path
+
+    try:
+        parts = parse_path(path)
+    except Exception:  # noqa: BLE001 - a path DeepDiff cannot parse back: shown as DeepDiff wrote it
+        return str(path).replace("root", "", 1)
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier():
+            out += ("." if out else "") + part
+        else:
+            out += f"[{part!r}]"
+    return out
 
 
 def _verdict(report: DiffReport) -> str:

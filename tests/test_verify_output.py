@@ -1,0 +1,72 @@
+"""What a person reads from `ckpt verify` and `ckpt repair` (issue 26): the summary first (verdict, what
+happened, what to do), at most a screen of grouped findings, everything with --all and in --json, no line wider
+than the terminal and no trailing padding."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from ckpttools.cli import main as CKPT
+
+
+def _truncated(tmp_path, fraction=0.6):
+    g = torch.Generator().manual_seed(0)
+    state = {
+        i: {"exp_avg": torch.randn(64, generator=g), "exp_avg_sq": torch.rand(64, generator=g)} for i in range(400)
+    }
+    full = tmp_path / "full.pt"
+    torch.save(
+        {"model": {f"layer{i}.weight": torch.randn(8, generator=g) for i in range(100)}, "optimizer": {"state": state}},
+        full,
+    )
+    data = full.read_bytes()
+    cut = tmp_path / "last.pt"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    return cut
+
+
+def _run(args, columns=80):
+    return CliRunner().invoke(CKPT, args, prog_name="ckpt", terminal_width=columns, env={"COLUMNS": str(columns)})
+
+
+def test_a_truncated_checkpoint_is_a_summary_and_one_screen(tmp_path):
+    path = _truncated(tmp_path)
+    result = _run(["verify", str(path)])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 40, result.stdout
+    assert all(len(line) <= 80 and line == line.rstrip() for line in lines), result.stdout
+    head = " ".join(" ".join(lines[:8]).split())  # wrapped lines joined back
+    assert lines[2].startswith("FAILED: ") and "the file ends early" in head and f"ckpt repair {path}" in head
+    assert "zip.record-missing x" in result.stdout and "--all" in result.stdout
+    # everything is still there for who asks: --all lists each, --json counts them all
+    every = _run(["verify", "--all", str(path)])
+    report = json.loads(_run(["verify", "--json", str(path)]).stdout)
+    missing = report["counts"]["errors"]
+    assert every.stdout.count("zip.record-missing at") == sum(
+        f["code"] == "zip.record-missing" for f in report["findings"]
+    )
+    assert missing > 100 and len(every.stdout.splitlines()) > 200
+
+
+def test_repair_of_a_truncated_checkpoint_says_how_much_was_lost_in_a_few_lines(tmp_path):
+    path = _truncated(tmp_path)
+    result = _run(["repair", str(path), "-o", str(tmp_path / "fixed.pt")])
+    assert result.exit_code == 1 and not (tmp_path / "fixed.pt").exists()
+    assert len(result.stdout.splitlines()) <= 12, result.stdout
+    assert "lost: " in result.stdout and "in optimizer (" in result.stdout
+
+
+def test_code_references_are_one_entry_per_library(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten())
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    result = _run(["verify", str(path)])
+    assert result.exit_code == 0
+    assert result.stdout.count("safety.code-reference") == 1
+    assert "torch: Sequential, Conv2d, BatchNorm2d, ReLU, Flatten" in " ".join(result.stdout.split())
+    listed = _run(["verify", "--all", str(path)])
+    assert listed.stdout.count("safety.code-reference at") == 5
