@@ -124,7 +124,7 @@ def _what_happened(report: Report) -> list[str]:
     lines = []
     if any(c in CUT_SHORT for c in codes):
         lost = [f for f in report.errors if f.code in LOST]
-        where = _sections(f.where for f in lost)
+        where = _sections(f.where for f in lost if f.code == "zip.record-missing")  # (a cut record: its name)
         lines.append(
             f"the file ends early (cut off while it was written): {len(lost):,} storage record(s) lost"
             + (f", in {where}" if where else "")
