@@ -215,10 +215,9 @@ def prepare_resume(
             f"longer, extend it: fuse-train --resume {path} --epochs N --allow-change epochs (N > "
             f"{recorded_cfg.epochs}), or start a fresh run"
         )
-    if merged.epochs * progress["steps_per_epoch"] < progress["global_step"]:
-        raise ConfigError(
-            f"--epochs {merged.epochs}: the checkpoint is already past that ({progress['global_step']} steps)"
-        )
+    reached = int(progress["epoch"]) + (1 if int(progress["step_in_epoch"]) else 0)  # epochs begun
+    if merged.epochs < reached:
+        raise ConfigError(f"--epochs {merged.epochs}: the checkpoint is already in epoch {reached}")
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     recorded = run_record(recorded_cfg, ResolvedRun.from_dict(ckpt[S.K_RESOLVED]))
     requested = run_record(merged, requested_resolution(merged, world))
@@ -238,6 +237,8 @@ def prepare_resume(
         "event": "resume",
         "date": S.now_iso(),
         "step": int(progress["global_step"]),
+        # epochs done at the resume (plots place it here; a step count means another thing after a batch change)
+        "position": int(progress["epoch"]) + int(progress["step_in_epoch"]) / max(1, int(progress["steps_per_epoch"])),
         "from": str(path),
         "changes": changes,
     }

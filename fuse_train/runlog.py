@@ -162,7 +162,9 @@ def boundaries(history: list[dict], steps_per_epoch: int) -> list[tuple[float, s
             label += (
                 " (" + ", ".join(str(c.get("field", c)) if isinstance(c, dict) else str(c) for c in changes)[:40] + ")"
             )
-        out.append((int(event["step"]) / max(1, steps_per_epoch), f"{label} at step {event['step']}"))
+        position = event.get("position")
+        x = float(position) if isinstance(position, (int, float)) else int(event["step"]) / max(1, steps_per_epoch)
+        out.append((x, f"{label} at step {event['step']}"))
     return out
 
 

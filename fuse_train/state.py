@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -65,6 +66,49 @@ class ModelEMA:
                 value.mul_(d).add_(source[name].detach(), alpha=1 - d)
             else:
                 value.copy_(source[name])
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where the run's current steps-per-epoch began: ``epoch`` and ``global_step`` at that epoch's virtual start,
+    and the samples seen by then.  A run that never changed its batch size or data has one segment, (0, 0, 0);
+    an allowed change of either starts a new one at the resume.  The one definition of where a run stands:
+
+        global_step  == segment.global_step + (epoch - segment.epoch) * steps_per_epoch + step_in_epoch
+        samples_seen == segment.samples_seen + (global_step - segment.global_step) * batch
+
+    ``ckpt verify`` checks the first (ckpttools.trainers.fuse_train.check_counters)."""
+
+    epoch: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen}
+
+    @classmethod
+    def from_progress(cls, progress: dict) -> Segment:
+        s = progress.get("segment") or {}
+        return cls(int(s.get("epoch", 0)), int(s.get("global_step", 0)), int(s.get("samples_seen", 0)))
+
+
+def continue_with(progress: dict, old_batch: int, new_batch: int, steps_per_epoch: int) -> tuple[int, Segment]:
+    """(step in epoch, new segment) for a resume whose steps per epoch changed (another batch size or dataset).
+
+    The data position carries over by samples: the epoch continues at the first batch of the new size that
+    starts at or before the samples already taken this epoch (at most ``new_batch - 1`` of them are seen again).
+    The segment is anchored so the counters stay one consistent position."""
+    epoch, step_old, global_step = int(progress["epoch"]), int(progress["step_in_epoch"]), int(progress["global_step"])
+    step = min((step_old * old_batch) // new_batch, steps_per_epoch)
+    samples = int(progress.get("samples_seen", global_step * old_batch))
+    return step, Segment(epoch, global_step - step, samples - step * new_batch)
+
+
+def schedule_step(epoch: int, step_in_epoch: int, steps_per_epoch: int) -> int:
+    """The step the learning-rate schedule is evaluated at: the epoch position in steps of the current size.
+    The global step itself for a run that never changed its batch size; after a change, the point of the
+    schedule the run has reached in epochs."""
+    return epoch * steps_per_epoch + step_in_epoch
 
 
 class LRSchedule:

@@ -181,6 +181,9 @@ class Trainer:
         self.epoch = 0  # epoch in progress (0-based)
         self.step_in_epoch = 0  # optimizer steps done in that epoch
         self.global_step = 0
+        # where the current steps-per-epoch began (S.run_position): moved only by an allowed change of the batch
+        # size or the data, so global_step == segment.global_step + (epoch - segment.epoch) * spe + step_in_epoch
+        self.segment = S.Segment()
         self.epoch_loss_sum = torch.zeros(2, dtype=torch.float64)
         self.best_fitness: float | None = None
         self.last_metrics: dict = {}
@@ -258,7 +261,9 @@ class Trainer:
                 "global_step": self.global_step,
                 "steps_per_epoch": self.sampler.steps_per_epoch,
                 "epoch_loss_sum": loss_sums,
-                "samples_seen": self.global_step * self.cfg.batch,
+                "samples_seen": self.segment.samples_seen
+                + (self.global_step - self.segment.global_step) * self.cfg.batch,
+                "segment": self.segment.to_dict(),
                 "finished": self.finished,
                 # the TensorBoard scalars of this step: a resume writes them again (RunLog.replay)
                 "logged": self._logged_record(),
@@ -301,6 +306,14 @@ class Trainer:
             int(p["global_step"]),
         )
         self.epoch_loss_sum = S.rank_loss_sum(p["epoch_loss_sum"], self.dist.rank, self.dist.world_size)
+        self.segment = S.Segment.from_progress(p)
+        spe, saved_spe = self.sampler.steps_per_epoch, int(p["steps_per_epoch"])
+        if spe != saved_spe:  # an allowed change of the batch size or of the data: a new segment starts here
+            saved_batch = int(ckpt[S.K_TRAIN_ARGS]["batch"])
+            step, self.segment = S.continue_with(p, saved_batch, self.cfg.batch, spe)
+            if self.step_in_epoch:  # the epoch's mean loss stays the mean over its steps
+                self.epoch_loss_sum *= step / self.step_in_epoch
+            self.step_in_epoch = step
         self.finished = bool(p.get("finished", False))
         self.best_fitness = ckpt[S.K_BEST_FITNESS]
         self.last_metrics = dict(ckpt.get(S.K_METRICS) or {})
@@ -478,7 +491,9 @@ class Trainer:
         t0 = time.time()
         self._epoch_started = time.time()
         for images, targets, _ in batches:
-            lr = self.schedule.apply(self.optimizer, self.global_step)
+            # the schedule runs on the epoch position (S.schedule_step), so a resume with another batch size
+            # continues its curve: no second warmup, lr0 * lrf at the last step
+            lr = self.schedule.apply(self.optimizer, S.schedule_step(self.epoch, self.step_in_epoch, spe))
             loss_parts = self._step(images, targets)
             self.epoch_loss_sum += loss_parts.to(torch.float64).cpu()
             self.step_in_epoch += 1

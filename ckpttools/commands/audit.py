@@ -187,7 +187,10 @@ def _boundaries(rows: list[dict], history: list[dict], spe: int, report: AuditRe
     for event in history:
         if event.get("event") != "resume" or event.get("step") is None or not spe:
             continue
-        done = int(event["step"]) / spe  # epochs completed when it resumed
+        # epochs completed when it resumed: recorded by newer runs (a step count means another thing after a
+        # change of the batch size), computed from the steps per epoch for older ones
+        position = event.get("position")
+        done = float(position) if isinstance(position, (int, float)) else int(event["step"]) / spe
         index = next((i for i, r in enumerate(rows) if r.get("epoch", 0) > done), None)
         if index is None:
             continue

@@ -102,9 +102,27 @@ def check_counters(tree: dict, report: Report) -> None:
     except (KeyError, TypeError, ValueError):
         report.add(ERROR, "counters.bad-progress", "progress record incomplete", "progress")
         return
-    if step != epoch * spe + step_in or not 0 <= step_in <= spe:
+    # where the run stands (fuse_train.state.Segment): the steps per epoch in force since the segment began
+    segment = p.get("segment") if isinstance(p.get("segment"), dict) else {}
+    try:
+        e0, g0 = int(segment.get("epoch", 0)), int(segment.get("global_step", 0))
+    except (TypeError, ValueError):
+        report.add(ERROR, "counters.bad-progress", f"progress.segment {segment!r} is not two integers", "progress")
+        return
+    if step != g0 + (epoch - e0) * spe + step_in or not 0 <= step_in <= spe or not 0 <= e0 <= epoch:
+        since = f" since step {g0} (epoch {e0})" if (e0, g0) != (0, 0) else ""
         report.add(
-            ERROR, "counters.inconsistent", f"global_step {step} != epoch {epoch} x {spe} steps + {step_in}", "progress"
+            ERROR,
+            "counters.inconsistent",
+            f"global_step {step} != {g0} + {epoch - e0} epoch(s) x {spe} steps + {step_in}{since}",
+            "progress",
+        )
+    elif (e0, g0) != (0, 0) and not _change_recorded(tree.get(S.K_HISTORY), g0, step):
+        report.add(
+            ERROR,
+            "counters.inconsistent",
+            f"the steps per epoch changed at step {g0} (epoch {e0}) but the history records no allowed change there",
+            "progress",
         )
     if tree.get(S.K_EPOCH) != epoch - 1:
         report.add(
@@ -116,6 +134,19 @@ def check_counters(tree: dict, report: Report) -> None:
     results = tree.get(S.K_RESULTS)
     if isinstance(results, list) and len(results) != epoch:
         report.add(ERROR, "counters.inconsistent", f"{len(results)} result rows for {epoch} finished epochs", "results")
+
+
+def _change_recorded(history, first: int, last: int) -> bool:
+    """A resume with allowed changes between the segment's anchor and the saved step (the resume's step is the
+    anchor plus the steps the epoch had already taken)."""
+    for event in history if isinstance(history, list) else []:
+        if isinstance(event, dict) and event.get("event") == "resume" and event.get("changes"):
+            try:
+                if first <= int(event.get("step")) <= last:
+                    return True
+            except (TypeError, ValueError):
+                continue
+    return False
 
 
 # ---- remap --gpus M ---------------------------------------------------------------------------------------
