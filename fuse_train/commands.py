@@ -183,6 +183,44 @@ def _run_folder(weights: Path, sub: str) -> Path:
     return base / sub
 
 
+def output_options(default_name: str):
+    """``--project`` / ``--name`` as in training (Ultralytics' names for every mode), ``--exist-ok``, and
+    ``--out`` kept as the folder itself."""
+
+    def decorate(fn):
+        fn = click.option(
+            "--exist-ok",
+            is_flag=True,
+            help=f"Write into PROJECT/NAME even when it holds an earlier result (default: a new {default_name}2, "
+            f"{default_name}3, ...).",
+        )(fn)
+        fn = click.option(
+            "--out",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="The output folder itself (instead of PROJECT/NAME; an earlier result in it is replaced).",
+        )(fn)
+        fn = click.option("--name", default=default_name, show_default=True, help="Output folder name.")(fn)
+        return click.option(
+            "--project", default=None, help="Folder holding the output folder [default: the checkpoint's run folder]."
+        )(fn)
+
+    return decorate
+
+
+def output_folder(weights: str, project: str | None, name: str, out: str | None, exist_ok: bool) -> Path:
+    """Where val / predict write: --out as given; else PROJECT/NAME, numbered on (NAME2, NAME3, ...) rather
+    than writing over an earlier result, unless --exist-ok."""
+    if out:
+        return Path(out)
+    base = Path(project) if project else _run_folder(Path(weights), name).parent
+    folder, n = base / name, 1
+    while not exist_ok and folder.exists() and any(folder.iterdir()):
+        n += 1
+        folder = base / f"{name}{n}"
+    return folder
+
+
 WEIGHTS = click.option(
     "--weights",
     "-w",
@@ -216,12 +254,7 @@ Examples:
 @click.option("--iou", type=click.FloatRange(0, 1), default=0.7, show_default=True, help="NMS IoU threshold.")
 @click.option("--batch", type=click.IntRange(1), default=16, show_default=True)
 @DEVICE
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Folder for PR_curve.png, F1_curve.png, confusion_matrix.png, metrics.json [default: <run>/val].",
-)
+@output_options("val")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @DEBUG
 @_one_line_errors
@@ -233,10 +266,14 @@ def val(
     iou: float,
     batch: int,
     device: str,
+    project: str | None,
+    name: str,
     out: str | None,
+    exist_ok: bool,
     as_json: bool,
 ) -> int:
-    """Metrics per class (P, R, mAP50, mAP50-95) of a checkpoint, with plots."""
+    """Metrics per class (P, R, mAP50, mAP50-95) of a checkpoint, with plots (PR_curve.png, F1_curve.png,
+    confusion_matrix.png) and metrics.json in PROJECT/NAME."""
     from rich.table import Table
 
     from ckpttools.atomic import atomic_write
@@ -257,7 +294,7 @@ def val(
     dataset = PairedDataset.from_spec(spec, split, det.img_size)
     preds, gts = det.detect(dataset, conf, iou, batch)
     metrics = evaluate_detections(preds, gts, len(det.names))
-    folder = Path(out) if out else _run_folder(Path(weights), "val")
+    folder = output_folder(weights, project, name, out, exist_ok)
     folder.mkdir(parents=True, exist_ok=True)
     plot_curves(metrics.curves, det.names, folder)
     plot_confusion(confusion_matrix(preds, gts, len(det.names)), det.names, folder / "confusion_matrix.png")
@@ -324,18 +361,28 @@ frames first (e.g. ffmpeg -i in.mp4 frames/%05d.png).""",
 @click.option("--iou", type=click.FloatRange(0, 1), default=0.7, show_default=True)
 @click.option("--ir-scale", default="percentile", show_default=True, help="16-bit infrared to 8-bit (see data import).")
 @DEVICE
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: <run>/predict].")
+@output_options("predict")
 @DEBUG
 @_one_line_errors
 def predict(
-    weights: str, source: str, source_ir: str, conf: float, iou: float, ir_scale: str, device: str, out: str | None
+    weights: str,
+    source: str,
+    source_ir: str,
+    conf: float,
+    iou: float,
+    ir_scale: str,
+    device: str,
+    project: str | None,
+    name: str,
+    out: str | None,
+    exist_ok: bool,
 ) -> int:
     """Detect objects in RGB+IR pairs and draw them on both images."""
     from fuse_train.inference import load_detector, pair_sources, predict_pairs
 
     pairs = pair_sources(source, source_ir)
     det = load_detector(weights, device)
-    folder = Path(out) if out else _run_folder(Path(weights), "predict")
+    folder = output_folder(weights, project, name, out, exist_ok)
     records = predict_pairs(det, pairs, folder, conf, iou, ir_scale)
     console = Console(soft_wrap=True)
     for record in records:

@@ -209,18 +209,33 @@ def export_onnx(det: LoadedDetector, out: Path, opset: int = 18) -> Path:
     wrapper = _TwoInputDetector(det.model.cpu(), det.img_size).eval()
     s = det.img_size
     example = (torch.rand(1, 3, s, s), torch.rand(1, 1, s, s))
-    with atomic_write(out, "wb") as f, warnings.catch_warnings():
+    import io
+
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notices are not the user's concern
         torch.onnx.export(
             wrapper,
             example,
-            f,
+            buffer,
             input_names=["rgb", "ir"],
             output_names=["boxes", "scores"],
             dynamic_axes={"rgb": {0: "batch"}, "ir": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}},
             opset_version=opset,
             dynamo=False,
         )
+        with torch.no_grad():
+            boxes, scores = wrapper(*example)
+    model = onnx.load_from_string(buffer.getvalue())
+    # the exporter names the fixed dimensions of the outputs after its own nodes (Concatboxes_dim_1): state them
+    for output, shape in zip(model.graph.output, (boxes.shape, scores.shape)):
+        for dim, size in zip(list(output.type.tensor_type.shape.dim)[1:], shape[1:]):
+            dim.ClearField("dim_param")
+            dim.dim_value = int(size)
+    with atomic_write(out, "wb") as f:
+        f.write(model.SerializeToString())
     det.model.eval()
     return out
 

@@ -136,6 +136,13 @@ def test_export_onnx_matches_torch_in_onnxruntime(trained, tiny_data, tmp_path):
     assert result.exit_code == 0, result.output
     onnx_path = weights.with_suffix(".onnx")
     det = load_detector(weights)
+    import onnx
+
+    # every dimension has a stated size or a chosen name (no exporter-generated names like Concatboxes_dim_1)
+    graph = onnx.load(onnx_path).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.output}
+    assert dims["boxes"][0] == dims["scores"][0] == "batch"
+    assert dims["boxes"][2] == 4 and dims["scores"][2] == len(det.names) and dims["boxes"][1] == dims["scores"][1] > 0
     from fuse_train.data import read_image
 
     rgb = read_image(tiny_data.parent / "images" / "val" / "00000.png", "RGB")

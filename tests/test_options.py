@@ -89,3 +89,26 @@ def test_usage_errors_without_json_print_nothing_on_stdout(tmp_path, monkeypatch
     assert result.stderr.strip() == (
         "ckpt diff: error: Invalid value for '--atol': -1.0 is not in the range x>=0 (see ckpt diff --help)"
     )
+
+
+def test_val_and_predict_write_to_project_name_and_never_over_an_earlier_result(tmp_path):
+    """--project / --name as in training; an earlier result is never written over unless --exist-ok (issue 26)."""
+    from fuse_train.commands import output_folder
+
+    weights = tmp_path / "runs" / "fuse" / "exp" / "weights" / "best.pt"
+    weights.parent.mkdir(parents=True)
+    run = weights.parent.parent
+    assert output_folder(str(weights), None, "val", None, False) == run / "val"
+    (run / "val").mkdir()
+    assert output_folder(str(weights), None, "val", None, False) == run / "val"  # empty: used
+    (run / "val" / "metrics.json").write_text("{}")
+    assert output_folder(str(weights), None, "val", None, False) == run / "val2"
+    (run / "val2").mkdir()
+    (run / "val2" / "metrics.json").write_text("{}")
+    assert output_folder(str(weights), None, "val", None, False) == run / "val3"
+    assert output_folder(str(weights), None, "val", None, True) == run / "val"
+    assert (
+        output_folder(str(weights), str(tmp_path / "elsewhere"), "night", None, False)
+        == tmp_path / "elsewhere" / "night"
+    )
+    assert output_folder(str(weights), None, "val", str(tmp_path / "exact"), False) == tmp_path / "exact"
