@@ -168,19 +168,56 @@ def predict_pairs(
 COLOURS = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 178, 29), (207, 210, 49), (146, 204, 23)]
 
 
+MIN_DRAWN_WIDTH = 320  # small images are enlarged (whole pixels) before drawing, so labels stay readable
+
+
 def _draw(rgb: np.ndarray, ir: np.ndarray, boxes: list[dict], path: Path) -> None:
+    """visible | infrared side by side, every box on both, each label on a filled tag kept inside its panel
+    and moved off the tags already placed."""
     h, w = rgb.shape[:2]
     ir_rgb = np.asarray(Image.fromarray(ir).resize((w, h)).convert("RGB"))
+    scale = min(4, -(-MIN_DRAWN_WIDTH // w)) if w < MIN_DRAWN_WIDTH else 1
     canvas = Image.fromarray(np.concatenate([rgb, ir_rgb], axis=1))
+    if scale > 1:
+        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    for b in boxes:
+    pw, ph = w * scale, h * scale  # one panel
+    line = max(1, round(pw / 320))
+    placed: list[tuple[float, float, float, float]] = []  # tags in panel coordinates (the same in both panels)
+    for b in sorted(boxes, key=lambda b: -b["score"]):  # the surest first: it gets the best place
         colour = COLOURS[b["class"] % len(COLOURS)]
-        x1, y1, x2, y2 = b["xyxy"]
-        for offset in (0, w):
-            draw.rectangle([x1 + offset, y1, x2 + offset, y2], outline=colour, width=max(1, round(w / 320)))
-            draw.text((x1 + offset + 1, max(0, y1 - 10)), f"{b['name']} {b['score']:.2f}", fill=colour)
+        x1, y1, x2, y2 = (v * scale for v in b["xyxy"])
+        text = f"{b['name']} {b['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        tw, th = right - left + 2, bottom - top + 2
+        tag = _tag_place(x1, y1, y2, tw, th, pw, ph, placed)
+        placed.append(tag)
+        for offset in (0, pw):
+            draw.rectangle([x1 + offset, y1, x2 + offset, y2], outline=colour, width=line)
+            tx, ty = tag[0] + offset, tag[1]
+            draw.rectangle([tx, ty, tx + tw, ty + th], fill=colour)
+            draw.text((tx + 1 - left, ty + 1 - top), text, fill=(0, 0, 0))
     with atomic_write(path, "wb") as f:
         canvas.save(f, format="JPEG", quality=92)
+
+
+def _tag_place(x1, y1, y2, tw, th, pw, ph, placed) -> tuple[float, float, float, float]:
+    """Where a label tag goes: above the box, else inside its top, else below; clamped to the panel, and moved
+    down past tags already there (a few tries, then where it fits best)."""
+    x = min(max(0.0, x1), max(0.0, pw - tw))
+    candidates = [y1 - th, y1, y2]
+    candidates += [c + k * th for c in candidates for k in range(1, 6)]
+    for y in candidates:
+        y = min(max(0.0, y), max(0.0, ph - th))
+        box = (x, y, x + tw, y + th)
+        if not any(_overlap(box, other) for other in placed):
+            return box
+    y = min(max(0.0, y1 - th), max(0.0, ph - th))
+    return (x, y, x + tw, y + th)
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 # ---- export ------------------------------------------------------------------------------------------------
