@@ -203,10 +203,10 @@ def _draw(rgb: np.ndarray, ir: np.ndarray, boxes: list[dict], path: Path) -> Non
 
 def _tag_place(x1, y1, y2, tw, th, pw, ph, placed) -> tuple[float, float, float, float]:
     """Where a label tag goes: above the box, else inside its top, else below; clamped to the panel, and moved
-    down past tags already there (a few tries, then where it fits best)."""
+    down or up past tags already there (a few tries, then above the box regardless)."""
     x = min(max(0.0, x1), max(0.0, pw - tw))
     candidates = [y1 - th, y1, y2]
-    candidates += [c + k * th for c in candidates for k in range(1, 6)]
+    candidates += [c + sign * k * th for k in range(1, 6) for sign in (1, -1) for c in candidates[:3]]
     for y in candidates:
         y = min(max(0.0, y), max(0.0, ph - th))
         box = (x, y, x + tw, y + th)
