@@ -89,10 +89,26 @@ class _SafeMixin:
         return set(self.allow_change) | parse_allow(os.environ.get(ALLOW_ENV, ""))
 
     def resume_training(self, ckpt):
-        super().resume_training(ckpt)
         state = (ckpt or {}).get(STATE_KEY) if self.resume else None
+        # Ultralytics 8.3 closes mosaic on resume whenever start_epoch > epochs - close_mosaic, also in a run
+        # shorter than close_mosaic, where the uninterrupted run (closing at epoch == epochs - close_mosaic)
+        # never does: the mosaic state the save recorded is kept, and the training loop closes it when the
+        # uninterrupted run would (8.4 does not close it here: nothing changes there)
+        self._ckpttools_keep_mosaic = bool(state) and state.get("mosaic_closed") is False
+        try:
+            super().resume_training(ckpt)
+        finally:
+            self._ckpttools_keep_mosaic = False
         if state:
             _restore_state(self, state)
+            self._ckpttools_mosaic_closed = bool(state.get("mosaic_closed"))
+            _restore_image_buffer(self, state.get("image_buffer"))
+
+    def _close_dataloader_mosaic(self):
+        if getattr(self, "_ckpttools_keep_mosaic", False):
+            return
+        super()._close_dataloader_mosaic()
+        self._ckpttools_mosaic_closed = True
 
     # ---- saving ------------------------------------------------------------------------------------------
     def save_model(self):
@@ -176,10 +192,22 @@ def _with_digest(path: Path, extra: dict, drop: tuple[str, ...] = ()) -> bytes:
 # ---- exact state -----------------------------------------------------------------------------------------
 
 
-def _capture_state(trainer) -> dict:
-    from ultralytics.utils.torch_utils import unwrap_model
+def _unwrap(model):
+    """The model inside torch.compile (``_orig_mod``) and DataParallel / DDP (``module``) wrappers.  Ultralytics
+    8.4 has this as ``unwrap_model``; 8.3 (YOLOFuse's) does not, so it is done here for both."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "module", None)
+            if not isinstance(inner, torch.nn.Module) or not isinstance(
+                model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+            ):
+                return model
+        model = inner
 
-    model = unwrap_model(trainer.model)
+
+def _capture_state(trainer) -> dict:
+    model = _unwrap(trainer.model)
     np_state = np.random.get_state()
     rng = {
         "python": _plain(random.getstate()),
@@ -202,7 +230,35 @@ def _capture_state(trainer) -> dict:
         "ema": {k: v.detach().clone() for k, v in trainer.ema.ema.state_dict().items()} if trainer.ema else None,
         "optimizer": trainer.optimizer.state_dict(),
         "rng": rng,
+        # whether the run had closed mosaic augmentation when this was saved (see _SafeMixin.resume_training)
+        "mosaic_closed": bool(getattr(trainer, "_ckpttools_mosaic_closed", False)),
+        # Ultralytics 8.3 draws mosaic partners from the images its dataset last loaded (``buffer``): part of
+        # where the run stands (8.4 has no such list)
+        "image_buffer": [int(i) for i in buffer]
+        if isinstance(buffer := _train_dataset(trainer, "buffer"), list)
+        else None,
     }
+
+
+def _train_dataset(trainer, attribute: str):
+    return getattr(getattr(getattr(trainer, "train_loader", None), "dataset", None), attribute, None)
+
+
+def _restore_image_buffer(trainer, saved: list[int] | None) -> None:
+    """The images an Ultralytics 8.3 dataset held when the run was saved, loaded again in the order they were
+    loaded, so mosaics pick the partners the uninterrupted run picks."""
+    dataset = getattr(getattr(trainer, "train_loader", None), "dataset", None)
+    if saved is None or not isinstance(getattr(dataset, "buffer", None), list):
+        return
+    dataset.buffer.clear()
+    for i in saved:
+        dataset.load_image(i)  # loads and appends, as the run did
+    if getattr(dataset, "cache", None) != "ram":  # the rest is not in memory, as in the uninterrupted run
+        keep = set(saved)
+        for j in range(len(dataset.ims)):
+            if j not in keep:
+                dataset.ims[j], dataset.im_hw0[j], dataset.im_hw[j] = None, None, None
+    dataset.buffer[:] = saved
 
 
 def _plain(value):
@@ -210,9 +266,7 @@ def _plain(value):
 
 
 def _restore_state(trainer, state: dict) -> None:
-    from ultralytics.utils.torch_utils import unwrap_model
-
-    unwrap_model(trainer.model).load_state_dict(state["model"])
+    _unwrap(trainer.model).load_state_dict(state["model"])
     if trainer.ema and state.get("ema"):
         trainer.ema.ema.load_state_dict(state["ema"])
     saved = state["optimizer"]
@@ -246,6 +300,10 @@ def _restore_generator_after_next_iterator(loader, state: torch.Tensor) -> None:
         return iterator
 
     loader._get_iterator = create_then_restore
+    if getattr(loader, "iterator", None) is not None:
+        # Ultralytics 8.3 creates the loader's iterator when the loader is built (8.4 on first use), so no next
+        # iterator would come: make it now, as a fresh 8.4 loader would
+        loader.iterator = loader._get_iterator()
 
 
 def _replay_epoch_tail(loader) -> None:
