@@ -138,9 +138,17 @@ def main() -> int:
         f"import sys; sys.path.insert(0, {str(ROOT)!r}); from ckpttools.cli import main; main()",
     ]
     help_s, small_s = median_seconds([*ckpt_cli, "--help"]), median_seconds([*ckpt_cli, "verify", str(small)])
+    fuse_cli = [
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from fuse_train.cli import main; main()",
+    ]
+    torch_s = median_seconds([sys.executable, "-c", "import torch"])  # the baseline: what importing torch costs
+    fuse_s = median_seconds([*fuse_cli, "--help"])
     print(
         f"start-up (whole process, median of 5): ckpt --help {help_s:.2f} s (target <= 0.3), "
-        f"ckpt verify of a 1 MB checkpoint {small_s:.2f} s (target <= 0.5)"
+        f"ckpt verify of a 1 MB checkpoint {small_s:.2f} s (target <= 0.5), fuse-train --help {fuse_s:.2f} s "
+        f"(target <= 0.3; import torch alone: {torch_s:.2f} s)"
     )
     return 0
 

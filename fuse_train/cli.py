@@ -8,20 +8,16 @@ import traceback
 from pathlib import Path
 
 import click
-import torch
 from rich.console import Console
 
 from ckpttools.options import OneLineErrors
+from ckpttools.yolo_data import DatasetError
 from fuse_train import __version__
 from fuse_train.commands import one_line, register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
-from fuse_train.data import DatasetError
-from fuse_train.distributed import init_distributed, shutdown
 from fuse_train.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
-from fuse_train.resume import PreflightBlocked, ResumeError, RunFinished, fresh_run_dir, prepare_resume
 from fuse_train.runlock import RunLocked, run_lock
 from fuse_train.signals import exit_code
-from fuse_train.trainer import Trainer, TrainingFailed, TrainingInterrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
 
@@ -225,6 +221,14 @@ def train(
 ) -> None:
     """Train a dual-stream RGB+infrared object detector (YOLOFuse-style early / mid / late fusion) with
     exact, crash-safe resume.  Writes <project>/<name>/ with weights/last.pt, best.pt, results.csv, args.yaml."""
+    # torch, the model and the trainer are imported here, when a run starts: `fuse-train --help` and the other
+    # commands do not pay for them (tests/test_architecture.py holds the start-up lean)
+    import torch
+
+    from fuse_train.distributed import init_distributed, shutdown
+    from fuse_train.resume import PreflightBlocked, ResumeError, RunFinished, fresh_run_dir, prepare_resume
+    from fuse_train.trainer import Trainer, TrainingFailed, TrainingInterrupted
+
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     explicit = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}

@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from ckpttools.yolo_data import DatasetError
 from fuse_train.config import ConfigError
-from fuse_train.data import DatasetError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}

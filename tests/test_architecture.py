@@ -67,6 +67,9 @@ def test_start_up_imports_only_what_the_command_needs():
     assert not {"torch", "numpy", "h5py", "rich", "ckpttools.formats"} & cli
     verify = _loaded_after("import ckpttools.commands.verify")
     assert "torch" not in verify and "h5py" not in verify  # verify reads every format without torch
+    # fuse-train's --help, data check and the option errors do not import torch (a run imports it when it starts)
+    fuse = _loaded_after("import fuse_train.cli")
+    assert not {"torch", "matplotlib", "tensorboard", "fuse_train.trainer"} & fuse
 
 
 def test_one_policy_every_implementation_is_allowed_and_every_entry_has_a_reason():
