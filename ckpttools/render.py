@@ -387,10 +387,10 @@ def render_audit(report, console: Console) -> None:
     """Lineage, then one row per resume boundary: where, what was checked, verdict."""
     console.print(f"[bold]{escape(report.run_dir)}[/]  {report.layout}, {report.epochs} epoch(s) in results.csv")
     for event in report.lineage:
-        changes = event.get("changes")
-        extra = f" changes {changes}" if changes else ""
+        changes = _changes_text(event.get("changes"))
         console.print(
-            f"  {event.get('date', '?')}  {event.get('event')} at step {event.get('step')}" + escape(extra),
+            f"  {event.get('date', '?')}  {event.get('event')} at step {event.get('step')}"
+            + escape(f": {changes}" if changes else ""),
             highlight=False,
         )
     if report.boundaries:
@@ -409,4 +409,28 @@ def render_audit(report, console: Console) -> None:
         console.print(f"[bold red]broken[/] {escape(problem)}")
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
-    console.print("[green]OK[/]: every resume is seamless" if report.ok else "[bold red]BROKEN[/]: see above")
+    verdicts = {b.verdict for b in report.boundaries}
+    if not report.ok:
+        console.print("[bold red]BROKEN[/]: see above")
+    elif verdicts - {"seamless"}:  # allowed changes or boundaries that could not be judged: say so, not "seamless"
+        counts = ", ".join(f"{sum(b.verdict == v for b in report.boundaries)} {v}" for v in sorted(verdicts))
+        console.print(f"[green]OK[/]: no resume looks broken ({counts})")
+    else:
+        console.print("[green]OK[/]: every resume is seamless")
+
+
+def _changes_text(changes) -> str:
+    """A history event's changes as a person reads them: 'batch 16 -> 8, lr0 0.002 -> 0.003'."""
+    if not changes:
+        return ""
+    if isinstance(changes, dict):  # {"train_args.device": [old, new]}
+        return ", ".join(
+            f"{k} {v[0]} -> {v[1]}" if isinstance(v, list) and len(v) == 2 else f"{k} {v}" for k, v in changes.items()
+        )
+    parts = []
+    for c in changes if isinstance(changes, list) else [changes]:
+        if isinstance(c, dict) and "field" in c:
+            parts.append(f"{c['field']} {c.get('from')} -> {c.get('to')}")
+        else:
+            parts.append(str(c))
+    return ", ".join(parts)

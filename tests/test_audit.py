@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -183,3 +184,29 @@ def test_ultralytics_run_folders_continuous_and_restarted(tmp_path):
 def test_not_a_run_folder_is_one_line(tmp_path):
     res = CliRunner().invoke(ckpt, ["audit", str(tmp_path)])
     assert res.exit_code == 2 and "no results.csv" in res.output
+
+
+def test_the_audit_says_what_changed_in_words_and_does_not_call_a_changed_resume_seamless():
+    """Issue 24: the lineage shows 'batch 16 -> 8', not a Python list; a run whose resume changed a setting (or
+    could not be judged) ends 'OK: no resume looks broken (...)', not 'every resume is seamless'."""
+    from rich.console import Console
+
+    from ckpttools.commands.audit import AuditReport, Boundary
+    from ckpttools.render import render_audit
+
+    report = AuditReport("runs/fuse/exp", "fuse-train", 3)
+    report.lineage = [
+        {"event": "resume", "date": "d", "step": 40, "changes": [{"field": "batch", "from": "16", "to": "8"}]}
+    ]
+    report.boundaries = [
+        Boundary(1, 2, "resume at step 40 (d)", 40, ["batch"], {"counters": "continue by one"}, "allowed")
+    ]
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    render_audit(report, console)
+    text = console.export_text()
+    assert "resume at step 40: batch 16 -> 8" in text and "[{" not in text
+    assert "OK: no resume looks broken (1 allowed)" in text and "every resume is seamless" not in text
+    report.boundaries[0].verdict = "seamless"
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    render_audit(report, console)
+    assert "OK: every resume is seamless" in console.export_text()
