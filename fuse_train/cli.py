@@ -273,12 +273,15 @@ def train(
             if dist_info.is_main and ckpt is None:
                 write_launch(run_dir, launch)  # what a restart with this command line looks for
             if dist_info.is_main:
-                where = f"epoch {trainer.epoch + 1}" + (
-                    f", step {trainer.step_in_epoch}" if trainer.step_in_epoch else ""
+                # epochs counted from 1, as results.csv and the log lines count them
+                where = f"epoch {trainer.epoch + 1} of {cfg.epochs}" + (
+                    f", step {trainer.step_in_epoch + 1} of {trainer.sampler.steps_per_epoch}"
+                    if trainer.step_in_epoch
+                    else ""
                 )
                 console.print(
-                    f"{'resuming' if ckpt else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} of "
-                    f"{cfg.epochs} on {trainer.device} ({dist_info.world_size} process(es), global batch "
+                    f"{'resuming' if ckpt else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} "
+                    f"on {trainer.device} ({dist_info.world_size} process(es), global batch "
                     f"{cfg.batch}) -> {run_dir}",
                     markup=False,
                     highlight=False,
