@@ -54,6 +54,26 @@ ALLOW_ENV = "CKPTTOOLS_ALLOW_CHANGE"
 RESUMABLE_NAME = "last.resumable.pt"
 
 
+class UltralyticsUnavailable(ImportError):
+    """Ultralytics cannot be imported here; the message says why and what to install (one line)."""
+
+
+def _detection_trainer() -> type:
+    try:
+        from ultralytics.models.yolo.detect import DetectionTrainer
+    except Exception as exc:  # noqa: BLE001 - any failure inside Ultralytics' imports is answered the same way
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        hint = (
+            "torchvision was built for another torch: install the torchvision release made for torch "
+            f"{torch.__version__.split('+')[0]} (pip install 'torchvision==<its version>', see pytorch.org), "
+            "from the same index as torch"
+            if "torchvision" in first or "operator" in first
+            else "pip install 'ultralytics>=8.3'"
+        )
+        raise UltralyticsUnavailable(f"ckpttools: Ultralytics cannot be imported ({first}): {hint}") from None
+    return DetectionTrainer
+
+
 class ResumeBlocked(RuntimeError):
     """The preflight found a difference that was not allowed; the message lists them."""
 
@@ -70,7 +90,7 @@ def safe_trainer(base: type | None = None, allow_change: str = "") -> type:
     YOLOFuse's) with safe saves and exact, preflighted resumes.  ``allow_change``: preflight fields that may
     differ on resume (comma-separated, as ``ckpt preflight --allow-change``)."""
     if base is None:
-        from ultralytics.models.yolo.detect import DetectionTrainer as base  # noqa: N813
+        base = _detection_trainer()
     allowed = frozenset(parse_allow(allow_change))
     return type(f"Safe{base.__name__}", (_SafeMixin, base), {"allow_change": allowed, "__module__": __name__})
 
