@@ -26,5 +26,9 @@ def test_a_broken_ultralytics_import_is_one_line_naming_torchvision(tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ckpttools.integrations.ultralytics.UltralyticsUnavailable: ckpttools: Ultralytics")
-    assert "operator torchvision::nms" in last and "install the torchvision release made for torch" in last
+    assert (
+        "operator torchvision::nms" in last
+        and "install the torchvision release made for torch" in last
+        and "download.pytorch.org" in last
+    )
     assert "During handling" not in proc.stderr and "direct cause" not in proc.stderr  # not chained

@@ -65,8 +65,8 @@ def _detection_trainer() -> type:
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         hint = (
             "torchvision was built for another torch: install the torchvision release made for torch "
-            f"{torch.__version__.split('+')[0]} (pip install 'torchvision==<its version>', see pytorch.org), "
-            "from the same index as torch"
+            f"{torch.__version__} from the index that torch came from (a CPU torch: pip install torchvision "
+            "--index-url https://download.pytorch.org/whl/cpu)"
             if "torchvision" in first or "operator" in first
             else "pip install 'ultralytics>=8.3'"
         )
