@@ -224,3 +224,30 @@ def test_finished_run_is_stripped_atomically_and_can_be_extended(data, tmp_path)
     proc = drive("resume", str(extended), "--safe")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(_losses(tmp_path / "f")) == 4
+
+
+def test_integration_records_yolofuse_infrared_partners_and_a_changed_one_blocks_the_resume(data, tmp_path):
+    """Issue 27: a dataset in YOLOFuse's layout (imagesIR/ beside images/; Ultralytics trains on the RGB side,
+    YOLOFuse's trainer reads both) trained through the integration: its checkpoint records the infrared
+    partners' fingerprint, and an edited infrared image blocks the resume, named, in ckpt preflight (exit 3) and
+    in the integration's own resume."""
+    from PIL import Image
+
+    ds = tmp_path / "ds"
+    shutil.copytree(data.parent, ds)
+    for image in (ds / "images").rglob("*.jpg"):
+        partner = Path(str(image).replace("images", "imagesIR"))
+        partner.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(image).convert("L").save(partner)
+    yaml = ds / "data.yaml"
+    yaml.write_text(yaml.read_text().replace(str(data.parent), str(ds)))
+    assert drive("train", str(yaml), str(tmp_path), "fuse", "--epochs", "3", "--cut", "0", "--safe").returncode == 0
+    last = tmp_path / "fuse" / "weights" / "last.pt"
+    assert load(last)["ckpttools"]["data"]["infrared"]
+    assert ckpt("preflight", str(last)).returncode == 0
+    edited = next((ds / "imagesIR" / "train").iterdir())
+    Image.open(edited).point(lambda v: 255 - v).save(edited)
+    check = ckpt("preflight", str(last), "--json")
+    assert check.returncode == 3 and "infrared images (imagesIR/) changed" in check.stdout
+    resumed = drive("resume", str(last), "--safe")
+    assert resumed.returncode != 0 and "infrared images (imagesIR/) changed" in resumed.stdout + resumed.stderr

@@ -137,6 +137,9 @@ def _check_data(recorded: dict, requested: dict) -> FieldCheck:
     if fp_a and fp_b and fp_a != fp_b:
         note = "content changed at the same path" if path_a == path_b else "different dataset"
         return FieldCheck("data", path_a, path_b, "changed", note)
+    ir_a = recorded.get("data-infrared")
+    if ir_a and requested.get("data-infrared") != ir_a:  # recorded by a trainer that pairs infrared images
+        return FieldCheck("data", path_a, path_b, "changed", "infrared images (imagesIR/) changed")
     if path_a != path_b:
         if fp_a and fp_b:  # same content elsewhere
             return FieldCheck("data", path_a, path_b, "note", "moved, identical content (fingerprint matches)")

@@ -147,6 +147,38 @@ def _rel(path: Path, root: Path) -> str:
         return Path(path).name
 
 
+def infrared_partner(image: Path) -> Path:
+    """YOLOFuse's pairing: the infrared image is the RGB image's path with every ``images`` made ``imagesIR``."""
+    return Path(str(image).replace("images", "imagesIR"))
+
+
+def has_infrared(data: UltralyticsData, split: str = "train") -> bool:
+    """Whether the dataset pairs its images with infrared ones (a partner of one of its first images exists)."""
+    return any(infrared_partner(i).is_file() for i in data.splits.get(split, [])[:16])
+
+
+def infrared_fingerprint(data: UltralyticsData, split: str = "train") -> str | None:
+    """xxh3 over (relative path, bytes) of the infrared partner of every image of the split, in path order; None
+    for an RGB-only dataset (no partner of its first images exists).  A missing partner counts as such."""
+    import xxhash
+
+    if not has_infrared(data, split):
+        return None
+    partners = [infrared_partner(i) for i in data.splits.get(split, [])]
+    total = xxhash.xxh3_128()
+    for p in sorted(partners):
+        total.update(_rel(p, data.root).encode() + b"|")
+        if p.is_file():
+            one = xxhash.xxh3_128()
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    one.update(block)
+            total.update(one.digest())
+        else:
+            total.update(b"<missing>")
+    return total.hexdigest()
+
+
 def content_fingerprint(data: UltralyticsData, split: str = "train") -> str:
     return _fingerprint(
         [(_rel(image, data.root), read_label_rows(label_path(image))) for image in data.splits.get(split, [])]

@@ -101,9 +101,11 @@ class _SafeMixin:
     # ---- resume ------------------------------------------------------------------------------------------
     def check_resume(self, overrides):
         super().check_resume(overrides)
-        self._ckpttools_history = []
+        self._ckpttools_history, self._ckpttools_data = [], None
         if self.resume:
-            self._ckpttools_history = _preflight_resume(Path(self.args.resume), overrides, self._allowed())
+            self._ckpttools_history, self._ckpttools_data = _preflight_resume(
+                Path(self.args.resume), overrides, self._allowed()
+            )
 
     def _allowed(self) -> set[str]:
         return set(self.allow_change) | parse_allow(os.environ.get(ALLOW_ENV, ""))
@@ -144,7 +146,7 @@ class _SafeMixin:
         written = sorted(staging.iterdir())
         if written:
             extra = {
-                RECORD_KEY: {"history": list(getattr(self, "_ckpttools_history", []))},
+                RECORD_KEY: {"history": list(getattr(self, "_ckpttools_history", [])), "data": self._data_record()},
                 STATE_KEY: _capture_state(self),
             }
             data = _with_digest(written[0], extra)
@@ -156,6 +158,17 @@ class _SafeMixin:
                     out.write(data)
         shutil.rmtree(staging, ignore_errors=True)
         return result
+
+    def _data_record(self) -> dict:
+        """What the run started on beyond Ultralytics' own record: the fingerprint of YOLOFuse's infrared
+        partners (imagesIR/), which Ultralytics' label cache does not list; taken once, when the run starts, and
+        carried on by every resume."""
+        if getattr(self, "_ckpttools_data", None) is None:
+            try:
+                self._ckpttools_data = {"infrared": U.infrared_fingerprint_of(str(self.args.data))}
+            except Exception:  # noqa: BLE001 - a data YAML the reader does not follow: no record, said by preflight
+                self._ckpttools_data = {"infrared": None}
+        return dict(self._ckpttools_data)
 
     def final_eval(self):
         import ultralytics.engine.trainer as engine
@@ -342,8 +355,9 @@ def _replay_epoch_tail(loader) -> None:
 # ---- preflight -------------------------------------------------------------------------------------------
 
 
-def _preflight_resume(last: Path, overrides: dict, allow: set[str]) -> list[dict]:
-    """Block a resume that would change the run; return the checkpoint's history plus this resume's event."""
+def _preflight_resume(last: Path, overrides: dict, allow: set[str]) -> tuple[list[dict], dict | None]:
+    """Block a resume that would change the run; return the checkpoint's history plus this resume's event, and
+    the data record the run started with."""
     tree = open_checkpoint(last).tree
     recorded = U.record_of_checkpoint(tree)
     by_key = {key: field for field, key in U.FIELDS.items()}
@@ -367,7 +381,8 @@ def _preflight_resume(last: Path, overrides: dict, allow: set[str]) -> list[dict
             "allowed": {c.field: [c.recorded, c.requested] for c in report.allowed},
         }
     )
-    return history
+    data = (tree.get(RECORD_KEY) or {}).get("data") if isinstance(tree.get(RECORD_KEY), dict) else None
+    return history, dict(data) if isinstance(data, dict) else None
 
 
 def _now() -> str:

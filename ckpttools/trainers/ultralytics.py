@@ -14,6 +14,8 @@ from ckpttools.datasets.ultralytics_data import (
     cache_fingerprint,
     cache_path,
     content_fingerprint,
+    has_infrared,
+    infrared_fingerprint,
     load_ultralytics_yaml,
     read_label_cache,
 )
@@ -70,7 +72,28 @@ def record_of_checkpoint(tree: dict) -> dict[str, Any]:
         if fingerprint:
             record["data-fingerprint"] = fingerprint
         record["data-note"] = note
+        infrared = ((tree.get("ckpttools") or {}).get("data") or {}) if isinstance(tree.get("ckpttools"), dict) else {}
+        if isinstance(infrared, dict) and infrared.get("infrared"):
+            record["data-infrared"] = infrared["infrared"]
+        elif _has_infrared(str(data)):
+            record["data-note"] = (
+                f"{note}; infrared images (imagesIR/, YOLOFuse) not compared: Ultralytics' label cache lists the "
+                "RGB images only and this checkpoint records no fingerprint of them (the ckpttools integration "
+                "records one)"
+            )
     return record
+
+
+def _has_infrared(data: str) -> bool:
+    try:
+        return has_infrared(load_ultralytics_yaml(data))
+    except UltralyticsDataError:
+        return False
+
+
+def infrared_fingerprint_of(data: str) -> str | None:
+    """The infrared partners' fingerprint of the training split of ``data`` (a data YAML), None without them."""
+    return infrared_fingerprint(load_ultralytics_yaml(data))
 
 
 def recorded_data_fingerprint(data: str) -> tuple[str | None, str]:
@@ -140,6 +163,11 @@ class UltralyticsRules(TrainerRules):
             except UltralyticsDataError as exc:
                 if "data" in given:
                     raise UsageError(f"--data: {exc}") from None
+        if recorded.get("data-infrared") and data:
+            try:
+                requested["data-infrared"] = infrared_fingerprint_of(str(data))
+            except UltralyticsDataError:
+                requested["data-infrared"] = None
         for name, value in given.items():
             if name != "data":
                 requested[name] = Path(str(value)).name if name == "model" else value
