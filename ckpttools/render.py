@@ -65,10 +65,13 @@ def render_verify(report: Report, console: Console, strict: bool = False, show_a
     console.print(report.path, markup=False, highlight=False, style="bold")
     facts = report.facts
     about = [report.format, report.layout]
-    about += [f"{k} {facts[k]}" for k in ("epoch", "step") if facts.get(k) is not None]
+    if facts.get("position"):  # as people count: epochs from 1 (the trainer's own record says how)
+        about.append(facts["position"])
+    else:
+        about += [f"{k} {facts[k]}" for k in ("epoch", "step") if facts.get(k) is not None]
     if isinstance(facts.get("parameter_count"), int):
         about.append(f"{facts['parameter_count']:,} parameters")
-    console.print("  " + " · ".join(str(a) for a in about), markup=False, highlight=False)
+    print_trimmed(console, Padding(Text(" · ".join(str(a) for a in about)), (0, 0, 0, 2)))
     n_err, n_warn = len(report.errors), len(report.warnings)
     ok = report.ok(strict)
     console.print(
@@ -177,7 +180,8 @@ def _code_references(items) -> str:
 
 def render_inspect(summary: dict, console: Console) -> None:
     console.print(f"[bold]{summary['path']}[/]  format {summary['format']}, layout {summary['layout']}")
-    facts = [(k, summary.get(k)) for k in ("epoch", "step", "best_fitness", "parameter_count", "tensors")]
+    keys = ("position", "step") if summary.get("position") else ("epoch", "step")
+    facts = [(k, summary.get(k)) for k in (*keys, "best_fitness", "parameter_count", "tensors")]
     console.print(
         "  "
         + "  ".join(

@@ -71,3 +71,18 @@ def test_code_references_are_one_entry_per_library(tmp_path):
     assert "torch: Sequential, Conv2d, BatchNorm2d, ReLU, Flatten" in " ".join(result.stdout.split())
     listed = _run(["verify", "--all", str(path)])
     assert listed.stdout.count("safety.code-reference at") == 5
+
+
+def test_positions_are_counted_as_people_count():
+    """Issue 24: one epoch numbering for people, from 1, as results.csv and the log lines count; a checkpoint
+    saved mid-epoch says so.  (The checkpoints' own 'epoch' keys keep their meaning: the last completed epoch,
+    0-based, -1 for none, as Ultralytics writes it.)"""
+    from ckpttools.trainers.fuse_train import RULES as FUSE
+    from ckpttools.trainers.ultralytics import RULES as ULTRA
+
+    mid = {"progress": {"epoch": 1, "step_in_epoch": 5, "steps_per_epoch": 20}, "train_args": {"epochs": 3}}
+    assert FUSE.position(mid) == "in epoch 2 of 3, step 5 of 20 (saved mid-epoch)"
+    end = {"progress": {"epoch": 2, "step_in_epoch": 0, "steps_per_epoch": 20}, "train_args": {"epochs": 3}}
+    assert FUSE.position(end) == "2 of 3 epochs done"
+    assert ULTRA.position({"epoch": 0, "train_args": {"epochs": 3}}) == "1 of 3 epochs done"
+    assert ULTRA.position({"epoch": -1}) == "final: training finished, optimizer stripped"

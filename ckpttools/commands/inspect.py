@@ -13,6 +13,7 @@ from ckpttools.objects import Placeholder
 from ckpttools.pickle.policy import ALLOWED_STATUS
 from ckpttools.report import cap_findings
 from ckpttools.tensors import TENSOR_TYPES, LazyTensor, RebuiltTensor, iter_tensors
+from ckpttools.trainers.registry import rules_for
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -37,6 +38,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "format": ckpt.format,
         "layout": layout,
         "epoch": tree.get("epoch") if isinstance(tree, dict) else None,
+        "position": rules_for(layout).position(tree) if isinstance(tree, dict) else None,
         "step": _step(tree),
         "best_fitness": tree.get("best_fitness") if isinstance(tree, dict) else None,
         "run_arguments": _run_arguments(tree, layout),

@@ -300,7 +300,11 @@ def _check_layout(ckpt: Checkpoint, report: Report) -> None:
     if note:
         note(ckpt, report)
     if isinstance(tree, dict):
-        rules_for(layout).check(tree, report)
+        rules = rules_for(layout)
+        rules.check(tree, report)
+        position = rules.position(tree)
+        if position:
+            report.facts["position"] = position
     if isinstance(tree, dict) and "epoch" in tree:
         epoch = tree["epoch"]
         if not isinstance(epoch, int) or epoch < -1:

@@ -33,6 +33,11 @@ class TrainerRules:
         """The optimizer's state dict stored under ``key`` (the layout table's optimizer key)."""
         return tree.get(key)
 
+    def position(self, tree: dict) -> str | None:
+        """Where the run stood when this was saved, as people count (epochs from 1), e.g. '2 of 3 epochs done'
+        or 'in epoch 3 of 3, step 5 of 20 (saved mid-epoch)'; None where the trainer records no such thing."""
+        return None
+
     # ---- diff
     def sections(self, tree: Any) -> dict[str, Any] | None:
         """Section name -> the value holding its tensors (``model``, ``ema``, ``optimizer``), or None to let the

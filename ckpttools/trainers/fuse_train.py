@@ -44,6 +44,20 @@ class FuseTrainRules(TrainerRules):
     def check(self, tree: dict, report: Report) -> None:
         check_counters(tree, report)
 
+    def position(self, tree: dict) -> str | None:
+        p, args = tree.get(S.K_PROGRESS), tree.get(S.K_TRAIN_ARGS)
+        if not isinstance(p, dict):
+            return None
+        try:
+            epoch, step, spe = int(p["epoch"]), int(p["step_in_epoch"]), int(p["steps_per_epoch"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        total = args.get("epochs") if isinstance(args, dict) else None
+        of = f" of {total}" if total else ""
+        if step:
+            return f"in epoch {epoch + 1}{of}, step {step} of {spe} (saved mid-epoch)"
+        return f"{epoch}{of} epochs done" + (" (finished)" if p.get("finished") else "")
+
     def sections(self, tree: Any) -> dict[str, Any] | None:
         if not isinstance(tree, dict):
             return None

@@ -133,6 +133,15 @@ class UltralyticsRules(TrainerRules):
                 INFO, "ultralytics.stripped", "final (stripped) Ultralytics checkpoint: no optimizer, epoch -1", "epoch"
             )
 
+    def position(self, tree: dict) -> str | None:
+        epoch, args = tree.get("epoch"), tree.get("train_args")
+        if not isinstance(epoch, int):
+            return None
+        if epoch == -1:
+            return "final: training finished, optimizer stripped"
+        total = args.get("epochs") if isinstance(args, dict) else None
+        return f"{epoch + 1}{f' of {total}' if total else ''} epochs done"
+
     def sections(self, tree: Any) -> dict[str, Any] | None:
         if not isinstance(tree, dict):
             return None
