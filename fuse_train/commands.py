@@ -405,12 +405,24 @@ on a demo pair against PyTorch before it is kept.""",
 )
 @WEIGHTS
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
-@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="[default: WEIGHTS with .onnx]")
+@click.option(
+    "--project", default=None, help="Write PROJECT/NAME/WEIGHTS_STEM.onnx [default: beside WEIGHTS, as Ultralytics]."
+)
+@click.option("--name", default=None, help="Folder under PROJECT [default: export].")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The output file itself [default: WEIGHTS with .onnx].",
+)
 @click.option("--opset", type=click.IntRange(18), default=18, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @DEBUG
 @_one_line_errors
-def export(weights: str, fmt: str, out: str | None, opset: int, force: bool) -> int:
+def export(
+    weights: str, fmt: str, project: str | None, name: str | None, out: str | None, opset: int, force: bool
+) -> int:
     """Export a checkpoint as a two-input (RGB, IR) ONNX model."""
     from ckpttools.atomic import check_new_output
     from ckpttools.errors import UsageError
@@ -423,7 +435,14 @@ def export(weights: str, fmt: str, out: str | None, opset: int, force: bool) -> 
         raise InferenceError(
             f"export needs onnx and onnxruntime: pip install 'ckpttools[export]' ({exc.name} missing)"
         ) from None
-    target = Path(out) if out else Path(weights).with_suffix(".onnx")
+    if out:
+        target = Path(out)
+    elif project or name:
+        base = Path(project) if project else _run_folder(Path(weights), "export").parent
+        target = base / (name or "export") / Path(weights).with_suffix(".onnx").name
+        target.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        target = Path(weights).with_suffix(".onnx")
     try:
         check_new_output(target, [Path(weights)], force)
     except UsageError as exc:
