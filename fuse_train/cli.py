@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, EXIT_USAGE
 from ckpttools.options import OneLineErrors
 from ckpttools.yolo_data import DatasetError
 from fuse_train import __version__
@@ -18,8 +19,6 @@ from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDUL
 from fuse_train.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
 from fuse_train.runlock import RunLocked, run_lock
 from fuse_train.signals import exit_code
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREFLIGHT = 0, 1, 2, 3
 
 EPILOG = """\b
 Examples:
@@ -320,7 +319,7 @@ def train(
         code = EXIT_USAGE
     except TrainingFailed as exc:
         err.print(f"fuse-train: error: {exc}", markup=False, highlight=False)
-        code = EXIT_FAILED
+        code = EXIT_PROBLEMS
     except KeyboardInterrupt:
         err.print("fuse-train: interrupted again: exiting now (last.pt is the last complete save)", markup=False)
         code = 130
@@ -332,7 +331,7 @@ def train(
             markup=False,
             highlight=False,
         )
-        code = EXIT_FAILED
+        code = EXIT_PROBLEMS
     finally:
         if dist_info is not None:
             shutdown(dist_info)

@@ -15,10 +15,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from ckpttools.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE  # one table for both programs
 from ckpttools.yolo_data import DatasetError
 from fuse_train.config import ConfigError
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks.")
 

@@ -21,6 +21,7 @@ from ckpttools.datasets.layouts import IMAGE_SUFFIXES
 from ckpttools.trainers import fuse_train_schema as S
 from fuse_train.config import ResolvedRun, RunConfig
 from fuse_train.data import NO_AUGMENT, read_image, warp
+from fuse_train.devices import select_device
 from fuse_train.metrics import detect_dataset, postprocess
 from fuse_train.model import ModelConfig, anchor_grid, build_model, decode_boxes
 from fuse_train.resume import ResumeError, _integrity_problem, load_checkpoint
@@ -65,7 +66,7 @@ def load_detector(weights: str | Path, device: str = "cpu", verify: bool = True)
     model = build_model(config, resolved.img_size)
     weights_dict = ckpt.get(S.K_EMA) or ckpt[S.K_MODEL]
     model.load_state_dict(weights_dict)
-    dev = torch.device(device if device else ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    dev = select_device(device)
     return LoadedDetector(
         path,
         model.to(dev).eval(),

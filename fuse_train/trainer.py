@@ -31,6 +31,7 @@ from fuse_train.config import ConfigError, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
 from fuse_train.dcp_save import DcpSaver
 from fuse_train.demo import ensure_demo
+from fuse_train.devices import select_device
 from fuse_train.distributed import (
     DistInfo,
     all_gather_objects,
@@ -57,23 +58,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, checkpoint: Path):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum, self.checkpoint = signum, checkpoint
-
-
-def select_device(spec: str, local_rank: int = 0) -> torch.device:
-    spec = (spec or "").strip().lower()
-    if spec == "":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    index = spec.removeprefix("cuda:").removeprefix("cuda")
-    if not index.isdigit() and index != "":
-        raise ConfigError(f"--device {spec!r}: expected cpu, an index like 0, or cuda:0")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
-    idx = int(index or 0) + local_rank
-    if idx >= torch.cuda.device_count():
-        raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return torch.device(f"cuda:{idx}")
 
 
 def resolve_data_yaml(data: str) -> Path:

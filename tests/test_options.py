@@ -112,3 +112,20 @@ def test_val_and_predict_write_to_project_name_and_never_over_an_earlier_result(
         == tmp_path / "elsewhere" / "night"
     )
     assert output_folder(str(weights), None, "val", str(tmp_path / "exact"), False) == tmp_path / "exact"
+
+
+def test_one_device_reading_for_every_command():
+    """--device is read in one place (fuse_train.devices) by training, val, predict and export: a device this
+    machine lacks is a one-line ConfigError (exit 2), not a CUDA error from inside torch."""
+    import torch
+
+    from fuse_train.config import ConfigError
+    from fuse_train.devices import select_device
+
+    assert select_device("cpu") == torch.device("cpu") and select_device(" CPU ") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="expected cpu, an index like 0, or cuda:0"):
+        select_device("gpu1")
+    if not torch.cuda.is_available():
+        assert select_device("") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="CUDA is not available on this machine"):
+            select_device("cuda:1")
