@@ -152,35 +152,3 @@ class DcpSaver:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
-
-def load_folder(path: Path) -> dict:
-    """A fuse-train DCP checkpoint folder as the dict ``torch.load`` gives for ``last.pt``.
-
-    Read by ckpttools' reader, which never runs a pickle (DCP's own loader unpickles ``.metadata`` and
-    non-tensor items with plain pickle): refused if any pickle would run code or any CRC32 / size fails; the
-    tensors are then loaded from the folder's bytes."""
-    from ckpttools.commands._inputs import open_input
-    from ckpttools.tensors import materialise
-
-    ckpt, _ = open_input(path, "resume from")
-    return _as_saved(materialise(ckpt.tree))
-
-
-def _as_saved(ckpt: dict) -> dict:
-    """Undo what DCP's flattening changes in fuse-train's tree: dict keys come back as strings (the optimizer's
-    per-parameter state and the class names are keyed by int) and empty dicts do not come back."""
-    from fuse_train import state as S
-
-    def int_keys(d: dict) -> dict:
-        return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in d.items()}
-
-    optimizer = ckpt.get(S.K_OPTIMIZER)
-    if isinstance(optimizer, dict):
-        optimizer["state"] = int_keys(optimizer.get("state") or {})
-    resolved = ckpt.get(S.K_RESOLVED)
-    if isinstance(resolved, dict) and isinstance(resolved.get("names"), dict):
-        resolved["names"] = int_keys(resolved["names"])
-    for key in (S.K_SCALER, S.K_METRICS):
-        ckpt.setdefault(key, {})
-    return ckpt

@@ -19,12 +19,12 @@ from PIL import Image, ImageDraw
 from ckpttools.atomic import atomic_write
 from ckpttools.datasets.layouts import IMAGE_SUFFIXES
 from ckpttools.trainers import fuse_train_schema as S
+from fuse_train.checkpoints import ResumeError, integrity_problem, load_checkpoint
 from fuse_train.config import ResolvedRun, RunConfig
 from fuse_train.data import NO_AUGMENT, read_image, warp
 from fuse_train.devices import select_device
 from fuse_train.metrics import detect_dataset, postprocess
 from fuse_train.model import ModelConfig, anchor_grid, build_model, decode_boxes
-from fuse_train.resume import ResumeError, _integrity_problem, load_checkpoint
 
 
 class InferenceError(ValueError):
@@ -54,7 +54,7 @@ def load_detector(weights: str | Path, device: str = "cpu", verify: bool = True)
     if not (path.is_file() or path.is_dir()):  # a .pt file, or a --save-format dcp folder
         raise InferenceError(f"{path}: no such checkpoint")
     if verify:
-        problem = _integrity_problem(path)
+        problem = integrity_problem(path)
         if problem is not None:
             raise InferenceError(f"{path}: fails `ckpt verify`: {problem}")
     try:

@@ -8,22 +8,15 @@ from pathlib import Path
 
 import torch
 
-from ckpttools.atomic import previous_path
 from ckpttools.commands.preflight import PreflightReport, UnknownField, parse_allow, preflight
-from ckpttools.commands.verify import verify as verify_checkpoint
-from ckpttools.errors import CkptError
 from ckpttools.render import render_preflight
 from ckpttools.trainers.fuse_train_schema import run_record as fuse_train_record
 from fuse_train import state as S
+from fuse_train.checkpoints import ResumeError, load_checkpoint, trusted_checkpoint  # noqa: F401
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import PairedDataset, load_data_spec, spec_fingerprint
-from fuse_train.dcp_save import load_folder
 from fuse_train.model import ModelConfig, build_model, model_fingerprint
 from fuse_train.relaunch import newest_last
-
-
-class ResumeError(ValueError):
-    """A resume that cannot start (no checkpoint, unreadable file, finished run); the message says what to do."""
 
 
 class RunFinished(ResumeError):
@@ -93,29 +86,6 @@ def find_last(project: str, name: str | None) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a fuse-train checkpoint safely (weights_only; a DCP folder is judged by ckpttools' inert reader first);
-    the previous good copy is named when this fails."""
-    try:
-        ckpt = load_folder(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
-    except CkptError as exc:  # a DCP folder that is damaged or would run code
-        raise ResumeError(str(exc)) from None
-    except FileNotFoundError:
-        raise ResumeError(f"{path}: no such checkpoint") from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one message
-        prev = previous_path(path)
-        hint = f"; the previous good checkpoint is {prev} (check it with: ckpt verify {prev})" if prev.exists() else ""
-        raise ResumeError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0]}){hint}") from None
-    if not isinstance(ckpt, dict) or ckpt.get(S.K_FORMAT) != S.FORMAT_NAME:
-        raise ResumeError(f"{path}: not a fuse-train checkpoint (no format: {S.FORMAT_NAME})")
-    if ckpt.get(S.K_VERSION, 0) > S.FORMAT_VERSION:
-        raise ResumeError(
-            f"{path}: checkpoint format version {ckpt[S.K_VERSION]} is newer than this fuse-train "
-            f"understands ({S.FORMAT_VERSION}); upgrade fuse-train"
-        )
-    return ckpt
-
-
 def run_record(cfg: RunConfig, resolved: ResolvedRun) -> dict:
     """The flat record the preflight compares (field names are the option names)."""
     return fuse_train_record(cfg.to_dict(), resolved.to_dict())
@@ -132,45 +102,6 @@ def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
     with torch.device("meta"):
         model = build_model(ModelConfig(cfg.fusion, cfg.scale, len(spec.names)), img_size)
     return resolve_run(cfg, spec, img_size, world_size, model_fingerprint(model), spec_fingerprint(spec))
-
-
-def trusted_checkpoint(path: Path, console=None) -> Path:
-    """``path`` if it passes `ckpt verify` (every CRC32, the digest, structure); else its ``last.prev.pt`` if
-    that one does, said in one line; else a ResumeError that names `ckpt repair`."""
-    problem = _integrity_problem(path)
-    if problem is None:
-        return path
-    prev = previous_path(path)
-    if prev.exists() and _integrity_problem(prev) is None:
-        if console is not None:
-            console.print(
-                f"{path} is damaged ({problem}); resuming from the previous good checkpoint {prev}",
-                markup=False,
-                highlight=False,
-            )
-        return prev
-    fallback = (
-        f"the previous checkpoint {prev} is damaged too"
-        if prev.exists()
-        else f"there is no previous checkpoint ({prev.name})"
-    )
-    if path.is_dir():  # a DCP folder: `ckpt repair` reads single files, and a damaged folder is never loaded
-        raise ResumeError(
-            f"{path}: damaged ({problem}); {fallback}. Resume from an earlier checkpoint of the run "
-            "(epoch{N}.dcp, best.dcp): --resume PATH"
-        )
-    raise ResumeError(
-        f"{path}: damaged ({problem}); {fallback}. Salvage it with `ckpt repair {path} -o FIXED.pt` "
-        "and resume from FIXED.pt, or pass --no-verify to resume from it anyway"
-    )
-
-
-def _integrity_problem(path: Path) -> str | None:
-    try:
-        errors = verify_checkpoint(path).errors
-    except CkptError as exc:
-        return str(exc)
-    return f"{errors[0].code}: {errors[0].message}" if errors else None
 
 
 def prepare_resume(

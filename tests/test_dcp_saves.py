@@ -13,7 +13,7 @@ import pytest
 
 from ckpttools.errors import CkptError
 from fuse_train.config import RunConfig
-from fuse_train.dcp_save import load_folder
+from fuse_train.checkpoints import load_folder
 from fuse_train.resume import ResumeError, find_last, fresh_run_dir, load_checkpoint
 from tests.security.corpus import dcp_folder, dumps, system, touch
 
