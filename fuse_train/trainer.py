@@ -1,16 +1,14 @@
-"""The training loop: data, model, optimizer, AMP, EMA, evaluation, checkpoints, interrupts.
+"""The training loop: data, model, optimizer, AMP, EMA, evaluation, interrupts.
 
 Everything that decides the next step lives in ``Trainer`` attributes that are saved by
-``checkpoint_dict()`` and restored by ``load_checkpoint()``, which is what makes ``--resume`` exact.
+``checkpoint_dict()`` and restored by ``load_checkpoint()`` (``checkpointing.CheckpointingMixin``), which is
+what makes ``--resume`` exact.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,11 +20,10 @@ import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from ckpttools.atomic import atomic_write, copy_into_place, keep_previous, remove_stale, temp_path
-from ckpttools.digest import DIGEST_KEY, digest_record
-from fuse_train import __version__
+from ckpttools.atomic import atomic_write, remove_stale
 from fuse_train import state as S
 from fuse_train.async_save import AsyncSaver, PinnedSnapshot
+from fuse_train.checkpointing import CheckpointingMixin
 from fuse_train.config import ConfigError, RunConfig, pick_img_size, resolve_run
 from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
 from fuse_train.dcp_save import DcpSaver
@@ -38,26 +35,14 @@ from fuse_train.distributed import (
     all_sum,
     any_rank,
     any_rank_flags,
-    barrier,
-    rank0_copies,
 )
+from fuse_train.failures import TrainingFailed, TrainingInterrupted  # noqa: F401 - raised here, caught by the CLI
 from fuse_train.loss import DetectionLoss
 from fuse_train.metrics import DetectionMetrics, confusion_matrix, detect_dataset, evaluate_detections
 from fuse_train.model import ModelConfig, anchor_grid, build_model, model_fingerprint
+from fuse_train.progress import EpochProgress
 from fuse_train.runlog import RunLog, boundaries, plot_confusion, plot_curves, plot_labels, plot_results
 from fuse_train.signals import SignalState, loader_batches, worker_init
-
-
-class TrainingFailed(Exception):
-    """The run cannot go on (non-finite loss, a full disk); the message says why and what is kept."""
-
-
-class TrainingInterrupted(Exception):
-    """Raised after a signal was handled and a resumable checkpoint was saved."""
-
-    def __init__(self, signum: int, checkpoint: Path):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum, self.checkpoint = signum, checkpoint
 
 
 def resolve_data_yaml(data: str) -> Path:
@@ -88,7 +73,7 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-class Trainer:
+class Trainer(CheckpointingMixin):
     def __init__(
         self,
         cfg: RunConfig,
@@ -216,184 +201,6 @@ class Trainer:
             self.cfg.schedule,
         )
 
-    def checkpoint_dict(self) -> dict:
-        """Everything that decides the next step, as references to the live tensors (``save`` copies them)."""
-        rng = all_gather_objects(S.capture_rng(), self.dist)
-        loss_sums = torch.stack(all_gather_objects(self.epoch_loss_sum.clone(), self.dist))  # [world_size, 2]
-        ckpt = {
-            S.K_FORMAT: S.FORMAT_NAME,
-            S.K_VERSION: S.FORMAT_VERSION,
-            S.K_EPOCH: self.epoch - 1,  # last completed epoch, 0-based (-1: none yet), as Ultralytics
-            S.K_BEST_FITNESS: self.best_fitness,
-            S.K_MODEL: {
-                k: v.detach().float() if v.dtype.is_floating_point else v.detach()
-                for k, v in self.model.state_dict().items()
-            },
-            S.K_EMA: {k: v.detach() for k, v in self.ema.ema.state_dict().items()},
-            S.K_UPDATES: self.ema.updates,
-            S.K_OPTIMIZER: self.optimizer.state_dict(),
-            S.K_SCHEDULER: self.schedule.state_dict(),
-            S.K_SCALER: self.scaler.state_dict(),
-            S.K_TRAIN_ARGS: self.cfg.to_dict(),
-            S.K_RESOLVED: self.resolved.to_dict(),
-            S.K_MODEL_CONFIG: self.model_config.to_dict(),
-            S.K_METRICS: dict(self.last_metrics),
-            S.K_RESULTS: [dict(r) for r in self.results],
-            S.K_PROGRESS: {
-                "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step,
-                "steps_per_epoch": self.sampler.steps_per_epoch,
-                "epoch_loss_sum": loss_sums,
-                "samples_seen": self.segment.samples_seen
-                + (self.global_step - self.segment.global_step) * self.cfg.batch,
-                "segment": self.segment.to_dict(),
-                "finished": self.finished,
-                # the TensorBoard scalars of this step: a resume writes them again (RunLog.replay)
-                "logged": self._logged_record(),
-            },
-            S.K_RNG: {"world_size": self.dist.world_size, "ranks": rng},
-            S.K_HISTORY: [dict(h) for h in self.history],
-            S.K_VERSIONS: {
-                "fuse_train": __version__,
-                "torch": str(torch.__version__),
-                "python": sys.version.split()[0],
-            },
-            S.K_DATE: S.now_iso(),
-        }
-        if self.dcp_saver is not None and self.dist.enabled:
-            # DCP writes a key every rank holds once, from whichever rank its planner picks, so every rank must hold
-            # rank 0's values.  Parameters and optimizer state are equal on all ranks; batch-norm running
-            # statistics (and the EMA's copies of them) are each rank's own until DDP broadcasts rank 0's at the
-            # next forward.  The live buffers stay as they are: training is the same with either format.
-            for key, module in ((S.K_MODEL, self.model), (S.K_EMA, self.ema.ema)):
-                buffers = {name: ckpt[key][name] for name, _ in module.named_buffers() if name in ckpt[key]}
-                ckpt[key].update(rank0_copies(buffers, self.dist))
-        return ckpt  # live references: save() snapshots them before anything can change them
-
-    def _logged_record(self) -> dict | None:
-        """Rank 0's record of what TensorBoard got at this step (every rank holds it: DCP writes it from any)."""
-        record = self.runlog.record() if self.runlog is not None else None
-        return all_gather_objects(record, self.dist)[0] if self.dist.enabled else record
-
-    def load_checkpoint(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt[S.K_MODEL])
-        self.ema.ema.load_state_dict(ckpt[S.K_EMA])
-        self.ema.updates = int(ckpt[S.K_UPDATES])
-        self.optimizer.load_state_dict(ckpt[S.K_OPTIMIZER])
-        if ckpt.get(S.K_SCALER):
-            self.scaler.load_state_dict(ckpt[S.K_SCALER])
-        p = ckpt[S.K_PROGRESS]
-        self.epoch, self.step_in_epoch, self.global_step = (
-            int(p["epoch"]),
-            int(p["step_in_epoch"]),
-            int(p["global_step"]),
-        )
-        self.epoch_loss_sum = S.rank_loss_sum(p["epoch_loss_sum"], self.dist.rank, self.dist.world_size)
-        self.segment = S.Segment.from_progress(p)
-        spe, saved_spe = self.sampler.steps_per_epoch, int(p["steps_per_epoch"])
-        if spe != saved_spe:  # an allowed change of the batch size or of the data: a new segment starts here
-            saved_batch = int(ckpt[S.K_TRAIN_ARGS]["batch"])
-            step, self.segment = S.continue_with(p, saved_batch, self.cfg.batch, spe)
-            if self.step_in_epoch:  # the epoch's mean loss stays the mean over its steps
-                self.epoch_loss_sum *= step / self.step_in_epoch
-            self.step_in_epoch = step
-        self.finished = bool(p.get("finished", False))
-        self.best_fitness = ckpt[S.K_BEST_FITNESS]
-        self.last_metrics = dict(ckpt.get(S.K_METRICS) or {})
-        self.results = [dict(r) for r in ckpt.get(S.K_RESULTS, [])]
-        self.history = [dict(h) for h in ckpt.get(S.K_HISTORY, [])]
-        self.resumed_log = p.get("logged")
-        ranks = ckpt[S.K_RNG]["ranks"]
-        if len(ranks) == self.dist.world_size:
-            S.restore_rng(ranks[self.dist.rank])
-
-    # ---- saving ------------------------------------------------------------------------------------------
-    @property
-    def weights_dir(self) -> Path:
-        return self.run_dir / "weights"
-
-    def save(
-        self,
-        *,
-        best: bool = False,
-        period: bool = False,
-        wait: bool = False,
-        published: Callable[[], None] | None = None,
-    ) -> Path:
-        """Save weights/last.pt (and best.pt / epoch{N}.pt; ``.dcp`` folders with --save-format dcp); every rank
-        must call it.
-
-        The state is snapshotted now (the step being saved); rank 0 writes it (with DCP, every rank writes its
-        share), in the background unless ``--no-async-save`` or ``wait`` (an interrupt, the run's last save):
-        then it returns once the checkpoint is whole.  ``published`` runs on rank 0 once the checkpoint is in
-        place (on the writer's thread for a background save): what the logs may show only then."""
-        state = self.checkpoint_dict()
-        last = self.last_path
-        copies = ([self.weights_dir / f"best{last.suffix}"] if best else []) + (
-            [self.weights_dir / f"epoch{self.epoch}{last.suffix}"] if period else []
-        )
-        if self.dist.is_main:
-            self.runlog.flush()
-        then = (published or (lambda: None)) if self.dist.is_main else (lambda: None)
-        if self.dcp_saver is not None:
-            self.dcp_saver.submit(state, last, copies, then)
-            if wait or not self.cfg.async_save:
-                self._wait_for_saves()
-        elif self.dist.is_main:
-            if self.saver is not None and not wait:
-                self.saver.submit(state, lambda snapshot: (self._write_checkpoint(snapshot, last, copies), then()))
-            else:
-                if self.saver is not None:
-                    self._wait_for_saves()  # the save in flight first: files are replaced in step order
-                self._write_checkpoint(self.snapshot.take(state), last, copies)
-                then()
-        if wait or not self.cfg.async_save:  # the same decision on every rank
-            barrier(self.dist)
-        return last
-
-    @property
-    def last_path(self) -> Path:
-        return self.weights_dir / ("last.dcp" if self.cfg.save_format == "dcp" else "last.pt")
-
-    def _wait_for_saves(self) -> None:
-        """The save in flight is whole (or its error raised), whichever writer has it."""
-        for saver in (self.saver, self.dcp_saver):
-            if saver is not None:
-                try:
-                    saver.wait()
-                except (OSError, RuntimeError) as exc:
-                    raise self._save_failure(self.last_path, exc) from exc
-
-    def _write_checkpoint(self, ckpt: dict, last: Path, copies: list[Path]) -> None:
-        """Digest, then the crash-safe write: a staged file, the copies put in place *before* last.pt is
-        replaced (once last.pt says an epoch is done, its copies exist), the previous last.pt kept."""
-        started = time.perf_counter()
-        ckpt[DIGEST_KEY] = digest_record(ckpt)
-        staged = temp_path(last, "staged")
-        try:
-            with atomic_write(staged) as f:  # streamed: no second in-memory copy of the checkpoint
-                torch.save(ckpt, f)
-            for path in copies:
-                copy_into_place(staged, path)
-            keep_previous(last)  # last.prev.pt: the previous good checkpoint survives the replacement
-            copy_into_place(staged, last)
-            self._save_seconds = time.perf_counter() - started
-        except (OSError, RuntimeError) as exc:
-            raise self._save_failure(last, exc) from exc
-        finally:
-            staged.unlink(missing_ok=True)
-
-    def _save_failure(self, last: Path, exc: BaseException) -> BaseException:
-        """A full disk named as such (torch reports it as a RuntimeError from its zip writer); else ``exc``."""
-        free = shutil.disk_usage(last.parent).free
-        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or free < (64 << 20):
-            return TrainingFailed(
-                f"disk full writing {last} ({free / 2**20:.0f} MiB free): the previous {last.name} "
-                "is kept; free some space and resume with: fuse-train --resume " + str(last)
-            )
-        return exc
-
     def write_run_files(self) -> None:
         if not self.dist.is_main:
             return
@@ -471,7 +278,7 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
         batches = loader_batches(self.make_loader(self.train_set, self.sampler))  # workers ignore signals
         self.train_model.train()
-        progress = _Progress(self, spe)
+        progress = EpochProgress(self, spe)
         t0 = time.time()
         self._epoch_started = time.time()
         for images, targets, _ in batches:
@@ -635,59 +442,3 @@ class Trainer:
         )
         self._last_eval = (preds, gts)
         return evaluate_detections(preds, gts, self.model_config.nc)
-
-
-class _Progress:
-    """A rich progress bar on a terminal; otherwise (a log file) one plain line per ``log_interval`` seconds
-    with the step, losses, speed and the epoch's ETA, as file loggers do."""
-
-    def __init__(self, trainer: Trainer, steps: int):
-        self.trainer, self.steps = trainer, steps
-        self.epoch = trainer.epoch
-        self.bar = None
-        console = trainer.console
-        if trainer.dist.is_main and console is not None and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn(f"epoch {self.epoch + 1}/{trainer.cfg.epochs}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-            )
-            self.task = self.bar.add_task("train", total=steps, completed=trainer.step_in_epoch, info="")
-            self.bar.start()
-        self.first_step, self.started = trainer.step_in_epoch, time.monotonic()
-        self.last_line = self.started
-
-    def update(self, mean_losses: torch.Tensor, lr: float, elapsed: float) -> None:
-        info = f"box {mean_losses[0]:.4f} cls {mean_losses[1]:.4f} lr {lr:.2e}"
-        done = self.trainer.step_in_epoch
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, info=info)
-            return
-        now, interval = time.monotonic(), self.trainer.log_interval
-        if not self.trainer.dist.is_main or interval <= 0 or now - self.last_line < interval or done >= self.steps:
-            return
-        self.last_line = now
-        rate = (done - self.first_step) / max(now - self.started, 1e-9)  # steps per second since this epoch began
-        eta = (self.steps - done) / rate if rate > 0 else float("nan")
-        self.trainer.log(
-            f"  epoch {self.epoch + 1}/{self.trainer.cfg.epochs} step {done}/{self.steps}  {info}  "
-            f"{rate * self.trainer.cfg.batch:.1f} img/s  epoch ETA {_clock(eta)}  ({elapsed:.0f}s)"
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
-def _clock(seconds: float) -> str:
-    if seconds != seconds:  # NaN: no speed measured yet
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -12,8 +12,8 @@ import warnings
 import pytest
 
 from ckpttools.errors import CkptError
-from fuse_train.config import RunConfig
 from fuse_train.checkpoints import load_folder
+from fuse_train.config import RunConfig
 from fuse_train.resume import ResumeError, find_last, fresh_run_dir, load_checkpoint
 from tests.security.corpus import dcp_folder, dumps, system, touch
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuse_train import trainer as T
+from fuse_train import progress as T
 
 
 def _fake(interval: float, steps_done: int = 0):
@@ -37,7 +37,7 @@ def test_one_line_per_interval_for_any_epoch_length_and_speed(steps, step_second
     trainer, lines = _fake(interval)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(T.time, "monotonic", lambda: clock[0])
-        progress = T._Progress(trainer, steps)
+        progress = T.EpochProgress(trainer, steps)
         for done in range(1, steps + 1):
             clock[0] += step_seconds
             trainer.step_in_epoch = done
@@ -56,7 +56,7 @@ def test_the_eta_and_speed_are_what_the_steps_took(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
     trainer, lines = _fake(30)
-    progress = T._Progress(trainer, 100)
+    progress = T.EpochProgress(trainer, 100)
     for done in range(1, 101):
         clock[0] += 2.0  # 2 s a step, batch 8: 4 img/s; 15 steps pass per 30 s line
         trainer.step_in_epoch = done
@@ -70,7 +70,7 @@ def test_interval_zero_prints_nothing(monkeypatch, interval):
     clock = [0.0]
     monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
     trainer, lines = _fake(interval)
-    progress = T._Progress(trainer, 50)
+    progress = T.EpochProgress(trainer, 50)
     for done in range(1, 51):
         clock[0] += 100
         trainer.step_in_epoch = done
