@@ -114,3 +114,36 @@ def test_a_resume_with_another_batch_size_keeps_the_run_whole(tiny_data, tmp_pat
         result = CliRunner().invoke(CKPT, ["verify", str(run / "weights" / name)])
         assert result.exit_code == 0, (name, result.output)
     assert load(run / "weights" / "last.pt")["progress"]["epoch"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change",
+    [["--lr0", "0.004", "--allow-change", "lr0"], ["--img-size", "96", "--allow-change", "img-size"]],
+    ids=["lr0", "img-size"],
+)
+def test_other_allowed_changes_run_to_the_end_and_every_save_verifies(tiny_data, tmp_path, change):
+    """Issue 24 (item 5): lr0 applies from the resume on, on the same schedule position (asserted against the
+    formula from TensorBoard's per-step lr); a new image size trains on from the same step.  Every save after the
+    resume verifies, val reads the result, and the audit names the change and passes."""
+    run = tmp_path / "runs" / "fuse" / "exp"
+    stopped = run_train(["--data", str(tiny_data), *TINY], tmp_path, env={"FUSE_TRAIN_STOP_AFTER_STEP": "6"})
+    assert stopped.returncode == 130, stopped.stderr
+    resumed = run_train(["--resume", str(run / "weights" / "last.pt"), *change], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    for path in sorted((run / "weights").glob("*.pt")):
+        result = CliRunner().invoke(CKPT, ["verify", str(path)])
+        assert result.exit_code == 0, (path.name, result.output)
+    ckpt = load(run / "weights" / "last.pt")
+    assert ckpt["progress"]["global_step"] == 12 and ckpt["history"][-1]["changes"][0]["field"] == change[-1]
+    lr = dict(tb_scalars(run)["lr/pg0"])
+    args = ckpt["train_args"]
+    schedule = LRSchedule(
+        args["lr0"], args["lrf"], args["momentum"], round(args["warmup_epochs"] * 4), 12, args["schedule"]
+    )
+    for g in range(7, 13):  # logged after each step: the lr applied at step g - 1, from the new settings
+        assert lr[g] == pytest.approx(schedule.lr(g - 1), rel=1e-6), g
+    audit = CliRunner().invoke(CKPT, ["audit", str(run)])
+    assert audit.exit_code == 0 and f"{change[-1]} " in audit.output, audit.output
+    val = run_train(["val", "-w", str(run / "weights" / "last.pt"), "--json"], tmp_path)
+    assert val.returncode == 0, val.stderr

@@ -212,6 +212,11 @@ def _boundaries(rows: list[dict], history: list[dict], spe: int, report: AuditRe
     return sorted(cuts, key=lambda b: b.index)
 
 
+# allowed changes after which the losses may move (other data, another input size or batch noise, another model):
+# a loss jump at such a boundary is reported as allowed, not broken
+LOSS_MAY_CHANGE = frozenset({"data", "img-size", "batch", "world-size", "fusion", "scale", "nc", "model"})
+
+
 def _judge(boundary: Boundary, rows: list[dict], report: AuditReport, straddling: set[int]) -> None:
     i = boundary.index
     if i == 0:
@@ -242,8 +247,11 @@ def _judge(boundary: Boundary, rows: list[dict], report: AuditReport, straddling
         series = [r.get(key, float("nan")) for r in rows]
         diffs = [y - x for x, y in zip(series, series[1:])]
         jump, why = is_jump(diffs, i - 1, upward_only=True, boundaries=straddling)
-        boundary.checks[key] = f"jumps up: {why}" if jump else "continues" if jump is False else why
-        if jump:
+        if jump and allowed & LOSS_MAY_CHANGE:
+            boundary.checks[key] = f"changed, allowed ({', '.join(sorted(allowed))}): {why}"
+        else:
+            boundary.checks[key] = f"jumps up: {why}" if jump else "continues" if jump is False else why
+        if jump and not allowed & LOSS_MAY_CHANGE:
             broken.append(key)
     if broken:
         boundary.verdict = BROKEN
@@ -295,7 +303,8 @@ def _judge_steps(boundary: Boundary, series: dict, report: AuditReport, resume_s
         at = ordered.index(step)
         others = {ordered.index(s) for s in resume_steps if s in values and s != step}
         jump, why = is_jump(diffs, at, upward_only=not tag.startswith("lr/"), boundaries=others)
-        if jump and tag.startswith("lr/") and allowed:
+        may_change = allowed if tag.startswith("lr/") else set(allowed) & LOSS_MAY_CHANGE
+        if jump and may_change:
             boundary.checks[f"{tag} (per step)"] = f"changed, allowed ({', '.join(sorted(allowed))}): {why}"
         elif jump:
             boundary.checks[f"{tag} (per step)"] = f"jumps: {why}"
