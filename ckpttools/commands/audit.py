@@ -212,9 +212,12 @@ def _boundaries(rows: list[dict], history: list[dict], spe: int, report: AuditRe
     return sorted(cuts, key=lambda b: b.index)
 
 
-# allowed changes after which the losses may move (other data, another input size or batch noise, another model):
-# a loss jump at such a boundary is reported as allowed, not broken
-LOSS_MAY_CHANGE = frozenset({"data", "img-size", "batch", "world-size", "fusion", "scale", "nc", "model"})
+# any allowed change may move the losses (other data or input size, batch noise, another learning rate): a loss
+# jump at such a boundary is reported as allowed; the learning rate may move only for its own settings or epochs
+LOSS_MAY_CHANGE = frozenset(
+    {"data", "img-size", "batch", "world-size", "fusion", "scale", "nc", "model", "lr0", "lrf", "momentum"}
+    | {"weight-decay", "optimizer", "warmup-epochs", "schedule", "epochs"}
+)
 
 
 def _judge(boundary: Boundary, rows: list[dict], report: AuditReport, straddling: set[int]) -> None:
