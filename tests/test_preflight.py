@@ -70,3 +70,17 @@ def test_moved_identical_dataset_is_a_note():
 def test_unknown_allow_field_is_refused():
     with pytest.raises(UnknownField, match="known: data, batch"):
         parse_allow("batch,colour")
+
+
+def test_a_checkpoint_without_a_run_record_is_refused_naming_the_trainers_that_keep_one(tmp_path):
+    """Only trainers whose rules read a run record are named (Lightning's are not: it keeps none we compare)."""
+    import torch
+    from click.testing import CliRunner
+
+    from ckpttools.cli import main as ckpt
+
+    path = tmp_path / "plain.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, path)
+    result = CliRunner().invoke(ckpt, ["preflight", str(path), "--batch", "8"])
+    assert result.exit_code == 2
+    assert "preflight needs a checkpoint of fuse-train or Ultralytics)" in result.output, result.output

@@ -19,8 +19,7 @@ from typing import Any
 from ckpttools import layouts as L
 from ckpttools.errors import UsageError
 from ckpttools.formats.registry import open_checkpoint
-from ckpttools.trainers.base import TrainerRules
-from ckpttools.trainers.registry import TRAINERS, rules_for
+from ckpttools.trainers.registry import rules_for, run_record_trainers
 
 # field -> (group, why it matters).  Order is the order of the table.
 RULES: dict[str, tuple[str, str]] = {
@@ -156,10 +155,9 @@ def recorded_fields(path: Path) -> dict[str, Any]:
     layout = L.recognise(ckpt.tree, Path(path))
     record = rules_for(layout).run_record(ckpt.tree) if isinstance(ckpt.tree, dict) else None
     if record is None:
-        names = ", ".join(r.title for r in TRAINERS if r.run_record is not TrainerRules.run_record)
         raise UsageError(
             f"{path}: a {layout} checkpoint records no run settings to compare (preflight needs a checkpoint of "
-            f"{names})"
+            f"{run_record_trainers()})"
         )
     return {"trainer": layout, **record}
 

@@ -17,3 +17,9 @@ def rules_for(layout: str | None) -> TrainerRules:
 def run_folder_trainers() -> str:
     """'fuse-train or Ultralytics': the trainers whose run folders `ckpt audit` reads, for messages."""
     return " or ".join(r.title for r in TRAINERS if r.run_folders)
+
+
+def run_record_trainers() -> str:
+    """'fuse-train or Ultralytics': the trainers whose checkpoints carry a run record the preflight compares
+    (their class overrides ``run_record``), for messages."""
+    return " or ".join(r.title for r in TRAINERS if type(r).run_record is not TrainerRules.run_record)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ckpttools import layouts as L
 from ckpttools.datasets.ultralytics_data import (
+    UltralyticsData,
     UltralyticsDataError,
     cache_fingerprint,
     cache_path,
@@ -68,14 +69,19 @@ def record_of_checkpoint(tree: dict) -> dict[str, Any]:
         record["model"] = Path(str(record["model"])).name
     data = record.get("data")
     if data:
-        fingerprint, note = recorded_data_fingerprint(str(data))
+        try:
+            spec = load_ultralytics_yaml(str(data))
+        except UltralyticsDataError:
+            spec = None
+        fingerprint, note = recorded_data_fingerprint(str(data), spec)
         if fingerprint:
             record["data-fingerprint"] = fingerprint
         record["data-note"] = note
-        infrared = ((tree.get("ckpttools") or {}).get("data") or {}) if isinstance(tree.get("ckpttools"), dict) else {}
-        if isinstance(infrared, dict) and infrared.get("infrared"):
-            record["data-infrared"] = infrared["infrared"]
-        elif _has_infrared(str(data)):
+        ours = tree.get("ckpttools")  # the integration's record: what the run started on
+        started = ours.get("data") if isinstance(ours, dict) else None
+        if isinstance(started, dict) and started.get("infrared"):
+            record["data-infrared"] = started["infrared"]
+        elif spec is not None and has_infrared(spec):
             record["data-note"] = (
                 f"{note}; infrared images (imagesIR/, YOLOFuse) not compared: Ultralytics' label cache lists the "
                 "RGB images only and this checkpoint records no fingerprint of them (the ckpttools integration "
@@ -84,24 +90,15 @@ def record_of_checkpoint(tree: dict) -> dict[str, Any]:
     return record
 
 
-def _has_infrared(data: str) -> bool:
-    try:
-        return has_infrared(load_ultralytics_yaml(data))
-    except UltralyticsDataError:
-        return False
-
-
 def infrared_fingerprint_of(data: str) -> str | None:
     """The infrared partners' fingerprint of the training split of ``data`` (a data YAML), None without them."""
     return infrared_fingerprint(load_ultralytics_yaml(data))
 
 
-def recorded_data_fingerprint(data: str) -> tuple[str | None, str]:
+def recorded_data_fingerprint(data: str, spec: UltralyticsData | None) -> tuple[str | None, str]:
     """The content fingerprint of the data the run started on, from the label cache Ultralytics wrote then,
-    and a note saying where it came from (or why there is none)."""
-    try:
-        spec = load_ultralytics_yaml(data)
-    except UltralyticsDataError:
+    and a note saying where it came from (or why there is none).  ``spec``: ``data`` read, None if it cannot be."""
+    if spec is None:
         return None, f"{data} is not here: its content cannot be checked"
     cache = cache_path(spec)
     if cache is None or not cache.is_file():
@@ -112,12 +109,6 @@ def recorded_data_fingerprint(data: str) -> tuple[str | None, str]:
         return None, f"{exc}: content not checked"
     when = _dt.datetime.fromtimestamp(cache.stat().st_mtime).isoformat(timespec="seconds")
     return cache_fingerprint(value, spec.root), f"content from the label cache Ultralytics wrote ({cache.name}, {when})"
-
-
-def requested_data(value: str) -> tuple[str, str]:
-    """(yaml path, content fingerprint of its train split now) for ``--data``; raises UltralyticsDataError."""
-    spec = load_ultralytics_yaml(value)
-    return str(spec.yaml_path), content_fingerprint(spec)
 
 
 class UltralyticsRules(TrainerRules):
@@ -165,18 +156,17 @@ class UltralyticsRules(TrainerRules):
         requested.pop("data-fingerprint", None)
         data = given.get("data") or recorded.get("data")
         if data:
+            spec = None  # the data YAML read once, for the content and the infrared partners
             try:
-                path, requested["data-fingerprint"] = requested_data(str(data))
+                spec = load_ultralytics_yaml(str(data))
+                requested["data-fingerprint"] = content_fingerprint(spec)
                 if "data" in given:
-                    requested["data"] = path
+                    requested["data"] = str(spec.yaml_path)
             except UltralyticsDataError as exc:
                 if "data" in given:
                     raise UsageError(f"--data: {exc}") from None
-        if recorded.get("data-infrared") and data:
-            try:
-                requested["data-infrared"] = infrared_fingerprint_of(str(data))
-            except UltralyticsDataError:
-                requested["data-infrared"] = None
+            if recorded.get("data-infrared"):
+                requested["data-infrared"] = infrared_fingerprint(spec) if spec is not None else None
         for name, value in given.items():
             if name != "data":
                 requested[name] = Path(str(value)).name if name == "model" else value
