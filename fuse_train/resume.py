@@ -10,6 +10,7 @@ import torch
 
 from ckpttools.commands.preflight import PreflightReport, UnknownField, parse_allow, preflight
 from ckpttools.render import render_preflight
+from ckpttools.trainers.fuse_train_schema import position_of
 from ckpttools.trainers.fuse_train_schema import run_record as fuse_train_record
 from fuse_train import state as S
 from fuse_train.checkpoints import ResumeError, load_checkpoint, trusted_checkpoint  # noqa: F401
@@ -169,7 +170,7 @@ def prepare_resume(
         "date": S.now_iso(),
         "step": int(progress["global_step"]),
         # epochs done at the resume (plots place it here; a step count means another thing after a batch change)
-        "position": int(progress["epoch"]) + int(progress["step_in_epoch"]) / max(1, int(progress["steps_per_epoch"])),
+        "position": position_of(progress),
         "from": str(path),
         "changes": changes,
     }

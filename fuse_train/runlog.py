@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ckpttools.atomic import atomic_write
+from ckpttools.trainers.base import event_position
 
 RESULTS_FIELDS = [
     "epoch",
@@ -162,9 +163,7 @@ def boundaries(history: list[dict], steps_per_epoch: int) -> list[tuple[float, s
             label += (
                 " (" + ", ".join(str(c.get("field", c)) if isinstance(c, dict) else str(c) for c in changes)[:40] + ")"
             )
-        position = event.get("position")
-        x = float(position) if isinstance(position, (int, float)) else int(event["step"]) / max(1, steps_per_epoch)
-        out.append((x, f"{label} at step {event['step']}"))
+        out.append((event_position(event, steps_per_epoch), f"{label} at step {event['step']}"))
     return out
 
 

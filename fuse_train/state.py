@@ -14,13 +14,13 @@ import copy
 import math
 import random
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 # the checkpoint schema (format name, version, every top-level key) has one definition, shared with ckpttools
+from ckpttools.trainers.base import now as now_iso  # noqa: F401 - the history's timestamps, one definition
 from ckpttools.trainers.fuse_train_schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -251,7 +251,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -34,6 +34,7 @@ from ckpttools import layouts as L
 from ckpttools.atomic import atomic_write
 from ckpttools.errors import MissingPath, UsageError
 from ckpttools.formats.registry import open_checkpoint
+from ckpttools.trainers.base import event_position
 from ckpttools.trainers.registry import rules_for, run_folder_trainers
 
 SEAMLESS, BROKEN, ALLOWED, UNJUDGED = "seamless", "broken", "allowed", "not judged"
@@ -187,10 +188,7 @@ def _boundaries(rows: list[dict], history: list[dict], spe: int, report: AuditRe
     for event in history:
         if event.get("event") != "resume" or event.get("step") is None or not spe:
             continue
-        # epochs completed when it resumed: recorded by newer runs (a step count means another thing after a
-        # change of the batch size), computed from the steps per epoch for older ones
-        position = event.get("position")
-        done = float(position) if isinstance(position, (int, float)) else int(event["step"]) / spe
+        done = event_position(event, spe)  # epochs completed when it resumed
         index = next((i for i, r in enumerate(rows) if r.get("epoch", 0) > done), None)
         if index is None:
             continue

@@ -13,7 +13,6 @@ repair refuses to leave behind anything that would not pass.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import shutil
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.report import ERROR
 from ckpttools.storage_scan import StorageScanner
 from ckpttools.tensors import LazyTensor, StorageRef, TensorSource, iter_tensors
+from ckpttools.trainers.base import now
 from ckpttools.trainers.registry import rules_for
 
 
@@ -117,7 +117,7 @@ def repair(
         tree["history"].append(
             {
                 "event": "repair",
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "date": now(),
                 "filled_from": str(backup_path),
                 "tensors": list(result.filled),
             }

@@ -30,7 +30,6 @@ Single process (and rank 0 of DDP) RNG only: Ultralytics saves on rank 0 alone.
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import io
 import os
@@ -48,6 +47,7 @@ from ckpttools.formats import torchzip
 from ckpttools.formats.registry import open_checkpoint
 from ckpttools.tensors import TensorSource
 from ckpttools.trainers import ultralytics as U
+from ckpttools.trainers.base import now
 
 STATE_KEY, RECORD_KEY = "ckpttools_state", "ckpttools"
 ALLOW_ENV = "CKPTTOOLS_ALLOW_CHANGE"
@@ -376,17 +376,13 @@ def _preflight_resume(last: Path, overrides: dict, allow: set[str]) -> tuple[lis
     history.append(
         {
             "event": "resume",
-            "date": _now(),
+            "date": now(),
             "from": str(last),
             "allowed": {c.field: [c.recorded, c.requested] for c in report.allowed},
         }
     )
     data = (tree.get(RECORD_KEY) or {}).get("data") if isinstance(tree.get(RECORD_KEY), dict) else None
     return history, dict(data) if isinstance(data, dict) else None
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---- extending a finished run ----------------------------------------------------------------------------
@@ -412,7 +408,7 @@ def extend_epochs(path: str | os.PathLike, epochs: int, out: str | os.PathLike |
     before = args.get("epochs")
     args["epochs"] = int(epochs)
     record = tree.setdefault(RECORD_KEY, {})
-    record.setdefault("history", []).append({"event": "extend-epochs", "date": _now(), "epochs": [before, epochs]})
+    record.setdefault("history", []).append({"event": "extend-epochs", "date": now(), "epochs": [before, epochs]})
     if not refresh_digest(tree, TensorSource(ckpt)):
         tree[DIGEST_KEY] = {"algorithm": DIGEST_ALGORITHM, "value": lazy_digest(tree, TensorSource(ckpt))}
     torchzip.write_file(tree, out, TensorSource(ckpt), replace=False)

@@ -82,4 +82,11 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def event_position(event: dict, steps_per_epoch: int) -> float:
+    """Epochs done when a history event happened: its ``position``, or for events recorded before there was one,
+    its step over the steps per epoch (what that meant until a batch size could change)."""
+    position = event.get("position")
+    return float(position) if isinstance(position, (int, float)) else int(event["step"]) / max(1, steps_per_epoch)
+
+
 GENERIC = TrainerRules()

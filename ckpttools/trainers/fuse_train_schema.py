@@ -67,3 +67,9 @@ def record_of_checkpoint(tree: dict) -> dict[str, Any]:
 
 def _plain(value: Any) -> dict:
     return dict(value) if isinstance(value, dict) else {}
+
+
+def position_of(progress: dict) -> float:
+    """Epochs done at a checkpoint's ``progress`` (1.5: half way through the second epoch), as a history event
+    records it under ``position``."""
+    return int(progress["epoch"]) + int(progress["step_in_epoch"]) / max(1, int(progress["steps_per_epoch"]))
