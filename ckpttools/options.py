@@ -48,7 +48,8 @@ class OneLineErrors(click.Group):
             command = self.shown_path(exc.ctx) if exc.ctx is not None else (prog_name or self.name or "")
             message = exc.format_message().rstrip(".")
             hint = f" (see {command} --help)" if exc.ctx is not None else ""
-            if "--json" in args[: args.index("--")] if "--" in args else "--json" in args:
+            options = args[: args.index("--")] if "--" in args else args  # after "--" come arguments only
+            if "--json" in options:
                 import json
 
                 print(json.dumps({"ok": False, "error": message, "exit_code": exc.exit_code}, indent=2))

@@ -176,11 +176,10 @@ def data_import(
     return EXIT_OK
 
 
-def _run_folder(weights: Path, sub: str) -> Path:
-    """<run>/<sub> for a checkpoint under <run>/weights/, else <sub> beside the checkpoint."""
+def _run_folder(weights: Path) -> Path:
+    """<run> for a checkpoint under <run>/weights/, else the checkpoint's own folder."""
     weights = weights.resolve()
-    base = weights.parent.parent if weights.parent.name == "weights" else weights.parent
-    return base / sub
+    return weights.parent.parent if weights.parent.name == "weights" else weights.parent
 
 
 def output_options(default_name: str):
@@ -213,7 +212,7 @@ def output_folder(weights: str, project: str | None, name: str, out: str | None,
     than writing over an earlier result, unless --exist-ok."""
     if out:
         return Path(out)
-    base = Path(project) if project else _run_folder(Path(weights), name).parent
+    base = Path(project) if project else _run_folder(Path(weights))
     folder, n = base / name, 1
     while not exist_ok and folder.exists() and any(folder.iterdir()):
         n += 1
@@ -438,7 +437,7 @@ def export(
     if out:
         target = Path(out)
     elif project or name:
-        base = Path(project) if project else _run_folder(Path(weights), "export").parent
+        base = Path(project) if project else _run_folder(Path(weights))
         target = base / (name or "export") / Path(weights).with_suffix(".onnx").name
         target.parent.mkdir(parents=True, exist_ok=True)
     else:

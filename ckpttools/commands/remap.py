@@ -81,8 +81,6 @@ def remap(
         result.changes.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
 
     rules = rules_for(layout) if isinstance(tree, dict) else GENERIC
-    if device is None:
-        rules.remap_device(tree, gpus, device, result.changes)
     if gpus is not None and not rules.remap_processes(tree, gpus, source, result.changes):
         _other_world_size(tree, layout, gpus, add_module_prefix, result)
     location = None
@@ -90,7 +88,7 @@ def remap(
         before = sorted({t.storage.location for _, t in iter_tensors(tree)})
         location = lambda ref: device  # noqa: E731
         result.changes.append(f"tensor locations {', '.join(before) or '(none)'} -> {device}")
-        rules.remap_device(tree, gpus, device, result.changes)
+    rules.remap_device(tree, gpus, device, result.changes)  # the device the trainer records it resumes on
     rules.record_event(tree, "remap", result.changes)
     if refresh_digest(tree, source):
         result.changes.append("content digest rebuilt")

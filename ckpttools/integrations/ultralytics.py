@@ -257,6 +257,7 @@ def _capture_state(trainer) -> dict:
     generator = getattr(getattr(trainer, "train_loader", None), "generator", None)
     if generator is not None:
         rng["loader"] = generator.get_state()
+    buffer = getattr(_train_dataset(trainer), "buffer", None)
     return {
         "epoch": int(trainer.epoch),
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -267,20 +268,18 @@ def _capture_state(trainer) -> dict:
         "mosaic_closed": bool(getattr(trainer, "_ckpttools_mosaic_closed", False)),
         # Ultralytics 8.3 draws mosaic partners from the images its dataset last loaded (``buffer``): part of
         # where the run stands (8.4 has no such list)
-        "image_buffer": [int(i) for i in buffer]
-        if isinstance(buffer := _train_dataset(trainer, "buffer"), list)
-        else None,
+        "image_buffer": [int(i) for i in buffer] if isinstance(buffer, list) else None,
     }
 
 
-def _train_dataset(trainer, attribute: str):
-    return getattr(getattr(getattr(trainer, "train_loader", None), "dataset", None), attribute, None)
+def _train_dataset(trainer):
+    return getattr(getattr(trainer, "train_loader", None), "dataset", None)
 
 
 def _restore_image_buffer(trainer, saved: list[int] | None) -> None:
     """The images an Ultralytics 8.3 dataset held when the run was saved, loaded again in the order they were
     loaded, so mosaics pick the partners the uninterrupted run picks."""
-    dataset = getattr(getattr(trainer, "train_loader", None), "dataset", None)
+    dataset = _train_dataset(trainer)
     if saved is None or not isinstance(getattr(dataset, "buffer", None), list):
         return
     dataset.buffer.clear()
