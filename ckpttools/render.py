@@ -408,7 +408,7 @@ def render_audit(report, console: Console) -> None:
                 f"[{colour[b.verdict]}]{b.verdict}[/]",
                 f"[bold]epoch {b.epoch:g}[/] [dim]({escape(b.source)})[/]\n{escape(checks)}",
             )
-        console.print(grid)
+        print_trimmed(console, grid)
     for problem in report.problems:
         console.print(f"[bold red]broken[/] {escape(problem)}")
     for note in report.notes:

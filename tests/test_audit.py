@@ -210,3 +210,21 @@ def test_the_audit_says_what_changed_in_words_and_does_not_call_a_changed_resume
     console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
     render_audit(report, console)
     assert "OK: every resume is seamless" in console.export_text()
+
+
+def test_the_audit_prints_no_trailing_padding():
+    """Like verify (issue 26): the boundary grid is not padded with spaces to the terminal's width."""
+    import io
+
+    from rich.console import Console
+
+    from ckpttools.commands.audit import AuditReport, Boundary
+    from ckpttools.render import render_audit
+
+    report = AuditReport("runs/fuse/exp", "fuse-train", 3)
+    report.boundaries = [Boundary(1, 2, "resume at step 40 (d)", 40, [], {"counters": "continue by one"})]
+    out = io.StringIO()
+    render_audit(report, Console(file=out, width=80))
+    lines = out.getvalue().splitlines()
+    assert any("counters: continue by one" in line for line in lines)
+    assert all(line == line.rstrip() for line in lines), lines
