@@ -1,13 +1,18 @@
-"""Per-tensor overhead (issue 25): a genuine ``torch.save`` file of N small tensors (200,000 by default), each
-command against ``torch.load(weights_only=True)`` of the same file, measured in this run, each in a fresh
-process (wall time).
+"""Per-tensor overhead (issues 25 and 29): a genuine ``torch.save`` file of N small tensors (200,000 by default),
+each command against ``torch.load(weights_only=True)`` of the same file, measured in this run.
 
-    python bench/many_tensors_bench.py [--tensors 200000] [--out DIR]
+Every command runs in a fresh process (wall time and peak RSS, start-up included), in ``--rounds`` rounds that
+alternate the baseline and ours, so that a machine that slows down mid-run slows both; the table gives the
+median and the range of each.
+
+    python bench/many_tensors_bench.py [--tensors 200000] [--rounds 5] [--commands verify,inspect,diff] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,40 +21,70 @@ from pathlib import Path
 
 TORCH_LOAD = "import sys, torch; torch.load(sys.argv[1], weights_only=True)"
 CKPT = "import sys; from ckpttools.cli import main; main(sys.argv[1:])"
+MAKE = (
+    "import sys, torch; torch.save({f'layer{i}.weight': torch.zeros(2) for i in range(int(sys.argv[2]))}, sys.argv[1])"
+)
+TARGET = 0.5  # issue 25/29: verify, inspect and diff at most half of torch.load's time
 
 
-def timed(code: str, *args: str) -> tuple[float, int]:
-    """(seconds, exit code) of ``python -c code args`` in a child process."""
+def timed(code: str, *args: str) -> tuple[float, float, int]:
+    """(seconds, peak RSS in MB, exit code) of ``python -c code args`` in a child process."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True)
-    return time.perf_counter() - started, proc.returncode
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - started, usage.ru_maxrss / 1024, proc.returncode
+
+
+def spread(values: list[float], fmt: str = ".2f") -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tensors", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--commands", default="verify,inspect,diff,convert,repair")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    import torch
-
     folder = args.out or Path(tempfile.mkdtemp(prefix="many_tensors_"))
     folder.mkdir(parents=True, exist_ok=True)
-    src = folder / "many.pt"
-    torch.save({f"layer{i}.weight": torch.zeros(2) for i in range(args.tensors)}, src)
-    base, _ = timed(TORCH_LOAD, str(src))
-    print(f"{args.tensors:,} tensors, {src.stat().st_size / 1e6:.0f} MB; torch.load(weights_only=True): {base:.2f} s")
-    print("| command | seconds | x torch.load | exit |\n|---|---:|---:|---:|")
-    print(f"| torch.load(weights_only=True) | {base:.2f} | 1.00 | 0 |")
-    commands = {
-        "ckpt verify": ["verify", str(src)],
-        "ckpt inspect": ["inspect", str(src)],
-        "ckpt diff (two opens)": ["diff", str(src), str(src)],
-        "ckpt convert -> .pt": ["convert", str(src), str(folder / "out.pt"), "--force"],
-        "ckpt repair": ["repair", str(src), "-o", str(folder / "repaired.pt"), "--force"],
+    src = folder / f"many{args.tensors}.pt"
+    if not src.exists():  # made by a child: this process stays small, so its children's peak RSS is their own
+        subprocess.run([sys.executable, "-c", MAKE, str(src), str(args.tensors)], check=True)
+    every = {
+        "verify": ("ckpt verify", ["verify", str(src)]),
+        "inspect": ("ckpt inspect", ["inspect", str(src)]),
+        "diff": ("ckpt diff (the file with itself: two opens)", ["diff", str(src), str(src)]),
+        "convert": ("ckpt convert -> .pt", ["convert", str(src), str(folder / "out.pt"), "--force"]),
+        "repair": ("ckpt repair", ["repair", str(src), "-o", str(folder / "repaired.pt"), "--force"]),
     }
-    for label, argv in commands.items():
-        seconds, code = timed(CKPT, *argv)
-        print(f"| {label} | {seconds:.2f} | {seconds / base:.2f} | {code} |")
+    chosen = {name: every[name] for name in args.commands.split(",")}
+    runs: dict[str, list[tuple[float, float, int]]] = {"torch.load": [], **{name: [] for name in chosen}}
+    for round_no in range(args.rounds):
+        runs["torch.load"].append(timed(TORCH_LOAD, str(src)))
+        for name, (_, argv) in chosen.items():
+            runs[name].append(timed(CKPT, *argv))
+        print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    base = statistics.median(s for s, _, _ in runs["torch.load"])
+    print(
+        f"{args.tensors:,} tensors, {src.stat().st_size / 1e6:.0f} MB, {args.rounds} alternated rounds, "
+        f"{os.cpu_count()} CPUs; median (min-max)"
+    )
+    print("| command | seconds | x torch.load (median) | peak RSS MB | exit |\n|---|---:|---:|---:|---:|")
+    for name, results in runs.items():
+        label = every[name][0] if name in every else "torch.load(weights_only=True)"
+        seconds = [s for s, _, _ in results]
+        ratios = [s / b for s, (b, _, _) in zip(seconds, runs["torch.load"], strict=True)]
+        codes = sorted({c for _, _, c in results})
+        print(
+            f"| {label} | {spread(seconds)} | {spread(ratios)} | {spread([r for _, r, _ in results], '.0f')} | "
+            f"{','.join(map(str, codes))} |"
+        )
+    for name in ("verify", "inspect", "diff"):
+        if name in runs:
+            ratio = statistics.median(s for s, _, _ in runs[name]) / base
+            print(f"target {name} <= {TARGET} x torch.load: {ratio:.2f} -> {'met' if ratio <= TARGET else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class DType(str):
         return self.info.itemsize
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a checkpoint may hold hundreds of thousands (less memory, faster attributes)
 class StorageRef:
     """One storage of a checkpoint: its key in the container, dtype, size, and the device it was saved on."""
 
@@ -116,7 +116,12 @@ class StorageRef:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DType(self.dtype).itemsize
+        return self.numel * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: str) -> int:
+    info = DTYPES.get(dtype)
+    return info.itemsize if info is not None else 1
 
 
 def contiguous_strides(shape) -> tuple[int, ...]:
@@ -128,7 +133,7 @@ def contiguous_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-@dataclass
+@dataclass(slots=True)
 class LazyTensor:
     """A tensor described by the pickle; its bytes are read from the storage only when asked."""
 
@@ -152,7 +157,7 @@ class LazyTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * _itemsize(self.storage.dtype)
 
     def extent(self) -> int:
         """Elements of the storage this view needs (offset + furthest element + 1); 0 for an empty tensor."""

@@ -305,16 +305,6 @@ def diff_checkpoints(
     Raises ckpttools.errors.MissingPath / NotACheckpoint."""
     a_ck, b_ck = open_checkpoint(Path(a_path)), open_checkpoint(Path(b_path))
     report = DiffReport(str(a_path), str(b_path))
-    for ck, label in ((a_ck, "A"), (b_ck, "B")):
-        errors = [f for f in ck.findings if f.severity == "error"]
-        if errors:
-            report.notes.append(f"{label} has container problems ({errors[0].code}); run `ckpt verify {ck.path}`")
-        dangerous = list(dict.fromkeys(j.reference for _, j in ck.dangerous()))
-        if dangerous:
-            report.notes.append(
-                f"{label}'s pickle would run code when loaded with torch.load(weights_only=False) "
-                f"({', '.join(dangerous[:3])}); compared here without running it"
-            )
     sec_a, sec_b = sections_of(a_ck), sections_of(b_ck)
     layouts = {_content_layout(a_ck), _content_layout(b_ck)}
     flat = {x for x in layouts if rules_for(x) is GENERIC}  # not a trainer's training checkpoint
@@ -373,8 +363,25 @@ def diff_checkpoints(
     report.changed.sort(key=_importance)
     if "meta" in sections:
         _diff_metadata(a_ck, b_ck, report)
+    # last, and put first: a large pickle's safety scan has run beside the comparison (pickle.background)
+    report.notes[:0] = _container_notes(a_ck, "A") + _container_notes(b_ck, "B")
     report.verdict = _verdict(report)
     return report
+
+
+def _container_notes(ck: Checkpoint, label: str) -> list[str]:
+    """What a side's container or pickle gives away before its values are compared."""
+    notes = []
+    errors = [f for f in ck.findings if f.severity == "error"]
+    if errors:
+        notes.append(f"{label} has container problems ({errors[0].code}); run `ckpt verify {ck.path}`")
+    dangerous = list(dict.fromkeys(j.reference for _, j in ck.dangerous()))
+    if dangerous:
+        notes.append(
+            f"{label}'s pickle would run code when loaded with torch.load(weights_only=False) "
+            f"({', '.join(dangerous[:3])}); compared here without running it"
+        )
+    return notes
 
 
 _ABSENT = object()

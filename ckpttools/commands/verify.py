@@ -19,7 +19,7 @@ from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, in
 from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report
 from ckpttools.storage_scan import StorageScanner
-from ckpttools.tensors import LazyTensor, iter_tensors, tensor_bytes
+from ckpttools.tensors import LazyTensor, StorageRef, iter_tensors, tensor_bytes
 from ckpttools.trainers.registry import rules_for
 
 METADATA_RECORDS = (
@@ -98,7 +98,6 @@ def _verify(path: Path, report: Report, progress) -> Report:
         return report
     report.format = ckpt.format
     report.extend(ckpt.findings)
-    check_safety(ckpt, report)
     report.layout = L.recognise_checkpoint(ckpt)
     total = sum(r.nbytes for r in ckpt.storages.values())
     done = [0]
@@ -121,6 +120,7 @@ def _verify(path: Path, report: Report, progress) -> Report:
         _check_other_records(ckpt, report)
     _check_layout(ckpt, report)
     _check_consistency(ckpt, report)
+    check_safety(ckpt, report)  # last: a large pickle's scan has run beside the checks above (pickle.background)
     return report
 
 
@@ -147,9 +147,9 @@ def check_safety(ckpt: Checkpoint, report: Report) -> None:
 # -----------------------------------------------------------------------------------
 
 
-def _tensor_paths_by_storage(ckpt: Checkpoint) -> dict[int, list[str]]:
+def _tensor_paths_by_storage(tensors: list[tuple[str, LazyTensor]]) -> dict[int, list[str]]:
     by: dict[int, list[str]] = defaultdict(list)
-    for where, t in iter_tensors(ckpt.tree):
+    for where, t in tensors:
         by[id(t.storage)].append(where)
     return by
 
@@ -178,14 +178,24 @@ def _is_monitor_state(path: str) -> bool:
 
 
 def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> None:
-    users = _tensor_paths_by_storage(ckpt)
+    tensors = list(iter_tensors(ckpt.tree))
+    users: dict[int, list[str]] = {}
+
+    def users_of(ref: StorageRef) -> list[str]:  # the tensors of a storage, mapped only once one is reported
+        if not users:
+            users.update(_tensor_paths_by_storage(tensors))
+        return users.get(id(ref), [])
+
+    def where_of(ref: StorageRef) -> str:
+        return ", ".join(users_of(ref)[:3]) or f"storage {ref.key}"
+
     for key, ref in ckpt.storages.items():
-        where = ", ".join(users.get(id(ref), [])[:3]) or f"storage {key}"
         result = scanner.results.get(id(ref))
         if ckpt.record_of is not None:
             record = ckpt.record_of(ref)
             if record is None:
-                report.add(ERROR, "zip.record-missing", f"storage {key} has no record; its tensors are lost", where)
+                lost = f"storage {key} has no record; its tensors are lost"
+                report.add(ERROR, "zip.record-missing", lost, where_of(ref))
                 continue
             if record.truncated:
                 continue  # reported when the container was opened
@@ -195,7 +205,7 @@ def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -
                     "storage.size-mismatch",
                     f"record {record.name} holds {record.size} bytes, the "
                     f"pickle says {ref.numel} x {ref.dtype} = {ref.nbytes}",
-                    where,
+                    where_of(ref),
                 )
             if result and result.complete and record.crc is not None and result.crc != record.crc:
                 report.add(
@@ -203,13 +213,16 @@ def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -
                     "zip.crc-mismatch",
                     f"record {record.name}: CRC32 {result.crc:08x} != recorded "
                     f"{record.crc:08x}: its bytes are damaged (torch.load would not notice)",
-                    where,
+                    where_of(ref),
                 )
-        if result and result.nonfinite and not all(_is_monitor_state(p) for p in users.get(id(ref), ["?"])):
+        if result and result.nonfinite and not all(_is_monitor_state(p) for p in users_of(ref) or ["?"]):
             report.add(
-                ERROR, "values.nonfinite", f"{result.nonfinite} NaN/Inf value(s) in {ref.dtype} storage {key}", where
+                ERROR,
+                "values.nonfinite",
+                f"{result.nonfinite} NaN/Inf value(s) in {ref.dtype} storage {key}",
+                where_of(ref),
             )
-    for where, t in iter_tensors(ckpt.tree):
+    for where, t in tensors:
         if t.extent() > t.storage.numel:
             report.add(
                 ERROR,

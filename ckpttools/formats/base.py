@@ -18,8 +18,9 @@ from typing import Any
 from ckpttools.errors import MissingPath, NotACheckpoint
 from ckpttools.layouts import module_tensors
 from ckpttools.objects import Placeholder, Reference
+from ckpttools.pickle.background import PendingScan, settled, start_scan
 from ckpttools.pickle.policy import DANGEROUS, Judgement, judge
-from ckpttools.pickle.scan import PickleScan, scan_pickle
+from ckpttools.pickle.scan import PickleScan
 from ckpttools.pickle.unpickler import UnknownDType, restricted_load
 from ckpttools.report import ERROR, Finding
 from ckpttools.tensors import DType, StorageRef
@@ -34,7 +35,8 @@ class Checkpoint:
     path: Path
     format: str
     tree: Any = None
-    scans: list[tuple[str, PickleScan]] = field(default_factory=list)  # (where, scan) of every pickle read
+    # (where, scan) of every pickle read; a large one's scan may still be running beside (pickle.background)
+    scans: list[tuple[str, PickleScan | PendingScan]] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)  # container problems seen while opening
     records: dict[str, Any] = field(default_factory=dict)  # zip records by name (torch zip, DCP items)
     storages: dict[str, StorageRef] = field(default_factory=dict)
@@ -50,11 +52,16 @@ class Checkpoint:
 
     @property
     def references(self) -> list[Reference]:
-        return list(dict.fromkeys(ref for _, scan in self.scans for ref in scan.references))
+        return list(dict.fromkeys(ref for _, scan in self.settled_scans() for ref in scan.references))
 
     def safety(self) -> list[tuple[str, Judgement]]:
         """(where, judgement) for every reference of every pickle, by the one policy."""
-        return [(where, j) for where, scan in self.scans for j in judge(scan)]
+        return [(where, j) for where, scan in self.settled_scans() for j in judge(scan)]
+
+    def settled_scans(self) -> list[tuple[str, PickleScan]]:
+        """Every scan, finished (waiting for the ones running beside)."""
+        self.scans = [(where, settled(scan)) for where, scan in self.scans]
+        return self.scans
 
     def dangerous(self) -> list[tuple[str, Judgement]]:
         return [(where, j) for where, j in self.safety() if j.status == DANGEROUS]
@@ -62,7 +69,7 @@ class Checkpoint:
     def read_pickle(self, data: bytes, where: str, persistent_load=None) -> Any:
         """Scan ``data`` (the static scan is recorded whatever happens), then unpickle it inertly.  A pickle that
         cannot be read is a finding; returns None then."""
-        self.scans.append((where, scan_pickle(data)))
+        self.scans.append((where, start_scan(data)))
         try:
             return restricted_load(data, persistent_load)
         except UnknownDType as exc:

@@ -9,6 +9,7 @@ import mmap
 import os
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +235,14 @@ def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base
             f"{len(cd)} bytes, the end record says {n_total}",
             scan_local_headers(path, base, size),
         )
-    torch_style = _written_by_torch(src, entries)
+    # every entry checked against its local header; what only a torch-written file must satisfy is kept aside
+    # until the entries have said whether this is one (most records padded the way torch pads them)
+    checked, padded = [], 0
+    for fields, name_bytes, extra in entries:
+        entry = _check_entry(src, size, fields, name_bytes, extra)
+        checked.append(entry)
+        padded += entry.padded
+    torch_style = bool(entries) and padded * 2 > len(entries)
     if torch_style and len(entries) > 2:  # fields torch writes identically for every entry (other writers vary
         # them by entry: Python's zipfile sets "version made by" per compression method)
         for index, label in (
@@ -243,7 +251,10 @@ def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base
             (14, "internal attributes"),
             (15, "external attributes"),
         ):
-            common = max({e[0][index] for e in entries}, key=lambda v: sum(e[0][index] == v for e in entries))
+            values = Counter(e[0][index] for e in entries)
+            if len(values) == 1:
+                continue
+            common = max(values, key=values.__getitem__)
             for e in entries:
                 if e[0][index] != common:
                     problems.append(
@@ -262,8 +273,8 @@ def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base
             )
         )
     expected_local = 0
-    for fields, name_bytes, extra in entries:
-        rec, rec_problems = _check_entry(src, size, fields, name_bytes, extra, torch_style)
+    for entry in checked:
+        rec = entry.record
         if rec.header_offset < expected_local:
             # bytes that belong to an earlier record (a non-recursive zip bomb gives one 4 MB record 50,000
             # names): an error, and the entry is dropped so that nothing reads or checks those bytes again
@@ -277,7 +288,7 @@ def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base
             )
             continue
         records.append(rec)
-        problems.extend(rec_problems)
+        problems.extend(p for p in entry.problems if torch_style or id(p) not in entry.torch_only)
         if rec.header_offset != expected_local:
             problems.append(
                 ZipProblem(
@@ -304,56 +315,66 @@ def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base
     return records
 
 
+LIKELY_EXTRA = 96  # bytes of local extra field read with the header (torch's alignment padding is under 64)
 TORCH_ZIP64_VERSIONS = (0x031E, 45)  # what torch's writer (miniz) puts in the zip64 end record
 
 
-def _written_by_torch(src: _Window, entries) -> bool:
-    """torch's writer pads every record with an 'FB' extra block and sets flag bit 3; when most records
-    look like that, fields it writes identically are held to its values."""
-    padded = 0
-    for fields, _name, _extra in entries:
-        offset, nl, flags = fields[16], fields[10], fields[3]
-        head = src.pread(LOCAL_HEADER.size, offset)
-        if len(head) == LOCAL_HEADER.size and flags & 0x08:
-            el = struct.unpack_from("<H", head, 28)[0]
-            if struct.pack("<H", PADDING_ID) in src.pread(el, offset + 30 + nl)[:2] or el == 0:
-                padded += 1
-    return bool(entries) and padded * 2 > len(entries)
+@dataclass
+class _Entry:
+    """One central-directory entry checked against its local header."""
+
+    record: Record
+    problems: list[ZipProblem]
+    torch_only: set[int]  # ids of the problems that count only in a torch-written file
+    padded: bool  # laid out as torch writes a record: a data descriptor, and torch's padding (or no extra field)
 
 
-def _check_entry(
-    src: _Window, size: int, fields, name_bytes: bytes, extra: bytes, torch_style: bool = False
-) -> tuple[Record, list[ZipProblem]]:
+PADDING_TAG = struct.pack("<H", PADDING_ID)
+
+
+def _check_entry(src: _Window, size: int, fields, name_bytes: bytes, extra: bytes) -> _Entry:
+    """The record a central-directory entry describes, and every way its local header, extra fields and data
+    descriptor disagree with it.  Called once per record (200,000 in an optimizer's checkpoint): the common
+    case, where everything agrees, is decided with few comparisons."""
     (_, _made, need, flags, method, mtime, mdate, crc, csize, usize, _nl, _el, _cl, _disk, _iattr, _eattr, offset) = (
         fields
     )
     name = name_bytes.decode("utf-8", "replace")
     problems: list[ZipProblem] = []
-    wanted = [n for n, v in (("usize", usize), ("csize", csize), ("offset", offset)) if v == 0xFFFFFFFF]
-    big = _zip64_values(extra, wanted) if wanted else {}
-    usize, csize, offset = big.get("usize", usize), big.get("csize", csize), big.get("offset", offset)
-    if _extra_blocks(extra) is None:
+    torch_only: set[int] = set()
+    big: dict[str, int] = {}
+    if 0xFFFFFFFF in (usize, csize, offset):
+        wanted = [n for n, v in (("usize", usize), ("csize", csize), ("offset", offset)) if v == 0xFFFFFFFF]
+        big = _zip64_values(extra, wanted)
+        usize, csize, offset = big.get("usize", usize), big.get("csize", csize), big.get("offset", offset)
+    if extra and _extra_blocks(extra) is None:
         problems.append(ZipProblem("zip.structure", "central directory extra field is malformed", name))
-    head = src.pread(LOCAL_HEADER.size, offset)
-    if len(head) < LOCAL_HEADER.size or head[:4] != LOCAL_MAGIC:
+    # one read for the header, its name and (usually) its extra field: torch pads to 64 bytes
+    blob = src.pread(LOCAL_HEADER.size + len(name_bytes) + LIKELY_EXTRA, offset)
+    if len(blob) < LOCAL_HEADER.size or blob[:4] != LOCAL_MAGIC:
         problems.append(ZipProblem("zip.header-mismatch", f"no local header at offset {offset}", name))
-        return Record(name, offset, -1, csize, crc, method, truncated=True, end=offset), problems
-    (_, l_need, l_flags, l_method, l_time, l_date, l_crc, l_csize, l_usize, l_nl, l_el) = LOCAL_HEADER.unpack(head)
-    l_name = src.pread(l_nl, offset + 30)
-    l_extra = src.pread(l_el, offset + 30 + l_nl)
+        return _Entry(Record(name, offset, -1, csize, crc, method, truncated=True, end=offset), problems, set(), False)
+    (_, l_need, l_flags, l_method, l_time, l_date, l_crc, l_csize, l_usize, l_nl, l_el) = LOCAL_HEADER.unpack_from(blob)
+    if 30 + l_nl + l_el <= len(blob):
+        l_name, l_extra = blob[30 : 30 + l_nl], blob[30 + l_nl : 30 + l_nl + l_el]
+    else:
+        l_name = src.pread(l_nl, offset + 30)
+        l_extra = src.pread(l_el, offset + 30 + l_nl)
     data_offset = offset + 30 + l_nl + l_el
-    mismatched = [
-        label
-        for label, a, b in (
-            ("version", l_need, need),
-            ("flags", l_flags, flags),
-            ("method", l_method, method),
-            ("time", l_time, mtime),
-            ("date", l_date, mdate),
-            ("name", l_name, name_bytes),
-        )
-        if a != b
-    ]
+    mismatched = []
+    if (l_need, l_flags, l_method, l_time, l_date, l_name) != (need, flags, method, mtime, mdate, name_bytes):
+        mismatched = [
+            label
+            for label, a, b in (
+                ("version", l_need, need),
+                ("flags", l_flags, flags),
+                ("method", l_method, method),
+                ("time", l_time, mtime),
+                ("date", l_date, mdate),
+                ("name", l_name, name_bytes),
+            )
+            if a != b
+        ]
     descriptor = bool(flags & 0x08)
     if descriptor:
         if (l_crc, l_csize, l_usize) != (0, 0, 0) and (l_crc, l_csize, l_usize) != (crc, csize, usize):
@@ -368,23 +389,28 @@ def _check_entry(
                 "zip.header-mismatch", f"local header and central directory disagree on {', '.join(mismatched)}", name
             )
         )
-    blocks = _extra_blocks(l_extra)
-    if blocks is None:
-        problems.append(ZipProblem("zip.structure", "local extra field is malformed", name))
-    else:
-        for tag, data in blocks:
-            if tag == PADDING_ID and data.strip(b"Z"):
-                problems.append(
-                    ZipProblem("zip.structure", "alignment padding is damaged (torch writes only 'Z')", name)
-                )
-            elif torch_style and tag not in (PADDING_ID, 0x0001):
-                problems.append(
-                    ZipProblem(
-                        "zip.structure",
-                        f"unexpected extra block {tag:#06x} in a torch-written record (damaged padding header?)",
-                        name,
+    intact_padding = (
+        l_extra[:2] == PADDING_TAG and len(l_extra) == 4 + int.from_bytes(l_extra[2:4], "little")
+    ) and not l_extra[4:].strip(b"Z")
+    if l_extra and not intact_padding:
+        blocks = _extra_blocks(l_extra)
+        if blocks is None:
+            problems.append(ZipProblem("zip.structure", "local extra field is malformed", name))
+        else:
+            for tag, data in blocks:
+                if tag == PADDING_ID and data.strip(b"Z"):
+                    problems.append(
+                        ZipProblem("zip.structure", "alignment padding is damaged (torch writes only 'Z')", name)
                     )
-                )
+                elif tag not in (PADDING_ID, 0x0001):
+                    problems.append(
+                        ZipProblem(
+                            "zip.structure",
+                            f"unexpected extra block {tag:#06x} in a torch-written record (damaged padding header?)",
+                            name,
+                        )
+                    )
+                    torch_only.add(id(problems[-1]))
     end = data_offset + csize
     truncated = end > size
     if descriptor and not truncated:
@@ -408,7 +434,9 @@ def _check_entry(
             )
         )
     local_name = l_name.decode("utf-8", "replace") if l_name != name_bytes else None
-    return Record(
+    # as torch lays a record out (counted from the directory's own offset field, as it was before zip64 values)
+    padded = descriptor and fields[16] == offset and (l_extra[:2] == PADDING_TAG or l_el == 0)
+    record = Record(
         name,
         offset,
         data_offset,
@@ -419,7 +447,8 @@ def _check_entry(
         end,
         local_name,
         csize if method else None,
-    ), problems
+    )
+    return _Entry(record, problems, torch_only, padded)
 
 
 def scan_local_headers(path: Path, base: int = 0, length: int | None = None) -> list[Record]:

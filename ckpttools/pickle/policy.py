@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckpttools.objects import Reference
-from ckpttools.pickle.scan import CALLED, CONSTRUCTED, Call, Global, PickleScan, Text
+from ckpttools.pickle.scan import CALLED, CONSTRUCTED, Call, Global, PickleScan
 from ckpttools.tensors import DTYPES, TORCH_ALIASES
 
 ALLOWED_STATUS, CODE, DANGEROUS = "allowed", "code", "dangerous"
@@ -472,8 +472,8 @@ TEXT_ENCODINGS = frozenset({"latin1", "latin-1", "utf-8", "utf8", "ascii"})
 
 
 def _codecs_encode(call: Call, uses: dict) -> list[Judgement]:
-    encoding = call.args[1] if len(call.args) > 1 else Text("utf-8")
-    if isinstance(encoding, Text) and encoding.value.lower() in TEXT_ENCODINGS and len(call.args) <= 3:
+    encoding = call.args[1] if len(call.args) > 1 else "utf-8"
+    if isinstance(encoding, str) and encoding.lower() in TEXT_ENCODINGS and len(call.args) <= 3:
         return []
     return [
         Judgement(

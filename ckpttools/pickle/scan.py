@@ -34,21 +34,26 @@ class Global:
     ref: Reference
 
 
-@dataclass(frozen=True)
-class Text:
-    value: str
+# STACK VALUES of the model: a Global (a name the pickle fetched), a str (a text constant), a tuple (built by
+# TUPLE opcodes, of stack values), UNKNOWN (any other value: numbers, bytes, containers, results of calls) and
+# MARK.  Plain str and tuple rather than wrappers: a torch state dict pushes a million of them, and the memo
+# keeps them all (the scan's time and memory are mostly these objects).
 
 
-@dataclass(frozen=True)
-class Tuple:
-    items: tuple
+class _Sentinel:
+    """A stack value of the model; pickled by name, so a scan sent from a child process keeps its identity."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __reduce__(self):
+        return self.name
+
+    def __repr__(self):
+        return self.name
 
 
-class _Mark:
-    pass
-
-
-MARK, UNKNOWN = _Mark(), object()
+MARK, UNKNOWN = _Sentinel("MARK"), _Sentinel("UNKNOWN")
 
 
 @dataclass
@@ -56,7 +61,7 @@ class Call:
     """One call the pickle makes: the callable's reference and the symbolic arguments."""
 
     ref: Reference
-    args: tuple  # of Global / Text / Tuple / UNKNOWN
+    args: tuple  # of Global / str / tuple / UNKNOWN (see STACK VALUES)
     opcode: str
 
 
@@ -221,7 +226,7 @@ def _walk(buf: bytes, result: PickleScan) -> int:
             pos += length.size
             if n < 0 or pos + n > size:
                 raise ValueError(f"string of {n} bytes, {size - pos} remain")
-            push(Text(buf[pos : pos + n].decode(encoding, "surrogatepass" if encoding == "utf-8" else "strict")))
+            push(buf[pos : pos + n].decode(encoding, "surrogatepass" if encoding == "utf-8" else "strict"))
             pos += n
         elif op in fixed:
             n = fixed[op]
@@ -230,18 +235,18 @@ def _walk(buf: bytes, result: PickleScan) -> int:
                 raise ValueError("pickle exhausted in an argument")
             push(UNKNOWN)
         elif op == 0x74:  # TUPLE
-            push(Tuple(tuple(_pop_to_mark(stack))))
+            push(tuple(_pop_to_mark(stack)))
         elif op == 0x85:  # TUPLE1
-            push(Tuple((_pop(stack),)))
+            push((_pop(stack),))
         elif op == 0x86 or op == 0x87:  # TUPLE2, TUPLE3
-            push(Tuple(tuple(_take(stack, op - 0x84))))
+            push(tuple(_take(stack, op - 0x84)))
         elif op == 0x29:  # EMPTY_TUPLE
-            push(Tuple(()))
+            push(())
         elif op == 0x52:  # REDUCE
             args = _pop(stack)
             func = _pop(stack)
             if id(func) not in called_plainly:  # the same global object called again: recorded once already
-                _call_value(func, args.items if isinstance(args, Tuple) else (UNKNOWN,), "REDUCE", result)
+                _call_value(func, args if isinstance(args, tuple) else (UNKNOWN,), "REDUCE", result)
                 if isinstance(func, Global) and func.ref not in ARGUMENT_CHECKED:
                     called_plainly[id(func)] = func  # kept alive, so its id is never reused meanwhile
             push(UNKNOWN)
@@ -300,7 +305,7 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: dict, result: Pickle
         if name in ("INT", "LONG", "FLOAT"):
             stack.append(UNKNOWN)
         elif name in ("STRING", "UNICODE"):
-            stack.append(Text(arg if isinstance(arg, str) else arg.decode("latin1")))
+            stack.append(arg if isinstance(arg, str) else arg.decode("latin1"))
         elif name == "PERSID":
             stack.append(UNKNOWN)
         elif name == "GET":
@@ -332,13 +337,13 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: dict, result: Pickle
         return pos
     if op == 0x93:  # STACK_GLOBAL
         attr, module = _pop(stack), _pop(stack)
-        if not (isinstance(module, Text) and isinstance(attr, Text)):
+        if not (isinstance(module, str) and isinstance(attr, str)):
             result.problems.append(
                 "STACK_GLOBAL with a module or name computed at load time (cannot be judged without running the pickle)"
             )
             stack.append(UNKNOWN)
             return pos
-        ref = normalise(module.value, attr.value)
+        ref = normalise(module, attr)
         result.use(ref, REFERENCED)
         stack.append(Global(ref))
         return pos

@@ -13,8 +13,6 @@ from ckpttools.pickle.scan import (
     UNKNOWN,
     Global,
     PickleScan,
-    Text,
-    Tuple,
     _call,
     _call_value,
     _container,
@@ -88,7 +86,7 @@ def _step(name: str, arg: Any, stack: _Stack, memo: dict, result: PickleScan) ->
     if name in _CONSTANTS:
         stack.append(UNKNOWN)
     elif name in _STRINGS:
-        stack.append(Text(arg if isinstance(arg, str) else arg.decode("latin1")))
+        stack.append(arg if isinstance(arg, str) else arg.decode("latin1"))
     elif name == "PROTO":
         result.protocol = int(arg)
     elif name in ("FRAME", "READONLY_BUFFER"):
@@ -96,12 +94,12 @@ def _step(name: str, arg: Any, stack: _Stack, memo: dict, result: PickleScan) ->
     elif name == "MARK":
         stack.append(MARK)
     elif name == "EMPTY_TUPLE":
-        stack.append(Tuple(()))
+        stack.append(())
     elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
         n = int(name[-1])
-        stack.append(Tuple(tuple(stack.take(n)) if n > 1 else (stack.take(),)))
+        stack.append(tuple(stack.take(n)) if n > 1 else (stack.take(),))
     elif name == "TUPLE":
-        stack.append(Tuple(tuple(stack.pop_to_mark())))
+        stack.append(tuple(stack.pop_to_mark()))
     elif name in ("LIST", "DICT", "FROZENSET"):
         stack.pop_to_mark()
         stack.append(UNKNOWN)
@@ -138,13 +136,13 @@ def _step(name: str, arg: Any, stack: _Stack, memo: dict, result: PickleScan) ->
         stack.append(Global(ref))
     elif name == "STACK_GLOBAL":
         attr, module = stack.take(), stack.take()
-        if not (isinstance(module, Text) and isinstance(attr, Text)):
+        if not (isinstance(module, str) and isinstance(attr, str)):
             result.problems.append(
                 "STACK_GLOBAL with a module or name computed at load time (cannot be judged without running the pickle)"
             )
             stack.append(UNKNOWN)
             return
-        ref = normalise(module.value, attr.value)
+        ref = normalise(module, attr)
         result.use(ref, REFERENCED)
         stack.append(Global(ref))
     elif name in ("EXT1", "EXT2", "EXT4"):
@@ -167,7 +165,7 @@ def _step(name: str, arg: Any, stack: _Stack, memo: dict, result: PickleScan) ->
     elif name == "REDUCE":
         args = stack.take()
         func = stack.take()
-        _call_value(func, args.items if isinstance(args, Tuple) else (UNKNOWN,), name, result)
+        _call_value(func, args if isinstance(args, tuple) else (UNKNOWN,), name, result)
         stack.append(UNKNOWN)
     elif name in ("NEWOBJ", "NEWOBJ_EX"):
         if name == "NEWOBJ_EX":

@@ -1,0 +1,84 @@
+"""The safety scan of a large pickle runs in a forked child (ckpttools.pickle.background): the verdict must be the
+one the in-line scan gives, whatever happens to the child.
+
+Each check runs in a fresh interpreter: under pytest-xdist this process has other threads, where the scan is
+(rightly) never forked, so testing here would only test the in-line path."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the scan forks on Linux only")
+
+COMPARE = r"""
+import os, pickle, signal, sys
+from ckpttools.pickle.background import IN_BACKGROUND_FROM, PendingScan, start_scan
+from ckpttools.pickle.policy import judge
+from ckpttools.pickle.scan import scan_pickle
+
+data = open(sys.argv[1], "rb").read()
+assert len(data) >= IN_BACKGROUND_FROM, len(data)
+pending = start_scan(data)
+assert isinstance(pending, PendingScan), "a large pickle in a single-threaded process is scanned in a child"
+if sys.argv[2] == "kill":  # the child dies before it answers: the in-line scan stands in
+    os.kill(pending._pid, signal.SIGKILL)
+got, expected = pending.result(), scan_pickle(data)
+assert (got.uses, got.calls, got.problems, got.error, got.end) == (
+    expected.uses, expected.calls, expected.problems, expected.error, expected.end
+)
+print(sorted({j.status for j in judge(got)}))
+"""
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _big_pickle(tmp_path: Path, harmful: bool) -> Path:
+    payload = [list(range(1_200_000)), {"x": (1, "two", 3.0)}]
+    if harmful:
+        payload.append(_RunsCode())
+    path = tmp_path / ("harmful.pkl" if harmful else "plain.pkl")
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+    return path
+
+
+@pytest.mark.parametrize("harmful", [False, True])
+@pytest.mark.parametrize("child", ["answers", "kill"])
+def test_background_scan_gives_the_in_line_verdict(tmp_path, harmful, child):
+    path = _big_pickle(tmp_path, harmful)
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPARE, str(path), child], capture_output=True, text=True, env=ENV, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ("dangerous" in proc.stdout) == harmful
+
+
+def test_verify_of_a_large_harmful_torch_file_fails_with_the_child_scanning(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "big.pt"
+    torch.save({"weights": torch.zeros(4), "steps": list(range(1_200_000)), "hook": _RunsCode()}, path)
+    # the pickle really would run code: plain pickle reaches os.system (checked on the global, not by running it)
+    assert b"system" in path.read_bytes() and b"posix" in path.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckpttools.cli", "verify", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    codes = {f["code"] for f in report["findings"]}
+    assert "safety.dangerous-reference" in codes
