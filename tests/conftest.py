@@ -1,12 +1,18 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One compute thread per process, here and in every trainer the tests start: the suite runs two workers on two
+# cores, each starting trainers (and torchrun ranks); processes that each take every core make OpenMP's threads
+# spin against each other (a test that takes 6 s alone took 85 s that way).  Runs compared bit for bit all use
+# the same count.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-from fuse_train.demo import write_demo
+import pytest  # noqa: E402 - after the thread count, which torch reads when it is imported
+import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+from fuse_train.demo import write_demo  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ TINY = ["--epochs", "3", "--batch", "4", "--workers", "0", "--device", "cpu", "-
 
 
 def run_train(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "fuse_train", *args],
         cwd=cwd,

@@ -4,6 +4,7 @@ policy that every reader shares."""
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 import subprocess
 import sys
@@ -117,3 +118,17 @@ def test_every_trainer_module_is_registered_once_under_a_known_layout():
     assert {type(r).__module__.rsplit(".", 1)[1] for r in TRAINERS} == modules
     assert len(BY_LAYOUT) == len(TRAINERS) and all(isinstance(r, TrainerRules) for r in TRAINERS)
     assert set(BY_LAYOUT) <= set(L.LAYOUTS)
+
+
+def test_convert_writes_every_target_through_its_format_module():
+    """Each writable format holds its writer beside its reader behind one entry (formats/base.py WriteRequest);
+    convert picks it from one table and calls no format's own write functions (issue 28)."""
+    from ckpttools.commands import convert
+    from ckpttools.formats.base import WriteRequest
+
+    assert set(convert.WRITERS) == {convert.PT, convert.H5, convert.SAFETENSORS, convert.DCP_TARGET}
+    for module in convert.WRITERS.values():
+        params = list(inspect.signature(module.write_converted).parameters.values())
+        assert len(params) == 2 and params[1].annotation in (WriteRequest, "WriteRequest"), module.__name__
+    source = (PACKAGE / "commands" / "convert.py").read_text()
+    assert not re.search(r"\.(write_file|write_hdf5|write_safetensors|write_single|write_sharded)\(", source)

@@ -55,7 +55,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(reference_run, tiny_da
 
 
 def _start(args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fuse_train", *args],
         cwd=cwd,

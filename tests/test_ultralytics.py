@@ -25,7 +25,7 @@ DRIVER = ROOT / "fixtures" / "ultralytics_driver.py"
 
 
 def drive(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", **(env or {})}
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(DRIVER), *args], capture_output=True, text=True, env=full, cwd=cwd, timeout=600
     )

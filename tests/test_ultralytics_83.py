@@ -44,7 +44,7 @@ def site() -> Path:
 
 
 def drive(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(DRIVER), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900
     )

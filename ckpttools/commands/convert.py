@@ -18,9 +18,7 @@ from typing import Any
 
 from ckpttools import layouts as L
 from ckpttools.atomic import (
-    atomic_folder,
     atomic_path,
-    atomic_write,
     check_new_output,
     ensure_space,
     remove_stale,
@@ -29,22 +27,21 @@ from ckpttools.atomic import (
 from ckpttools.commands._inputs import open_input, refuse_unsafe, require_intact
 from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, refresh_digest
-from ckpttools.errors import DamagedInput, FormatLimit, UsageError
+from ckpttools.errors import DamagedInput, UsageError
 from ckpttools.formats import dcp, hdf5, safetensors, torchzip
-from ckpttools.formats.base import to_plain_tree
+from ckpttools.formats.base import WriteRequest, to_plain_tree
 from ckpttools.formats.registry import DCP, LEGACY, Checkpoint, open_checkpoint
 from ckpttools.tensors import (
     TENSOR_TYPES,
     LazyTensor,
-    RebuiltTensor,
     TensorSource,
     iter_nodes,
     iter_tensors,
     map_tensors,
-    materialise,
 )
 
 PT, H5, SAFETENSORS, DCP_TARGET = "pt", "h5", "safetensors", "dcp"
+WRITERS = {PT: torchzip, H5: hdf5, SAFETENSORS: safetensors, DCP_TARGET: dcp}  # each: write_converted(tree, request)
 SUFFIXES = {".pt": PT, ".pth": PT, ".ckpt": PT, ".bin": PT, ".h5": H5, ".hdf5": H5, ".safetensors": SAFETENSORS}
 CASTS = {
     "fp16": "float16",
@@ -75,6 +72,8 @@ class ConvertResult:
 
 def target_of(out: Path, to: str | None) -> str:
     if to:
+        if to not in WRITERS:
+            raise UsageError(f"--to {to}: choose pt, h5, safetensors or dcp")
         return to
     if out.suffix.lower() in SUFFIXES:
         return SUFFIXES[out.suffix.lower()]
@@ -170,51 +169,19 @@ def _convert_tree(
     result.tensors, result.bytes = counted
     ensure_space(out, result.bytes * (2 if target == DCP_TARGET and world_size > 1 else 1))  # + the staging .pt
 
-    if target == PT:
-        torchzip.write_file(tree, out, source, on_bytes=on_bytes, replace=result.force)
-    elif target == H5:
-        refuse_unwritable(tree, result, "HDF5")
-        tree = to_plain_tree(tree, result.notes)
-        with atomic_path(out, replace=result.force) as tmp:  # h5py writes to a path, not a file object
-            hdf5.write_hdf5(tree, tmp, source.tensor_chunks, compress, on_bytes)
-    elif target == SAFETENSORS:
-        refuse_unwritable(tree, result, "safetensors", safetensors.writable)
-        held = [k for k, v in tree.items() if not isinstance(v, LazyTensor)]
-        if held:
-            raise FormatLimit(
-                f"{result.input}: safetensors holds named tensors only, and {len(held)} weight "
-                f"entr{'y' if len(held) == 1 else 'ies'} hold tensors inside a container: "
-                f"{', '.join(held[:8])}; nothing written (.pt keeps them)",
-                held,
-            )
-        with atomic_write(out, replace=result.force) as f:
-            safetensors.write_safetensors(tree, f, source.tensor_chunks, _safetensors_metadata(ckpt, result), on_bytes)
-    elif target == DCP_TARGET:
-        _to_dcp(tree, out, result, source, world_size)
-    else:
-        raise UsageError(f"--to {target}: choose pt, h5, safetensors or dcp")
-
-
-def refuse_unwritable(
-    tree: Any, result: ConvertResult, target: str, writable: Callable[[LazyTensor], bool] = lambda t: True
-) -> None:
-    """Exit 2 naming every tensor ``target`` cannot hold exactly (a dtype it has no code for; a quantized,
-    sparse, nested or meta tensor, which only the torch format holds): nothing is changed or left out
-    silently."""
-    lacking: list[tuple[str, str]] = []  # (path, what)
-    for path, t in iter_nodes(tree, TENSOR_TYPES, inside_found=False):
-        if isinstance(t, RebuiltTensor):
-            lacking.append((path, f"{t.kind} tensor"))
-        elif not writable(t):
-            lacking.append((path, f"dtype {t.dtype}"))
-    if lacking:
-        kinds = ", ".join(sorted({what for _, what in lacking}))
-        names = ", ".join(path for path, _ in lacking[:8]) + (" ..." if len(lacking) > 8 else "")
-        raise FormatLimit(
-            f"{result.input}: {target} cannot hold {len(lacking)} tensor(s) exactly ({kinds}): "
-            f"{names}; nothing written (.pt keeps every tensor)",
-            [path for path, _ in lacking],
-        )
+    request = WriteRequest(
+        out,
+        source,
+        result.input,
+        replace=result.force,
+        on_bytes=on_bytes,
+        compress=compress,
+        metadata=_safetensors_metadata(ckpt, result) if target == SAFETENSORS else {},
+        world_size=world_size,
+        check_folder=_verified_folder(result),
+        notes=result.notes,
+    )
+    WRITERS[target].write_converted(tree, request)
 
 
 def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[str, LazyTensor]:
@@ -278,31 +245,6 @@ def _safetensors_metadata(ckpt: Checkpoint, result: ConvertResult) -> dict[str, 
 
 # ---- torch.distributed.checkpoint
 # ---------------------------------------------------------------------------------------
-
-
-def _to_dcp(tree: Any, out: Path, result: ConvertResult, source: TensorSource, world_size: int = 1) -> None:
-    if not isinstance(tree, dict):
-        raise UsageError(f"{result.input}: DCP needs a dict at the top of the checkpoint")
-    refuse_unwritable(tree, result, "a DCP folder", dcp.writable)
-    result.notes.extend(dcp.notes_for(tree))
-    # the tree as DCP will give it back (string keys, no empty dicts), so its digest is the one a reader finds
-    tree = dcp.as_dcp_returns(to_plain_tree(tree, result.notes))
-    if refresh_digest(tree, source):
-        result.notes.append("content digest recomputed for the tree as DCP returns it")
-    verified = _verified_folder(result)
-    if world_size == 1:
-        result.notes.append("DCP: torch's API holds the whole state dict in memory while saving")
-        with atomic_folder(out, verify=verified, replace=result.force) as tmp:
-            dcp.write_single(materialise(tree), tmp)
-        return
-    plain = temp_path(out, "plain")
-    try:
-        torchzip.write_file(tree, plain, source)  # streamed; each rank maps it and takes its shards
-        with atomic_folder(out, verify=verified, replace=result.force) as tmp:
-            dcp.write_sharded(plain, tmp, world_size)
-    finally:
-        plain.unlink(missing_ok=True)
-    result.notes.append(f"DCP: written by {world_size} gloo processes, tensors sharded along dim 0 (DTensor)")
 
 
 def _verified_folder(result: ConvertResult):

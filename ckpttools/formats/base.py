@@ -1,9 +1,10 @@
 """What every container format gives back: a ``Checkpoint`` (tree of plain values and lazy tensors, the scan of
 every pickle it holds, container findings, and a way to stream each storage's bytes).
 
-A format module (``formats/<name>.py``) provides ``detect(path, head) -> bool`` and ``open(path) ->
-Checkpoint`` and, where the format can be written, a writer.  ``formats/__init__.py`` holds the list and
-``open_checkpoint``.
+A format module (``formats/<name>.py``) provides ``detect(path, head) -> bool`` and ``read(path) ->
+Checkpoint``; one that can be written also ``write_converted(tree, request: WriteRequest)``, the one entry
+`ckpt convert` calls (``commands/convert.WRITERS`` maps each target to its module), and where it cannot hold
+every tensor, ``writable(tensor) -> bool``.  ``formats/registry.py`` holds the list and ``open_checkpoint``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpttools.errors import MissingPath, NotACheckpoint
+from ckpttools.errors import FormatLimit, MissingPath, NotACheckpoint
 from ckpttools.layouts import module_tensors
 from ckpttools.objects import Placeholder, Reference
 from ckpttools.pickle.background import PendingScan, settled, start_scan
@@ -23,7 +24,7 @@ from ckpttools.pickle.policy import DANGEROUS, Judgement, judge
 from ckpttools.pickle.scan import PickleScan
 from ckpttools.pickle.unpickler import UnknownDType, restricted_load
 from ckpttools.report import ERROR, Finding
-from ckpttools.tensors import DType, StorageRef
+from ckpttools.tensors import TENSOR_TYPES, DType, LazyTensor, RebuiltTensor, StorageRef, TensorSource, iter_nodes
 
 CHUNK = 8 << 20  # bytes per block when streaming a storage
 
@@ -178,3 +179,42 @@ def to_plain_tree(tree: Any, notes: list[str], where: str = "", _done: dict | No
         return tree
     done[id(tree)] = (tree, out)
     return out
+
+
+@dataclass
+class WriteRequest:
+    """What a format's ``write_converted`` is given besides the tree: where, the tensors' bytes, the options of
+    the targets that have them; ``notes`` collects what the writer changed or could not carry."""
+
+    out: Path
+    source: TensorSource  # each tensor's bytes, read (or computed) one at a time
+    input_name: str  # named in a refusal
+    replace: bool = False  # an existing ``out`` may be replaced (checked by the caller)
+    on_bytes: Callable[[int], None] | None = None  # progress
+    compress: bool = False  # HDF5: gzip the datasets
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors: the header's __metadata__
+    world_size: int = 1  # DCP: ranks that write the folder
+    check_folder: Callable[[Path], bool] | None = None  # DCP: run on the finished folder before it is swapped in
+    notes: list[str] = field(default_factory=list)
+
+
+def refuse_unwritable(
+    tree: Any, request: WriteRequest, target: str, writable: Callable[[LazyTensor], bool] = lambda t: True
+) -> None:
+    """FormatLimit (exit 2) naming every tensor ``target`` cannot hold exactly (a dtype it has no code for; a
+    quantized, sparse, nested or meta tensor, which only the torch format holds): nothing is changed or left
+    out silently."""
+    lacking: list[tuple[str, str]] = []  # (path, what)
+    for path, t in iter_nodes(tree, TENSOR_TYPES, inside_found=False):
+        if isinstance(t, RebuiltTensor):
+            lacking.append((path, f"{t.kind} tensor"))
+        elif not writable(t):
+            lacking.append((path, f"dtype {t.dtype}"))
+    if lacking:
+        kinds = ", ".join(sorted({what for _, what in lacking}))
+        names = ", ".join(path for path, _ in lacking[:8]) + (" ..." if len(lacking) > 8 else "")
+        raise FormatLimit(
+            f"{request.input_name}: {target} cannot hold {len(lacking)} tensor(s) exactly ({kinds}): "
+            f"{names}; nothing written (.pt keeps every tensor)",
+            [path for path, _ in lacking],
+        )

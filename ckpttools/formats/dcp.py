@@ -17,12 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from ckpttools.atomic import atomic_folder, temp_path
+from ckpttools.digest import refresh_digest
+from ckpttools.errors import UsageError
 from ckpttools.formats import torchzip
-from ckpttools.formats.base import CHUNK, Checkpoint
+from ckpttools.formats.base import CHUNK, Checkpoint, WriteRequest, refuse_unwritable, to_plain_tree
 from ckpttools.formats.confine import inside
 from ckpttools.objects import Placeholder
 from ckpttools.report import ERROR, WARNING, Finding
-from ckpttools.tensors import LazyTensor, StorageRef, contiguous_strides, tensor_bytes
+from ckpttools.tensors import LazyTensor, StorageRef, contiguous_strides, materialise, tensor_bytes
 
 NAME = "dcp"
 
@@ -311,3 +314,30 @@ def _worker(rank: int, world: int, store: str, src: str, out: str) -> None:
         dcp.save(_shard(state, mesh, world), storage_writer=dcp.FileSystemWriter(out))
     finally:
         dist.destroy_process_group()
+
+
+def write_converted(tree: Any, request: WriteRequest) -> None:
+    """`ckpt convert`'s entry (formats/base.py): one rank through torch's own API, or ``world_size`` gloo ranks
+    each writing its shards from a streamed staging .pt; ``check_folder`` runs on the finished folder before it
+    takes the output's name."""
+    if not isinstance(tree, dict):
+        raise UsageError(f"{request.input_name}: DCP needs a dict at the top of the checkpoint")
+    refuse_unwritable(tree, request, "a DCP folder", writable)
+    request.notes.extend(notes_for(tree))
+    # the tree as DCP will give it back (string keys, no empty dicts), so its digest is the one a reader finds
+    tree = as_dcp_returns(to_plain_tree(tree, request.notes))
+    if refresh_digest(tree, request.source):
+        request.notes.append("content digest recomputed for the tree as DCP returns it")
+    if request.world_size == 1:
+        request.notes.append("DCP: torch's API holds the whole state dict in memory while saving")
+        with atomic_folder(request.out, verify=request.check_folder, replace=request.replace) as tmp:
+            write_single(materialise(tree), tmp)
+        return
+    plain = temp_path(request.out, "plain")
+    try:
+        torchzip.write_file(tree, plain, request.source)  # streamed; each rank maps it and takes its shards
+        with atomic_folder(request.out, verify=request.check_folder, replace=request.replace) as tmp:
+            write_sharded(plain, tmp, request.world_size)
+    finally:
+        plain.unlink(missing_ok=True)
+    request.notes.append(f"DCP: written by {request.world_size} gloo processes, tensors sharded along dim 0 (DTensor)")

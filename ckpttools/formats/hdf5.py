@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ckpttools.atomic import atomic_path
 from ckpttools.errors import NotACheckpoint
-from ckpttools.formats.base import Checkpoint
+from ckpttools.formats.base import Checkpoint, WriteRequest, refuse_unwritable, to_plain_tree
 from ckpttools.report import ERROR, Finding
 from ckpttools.tensors import DTYPES, FROM_NUMPY, DType, LazyTensor, StorageRef, contiguous_strides
 
@@ -347,3 +348,12 @@ def _write_tensor(group, name: str, t: LazyTensor, chunks: Iterable[bytes], comp
             start += rows
     if start != shape[0] or pending:
         raise OSError(f"tensor {name}: {start} of {shape[0]} rows written")
+
+
+def write_converted(tree: Any, request: WriteRequest) -> None:
+    """`ckpt convert`'s entry (formats/base.py): every tensor of a dtype HDF5 carries (natively or as bits),
+    objects as their plain data (noted)."""
+    refuse_unwritable(tree, request, "HDF5")
+    tree = to_plain_tree(tree, request.notes)
+    with atomic_path(request.out, replace=request.replace) as tmp:  # h5py writes to a path, not a file object
+        write_hdf5(tree, tmp, request.source.tensor_chunks, request.compress, request.on_bytes)

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from ckpttools.errors import NotACheckpoint
-from ckpttools.formats.base import CHUNK, Checkpoint
+from ckpttools.atomic import atomic_write
+from ckpttools.errors import FormatLimit, NotACheckpoint
+from ckpttools.formats.base import CHUNK, Checkpoint, WriteRequest, refuse_unwritable
 from ckpttools.report import ERROR, Finding
 from ckpttools.tensors import FROM_SAFETENSORS, DType, LazyTensor, StorageRef, contiguous_strides
 
@@ -189,3 +190,19 @@ def write_safetensors(
                 on_bytes(len(block))
         if written != t.nbytes:
             raise OSError(f"tensor {name}: {written} bytes read, {t.nbytes} expected")
+
+
+def write_converted(weights: dict, request: WriteRequest) -> None:
+    """`ckpt convert`'s entry (formats/base.py): named tensors only (the caller picks the weights); anything
+    else, or a dtype safetensors has no code for, is refused with every name."""
+    refuse_unwritable(weights, request, "safetensors", writable)
+    held = [k for k, v in weights.items() if not isinstance(v, LazyTensor)]
+    if held:
+        raise FormatLimit(
+            f"{request.input_name}: safetensors holds named tensors only, and {len(held)} weight "
+            f"entr{'y' if len(held) == 1 else 'ies'} hold tensors inside a container: "
+            f"{', '.join(held[:8])}; nothing written (.pt keeps them)",
+            held,
+        )
+    with atomic_write(request.out, replace=request.replace) as f:
+        write_safetensors(weights, f, request.source.tensor_chunks, request.metadata, request.on_bytes)

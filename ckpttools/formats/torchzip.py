@@ -40,7 +40,7 @@ from typing import IO, Any
 from ckpttools.atomic import atomic_write
 from ckpttools.errors import OtherArchive
 from ckpttools.formats import pt2, ziprecords
-from ckpttools.formats.base import Checkpoint, storage_from_pid
+from ckpttools.formats.base import Checkpoint, WriteRequest, storage_from_pid
 from ckpttools.objects import Placeholder, Reference, is_placeholder
 from ckpttools.pickle.scan import looks_like_pickle, scan_pickle
 from ckpttools.report import ERROR, WARNING, Finding
@@ -511,3 +511,8 @@ def write_file(
     ``replace=False``: an ``out`` that appears meanwhile is never overwritten."""
     with atomic_write(out, replace=replace) as f:
         write_torch_zip(tree, f, source.storage_chunks, location=location, on_bytes=on_bytes)
+
+
+def write_converted(tree: Any, request: WriteRequest) -> None:
+    """`ckpt convert`'s entry (formats/base.py): the whole tree, every tensor kind, streamed."""
+    write_file(tree, request.out, request.source, on_bytes=request.on_bytes, replace=request.replace)

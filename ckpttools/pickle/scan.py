@@ -178,10 +178,47 @@ def _need(buf: bytes, pos: int, n: int, what: str) -> None:
         raise ValueError(f"expected {n} bytes in {what}, but only {max(0, len(buf) - pos)} remain")
 
 
+class _Memo:
+    """The unpickler's memo (key -> value) as pickles use it: the keys 0, 1, 2, ... in order in a list (a torch
+    state dict of 200,000 tensors writes 1.6 million of them: 13 MB as a list, over 100 MB as a dict), any other
+    key in a dict.  The list never has holes; a key in both is the list's (written later)."""
+
+    __slots__ = ("seq", "other", "uncovered")
+
+    def __init__(self):
+        self.seq: list = []
+        self.other: dict = {}
+        self.uncovered = 0  # keys of ``other`` the list has not reached: len(memo) = len(seq) + uncovered
+
+    def __len__(self) -> int:
+        return len(self.seq) + self.uncovered
+
+    def put(self, key: int, value) -> None:
+        seq, other = self.seq, self.other
+        if 0 <= key < len(seq):
+            seq[key] = value
+        elif key == len(seq):
+            if key in other:
+                self.uncovered -= 1
+            seq.append(value)
+        else:
+            if key not in other:
+                self.uncovered += 1
+            other[key] = value
+
+    def get(self, key: int):
+        if 0 <= key < len(self.seq):
+            return self.seq[key]
+        if key in self.other:
+            return self.other[key]
+        raise ValueError(f"memo key {key} read before it was written")
+
+
 def _walk(buf: bytes, result: PickleScan) -> int:
     """Model every opcode on the stack; returns the offset just after STOP."""
     stack: list = []
-    memo: dict = {}
+    memo = _Memo()
+    seq, other = memo.seq, memo.other  # the common cases inline below: key == len(seq), nothing out of order
     called_plainly: dict[int, Global] = {}
     push, size, pos = stack.append, len(buf), 0
     uint4 = _LEN["<I"].unpack_from
@@ -194,14 +231,18 @@ def _walk(buf: bytes, result: PickleScan) -> int:
         if op == 0x72:  # LONG_BINPUT (in order of how often torch's pickles use them)
             if not stack:
                 raise IndexError("list index out of range")
-            memo[uint4(buf, pos)[0]] = stack[-1]  # struct.error when cut off
+            key = uint4(buf, pos)[0]  # struct.error when cut off
+            if key == len(seq) and not other:
+                seq.append(stack[-1])
+            else:
+                memo.put(key, stack[-1])
             pos += 4
         elif op == 0x71:  # BINPUT
             if pos >= size:
                 raise ValueError("pickle exhausted in BINPUT")
             if not stack:
                 raise IndexError("list index out of range")
-            memo[buf[pos]] = stack[-1]
+            memo.put(buf[pos], stack[-1])
             pos += 1
         elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
             n = 1 if op == 0x68 else 4
@@ -209,9 +250,7 @@ def _walk(buf: bytes, result: PickleScan) -> int:
                 raise ValueError("pickle exhausted in GET")
             key = buf[pos] if n == 1 else uint4(buf, pos)[0]
             pos += n
-            if key not in memo:
-                raise ValueError(f"memo key {key} read before it was written")
-            push(memo[key])
+            push(seq[key] if key < len(seq) else memo.get(key))
         elif op == 0x4B:  # BININT1
             pos += 1
             if pos > size:
@@ -276,7 +315,7 @@ def _walk(buf: bytes, result: PickleScan) -> int:
         elif op == 0x94:  # MEMOIZE
             if not stack:
                 raise IndexError("list index out of range")
-            memo[len(memo)] = stack[-1]
+            memo.put(len(memo), stack[-1])
         elif op in sized:
             length = _LEN[sized[op]]
             _need(buf, pos, length.size, "a length")
@@ -294,7 +333,7 @@ def _walk(buf: bytes, result: PickleScan) -> int:
             pos = _rare(op, buf, pos, stack, memo, result)
 
 
-def _rare(op: int, buf: bytes, pos: int, stack: list, memo: dict, result: PickleScan) -> int:
+def _rare(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: PickleScan) -> int:
     """Opcodes a torch checkpoint seldom or never uses; returns the new position."""
     if op in _LINE_OPCODES:
         f = io.BytesIO(buf)
@@ -309,13 +348,11 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: dict, result: Pickle
         elif name == "PERSID":
             stack.append(UNKNOWN)
         elif name == "GET":
-            if int(arg) not in memo:
-                raise ValueError(f"memo key {arg} read before it was written")
-            stack.append(memo[int(arg)])
+            stack.append(memo.get(int(arg)))
         elif name == "PUT":
             if not stack:
                 raise IndexError("list index out of range")
-            memo[int(arg)] = stack[-1]
+            memo.put(int(arg), stack[-1])
         elif name == "GLOBAL":
             module, _, attr = arg.partition(" ")
             ref = normalise(module, attr)

@@ -49,7 +49,7 @@ def test_sync_and_async_saves_write_the_same_run(reference_run, tiny_data, tmp_p
 
 
 def _start(args: list[str], cwd, env: dict | None = None) -> subprocess.Popen:
-    full = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "fuse_train", *args],
         cwd=cwd,

@@ -36,7 +36,7 @@ class Job:
     """``setsid fuse-train ...``: a process group of its own, as a scheduler's job is; stdout read line by line."""
 
     def __init__(self, argv: list[str], cwd: Path, env: dict | None = None):
-        full = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **(env or {})}
+        full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             argv, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
         )

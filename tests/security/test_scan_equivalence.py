@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,3 +99,32 @@ def test_same_verdicts_on_plain_pickles_of_every_protocol():
     value["self"] = value["a"]  # memo reuse
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         _same_verdict(pickle.dumps(value, protocol))
+
+
+# the memo as the scan keeps it (a list for keys in order, a dict for the rest) against a plain dict: keys in order,
+# repeated, out of order, negative (text-protocol PUT/GET take any integer) and MEMOIZE's len(memo)
+memo_ops = st.lists(
+    st.tuples(st.sampled_from(["put", "get", "memoize"]), st.one_of(st.integers(-3, 40), st.just(None))),
+    max_size=80,
+)
+
+
+@given(memo_ops)
+def test_the_scans_memo_behaves_as_a_dict(ops):
+    from ckpttools.pickle.scan import _Memo
+
+    memo, plain = _Memo(), {}
+    for i, (op, key) in enumerate(ops):
+        key = len(memo.seq) if key is None else key  # the common case: the next key in order
+        if op == "memoize":
+            key = len(plain)
+            assert len(memo) == key
+        if op in ("put", "memoize"):
+            memo.put(key, i)
+            plain[key] = i
+        elif key in plain:
+            assert memo.get(key) == plain[key]
+        else:
+            with pytest.raises(ValueError, match="read before it was written"):
+                memo.get(key)
+        assert len(memo) == len(plain)
