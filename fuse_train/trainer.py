@@ -175,6 +175,7 @@ class Trainer(CheckpointingMixin):
         self.stop_grace, self.log_interval = stop_grace, log_interval
         self._save_seconds: float | None = None  # the latest .pt write, measured by the writer
         self._grace_checked = False
+        self._requested_save_step: int | None = None  # SIGUSR1 on an epoch's last step (_train_epoch)
         # Test hook: behave as if Ctrl-C arrived during optimizer step N (so tests can stop at an exact step).
         stop_at = os.environ.get("FUSE_TRAIN_STOP_AFTER_STEP")
         self._stop_after_step = int(stop_at) if stop_at else None
@@ -312,8 +313,9 @@ class Trainer(CheckpointingMixin):
                     if save_now
                     else None
                 )
-            elif save_now:
-                self.signals.save_requested = False  # the epoch-end save below is the requested one
+            elif save_now:  # the epoch-end save is the requested one, and says so once it is written
+                self.signals.save_requested = False
+                self._requested_save_step = self.global_step
         progress.close()
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -379,11 +381,19 @@ class Trainer(CheckpointingMixin):
         period = self.cfg.save_period > 0 and self.epoch % self.cfg.save_period == 0
         if self.epoch >= self.cfg.epochs:
             self.finished = True
+        log_epoch = self._epoch_logger(self.global_step, epoch_scalars)
+        requested, self._requested_save_step = self._requested_save_step, None
+
+        def published() -> None:
+            log_epoch()
+            if requested is not None:  # SIGUSR1 on the epoch's last step: this is the save it asked for
+                self.log(f"saved {self.last_path.name} at step {requested} (SIGUSR1)")
+
         path = self.save(
             best=improved,
             period=period,
             wait=self.finished or self._stop_signal is not None,
-            published=self._epoch_logger(self.global_step, epoch_scalars),
+            published=published,
         )
         self._check_stop_fits_grace(seconds / max(1, self.sampler.steps_per_epoch))
         return path

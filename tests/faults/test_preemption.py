@@ -336,3 +336,15 @@ def test_two_torchrun_agents_with_c10d_rendezvous_continue_the_run_bitwise(ddp_r
     assert all(a.returncode == 0 for a in agents), "\n----\n".join(o[-3000:] for o in outs)
     assert kills >= 1
     _assert_final_is_the_reference(ddp_reference, tmp_path, kills)
+
+
+@pytest.mark.slow
+def test_sigusr1_on_an_epochs_last_step_is_answered_by_the_epoch_end_save(tiny_data, tmp_path):
+    """The epoch-end save is the one a SIGUSR1 on the epoch's last step asked for: it must still say so (the
+    user was told "saving last.pt at the end of this step"), once, naming the step, and training goes on."""
+    args = ["--data", str(tiny_data), *TINY]
+    proc = run_train(args, tmp_path, env={"FUSE_TRAIN_SIGNAL_AFTER_STEP": "USR1:4"})  # 4 steps an epoch
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    assert out.count("SIGUSR1 received") == 1 and out.count("saved last.pt at step 4 (SIGUSR1)") == 1, out
+    assert load(_exp(tmp_path) / "weights" / "last.pt")["progress"]["finished"]
