@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    store: Any = field(default=None, repr=False, compare=False)  # this attempt's own store (_attempt_store)
 
     @property
     def is_main(self) -> bool:
@@ -29,14 +32,15 @@ def init_distributed(use_cuda: bool) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(info.local_rank)
-        store = _attempt_store(world, info.rank)
-        own_store = {} if store is None else {"store": store, "rank": info.rank, "world_size": world}
-        dist.init_process_group("nccl" if use_cuda else "gloo", **own_store)
-    return info
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return DistInfo(rank, world, local_rank)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    store = _attempt_store(world, rank)
+    own_store = {} if store is None else {"store": store, "rank": rank, "world_size": world}
+    dist.init_process_group("nccl" if use_cuda else "gloo", **own_store)
+    return DistInfo(rank, world, local_rank, store)
 
 
 def _attempt_store(world: int, rank: int):
@@ -106,6 +110,22 @@ def rank0_copies(tensors: dict[str, torch.Tensor], info: DistInfo) -> dict[str, 
     return copies
 
 
+CLOSE_WAIT = timedelta(seconds=10)
+
+
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group.  Where rank 0's process hosts this attempt's store, it stays up until every other
+    rank has closed its group: a rank still using the store while its host exits can abort ("terminate called
+    without an active exception", seen once in CI).  Never blocks past ``CLOSE_WAIT`` (a rank may be gone)."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    if info.store is None:
+        return
+    try:
+        if info.rank == 0:
+            info.store.wait([f"fuse_train/closed/{r}" for r in range(1, info.world_size)], CLOSE_WAIT)
+        else:
+            info.store.set(f"fuse_train/closed/{info.rank}", "1")
+    except Exception:  # noqa: BLE001 - a rank that died or a host already gone: nothing left to wait for
+        pass

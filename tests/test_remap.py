@@ -137,6 +137,11 @@ def test_two_processes_remapped_to_one(ddp_reference, ddp_interrupted, tmp_path)
     proc = run_train(["--resume", str(run / "weights" / "last.1gpu.pt")], tmp_path)  # no --allow-change needed
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     _check_remapped_run(run, ddp_reference, 1)
+    # issue 24: every save after the remap verifies, and the audit names the remap and judges the run whole
+    for path in sorted((run / "weights").glob("*.pt")):
+        assert not verify(path).errors, path.name
+    audit = CliRunner().invoke(ckpt, ["audit", str(run)])
+    assert audit.exit_code == 0 and "remap" in audit.output, audit.output
 
 
 @pytest.mark.slow
