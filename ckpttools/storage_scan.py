@@ -154,14 +154,14 @@ class StorageScanner:
             result = StorageResult(len(block), ziprecords.crc32(block), 0, True, xxh3_128_digest(block))
             out.append((ref, result))
             total += len(block)
-            itemsize = DType(ref.dtype).itemsize
-            if DType(ref.dtype).info.exponent_mask is not None:
-                # whole items only, so that joined blocks stay aligned; a damaged odd size is counted alone
-                (floats[ref.dtype] if len(block) % itemsize == 0 else floats[(ref.dtype, id(ref))]).append(
-                    (result, block)
-                )
-        for key, found in floats.items():
-            dtype = key if isinstance(key, str) else key[0]
+            info = DType(ref.dtype).info
+            if info.exponent_mask is None:
+                continue
+            if len(block) % info.itemsize:  # a damaged odd size: counted alone (joined, it would shift the rest)
+                result.nonfinite = count_nonfinite(block, ref.dtype)
+            else:
+                floats[ref.dtype].append((result, block))
+        for dtype, found in floats.items():
             if count_nonfinite(b"".join(block for _, block in found), dtype):
                 for result, block in found:
                     result.nonfinite = count_nonfinite(block, dtype)

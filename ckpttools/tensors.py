@@ -101,7 +101,7 @@ class DType(str):
 
     @property
     def itemsize(self) -> int:
-        return self.info.itemsize
+        return _itemsize(self)
 
 
 @dataclass(slots=True)  # slots: a checkpoint may hold hundreds of thousands (less memory, faster attributes)
@@ -120,6 +120,8 @@ class StorageRef:
 
 
 def _itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name (1 for one this table lacks, as ``DType.info``): without making a DType,
+    which the per-tensor paths call hundreds of thousands of times."""
     info = DTYPES.get(dtype)
     return info.itemsize if info is not None else 1
 

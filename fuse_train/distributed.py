@@ -116,7 +116,7 @@ CLOSE_WAIT = timedelta(seconds=10)
 def shutdown(info: DistInfo) -> None:
     """Leave the process group.  Where rank 0's process hosts this attempt's store, it stays up until every other
     rank has closed its group: a rank still using the store while its host exits can abort ("terminate called
-    without an active exception", seen once in CI).  Never blocks past ``CLOSE_WAIT`` (a rank may be gone)."""
+    without an active exception", seen under the test suite).  Never blocks past ``CLOSE_WAIT`` (a rank may be gone)."""
     if not (info.enabled and dist.is_initialized()):
         return
     dist.destroy_process_group()

@@ -389,9 +389,11 @@ def _check_entry(src: _Window, size: int, fields, name_bytes: bytes, extra: byte
                 "zip.header-mismatch", f"local header and central directory disagree on {', '.join(mismatched)}", name
             )
         )
-    intact_padding = (
-        l_extra[:2] == PADDING_TAG and len(l_extra) == 4 + int.from_bytes(l_extra[2:4], "little")
-    ) and not l_extra[4:].strip(b"Z")
+    intact_padding = (  # torch's one padding block, all 'Z': the common case, nothing to split
+        l_extra[:2] == PADDING_TAG
+        and len(l_extra) == 4 + int.from_bytes(l_extra[2:4], "little")
+        and not l_extra[4:].strip(b"Z")
+    )
     if l_extra and not intact_padding:
         blocks = _extra_blocks(l_extra)
         if blocks is None:

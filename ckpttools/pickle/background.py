@@ -18,6 +18,7 @@ process, never a byte of the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -39,12 +40,11 @@ class PendingScan:
 
     def __del__(self):  # never asked for (the command failed first): stop the child rather than leave it
         if self._result is None and self._pid:
-            try:
-                os.kill(self._pid, signal.SIGKILL)
-                os.waitpid(self._pid, 0)
+            for step in (lambda: os.kill(self._pid, signal.SIGKILL), lambda: os.waitpid(self._pid, 0)):
+                with contextlib.suppress(OSError):  # each on its own: a child already gone is still reaped
+                    step()
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
-            except OSError:
-                pass
 
     def result(self) -> PickleScan:
         if self._result is None:

@@ -45,12 +45,30 @@ class _RunsCode:
         return (os.system, ("echo pwned",))
 
 
+# loads a pickle with plain pickle in a fresh interpreter, os.system replaced by a recorder: what it would run
+LIVE = r"""
+import pickle, posix, sys
+ran = []
+posix.system = ran.append  # what GLOBAL posix.system resolves to; the real one is never called
+pickle.loads(open(sys.argv[1], "rb").read())
+print(ran)
+"""
+
+
+def _runs_under_plain_pickle(path: Path) -> str:
+    proc = subprocess.run([sys.executable, "-c", LIVE, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def _big_pickle(tmp_path: Path, harmful: bool) -> Path:
     payload = [list(range(1_200_000)), {"x": (1, "two", 3.0)}]
     if harmful:
         payload.append(_RunsCode())
     path = tmp_path / ("harmful.pkl" if harmful else "plain.pkl")
     path.write_bytes(pickle.dumps(payload, protocol=2))
+    # the harmful one is live: plain pickle calls os.system with its command (the harmless one calls nothing)
+    assert _runs_under_plain_pickle(path) == ("['echo pwned']" if harmful else "[]")
     return path
 
 
@@ -69,8 +87,13 @@ def test_verify_of_a_large_harmful_torch_file_fails_with_the_child_scanning(tmp_
     torch = pytest.importorskip("torch")
     path = tmp_path / "big.pt"
     torch.save({"weights": torch.zeros(4), "steps": list(range(1_200_000)), "hook": _RunsCode()}, path)
-    # the pickle really would run code: plain pickle reaches os.system (checked on the global, not by running it)
-    assert b"system" in path.read_bytes() and b"posix" in path.read_bytes()
+    # the pickle really would run code: torch.load(weights_only=False) reaches os.system (recorded, not run)
+    live = (
+        "import posix, sys, torch; ran = []; posix.system = ran.append; "
+        "torch.load(sys.argv[1], weights_only=False); print(ran)"
+    )
+    proc = subprocess.run([sys.executable, "-c", live, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "['echo pwned']", proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "ckpttools.cli", "verify", str(path), "--json"],
         capture_output=True,
