@@ -3,6 +3,11 @@ ckpttools.integrations.ultralytics.  Genuine Ultralytics (dev extra), CPU, the t
 cut right after epoch 2's save, then ``resume=True``.
 
     python bench/ultralytics_resume.py
+    python bench/ultralytics_resume.py --yolofuse PATH/TO/YOLOFuse   # YOLOFuse's own trainer (8.3.74 fork), RGB+IR
+
+With ``--yolofuse`` the runs use YOLOFuse's checkout (not on PyPI: ``git clone https://github.com/WangQvQ/YOLOFuse``)
+through fixtures/yolofuse_driver.py: its Mid-level-Feature-Fusion model at scale n, ``ch=6``, a tiny RGB+IR set in
+its layout; what its 8.3 base needs comes from fixtures/ultralytics83_site.py's cached folder.
 
 Prints, per setting: the largest difference in any epoch's train losses (results.csv), and the largest
 difference in the final weights (the stripped last.pt's model, i.e. the fp16 EMA every Ultralytics user ships).
@@ -12,6 +17,7 @@ counter of its accumulation window is a local variable of its training loop that
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import subprocess
@@ -22,14 +28,34 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DRIVER = [sys.executable, str(ROOT / "fixtures" / "ultralytics_driver.py")]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+sys.path.insert(0, str(ROOT))
 
 
-def drive(*args: str) -> None:
-    proc = subprocess.run([*DRIVER, *args], capture_output=True, text=True, env=ENV)
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
+class Runs:
+    """Drives one trainer's runs in subprocesses: genuine Ultralytics 8.4 (the dev extra), or YOLOFuse."""
+
+    def __init__(self, yolofuse: Path | None):
+        self.yolofuse = yolofuse
+        if yolofuse is None:
+            self.driver, path = [sys.executable, str(ROOT / "fixtures" / "ultralytics_driver.py")], str(ROOT)
+        else:
+            from fixtures.ultralytics83_site import ensure_site
+
+            self.driver = [sys.executable, str(ROOT / "fixtures" / "yolofuse_driver.py"), "--yolofuse", str(yolofuse)]
+            path = os.pathsep.join([str(ensure_site()), str(ROOT)])
+        self.env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+    def __call__(self, *args: str) -> None:
+        proc = subprocess.run([*self.driver, *args], capture_output=True, text=True, env=self.env)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+
+    def final_weights(self, run: Path) -> dict:
+        last = run / "weights" / "last.pt"
+        if self.yolofuse is None:
+            return torch.load(last, map_location="cpu", weights_only=False)["model"].state_dict()
+        self("weights", str(last), str(run / "final-weights.pt"))
+        return torch.load(run / "final-weights.pt", weights_only=True)
 
 
 def losses(run: Path) -> list[list[float]]:
@@ -39,11 +65,10 @@ def losses(run: Path) -> list[list[float]]:
     ]
 
 
-def final_weights(run: Path) -> dict:
-    return torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)["model"].state_dict()
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--yolofuse", type=Path, help="a YOLOFuse checkout: bench its trainer instead of Ultralytics")
+    drive = Runs(parser.parse_args(argv).yolofuse)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         drive("data", str(tmp / "ds"))
@@ -58,7 +83,7 @@ def main() -> int:
                 drive("resume", str(tmp / f"{name}-cut" / "weights" / "last.pt"), *safe)
                 la, lb = losses(tmp / f"{name}-full"), losses(tmp / f"{name}-cut")
                 diff = [max(abs(x - y) for x, y in zip(ra, rb)) for ra, rb in zip(la, lb)]
-                wa, wb = final_weights(tmp / f"{name}-full"), final_weights(tmp / f"{name}-cut")
+                wa, wb = drive.final_weights(tmp / f"{name}-full"), drive.final_weights(tmp / f"{name}-cut")
                 wdiff = max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
                 print(f"| {label} | {nbs} | {max(diff[:2]):.5f} | {max(diff[2:]):.5f} | {wdiff:.3g} |")
     return 0

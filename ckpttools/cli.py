@@ -488,6 +488,8 @@ def _bytes_callback(progress):
 @click.option("--scale")
 @click.option("--img-size", type=IMG_SIZE, help="Input size (Ultralytics: imgsz).")
 @click.option("--model", help="Ultralytics: the model YAML the resume would name (compared by file name).")
+@click.option("--ch", type=click.IntRange(min=1), help="YOLOFuse: input channels (6 = RGB + infrared, 3 = RGB).")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Ultralytics: share of training images.")
 @click.option("--allow-change", default="", metavar="FIELDS", help="Comma-separated fields allowed to differ.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @_handle_errors("preflight")

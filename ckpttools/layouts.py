@@ -15,6 +15,7 @@ from typing import Any
 from ckpttools.objects import Placeholder
 from ckpttools.tensors import TENSOR_TYPES, LazyTensor
 from ckpttools.trainers import fuse_train_schema as F
+from ckpttools.trainers.yolofuse_schema import is_yolofuse
 
 # ---- wrapper prefixes: the one definition ------------------------------------------------------------------
 DDP_PREFIX, COMPILE_PREFIX = "module.", "_orig_mod."
@@ -39,8 +40,9 @@ def with_ddp_prefix(name, add: bool):
     return name[len(DDP_PREFIX) :] if name.startswith(DDP_PREFIX) else name
 
 
-FUSE_TRAIN, ULTRALYTICS, LIGHTNING, HF, STATE_DICT, DCP_LAYOUT, UNKNOWN = (
+FUSE_TRAIN, YOLOFUSE, ULTRALYTICS, LIGHTNING, HF, STATE_DICT, DCP_LAYOUT, UNKNOWN = (
     "fuse-train",
+    "yolofuse",
     "ultralytics",
     "lightning",
     "huggingface",
@@ -100,6 +102,10 @@ def _ultralytics(tree: dict) -> bool:
     )
 
 
+def _yolofuse(tree: dict) -> bool:
+    return _ultralytics(tree) and is_yolofuse(tree)
+
+
 def _generic(tree: dict) -> bool:
     return any(_holds_weights(tree.get(k)) for k in WEIGHT_KEYS + ("ema",))
 
@@ -138,8 +144,23 @@ FILE_LAYOUTS: tuple[Layout, ...] = (
         recognise=_lightning,
     ),
     Layout(
+        YOLOFUSE,
+        "YOLOFuse (RGB+IR fork of Ultralytics 8.3.74; resumable and stripped)",
+        ("epoch", "model"),
+        (),
+        ("ema", "model"),
+        "optimizer",
+        "ema",
+        None,
+        "scaler",
+        "epoch",
+        None,
+        "train_args",
+        recognise=_yolofuse,
+    ),
+    Layout(
         ULTRALYTICS,
-        "Ultralytics YOLOv8 / YOLO11 / YOLOFuse (resumable and stripped)",
+        "Ultralytics YOLOv8 / YOLO11 (resumable and stripped)",
         ("epoch", "model"),
         (),
         ("ema", "model"),
@@ -380,8 +401,12 @@ def markdown_table() -> str:
         rule = " + ".join(f"`{k}`" for k in x.required) or "-"
         if x.any_of:
             rule += " + one of " + ", ".join(f"`{k}`" for k in x.any_of)
-        if x.recognise is not None and not x.required:
-            rule = {GENERIC: "a dict of tensors or a pickled module under one of the weight keys"}.get(x.name, rule)
+        if x.recognise is not None:
+            rule = {
+                GENERIC: "a dict of tensors or a pickled module under one of the weight keys",
+                ULTRALYTICS: f"{rule} + `train_args` or a pickled `ultralytics` model",
+                YOLOFUSE: f"{rule} as Ultralytics + YOLOFuse's input modules or its `train_args.ch`",
+            }.get(x.name, rule)
         if x.name == STATE_DICT:
             rule = "every value a tensor"
         weights = ", ".join(f"`{k}`" for k in x.weights if k) or "the whole file"

@@ -192,6 +192,8 @@ def render_inspect(summary: dict, console: Console) -> None:
             if v is not None
         )
     )
+    for label, text in (summary.get("model") or {}).items():  # what the trainer says about its model
+        console.print(f"  {label}: {escape(text)}")
     if summary.get("bytes_by_dtype"):
         console.print(
             "  bytes by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in summary["bytes_by_dtype"].items())

@@ -68,7 +68,7 @@ def test_moved_identical_dataset_is_a_note():
 
 
 def test_unknown_allow_field_is_refused():
-    with pytest.raises(UnknownField, match="known: data, batch"):
+    with pytest.raises(UnknownField, match="known: data, fraction, batch"):
         parse_allow("batch,colour")
 
 
@@ -83,4 +83,4 @@ def test_a_checkpoint_without_a_run_record_is_refused_naming_the_trainers_that_k
     torch.save({"model": {"w": torch.zeros(2)}}, path)
     result = CliRunner().invoke(ckpt, ["preflight", str(path), "--batch", "8"])
     assert result.exit_code == 2
-    assert "preflight needs a checkpoint of fuse-train or Ultralytics)" in result.output, result.output
+    assert "preflight needs a checkpoint of fuse-train, YOLOFuse or Ultralytics)" in result.output, result.output

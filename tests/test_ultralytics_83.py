@@ -14,33 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import ultralytics83_site
 from tests.test_ultralytics import _losses, _state
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "fixtures" / "ultralytics_driver.py"
-VERSION = "8.3.74"  # the version YOLOFuse's repository pins
-PACKAGES = [f"ultralytics=={VERSION}", "tqdm", "pandas", "python-dateutil", "pytz", "tzdata"]
-CACHE = (
-    Path(os.environ.get("CKPTTOOLS_TEST_CACHE", Path.home() / ".cache" / "ckpttools-tests")) / f"ultralytics-{VERSION}"
-)
+VERSION = ultralytics83_site.VERSION
 
 
 @pytest.fixture(scope="module")
 def site() -> Path:
-    if not (CACHE / "ultralytics" / "__init__.py").is_file():
-        # --no-deps: torch, numpy and the rest come from this environment, as they would in YOLOFuse's
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(CACHE), *PACKAGES],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, (
-            f"could not install Ultralytics {VERSION} from the registry:\n{proc.stderr[-2000:]}"
-        )
-    return CACHE
+    try:
+        return ultralytics83_site.ensure_site()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def drive(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -39,6 +39,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "layout": layout,
         "epoch": tree.get("epoch") if isinstance(tree, dict) else None,
         "position": rules_for(layout).position(tree) if isinstance(tree, dict) else None,
+        "model": rules_for(layout).describe(tree) if isinstance(tree, dict) else {},
         "step": _step(tree),
         "best_fitness": tree.get("best_fitness") if isinstance(tree, dict) else None,
         "run_arguments": _run_arguments(tree, layout),

@@ -24,6 +24,7 @@ from ckpttools.trainers.registry import rules_for, run_record_trainers
 # field -> (group, why it matters).  Order is the order of the table.
 RULES: dict[str, tuple[str, str]] = {
     "data": ("data", "a different dataset makes the curves incomparable"),
+    "fraction": ("data", "the share of the training images used"),
     "batch": ("batch", "the global batch sets the gradient noise and the per-step learning rate"),
     "world-size": ("batch", "a different number of processes splits batches and RNG streams differently"),
     "lr0": ("learning rate", "initial learning rate"),
@@ -37,6 +38,7 @@ RULES: dict[str, tuple[str, str]] = {
     "fusion": ("model", "model structure"),
     "scale": ("model", "model width and depth"),
     "nc": ("model", "number of classes"),
+    "ch": ("model", "input channels: 6 = RGB + infrared, 3 = RGB only"),
     "img-size": ("model", "input size"),
     "model": ("model", "fingerprint over parameter names and shapes"),
 }

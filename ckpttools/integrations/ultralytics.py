@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ckpttools import layouts as L
 from ckpttools.atomic import atomic_write, copy_into_place, keep_previous, temp_path
 from ckpttools.commands.preflight import parse_allow, preflight, requested_fields
 from ckpttools.digest import DIGEST_ALGORITHM, DIGEST_KEY, lazy_digest, refresh_digest
@@ -48,6 +49,7 @@ from ckpttools.formats.registry import open_checkpoint
 from ckpttools.tensors import TensorSource
 from ckpttools.trainers import ultralytics as U
 from ckpttools.trainers.base import now
+from ckpttools.trainers.registry import rules_for
 
 STATE_KEY, RECORD_KEY = "ckpttools_state", "ckpttools"
 ALLOW_ENV = "CKPTTOOLS_ALLOW_CHANGE"
@@ -358,8 +360,9 @@ def _preflight_resume(last: Path, overrides: dict, allow: set[str]) -> tuple[lis
     """Block a resume that would change the run; return the checkpoint's history plus this resume's event, and
     the data record the run started with."""
     tree = open_checkpoint(last).tree
-    recorded = U.record_of_checkpoint(tree)
-    by_key = {key: field for field, key in U.FIELDS.items()}
+    rules = rules_for(L.recognise(tree))  # Ultralytics' or YOLOFuse's (which also compares ``ch``)
+    recorded = rules.run_record(tree) or U.record_of_checkpoint(tree)
+    by_key = {key: field for field, key in getattr(rules, "fields", U.FIELDS).items()}
     given = {
         by_key[k].replace("-", "_"): v for k, v in overrides.items() if k in by_key and k != "model" and v is not None
     }

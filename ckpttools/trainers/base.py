@@ -38,6 +38,12 @@ class TrainerRules:
         or 'in epoch 3 of 3, step 5 of 20 (saved mid-epoch)'; None where the trainer records no such thing."""
         return None
 
+    # ---- inspect
+    def describe(self, tree: dict) -> dict[str, str]:
+        """What the trainer's checkpoint says about its model beyond the weights (YOLOFuse: its fusion and input
+        channels), as label -> text for ``inspect``; {} when nothing."""
+        return {}
+
     # ---- diff
     def sections(self, tree: Any) -> dict[str, Any] | None:
         """Section name -> the value holding its tensors (``model``, ``ema``, ``optimizer``), or None to let the

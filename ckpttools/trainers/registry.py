@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ckpttools.trainers import fuse_train, lightning, ultralytics
+from ckpttools.trainers import fuse_train, lightning, ultralytics, yolofuse
 from ckpttools.trainers.base import GENERIC, TrainerRules
 
-TRAINERS: tuple[TrainerRules, ...] = (fuse_train.RULES, ultralytics.RULES, lightning.RULES)
+TRAINERS: tuple[TrainerRules, ...] = (fuse_train.RULES, yolofuse.RULES, ultralytics.RULES, lightning.RULES)
 BY_LAYOUT = {rules.layout: rules for rules in TRAINERS}
 
 
@@ -15,11 +15,16 @@ def rules_for(layout: str | None) -> TrainerRules:
 
 
 def run_folder_trainers() -> str:
-    """'fuse-train or Ultralytics': the trainers whose run folders `ckpt audit` reads, for messages."""
-    return " or ".join(r.title for r in TRAINERS if r.run_folders)
+    """'fuse-train, YOLOFuse or Ultralytics': the trainers whose run folders `ckpt audit` reads, for messages."""
+    return _either([r.title for r in TRAINERS if r.run_folders])
 
 
 def run_record_trainers() -> str:
-    """'fuse-train or Ultralytics': the trainers whose checkpoints carry a run record the preflight compares
+    """'fuse-train, YOLOFuse or Ultralytics': the trainers whose checkpoints carry a run record the preflight compares
     (their class overrides ``run_record``), for messages."""
-    return " or ".join(r.title for r in TRAINERS if type(r).run_record is not TrainerRules.run_record)
+    return _either([r.title for r in TRAINERS if type(r).run_record is not TrainerRules.run_record])
+
+
+def _either(titles: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return " or ".join(filter(None, [", ".join(titles[:-1]), titles[-1]])) if titles else "none"

@@ -37,6 +37,7 @@ FIELDS = {
     "epochs": "epochs",
     "img-size": "imgsz",
     "model": "model",
+    "fraction": "fraction",
 }
 TRAINER = "ultralytics"
 
@@ -57,14 +58,17 @@ ON_RESUME = {
     "warmup-epochs": IGNORED,
     "epochs": IGNORED + "; a finished run cannot be extended this way",
     "model": "Ultralytics ignores it on resume: the checkpoint's model is rebuilt",
+    "fraction": IGNORED,
 }
 
 
-def record_of_checkpoint(tree: dict) -> dict[str, Any]:
+def record_of_checkpoint(tree: dict, fields: dict[str, str] = FIELDS, trainer: str = TRAINER) -> dict[str, Any]:
+    """The preflight record of an Ultralytics checkpoint: ``fields`` (preflight field -> ``train_args`` key)
+    from its run arguments, and its data's content fingerprint(s)."""
     args = tree.get("train_args")
     args = dict(args) if isinstance(args, dict) else {}
-    record: dict[str, Any] = {field: args[key] for field, key in FIELDS.items() if key in args}
-    record["trainer"] = TRAINER
+    record: dict[str, Any] = {field: args[key] for field, key in fields.items() if key in args}
+    record["trainer"] = trainer
     if "model" in record:
         record["model"] = Path(str(record["model"])).name
     data = record.get("data")
@@ -117,11 +121,15 @@ class UltralyticsRules(TrainerRules):
     layout = L.ULTRALYTICS
     title = "Ultralytics"
     run_folders = True
+    fields: dict[str, str] = FIELDS  # preflight field -> train_args key
 
     def check(self, tree: dict, report: Report) -> None:
         if tree.get("epoch") == -1:
             report.add(
-                INFO, "ultralytics.stripped", "final (stripped) Ultralytics checkpoint: no optimizer, epoch -1", "epoch"
+                INFO,
+                "ultralytics.stripped",
+                f"final (stripped) {self.title} checkpoint: no optimizer, epoch -1",
+                "epoch",
             )
 
     def position(self, tree: dict) -> str | None:
@@ -147,7 +155,9 @@ class UltralyticsRules(TrainerRules):
         return isinstance(tree.get("train_args"), dict)
 
     def run_record(self, tree: dict) -> dict[str, Any] | None:
-        return record_of_checkpoint(tree) if isinstance(tree.get("train_args"), dict) else None
+        return (
+            record_of_checkpoint(tree, self.fields, self.layout) if isinstance(tree.get("train_args"), dict) else None
+        )
 
     def requested_record(self, recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
         """The dataset is fingerprinted now even when ``--data`` is not given: Ultralytics rescans changed
