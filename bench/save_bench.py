@@ -3,6 +3,12 @@ synchronously, written by the background writer (the default), and as DCP folder
 (``--save-format dcp``).
 
     python bench/save_bench.py [--scales n,s] [--steps 120] [--every 40] [--img-size 128] [--repeats 3]
+    python bench/save_bench.py --breakdown [--scales n,s]     # where one save's time goes, and the GIL
+
+``--breakdown`` times each phase of one save (median of 5): building the state dict, the snapshot copy (the
+training thread's stall), the digest, writing the file (torch.save, and our GIL-free writer), fsync; then the
+training step's median time while a background thread keeps writing the snapshot with torch.save, and with our
+writer, against no writer (the writer thread at nice 19, as fuse-train runs it).
 
 Each configuration trains the same steps on the demo data in a fresh process (CPU, seed 0, as many epochs as
 --steps needs), every mode --repeats times, interleaved; medians are printed.  Timed inside the process: the
@@ -36,9 +42,12 @@ from fuse_train.demo import ensure_demo
 from fuse_train.trainer import Trainer
 scale, steps, every, mode, img, out = sys.argv[1:7]
 steps, every, img = int(steps), int(every), int(img)
+if mode == "async-torch.save":  # the baseline: the background writer with torch.save's own (GIL-holding) write
+    from ckpttools.formats import live_torch
+    live_torch.save = lambda tree, out: False
 cfg = RunConfig(data=str(ensure_demo()), scale=scale, epochs=1, batch=8, img_size=img, workers=0, device="cpu",
-                seed=0, async_save=(mode in ("async", "dcp")), save_format="dcp" if mode == "dcp" else "pt",
-                project=out, name=mode)
+                seed=0, async_save=(mode in ("async", "async-torch.save", "dcp")),
+                save_format="dcp" if mode == "dcp" else "pt", project=out, name=mode)
 trainer = Trainer(cfg, Path(out) / mode)
 trainer.run_dir.mkdir(parents=True, exist_ok=True)
 from fuse_train.runlog import RunLog
@@ -82,6 +91,104 @@ print({{"total_s": total, "stall_s": statistics.median(later) if later else 0.0,
 """
 
 
+BREAKDOWN = r"""
+import io, os, statistics, sys, tempfile, threading, time
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(2)
+from pathlib import Path
+from ckpttools.digest import digest_record
+from ckpttools.formats import live_torch
+from fuse_train.async_save import _lower_priority
+from fuse_train.config import RunConfig
+from fuse_train.demo import ensure_demo
+from fuse_train.runlog import RunLog
+from fuse_train.trainer import Trainer
+scale, img, out, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+cfg = RunConfig(data=str(ensure_demo()), scale=scale, epochs=1, batch=8, img_size=img, workers=0, device="cpu",
+                seed=0, project=out, name="b")
+tr = Trainer(cfg, Path(out) / "b")
+tr.run_dir.mkdir(parents=True, exist_ok=True)
+tr.runlog = RunLog(tr.run_dir, 0, {{}}, enabled=False)
+tr.train_model.train()
+batches = []
+for images, targets, _ in tr.make_loader(tr.train_set, tr.sampler):
+    batches.append((images, targets))
+    if len(batches) == 4:
+        break
+tr._step(*batches[0])
+snap = tr.snapshot.take(tr.checkpoint_dict())
+def write(writer):
+    with open(Path(out) / "f.pt", "wb") as f:
+        writer(f)
+        f.flush()
+        return f
+phases = {{k: [] for k in ("state dict", "snapshot", "digest", "torch.save", "ours", "fsync")}}
+for _ in range(5):
+    t = time.perf_counter(); state = tr.checkpoint_dict(); phases["state dict"].append(time.perf_counter() - t)
+    t = time.perf_counter(); snap = tr.snapshot.take(state); phases["snapshot"].append(time.perf_counter() - t)
+    t = time.perf_counter(); digest_record(snap); phases["digest"].append(time.perf_counter() - t)
+    t = time.perf_counter(); write(lambda f: torch.save(snap, f)); phases["torch.save"].append(time.perf_counter() - t)
+    t = time.perf_counter(); write(lambda f: live_torch.save(snap, f)); phases["ours"].append(time.perf_counter() - t)
+    fd = os.open(Path(out) / "f.pt", os.O_RDONLY)
+    t = time.perf_counter(); os.fsync(fd); phases["fsync"].append(time.perf_counter() - t); os.close(fd)
+def steps(n, writer=None):
+    times, thread = [], None
+    def loop():
+        _lower_priority()
+        write(writer)
+    for i in range(n):
+        if writer is not None and (thread is None or not thread.is_alive()):
+            thread = threading.Thread(target=loop); thread.start()
+        s = time.perf_counter(); tr._step(*batches[i % 4]); times.append(time.perf_counter() - s)
+    if thread is not None:
+        thread.join()
+    return statistics.median(times)
+steps(3)
+ratios = {{"torch.save": [], "ours": []}}
+for _ in range(rounds):  # each round: steps with no writer, then with each writer; ratios against that round
+    alone = steps(8)
+    ratios["torch.save"].append(steps(8, lambda f: torch.save(snap, f)) / alone - 1)
+    ratios["ours"].append(steps(8, lambda f: live_torch.save(snap, f)) / alone - 1)
+size = (Path(out) / "f.pt").stat().st_size
+print({{"size": size, **{{k: statistics.median(v) for k, v in phases.items()}},
+        **{{"slowdown " + k: (statistics.median(v), min(v), max(v)) for k, v in ratios.items()}}}})
+"""
+
+
+def breakdown(scale: str, img: int, rounds: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-c", BREAKDOWN.format(root=str(ROOT)), scale, str(img), tmp, str(rounds)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return eval(proc.stdout.strip().splitlines()[-1])  # our own child's dict literal
+
+
+def print_breakdown(args) -> None:
+    print(
+        "one save, median of 5 (ms); then the training step's slowdown while a background thread (nice 19) keeps "
+        f"writing the snapshot, against steps with no writer, median (min-max) over {args.repeats} alternated rounds"
+    )
+    print(
+        "| scale | MB | state dict | snapshot | digest | torch.save | ours | fsync | steps slower, torch.save "
+        "writing | steps slower, ours writing |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for scale in args.scales.split(","):
+        b = breakdown(scale, args.img_size, args.repeats)
+        ms = lambda k, b=b: f"{1000 * b[k]:.0f}"  # noqa: E731
+        pct = lambda k, b=b: "{:+.0f} % ({:+.0f} to {:+.0f})".format(*(100 * x for x in b[k]))  # noqa: E731
+        print(
+            f"| {scale} | {b['size'] / 2**20:.0f} | {ms('state dict')} | {ms('snapshot')} | {ms('digest')} | "
+            f"{ms('torch.save')} | {ms('ours')} | {ms('fsync')} | {pct('slowdown torch.save')} | "
+            f"{pct('slowdown ours')} |",
+            flush=True,
+        )
+
+
 def run(scale: str, steps: int, every: int, mode: str, img: int, out: Path) -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", CHILD.format(root=str(ROOT)), scale, str(steps), str(every), mode, str(img), str(out)],
@@ -92,7 +199,7 @@ def run(scale: str, steps: int, every: int, mode: str, img: int, out: Path) -> d
     return eval(proc.stdout.strip().splitlines()[-1])  # our own child's dict literal
 
 
-MODES = ("none", "sync", "async", "dcp")
+MODES = ("none", "sync", "async", "async-torch.save", "dcp")
 
 
 def measure(scale: str, args) -> dict[str, dict]:
@@ -103,7 +210,12 @@ def measure(scale: str, args) -> dict[str, dict]:
         for r in range(args.repeats):
             for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
                 runs[mode].append(run(scale, args.steps, args.every, mode, args.img_size, Path(tmp) / f"{mode}{r}"))
-    return {m: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for m, rs in runs.items()}
+    medians = {m: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for m, rs in runs.items()}
+    # wall-time overhead of each round's run against the same round's run without saves (paired: drift cancels)
+    for m, rs in runs.items():
+        ratios = [100 * (r["total_s"] / base["total_s"] - 1) for r, base in zip(rs, runs["none"])]
+        medians[m]["wall_overhead"] = (statistics.median(ratios), min(ratios), max(ratios))
+    return medians
 
 
 def main() -> int:
@@ -113,7 +225,11 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=40)
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every mode (medians are reported)")
+    parser.add_argument("--breakdown", action="store_true", help="where one save's time goes (see above)")
     args = parser.parse_args()
+    if args.breakdown:
+        print_breakdown(args)
+        return 0
     print(
         f"{args.steps} steps, a save every {args.every}, {args.repeats} interleaved rounds, medians; cost of a save ="
         " its stall + the steps' slowdown while the writer runs (against the same run's steps with no writer); "
@@ -125,6 +241,7 @@ def main() -> int:
         "stall s (first) | dcp / sync | overhead dcp % |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    walls = []
     for scale in args.scales.split(","):
         m = measure(scale, args)
         base, sync, asyn, dcp = m["none"], m["sync"], m["async"], m["dcp"]
@@ -140,6 +257,16 @@ def main() -> int:
             f"({dcp['first_stall_s']:.3f}) | {dcp['stall_s'] / sync['stall_s']:.2f} | {over['dcp']:.1f} |",
             flush=True,
         )
+        walls.append((scale, m))
+    print(f"\nwall time of the {args.steps} steps against the same round's run without saves, median (min-max) %:")
+    print("| scale | " + " | ".join(MODES[1:]) + " |")
+    print("|---|" + "---|" * len(MODES[1:]))
+    for scale, m in walls:
+        cells = [
+            f"{m[k]['wall_overhead'][0]:+.1f} ({m[k]['wall_overhead'][1]:+.1f} to {m[k]['wall_overhead'][2]:+.1f})"
+            for k in MODES[1:]
+        ]
+        print(f"| {scale} | " + " | ".join(cells) + " |")
     return 0
 
 

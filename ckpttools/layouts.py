@@ -6,14 +6,24 @@ and where the model weights and optimizer state are found.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckpttools.formats.folders import (  # noqa: F401 - the folder layouts, named here with the file layouts
+    ACCELERATE,
+    DCP_LAYOUT,
+    DEEPSPEED,
+    FOLDER_LAYOUTS,
+    FOLDER_NAMES,
+    HF,
+    HF_TRAINER,
+    folder_counters,
+    recognise_folder,
+)
 from ckpttools.objects import Placeholder
-from ckpttools.tensors import TENSOR_TYPES, LazyTensor
+from ckpttools.tensors import TENSOR_TYPES, LazyTensor, module_tensors
 from ckpttools.trainers import fuse_train_schema as F
 from ckpttools.trainers.yolofuse_schema import is_yolofuse
 
@@ -40,14 +50,12 @@ def with_ddp_prefix(name, add: bool):
     return name[len(DDP_PREFIX) :] if name.startswith(DDP_PREFIX) else name
 
 
-FUSE_TRAIN, YOLOFUSE, ULTRALYTICS, LIGHTNING, HF, STATE_DICT, DCP_LAYOUT, UNKNOWN = (
+FUSE_TRAIN, YOLOFUSE, ULTRALYTICS, LIGHTNING, STATE_DICT, UNKNOWN = (
     "fuse-train",
     "yolofuse",
     "ultralytics",
     "lightning",
-    "huggingface",
     "state-dict",
-    "dcp",
     "unknown",
 )
 YOLOV5, TIMM, NANOGPT, MMENGINE, DETECTRON2, TUTORIAL, GENERIC, MODULE, TORCHSCRIPT = (
@@ -62,7 +70,6 @@ YOLOV5, TIMM, NANOGPT, MMENGINE, DETECTRON2, TUTORIAL, GENERIC, MODULE, TORCHSCR
     "torchscript",
 )
 TORCH_EXPORT = "torch-export"
-HF_TRAINER, ACCELERATE, DEEPSPEED = "hf-trainer", "accelerate", "deepspeed"
 
 WEIGHT_KEYS = ("model", "state_dict", "model_state_dict", "net", "network", "module", "model_state")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt_state", "optimizer_state")
@@ -276,38 +283,6 @@ FILE_LAYOUTS: tuple[Layout, ...] = (
 )
 LAYOUTS = {layout.name: layout for layout in FILE_LAYOUTS}
 
-# Folders: (name, title, marker paths that must all exist, where the weights are)
-FOLDER_LAYOUTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
-    (DCP_LAYOUT, "torch.distributed.checkpoint folder", (".metadata",), "the .metadata plan + __*_*.distcp shards"),
-    (
-        HF_TRAINER,
-        "Hugging Face Trainer checkpoint-N/",
-        ("trainer_state.json",),
-        "model.safetensors / pytorch_model.bin; optimizer.pt, scheduler.pt, rng_state.pth; step in trainer_state.json",
-    ),
-    (
-        ACCELERATE,
-        "Accelerate save_state folder",
-        ("random_states_0.pkl",),
-        "model.safetensors / pytorch_model.bin, optimizer.bin, scheduler.bin, random_states_<rank>.pkl",
-    ),
-    (
-        DEEPSPEED,
-        "DeepSpeed checkpoint folder",
-        ("latest",),
-        "<tag>/mp_rank_*_model_states.pt, <tag>/*_optim_states.pt; the tag in `latest`",
-    ),
-    (
-        HF,
-        "Hugging Face save_pretrained (single or sharded)",
-        ("config.json",),
-        "model.safetensors or model-*-of-*.safetensors + model.safetensors.index.json (or pytorch_model*.bin)",
-    ),
-)
-
-
-FOLDER_NAMES = frozenset(name for name, *_ in FOLDER_LAYOUTS)
-
 
 def _holds_weights(value: Any) -> bool:
     if isinstance(value, dict):
@@ -356,34 +331,6 @@ def recognise_checkpoint(ckpt) -> str:
 
 def _is_ultralytics_obj(obj: Any) -> bool:
     return isinstance(obj, Placeholder) and obj._reference.module.startswith("ultralytics")
-
-
-def recognise_folder(path: Path) -> str | None:
-    """The folder layout whose markers ``path`` has (the table is ordered specific first)."""
-    if not path.is_dir():
-        return None
-    for name, _title, markers, _where in FOLDER_LAYOUTS:
-        if all((path / m).exists() for m in markers):
-            if name == HF and not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
-                continue
-            return name
-    return None
-
-
-def folder_counters(path: Path) -> dict[str, Any]:
-    """The step / epoch a checkpoint folder records (a Hugging Face Trainer's trainer_state.json); {} when it
-    records none.  Raises ValueError when that file is not valid JSON."""
-    state = path / "trainer_state.json"
-    if not state.is_file():
-        return {}
-    try:
-        data = json.loads(state.read_text())
-    except UnicodeDecodeError as exc:
-        raise ValueError(str(exc)) from None
-    out = {"step": data.get("global_step")}
-    if isinstance(data.get("epoch"), (int, float)):
-        out["epoch"] = data["epoch"]
-    return out
 
 
 def markdown_table() -> str:
@@ -482,22 +429,6 @@ def flat_tensors(d: dict | None) -> dict[str, LazyTensor]:
     """The tensor entries of a state dict, by name (rebuilt ones -- quantized, sparse, ... -- included: a
     writer that cannot hold them must see them to refuse them)."""
     return {str(k): v for k, v in (d or {}).items() if isinstance(v, TENSOR_TYPES)}
-
-
-def module_tensors(obj: Any, prefix: str = "") -> dict[str, LazyTensor]:
-    """The state_dict-style names of a pickled nn.Module placeholder: ``_parameters``, ``_buffers`` and
-    ``_modules`` walked as torch would, without importing any of it."""
-    out: dict[str, LazyTensor] = {}
-    state = obj._state if isinstance(obj, Placeholder) else None
-    if not isinstance(state, dict):
-        return out
-    for group in ("_parameters", "_buffers"):
-        for name, t in (state.get(group) or {}).items():
-            if isinstance(t, TENSOR_TYPES):
-                out[prefix + name] = t
-    for name, child in (state.get("_modules") or {}).items():
-        out.update(module_tensors(child, f"{prefix}{name}."))
-    return out
 
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")

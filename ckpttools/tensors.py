@@ -444,3 +444,19 @@ class TensorSource:
         ref = StorageRef(f"computed-{len(self.computed)}", DType(dtype), numel, location)
         self.computed[id(ref)] = make
         return LazyTensor(ref, 0, tuple(shape), contiguous_strides(shape))
+
+
+def module_tensors(obj: Any, prefix: str = "") -> dict[str, LazyTensor]:
+    """The state_dict-style names of a pickled nn.Module placeholder: ``_parameters``, ``_buffers`` and
+    ``_modules`` walked as torch would, without importing any of it."""
+    out: dict[str, LazyTensor] = {}
+    state = obj._state if isinstance(obj, Placeholder) else None
+    if not isinstance(state, dict):
+        return out
+    for group in ("_parameters", "_buffers"):
+        for name, t in (state.get(group) or {}).items():
+            if isinstance(t, TENSOR_TYPES):
+                out[prefix + name] = t
+    for name, child in (state.get("_modules") or {}).items():
+        out.update(module_tensors(child, f"{prefix}{name}."))
+    return out

@@ -16,6 +16,7 @@ import torch
 
 from ckpttools.atomic import atomic_write, copy_into_place, keep_previous, temp_path
 from ckpttools.digest import DIGEST_KEY, digest_record
+from ckpttools.formats import live_torch
 from fuse_train import __version__
 from fuse_train import state as S
 from fuse_train.distributed import all_gather_objects, barrier, rank0_copies
@@ -180,7 +181,10 @@ class CheckpointingMixin:
         staged = temp_path(last, "staged")
         try:
             with atomic_write(staged) as f:  # streamed: no second in-memory copy of the checkpoint
-                torch.save(ckpt, f)
+                # torch.save's bytes, written without holding the GIL for them (a background save would
+                # otherwise stall the training thread for the whole write); torch.save for other trees
+                if not live_torch.save(ckpt, f):
+                    torch.save(ckpt, f)
             for path in copies:
                 copy_into_place(staged, path)
             keep_previous(last)  # last.prev.pt: the previous good checkpoint survives the replacement

@@ -132,3 +132,29 @@ def test_convert_writes_every_target_through_its_format_module():
         assert len(params) == 2 and params[1].annotation in (WriteRequest, "WriteRequest"), module.__name__
     source = (PACKAGE / "commands" / "convert.py").read_text()
     assert not re.search(r"\.(write_file|write_hdf5|write_safetensors|write_single|write_sharded)\(", source)
+
+
+def test_formats_read_containers_only_and_sit_below_layouts_trainers_and_datasets():
+    # reading a zip must not pull in what checkpoints mean (layouts), who wrote them (trainers) or dataset code
+    graph = _imports()
+    modules = set(graph)
+    above = (
+        "ckpttools.layouts",
+        "ckpttools.trainers",
+        "ckpttools.datasets",
+        "ckpttools.commands",
+        "ckpttools.yolo_data",
+    )
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for t in graph[todo.pop()][0] & modules:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return seen
+
+    for m in sorted(m for m in modules if m.startswith("ckpttools.formats")):
+        wrong = sorted(t for t in reach(m) if t.startswith(above))
+        assert not wrong, f"{m} reaches {wrong}"

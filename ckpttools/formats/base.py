@@ -17,14 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from ckpttools.errors import FormatLimit, MissingPath, NotACheckpoint
-from ckpttools.layouts import module_tensors
 from ckpttools.objects import Placeholder, Reference
 from ckpttools.pickle.background import PendingScan, settled, start_scan
 from ckpttools.pickle.policy import DANGEROUS, Judgement, judge
 from ckpttools.pickle.scan import PickleScan
 from ckpttools.pickle.unpickler import UnknownDType, restricted_load
 from ckpttools.report import ERROR, Finding
-from ckpttools.tensors import TENSOR_TYPES, DType, LazyTensor, RebuiltTensor, StorageRef, TensorSource, iter_nodes
+from ckpttools.tensors import (
+    TENSOR_TYPES,
+    DType,
+    LazyTensor,
+    RebuiltTensor,
+    StorageRef,
+    TensorSource,
+    iter_nodes,
+    module_tensors,
+)
 
 CHUNK = 8 << 20  # bytes per block when streaming a storage
 

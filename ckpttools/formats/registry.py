@@ -6,9 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from ckpttools import layouts as L
 from ckpttools.errors import NotACheckpoint, UnsafeInput
-from ckpttools.formats import dcp, hdf5, safetensors, torch_legacy, torchzip
+from ckpttools.formats import dcp, folders, hdf5, safetensors, torch_legacy, torchzip  # folders: the folder layouts
 from ckpttools.formats.base import Checkpoint, describe_non_checkpoint, regular_file_or_folder
 from ckpttools.formats.confine import inside
 from ckpttools.report import ERROR, Finding
@@ -58,14 +57,14 @@ def folder_weights_files(path: Path) -> list[Path]:
     """The files holding the model weights of a known checkpoint folder (Hugging Face save_pretrained, single or
     sharded; Trainer checkpoint-N; Accelerate save_state; DeepSpeed), which inspect, diff and convert read as
     one checkpoint; [] for other folders."""
-    layout = L.recognise_folder(path)
-    if layout == L.DEEPSPEED:
+    layout = folders.recognise_folder(path)
+    if layout == folders.DEEPSPEED:
         tag = (path / "latest").read_text(errors="replace").strip()
         tag_folder = inside(path, tag)
         if tag_folder is None:
             raise UnsafeInput(f"{path}: its 'latest' file names {tag!r}, outside the folder; not read")
         files = sorted(tag_folder.glob("mp_rank_*_model_states.pt"))
-    elif layout in (L.HF, L.HF_TRAINER, L.ACCELERATE):
+    elif layout in (folders.HF, folders.HF_TRAINER, folders.ACCELERATE):
         files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()][:1]
         files = files or sorted(path.glob("model-*-of-*.safetensors")) or sorted(path.glob("pytorch_model-*-of-*.bin"))
     else:

@@ -30,7 +30,6 @@ import hashlib
 import importlib
 import io
 import pickle
-import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -41,6 +40,7 @@ from ckpttools.atomic import atomic_write
 from ckpttools.errors import OtherArchive
 from ckpttools.formats import pt2, ziprecords
 from ckpttools.formats.base import Checkpoint, WriteRequest, storage_from_pid
+from ckpttools.formats.zipwriter import StoredZipWriter
 from ckpttools.objects import Placeholder, Reference, is_placeholder
 from ckpttools.pickle.scan import looks_like_pickle, scan_pickle
 from ckpttools.report import ERROR, WARNING, Finding
@@ -465,38 +465,19 @@ def write_torch_zip(
     """Write ``tree`` to ``out`` (seekable) as torch.save does; each storage's bytes come from ``chunks_of``
     and must add up to its size.  Returns the storages written, in record order."""
     data_pkl, storages = pickle_tree(tree, location)
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        _write(zf, f"{archive}/data.pkl", [data_pkl], len(data_pkl))
-        for name, text in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
-            _write(zf, f"{archive}/{name}", [text], len(text))
-        for key, ref in enumerate(storages):
-            written = _write(zf, f"{archive}/data/{key}", chunks_of(ref), ref.nbytes, on_bytes)
-            if written != ref.nbytes:
-                raise OSError(f"storage {ref.key}: {written} bytes read, {ref.nbytes} expected")
-        _write(zf, f"{archive}/version", [b"3\n"], 2)
-        serial = hashlib.sha1(data_pkl).hexdigest()[:20].encode()  # deterministic: same content, same bytes
-        _write(zf, f"{archive}/.data/serialization_id", [serial], len(serial))
+    zf = StoredZipWriter(out, ALIGNMENT)
+    zf.add(f"{archive}/data.pkl", [data_pkl], len(data_pkl))
+    for name, text in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
+        zf.add(f"{archive}/{name}", [text], len(text))
+    for key, ref in enumerate(storages):
+        written = zf.add(f"{archive}/data/{key}", chunks_of(ref), ref.nbytes, on_bytes)
+        if written != ref.nbytes:
+            raise OSError(f"storage {ref.key}: {written} bytes read, {ref.nbytes} expected")
+    zf.add(f"{archive}/version", [b"3\n"], 2)
+    serial = hashlib.sha1(data_pkl).hexdigest()[:20].encode()  # deterministic: same content, same bytes
+    zf.add(f"{archive}/.data/serialization_id", [serial], len(serial))
+    zf.close()
     return storages
-
-
-def _write(
-    zf: zipfile.ZipFile, name: str, chunks: Iterable[bytes], size: int, on_bytes: Callable[[int], None] | None = None
-) -> int:
-    zinfo = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    zinfo.compress_type = zipfile.ZIP_STORED
-    zinfo.file_size = size
-    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule; it then appends a 20-byte zip64 field
-    header = 30 + len(name.encode("utf-8")) + (20 if zip64 else 0) + 4  # + our padding field's own header
-    pad = (-(zf.fp.tell() + header)) % ALIGNMENT
-    zinfo.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad  # torch's padding field id ("FB")
-    written = 0
-    with zf.open(zinfo, "w", force_zip64=zip64) as w:
-        for block in chunks:
-            w.write(block)
-            written += len(block)
-            if on_bytes:
-                on_bytes(len(block))
-    return written
 
 
 def write_file(

@@ -362,6 +362,8 @@ def _check_entry(src: _Window, size: int, fields, name_bytes: bytes, extra: byte
         l_extra = src.pread(l_el, offset + 30 + l_nl)
     data_offset = offset + 30 + l_nl + l_el
     mismatched = []
+    if {l_need, need} <= {20, 45}:  # zip64 named in the central entry only (Python's zipfile past 2 GB): harmless
+        l_need = need
     if (l_need, l_flags, l_method, l_time, l_date, l_name) != (need, flags, method, mtime, mdate, name_bytes):
         mismatched = [
             label
