@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import click
 
 from ckpttools import __version__
-from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, CkptError, MissingPath
+from ckpttools.errors import EXIT_BROKEN_PIPE, EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, CkptError, MissingPath
 from ckpttools.options import IMG_SIZE, OneLineErrors
 from ckpttools.report import shorten
 
@@ -23,7 +24,7 @@ BULK_GC_THRESHOLDS = (100_000, 50, 100)  # Python's defaults: (700, 10, 10)
 EPILOG = """\b
 Exit codes: 0 all good; 1 problems found, or a damaged or unsafe input;
 2 usage error, missing path, or not a checkpoint; 3 preflight blocked
-a resume.
+a resume; 141 the output's reader went away (`| head`), nothing said.
 Finding codes: docs/findings.md.  Safety policy: docs/security.md."""
 
 
@@ -38,6 +39,9 @@ def _handle_errors(command: str):
                 code = fn(*args, **kwargs)
             except CkptError as exc:
                 code = _fail(command, _first_line(exc), exc.exit_code, debug, kwargs.get("as_json", False))
+            except BrokenPipeError:  # whoever read our output stopped (`ckpt verify x | head`): nothing to say
+                _discard_stdout()
+                code = EXIT_BROKEN_PIPE
             except FileNotFoundError as exc:  # a path that vanished while we worked
                 code = _fail(
                     command,
@@ -69,6 +73,16 @@ def _handle_errors(command: str):
         return click.option("--debug", is_flag=True, help="Show tracebacks.")(inner)
 
     return wrap
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what could not be written is not
+    reported as a second BrokenPipeError on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already closed or not a real file: nothing to redirect
+        pass
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ EXIT_OK = 0  # all good
 EXIT_PROBLEMS = 1  # problems found, differences found, or an input that is damaged or unsafe
 EXIT_USAGE = 2  # bad option, missing path, existing output, not a checkpoint this tool reads
 EXIT_PREFLIGHT = 3  # the preflight blocked a resume
+EXIT_BROKEN_PIPE = 141  # the reader of our output went away (128 + SIGPIPE, as a shell reports it)
 
 
 class CkptError(Exception):

@@ -4,8 +4,12 @@ with --json exactly one JSON object on stdout saying ``"ok": false``, and the me
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ckpttools.cli import main as CKPT
@@ -46,3 +50,20 @@ def test_not_a_checkpoint_is_exit_2_everywhere_with_one_json_object(tmp_path, mo
     assert path.name in text, text
     assert "Traceback" not in result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing written beside it
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(tmp_path):
+    # `ckpt verify x --all | head`: once head has its lines it closes the pipe; the rest of the output has
+    # nowhere to go, which is no error of the checkpoint's (no "error: Broken pipe", no traceback)
+    path = tmp_path / "nan.pt"
+    torch.save({f"layer{i}.weight": torch.full((2,), float("nan")) for i in range(3000)}, path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckpttools.cli", "verify", str(path), "--all"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    assert proc.stdout.read(200)  # the first lines arrive, then the reader is gone
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""

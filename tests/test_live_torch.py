@@ -30,7 +30,10 @@ def _both(tree):
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's values as bytes (NaN-safe, every dtype)."""
-    return t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    if not t.numel():
+        return torch.empty(0, dtype=torch.uint8)
+    dense = torch.empty(t.shape, dtype=t.dtype).copy_(t)  # row-major strides, size-1 dimensions included
+    return dense.reshape(-1).view(torch.uint8)
 
 
 def _same(a, b, storages_a: dict, storages_b: dict) -> bool:

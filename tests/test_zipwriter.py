@@ -1,6 +1,7 @@
 """The stored-zip writer behind every .pt we write (``ckpttools.formats.zipwriter``, issue 29): for generated
-records (names ASCII or not, sizes from 0, chunked any way) it writes the bytes Python's ``zipfile`` writes for the
-same records laid out as torch lays them out (64-byte aligned data through torch's padding field), and where a
+records (names ASCII or not, sizes from 0, chunked any way) it writes the records Python's ``zipfile`` writes for
+the same calls laid out as torch lays them out (64-byte aligned data through torch's padding field; the central
+directory without it, as torch's), and where a
 record, an offset or the count needs zip64 fields (limits lowered here, so that small files reach them) the
 archive still reads back whole in ``zipfile`` and in our reader, and torch loads a checkpoint written so."""
 
@@ -56,20 +57,22 @@ def _zipfile(records) -> bytes:
 
 @settings(max_examples=80, deadline=None)
 @given(records=RECORDS)
-def test_the_bytes_are_those_zipfile_writes_and_every_record_is_aligned(records):
-    ours = _ours(records)
-    assert ours == _zipfile(records)
+def test_the_records_are_those_zipfile_writes_and_every_one_is_aligned(records):
+    ours, theirs = _ours(records), _zipfile(records)
+    cd = ours.find(b"PK\x01\x02") if records else len(ours) - 22
+    assert ours[:cd] == theirs[:cd]  # every local header and record as zipfile writes them
     with zipfile.ZipFile(io.BytesIO(ours)) as zf:
         assert zf.testzip() is None  # every CRC32 checks
         for (name, data, _), info in zip(records, zf.infolist()):
             assert info.filename == name and zf.read(info) == data
-            start = info.header_offset + 30 + len(info.filename.encode("utf-8")) + len(info.extra)
-            assert start % 64 == 0
+            name_length, extra_length = struct.unpack_from("<HH", ours, info.header_offset + 26)
+            assert (info.header_offset + 30 + name_length + extra_length) % 64 == 0  # the data's first byte
 
 
 @pytest.fixture
 def small_limits(monkeypatch):
     monkeypatch.setattr(zipwriter, "ZIP64_LIMIT", 200)  # records and offsets past 200 bytes: zip64 fields
+    monkeypatch.setattr(zipwriter, "CENTRAL_LIMIT", 200)
     monkeypatch.setattr(zipwriter, "COUNT_LIMIT", 3)  # more than 3 records: the zip64 end records
 
 
@@ -105,3 +108,23 @@ def test_a_zipfile_archive_past_its_zip64_limit_is_not_called_damaged(monkeypatc
     ckpt = open_checkpoint(path)
     assert not [f for f in ckpt.findings if f.severity == "error"], ckpt.findings
     assert all(torch.equal(torch.load(path, weights_only=True)[k], v) for k, v in tree.items())
+
+
+def test_every_damaged_byte_of_the_directory_we_write_is_flagged(tmp_path):
+    # the directory carries nothing verify does not check (no padding copies, torch's constant fields), so a
+    # flipped bit anywhere in it is found -- as in a file torch.save wrote
+    from ckpttools.commands.verify import verify
+    from ckpttools.formats import live_torch
+
+    out = io.BytesIO()
+    assert live_torch.save({f"w{i}": torch.randn(50) for i in range(6)}, out)
+    data = out.getvalue()
+    start = data.find(b"PK\x01\x02")
+    path, missed = tmp_path / "flip.pt", []
+    for pos in range(start, len(data)):
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x20
+        path.write_bytes(damaged)
+        if verify(path).ok():
+            missed.append(pos - start)
+    assert missed == []

@@ -439,7 +439,8 @@ def _check_entry(src: _Window, size: int, fields, name_bytes: bytes, extra: byte
         )
     local_name = l_name.decode("utf-8", "replace") if l_name != name_bytes else None
     # as torch lays a record out (counted from the directory's own offset field, as it was before zip64 values)
-    padded = descriptor and fields[16] == offset and (l_extra[:2] == PADDING_TAG or l_el == 0)
+    # (or as our zipwriter does, without the descriptor but always with the padding field)
+    padded = fields[16] == offset and (l_extra[:2] == PADDING_TAG or (descriptor and l_el == 0))
     record = Record(
         name,
         offset,

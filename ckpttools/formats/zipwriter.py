@@ -3,9 +3,10 @@
 
 Why not ``zipfile``: it computes each record's CRC32 with zlib's (about 2 GB/s here); this one uses ISA-L's
 (``ziprecords.crc32``, several times faster and, like the file's ``write``, releasing the GIL on large buffers), so
-a checkpoint written from a background thread costs the training thread little.  The records, headers and
-central directory are those ``zipfile`` writes for the same calls (a test reads both with ``zipfile``, torch and
-our reader); the output must be seekable (each local header's CRC is filled in once its data is written).
+a checkpoint written from a background thread costs the training thread little.  Local headers are those
+``zipfile`` writes for the same calls; the central directory carries no padding field, as torch's carries none (a
+test reads the archives back with ``zipfile``, torch and our reader); the output must be seekable (each local
+header's CRC is filled in once its data is written).
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ from ckpttools.formats.ziprecords import (
     EOCD_MAGIC,
     LOCAL_MAGIC,
     PADDING_ID,
+    TORCH_ZIP64_VERSIONS,
     ZIP64_EOCD_MAGIC,
     ZIP64_LOCATOR_MAGIC,
     crc32,
 )
 
-ZIP64_LIMIT = (1 << 31) - 1  # zipfile's: a record's sizes or an offset past this need zip64 fields
+ZIP64_LIMIT = (1 << 31) - 1  # zipfile's rule for a local header: sizes past this get its zip64 field
+CENTRAL_LIMIT = 0xFFFFFFFE  # torch's rule for the directory: sizes and offsets past this get zip64 fields
 COUNT_LIMIT = 0xFFFF  # records the classic end record can count
 VERSION, ZIP64_VERSION = 20, 45  # "version needed to extract"
-UNIX, DOS_DATE_1980 = 3, 33  # made on: unix; 1980-01-01 00:00 (what torch and zipfile write for ZipInfo defaults)
-ATTRIBUTES = 0o600 << 16  # rw------- as zipfile records a file it writes
+DOS_DATE_1980 = 33  # 1980-01-01 00:00, what zipfile writes for ZipInfo defaults
+# "version made by" and the attributes: 0, as torch writes them, so that `ckpt repair` rebuilding a lost directory
+# (which assumes torch's constants when no entry survives) gives the file back bit for bit
 LOCAL = struct.Struct("<4s2B4HL2L2H")
 CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
 
@@ -84,7 +88,7 @@ class StoredZipWriter:
             sizes, version = (0xFFFFFFFF, 0xFFFFFFFF), ZIP64_VERSION
         else:
             sizes = (e.size, e.size)
-            version = ZIP64_VERSION if e.offset > ZIP64_LIMIT else VERSION  # as its central entry will say
+            version = ZIP64_VERSION if e.offset > CENTRAL_LIMIT else VERSION  # as its central entry will say
         fields = (LOCAL_MAGIC, version, 0, e.flags, 0, 0, DOS_DATE_1980, e.crc, *sizes, len(e.name), len(extra))
         return LOCAL.pack(*fields) + e.name + extra
 
@@ -92,19 +96,20 @@ class StoredZipWriter:
         """The central directory and end records (zip64 ones where needed)."""
         start = self.out.tell() - self.base
         for e in self.entries:
-            values = [e.size, e.size] if e.size > ZIP64_LIMIT else []
-            if e.offset > ZIP64_LIMIT:
+            values = [e.size, e.size] if e.size > CENTRAL_LIMIT else []
+            if e.offset > CENTRAL_LIMIT:
                 values.append(e.offset)
             zip64 = struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
-            extra = zip64 + e.padding
-            sizes = (0xFFFFFFFF, 0xFFFFFFFF) if e.size > ZIP64_LIMIT else (e.size, e.size)
+            extra = zip64  # the padding lives in the local header only, as torch writes it (and a damaged
+            # byte of the central directory then always lands in a field the reader checks)
+            sizes = (0xFFFFFFFF, 0xFFFFFFFF) if e.size > CENTRAL_LIMIT else (e.size, e.size)
             version = ZIP64_VERSION if (values or e.zip64_sizes) else VERSION
-            offset = 0xFFFFFFFF if e.offset > ZIP64_LIMIT else e.offset
+            offset = 0xFFFFFFFF if e.offset > CENTRAL_LIMIT else e.offset
             self.out.write(
                 CENTRAL.pack(
                     CENTRAL_MAGIC,
-                    version,
-                    UNIX,
+                    0,  # version made by: 0, as torch writes it
+                    0,
                     version,
                     0,
                     e.flags,
@@ -118,19 +123,17 @@ class StoredZipWriter:
                     0,
                     0,
                     0,
-                    ATTRIBUTES,
+                    0,
                     offset,
                 )
                 + e.name
                 + extra
             )
         size, count = self.out.tell() - self.base - start, len(self.entries)
-        if count > COUNT_LIMIT or start > ZIP64_LIMIT or size > ZIP64_LIMIT:
+        if count > COUNT_LIMIT or start > CENTRAL_LIMIT or size > CENTRAL_LIMIT:
             at = self.out.tell() - self.base
             self.out.write(
-                struct.pack(
-                    "<4sQ2H2L4Q", ZIP64_EOCD_MAGIC, 44, ZIP64_VERSION, ZIP64_VERSION, 0, 0, count, count, size, start
-                )
+                struct.pack("<4sQ2H2L4Q", ZIP64_EOCD_MAGIC, 44, *TORCH_ZIP64_VERSIONS, 0, 0, count, count, size, start)
             )
             self.out.write(struct.pack("<4sLQL", ZIP64_LOCATOR_MAGIC, 0, at, 1))
         self.out.write(
@@ -140,8 +143,8 @@ class StoredZipWriter:
                 0,
                 0,
                 *(2 * [count if count <= COUNT_LIMIT else 0xFFFF]),  # past a limit: the sentinel, as zipfile
-                size if size <= ZIP64_LIMIT else 0xFFFFFFFF,
-                start if start <= ZIP64_LIMIT else 0xFFFFFFFF,
+                size if size <= CENTRAL_LIMIT else 0xFFFFFFFF,
+                start if start <= CENTRAL_LIMIT else 0xFFFFFFFF,
                 0,
             )
         )
