@@ -7,7 +7,7 @@ and where the model weights and optimizer state are found.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,23 @@ def _generic(tree: dict) -> bool:
     return any(_holds_weights(tree.get(k)) for k in WEIGHT_KEYS + ("ema",))
 
 
+_ULTRALYTICS_ROW = Layout(
+    ULTRALYTICS,
+    "Ultralytics YOLOv8 / YOLO11 (resumable and stripped)",
+    ("epoch", "model"),
+    (),
+    ("ema", "model"),
+    "optimizer",
+    "ema",
+    None,
+    "scaler",
+    "epoch",
+    None,
+    "train_args",
+    recognise=_ultralytics,
+)
+YOLOFUSE_TITLE = "YOLOFuse (RGB+IR fork of Ultralytics 8.3.74; resumable and stripped)"  # keys as Ultralytics
+
 # In recognition order (the first that matches): specific writers before the generic rules.
 FILE_LAYOUTS: tuple[Layout, ...] = (
     Layout(
@@ -150,36 +167,8 @@ FILE_LAYOUTS: tuple[Layout, ...] = (
         "hyper_parameters",
         recognise=_lightning,
     ),
-    Layout(
-        YOLOFUSE,
-        "YOLOFuse (RGB+IR fork of Ultralytics 8.3.74; resumable and stripped)",
-        ("epoch", "model"),
-        (),
-        ("ema", "model"),
-        "optimizer",
-        "ema",
-        None,
-        "scaler",
-        "epoch",
-        None,
-        "train_args",
-        recognise=_yolofuse,
-    ),
-    Layout(
-        ULTRALYTICS,
-        "Ultralytics YOLOv8 / YOLO11 (resumable and stripped)",
-        ("epoch", "model"),
-        (),
-        ("ema", "model"),
-        "optimizer",
-        "ema",
-        None,
-        "scaler",
-        "epoch",
-        None,
-        "train_args",
-        recognise=_ultralytics,
-    ),
+    replace(_ULTRALYTICS_ROW, name=YOLOFUSE, title=YOLOFUSE_TITLE, recognise=_yolofuse),  # before Ultralytics'
+    _ULTRALYTICS_ROW,
     Layout(
         YOLOV5,
         "YOLOv5 train.py (pickled model + ema + optimizer, `opt`)",

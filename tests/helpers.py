@@ -33,7 +33,9 @@ def torchrun_command(args: list[str], nproc: int = 2, launcher: list[str] | None
 def run_torchrun(
     args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # PYTHONFAULTHANDLER: a rank that aborts (a rare "terminate called without an active exception" at the end
+    # of a 2-rank run, seen under the full suite only) dumps every thread's Python stack into the captured stderr
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     return subprocess.run(torchrun_command(args), cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
