@@ -181,8 +181,8 @@ class CheckpointingMixin:
         staged = temp_path(last, "staged")
         try:
             with atomic_write(staged) as f:  # streamed: no second in-memory copy of the checkpoint
-                # torch.save's bytes, written without holding the GIL for them (a background save would
-                # otherwise stall the training thread for the whole write); torch.save for other trees
+                # torch.save's file, written by our zip writer from the snapshot's memory (faster CRC32, the GIL
+                # released for the bytes); torch.save itself for a tree that writer leaves to it
                 if not live_torch.save(ckpt, f):
                     torch.save(ckpt, f)
             for path in copies:

@@ -2,11 +2,10 @@
 64 bytes by torch's "FB" padding field, zip64 fields where a size, an offset or the record count needs them.
 
 Why not ``zipfile``: it computes each record's CRC32 with zlib's (about 2 GB/s here); this one uses ISA-L's
-(``ziprecords.crc32``, several times faster and, like the file's ``write``, releasing the GIL on large buffers), so
-a checkpoint written from a background thread costs the training thread little.  Local headers are those
-``zipfile`` writes for the same calls; the central directory carries no padding field, as torch's carries none (a
-test reads the archives back with ``zipfile``, torch and our reader); the output must be seekable (each local
-header's CRC is filled in once its data is written).
+(``ziprecords.crc32``, several times faster and, like the file's ``write``, releasing the GIL on large buffers).
+Local headers are those ``zipfile`` writes for the same calls; the central directory carries no padding field,
+as torch's carries none (a test reads the archives back with ``zipfile``, torch and our reader); the output must
+be seekable (each local header's CRC is filled in once its data is written).
 """
 
 from __future__ import annotations

@@ -361,8 +361,10 @@ def _preflight_resume(last: Path, overrides: dict, allow: set[str]) -> tuple[lis
     the data record the run started with."""
     tree = open_checkpoint(last).tree
     rules = rules_for(L.recognise(tree))  # Ultralytics' or YOLOFuse's (which also compares ``ch``)
-    recorded = rules.run_record(tree) or U.record_of_checkpoint(tree)
-    by_key = {key: field for field, key in getattr(rules, "fields", U.FIELDS).items()}
+    if not isinstance(rules, U.UltralyticsRules):  # a file this trainer wrote that is not recognised: its rules
+        rules = U.RULES
+    recorded = U.record_of_checkpoint(tree, rules.fields, rules.layout)
+    by_key = {key: field for field, key in rules.fields.items()}
     given = {
         by_key[k].replace("-", "_"): v for k, v in overrides.items() if k in by_key and k != "model" and v is not None
     }
