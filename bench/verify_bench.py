@@ -86,7 +86,7 @@ sys.path.insert(0, {root!r})
 from ckpttools.commands import verify as V
 from ckpttools.formats.registry import open_checkpoint
 from ckpttools.report import Report
-from ckpttools.storage_scan import StorageScanner
+from ckpttools.formats.storage_scan import StorageScanner
 t1 = time.perf_counter()
 ckpt = open_checkpoint(sys.argv[1])
 t2 = time.perf_counter()

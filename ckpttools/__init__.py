@@ -7,6 +7,8 @@ The Python API mirrors the commands: ``ckpttools.verify(path) -> Report``, ``ckp
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 __all__ = ["__version__", "verify", "inspect", "preflight"]
 
@@ -19,8 +21,6 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'ckpttools' has no attribute {name!r}")

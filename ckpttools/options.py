@@ -3,6 +3,9 @@ so a nonsense value is one line and exit 2 (click's usage error), never a run th
 
 from __future__ import annotations
 
+import json
+import sys
+
 import click
 
 STRIDE = 32  # the largest stride of the detectors (YOLO heads at /8, /16, /32): input sizes are its multiples
@@ -39,8 +42,6 @@ class OneLineErrors(click.Group):
         return ctx.command_path
 
     def main(self, args=None, prog_name=None, **extra):
-        import sys
-
         args = list(sys.argv[1:] if args is None else args)
         try:
             code = super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
@@ -50,8 +51,6 @@ class OneLineErrors(click.Group):
             hint = f" (see {command} --help)" if exc.ctx is not None else ""
             options = args[: args.index("--")] if "--" in args else args  # after "--" come arguments only
             if "--json" in options:
-                import json
-
                 print(json.dumps({"ok": False, "error": message, "exit_code": exc.exit_code}, indent=2))
             click.echo(f"{command}: error: {message}{hint}", err=True)
             sys.exit(exc.exit_code)

@@ -160,8 +160,6 @@ def _sections(places) -> str:
 
 def _code_references(items) -> str:
     """Code-reference warnings as one line per library: 'torch: Sequential, Conv2d, ...; __main__: Tiny'."""
-    import re
-
     by_library: dict[str, list[str]] = {}
     for f in items:
         found = re.search(r"of ([\w.]+): needs the '([^']+)' library", f.message)

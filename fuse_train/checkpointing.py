@@ -21,6 +21,7 @@ from fuse_train import __version__
 from fuse_train import state as S
 from fuse_train.distributed import all_gather_objects, barrier, rank0_copies
 from fuse_train.failures import TrainingFailed
+from fuse_train.runlog import boundaries, plot_results
 
 
 class CheckpointingMixin:
@@ -204,3 +205,37 @@ class CheckpointingMixin:
                 "is kept; free some space and resume with: fuse-train --resume " + str(last)
             )
         return exc
+
+    def _check_stop_fits_grace(self, step_seconds: float) -> None:
+        """Once, after the first save was written: can a stop finish inside the scheduler's grace period?
+
+        A stop finishes the step, waits for a save in flight and writes the resumable checkpoint, so it needs
+        about one step and two saves.  If that is more than --stop-grace (torchrun and Kubernetes give 30 s
+        before SIGKILL), say so in one line, while there is time to change the set-up."""
+        if self._grace_checked or not self.dist.is_main or self._save_seconds is None:
+            return
+        self._grace_checked = True
+        needed = step_seconds + 2 * self._save_seconds
+        if needed > self.stop_grace:
+            self.log(
+                f"warning: a stop (SIGTERM) needs about {needed:.0f} s here (a step {step_seconds:.1f} s, writing "
+                f"{self.last_path.name} {self._save_seconds:.1f} s, twice if a save is in flight), more than the "
+                f"{self.stop_grace:.0f} s grace before SIGKILL (--stop-grace): raise the scheduler's grace "
+                "(Kubernetes terminationGracePeriodSeconds, Slurm KillWait), or send SIGUSR1 before the end "
+                "(Slurm --signal=USR1@90) so the last save is recent"
+            )
+
+    def _epoch_logger(self, step: int, scalars: list) -> Callable[[], None]:
+        """What shows an epoch as done (its TensorBoard scalars, results.csv, results.png), written only once the
+        checkpoint that holds the epoch is published: the logs never claim more than the checkpoint has.  The
+        rows are copied now; the writer thread runs this later while training goes on."""
+        rows = [dict(r) for r in self.results]
+        marks = boundaries(self.history, self.sampler.steps_per_epoch)
+
+        def write() -> None:
+            self.runlog.write_scalars(step, scalars)
+            self.runlog.write_results(rows)
+            if self.dist.is_main:
+                plot_results(rows, marks, self.run_dir / "results.png")
+
+        return write

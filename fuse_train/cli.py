@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from ckpttools.datasets.spec import DatasetError
 from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, EXIT_USAGE
 from ckpttools.options import OneLineErrors
-from ckpttools.yolo_data import DatasetError
 from fuse_train import __version__
 from fuse_train.commands import one_line, register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
@@ -225,37 +225,14 @@ def train(
     import torch
 
     from fuse_train.distributed import init_distributed, shutdown
-    from fuse_train.resume import PreflightBlocked, ResumeError, RunFinished, fresh_run_dir, prepare_resume
-    from fuse_train.trainer import Trainer, TrainingFailed, TrainingInterrupted
+    from fuse_train.trainer import Trainer
 
     console = Console(soft_wrap=True)
-    err = Console(stderr=True, soft_wrap=True)
     explicit = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     dist_info = None
-    restart = restart_reason()
     launch = launch_record({k: options[k] for k in sorted(explicit)})
-    fresh_in = None
     try:
-        if resume is None and (auto_resume or restart or launch["job"]):
-            fresh_in = relaunched_run(options["project"], options["name"], launch)
-            last = newest_last(fresh_in) if fresh_in is not None else None
-            if last is not None:
-                resume, fresh_in = str(last), None
-                restart = restart or f"same job ({launch['job']})"
-        elif resume not in (None, "auto") and restart and Path(resume).absolute().parent.name == "weights":
-            resume = str(newest_last(Path(resume).absolute().parent.parent) or resume)  # the run's newest save
-        if resume is not None:
-            if restart or auto_resume:
-                console.print(
-                    f"{restart or '--auto-resume'}: continuing the run from {resume}", markup=False, highlight=False
-                )
-            plan = prepare_resume(resume, options, explicit, allow_change, console, check=not no_verify)
-            cfg, run_dir, ckpt, event = plan.cfg, plan.run_dir, plan.checkpoint, plan.event
-            if restart:
-                event["restart"] = restart
-        else:
-            cfg = RunConfig(**options)
-            run_dir, ckpt, event = fresh_in or fresh_run_dir(cfg, console), None, None
+        cfg, run_dir, ckpt, event = _plan(resume, options, explicit, allow_change, auto_resume, no_verify, launch)
         use_cuda = (cfg.device or "").lower() != "cpu" and torch.cuda.is_available()
         dist_info = init_distributed(use_cuda)
         trainer = Trainer(
@@ -272,19 +249,7 @@ def train(
             if dist_info.is_main and ckpt is None:
                 write_launch(run_dir, launch)  # what a restart with this command line looks for
             if dist_info.is_main:
-                # epochs counted from 1, as results.csv and the log lines count them
-                where = f"epoch {trainer.epoch + 1} of {cfg.epochs}" + (
-                    f", step {trainer.step_in_epoch + 1} of {trainer.sampler.steps_per_epoch}"
-                    if trainer.step_in_epoch
-                    else ""
-                )
-                console.print(
-                    f"{'resuming' if ckpt else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} "
-                    f"on {trainer.device} ({dist_info.world_size} process(es), global batch "
-                    f"{cfg.batch}) -> {run_dir}",
-                    markup=False,
-                    highlight=False,
-                )
+                console.print(_starting_line(trainer, ckpt is not None), markup=False, highlight=False)
             metrics = trainer.train()
         if dist_info.is_main:
             console.print(
@@ -293,49 +258,90 @@ def train(
                 markup=False,
             )
         code = EXIT_OK
-    except TrainingInterrupted as stop:
-        if dist_info is None or dist_info.is_main:
-            err.print(
-                f"{stop}: saved {stop.checkpoint}\nresume with: "
-                f"fuse-train --resume {shlex.quote(str(stop.checkpoint))}",
-                markup=False,
-                highlight=False,
-            )
-        code = exit_code(stop.signum)
-    except RunFinished as exc:
-        if restart or auto_resume:  # restarted after the run's last save: the job is done, not failed
-            console.print(f"{restart or '--auto-resume'}: {exc}", markup=False, highlight=False)
-            code = EXIT_OK
-        else:
-            err.print(f"fuse-train: error: {one_line(exc)}", markup=False, highlight=False)
-            code = EXIT_USAGE
-    except PreflightBlocked as blocked:
-        blocked.render(err)
-        code = EXIT_PREFLIGHT
-    except (ConfigError, DatasetError, ResumeError, RunLocked) as exc:
-        if debug:
-            traceback.print_exc()
-        err.print(f"fuse-train: error: {one_line(exc)}", markup=False, highlight=False)
-        code = EXIT_USAGE
-    except TrainingFailed as exc:
-        err.print(f"fuse-train: error: {exc}", markup=False, highlight=False)
-        code = EXIT_PROBLEMS
-    except KeyboardInterrupt:
-        err.print("fuse-train: interrupted again: exiting now (last.pt is the last complete save)", markup=False)
-        code = 130
-    except Exception as exc:  # noqa: BLE001 - the top-level catch that turns failures into one line
-        if debug:
-            traceback.print_exc()
-        err.print(
-            f"fuse-train: error: {exc.__class__.__name__}: {one_line(exc)} (run with --debug for the traceback)",
-            markup=False,
-            highlight=False,
-        )
-        code = EXIT_PROBLEMS
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the top-level catch: one line, one exit code
+        code = _failure(exc, dist_info, debug)
     finally:
         if dist_info is not None:
             shutdown(dist_info)
     sys.exit(code)
+
+
+def _plan(resume, options: dict, explicit: set, allow_change: str, auto_resume: bool, no_verify: bool, launch: dict):
+    """(config, run folder, checkpoint or None, history event or None): a fresh run, or the checkpoint to resume
+    (given, found by --auto-resume, or the newest save of the run a restart of this job belongs to)."""
+    from fuse_train.resume import RunFinished, fresh_run_dir, prepare_resume
+
+    console = Console(soft_wrap=True)
+    restart = restart_reason()
+    fresh_in = None
+    if resume is None and (auto_resume or restart or launch["job"]):
+        fresh_in = relaunched_run(options["project"], options["name"], launch)
+        last = newest_last(fresh_in) if fresh_in is not None else None
+        if last is not None:
+            resume, fresh_in = str(last), None
+            restart = restart or f"same job ({launch['job']})"
+    elif resume not in (None, "auto") and restart and Path(resume).absolute().parent.name == "weights":
+        resume = str(newest_last(Path(resume).absolute().parent.parent) or resume)  # the run's newest save
+    if resume is None:
+        cfg = RunConfig(**options)
+        return cfg, fresh_in or fresh_run_dir(cfg, console), None, None
+    if restart or auto_resume:
+        console.print(f"{restart or '--auto-resume'}: continuing the run from {resume}", markup=False, highlight=False)
+    try:
+        plan = prepare_resume(resume, options, explicit, allow_change, console, check=not no_verify)
+    except RunFinished as exc:
+        exc.relaunch = restart or ("--auto-resume" if auto_resume else None)  # then done, not failed
+        raise
+    if restart:
+        plan.event["restart"] = restart
+    return plan.cfg, plan.run_dir, plan.checkpoint, plan.event
+
+
+def _starting_line(trainer, resuming: bool) -> str:
+    cfg = trainer.cfg
+    # epochs counted from 1, as results.csv and the log lines count them
+    where = f"epoch {trainer.epoch + 1} of {cfg.epochs}" + (
+        f", step {trainer.step_in_epoch + 1} of {trainer.sampler.steps_per_epoch}" if trainer.step_in_epoch else ""
+    )
+    return (
+        f"{'resuming' if resuming else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} "
+        f"on {trainer.device} ({trainer.dist.world_size} process(es), global batch {cfg.batch}) -> {trainer.run_dir}"
+    )
+
+
+def _failure(exc: BaseException, dist_info, debug: bool) -> int:
+    """What a run that ended early says (one line on stderr; the traceback only with --debug), and its exit code."""
+    from fuse_train.resume import PreflightBlocked, ResumeError, RunFinished
+    from fuse_train.trainer import TrainingFailed, TrainingInterrupted
+
+    err = Console(stderr=True, soft_wrap=True)
+
+    def say(text: str) -> None:
+        err.print(text, markup=False, highlight=False)
+
+    if isinstance(exc, TrainingInterrupted):
+        if dist_info is None or dist_info.is_main:
+            say(f"{exc}: saved {exc.checkpoint}\nresume with: fuse-train --resume {shlex.quote(str(exc.checkpoint))}")
+        return exit_code(exc.signum)
+    if isinstance(exc, RunFinished) and exc.relaunch:  # restarted after the run's last save: done, not failed
+        Console(soft_wrap=True).print(f"{exc.relaunch}: {exc}", markup=False, highlight=False)
+        return EXIT_OK
+    if isinstance(exc, PreflightBlocked):
+        exc.render(err)
+        return EXIT_PREFLIGHT
+    if isinstance(exc, KeyboardInterrupt):
+        say("fuse-train: interrupted again: exiting now (last.pt is the last complete save)")
+        return 130
+    if debug and not isinstance(exc, (RunFinished, TrainingFailed)):
+        traceback.print_exc()
+    if isinstance(exc, (RunFinished, ConfigError, DatasetError, ResumeError, RunLocked)):
+        say(f"fuse-train: error: {one_line(exc)}")
+        return EXIT_USAGE
+    if isinstance(exc, TrainingFailed):
+        say(f"fuse-train: error: {exc}")
+        return EXIT_PROBLEMS
+    say(f"fuse-train: error: {exc.__class__.__name__}: {one_line(exc)} (run with --debug for the traceback)")
+    return EXIT_PROBLEMS
 
 
 register(cli)  # the other commands, beside the default one

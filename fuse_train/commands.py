@@ -1,4 +1,4 @@
-"""The commands beside training: ``data check``, ``data import``, ``val``, ``predict``, ``export``.
+"""The commands beside training: ``val``, ``predict``, ``export`` (and ``data``, from ``data_commands.py``).
 
 Exit codes: 0 done (``data check``: clean), 1 ``data check`` found problems or the work failed, 2 bad option or
 input (one line naming the file; ``--debug`` shows the traceback).
@@ -6,174 +6,18 @@ input (one line naming the file; ``--debug`` shows the traceback).
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-import traceback
 from pathlib import Path
 
 import click
 from rich.console import Console
 
-from ckpttools.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE  # one table for both programs
-from ckpttools.yolo_data import DatasetError
-from fuse_train.config import ConfigError
+from ckpttools.errors import EXIT_OK
+from fuse_train.command_errors import CONTEXT, DEBUG, one_line, one_line_errors
+from fuse_train.data_commands import data_group
+from fuse_train.failures import InferenceError
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks.")
-
-
-def one_line(exc: BaseException) -> str:
-    """The useful line of an error; a DataLoader worker wraps the original message in a traceback."""
-    text = str(exc)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text.splitlines()[0] if text else exc.__class__.__name__
-
-
-def _one_line_errors(func):
-    """Bad input is one line on stderr and exit 2; anything unexpected one line and exit 1 (--debug: traceback)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, debug: bool = False, **kwargs):
-        from fuse_train.inference import InferenceError
-
-        err = Console(stderr=True, soft_wrap=True)
-        try:
-            code = func(*args, **kwargs)
-        except (DatasetError, InferenceError, ConfigError) as exc:
-            code = _fail(one_line(exc), EXIT_USAGE, debug, kwargs.get("as_json", False), err)
-        except Exception as exc:  # noqa: BLE001 - the top-level catch that turns failures into one line
-            message = f"{exc.__class__.__name__}: {one_line(exc)} (run with --debug for the traceback)"
-            code = _fail(message, EXIT_PROBLEMS, debug, kwargs.get("as_json", False), err)
-        sys.exit(code or 0)
-
-    return wrapper
-
-
-def _fail(message: str, code: int, debug: bool, as_json: bool, err: Console) -> int:
-    """One line on stderr; with --json also the one JSON object the README promises on stdout."""
-    if debug:
-        traceback.print_exc()
-    if as_json:
-        print(json.dumps({"ok": False, "error": message, "exit_code": code}, indent=1))
-    err.print(f"fuse-train: error: {message}", markup=False, highlight=False)
-    return code
-
-
-@click.group("data", context_settings=CONTEXT)
-def data_group() -> None:
-    """Check a dataset, or import a published layout once into the YOLOFuse layout."""
-
-
-@data_group.command(
-    "check",
-    context_settings=CONTEXT,
-    epilog="""\b
-Examples:
-  fuse-train data check /data/LLVIP      # layout detected from its folders
-  fuse-train data check data.yaml --json
-\b
-Exit codes: 0 no problems, 1 problems found (each named), 2 not a dataset.""",
-)
-@click.argument("data")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@DEBUG
-@_one_line_errors
-def data_check(data: str, as_json: bool) -> int:
-    """Pairs, unpaired files, unreadable images, label problems, instances per class and image sizes of DATA
-    (a data.yaml or a dataset folder)."""
-    from fuse_train.data_tools import check_dataset, render_check
-
-    report = check_dataset(data)
-    if as_json:
-        print(json.dumps(report.as_dict(), indent=1))
-    else:
-        render_check(report, Console(soft_wrap=True))
-    return EXIT_PROBLEMS if report.problems else EXIT_OK
-
-
-@data_group.command(
-    "import",
-    context_settings=CONTEXT,
-    epilog="""\b
-Examples:
-  fuse-train data import llvip /data/LLVIP -o /data/LLVIP-yolofuse
-  fuse-train data import m3fd /data/M3FD -o m3fd-fuse --val-fraction 0.2
-  fuse-train data import kaist /data/kaist-rgbt -o kaist-fuse
-\b
-KAIST: set00-05 train, set06-11 val.  Images are symlinked (copied with
---copy); labels are written as YOLO text; data.yaml last.  Pairs with a
-problem are left out and listed.  Layouts: docs/datasets.md.""",
-)
-@click.argument("layout")
-@click.argument("src", type=click.Path(file_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(), help="New folder for the YOLOFuse layout.")
-@click.option("--copy", is_flag=True, help="Copy the images instead of symlinking them.")
-@click.option(
-    "--split-by",
-    type=click.Choice(["native", "sequence"]),
-    default="native",
-    show_default=True,
-    help="native: the dataset's published split (LLVIP folders, FLIR lists, KAIST sets); sequence: a seeded "
-    "split of whole recordings / runs of --block consecutive frames (also used where none is published).",
-)
-@click.option(
-    "--val-fraction",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.1,
-    show_default=True,
-    help="With a sequence split: about this share of the pairs in val.",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sequence split.")
-@click.option(
-    "--block",
-    type=click.IntRange(1),
-    default=20,
-    show_default=True,
-    help="Frames per run when a recording is not named by the layout (consecutive frame numbers).",
-)
-@click.option(
-    "--ir-scale",
-    default="percentile",
-    show_default=True,
-    help="How 16-bit infrared becomes 8-bit: percentile (1st-99th of each frame), minmax, or range:LO:HI.",
-)
-@click.option("--force", is_flag=True, help="Replace OUT if it is an empty folder.")
-@DEBUG
-@_one_line_errors
-def data_import(
-    layout: str,
-    src: str,
-    out: str,
-    copy: bool,
-    split_by: str,
-    val_fraction: float,
-    seed: int,
-    block: int,
-    ir_scale: str,
-    force: bool,
-) -> int:
-    """Write dataset SRC, in LAYOUT (llvip, m3fd, flir-aligned, kaist, kaist-voc, voc-pairs, coco-pairs, or
-    auto), as a YOLOFuse dataset in OUT."""
-    from fuse_train.data_tools import import_dataset
-
-    result = import_dataset(layout, src, out, copy, split_by, val_fraction, seed, block, ir_scale, force)
-    console = Console(soft_wrap=True)
-    for problem in result.skipped:
-        console.print(f"left out: {problem}", markup=False, highlight=False)
-    console.print(
-        f"wrote {result.data_yaml}: "
-        + ", ".join(f"{k} {v} pairs" for k, v in sorted(result.pairs.items()))
-        + (
-            f"; {len(result.skipped)} problem(s) left out (see `fuse-train data check {src}`)" if result.skipped else ""
-        ),
-        markup=False,
-        highlight=False,
-    )
-    console.print(f"train with: fuse-train --data {result.data_yaml}", markup=False, highlight=False)
-    return EXIT_OK
+__all__ = ["one_line", "register"]  # what the training command takes from here
 
 
 def _run_folder(weights: Path) -> Path:
@@ -256,7 +100,7 @@ Examples:
 @output_options("val")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @DEBUG
-@_one_line_errors
+@one_line_errors
 def val(
     weights: str,
     data: str | None,
@@ -273,14 +117,13 @@ def val(
 ) -> int:
     """Metrics per class (P, R, mAP50, mAP50-95) of a checkpoint, with plots (PR_curve.png, F1_curve.png,
     confusion_matrix.png) and metrics.json in PROJECT/NAME."""
-    from rich.table import Table
-
     from ckpttools.atomic import atomic_write
-    from fuse_train.data import PairedDataset, load_data_spec
-    from fuse_train.inference import InferenceError, load_detector
+    from ckpttools.datasets.spec import load_data_spec
+    from fuse_train.data import PairedDataset
+    from fuse_train.demo import resolve_data_yaml
+    from fuse_train.inference import load_detector
     from fuse_train.metrics import confusion_matrix, evaluate_detections
     from fuse_train.runlog import plot_confusion, plot_curves
-    from fuse_train.trainer import resolve_data_yaml
 
     det = load_detector(weights, device)
     source = data or ("demo" if det.cfg.data == "demo" else det.resolved.data_yaml)
@@ -313,32 +156,33 @@ def val(
     if as_json:
         print(json.dumps(result, indent=1))
         return EXIT_OK
-    table = Table(title=f"{weights} on {split} ({len(dataset)} images)", title_justify="left")
+    console = Console(soft_wrap=True)
+    console.print(_metrics_table(f"{weights} on {split} ({len(dataset)} images)", result, det.names))
+    console.print(f"plots and metrics.json in {folder}", markup=False, highlight=False)
+    return EXIT_OK
+
+
+def _metrics_table(title: str, result: dict, names: dict[int, str]):
+    """``val``'s table: all classes, then one row per class."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
     for col in ("class", "images", "instances", "P", "R", "mAP50", "mAP50-95"):
         table.add_column(col, justify="left" if col == "class" else "right")
     table.add_row(
         "all",
-        str(len(dataset)),
-        str(instances),
-        f"{metrics.precision:.3f}",
-        f"{metrics.recall:.3f}",
-        f"{metrics.map50:.3f}",
-        f"{metrics.map:.3f}",
+        str(result["images"]),
+        str(result["instances"]),
+        *(f"{result[k]:.3f}" for k in ("precision", "recall", "mAP50", "mAP50-95")),
     )
-    for row in metrics.per_class:
+    for row in result["classes"]:
         table.add_row(
-            det.names[row["class"]],
+            names[row["class"]],
             "",
             str(row["instances"]),
-            f"{row['precision']:.3f}",
-            f"{row['recall']:.3f}",
-            f"{row['mAP50']:.3f}",
-            f"{row['mAP50-95']:.3f}",
+            *(f"{row[k]:.3f}" for k in ("precision", "recall", "mAP50", "mAP50-95")),
         )
-    console = Console(soft_wrap=True)
-    console.print(table)
-    console.print(f"plots and metrics.json in {folder}", markup=False, highlight=False)
-    return EXIT_OK
+    return table
 
 
 @click.command(
@@ -362,7 +206,7 @@ frames first (e.g. ffmpeg -i in.mp4 frames/%05d.png).""",
 @DEVICE
 @output_options("predict")
 @DEBUG
-@_one_line_errors
+@one_line_errors
 def predict(
     weights: str,
     source: str,
@@ -418,14 +262,14 @@ on a demo pair against PyTorch before it is kept.""",
 @click.option("--opset", type=click.IntRange(18), default=18, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @DEBUG
-@_one_line_errors
+@one_line_errors
 def export(
     weights: str, fmt: str, project: str | None, name: str | None, out: str | None, opset: int, force: bool
 ) -> int:
     """Export a checkpoint as a two-input (RGB, IR) ONNX model."""
     from ckpttools.atomic import check_new_output
     from ckpttools.errors import UsageError
-    from fuse_train.inference import InferenceError, check_onnx, export_onnx, load_detector
+    from fuse_train.inference import check_onnx, export_onnx, load_detector
 
     try:
         import onnx  # noqa: F401

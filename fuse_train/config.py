@@ -146,7 +146,7 @@ def resolve_run(
     device: str = "cpu",
 ) -> ResolvedRun:
     """The one place a ResolvedRun is built, for a run that starts and for the resume preflight alike.
-    ``spec`` is the run's ``ckpttools.yolo_data.DataSpec``."""
+    ``spec`` is the run's ``ckpttools.datasets.spec.DataSpec``."""
     return ResolvedRun(
         data_yaml=str(spec.yaml_path),
         data_root=str(spec.root),

@@ -1,4 +1,4 @@
-"""Paired RGB+IR detection data for training: any layout ``ckpttools.yolo_data.load_split`` reads (the
+"""Paired RGB+IR detection data for training: any layout ``ckpttools.datasets.survey.load_split`` reads (the
 YOLOFuse layout with a data.yaml, or LLVIP, M3FD, FLIR aligned, KAIST, VOC / COCO pairs as published; see
 docs/datasets.md).  IR files are used as one channel; 16-bit IR is scaled by the data's ``ir_scale`` rule.
 
@@ -20,17 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ckpttools.yolo_data import (
-    DatasetError,
-    DataSpec,
-    SplitData,
-    ir_folder_for,
-    load_data_spec,
-    load_split,
-    parse_label_file,
-    spec_fingerprint,
-    split_files,
-)
+from ckpttools.datasets.spec import DatasetError, DataSpec
+from ckpttools.datasets.survey import SplitData, load_split
 
 PAD_VALUE = 114 / 255  # letterbox border, as Ultralytics
 
@@ -64,18 +55,6 @@ def scale_to_8bit(raw: np.ndarray, rule: str) -> np.ndarray:
     return np.clip(scaled, 0, 255).round().astype(np.uint8)
 
 
-def check_image_header(path: Path) -> None:
-    """Read only the header of ``path``: a file that is not an image, or whose size is a decompression bomb,
-    is a DatasetError naming it (decoding waits for training)."""
-    try:
-        with Image.open(path):
-            pass
-    except Image.DecompressionBombError as exc:
-        raise DatasetError(f"{path}: refused: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
-
-
 @dataclass
 class Augment:
     """Augmentation strengths (all off for validation)."""
@@ -101,10 +80,8 @@ class PairedDataset(torch.utils.data.Dataset):
         seed: int = 0,
         ir_scale: str = "percentile",
     ):
-        self.pairs, self.labels, self.ir_scale = split.pairs, split.labels, ir_scale  # labels parsed: errors up front
-        for rgb, ir in self.pairs:  # headers only (cheap): an unreadable or bomb image stops the run before it starts
-            check_image_header(rgb)
-            check_image_header(ir)
+        # labels parsed and every image header read by the dataset survey: a defect stops the run before it starts
+        self.pairs, self.labels, self.ir_scale = split.pairs, split.labels, ir_scale
         self.img_size, self.augment, self.seed = img_size, augment, seed
         self.epoch = 0
 

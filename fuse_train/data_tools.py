@@ -1,8 +1,9 @@
 """``fuse-train data check`` and ``fuse-train data import``: what is in a paired dataset, and a one-time import
 of a published layout into the YOLOFuse layout (symlinks, labels converted, data.yaml written last).
 
-Both read the dataset through ``ckpttools.yolo_data`` / ``ckpttools.datasets``: the same index training uses,
-so a dataset that checks clean trains, and a defect check names is the one training would stop on.
+Both read the dataset through ``ckpttools.datasets``: ``data check`` lists the problems of the survey training
+refuses on (``datasets/survey.py``), so a dataset that checks clean trains, and the first blocking defect check
+names is the one training stops on.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import yaml
 from ckpttools.atomic import atomic_folder, check_new_output
 from ckpttools.datasets.index import DatasetIndex, Problem, detect_layout, image_size, index_dataset, normalised_labels
 from ckpttools.datasets.layouts import BY_NAME
+from ckpttools.datasets.spec import DatasetError, load_data_spec
+from ckpttools.datasets.survey import ADVISORY, survey
 from ckpttools.errors import UsageError
-from ckpttools.yolo_data import DatasetError, load_data_spec, spec_index
 
 
 @dataclass
@@ -40,47 +42,26 @@ class CheckReport:
             "pairs": self.pairs,
             "instances": {k: dict(v) for k, v in self.instances.items()},
             "sizes": {m: {f"{w}x{h}": n for (w, h), n in c.items()} for m, c in self.sizes.items()},
-            "problems": [{"kind": p.kind, "path": p.path, "message": str(p)} for p in self.problems],
+            "problems": [
+                {"kind": p.kind, "path": p.path, "message": str(p), "blocks_training": p.kind not in ADVISORY}
+                for p in self.problems
+            ],
         }
 
 
 def check_dataset(data: str, progress=None) -> CheckReport:
-    """Every pair's files and annotations: pairing, readability, labels, classes, sizes."""
+    """Every pair's files and annotations: pairing, readability, labels, classes, sizes (the dataset survey
+    training refuses on: ``ckpttools.datasets.survey``)."""
     spec = load_data_spec(data)  # a data.yaml, or a dataset folder (its layout detected)
-    index = spec_index(spec)
-    report = CheckReport(str(spec.yaml_path), spec.layout, dict(index.names), problems=list(index.problems))
-    for sample in progress(index.samples) if progress else index.samples:
+    found = survey(spec, progress)
+    index = found.index
+    report = CheckReport(str(spec.yaml_path), spec.layout, dict(index.names), problems=list(found.problems))
+    report.sizes = found.sizes
+    for sample, rows in zip(index.samples, found.rows):
         report.pairs[sample.split] = report.pairs.get(sample.split, 0) + 1
-        sizes = {}
-        for modality, path in (("rgb", sample.rgb), ("ir", sample.ir)):
-            size = image_size(path)
-            if isinstance(size, str):
-                report.problems.append(Problem("unreadable", str(path), size))
-            else:
-                sizes[modality] = size
-                report.sizes[modality][size] += 1
-        if len(sizes) == 2 and sizes["rgb"] != sizes["ir"]:
-            (w, h), (wi, hi) = sizes["rgb"], sizes["ir"]
-            report.problems.append(
-                Problem(
-                    "size-mismatch",
-                    str(sample.ir),
-                    f"infrared {wi}x{hi} but visible {w}x{h} "
-                    f"({sample.rgb.name}); training resizes it onto the visible grid, which "
-                    "is right only if the two are registered",
-                )
-            )
-        if sample.size is None:  # no size in the annotation: the header just read (not read a second time)
-            if "rgb" not in sizes:
-                continue
-            sample.size = sizes["rgb"]
-        rows, found = normalised_labels(sample)
-        report.problems += found
         counts = report.instances.setdefault(sample.split, Counter())
         for row in rows:
             counts[index.names.get(int(row[0]), str(int(row[0])))] += 1
-    if not index.samples:
-        report.problems.append(Problem("missing", str(spec.root), "no image pairs found"))
     return report
 
 
@@ -115,8 +96,11 @@ def render_check(report: CheckReport, console) -> None:
         console.print("no problems found", markup=False)
         return
     by_kind = Counter(p.kind for p in report.problems)
+    goes_on = sum(p.kind in ADVISORY for p in report.problems)
     console.print(
-        f"{len(report.problems)} problem(s): " + ", ".join(f"{k} {n}" for k, n in by_kind.most_common()),
+        f"{len(report.problems)} problem(s): "
+        + ", ".join(f"{k} {n}" for k, n in by_kind.most_common())
+        + (f" ({goes_on} of them training goes on with)" if goes_on else ""),
         markup=False,
         highlight=False,
     )
@@ -170,27 +154,8 @@ def import_dataset(
     pairs: Counter = Counter()
     with atomic_folder(out_path, replace=force) as tmp:
         for sample in index.samples:
-            if sample.split not in ("train", "val"):
-                continue
-            if {str(sample.rgb), str(sample.ir), str(sample.label_file)} & bad_files:
-                continue
-            if any(isinstance(image_size(p), str) for p in (sample.rgb, sample.ir)):
-                skipped.append(Problem("unreadable", str(sample.rgb), "pair left out: an image is unreadable"))
-                continue
-            rows, found = normalised_labels(sample)
-            if found:
-                skipped += found
-                continue
-            name = sample.key + sample.rgb.suffix.lower()
-            ir_name = sample.key + sample.ir.suffix.lower()
-            for sub, path, file_name in (("images", sample.rgb, name), ("imagesIR", sample.ir, ir_name)):
-                dst = tmp / sub / sample.split / file_name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dst) if copy else os.symlink(path, dst)
-            label = tmp / "labels" / sample.split / f"{sample.key}.txt"
-            label.parent.mkdir(parents=True, exist_ok=True)
-            label.write_text("".join(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for c, cx, cy, w, h in rows))
-            pairs[sample.split] += 1
+            if sample.split in ("train", "val") and _import_pair(tmp, sample, bad_files, copy, skipped):
+                pairs[sample.split] += 1
         if not pairs["train"] or not pairs["val"]:
             raise DatasetError(
                 f"{root}: the import would have {pairs['train']} train and {pairs['val']} val pairs; "
@@ -214,3 +179,27 @@ def import_dataset(
         }
         (tmp / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return ImportResult(out_path / "data.yaml", dict(pairs), skipped)
+
+
+def _import_pair(tmp: Path, sample, bad_files: set[str], copy: bool, skipped: list[Problem]) -> bool:
+    """Link (or copy) one pair into the YOLOFuse layout under ``tmp`` with its YOLO label; a pair with a problem
+    is left out and added to ``skipped``."""
+    if {str(sample.rgb), str(sample.ir), str(sample.label_file)} & bad_files:
+        return False
+    if any(isinstance(image_size(p), str) for p in (sample.rgb, sample.ir)):
+        skipped.append(Problem("unreadable", str(sample.rgb), "pair left out: an image is unreadable"))
+        return False
+    rows, found = normalised_labels(sample)
+    if found:
+        skipped += found
+        return False
+    name = sample.key + sample.rgb.suffix.lower()
+    ir_name = sample.key + sample.ir.suffix.lower()
+    for sub, path, file_name in (("images", sample.rgb, name), ("imagesIR", sample.ir, ir_name)):
+        dst = tmp / sub / sample.split / file_name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dst) if copy else os.symlink(path, dst)
+    label = tmp / "labels" / sample.split / f"{sample.key}.txt"
+    label.parent.mkdir(parents=True, exist_ok=True)
+    label.write_text("".join(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for c, cx, cy, w, h in rows))
+    return True

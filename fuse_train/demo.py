@@ -164,6 +164,11 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None) -> Path:
     return data_yaml
 
 
+def resolve_data_yaml(data: str) -> Path:
+    """A ``--data`` value as a path: ``demo`` is the embedded demo dataset (built once in the cache)."""
+    return ensure_demo() if data == "demo" else Path(data).expanduser().resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fuse_train.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

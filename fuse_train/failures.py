@@ -1,4 +1,5 @@
-"""How a run ends before its last epoch: a failure it cannot go on from, or an interrupt after a resumable save."""
+"""How work ends early: a run that cannot go on, an interrupt after a resumable save, an unusable checkpoint or
+source for val / predict / export.  No torch here: the command-line modules catch these before torch loads."""
 
 from __future__ import annotations
 
@@ -16,3 +17,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, checkpoint: Path):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum, self.checkpoint = signum, checkpoint
+
+
+class InferenceError(ValueError):
+    """A checkpoint or source that cannot be used; the message names it."""

@@ -8,7 +8,9 @@ ones evaluated, predicted with and exported, as during training.
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +21,15 @@ from PIL import Image, ImageDraw
 from ckpttools.atomic import atomic_write
 from ckpttools.datasets.layouts import IMAGE_SUFFIXES
 from ckpttools.trainers import fuse_train_schema as S
+from fuse_train.boxes import batched_nms
 from fuse_train.checkpoints import ResumeError, integrity_problem, load_checkpoint
 from fuse_train.config import ResolvedRun, RunConfig
 from fuse_train.data import NO_AUGMENT, read_image, warp
+from fuse_train.demo import make_scene
 from fuse_train.devices import select_device
+from fuse_train.failures import InferenceError
 from fuse_train.metrics import detect_dataset, postprocess
 from fuse_train.model import ModelConfig, anchor_grid, build_model, decode_boxes
-
-
-class InferenceError(ValueError):
-    """A checkpoint or source that cannot be used; the message names it."""
 
 
 @dataclass
@@ -242,15 +243,11 @@ class _TwoInputDetector(torch.nn.Module):
 
 def export_onnx(det: LoadedDetector, out: Path, opset: int = 18) -> Path:
     """Write the two-input ONNX model atomically; the legacy TorchScript exporter (no onnxscript needed)."""
-    import warnings
+    import onnx  # an optional extra, loaded when exporting
 
     wrapper = _TwoInputDetector(det.model.cpu(), det.img_size).eval()
     s = det.img_size
     example = (torch.rand(1, 3, s, s), torch.rand(1, 1, s, s))
-    import io
-
-    import onnx
-
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notices are not the user's concern
@@ -287,10 +284,7 @@ def check_onnx(
 ) -> dict:
     """Run the exported model with onnxruntime on one pair (default: a demo scene) and compare to PyTorch: raw
     outputs, and the boxes after the same NMS."""
-    import onnxruntime as ort
-
-    from fuse_train.boxes import batched_nms
-    from fuse_train.demo import make_scene
+    import onnxruntime as ort  # an optional extra, loaded when checking an export
 
     rgb, ir = pair if pair is not None else make_scene(12345, det.img_size)[:2]
     x, _, _ = letterbox_pair(rgb, ir, det.img_size)

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ckpttools.commands.preflight import PreflightReport, UnknownField, parse_allow, preflight
+from ckpttools.datasets.spec import load_data_spec
+from ckpttools.datasets.survey import spec_fingerprint
 from ckpttools.render import render_preflight
 from ckpttools.trainers.fuse_train_schema import position_of
 from ckpttools.trainers.fuse_train_schema import run_record as fuse_train_record
 from fuse_train import state as S
 from fuse_train.checkpoints import ResumeError, load_checkpoint, trusted_checkpoint  # noqa: F401
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size, resolve_run
-from fuse_train.data import PairedDataset, load_data_spec, spec_fingerprint
+from fuse_train.data import PairedDataset
+from fuse_train.demo import resolve_data_yaml
 from fuse_train.model import ModelConfig, build_model, model_fingerprint
 from fuse_train.relaunch import newest_last
 
 
 class RunFinished(ResumeError):
     """The checkpoint's run has done all its epochs (a restart of a finished run has nothing left to do)."""
+
+    relaunch: str | None = None  # what relaunched the run (a torchrun restart, the same job, --auto-resume)
 
 
 class PreflightBlocked(Exception):
@@ -92,17 +98,18 @@ def run_record(cfg: RunConfig, resolved: ResolvedRun) -> dict:
     return fuse_train_record(cfg.to_dict(), resolved.to_dict())
 
 
-def requested_resolution(cfg: RunConfig, world_size: int) -> ResolvedRun:
-    """What a run with ``cfg`` would resolve to, computed without writing anything."""
-    from fuse_train.trainer import resolve_data_yaml
-
+def requested_resolution(cfg: RunConfig, world_size: int, recorded_fingerprint: str | None = None) -> ResolvedRun:
+    """What a run with ``cfg`` would resolve to, computed without writing anything; the dataset fingerprint in
+    the version of ``recorded_fingerprint`` (a checkpoint written before fingerprints had versions)."""
     spec = load_data_spec(resolve_data_yaml(cfg.data))
     img_size = pick_img_size(cfg, spec)
     for split in ("train", "val"):  # parse labels: errors before anything
         PairedDataset.from_spec(spec, split, img_size)
     with torch.device("meta"):
         model = build_model(ModelConfig(cfg.fusion, cfg.scale, len(spec.names)), img_size)
-    return resolve_run(cfg, spec, img_size, world_size, model_fingerprint(model), spec_fingerprint(spec))
+    return resolve_run(
+        cfg, spec, img_size, world_size, model_fingerprint(model), spec_fingerprint(spec, like=recorded_fingerprint)
+    )
 
 
 def prepare_resume(
@@ -115,8 +122,6 @@ def prepare_resume(
     check: bool = True,
 ) -> ResumePlan:
     """Find and read the checkpoint, merge options, run the preflight. Raises PreflightBlocked / ResumeError."""
-    import os
-
     try:
         allow = parse_allow(allow_text)
     except UnknownField as exc:
@@ -151,8 +156,9 @@ def prepare_resume(
     if merged.epochs < reached:
         raise ConfigError(f"--epochs {merged.epochs}: the checkpoint is already in epoch {reached}")
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    recorded = run_record(recorded_cfg, ResolvedRun.from_dict(ckpt[S.K_RESOLVED]))
-    requested = run_record(merged, requested_resolution(merged, world))
+    recorded_run = ResolvedRun.from_dict(ckpt[S.K_RESOLVED])
+    recorded = run_record(recorded_cfg, recorded_run)
+    requested = run_record(merged, requested_resolution(merged, world, recorded_run.dataset_fingerprint))
     report = preflight(recorded, requested, allow)
     if not report.ok:
         raise PreflightBlocked(report, path)

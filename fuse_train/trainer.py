@@ -7,73 +7,34 @@ what makes ``--resume`` exact.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from ckpttools.atomic import atomic_write, remove_stale
 from fuse_train import state as S
 from fuse_train.async_save import AsyncSaver, PinnedSnapshot
+from fuse_train.build import build_run, seed_worker
 from fuse_train.checkpointing import CheckpointingMixin
-from fuse_train.config import ConfigError, RunConfig, pick_img_size, resolve_run
-from fuse_train.data import Augment, PairedDataset, collate, load_data_spec, spec_fingerprint
+from fuse_train.config import RunConfig
+from fuse_train.data import collate
 from fuse_train.dcp_save import DcpSaver
-from fuse_train.demo import ensure_demo
 from fuse_train.devices import select_device
-from fuse_train.distributed import (
-    DistInfo,
-    all_gather_objects,
-    all_sum,
-    any_rank,
-    any_rank_flags,
-)
+from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, any_rank_flags
+from fuse_train.evaluation import EvaluationMixin
 from fuse_train.failures import TrainingFailed, TrainingInterrupted  # noqa: F401 - raised here, caught by the CLI
-from fuse_train.loss import DetectionLoss
-from fuse_train.metrics import DetectionMetrics, confusion_matrix, detect_dataset, evaluate_detections
-from fuse_train.model import ModelConfig, anchor_grid, build_model, model_fingerprint
 from fuse_train.progress import EpochProgress
-from fuse_train.runlog import RunLog, boundaries, plot_confusion, plot_curves, plot_labels, plot_results
-from fuse_train.signals import SignalState, loader_batches, worker_init
+from fuse_train.runlog import RunLog, boundaries, plot_results
+from fuse_train.signals import SignalState, loader_batches
+from fuse_train.step_hooks import StepHooks
 
 
-def resolve_data_yaml(data: str) -> Path:
-    return ensure_demo() if data == "demo" else Path(data).expanduser().resolve()
-
-
-def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """Weight decay on conv / linear weights only, not on BatchNorm weights or biases."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
-            (decay if name == "weight" and not is_norm else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "SGD":
-        return torch.optim.SGD(groups, lr=cfg.lr0, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr0, betas=(cfg.momentum, 0.999))
-
-
-def _seed_worker(worker_id: int) -> None:
-    worker_init()  # the main process decides what a signal does (fuse_train/signals.py)
-    # Augmentation draws from per-sample generators; seeding the global ones too keeps any library that
-    # uses them reproducible.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    import random
-
-    random.seed(seed)
-
-
-class Trainer(CheckpointingMixin):
+class Trainer(CheckpointingMixin, EvaluationMixin):
     def __init__(
         self,
         cfg: RunConfig,
@@ -91,49 +52,12 @@ class Trainer(CheckpointingMixin):
         self.device = select_device(cfg.device, dist_info.local_rank)
         self.use_cuda = self.device.type == "cuda"
 
-        spec = load_data_spec(resolve_data_yaml(cfg.data))
-        img_size = pick_img_size(cfg, spec)
-        nc = len(spec.names)
-        if cfg.batch % dist_info.world_size:
-            raise ConfigError(
-                f"--batch {cfg.batch} must be divisible by the number of processes ({dist_info.world_size})"
-            )
-        self.train_set = PairedDataset.from_spec(spec, "train", img_size, Augment(), cfg.seed)
-        if len(self.train_set) < 2 * dist_info.world_size:  # batch norm needs two values per channel in a batch
-            raise ConfigError(
-                f"{spec.train or spec.root}: {len(self.train_set)} training image(s); training needs at least 2 per "
-                f"process ({dist_info.world_size} process(es))"
-            )
-        self.val_set = PairedDataset.from_spec(spec, "val", img_size)
-
-        S.seed_everything(cfg.seed)
-        self.model_config = ModelConfig(cfg.fusion, cfg.scale, nc)
-        self.model = build_model(self.model_config, img_size).to(self.device)
-        self.resolved = resolve_run(
-            cfg,
-            spec,
-            img_size,
-            dist_info.world_size,
-            model_fingerprint(self.model),
-            spec_fingerprint(spec),
-            str(self.device),
-        )
-        if self.use_cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = S.ModelEMA(self.model)
-        self.optimizer = build_optimizer(self.model, cfg)
-        # bf16 where the GPU has it; FUSE_TRAIN_FORCE_FP16=1 (bench/cuda_check.py) exercises the fp16 + GradScaler path
-        bf16 = torch.cuda.is_bf16_supported() if self.use_cuda else False
-        self.amp_dtype = (
-            (torch.bfloat16 if bf16 and not os.environ.get("FUSE_TRAIN_FORCE_FP16") else torch.float16)
-            if self.use_cuda and cfg.amp
-            else None
-        )
-        if os.environ.get("FUSE_TRAIN_DETERMINISTIC"):  # bench/cuda_check.py: deterministic kernels on CUDA too
-            torch.use_deterministic_algorithms(True)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.criterion = DetectionLoss(nc, img_size).to(self.device)
-        self.anchors, self.strides = anchor_grid(img_size, self.device)
+        parts = build_run(cfg, dist_info, self.device)
+        self.train_set, self.val_set = parts.train_set, parts.val_set
+        self.model_config, self.model, self.resolved = parts.model_config, parts.model, parts.resolved
+        self.ema = parts.ema
+        self.optimizer, self.amp_dtype, self.scaler = parts.optimizer, parts.amp_dtype, parts.scaler
+        self.criterion, self.anchors, self.strides = parts.criterion, parts.anchors, parts.strides
 
         self.sampler = S.EpochBatchSampler(
             len(self.train_set), cfg.batch, cfg.seed, dist_info.rank, dist_info.world_size
@@ -176,15 +100,7 @@ class Trainer(CheckpointingMixin):
         self._save_seconds: float | None = None  # the latest .pt write, measured by the writer
         self._grace_checked = False
         self._requested_save_step: int | None = None  # SIGUSR1 on an epoch's last step (_train_epoch)
-        # Test hook: behave as if Ctrl-C arrived during optimizer step N (so tests can stop at an exact step).
-        stop_at = os.environ.get("FUSE_TRAIN_STOP_AFTER_STEP")
-        self._stop_after_step = int(stop_at) if stop_at else None
-        # Test hook: a real signal to this process after step N ("TERM:N", "KILL:N"): SIGTERM goes through the
-        # handler like an outside one, SIGKILL dies wherever the run is (events written, not yet saved, ...).
-        signal_at = os.environ.get("FUSE_TRAIN_SIGNAL_AFTER_STEP", "")
-        self._signal_after = (
-            (getattr(signal, "SIG" + signal_at.split(":")[0]), int(signal_at.split(":")[1])) if signal_at else None
-        )
+        self.hooks = StepHooks.from_env()  # tests and benches stop a run at an exact step
 
     @property
     def _stop_signal(self) -> int | None:
@@ -230,7 +146,7 @@ class Trainer(CheckpointingMixin):
             num_workers=self.cfg.workers,
             collate_fn=collate,
             pin_memory=self.use_cuda,
-            worker_init_fn=_seed_worker,
+            worker_init_fn=seed_worker,
             persistent_workers=False,
         )
 
@@ -257,22 +173,13 @@ class Trainer(CheckpointingMixin):
                         self._stop_signal or signal.SIGTERM, last
                     )  # signal came during evaluation
             if self.dist.is_main:
-                self._final_plots()
+                self.final_plots()
         finally:
             self._wait_for_saves()  # a save in flight is finished (or its error raised) before the run ends
             self.runlog.close()
             if self._stop_signal is None:  # once stopping, keep the handler: a second Ctrl-C must exit quietly
                 restore_signals()
         return self.last_metrics
-
-    def _final_plots(self) -> None:
-        """The end-of-training figures, from the last evaluation (EMA weights) and the training labels."""
-        names = self.resolved.names
-        preds, gts = self._last_eval
-        metrics = evaluate_detections(preds, gts, self.model_config.nc)
-        plot_curves(metrics.curves, names, self.run_dir)
-        plot_confusion(confusion_matrix(preds, gts, self.model_config.nc), names, self.run_dir / "confusion_matrix.png")
-        plot_labels(self.train_set.labels, names, self.run_dir / "labels.png")
 
     def _train_epoch(self) -> None:
         cfg, spe = self.cfg, self.sampler.steps_per_epoch
@@ -292,10 +199,7 @@ class Trainer(CheckpointingMixin):
             self.global_step += 1
             self.runlog.step(self.global_step, loss_parts.tolist(), [g["lr"] for g in self.optimizer.param_groups])
             progress.update(self.epoch_loss_sum / self.step_in_epoch, lr, time.time() - t0)
-            if self._stop_after_step == self.global_step:
-                self.signals.stop = signal.SIGINT
-            if self._signal_after and self._signal_after[1] == self.global_step:
-                os.kill(os.getpid(), self._signal_after[0])
+            self.hooks.after_step(self.global_step, self.signals)
             stop, save_now = any_rank_flags(
                 [self._stop_signal is not None, self.signals.save_requested], self.dist, self.device
             )
@@ -348,33 +252,16 @@ class Trainer(CheckpointingMixin):
         losses = all_sum(self.epoch_loss_sum, self.dist) / (self.step_in_epoch * self.dist.world_size)
         metrics = self.evaluate() if self.dist.is_main else None
         metrics = all_gather_objects(metrics, self.dist)[0]
-        fitness = metrics.fitness
-        improved = self.best_fitness is None or fitness > self.best_fitness
+        improved = self.best_fitness is None or metrics.fitness > self.best_fitness
         if improved:
-            self.best_fitness = fitness
-        lr = self.optimizer.param_groups[0]["lr"]
-        row = {
-            "epoch": self.epoch + 1,
-            "train/box_loss": float(losses[0]),
-            "train/cls_loss": float(losses[1]),
-            "metrics/precision": metrics.precision,
-            "metrics/recall": metrics.recall,
-            "metrics/mAP50": metrics.map50,
-            "metrics/mAP50-95": metrics.map,
-            "fitness": fitness,
-            "lr": lr,
-        }
+            self.best_fitness = metrics.fitness
+        row = self.epoch_row(losses, metrics)
         self.results.append(row)
         self.last_metrics = metrics.as_dict()
         seconds = time.time() - self._epoch_started
         epoch_scalars = self.runlog.epoch_scalars(row, seconds)
         self.runlog.note(self.global_step, epoch_scalars)  # in the checkpoint's record; written once it is published
-        self.log(
-            f"epoch {self.epoch + 1}/{self.cfg.epochs}  box {row['train/box_loss']:.4f}  cls "
-            f"{row['train/cls_loss']:.4f}"
-            f"  P {metrics.precision:.3f}  R {metrics.recall:.3f}  mAP50 {metrics.map50:.3f}"
-            f"  mAP50-95 {metrics.map:.3f}" + ("  (best)" if improved else "")
-        )
+        self.log_epoch(row, metrics, improved)
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_loss_sum = torch.zeros(2, dtype=torch.float64)
@@ -397,58 +284,3 @@ class Trainer(CheckpointingMixin):
         )
         self._check_stop_fits_grace(seconds / max(1, self.sampler.steps_per_epoch))
         return path
-
-    def _check_stop_fits_grace(self, step_seconds: float) -> None:
-        """Once, after the first save was written: can a stop finish inside the scheduler's grace period?
-
-        A stop finishes the step, waits for a save in flight and writes the resumable checkpoint, so it needs
-        about one step and two saves.  If that is more than --stop-grace (torchrun and Kubernetes give 30 s
-        before SIGKILL), say so in one line, while there is time to change the set-up."""
-        if self._grace_checked or not self.dist.is_main or self._save_seconds is None:
-            return
-        self._grace_checked = True
-        needed = step_seconds + 2 * self._save_seconds
-        if needed > self.stop_grace:
-            self.log(
-                f"warning: a stop (SIGTERM) needs about {needed:.0f} s here (a step {step_seconds:.1f} s, writing "
-                f"{self.last_path.name} {self._save_seconds:.1f} s, twice if a save is in flight), more than the "
-                f"{self.stop_grace:.0f} s grace before SIGKILL (--stop-grace): raise the scheduler's grace "
-                "(Kubernetes terminationGracePeriodSeconds, Slurm KillWait), or send SIGUSR1 before the end "
-                "(Slurm --signal=USR1@90) so the last save is recent"
-            )
-
-    def _epoch_logger(self, step: int, scalars: list) -> Callable[[], None]:
-        """What shows an epoch as done (its TensorBoard scalars, results.csv, results.png), written only once the
-        checkpoint that holds the epoch is published: the logs never claim more than the checkpoint has.  The
-        rows are copied now; the writer thread runs this later while training goes on."""
-        rows = [dict(r) for r in self.results]
-        marks = boundaries(self.history, self.sampler.steps_per_epoch)
-
-        def write() -> None:
-            self.runlog.write_scalars(step, scalars)
-            self.runlog.write_results(rows)
-            if self.dist.is_main:
-                plot_results(rows, marks, self.run_dir / "results.png")
-
-        return write
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module | None = None) -> DetectionMetrics:
-        model = model or self.ema.ema
-        model.eval()
-        preds, gts = detect_dataset(
-            model,
-            self.val_set,
-            self.anchors,
-            self.strides,
-            self.device,
-            self.cfg.conf,
-            self.cfg.iou,
-            max(2, 2 * self.resolved.per_rank_batch),
-            self.cfg.workers,
-            self.amp_dtype,
-            channels_last=self.use_cuda,
-            pin_memory=self.use_cuda,
-        )
-        self._last_eval = (preds, gts)
-        return evaluate_detections(preds, gts, self.model_config.nc)

@@ -17,8 +17,9 @@ from click.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import make_datasets as M  # noqa: E402
 
+from ckpttools.datasets.spec import load_data_spec  # noqa: E402
 from fuse_train.cli import cli  # noqa: E402
-from fuse_train.data import PairedDataset, load_data_spec  # noqa: E402
+from fuse_train.data import PairedDataset  # noqa: E402
 from fuse_train.inference import check_onnx, letterbox_pair, load_detector  # noqa: E402
 from tests.helpers import load, run_train  # noqa: E402
 

@@ -7,16 +7,9 @@ import torch
 import yaml
 from PIL import Image
 
-from fuse_train.data import (
-    Augment,
-    DatasetError,
-    PairedDataset,
-    collate,
-    ir_folder_for,
-    load_data_spec,
-    parse_label_file,
-    warp,
-)
+from ckpttools.datasets.annotations import parse_yolo
+from ckpttools.datasets.spec import DatasetError, ir_folder_for, load_data_spec
+from fuse_train.data import Augment, PairedDataset, collate, warp
 from fuse_train.demo import make_scene, write_demo
 
 
@@ -72,16 +65,15 @@ def test_data_yaml_relative_path_and_explicit_ir(tmp_path, tiny_data):
 def test_malformed_label_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "a.txt"
     path.write_text("0 0.5 0.5 0.2 0.2\n" + line + "\n")
-    with pytest.raises(DatasetError, match=message) as err:
-        parse_label_file(path, nc=1)
-    assert f"{path}:2" in str(err.value)
+    problems = parse_yolo(path, nc=1).problems
+    assert len(problems) == 1 and message in problems[0] and problems[0].startswith(f"{path}:2")
 
 
 def test_missing_ir_partner_is_named(tmp_path, tiny_data):
     root = _copy(tiny_data, tmp_path)
     (root / "imagesIR" / "train" / "00003.png").unlink()
     spec = load_data_spec(root / "data.yaml")
-    with pytest.raises(DatasetError, match=r"00003\.png: no IR partner"):
+    with pytest.raises(DatasetError, match=r"00003\.png: no infrared partner"):
         PairedDataset.from_spec(spec, "train", 64)
 
 
@@ -93,7 +85,7 @@ def test_unreadable_image_is_named(tmp_path, tiny_data):
         PairedDataset.from_spec(spec, "train", 64)
     good = root / "images" / "train" / "00003.png"
     (root / "images" / "train" / "00002.png").write_bytes(good.read_bytes()[:120])  # a header, then the data cut
-    ds = PairedDataset.from_spec(spec, "train", 64)
+    ds = PairedDataset.from_spec(load_data_spec(root / "data.yaml"), "train", 64)  # afresh: a spec is surveyed once
     with pytest.raises(DatasetError, match=r"00002\.png: unreadable image"):  # found when decoded
         ds[2]
 

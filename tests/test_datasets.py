@@ -17,7 +17,8 @@ import make_datasets as M  # noqa: E402
 
 from ckpttools.datasets.index import detect_layout  # noqa: E402
 from ckpttools.datasets.layouts import BY_NAME, markdown_table  # noqa: E402
-from ckpttools.yolo_data import DatasetError, load_data_spec, load_split  # noqa: E402
+from ckpttools.datasets.spec import DatasetError, load_data_spec  # noqa: E402
+from ckpttools.datasets.survey import load_split  # noqa: E402
 from fuse_train.cli import cli  # noqa: E402
 from fuse_train.data import read_image, scale_to_8bit  # noqa: E402
 from fuse_train.demo import make_scene  # noqa: E402

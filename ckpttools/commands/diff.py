@@ -331,32 +331,7 @@ def diff_checkpoints(
         sections = tuple(s for s in sections if s == "model")
     total_pairs = []
     for section in (s for s in sections if s != "meta"):
-        names_a, names_b = sec_a.get(section, {}), sec_b.get(section, {})
-        if strip_prefix:
-            names_a, pa = _normalise(names_a)
-            names_b, pb = _normalise(names_b)
-            for prefix, label in ((pa, "A"), (pb, "B")):
-                if prefix and prefix != (pb if label == "A" else pa):
-                    report.notes.append(f"{section}: stripped the {prefix!r} prefix of {label}'s names to match")
-        for name in sorted(names_a.keys() - names_b.keys()):
-            report.only_in_a.append(
-                {
-                    "section": section,
-                    "name": name,
-                    "shape": list(names_a[name].shape),
-                    "dtype": str(names_a[name].dtype),
-                }
-            )
-        for name in sorted(names_b.keys() - names_a.keys()):
-            report.only_in_b.append(
-                {
-                    "section": section,
-                    "name": name,
-                    "shape": list(names_b[name].shape),
-                    "dtype": str(names_b[name].dtype),
-                }
-            )
-        total_pairs += [(section, n, names_a[n], names_b[n]) for n in sorted(names_a.keys() & names_b.keys())]
+        total_pairs += _pair_section(section, sec_a.get(section, {}), sec_b.get(section, {}), strip_prefix, report)
     total_bytes = sum(t.nbytes for _, _, t, _ in total_pairs) or 1
     done = 0
     for section, name, ta, tb in total_pairs:
@@ -380,6 +355,22 @@ def diff_checkpoints(
     report.notes[:0] = _container_notes(a_ck, "A") + _container_notes(b_ck, "B")
     report.verdict = _verdict(report)
     return report
+
+
+def _pair_section(section: str, names_a: dict, names_b: dict, strip_prefix: bool, report: DiffReport) -> list:
+    """The (section, name, A tensor, B tensor) pairs of one section; names on one side only go to the report."""
+    if strip_prefix:
+        names_a, pa = _normalise(names_a)
+        names_b, pb = _normalise(names_b)
+        for prefix, label in ((pa, "A"), (pb, "B")):
+            if prefix and prefix != (pb if label == "A" else pa):
+                report.notes.append(f"{section}: stripped the {prefix!r} prefix of {label}'s names to match")
+    for only, mine, other in ((report.only_in_a, names_a, names_b), (report.only_in_b, names_b, names_a)):
+        for name in sorted(mine.keys() - other.keys()):
+            only.append(
+                {"section": section, "name": name, "shape": list(mine[name].shape), "dtype": str(mine[name].dtype)}
+            )
+    return [(section, n, names_a[n], names_b[n]) for n in sorted(names_a.keys() & names_b.keys())]
 
 
 def _container_notes(ck: Checkpoint, label: str) -> list[str]:

@@ -29,8 +29,8 @@ from ckpttools.errors import FormatLimit, UsageError
 from ckpttools.formats import torchzip, ziprecords
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
+from ckpttools.formats.storage_scan import StorageScanner
 from ckpttools.report import ERROR
-from ckpttools.storage_scan import StorageScanner
 from ckpttools.tensors import LazyTensor, StorageRef, TensorSource, iter_tensors
 from ckpttools.trainers.base import now
 from ckpttools.trainers.registry import rules_for
@@ -92,18 +92,7 @@ def repair(
         result.actions.append("zip end records were missing: records recovered by scanning local headers")
 
     source = TensorSource(ckpt)
-    lost = _recover_records(ckpt, _lost_storages(ckpt, on_bytes), result)
-    users = _users(ckpt)
-    if lost:
-        _check_backup(backup)
-        theirs = _by_name(backup) if backup else {}
-        backup_source = TensorSource(backup) if backup else None
-        mine = dict(iter_tensors(ckpt.tree))
-        for ref, why in lost:
-            names = users.get(id(ref), [f"storage {ref.key}"])
-            if backup is not None and _fill(ref, names, mine, theirs, source, backup_source, result):
-                continue
-            result.lost.extend(f"{name} ({why})" for name in names)
+    _fill_lost(ckpt, backup, source, result, on_bytes)
     if result.lost:
         hint = " (give --from last.prev.pt or an epochN.pt to fill them)" if backup_path is None else ""
         result.problems.append(f"{len(result.lost)} tensor(s) lost{hint}")
@@ -135,6 +124,24 @@ def repair(
     ensure_space(out, sum(r.nbytes for r in {id(t.storage): t.storage for _, t in iter_tensors(tree)}.values()))
     _write_verified(tree, out, source, result, on_bytes, force)
     return result
+
+
+def _fill_lost(ckpt: Checkpoint, backup: Checkpoint | None, source: TensorSource, result: RepairResult, on_bytes):
+    """Recover what records can be recovered; fill each storage still lost from ``backup`` (same name, shape,
+    dtype) or name its tensors in ``result.lost``."""
+    lost = _recover_records(ckpt, _lost_storages(ckpt, on_bytes), result)
+    if not lost:
+        return
+    users = _users(ckpt)
+    _check_backup(backup)
+    theirs = _by_name(backup) if backup else {}
+    backup_source = TensorSource(backup) if backup else None
+    mine = dict(iter_tensors(ckpt.tree))
+    for ref, why in lost:
+        names = users.get(id(ref), [f"storage {ref.key}"])
+        if backup is not None and _fill(ref, names, mine, theirs, source, backup_source, result):
+            continue
+        result.lost.extend(f"{name} ({why})" for name in names)
 
 
 def _only_the_directory_is_damaged(ckpt: Checkpoint, strip_prefix: bool) -> bool:

@@ -16,9 +16,9 @@ from ckpttools.formats.base import regular_file_or_folder
 from ckpttools.formats.confine import inside
 from ckpttools.formats.pt2 import NAME as PT2
 from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, index_findings, open_checkpoint
+from ckpttools.formats.storage_scan import StorageScanner
 from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report
-from ckpttools.storage_scan import StorageScanner
 from ckpttools.tensors import LazyTensor, StorageRef, iter_tensors, tensor_bytes
 from ckpttools.trainers.registry import rules_for
 

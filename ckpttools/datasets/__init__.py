@@ -1,6 +1,6 @@
 """Paired RGB+IR detection datasets as they are published (LLVIP, M3FD, FLIR aligned, KAIST, VOC / COCO pairs,
 YOLOFuse): the layout table, annotation parsers, an index of pairs with every problem found, and splits.
 
-In ckpttools (beside ``yolo_data``) so that ``ckpt preflight --data`` fingerprints any of them exactly as
+In ckpttools so that ``ckpt preflight --data`` fingerprints any of them exactly as
 fuse-train recorded it; fuse-train's ``data check`` / ``data import`` and its training are built on it.
 """

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ckpttools.datasets import annotations as A
-from ckpttools.datasets.layouts import BY_NAME, LAYOUTS, Layout, template_regex
+from ckpttools.datasets.layouts import BY_NAME, LAYOUTS, DatasetLayout, template_regex
 
 EDGE_TOLERANCE = 1.0  # pixels a box may pass the image edge (VOC's 1-based corners reach width / height)
 
@@ -42,12 +42,13 @@ class Sample:
     group: str  # recording the frame belongs to (frames of one group share a split)
     boxes: list[tuple[int, float, float, float, float]] = field(default_factory=list)  # cls, x1 y1 x2 y2 px
     size: tuple[int, int] | None = None  # (w, h) of the annotated image
+    yolo_rows: list[tuple] | None = None  # a YOLO label's rows as written (cls cx cy w h): trained on unchanged
 
 
 @dataclass
 class DatasetIndex:
     root: Path
-    layout: Layout
+    layout: DatasetLayout
     names: dict[int, str]
     samples: list[Sample]
     problems: list[Problem]
@@ -56,7 +57,7 @@ class DatasetIndex:
         return [s for s in self.samples if s.split == name]
 
 
-def detect_layout(root: Path) -> Layout | None:
+def detect_layout(root: Path) -> DatasetLayout | None:
     """The first layout whose marker paths all exist under ``root`` (the table is ordered specific first)."""
     for layout in LAYOUTS:
         if all((root / m).exists() for m in layout.markers):
@@ -64,7 +65,7 @@ def detect_layout(root: Path) -> Layout | None:
     return None
 
 
-def layout_named(name: str) -> Layout:
+def layout_named(name: str) -> DatasetLayout:
     try:
         return BY_NAME[name]
     except KeyError:
@@ -96,7 +97,7 @@ def _match(root: Path, template: str) -> dict[tuple, tuple[str, dict]]:
 
 def index_dataset(
     root: str | os.PathLike,
-    layout: Layout,
+    layout: DatasetLayout,
     names: dict[int, str] | None = None,
     split_by: str = "native",
     val_fraction: float = 0.1,
@@ -146,6 +147,7 @@ def index_dataset(
             "",
             _group(layout, fields),
             size=ann.size if ann else None,
+            yolo_rows=list(ann.yolo_rows) if ann and layout.label_format == "yolo" else None,
         )
         for box in ann.boxes if ann else []:
             name = aliases.get(box.name, box.name)
@@ -173,14 +175,14 @@ def _sample_key(fields: dict) -> str:
     return "_".join(fields[k] for k in order)
 
 
-def _group(layout: Layout, fields: dict) -> str:
+def _group(layout: DatasetLayout, fields: dict) -> str:
     if layout.group:
         return layout.group.format(**fields)
     return ""  # filled by _assign_splits from runs of frame numbers
 
 
 def _annotations(
-    root: Path, layout: Layout, field_list: list[dict], problems: list[Problem], names: dict[int, str] | None
+    root: Path, layout: DatasetLayout, field_list: list[dict], problems: list[Problem], names: dict[int, str] | None
 ):
     """{key: (label file, Annotation | None)} and the class names seen."""
     out, seen = {}, set()
@@ -216,7 +218,7 @@ def _annotations(
 
 def _assign_splits(
     root: Path,
-    layout: Layout,
+    layout: DatasetLayout,
     samples: list[Sample],
     split_by: str,
     val_fraction: float,
@@ -289,7 +291,10 @@ def image_size(path: Path) -> tuple[int, int] | str:
 
 def normalised_labels(sample: Sample, nc_names: dict[int, str] | None = None) -> tuple[list[tuple], list[Problem]]:
     """The sample's boxes as YOLO rows (cls, cx, cy, w, h in [0, 1]) and the problems found on the way: a box
-    more than EDGE_TOLERANCE pixels outside the image is a problem; one within it is clipped to the edge."""
+    more than EDGE_TOLERANCE pixels outside the image is a problem; one within it is clipped to the edge.
+    A YOLO label's rows are returned as written (normalised already; Ultralytics trains on them unclipped)."""
+    if sample.yolo_rows is not None:
+        return list(sample.yolo_rows), []
     if sample.size == (1, 1):  # YOLO labels are normalised already
         w = h = 1.0
         tolerance = 0.0

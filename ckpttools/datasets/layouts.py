@@ -19,7 +19,7 @@ SPLIT_RULES = ("folder", "list", "set", "none")
 
 
 @dataclass(frozen=True)
-class Layout:
+class DatasetLayout:
     name: str
     title: str
     rgb: str  # template of a visible image
@@ -55,8 +55,8 @@ def template_regex(template: str) -> re.Pattern:
 
 KAIST_SETS = tuple((f"set{i:02d}", "train" if i <= 5 else "val") for i in range(12))
 
-LAYOUTS: tuple[Layout, ...] = (
-    Layout(
+LAYOUTS: tuple[DatasetLayout, ...] = (
+    DatasetLayout(
         "llvip",
         "LLVIP, as released",
         "visible/{split}/{id}.{ext}",
@@ -69,7 +69,7 @@ LAYOUTS: tuple[Layout, ...] = (
         markers=("visible", "infrared", "Annotations"),
         note="no val split is published: `test` is validated on, as in the LLVIP paper",
     ),
-    Layout(
+    DatasetLayout(
         "m3fd",
         "M3FD detection",
         "Vis/{id}.{ext}",
@@ -81,7 +81,7 @@ LAYOUTS: tuple[Layout, ...] = (
         markers=("Vis", "Ir", "Annotation"),
         note="no split is published: a seeded split of runs of consecutive frames",
     ),
-    Layout(
+    DatasetLayout(
         "flir-aligned",
         "FLIR ADAS, aligned pairs",
         "JPEGImages/{id}_RGB.{ext}",
@@ -95,7 +95,7 @@ LAYOUTS: tuple[Layout, ...] = (
         markers=("JPEGImages", "Annotations", "align_train.txt"),
         note="pair names differ per modality; the annotations are the thermal frame's",
     ),
-    Layout(
+    DatasetLayout(
         "kaist",
         "KAIST multispectral, original bbGt text",
         "images/{set}/{seq}/visible/{id}.{ext}",
@@ -111,7 +111,7 @@ LAYOUTS: tuple[Layout, ...] = (
         markers=("images", "annotations"),
         note="set00-05 train, set06-11 test (validated on); people and cyclist are persons, person? is skipped",
     ),
-    Layout(
+    DatasetLayout(
         "kaist-voc",
         "KAIST multispectral, VOC XML relabelling",
         "images/{set}/{seq}/visible/{id}.{ext}",
@@ -127,7 +127,7 @@ LAYOUTS: tuple[Layout, ...] = (
         markers=("images", "annotations-xml-new"),
         note="as kaist, with the widely used XML annotations",
     ),
-    Layout(
+    DatasetLayout(
         "yolofuse",
         "YOLOFuse / LLVIP-YOLO (fuse-train's own)",
         "images/{split}/{id}.{ext}",
@@ -139,7 +139,7 @@ LAYOUTS: tuple[Layout, ...] = (
         markers=("images", "imagesIR"),
         note="classes come from data.yaml's names; a missing label file is an image without objects",
     ),
-    Layout(
+    DatasetLayout(
         "voc-pairs",
         "generic VOC pairs",
         "rgb/{id}.{ext}",
@@ -150,7 +150,7 @@ LAYOUTS: tuple[Layout, ...] = (
         markers=("rgb", "ir", "Annotations"),
         note="classes are the names found, sorted",
     ),
-    Layout(
+    DatasetLayout(
         "coco-pairs",
         "generic COCO-JSON pairs",
         "rgb/{id}.{ext}",

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ckpttools.datasets.layouts import IMAGE_SUFFIXES
+from ckpttools.datasets.spec import DatasetError, read_yaml_mapping, twin_path
 from ckpttools.pickle.unpickler import restricted_load
 
 
-class UltralyticsDataError(ValueError):
+class UltralyticsDataError(DatasetError):
     """A dataset YAML or cache that cannot be read; the message names it."""
 
 
@@ -40,18 +40,9 @@ class UltralyticsData:
     names: dict[int, str]
 
 
-def _swap(path: Path, new: str) -> Path | None:
-    parts = list(path.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = new
-            return Path(*parts)
-    return None
-
-
 def label_path(image: Path) -> Path | None:
-    out = _swap(image, "labels")
-    return out.with_suffix(".txt") if out else None
+    folder = twin_path(image.parent, "labels")
+    return (folder / image.name).with_suffix(".txt") if folder else None
 
 
 def load_ultralytics_yaml(path: str | os.PathLike) -> UltralyticsData:
@@ -61,11 +52,8 @@ def load_ultralytics_yaml(path: str | os.PathLike) -> UltralyticsData:
             f"{yaml_path}: data file not found (a dataset name such as coco8.yaml that "
             "Ultralytics downloads must be given as the local file it became)"
         )
-    try:
-        spec = yaml.safe_load(yaml_path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UltralyticsDataError(f"{yaml_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(spec, dict) or "train" not in spec:
+    spec = read_yaml_mapping(yaml_path, "path, train, val, names", UltralyticsDataError)
+    if "train" not in spec:
         raise UltralyticsDataError(f"{yaml_path}: expected a mapping with path, train, val, names")
     root = _dataset_root(spec.get("path"), yaml_path)
     names = spec.get("names") or {}

@@ -8,7 +8,9 @@ torch zip.  Tensors saved as one chunk become one tensor; sharded tensors list t
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -290,9 +292,6 @@ def _shard(x, mesh, world: int):
 def _die_with_parent() -> None:
     """A rank of a killed conversion must not run on: ask Linux to SIGKILL it when its parent dies."""
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         pass

@@ -139,65 +139,7 @@ def read(path: Path) -> Checkpoint:
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise NotACheckpoint(f"{path}: HDF5 file that h5py cannot open ({exc})") from None
-
-    def dataset(item, name: str) -> Any:
-        kind = plain(item.attrs.get(KIND_ATTR, ""))
-        if kind == "ndarray":
-            return np.asarray(item[()])
-        dtype = str(plain(item.attrs.get(DTYPE_ATTR, FROM_NUMPY.get(item.dtype.name, "uint8"))))
-        if dtype not in DTYPES:
-            ckpt.findings.append(
-                Finding(ERROR, "hdf5.dtype", f"dataset {name} has dtype {dtype} that no tensor has", name)
-            )
-            return None
-        shape = tuple(item.shape)
-        numel = int(np.prod(shape)) if shape else 1
-        ref = StorageRef(name, DType(dtype), numel, "cpu", None)
-        ckpt.storages[name] = ref
-        return LazyTensor(ref, 0, shape, contiguous_strides(shape))
-
-    # a group or dataset hard-linked under several names (written so for a shared object) is read once and the
-    # same value returned for every name: the tree is a DAG again, and reading stays linear in the objects
-    done: dict[Any, Any] = {}
-    in_progress = object()
-
-    def member(item, path_name: str) -> Any:
-        value = done.get(item)
-        if value is in_progress:  # a link to an enclosing group: no tree can hold that
-            ckpt.findings.append(
-                Finding(ERROR, "hdf5.cycle", f"{path_name} links back to a group that contains it", path_name)
-            )
-            return None
-        if item in done:
-            return value
-        done[item] = in_progress
-        done[item] = group_value(item, path_name) if isinstance(item, h5py.Group) else dataset(item, path_name)
-        return done[item]
-
-    def group_value(group, prefix: str) -> Any:
-        json_names = set(json.loads(plain(group.attrs[JSON_ATTR]))) if JSON_ATTR in group.attrs else set()
-        keys = {
-            name: _untag(k)
-            for name, k in (json.loads(plain(group.attrs[KEYS_ATTR])).items() if KEYS_ATTR in group.attrs else ())
-        }
-        out: dict[Any, Any] = {}
-        for name, value in group.attrs.items():
-            if name in RESERVED:
-                continue
-            value = plain(value)
-            out[name] = _untag(json.loads(value)) if name in json_names else value
-        for name, item in group.items():
-            out[name] = member(item, f"{prefix}/{name}" if prefix else name)
-        if ORDER_ATTR in group.attrs:
-            order = json.loads(plain(group.attrs[ORDER_ATTR]))
-            out = {name: out[name] for name in order if name in out} | out
-        kind = plain(group.attrs.get(KIND_ATTR, "dict"))
-        if kind in ("list", "tuple"):
-            items = [out[str(i)] for i in range(len(out)) if str(i) in out]
-            return items if kind == "list" else tuple(items)
-        return {keys.get(name, name): value for name, value in out.items()}
-
-    ckpt.tree = group_value(handle, "")
+    ckpt.tree = _TreeReader(ckpt, h5py.Group).group_value(handle, "")
     ckpt.metadata = {k: plain(v) for k, v in handle.attrs.items() if k not in RESERVED}
 
     def read_all(ref: StorageRef) -> bytes:
@@ -218,6 +160,73 @@ def read(path: Path) -> Checkpoint:
     return ckpt
 
 
+_IN_PROGRESS = object()
+
+
+class _TreeReader:
+    """The file's groups and datasets as a tree of plain values and lazy tensors.
+
+    A group or dataset hard-linked under several names (written so for a shared object) is read once and the
+    same value returned for every name: the tree is a DAG again, and reading stays linear in the objects."""
+
+    def __init__(self, ckpt: Checkpoint, group_type: type):
+        self.ckpt, self.group_type = ckpt, group_type
+        self.done: dict[Any, Any] = {}
+
+    def dataset(self, item, name: str) -> Any:
+        kind = plain(item.attrs.get(KIND_ATTR, ""))
+        if kind == "ndarray":
+            return np.asarray(item[()])
+        dtype = str(plain(item.attrs.get(DTYPE_ATTR, FROM_NUMPY.get(item.dtype.name, "uint8"))))
+        if dtype not in DTYPES:
+            self.ckpt.findings.append(
+                Finding(ERROR, "hdf5.dtype", f"dataset {name} has dtype {dtype} that no tensor has", name)
+            )
+            return None
+        shape = tuple(item.shape)
+        numel = int(np.prod(shape)) if shape else 1
+        ref = StorageRef(name, DType(dtype), numel, "cpu", None)
+        self.ckpt.storages[name] = ref
+        return LazyTensor(ref, 0, shape, contiguous_strides(shape))
+
+    def member(self, item, path_name: str) -> Any:
+        value = self.done.get(item)
+        if value is _IN_PROGRESS:  # a link to an enclosing group: no tree can hold that
+            self.ckpt.findings.append(
+                Finding(ERROR, "hdf5.cycle", f"{path_name} links back to a group that contains it", path_name)
+            )
+            return None
+        if item in self.done:
+            return value
+        self.done[item] = _IN_PROGRESS
+        is_group = isinstance(item, self.group_type)
+        self.done[item] = self.group_value(item, path_name) if is_group else self.dataset(item, path_name)
+        return self.done[item]
+
+    def group_value(self, group, prefix: str) -> Any:
+        json_names = set(json.loads(plain(group.attrs[JSON_ATTR]))) if JSON_ATTR in group.attrs else set()
+        keys = {
+            name: _untag(k)
+            for name, k in (json.loads(plain(group.attrs[KEYS_ATTR])).items() if KEYS_ATTR in group.attrs else ())
+        }
+        out: dict[Any, Any] = {}
+        for name, value in group.attrs.items():
+            if name in RESERVED:
+                continue
+            value = plain(value)
+            out[name] = _untag(json.loads(value)) if name in json_names else value
+        for name, item in group.items():
+            out[name] = self.member(item, f"{prefix}/{name}" if prefix else name)
+        if ORDER_ATTR in group.attrs:
+            order = json.loads(plain(group.attrs[ORDER_ATTR]))
+            out = {name: out[name] for name in order if name in out} | out
+        kind = plain(group.attrs.get(KIND_ATTR, "dict"))
+        if kind in ("list", "tuple"):
+            items = [out[str(i)] for i in range(len(out)) if str(i) in out]
+            return items if kind == "list" else tuple(items)
+        return {keys.get(name, name): value for name, value in out.items()}
+
+
 # ---- writing
 # ----------------------------------------------------------------------------------------------------------
 
@@ -233,79 +242,81 @@ def write_hdf5(
     ``tensor_chunks`` yields a tensor's bytes in C order.  Returns the number of tensors written."""
     import h5py
 
-    if not isinstance(tree, dict):
-        tree = {"value": tree}
-    written = 0
-    shared = shared_objects(tree)
-    first: dict[int, Any] = {}  # id of a shared object -> the group / dataset it was written as
+    writer = _TreeWriter(tree if isinstance(tree, dict) else {"value": tree}, tensor_chunks, compress, on_bytes)
+    with h5py.File(path, "w", libver=LIBVER, track_order=True) as handle:
+        writer.fill(handle, writer.tree)
+    return writer.written
 
-    def put(group, name: str, value: Any) -> None:
-        if id(value) in first:
-            group[name] = first[id(value)]  # a hard link: the same object, stored once
+
+def _attribute_name(key: Any, i: int) -> str:
+    """``key`` where HDF5 can hold it as a name, else ``~i`` (the real key is kept in KEYS_ATTR)."""
+    usable = isinstance(key, str) and key and "/" not in key and key != "." and key not in RESERVED
+    return key if usable and not key.startswith("~") else f"~{i}"
+
+
+class _TreeWriter:
+    """Dicts as groups, plain values as attributes, tensors and arrays as datasets; an object shared in the tree
+    is written once and hard-linked under its other names."""
+
+    def __init__(self, tree: dict, tensor_chunks, compress: bool, on_bytes):
+        self.tree, self.tensor_chunks, self.compress, self.on_bytes = tree, tensor_chunks, compress, on_bytes
+        self.written = 0
+        self.shared = shared_objects(tree)
+        self.first: dict[int, Any] = {}  # id of a shared object -> the group / dataset it was written as
+
+    def put(self, group, name: str, value: Any) -> None:
+        if id(value) in self.first:
+            group[name] = self.first[id(value)]  # a hard link: the same object, stored once
             return
-        put_new(group, name, value)
-        if id(value) in shared:
-            first[id(value)] = group[name]
+        self.put_new(group, name, value)
+        if id(value) in self.shared:
+            self.first[id(value)] = group[name]
 
-    def put_new(group, name: str, value: Any) -> None:
-        nonlocal written
+    def put_new(self, group, name: str, value: Any) -> None:
         if isinstance(value, LazyTensor):
-            _write_tensor(group, name, value, tensor_chunks(value), compress, on_bytes)
-            written += 1
+            _write_tensor(group, name, value, self.tensor_chunks(value), self.compress, self.on_bytes)
+            self.written += 1
         elif isinstance(value, np.ndarray):
             if value.dtype.kind not in "biufc":
                 raise TypeError(f"numpy array of {value.dtype}")
             ds = group.create_dataset(name, data=value)
             ds.attrs[KIND_ATTR] = "ndarray"
         elif isinstance(value, dict):
-            fill(group.create_group(name, track_order=True), value)
-        elif isinstance(value, (list, tuple)) and not is_plain(value, shared):
+            self.fill(group.create_group(name, track_order=True), value)
+        elif isinstance(value, (list, tuple)) and not is_plain(value, self.shared):
             sub = group.create_group(name, track_order=True)
             sub.attrs[KIND_ATTR] = "tuple" if isinstance(value, tuple) else "list"
-            fill(sub, {str(i): v for i, v in enumerate(value)})
+            self.fill(sub, {str(i): v for i, v in enumerate(value)})
         else:
             raise AssertionError("plain values are attributes")
 
-    def fill(group, mapping: dict) -> None:
+    def fill(self, group, mapping: dict) -> None:
         keys, json_names, attr_names, child_names, order = {}, [], [], [], []
         for i, (key, value) in enumerate(mapping.items()):
-            name = (
-                key
-                if isinstance(key, str)
-                and key
-                and "/" not in key
-                and key != "."
-                and key not in RESERVED
-                and not key.startswith("~")
-                else f"~{i}"
-            )
+            name = _attribute_name(key, i)
             if name != key:
                 keys[name] = _tag(key)
             order.append(name)
-            if is_plain(value, shared):
-                attr_names.append(name)
-                if (
-                    isinstance(value, (bool, float))
-                    or (isinstance(value, str) and _utf8_ok(value))
-                    or (isinstance(value, int) and -(2**63) <= value < 2**63)
-                ) or isinstance(value, np.generic):
-                    group.attrs[name] = value
-                else:
-                    group.attrs[name] = json.dumps(_tag(value))
-                    json_names.append(name)
-            else:
+            if not is_plain(value, self.shared):
                 child_names.append(name)
-                put(group, name, value)
+                self.put(group, name, value)
+                continue
+            attr_names.append(name)
+            if (
+                isinstance(value, (bool, float))
+                or (isinstance(value, str) and _utf8_ok(value))
+                or (isinstance(value, int) and -(2**63) <= value < 2**63)
+            ) or isinstance(value, np.generic):
+                group.attrs[name] = value
+            else:
+                group.attrs[name] = json.dumps(_tag(value))
+                json_names.append(name)
         if keys:
             group.attrs[KEYS_ATTR] = json.dumps(keys)
         if json_names:
             group.attrs[JSON_ATTR] = json.dumps(json_names)
         if order != attr_names + child_names:  # the reader puts attributes first; record the real order
             group.attrs[ORDER_ATTR] = json.dumps(order)
-
-    with h5py.File(path, "w", libver=LIBVER, track_order=True) as handle:
-        fill(handle, tree)
-    return written
 
 
 def _utf8_ok(text: str) -> bool:

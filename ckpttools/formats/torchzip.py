@@ -61,6 +61,61 @@ def read(path: Path) -> Checkpoint:
 def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Checkpoint:
     """The torch zip in ``path`` (or embedded at ``base``, ``length`` bytes long: how DCP stores each item)."""
     ckpt = Checkpoint(path, NAME)
+    records = _read_records(ckpt, path, base, length)
+    pkl_name = pickle_record_name([r.name for r in records])
+    if pkl_name is None and pt2.is_pt2([r.name for r in records]) is not None:
+        return pt2.read_records(ckpt, path, ckpt.records, pt2.is_pt2([r.name for r in records]))
+    if pkl_name is None and not ckpt.findings:
+        other = other_archive([r.name for r in records])
+        if other:  # an intact archive of another kind: declined, never called damaged
+            raise OtherArchive(f"{path}: {other}, not a torch.save checkpoint; declined (its bytes were not judged)")
+    if pkl_name is None:
+        ckpt.findings.append(
+            Finding(
+                ERROR,
+                "zip.no-pickle",
+                "no data.pkl record: not a torch.save checkpoint or the record is lost",
+                "data.pkl",
+            )
+        )
+        _scan_other_pickles(ckpt, path, None)
+        return ckpt
+    top = pkl_name[: -len("data.pkl")]
+    _scan_other_pickles(ckpt, path, pkl_name)
+    data = None if ckpt.records[pkl_name].truncated else _intact_pickle(ckpt, path, pkl_name, base)
+    if data is None:
+        return ckpt
+    byteorder = ckpt.records.get(top + "byteorder")
+    if byteorder is not None and not byteorder.truncated and ziprecords.read_record(path, byteorder).strip() == b"big":
+        ckpt.findings.append(
+            Finding(
+                WARNING,
+                "zip.big-endian",
+                "tensors were saved big-endian; values are read as little-endian here",
+                top + "byteorder",
+            )
+        )
+
+    def reader(ref: StorageRef) -> bytes:
+        record = ckpt.record_of(ref)
+        if record is None or record.truncated:
+            raise OSError(f"storage record for {ref.key} is missing or truncated")
+        return ziprecords.read_record(path, record)
+
+    ckpt.tree = ckpt.read_pickle(data, pkl_name, lambda pid: storage_from_pid(ckpt, pid, reader))
+    ckpt.record_of = lambda ref: ckpt.records.get(top + "data/" + ref.key)
+    ckpt.record_name_of = lambda ref: top + "data/" + ref.key
+
+    def iter_storage(ref: StorageRef, chunk: int):
+        record = ckpt.record_of(ref)
+        return ziprecords.iter_record_bytes(path, record, chunk) if record and not record.truncated else iter(())
+
+    ckpt.iter_storage = iter_storage
+    return ckpt
+
+
+def _read_records(ckpt: Checkpoint, path: Path, base: int, length: int | None) -> list:
+    """The zip's records, with a finding for each problem of the container; ``ckpt.records`` by name."""
     try:
         records, problems = ziprecords.read_records(path, base, length)
         ckpt.findings.extend(Finding(ERROR, p.code, p.message, p.where) for p in problems)
@@ -117,29 +172,13 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
             if r.name not in ckpt.records and not r.truncated and r.crc is not None:
                 ckpt.records[r.name] = r
         records = list(ckpt.records.values())
-    pkl_name = pickle_record_name([r.name for r in records])
-    if pkl_name is None and pt2.is_pt2([r.name for r in records]) is not None:
-        return pt2.read_records(ckpt, path, ckpt.records, pt2.is_pt2([r.name for r in records]))
-    if pkl_name is None and not ckpt.findings:
-        other = other_archive([r.name for r in records])
-        if other:  # an intact archive of another kind: declined, never called damaged
-            raise OtherArchive(f"{path}: {other}, not a torch.save checkpoint; declined (its bytes were not judged)")
-    if pkl_name is None:
-        ckpt.findings.append(
-            Finding(
-                ERROR,
-                "zip.no-pickle",
-                "no data.pkl record: not a torch.save checkpoint or the record is lost",
-                "data.pkl",
-            )
-        )
-        _scan_other_pickles(ckpt, path, None)
-        return ckpt
-    top = pkl_name[: -len("data.pkl")]
-    _scan_other_pickles(ckpt, path, pkl_name)
+    return records
+
+
+def _intact_pickle(ckpt: Checkpoint, path: Path, pkl_name: str, base: int) -> bytes | None:
+    """The pickle record's bytes, from an intact copy where only the metadata around them is damaged; None
+    when they fail their CRC32 (then only scanned for what they name)."""
     pkl = ckpt.records[pkl_name]
-    if pkl.truncated:
-        return ckpt
     data = ziprecords.read_record(path, pkl)
     if pkl.crc is not None and pkl.crc != 0 and ziprecords.crc32(data) != pkl.crc and base == 0:
         # the pickle's bytes may be whole and only the metadata around them damaged (already reported)
@@ -161,34 +200,8 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
                 pkl_name,
             )
         )
-        return ckpt
-    byteorder = ckpt.records.get(top + "byteorder")
-    if byteorder is not None and not byteorder.truncated and ziprecords.read_record(path, byteorder).strip() == b"big":
-        ckpt.findings.append(
-            Finding(
-                WARNING,
-                "zip.big-endian",
-                "tensors were saved big-endian; values are read as little-endian here",
-                top + "byteorder",
-            )
-        )
-
-    def reader(ref: StorageRef) -> bytes:
-        record = ckpt.record_of(ref)
-        if record is None or record.truncated:
-            raise OSError(f"storage record for {ref.key} is missing or truncated")
-        return ziprecords.read_record(path, record)
-
-    ckpt.tree = ckpt.read_pickle(data, pkl_name, lambda pid: storage_from_pid(ckpt, pid, reader))
-    ckpt.record_of = lambda ref: ckpt.records.get(top + "data/" + ref.key)
-    ckpt.record_name_of = lambda ref: top + "data/" + ref.key
-
-    def iter_storage(ref: StorageRef, chunk: int):
-        record = ckpt.record_of(ref)
-        return ziprecords.iter_record_bytes(path, record, chunk) if record and not record.truncated else iter(())
-
-    ckpt.iter_storage = iter_storage
-    return ckpt
+        return None
+    return data
 
 
 def _settle_names(records: list) -> None:

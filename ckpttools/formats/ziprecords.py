@@ -156,68 +156,89 @@ def parse_zip(path: Path, base: int = 0, length: int | None = None) -> tuple[lis
         os.close(fd)
 
 
+@dataclass
+class _End:
+    """What the end records say: where the central directory is, how many entries it holds."""
+
+    n_total: int
+    cd_size: int
+    cd_offset: int
+    cd_end_expected: int  # where the directory must end: the (zip64) end record
+    comment_len: int
+    zip64_versions: tuple[int, int] | None = None  # (made by, needed) of a zip64 end record
+
+
 def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base: int) -> list[Record]:
+    end = _end_records(src, size, problems, path, base)
+    if end.cd_offset + end.cd_size != end.cd_end_expected:
+        problems.append(
+            ZipProblem(
+                "zip.structure",
+                f"central directory spans {end.cd_offset}..{end.cd_offset + end.cd_size}, "
+                f"the end records start at {end.cd_end_expected}",
+                "central directory",
+            )
+        )
+    entries = _directory_entries(src, size, end, path, base)
+    # every entry checked against its local header; what only a torch-written file must satisfy is kept aside
+    # until the entries have said whether this is one (most records padded the way torch pads them)
+    checked = [_check_entry(src, size, fields, name_bytes, extra) for fields, name_bytes, extra in entries]
+    torch_style = bool(entries) and sum(e.padded for e in checked) * 2 > len(entries)
+    if torch_style:
+        _check_torch_constants(entries, end, problems)
+    records = _placed_records(checked, torch_style, end.cd_offset, problems)
+    if end.comment_len:
+        problems.append(
+            ZipProblem(
+                "zip.structure",
+                f"zip comment of {end.comment_len} bytes (torch writes none)",
+                "end of central directory",
+            )
+        )
+    return records
+
+
+def _end_records(src: _Window, size: int, problems: list[ZipProblem], path: Path, base: int) -> _End:
+    """The end of central directory record, and the zip64 one where a locator points to it, cross-checked."""
     eocd_at = _find_eocd(src, size)
     if eocd_at is None:
         raise ZipStructureError("end of central directory not found", scan_local_headers(path, base, size))
     (_, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment_len) = EOCD.unpack(src.pread(EOCD.size, eocd_at))
-    cd_end_expected = eocd_at
+    end = _End(n_total, cd_size, cd_offset, eocd_at, comment_len)
+    where = "end of central directory"
     if disk or cd_disk:
         problems.append(
-            ZipProblem(
-                "zip.structure",
-                f"end record names disk {disk}/{cd_disk}; a checkpoint is one file",
-                "end of central directory",
-            )
+            ZipProblem("zip.structure", f"end record names disk {disk}/{cd_disk}; a checkpoint is one file", where)
         )
     if n_disk != n_total:
-        problems.append(
-            ZipProblem("zip.structure", f"end record counts {n_disk} vs {n_total} entries", "end of central directory")
-        )
+        problems.append(ZipProblem("zip.structure", f"end record counts {n_disk} vs {n_total} entries", where))
     loc_at = eocd_at - ZIP64_LOCATOR.size
-    has_zip64 = loc_at >= 0 and src.pread(4, loc_at) == ZIP64_LOCATOR_MAGIC
-    if has_zip64:
-        _, z_disk, z64_at, z_disks = ZIP64_LOCATOR.unpack(src.pread(ZIP64_LOCATOR.size, loc_at))
-        raw = src.pread(ZIP64_EOCD.size, z64_at)
-        if len(raw) < ZIP64_EOCD.size or raw[:4] != ZIP64_EOCD_MAGIC or z64_at + ZIP64_EOCD.size != loc_at:
-            problems.append(
-                ZipProblem(
-                    "zip.structure", "zip64 end record not where its locator points", "zip64 end of central directory"
-                )
-            )
-        else:
-            (_, rec_size, z_made, z_need, z_d, z_cd_d, z_n_disk, z_n_total, z_cd_size, z_cd_offset) = ZIP64_EOCD.unpack(
-                raw
-            )
-            zip64_versions = (z_made, z_need)
-            if rec_size != ZIP64_EOCD.size - 12 or z_d or z_cd_d or z_disk or z_disks != 1 or z_n_disk != z_n_total:
-                problems.append(
-                    ZipProblem(
-                        "zip.structure", "zip64 end record fields are inconsistent", "zip64 end of central directory"
-                    )
-                )
-            for small, big, what in (
-                (n_total, z_n_total, "entry count"),
-                (cd_size, z_cd_size, "directory size"),
-                (cd_offset, z_cd_offset, "directory offset"),
-            ):
-                if small not in (big, 0xFFFF, 0xFFFFFFFF):
-                    problems.append(
-                        ZipProblem("zip.structure", f"end records disagree on the {what}", "end of central directory")
-                    )
-            n_total, cd_size, cd_offset = z_n_total, z_cd_size, z_cd_offset
-            cd_end_expected = z64_at
-    if cd_offset + cd_size != cd_end_expected:
-        problems.append(
-            ZipProblem(
-                "zip.structure",
-                f"central directory spans {cd_offset}..{cd_offset + cd_size}, "
-                f"the end records start at {cd_end_expected}",
-                "central directory",
-            )
-        )
-    cd = src.pread(cd_size, cd_offset)
-    records, entries = [], []
+    if loc_at < 0 or src.pread(4, loc_at) != ZIP64_LOCATOR_MAGIC:
+        return end
+    where64 = "zip64 end of central directory"
+    _, z_disk, z64_at, z_disks = ZIP64_LOCATOR.unpack(src.pread(ZIP64_LOCATOR.size, loc_at))
+    raw = src.pread(ZIP64_EOCD.size, z64_at)
+    if len(raw) < ZIP64_EOCD.size or raw[:4] != ZIP64_EOCD_MAGIC or z64_at + ZIP64_EOCD.size != loc_at:
+        problems.append(ZipProblem("zip.structure", "zip64 end record not where its locator points", where64))
+        return end
+    (_, rec_size, z_made, z_need, z_d, z_cd_d, z_n_disk, z_n_total, z_cd_size, z_cd_offset) = ZIP64_EOCD.unpack(raw)
+    if rec_size != ZIP64_EOCD.size - 12 or z_d or z_cd_d or z_disk or z_disks != 1 or z_n_disk != z_n_total:
+        problems.append(ZipProblem("zip.structure", "zip64 end record fields are inconsistent", where64))
+    for small, big, what in (
+        (n_total, z_n_total, "entry count"),
+        (cd_size, z_cd_size, "directory size"),
+        (cd_offset, z_cd_offset, "directory offset"),
+    ):
+        if small not in (big, 0xFFFF, 0xFFFFFFFF):
+            problems.append(ZipProblem("zip.structure", f"end records disagree on the {what}", where))
+    return _End(z_n_total, z_cd_size, z_cd_offset, z64_at, comment_len, (z_made, z_need))
+
+
+def _directory_entries(src: _Window, size: int, end: _End, path: Path, base: int) -> list[tuple]:
+    """(fields, name bytes, extra) of every central-directory entry; a directory that does not hold what the end
+    record says is a ZipStructureError carrying the records a local-header scan finds."""
+    cd = src.pread(end.cd_size, end.cd_offset)
+    entries = []
     pos = 0
     while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos : pos + 4] == CENTRAL_MAGIC:
         fields = CENTRAL_HEADER.unpack_from(cd, pos)
@@ -226,53 +247,54 @@ def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base
         extra = cd[pos + 46 + name_len : pos + 46 + name_len + extra_len]
         entries.append((fields, name_bytes, extra))
         pos += 46 + name_len + extra_len + comment
-    if pos != len(cd) or len(entries) != n_total:
+    if pos != len(cd) or len(entries) != end.n_total:
         # a directory that breaks off (a zeroed page, wrong counts) cannot be trusted for the entries it still
         # shows either (the one at the break has half its fields): read the records as a truncated file's are,
         # from their local headers
         raise ZipStructureError(
             f"the central directory holds {len(entries)} readable entries in {pos} of "
-            f"{len(cd)} bytes, the end record says {n_total}",
+            f"{len(cd)} bytes, the end record says {end.n_total}",
             scan_local_headers(path, base, size),
         )
-    # every entry checked against its local header; what only a torch-written file must satisfy is kept aside
-    # until the entries have said whether this is one (most records padded the way torch pads them)
-    checked, padded = [], 0
-    for fields, name_bytes, extra in entries:
-        entry = _check_entry(src, size, fields, name_bytes, extra)
-        checked.append(entry)
-        padded += entry.padded
-    torch_style = bool(entries) and padded * 2 > len(entries)
-    if torch_style and len(entries) > 2:  # fields torch writes identically for every entry (other writers vary
-        # them by entry: Python's zipfile sets "version made by" per compression method)
-        for index, label in (
-            (1, "version made by"),
-            (13, "disk number"),
-            (14, "internal attributes"),
-            (15, "external attributes"),
-        ):
-            values = Counter(e[0][index] for e in entries)
-            if len(values) == 1:
-                continue
-            common = max(values, key=values.__getitem__)
-            for e in entries:
-                if e[0][index] != common:
-                    problems.append(
-                        ZipProblem(
-                            "zip.structure",
-                            f"central directory {label} {e[0][index]:#x} differs from every other entry's {common:#x}",
-                            e[1].decode("utf-8", "replace"),
-                        )
+    return entries
+
+
+def _check_torch_constants(entries: list[tuple], end: _End, problems: list[ZipProblem]) -> None:
+    """Fields torch writes identically for every entry (other writers vary them by entry: Python's zipfile sets
+    "version made by" per compression method), and its zip64 end record's versions."""
+    for index, label in (
+        (1, "version made by"),
+        (13, "disk number"),
+        (14, "internal attributes"),
+        (15, "external attributes"),
+    ):
+        values = Counter(e[0][index] for e in entries)
+        if len(entries) <= 2 or len(values) == 1:
+            continue
+        common = max(values, key=values.__getitem__)
+        for e in entries:
+            if e[0][index] != common:
+                problems.append(
+                    ZipProblem(
+                        "zip.structure",
+                        f"central directory {label} {e[0][index]:#x} differs from every other entry's {common:#x}",
+                        e[1].decode("utf-8", "replace"),
                     )
-    if torch_style and has_zip64 and "zip64_versions" in locals() and zip64_versions != TORCH_ZIP64_VERSIONS:
+                )
+    if end.zip64_versions is not None and end.zip64_versions != TORCH_ZIP64_VERSIONS:
         problems.append(
             ZipProblem(
                 "zip.structure",
-                f"zip64 end record versions {zip64_versions} differ from torch's {TORCH_ZIP64_VERSIONS}",
+                f"zip64 end record versions {end.zip64_versions} differ from torch's {TORCH_ZIP64_VERSIONS}",
                 "zip64 end of central directory",
             )
         )
-    expected_local = 0
+
+
+def _placed_records(checked: list, torch_style: bool, cd_offset: int, problems: list[ZipProblem]) -> list[Record]:
+    """The entries' records in file order, each starting where the previous one ends: overlapping ones dropped
+    (an error), gaps reported, every byte before the directory accounted for."""
+    records, expected_local = [], 0
     for entry in checked:
         rec = entry.record
         if rec.header_offset < expected_local:
@@ -304,12 +326,6 @@ def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base
                 "zip.structure",
                 f"{cd_offset - expected_local:+d} unaccounted bytes before the central directory",
                 "central directory",
-            )
-        )
-    if comment_len:
-        problems.append(
-            ZipProblem(
-                "zip.structure", f"zip comment of {comment_len} bytes (torch writes none)", "end of central directory"
             )
         )
     return records

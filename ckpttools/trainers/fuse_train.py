@@ -19,13 +19,14 @@ import random
 from typing import Any
 
 from ckpttools import layouts as L
+from ckpttools.datasets.spec import DatasetError, load_data_spec
+from ckpttools.datasets.survey import spec_fingerprint
 from ckpttools.errors import UsageError
 from ckpttools.formats.dcp import NAME as DCP
 from ckpttools.report import ERROR, Report
 from ckpttools.tensors import LazyTensor, TensorSource
 from ckpttools.trainers import fuse_train_schema as S
 from ckpttools.trainers.base import TrainerRules, now
-from ckpttools.yolo_data import DatasetError, load_data_spec, spec_fingerprint
 
 
 class FuseTrainRules(TrainerRules):
@@ -84,11 +85,12 @@ class FuseTrainRules(TrainerRules):
         requested = dict(recorded)
         for name, value in given.items():
             if name == "data":
-                try:
+                try:  # computed in the fingerprint version the checkpoint recorded (datasets/survey.py)
                     spec = load_data_spec(value)
+                    fingerprint = spec_fingerprint(spec, like=recorded.get("data-fingerprint"))
                 except DatasetError as exc:
                     raise UsageError(f"--data: {exc}") from None
-                requested["data"], requested["data-fingerprint"] = str(spec.yaml_path), spec_fingerprint(spec)
+                requested["data"], requested["data-fingerprint"] = str(spec.yaml_path), fingerprint
             else:
                 requested[name] = value
         if {"fusion", "scale", "img-size"} & set(given):
