@@ -44,8 +44,13 @@ def _train(args: list[str], cwd: Path, env: dict | None = None, timeout: float =
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         **(env or {}),
     }
-    return subprocess.run(
-        [sys.executable, "-m", "fuse_train", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
+    return subprocess.run(  # --no-plots: the checks read checkpoints and logs, not figures
+        [sys.executable, "-m", "fuse_train", *args, "--no-plots"],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -235,7 +235,7 @@ class CheckpointingMixin:
         def write() -> None:
             self.runlog.write_scalars(step, scalars)
             self.runlog.write_results(rows)
-            if self.dist.is_main:
+            if self.dist.is_main and self.cfg.plots:
                 plot_results(rows, marks, self.run_dir / "results.png")
 
         return write

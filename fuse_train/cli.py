@@ -18,7 +18,7 @@ from fuse_train.commands import one_line, register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
 from fuse_train.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
 from fuse_train.runlock import RunLocked, run_lock
-from fuse_train.signals import exit_code
+from fuse_train.signals import exit_code, ignore_after_run, stop_before_training
 
 EPILOG = """\b
 Examples:
@@ -152,6 +152,13 @@ def cli() -> None:
     "copies on CUDA). Interrupt and final saves always complete before exit.",
 )
 @click.option(
+    "--plots/--no-plots",
+    default=D.plots,
+    show_default=True,
+    help="Draw results.png after each epoch and the curves, confusion matrix and labels.png at the end (about "
+    "2 s of CPU for a short run); results.csv and TensorBoard are written either way.",
+)
+@click.option(
     "--save-format",
     type=click.Choice(SAVE_FORMATS),
     default=D.save_format,
@@ -220,18 +227,19 @@ def train(
 ) -> None:
     """Train a dual-stream RGB+infrared object detector (YOLOFuse-style early / mid / late fusion) with
     exact, crash-safe resume.  Writes <project>/<name>/ with weights/last.pt, best.pt, results.csv, args.yaml."""
-    # torch, the model and the trainer are imported here, when a run starts: `fuse-train --help` and the other
-    # commands do not pay for them (tests/test_architecture.py holds the start-up lean)
-    import torch
-
-    from fuse_train.distributed import init_distributed, shutdown
-    from fuse_train.trainer import Trainer
-
+    stop_before_training()  # a stop signal before the loop's handlers: one line, 130 / 143, nothing written
     console = Console(soft_wrap=True)
     explicit = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     dist_info = None
     launch = launch_record({k: options[k] for k in sorted(explicit)})
     try:
+        # torch, the model and the trainer are imported here, when a run starts: `fuse-train --help` and the
+        # other commands do not pay for them (tests/test_architecture.py holds the start-up lean)
+        import torch
+
+        from fuse_train.distributed import init_distributed
+        from fuse_train.trainer import Trainer
+
         cfg, run_dir, ckpt, event = _plan(resume, options, explicit, allow_change, auto_resume, no_verify, launch)
         use_cuda = (cfg.device or "").lower() != "cpu" and torch.cuda.is_available()
         dist_info = init_distributed(use_cuda)
@@ -248,9 +256,10 @@ def train(
         with run_lock(run_dir, take=dist_info.is_main):  # one process per run folder, from the first write on
             if dist_info.is_main and ckpt is None:
                 write_launch(run_dir, launch)  # what a restart with this command line looks for
-            if dist_info.is_main:
-                console.print(_starting_line(trainer, ckpt is not None), markup=False, highlight=False)
-            metrics = trainer.train()
+            line = _starting_line(trainer, ckpt is not None)
+            say_start = (lambda: console.print(line, markup=False, highlight=False)) if dist_info.is_main else None
+            metrics = trainer.train(on_start=say_start)  # said once the loop handles stop signals
+        ignore_after_run()
         if dist_info.is_main:
             console.print(
                 f"done: best fitness {trainer.best_fitness:.4f}, final mAP50 {metrics.get('mAP50', 0):.3f} "
@@ -260,8 +269,11 @@ def train(
         code = EXIT_OK
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the top-level catch: one line, one exit code
         code = _failure(exc, dist_info, debug)
+        ignore_after_run()
     finally:
         if dist_info is not None:
+            from fuse_train.distributed import shutdown
+
             shutdown(dist_info)
     sys.exit(code)
 
@@ -329,8 +341,8 @@ def _failure(exc: BaseException, dist_info, debug: bool) -> int:
     if isinstance(exc, PreflightBlocked):
         exc.render(err)
         return EXIT_PREFLIGHT
-    if isinstance(exc, KeyboardInterrupt):
-        say("fuse-train: interrupted again: exiting now (last.pt is the last complete save)")
+    if isinstance(exc, KeyboardInterrupt):  # a SIGINT after the loop's handlers were put back
+        say("fuse-train: interrupted: exiting now (weights/last.pt is the last complete save)")
         return 130
     if debug and not isinstance(exc, (RunFinished, TrainingFailed)):
         traceback.print_exc()

@@ -50,6 +50,7 @@ class RunConfig:
     async_save: bool = True  # write checkpoints on a background thread (the snapshot is taken at the step)
     save_format: str = "pt"  # pt: one torch.save file; dcp: torch.distributed.checkpoint folders (dcp.async_save)
     conf: float = 0.001  # evaluation confidence threshold
+    plots: bool = True  # results.png after each epoch, PR / F1 curves, confusion matrix and labels.png at the end
     iou: float = 0.7  # evaluation NMS IoU threshold
 
     def __post_init__(self) -> None:

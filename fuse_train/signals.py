@@ -17,6 +17,10 @@ with SIGINT.  The rule is that **the main process decides** and workers carry on
   the main thread while workers are forked (``workers_started``), so none reaches a worker between its fork
   and ``worker_init``.  A worker whose parent has died still exits: torch's watchdog checks every few seconds.
 * Each signal's message is printed once, by the main process of rank 0.
+* Before the loop's handlers are installed (imports, the dataset survey, the preflight) a stop signal ends the
+  command with one line and 128 + its number, no checkpoint written (``stop_before_training``); after the run has
+  ended, every outcome saved and decided, stop and save signals are ignored for the second the interpreter
+  takes to exit (``ignore_after_run``): a Ctrl-C there must not turn a finished run into a killed one.
 """
 
 from __future__ import annotations
@@ -36,6 +40,28 @@ HANDLED = (*STOP_SIGNALS, SAVE_SIGNAL)
 def exit_code(signum: int) -> int:
     """128 + the signal number, as a shell reports a process a signal ended: SIGINT 130, SIGTERM 143."""
     return 128 + int(signum)
+
+
+def _stop_before_training(signum: int, frame=None) -> None:
+    # exit at once, not by an exception: one raised inside an import (torch's takes a second) leaves the module
+    # half-initialised and the error path that follows fails on it
+    name = signal.Signals(signum).name
+    os.write(2, f"fuse-train: {name} before training started: exiting; no checkpoint was written or changed\n".encode())
+    os._exit(exit_code(signum))
+
+
+def stop_before_training() -> None:
+    """From the command's start until the loop installs its handlers: a stop signal ends the process with one
+    line and 128 + its number (SIGINT and SIGTERM alike); a save signal has nothing to save yet."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop_before_training)
+    signal.signal(SAVE_SIGNAL, signal.SIG_IGN)
+
+
+def ignore_after_run() -> None:
+    """The run has ended and its outcome is saved and decided: signals during the exit change nothing."""
+    for signum in HANDLED:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class SignalState:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -129,7 +130,8 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         with atomic_write(self.run_dir / "args.yaml", "w") as f:
             yaml.safe_dump({**self.cfg.to_dict(), "resolved": self.resolved.to_dict()}, f, sort_keys=False)
         self.runlog.write_results(self.results)  # cut back to the checkpoint's rows: none duplicated after a resume
-        if self.resumed and self.results:  # a kill between a save's publication and its plot left an older one
+        # a kill between a save's publication and its plot left an older one
+        if self.resumed and self.results and self.cfg.plots:
             plot_results(
                 self.results, boundaries(self.history, self.sampler.steps_per_epoch), self.run_dir / "results.png"
             )
@@ -150,7 +152,9 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
             persistent_workers=False,
         )
 
-    def train(self) -> dict:
+    def train(self, on_start: Callable[[], None] | None = None) -> dict:
+        """Train to the last epoch; ``on_start`` runs once the signal handlers are in place (the line saying the run
+        has started is then a promise that a stop signal is handled)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # purge_step = the checkpoint's step + 1: events written after it by a killed run are dropped (for a
         # fresh run, step 1: whatever an earlier attempt that never saved left in the folder)
@@ -164,6 +168,8 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         )
         self.write_run_files()
         restore_signals = self.signals.install()
+        if on_start is not None:
+            on_start()
         try:
             while self.epoch < self.cfg.epochs:
                 self._train_epoch()
@@ -172,7 +178,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
                     raise TrainingInterrupted(
                         self._stop_signal or signal.SIGTERM, last
                     )  # signal came during evaluation
-            if self.dist.is_main:
+            if self.dist.is_main and self.cfg.plots:
                 self.final_plots()
         finally:
             self._wait_for_saves()  # a save in flight is finished (or its error raised) before the run ends

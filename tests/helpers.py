@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-TINY = ["--epochs", "3", "--batch", "4", "--workers", "0", "--device", "cpu", "--seed", "7"]
+# --no-plots: a third of a tiny run's CPU is matplotlib (tests/test_runlog.py runs with --plots and looks at them)
+TINY = ["--epochs", "3", "--batch", "4", "--workers", "0", "--device", "cpu", "--seed", "7", "--no-plots"]
 
 
 def run_train(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

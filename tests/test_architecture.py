@@ -94,6 +94,34 @@ def test_start_up_imports_only_what_the_command_needs():
     assert not {"torch", "matplotlib", "tensorboard", "fuse_train.trainer"} & fuse
 
 
+HELP_PROBE = """
+import sys
+from click.testing import CliRunner
+from ckpttools.cli import main as ckpt
+from fuse_train.cli import cli as fuse
+runner = CliRunner()
+for program, group in (("ckpt", ckpt), ("fuse-train", fuse)):
+    data = getattr(group.commands.get("data"), "commands", {})
+    names = [[]] + [[n] for n in group.commands] + [["data", n] for n in data]
+    for args in names:
+        result = runner.invoke(group, [*args, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, (program, args, result.output)
+        print(program, *args, "torch" in sys.modules)
+for group, args in ((ckpt, ["verify", "--bogus"]), (fuse, ["--epochs", "x"])):
+    assert runner.invoke(group, args).exit_code == 2
+print("option errors", "torch" in sys.modules)
+"""
+
+
+def test_no_help_and_no_option_error_imports_torch():
+    # every --help of both programs, and an option error of each, in one process: torch is never loaded
+    # (a run imports it when it starts); bench/startup_bench.py times each as its own process
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) > 14 and all(line.endswith("False") for line in lines), out.stdout
+
+
 def test_one_policy_every_implementation_is_allowed_and_every_entry_has_a_reason():
     assert set(IMPLEMENTATIONS) <= set(ALLOWED)
     assert all(isinstance(reason, str) and len(reason) > 10 for reason in ALLOWED.values())

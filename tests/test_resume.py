@@ -170,6 +170,8 @@ def test_allowed_change_is_recorded_in_history(stopped_run, tmp_path):
     resume = ckpt["history"][-1]
     assert resume["event"] == "resume" and resume["step"] == 2
     assert resume["changes"] == [{"field": "lr0", "from": "0.002", "to": "0.003"}]
+    # --no-plots is the run's (TINY) and carries over to the resume: results.csv without results.png
+    assert (run / "results.csv").exists() and not list(run.glob("*.png"))
 
 
 def test_changed_dataset_content_blocks_and_moved_dataset_passes(stopped_run, tiny_data, tmp_path):

@@ -15,7 +15,7 @@ scalars = tb_scalars
 
 
 def test_three_different_interruptions_leave_the_uninterrupted_curves(reference_run, tiny_data, tmp_path):
-    args = ["--data", str(tiny_data), *TINY, "--save-every", "2"]
+    args = ["--data", str(tiny_data), *TINY, "--save-every", "2", "--plots"]  # the plots: test below
     last = tmp_path / "runs" / "fuse" / "exp" / "weights" / "last.pt"
     first = run_train(args, tmp_path, env={"FUSE_TRAIN_STOP_AFTER_STEP": "3"})  # Ctrl-C after step 3
     assert first.returncode == 130, first.stderr
@@ -46,11 +46,13 @@ def test_three_different_interruptions_leave_the_uninterrupted_curves(reference_
 
     report = audit(last.parent.parent)
     assert report.ok and len(report.lineage) == 4, report.to_dict()
-
-
-def test_run_folder_has_the_plots_people_look_for(reference_run):
-    run = reference_run[0]
+    # the plots people look for, drawn across the resumes
     for name in ("results.png", "PR_curve.png", "F1_curve.png", "confusion_matrix.png", "labels.png"):
-        with Image.open(run / name) as im:
+        with Image.open(last.parent.parent / name) as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 300, name
-    assert list(run.glob("events.out.tfevents.*"))
+
+
+def test_no_plots_writes_the_logs_and_no_figures(reference_run):
+    run = reference_run[0]  # a TINY run: --no-plots
+    assert list(run.glob("events.out.tfevents.*")) and (run / "results.csv").exists()
+    assert not list(run.glob("*.png"))
