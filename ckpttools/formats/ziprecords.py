@@ -380,18 +380,10 @@ def _check_entry(src: _Window, size: int, fields, name_bytes: bytes, extra: byte
     mismatched = []
     if {l_need, need} <= {20, 45}:  # zip64 named in the central entry only (Python's zipfile past 2 GB): harmless
         l_need = need
-    if (l_need, l_flags, l_method, l_time, l_date, l_name) != (need, flags, method, mtime, mdate, name_bytes):
+    local = (l_need, l_flags, l_method, l_time, l_date, l_name)
+    if local != (need, flags, method, mtime, mdate, name_bytes):  # the rare case: say which fields differ
         mismatched = [
-            label
-            for label, a, b in (
-                ("version", l_need, need),
-                ("flags", l_flags, flags),
-                ("method", l_method, method),
-                ("time", l_time, mtime),
-                ("date", l_date, mdate),
-                ("name", l_name, name_bytes),
-            )
-            if a != b
+            label for label, a, b in zip(LOCAL_FIELDS, local, (need, flags, method, mtime, mdate, name_bytes)) if a != b
         ]
     descriptor = bool(flags & 0x08)
     if descriptor:
@@ -402,74 +394,70 @@ def _check_entry(src: _Window, size: int, fields, name_bytes: bytes, extra: byte
         if (l_crc, l64.get("csize", l_csize), l64.get("usize", l_usize)) != (crc, csize, usize):
             mismatched.append("crc/sizes")
     if mismatched:
-        problems.append(
-            ZipProblem(
-                "zip.header-mismatch", f"local header and central directory disagree on {', '.join(mismatched)}", name
-            )
-        )
+        message = f"local header and central directory disagree on {', '.join(mismatched)}"
+        problems.append(ZipProblem("zip.header-mismatch", message, name))
     intact_padding = (  # torch's one padding block, all 'Z': the common case, nothing to split
         l_extra[:2] == PADDING_TAG
         and len(l_extra) == 4 + int.from_bytes(l_extra[2:4], "little")
         and not l_extra[4:].strip(b"Z")
     )
     if l_extra and not intact_padding:
-        blocks = _extra_blocks(l_extra)
-        if blocks is None:
-            problems.append(ZipProblem("zip.structure", "local extra field is malformed", name))
-        else:
-            for tag, data in blocks:
-                if tag == PADDING_ID and data.strip(b"Z"):
-                    problems.append(
-                        ZipProblem("zip.structure", "alignment padding is damaged (torch writes only 'Z')", name)
-                    )
-                elif tag not in (PADDING_ID, 0x0001):
-                    problems.append(
-                        ZipProblem(
-                            "zip.structure",
-                            f"unexpected extra block {tag:#06x} in a torch-written record (damaged padding header?)",
-                            name,
-                        )
-                    )
-                    torch_only.add(id(problems[-1]))
+        _check_local_extra(l_extra, name, problems, torch_only)
     end = data_offset + csize
     truncated = end > size
     if descriptor and not truncated:
-        zip64 = bool(big) or csize >= 0xFFFFFFFF
-        d_len = 24 if zip64 else 16
-        raw = src.pread(d_len, end)
-        if len(raw) < d_len:
-            truncated = True
-        else:
-            d_sig, d_crc = raw[:4], struct.unpack_from("<I", raw, 4)[0]
-            d_csize, d_usize = struct.unpack_from("<QQ" if zip64 else "<II", raw, 8)
-            if d_sig != DESCRIPTOR_MAGIC or (d_crc, d_csize, d_usize) != (crc, csize, usize):
-                problems.append(
-                    ZipProblem("zip.header-mismatch", "data descriptor disagrees with the central directory", name)
-                )
-            end += d_len
+        d_len = _check_descriptor(src, end, bool(big) or csize >= 0xFFFFFFFF, (crc, csize, usize), name, problems)
+        truncated = d_len is None
+        end += d_len or 0
     if truncated:
-        problems.append(
-            ZipProblem(
-                "zip.record-truncated", f"record {name} extends past the end of the file (needs {csize} bytes)", name
-            )
-        )
+        message = f"record {name} extends past the end of the file (needs {csize} bytes)"
+        problems.append(ZipProblem("zip.record-truncated", message, name))
     local_name = l_name.decode("utf-8", "replace") if l_name != name_bytes else None
     # as torch lays a record out (counted from the directory's own offset field, as it was before zip64 values)
     # (or as our zipwriter does, without the descriptor but always with the padding field)
     padded = fields[16] == offset and (l_extra[:2] == PADDING_TAG or (descriptor and l_el == 0))
-    record = Record(
-        name,
-        offset,
-        data_offset,
-        usize if method else csize,
-        crc,
-        method,
-        truncated,
-        end,
-        local_name,
-        csize if method else None,
-    )
+    size_out, compressed = (usize, csize) if method else (csize, None)
+    record = Record(name, offset, data_offset, size_out, crc, method, truncated, end, local_name, compressed)
     return _Entry(record, problems, torch_only, padded)
+
+
+LOCAL_FIELDS = ("version", "flags", "method", "time", "date", "name")
+
+
+def _check_local_extra(extra: bytes, name: str, problems: list[ZipProblem], torch_only: set[int]) -> None:
+    """A local extra field that is not torch's one intact padding block: malformed, damaged padding, or a block
+    a torch-written record does not have (judged only if the file turns out to be torch-written)."""
+    blocks = _extra_blocks(extra)
+    if blocks is None:
+        problems.append(ZipProblem("zip.structure", "local extra field is malformed", name))
+        return
+    for tag, data in blocks:
+        if tag == PADDING_ID and data.strip(b"Z"):
+            problems.append(ZipProblem("zip.structure", "alignment padding is damaged (torch writes only 'Z')", name))
+        elif tag not in (PADDING_ID, 0x0001):
+            problems.append(
+                ZipProblem(
+                    "zip.structure",
+                    f"unexpected extra block {tag:#06x} in a torch-written record (damaged padding header?)",
+                    name,
+                )
+            )
+            torch_only.add(id(problems[-1]))
+
+
+def _check_descriptor(
+    src: _Window, at: int, zip64: bool, expected: tuple[int, int, int], name: str, problems: list[ZipProblem]
+) -> int | None:
+    """The data descriptor after a record's data: its length, or None when the file ends first."""
+    d_len = 24 if zip64 else 16
+    raw = src.pread(d_len, at)
+    if len(raw) < d_len:
+        return None
+    d_sig, d_crc = raw[:4], struct.unpack_from("<I", raw, 4)[0]
+    d_csize, d_usize = struct.unpack_from("<QQ" if zip64 else "<II", raw, 8)
+    if d_sig != DESCRIPTOR_MAGIC or (d_crc, d_csize, d_usize) != expected:
+        problems.append(ZipProblem("zip.header-mismatch", "data descriptor disagrees with the central directory", name))
+    return d_len
 
 
 def scan_local_headers(path: Path, base: int = 0, length: int | None = None) -> list[Record]:
