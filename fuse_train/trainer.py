@@ -156,21 +156,21 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         """Train to the last epoch; ``on_start`` runs once the signal handlers are in place (the line saying the run
         has started is then a promise that a stop signal is handled)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step = the checkpoint's step + 1: events written after it by a killed run are dropped (for a
-        # fresh run, step 1: whatever an earlier attempt that never saved left in the folder)
-        self.runlog = RunLog(
-            self.run_dir,
-            self.global_step,
-            self.cfg.to_dict(),
-            enabled=self.dist.is_main,
-            fresh=not self.resumed,
-            replay=self.resumed_log,
-        )
-        self.write_run_files()
         restore_signals = self.signals.install()
         if on_start is not None:
             on_start()
         try:
+            # purge_step = the checkpoint's step + 1: events written after it by a killed run are dropped (for a
+            # fresh run, step 1: whatever an earlier attempt that never saved left in the folder)
+            self.runlog = RunLog(
+                self.run_dir,
+                self.global_step,
+                self.cfg.to_dict(),
+                enabled=self.dist.is_main,
+                fresh=not self.resumed,
+                replay=self.resumed_log,
+            )
+            self.write_run_files()
             while self.epoch < self.cfg.epochs:
                 self._train_epoch()
                 last = self._end_epoch()  # saves last.pt; the final one is marked finished
@@ -182,7 +182,8 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
                 self.final_plots()
         finally:
             self._wait_for_saves()  # a save in flight is finished (or its error raised) before the run ends
-            self.runlog.close()
+            if self.runlog is not None:
+                self.runlog.close()
             if self._stop_signal is None:  # once stopping, keep the handler: a second Ctrl-C must exit quietly
                 restore_signals()
         return self.last_metrics
