@@ -42,7 +42,12 @@ def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
+_loop_started = False  # set when the loop installs its handlers; the start-up handler is put back after it
+
+
 def _stop_before_training(signum: int, frame=None) -> None:
+    if _loop_started:  # the loop has ended and put this handler back: the outcome is decided, nothing to stop
+        return
     # exit at once, not by an exception: one raised inside an import (torch's takes a second) leaves the module
     # half-initialised and the error path that follows fails on it
     name = signal.Signals(signum).name
@@ -93,6 +98,8 @@ class SignalState:
         )
 
     def install(self) -> Callable[[], None]:
+        global _loop_started
+        _loop_started = True
         previous = {s: signal.signal(s, self.handle) for s in HANDLED}
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
