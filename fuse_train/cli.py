@@ -18,7 +18,7 @@ from fuse_train.commands import one_line, register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
 from fuse_train.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
 from fuse_train.runlock import RunLocked, run_lock
-from fuse_train.signals import exit_code, ignore_after_run, stop_before_training
+from fuse_train.signals import exit_code, stop_after_run, stop_before_training
 
 EPILOG = """\b
 Examples:
@@ -259,7 +259,7 @@ def train(
             line = _starting_line(trainer, ckpt is not None)
             say_start = (lambda: console.print(line, markup=False, highlight=False)) if dist_info.is_main else None
             metrics = trainer.train(on_start=say_start)  # said once the loop handles stop signals
-        ignore_after_run()
+        stop_after_run(EXIT_OK)
         if dist_info.is_main:
             console.print(
                 f"done: best fitness {trainer.best_fitness:.4f}, final mAP50 {metrics.get('mAP50', 0):.3f} "
@@ -269,7 +269,7 @@ def train(
         code = EXIT_OK
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the top-level catch: one line, one exit code
         code = _failure(exc, dist_info, debug)
-        ignore_after_run()
+        stop_after_run(code)
     finally:
         if dist_info is not None:
             from fuse_train.distributed import shutdown

@@ -19,8 +19,9 @@ with SIGINT.  The rule is that **the main process decides** and workers carry on
 * Each signal's message is printed once, by the main process of rank 0.
 * Before the loop's handlers are installed (imports, the dataset survey, the preflight) a stop signal ends the
   command with one line and 128 + its number, no checkpoint written (``stop_before_training``); after the run has
-  ended, every outcome saved and decided, stop and save signals are ignored for the second the interpreter
-  takes to exit (``ignore_after_run``): a Ctrl-C there must not turn a finished run into a killed one.
+  ended, its outcome saved and its exit code decided, a stop signal ends the process at once with that code
+  (``stop_after_run``): a Ctrl-C while a finished run exits must not turn it into a killed one, and a
+  launcher's SIGTERM must still end a worker that waits on a dead peer.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ def exit_code(signum: int) -> int:
 
 
 _loop_started = False  # set when the loop installs its handlers; the start-up handler is put back after it
+_late_signal: int | None = None  # a stop signal between the loop's end and stop_after_run
 
 
 def _stop_before_training(signum: int, frame=None) -> None:
-    if _loop_started:  # the loop has ended and put this handler back: the outcome is decided, nothing to stop
+    global _late_signal
+    if _loop_started:  # the loop has ended and put this handler back: stop_after_run answers it
+        _late_signal = signum
         return
     # exit at once, not by an exception: one raised inside an import (torch's takes a second) leaves the module
     # half-initialised and the error path that follows fails on it
@@ -63,10 +67,23 @@ def stop_before_training() -> None:
     signal.signal(SAVE_SIGNAL, signal.SIG_IGN)
 
 
-def ignore_after_run() -> None:
-    """The run has ended and its outcome is saved and decided: signals during the exit change nothing."""
-    for signum in HANDLED:
-        signal.signal(signum, signal.SIG_IGN)
+def stop_after_run(code: int) -> None:
+    """The run has ended, its outcome saved and its exit code decided: a stop signal during the exit (a launcher
+    tearing down, a late Ctrl-C) ends the process at once with that code, never as killed by the signal (a
+    finished run stays a success) and never ignored (a launcher's SIGTERM is how it ends a worker that waits on
+    a dead peer); a save signal has nothing left to save."""
+
+    def stop(signum: int, frame=None) -> None:
+        with contextlib.suppress(Exception):  # what was printed reaches the pipe first
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+    signal.signal(SAVE_SIGNAL, signal.SIG_IGN)
+    if _late_signal is not None:
+        stop(_late_signal)
 
 
 class SignalState:

@@ -270,7 +270,8 @@ def _kill_a_worker_twice(agents: list[subprocess.Popen], rng: random.Random, per
         if len(workers) < per_agent * len(agents) or workers & previous:
             time.sleep(0.1)
             continue
-        time.sleep(rng.uniform(2.0, 6.0))  # start-up is about 2-3 s of this
+        # start-up (imports, rendezvous) is about 2-3 s and a tiny --no-plots run 2-3 s more: a kill in training
+        time.sleep(rng.uniform(2.5, 4.5))
         workers = _workers_of([a.pid for a in agents])
         if not workers:
             continue
