@@ -1,7 +1,7 @@
 """What a run is made of, built from its options: the datasets, the model and its EMA, the optimizer, mixed
 precision, the loss, and the record of what the options resolved to.  ``Trainer`` holds the result and adds
-the run's position and the loop; building it here keeps one definition of "this run" for training, and of
-what a resume's options would resolve to (``resume.requested_resolution`` takes the same dataset and model).
+the run's position and the loop.  What a resume's options would resolve to, without building a run, is
+``resume.requested_resolution`` (the same dataset survey and ``resolve_run``, the model on the meta device).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from ckpttools.datasets.spec import DatasetError
 from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, EXIT_USAGE
 from ckpttools.options import OneLineErrors
 from fuse_train import __version__
-from fuse_train.commands import one_line, register
+from fuse_train.command_errors import one_line
+from fuse_train.commands import register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
 from fuse_train.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
 from fuse_train.runlock import RunLocked, run_lock
@@ -240,7 +241,9 @@ def train(
         from fuse_train.distributed import init_distributed
         from fuse_train.trainer import Trainer
 
-        cfg, run_dir, ckpt, event = _plan(resume, options, explicit, allow_change, auto_resume, no_verify, launch)
+        cfg, run_dir, ckpt, event = _plan(
+            resume, options, explicit, allow_change, auto_resume, no_verify, launch, console
+        )
         use_cuda = (cfg.device or "").lower() != "cpu" and torch.cuda.is_available()
         dist_info = init_distributed(use_cuda)
         trainer = Trainer(
@@ -267,7 +270,7 @@ def train(
                 markup=False,
             )
         code = EXIT_OK
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the top-level catch: one line, one exit code
+    except Exception as exc:  # noqa: BLE001 - the top-level catch: one line, one exit code
         code = _failure(exc, dist_info, debug)
         stop_after_run(code)
     finally:
@@ -278,12 +281,13 @@ def train(
     sys.exit(code)
 
 
-def _plan(resume, options: dict, explicit: set, allow_change: str, auto_resume: bool, no_verify: bool, launch: dict):
+def _plan(
+    resume, options: dict, explicit: set, allow_change: str, auto_resume: bool, no_verify: bool, launch: dict, console
+):
     """(config, run folder, checkpoint or None, history event or None): a fresh run, or the checkpoint to resume
     (given, found by --auto-resume, or the newest save of the run a restart of this job belongs to)."""
     from fuse_train.resume import RunFinished, fresh_run_dir, prepare_resume
 
-    console = Console(soft_wrap=True)
     restart = restart_reason()
     fresh_in = None
     if resume is None and (auto_resume or restart or launch["job"]):
@@ -322,7 +326,9 @@ def _starting_line(trainer, resuming: bool) -> str:
 
 
 def _failure(exc: BaseException, dist_info, debug: bool) -> int:
-    """What a run that ended early says (one line on stderr; the traceback only with --debug), and its exit code."""
+    """What a run that ended early says (one line on stderr; the traceback only with --debug), and its exit code.
+    (No KeyboardInterrupt reaches here: from the command's start a stop signal has one of fuse_train.signals'
+    handlers, none of which raises.)"""
     from fuse_train.resume import PreflightBlocked, ResumeError, RunFinished
     from fuse_train.trainer import TrainingFailed, TrainingInterrupted
 
@@ -341,9 +347,6 @@ def _failure(exc: BaseException, dist_info, debug: bool) -> int:
     if isinstance(exc, PreflightBlocked):
         exc.render(err)
         return EXIT_PREFLIGHT
-    if isinstance(exc, KeyboardInterrupt):  # a SIGINT after the loop's handlers were put back
-        say("fuse-train: interrupted: exiting now (weights/last.pt is the last complete save)")
-        return 130
     if debug and not isinstance(exc, (RunFinished, TrainingFailed)):
         traceback.print_exc()
     if isinstance(exc, (RunFinished, ConfigError, DatasetError, ResumeError, RunLocked)):

@@ -13,11 +13,9 @@ import click
 from rich.console import Console
 
 from ckpttools.errors import EXIT_OK
-from fuse_train.command_errors import CONTEXT, DEBUG, one_line, one_line_errors
+from fuse_train.command_errors import CONTEXT, DEBUG, one_line_errors
 from fuse_train.data_commands import data_group
 from fuse_train.failures import InferenceError
-
-__all__ = ["one_line", "register"]  # what the training command takes from here
 
 
 def _run_folder(weights: Path) -> Path:

@@ -140,7 +140,7 @@ def _split_hash(spec: DataSpec, split: str) -> str:
     h = hashlib.sha256(
         f"{spec.layout}|{spec.split_by}|{spec.val_fraction}|{spec.split_seed}|{spec.split_block}\n".encode()
     )
-    samples = _samples(spec, "val" if split == "test" and spec.layout != "yolofuse" else split)
+    samples = _samples(spec, split)
     for s in samples:
         for p in (s.rgb, s.ir):
             h.update(f"{_rel(p, spec.root)}|{p.stat().st_size}\n".encode())
