@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,19 +33,28 @@ def ckpt(m):
 """
 
 
+def scratch_folder(given: Path | str | None, prefix: str) -> Path:
+    """Where a bench writes its files: the folder given (created, kept), or a temporary one removed when the bench
+    exits (the benches write gigabytes; left behind, a few runs fill a disk)."""
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def bench_args(doc: str, default_gb: float, prefix: str):
     """The benches' shared options (--gb, --repeats, --keep) and the folder for the generated files."""
     import argparse
-    import tempfile
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=default_gb)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, default=None, help="folder for the generated files (default: temporary)")
     args = parser.parse_args()
-    folder = args.keep or Path(tempfile.mkdtemp(prefix=prefix))
-    folder.mkdir(parents=True, exist_ok=True)
-    return args, folder
+    return args, scratch_folder(args.keep, prefix)
 
 
 def generate(code: str, *paths: Path, gb: float) -> None:

@@ -31,9 +31,10 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from benchlib import scratch_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -265,8 +266,7 @@ def main() -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    work = args.out or Path(tempfile.mkdtemp(prefix="cuda-check-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = scratch_folder(args.out, "cuda-check-")
     device = torch.cuda.get_device_name(0) if cuda else "no CUDA device (CPU only)"
     print(f"cuda_check on {device}, torch {torch.__version__}\n")
     rows = [

@@ -15,9 +15,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from benchlib import scratch_folder
 
 TORCH_LOAD = "import sys, torch; torch.load(sys.argv[1], weights_only=True)"
 CKPT = "import sys; from ckpttools.cli import main; main(sys.argv[1:])"
@@ -47,8 +48,7 @@ def main() -> None:
     parser.add_argument("--commands", default="verify,inspect,diff,convert,repair")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    folder = args.out or Path(tempfile.mkdtemp(prefix="many_tensors_"))
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = scratch_folder(args.out, "many_tensors_")
     src = folder / f"many{args.tensors}.pt"
     if not src.exists():  # made by a child: this process stays small, so its children's peak RSS is their own
         subprocess.run([sys.executable, "-c", MAKE, str(src), str(args.tensors)], check=True)

@@ -22,9 +22,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from benchlib import scratch_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +176,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--img-size", type=int, default=128)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="preempt-bench-"))
+    work = scratch_folder(None, "preempt-bench-")
     rows = measure(args.scales.split(","), args.nproc, args.repeats, args.device, args.img_size, work)
     print(
         f"SIGTERM to the process group, {args.nproc} process(es), {args.device}, demo data at "

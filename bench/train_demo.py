@@ -15,9 +15,10 @@ import csv
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from benchlib import scratch_folder
 
 
 def run_mode(mode: str, epochs: int, out: Path, extra: list[str]) -> dict:
@@ -63,7 +64,7 @@ def main() -> int:
     parser.add_argument("--modes", default="early,mid,late,rgb,ir")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     args, extra = parser.parse_known_args()
-    out = Path(args.out or tempfile.mkdtemp(prefix="fuse-bench-"))
+    out = scratch_folder(args.out, "fuse-bench-")
     print(
         f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, cpus {os.cpu_count()}, runs in {out}",
         flush=True,
