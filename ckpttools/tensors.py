@@ -148,7 +148,8 @@ class LazyTensor:
 
     @property
     def dtype(self) -> DType:
-        return DType(self.storage.dtype)
+        d = self.storage.dtype  # a DType already where the readers made it (no new string per call: hot path)
+        return d if type(d) is DType else DType(d)
 
     @property
     def numel(self) -> int:

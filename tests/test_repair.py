@@ -151,3 +151,31 @@ def test_a_zeroed_directory_page_or_wrong_counts_come_back_bit_for_bit(last, tmp
     if 0 <= z64 < eocd:
         wrong[z64 + 24 : z64 + 40] = struct.pack("<QQ", 3, 3)
     check(bytes(wrong), "counts")
+
+
+def test_an_intact_file_is_copied_byte_for_byte_and_judged_on_its_one_reading(tmp_path):
+    state = {f"w{i}": torch.randn(3) for i in range(50)}
+    torch.save(state, tmp_path / "in.pt")
+    result = repair(tmp_path / "in.pt", tmp_path / "out.pt")
+    assert result.repaired and result.actions == ["nothing needed mending: OUT is a verified copy"]
+    assert (tmp_path / "out.pt").read_bytes() == (tmp_path / "in.pt").read_bytes()
+    # with a NaN, the same file no longer passes verify: no blind copy, the rewrite's verify refuses it
+    state["w3"][1] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    result = repair(tmp_path / "nan.pt", tmp_path / "nan-out.pt")
+    assert not result.repaired and "values.nonfinite" in " ".join(result.problems)
+    assert not (tmp_path / "nan-out.pt").exists()
+
+
+def test_an_input_replaced_after_it_was_checked_is_not_copied(tmp_path):
+    from ckpttools.commands.repair import _copy_intact
+    from ckpttools.commands.verify import file_identity
+    from ckpttools.formats.registry import open_checkpoint
+
+    torch.save({"w": torch.ones(4)}, tmp_path / "in.pt")
+    opened = file_identity(tmp_path / "in.pt")
+    ckpt = open_checkpoint(tmp_path / "in.pt")
+    torch.save({"w": torch.zeros(4)}, tmp_path / "other.pt")
+    (tmp_path / "other.pt").replace(tmp_path / "in.pt")  # a trainer's atomic save lands meanwhile
+    assert not _copy_intact(ckpt, opened, tmp_path / "out.pt", force=False)
+    assert not (tmp_path / "out.pt").exists()

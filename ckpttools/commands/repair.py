@@ -13,6 +13,7 @@ repair refuses to leave behind anything that would not pass.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any
 from ckpttools import layouts as L
 from ckpttools.atomic import atomic_path, check_new_output, ensure_space, remove_stale
 from ckpttools.commands._inputs import refuse_deep, refuse_unsafe
-from ckpttools.commands.verify import verify
+from ckpttools.commands.verify import file_identity, verify, verify_opened
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, lazy_digest, refresh_digest
 from ckpttools.errors import FormatLimit, UsageError
 from ckpttools.formats import torchzip, ziprecords
@@ -63,6 +64,7 @@ def repair(
     backup_path = Path(from_) if from_ else None
     check_new_output(out, [src] + ([backup_path] if backup_path else []), force)
     result = RepairResult(str(src), str(out))
+    opened = file_identity(src)
     ckpt = open_checkpoint(src)
     backup = open_checkpoint(backup_path) if backup_path else None  # a missing --from is a usage error, first
     unknown = [f for f in ckpt.findings if f.code == "tensor.unknown-dtype"]
@@ -92,7 +94,9 @@ def repair(
         result.actions.append("zip end records were missing: records recovered by scanning local headers")
 
     source = TensorSource(ckpt)
-    _fill_lost(ckpt, backup, source, result, on_bytes)
+    intact = not dangerous and _passes_verify(ckpt, on_bytes)  # then nothing is lost: no storage to look at again
+    if not intact:
+        _fill_lost(ckpt, backup, source, result, on_bytes)
     if result.lost:
         hint = " (give --from last.prev.pt or an epochN.pt to fill them)" if backup_path is None else ""
         result.problems.append(f"{len(result.lost)} tensor(s) lost{hint}")
@@ -117,7 +121,7 @@ def repair(
     stale = remove_stale(out.parent)
     if stale:
         result.actions.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
-    if not result.actions and not ckpt.findings and ckpt.format == ZIP and _write_patched(src, out, [], force):
+    if intact and not result.actions and _copy_intact(ckpt, opened, out, force):
         result.repaired = True  # nothing to mend: a byte copy, verified (re-writing it would only cost time)
         result.actions.append("nothing needed mending: OUT is a verified copy")
         return result
@@ -186,6 +190,34 @@ def _write_patched(src: Path, out: Path, patches: list[tuple[int, bytes]], force
             fout.seek(offset)
             fout.write(data)
     return not problems
+
+
+def _passes_verify(ckpt: Checkpoint, on_bytes: Callable[[int], None] | None) -> bool:
+    """A torch zip with no container finding that passes every check of ``verify``, judged on the checkpoint
+    already open (a large file is read once)."""
+    if ckpt.format != ZIP or ckpt.findings:
+        return False
+    shown = [0]
+
+    def progress(done: int, _total: int) -> None:
+        if on_bytes:
+            on_bytes(done - shown[0])
+        shown[0] = done
+
+    return not verify_opened(ckpt, progress).errors
+
+
+def _copy_intact(ckpt: Checkpoint, opened: tuple, out: Path, force: bool) -> bool:
+    """OUT = a byte copy of an input that passed every check of ``verify``: published only if the copy has the
+    input's bytes and the input is still the file that was opened and checked.  False (nothing written)
+    otherwise."""
+    src = ckpt.path
+    ensure_space(out, src.stat().st_size)
+    same = [False]
+    with atomic_path(out, verify=lambda tmp: same[0], replace=force) as tmp:
+        shutil.copyfile(src, tmp)
+        same[0] = file_identity(src) == opened and filecmp.cmp(src, tmp, shallow=False)
+    return same[0]
 
 
 def _recover_records(

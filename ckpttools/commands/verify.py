@@ -39,9 +39,9 @@ def verify(path: str | os.PathLike, progress: Callable[[int, int], None] | None 
     everything else about the file is a finding."""
     path = Path(path)
     for _ in range(REREADS + 1):
-        before = _identity(path)
+        before = file_identity(path)
         report = _verify_once(path, progress)
-        if _identity(path) == before:
+        if file_identity(path) == before:
             return report
         # the file was replaced while it was read (a trainer's atomic save): its parts may come from two
         # versions, so the verdict would be about neither; read the new one again
@@ -58,7 +58,8 @@ def verify(path: str | os.PathLike, progress: Callable[[int, int], None] | None 
 REREADS = 3
 
 
-def _identity(path: Path) -> tuple:
+def file_identity(path: Path) -> tuple:
+    """What changes when a file is replaced or rewritten (inode, mtime, size)."""
     st = regular_file_or_folder(path)
     return (st.st_ino, st.st_mtime_ns, st.st_size) if path.is_file() else (st.st_ino,)
 
@@ -67,22 +68,25 @@ def _verify_once(path: Path, progress) -> Report:
     report = Report(str(path))
     try:
         return _verify(path, report, progress)
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        IndexError,
-        TypeError,
-        AttributeError,
-        OverflowError,
-        MemoryError,
-        RecursionError,
-        EOFError,
-        UnicodeError,
-    ) as exc:
+    except READ_ERRORS as exc:
         # damage the checks above did not anticipate still ends as a finding, never a traceback
         report.add(ERROR, "file.unreadable", f"reading stopped: {exc.__class__.__name__}: {exc}", str(path))
         return report
+
+
+READ_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    RecursionError,
+    EOFError,
+    UnicodeError,
+)
 
 
 def _verify(path: Path, report: Report, progress) -> Report:
@@ -96,6 +100,22 @@ def _verify(path: Path, report: Report, progress) -> Report:
     except NotACheckpoint as exc:
         report.add(ERROR, "file.not-a-checkpoint", str(exc), str(path))
         return report
+    return _check(ckpt, report, progress)
+
+
+def verify_opened(ckpt: Checkpoint, progress: Callable[[int, int], None] | None = None) -> Report:
+    """Every check of ``verify`` on a checkpoint the caller has opened (``repair`` judging the copy it makes of
+    an intact file by the file itself: the same bytes, read once).  A file replaced meanwhile is the caller's to
+    notice."""
+    report = Report(str(ckpt.path))
+    try:
+        return _check(ckpt, report, progress)
+    except READ_ERRORS as exc:
+        report.add(ERROR, "file.unreadable", f"reading stopped: {exc.__class__.__name__}: {exc}", str(ckpt.path))
+        return report
+
+
+def _check(ckpt: Checkpoint, report: Report, progress) -> Report:
     report.format = ckpt.format
     report.extend(ckpt.findings)
     report.layout = L.recognise_checkpoint(ckpt)

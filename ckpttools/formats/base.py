@@ -75,10 +75,12 @@ class Checkpoint:
     def dangerous(self) -> list[tuple[str, Judgement]]:
         return [(where, j) for where, j in self.safety() if j.status == DANGEROUS]
 
-    def read_pickle(self, data: bytes, where: str, persistent_load=None) -> Any:
-        """Scan ``data`` (the static scan is recorded whatever happens), then unpickle it inertly.  A pickle that
-        cannot be read is a finding; returns None then."""
-        self.scans.append((where, start_scan(data)))
+    def read_pickle(
+        self, data: bytes, where: str, persistent_load=None, scan: PickleScan | PendingScan | None = None
+    ) -> Any:
+        """Scan ``data`` (the static scan is recorded whatever happens; ``scan``: one already started on these
+        very bytes), then unpickle it inertly.  A pickle that cannot be read is a finding; returns None then."""
+        self.scans.append((where, scan if scan is not None else start_scan(data)))
         try:
             return restricted_load(data, persistent_load)
         except UnknownDType as exc:

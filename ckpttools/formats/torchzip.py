@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import collections
 import copyreg
-import functools
 import hashlib
-import importlib
 import io
 import pickle
 import zlib
@@ -38,10 +36,11 @@ from typing import IO, Any
 
 from ckpttools.atomic import atomic_write
 from ckpttools.errors import OtherArchive
-from ckpttools.formats import pt2, ziprecords
+from ckpttools.formats import pt2, torch_names, ziprecords
 from ckpttools.formats.base import Checkpoint, WriteRequest, storage_from_pid
 from ckpttools.formats.zipwriter import StoredZipWriter
 from ckpttools.objects import Placeholder, Reference, is_placeholder
+from ckpttools.pickle import background
 from ckpttools.pickle.scan import looks_like_pickle, scan_pickle
 from ckpttools.report import ERROR, WARNING, Finding
 from ckpttools.tensors import DTYPES, DType, LazyTensor, RebuiltTensor, StorageRef, TorchConstant, TorchLayout
@@ -61,7 +60,13 @@ def read(path: Path) -> Checkpoint:
 def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Checkpoint:
     """The torch zip in ``path`` (or embedded at ``base``, ``length`` bytes long: how DCP stores each item)."""
     ckpt = Checkpoint(path, NAME)
-    records = _read_records(ckpt, path, base, length)
+    early: list[tuple[bytes, Any]] = []  # (bytes, scan) of a large data.pkl met first: scanned beside the checks
+
+    def scan_early(record: ziprecords.Record, data: bytes) -> None:
+        if record.name.endswith("data.pkl") and len(data) >= background.IN_BACKGROUND_FROM:
+            early.append((data, background.start_scan(data)))
+
+    records = _read_records(ckpt, path, base, length, scan_early)
     pkl_name = pickle_record_name([r.name for r in records])
     if pkl_name is None and pt2.is_pt2([r.name for r in records]) is not None:
         return pt2.read_records(ckpt, path, ckpt.records, pt2.is_pt2([r.name for r in records]))
@@ -78,10 +83,10 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
                 "data.pkl",
             )
         )
-        _scan_other_pickles(ckpt, path, None)
+        _scan_other_pickles(ckpt, path, None, records)
         return ckpt
     top = pkl_name[: -len("data.pkl")]
-    _scan_other_pickles(ckpt, path, pkl_name)
+    _scan_other_pickles(ckpt, path, pkl_name, records)
     data = None if ckpt.records[pkl_name].truncated else _intact_pickle(ckpt, path, pkl_name, base)
     if data is None:
         return ckpt
@@ -102,22 +107,28 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
             raise OSError(f"storage record for {ref.key} is missing or truncated")
         return ziprecords.read_record(path, record)
 
-    ckpt.tree = ckpt.read_pickle(data, pkl_name, lambda pid: storage_from_pid(ckpt, pid, reader))
+    started = next((scan for scanned, scan in early if scanned == data), None)  # only for the very same bytes
+    early.clear()  # one not used (a damaged directory pointed elsewhere) stops its child when dropped
+    ckpt.tree = ckpt.read_pickle(data, pkl_name, lambda pid: storage_from_pid(ckpt, pid, reader), started)
     ckpt.record_of = lambda ref: ckpt.records.get(top + "data/" + ref.key)
     ckpt.record_name_of = lambda ref: top + "data/" + ref.key
 
+    records = ziprecords.RecordReader(path)
+
     def iter_storage(ref: StorageRef, chunk: int):
         record = ckpt.record_of(ref)
-        return ziprecords.iter_record_bytes(path, record, chunk) if record and not record.truncated else iter(())
+        return records.chunks(record, chunk) if record and not record.truncated else iter(())
 
     ckpt.iter_storage = iter_storage
     return ckpt
 
 
-def _read_records(ckpt: Checkpoint, path: Path, base: int, length: int | None) -> list:
+def _read_records(
+    ckpt: Checkpoint, path: Path, base: int, length: int | None, on_first: ziprecords.FirstRecord | None = None
+) -> list:
     """The zip's records, with a finding for each problem of the container; ``ckpt.records`` by name."""
     try:
-        records, problems = ziprecords.read_records(path, base, length)
+        records, problems = ziprecords.read_records(path, base, length, on_first)
         ckpt.findings.extend(Finding(ERROR, p.code, p.message, p.where) for p in problems)
     except ziprecords.ZipStructureError as exc:
         records = exc.records
@@ -171,8 +182,8 @@ def _read_records(ckpt: Checkpoint, path: Path, base: int, length: int | None) -
         for r in ziprecords.scan_local_headers(path):
             if r.name not in ckpt.records and not r.truncated and r.crc is not None:
                 ckpt.records[r.name] = r
-        records = list(ckpt.records.values())
-    return records
+                records.append(r)
+    return records  # every record read, duplicates of a name included (each is judged: _scan_other_pickles)
 
 
 def _intact_pickle(ckpt: Checkpoint, path: Path, pkl_name: str, base: int) -> bytes | None:
@@ -241,13 +252,20 @@ def pickle_record_name(names: list[str]) -> str | None:
     return min(candidates, key=lambda n: (n.count("/"), len(n))) if candidates else None
 
 
-def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None) -> None:
+def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None, records: list) -> None:
     """Every other record that holds a pickle (``extra/*.pkl``, a second ``data.pkl``, TorchScript's
-    ``constants.pkl``) is judged too: another loader may unpickle it."""
-    for name, record in ckpt.records.items():
+    ``constants.pkl``, a record whose name another one also has) is judged too: another loader may unpickle it."""
+    kept = {id(r) for r in ckpt.records.values()}
+    shadowed = [(r.name, r) for r in records if id(r) not in kept]  # torch.load may read any of a duplicate name
+    spans = set()  # each stretch of bytes judged once, however many entries point at it (a zip bomb's do)
+    for name, record in [*ckpt.records.items(), *shadowed]:
         short = name.split("/", 1)[1] if "/" in name else name
+        span = (record.data_offset, record.stored_size)
+        if span in spans:
+            continue
+        spans.add(span)
         if (
-            name == main
+            (name == main and id(record) in kept)
             or short.startswith("data/")
             or record.truncated
             or record.size > MAX_EXTRA_PICKLE
@@ -413,12 +431,6 @@ def _placeholder_reduce(obj: Placeholder):
     return copyreg.__newobj__, (cls, *obj._args), state, items, dict_items
 
 
-@functools.cache
-def _torch_object(module: str, name: str) -> Any:
-    """The real object torch's own pickles name (a rebuild function, a storage class, a dtype)."""
-    return getattr(importlib.import_module(module), name)
-
-
 class _NeedsNames(Exception):
     """The tree holds something only the name-writing pickler can write."""
 
@@ -426,15 +438,26 @@ class _NeedsNames(Exception):
 class FastTreePickler(_TensorWriting, pickle.Pickler):
     """The C pickler, for trees of plain data and tensors (state dicts, fuse-train checkpoints): the same bytes
     as ``TreePickler`` (a test holds them equal), several times faster.  torch's own rebuild functions and
-    storage classes are written by reference to the real objects, which the C pickler names as torch does;
-    anything else that needs a name written without importing it raises ``_NeedsNames``."""
+    storage classes are written as stand-ins that ``torch_names`` renames (torch is not imported); anything
+    else that needs a name written without importing it raises ``_NeedsNames``."""
 
-    named = staticmethod(_torch_object)
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.standins: set[type] = set()
+
+    def named(self, module: str, name: str) -> type:
+        found = torch_names.standin(module, name)
+        self.standins.add(found)
+        return found
 
     def reducer_override(self, obj: Any):
         reduced = self.tensor_reduce(obj)
         if reduced is not None:
             return reduced
+        if type(obj) is collections.OrderedDict and not obj:
+            # every tensor's empty hooks dict: what its own __reduce_ex__ writes (the class, no arguments, no
+            # items), without copyreg's slot lookup per tensor
+            return collections.OrderedDict, ()
         if (
             type(obj) in _NAMED_TYPES
             or isinstance(obj, (Placeholder, RebuiltTensor))
@@ -458,12 +481,17 @@ def pickle_tree(tree: Any, location: Callable[[StorageRef], str] | None = None) 
     where = location or (lambda ref: ref.location)
     buf = io.BytesIO()
     try:
-        FastTreePickler(buf, storage_key, where).dump(tree)
+        fast = FastTreePickler(buf, storage_key, where)
+        fast.dump(tree)
+        data = torch_names.to_torch_names(buf.getvalue(), len(fast.standins))
+        if data is not None:
+            return data, storages
     except _NeedsNames:  # placeholders, rebuilt tensors, torch constants: the pickler that writes any name
-        keys.clear()
-        storages.clear()
-        buf = io.BytesIO()
-        TreePickler(buf, storage_key, where).dump(tree)
+        pass
+    keys.clear()
+    storages.clear()
+    buf = io.BytesIO()
+    TreePickler(buf, storage_key, where).dump(tree)
     return buf.getvalue(), storages
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import weakref
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +136,18 @@ def _find_eocd(src: _Window, size: int) -> int | None:
     return None
 
 
-def parse_zip(path: Path, base: int = 0, length: int | None = None) -> tuple[list[Record], list[ZipProblem]]:
+FirstRecord = Callable[[Record, bytes], None]
+
+
+def parse_zip(
+    path: Path, base: int = 0, length: int | None = None, on_first: FirstRecord | None = None
+) -> tuple[list[Record], list[ZipProblem]]:
     """Records of the zip (or of the zip embedded at ``base``, ``length`` bytes long), and every structural
     problem found by accounting for each byte.  Record offsets are absolute file offsets.
+
+    ``on_first(record, data)``: called with the directory's first record and its stored bytes once that record
+    is checked and whole, before the others are (torch writes data.pkl first: its safety scan can start while
+    the other 200,000 records of a large checkpoint are checked).  Its offsets are relative to ``base`` then.
 
     Raises ZipStructureError (carrying a local-header scan) when the end records cannot be found."""
     size = path.stat().st_size - base if length is None else length
@@ -145,7 +155,7 @@ def parse_zip(path: Path, base: int = 0, length: int | None = None) -> tuple[lis
     fd = os.open(path, os.O_RDONLY)
     src = _Window(fd, base, size, mapped=True)
     try:
-        records = _parse(src, size, problems, path, base)
+        records = _parse(src, size, problems, path, base, on_first)
         for r in records:  # relative -> absolute
             r.header_offset += base
             r.data_offset += base if r.data_offset >= 0 else 0
@@ -168,7 +178,9 @@ class _End:
     zip64_versions: tuple[int, int] | None = None  # (made by, needed) of a zip64 end record
 
 
-def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base: int) -> list[Record]:
+def _parse(
+    src: _Window, size: int, problems: list[ZipProblem], path: Path, base: int, on_first: FirstRecord | None = None
+) -> list[Record]:
     end = _end_records(src, size, problems, path, base)
     if end.cd_offset + end.cd_size != end.cd_end_expected:
         problems.append(
@@ -182,7 +194,12 @@ def _parse(src: _Window, size: int, problems: list[ZipProblem], path: Path, base
     entries = _directory_entries(src, size, end, path, base)
     # every entry checked against its local header; what only a torch-written file must satisfy is kept aside
     # until the entries have said whether this is one (most records padded the way torch pads them)
-    checked = [_check_entry(src, size, fields, name_bytes, extra) for fields, name_bytes, extra in entries]
+    checked = [_check_entry(src, size, *entry) for entry in entries[:1]]
+    if on_first and checked and not checked[0].problems and not checked[0].record.truncated:
+        first = checked[0].record
+        if first.method == 0:
+            on_first(first, src.pread(first.size, first.data_offset))
+    checked += [_check_entry(src, size, fields, name_bytes, extra) for fields, name_bytes, extra in entries[1:]]
     torch_style = bool(entries) and sum(e.padded for e in checked) * 2 > len(entries)
     if torch_style:
         _check_torch_constants(entries, end, problems)
@@ -521,8 +538,10 @@ def _find_descriptor(src: _Window, data_offset: int, size: int) -> tuple[int, in
     return None
 
 
-def read_records(path: Path, base: int = 0, length: int | None = None) -> tuple[list[Record], list[ZipProblem]]:
-    return parse_zip(path, base, length)
+def read_records(
+    path: Path, base: int = 0, length: int | None = None, on_first: FirstRecord | None = None
+) -> tuple[list[Record], list[ZipProblem]]:
+    return parse_zip(path, base, length, on_first)
 
 
 def iter_record_bytes(
@@ -546,6 +565,25 @@ def iter_record_bytes(
             yield block
     finally:
         os.close(fd)
+
+
+class RecordReader:
+    """The records of one file read through one descriptor, opened at first use and closed with the reader: a
+    checkpoint of 200,000 small tensors is 200,000 records, and an open and a close per record cost more than
+    the read.  The descriptor also keeps reading the file that was opened if a writer renames another over it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def chunks(self, record: Record, chunk: int = CHUNK) -> Iterable[bytes]:
+        if record.method != 0 or record.size > chunk:
+            return iter_record_bytes(self.path, record, chunk)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            weakref.finalize(self, os.close, self._fd)
+        block = os.pread(self._fd, record.size, record.data_offset) if record.size else b""
+        return (block,) if block else ()  # short at the end of a truncated file, as iter_record_bytes
 
 
 def _iter_deflated(path: Path, record: Record, chunk: int, start: int, length: int | None) -> Iterator[bytes]:

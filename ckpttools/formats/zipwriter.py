@@ -33,6 +33,7 @@ VERSION, ZIP64_VERSION = 20, 45  # "version needed to extract"
 DOS_DATE_1980 = 33  # 1980-01-01 00:00, what zipfile writes for ZipInfo defaults
 # "version made by" and the attributes: 0, as torch writes them, so that `ckpt repair` rebuilding a lost directory
 # (which assumes torch's constants when no entry survives) gives the file back bit for bit
+SMALL_RECORD = 1 << 20  # records up to this size are held whole while written (one write, no seek back)
 LOCAL = struct.Struct("<4s2B4HL2L2H")
 CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
 
@@ -59,10 +60,23 @@ class StoredZipWriter:
     def add(self, name: str, chunks: Iterable, size: int, on_bytes: Callable[[int], None] | None = None) -> int:
         """One record of ``size`` bytes from ``chunks`` (bytes-like); returns the bytes written."""
         raw, flags = (name.encode("ascii"), 0) if name.isascii() else (name.encode("utf-8"), 0x800)
-        entry = _Entry(raw, flags, self.out.tell() - self.base, size)
+        start = self.out.tell()
+        entry = _Entry(raw, flags, start - self.base, size)
         header = LOCAL.size + len(raw) + (20 if entry.zip64_sizes else 0) + 4  # + the padding field's own header
-        pad = (-(self.out.tell() + header)) % self.alignment  # aligned in the file, as torch's mmap load needs
+        pad = (-(start + header)) % self.alignment  # aligned in the file, as torch's mmap load needs
         entry.padding = struct.pack("<HH", PADDING_ID, pad) + b"Z" * pad
+        if size <= SMALL_RECORD:  # held whole: its CRC goes into the header at once (no seek back per record:
+            data = b"".join(chunks)  # a checkpoint of 200,000 small tensors is 200,000 records)
+            entry.crc, entry.size = crc32(data), len(data)
+            self.out.write(self._local_header(entry) + data)
+            if on_bytes and data:
+                on_bytes(len(data))
+        else:
+            self._add_streamed(entry, chunks, on_bytes)
+        self.entries.append(entry)
+        return entry.size
+
+    def _add_streamed(self, entry: _Entry, chunks: Iterable, on_bytes: Callable[[int], None] | None) -> None:
         self.out.write(self._local_header(entry))
         crc, written = 0, 0
         for block in chunks:
@@ -77,8 +91,6 @@ class StoredZipWriter:
         self.out.seek(self.base + entry.offset)
         self.out.write(self._local_header(entry))  # now with its CRC (the length is unchanged)
         self.out.seek(end)
-        self.entries.append(entry)
-        return written
 
     def _local_header(self, e: _Entry) -> bytes:
         extra = e.padding

@@ -105,3 +105,28 @@ def test_verify_of_a_large_harmful_torch_file_fails_with_the_child_scanning(tmp_
     report = json.loads(proc.stdout)
     codes = {f["code"] for f in report["findings"]}
     assert "safety.dangerous-reference" in codes
+
+
+def test_a_scan_started_early_on_the_first_record_judges_only_those_bytes(tmp_path):
+    """The scan of a large data.pkl met first in the directory starts before the other records are checked; it
+    stands for the pickle read only when that pickle is the very same bytes.  Here the directory names
+    archive/data.pkl twice, a harmless large pickle first: the harmful one the reader takes must still be
+    judged (the early verdict, "harmless", must not be reused for it)."""
+    import zipfile
+
+    harmless, harmful = _big_pickle(tmp_path, False), _big_pickle(tmp_path, True)
+    path = tmp_path / "two.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", harmless.read_bytes())
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("archive/data.pkl", harmful.read_bytes())
+        zf.writestr("archive/version", b"3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckpttools.cli", "verify", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    codes = {f["code"] for f in json.loads(proc.stdout)["findings"]}
+    assert proc.returncode == 1 and "safety.dangerous-reference" in codes, proc.stdout[-2000:]
