@@ -255,23 +255,23 @@ def pickle_record_name(names: list[str]) -> str | None:
 def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None, records: list) -> None:
     """Every other record that holds a pickle (``extra/*.pkl``, a second ``data.pkl``, TorchScript's
     ``constants.pkl``, a record whose name another one also has) is judged too: another loader may unpickle it."""
-    kept = {id(r) for r in ckpt.records.values()}
-    shadowed = [(r.name, r) for r in records if id(r) not in kept]  # torch.load may read any of a duplicate name
-    spans = set()  # each stretch of bytes judged once, however many entries point at it (a zip bomb's do)
+    kept = ckpt.records.get(main) if main else None
+    shadowed = [(r.name, r) for r in records if ckpt.records.get(r.name) is not r]  # torch.load may read any
+    # each stretch of bytes judged once, however many entries point at it (a zip bomb's do); data.pkl's own
+    # bytes are judged where it is unpickled
+    spans = {(kept.data_offset, kept.stored_size)} if kept else set()
     for name, record in [*ckpt.records.items(), *shadowed]:
         short = name.split("/", 1)[1] if "/" in name else name
-        span = (record.data_offset, record.stored_size)
-        if span in spans:
-            continue
-        spans.add(span)
         if (
-            (name == main and id(record) in kept)
+            record is kept
             or short.startswith("data/")
             or record.truncated
             or record.size > MAX_EXTRA_PICKLE
             or record.size == 0
+            or (record.data_offset, record.stored_size) in spans
         ):
             continue
+        spans.add((record.data_offset, record.stored_size))
         try:
             head = b"".join(ziprecords.iter_record_bytes(path, record, 64, 0, 64))
             if name.endswith(".pkl") or (head[:1] == b"\x80" and looks_like_pickle(head)):
@@ -443,11 +443,12 @@ class FastTreePickler(_TensorWriting, pickle.Pickler):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.standins: set[type] = set()
+        self.standins: dict[tuple[str, str], type] = {}  # the ones this pickle writes (twice per tensor: cached)
 
     def named(self, module: str, name: str) -> type:
-        found = torch_names.standin(module, name)
-        self.standins.add(found)
+        found = self.standins.get((module, name))
+        if found is None:
+            found = self.standins[module, name] = torch_names.standin(module, name)
         return found
 
     def reducer_override(self, obj: Any):
