@@ -148,8 +148,7 @@ class LazyTensor:
 
     @property
     def dtype(self) -> DType:
-        d = self.storage.dtype  # a DType already where the readers made it (no new string per call: hot path)
-        return d if type(d) is DType else DType(d)
+        return d if type(d := self.storage.dtype) is DType else DType(d)  # no new string per call: a hot path
 
     @property
     def numel(self) -> int:

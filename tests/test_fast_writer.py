@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpttools.formats import torchzip
+from ckpttools.formats import torch_pickler, torchzip
 from ckpttools.objects import Reference, placeholder_class
 from ckpttools.pickle.unpickler import restricted_load
 from ckpttools.tensors import DTYPES, DType, LazyTensor, StorageRef, contiguous_strides
@@ -29,7 +29,7 @@ def _slow(tree) -> bytes:
         return keys[id(ref)]
 
     buf = io.BytesIO()
-    torchzip.TreePickler(buf, key, lambda ref: ref.location).dump(tree)
+    torch_pickler.TreePickler(buf, key, lambda ref: ref.location).dump(tree)
     return buf.getvalue()
 
 
@@ -112,7 +112,7 @@ def trees(draw):
 @settings(max_examples=200, deadline=None)
 @given(trees())
 def test_the_fast_path_writes_what_the_slow_one_writes(tree):
-    fast, _ = torchzip.pickle_tree(tree)
+    fast, _ = torch_pickler.pickle_tree(tree)
     assert _read(fast) == _read(_slow(tree))
 
 
@@ -138,5 +138,5 @@ def test_torch_reads_the_fast_path_as_it_reads_the_slow_one(tmp_path):
 def test_names_only_the_slow_path_writes_fall_back_to_it():
     model = placeholder_class(Reference("ultralytics.nn.tasks", "DetectionModel"))()
     for tree in ({"dtype": DType("float32")}, {"model": model}, {"cls": type(model)}):
-        data, _ = torchzip.pickle_tree(tree)
+        data, _ = torch_pickler.pickle_tree(tree)
         assert data == _slow(tree)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ckpttools.formats import zipwriter
 from ckpttools.formats.registry import open_checkpoint
-from ckpttools.formats.ziprecords import PADDING_ID
+from ckpttools.formats.zipformat import PADDING_ID
 
 RECORDS = st.lists(
     st.tuples(

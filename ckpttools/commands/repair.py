@@ -27,7 +27,7 @@ from ckpttools.commands._inputs import refuse_deep, refuse_unsafe
 from ckpttools.commands.verify import file_identity, verify, verify_opened
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, lazy_digest, refresh_digest
 from ckpttools.errors import FormatLimit, UsageError
-from ckpttools.formats import torchzip, ziprecords
+from ckpttools.formats import torchzip, zipformat, ziprecover
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats.storage_scan import StorageScanner
@@ -164,7 +164,7 @@ def _rebuild_directory(src: Path, out: Path, result: RepairResult, force: bool) 
     """Every record intact, only the central directory damaged (a zeroed page): write the file with its
     directory rebuilt from the local headers, every other byte as it was -- the original file, bit for bit.
     False (nothing written) when the directory cannot be rebuilt that way; the caller rewrites the file."""
-    patches = ziprecords.rebuild_central_directory(src)
+    patches = ziprecover.rebuild_central_directory(src)
     if patches is None or not _write_patched(src, out, patches, force):
         return False
     result.repaired = True
@@ -228,7 +228,7 @@ def _recover_records(
     again, so no intact tensor is ever reported lost or filled from a backup.  Returns the ones still lost."""
     if ckpt.format != ZIP or ckpt.record_of is None or not lost:
         return lost
-    scanned = ziprecords.scan_local_headers(ckpt.path)
+    scanned = ziprecover.scan_local_headers(ckpt.path)
     still = []
     for ref, why in lost:
         record = ckpt.record_of(ref)
@@ -241,13 +241,13 @@ def _recover_records(
                     if r.name == name
                     and not r.truncated
                     and r.crc is not None
-                    and ziprecords.record_crc(ckpt.path, r) == r.crc
+                    and zipformat.record_crc(ckpt.path, r) == r.crc
                 ),
                 None,
             )
             how = "missing from the central directory; found at its local header (CRC32 passes)"
         else:
-            name, found = record.name, ziprecords.locate_intact(ckpt.path, record, scanned)
+            name, found = record.name, ziprecover.locate_intact(ckpt.path, record, scanned)
             how = "the zip metadata locating it was damaged; its bytes, which pass their CRC32, were found again"
         if found is None or found is record or found.size != ref.nbytes:
             still.append((ref, why))

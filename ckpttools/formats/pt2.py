@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ckpttools.formats import ziprecords
+from ckpttools.formats import zipformat
 from ckpttools.formats.base import Checkpoint
 from ckpttools.report import ERROR, INFO, Finding
 from ckpttools.tensors import DType, LazyTensor, StorageRef
@@ -50,7 +50,7 @@ def read_records(ckpt: Checkpoint, path: Path, records: dict, top: str) -> Check
         if record is None:
             continue
         try:
-            config = json.loads(ziprecords.read_record(path, record)).get("config", {})
+            config = json.loads(zipformat.read_record(path, record)).get("config", {})
         except (ValueError, OSError) as exc:
             ckpt.findings.append(Finding(ERROR, "pt2.bad-config", f"{config_name}: unreadable ({exc})", config_name))
             continue
@@ -84,7 +84,7 @@ def read_records(ckpt: Checkpoint, path: Path, records: dict, top: str) -> Check
     ckpt.record_of = lambda ref: records.get(ref.key)
     ckpt.record_name_of = lambda ref: ref.key
     ckpt.iter_storage = lambda ref, chunk: (
-        ziprecords.iter_record_bytes(path, records[ref.key], chunk)
+        zipformat.iter_record_bytes(path, records[ref.key], chunk)
         if ref.key in records and not records[ref.key].truncated
         else iter(())
     )

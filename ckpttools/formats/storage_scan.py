@@ -19,7 +19,7 @@ import numpy as np
 import xxhash
 from xxhash import xxh3_128_digest
 
-from ckpttools.formats import ziprecords
+from ckpttools.formats import zipformat
 from ckpttools.formats.base import CHUNK
 from ckpttools.tensors import DTYPES, DType, StorageRef
 
@@ -99,7 +99,7 @@ class StorageScanner:
             return
         result = StorageResult()
         for block in self.ckpt.storage_chunks(ref, self.chunk):
-            result.crc = ziprecords.crc32(block, result.crc)
+            result.crc = zipformat.crc32(block, result.crc)
             result.nonfinite += count_nonfinite(block, ref.dtype)
             result.bytes_read += len(block)
             if self.on_bytes:
@@ -151,7 +151,7 @@ class StorageScanner:
         total = 0
         for ref, record in items:
             block = mm[record.data_offset : min(record.data_offset + record.size, len(mm))]
-            result = StorageResult(len(block), ziprecords.crc32(block), 0, True, xxh3_128_digest(block))
+            result = StorageResult(len(block), zipformat.crc32(block), 0, True, xxh3_128_digest(block))
             out.append((ref, result))
             total += len(block)
             info = DType(ref.dtype).info
@@ -184,7 +184,7 @@ class StorageScanner:
             while pos < end:
                 n = min(self.chunk, end - pos)
                 block = view[pos : pos + n]
-                result.crc = ziprecords.crc32(block, result.crc)
+                result.crc = zipformat.crc32(block, result.crc)
                 result.nonfinite += count_nonfinite(block, ref.dtype)
                 h.update(block)
                 block.release()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
-from ckpttools.formats.ziprecords import (
+from ckpttools.formats.zipformat import (
     CENTRAL_MAGIC,
     EOCD_MAGIC,
     LOCAL_MAGIC,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpttools.formats import ziprecords
-from ckpttools.formats.torchzip import pickle_tree
+from ckpttools.formats import zipformat, ziprecords
+from ckpttools.formats.torch_pickler import pickle_tree
 from ckpttools.tensors import DType, LazyTensor, StorageRef
 from tests.security.test_bounded import COMMANDS, LIMIT_RSS_KB, _ckpt, run_bounded
 
@@ -47,18 +47,18 @@ def shared_record_bomb(path: Path, names: int = 50_000) -> Path:
     cd_offset = records[-1].end
     entries, pos = [], data.index(b"PK\x01\x02", cd_offset)
     while data[pos : pos + 4] == b"PK\x01\x02":
-        fields = ziprecords.CENTRAL_HEADER.unpack_from(data, pos)
+        fields = zipformat.CENTRAL_HEADER.unpack_from(data, pos)
         size = 46 + fields[10] + fields[11] + fields[12]
         entries.append(data[pos : pos + size])
         pos += size
     template = next(e for e in entries if struct.unpack_from("<I", e, 42)[0] == storage.header_offset)
-    fields = list(ziprecords.CENTRAL_HEADER.unpack_from(template, 0))
+    fields = list(zipformat.CENTRAL_HEADER.unpack_from(template, 0))
     name_len = fields[10]
     bomb = []
     for i in range(names):
         name = f"{base.stem}/data/x{i}".encode()
         fields[10] = len(name)
-        bomb.append(ziprecords.CENTRAL_HEADER.pack(*fields) + name + template[46 + name_len :])
+        bomb.append(zipformat.CENTRAL_HEADER.pack(*fields) + name + template[46 + name_len :])
     directory = b"".join(entries + bomb)
     n = len(entries) + len(bomb)
     z64 = b"PK\x06\x06" + struct.pack("<QHHIIQQQQ", 44, 0x031E, 45, 0, 0, n, n, len(directory), cd_offset)
