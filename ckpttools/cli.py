@@ -4,20 +4,15 @@ The CLI only parses, calls one operation and renders its result; the operations 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gc
-import os
-import sys
-import traceback
 from pathlib import Path
 
 import click
 
 from ckpttools import __version__
-from ckpttools.errors import EXIT_BROKEN_PIPE, EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, CkptError, MissingPath
+from ckpttools.cli_support import bytes_callback, handle_errors, must_exist, print_rewrite, progress_bar
+from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS
 from ckpttools.options import IMG_SIZE, OneLineErrors
-from ckpttools.report import shorten
 
 BULK_GC_THRESHOLDS = (100_000, 50, 100)  # Python's defaults: (700, 10, 10)
 
@@ -26,111 +21,6 @@ Exit codes: 0 all good; 1 problems found, or a damaged or unsafe input;
 2 usage error, missing path, or not a checkpoint; 3 preflight blocked
 a resume; 141 the output's reader went away (`| head`), nothing said.
 Finding codes: docs/findings.md.  Safety policy: docs/security.md."""
-
-
-def _handle_errors(command: str):
-    """The one place errors are caught: a ``CkptError`` becomes one line on stderr (and, with --json, one JSON
-    object on stdout) with its exit code; anything else is a bug, shown as an internal error."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, debug: bool = False, **kwargs):
-            try:
-                code = fn(*args, **kwargs)
-            except CkptError as exc:
-                code = _fail(command, _first_line(exc), exc.exit_code, debug, kwargs.get("as_json", False))
-            except BrokenPipeError:  # whoever read our output stopped (`ckpt verify x | head`): nothing to say
-                _discard_stdout()
-                code = EXIT_BROKEN_PIPE
-            except FileNotFoundError as exc:  # a path that vanished while we worked
-                code = _fail(
-                    command,
-                    f"{exc.filename or exc}: no such file or folder",
-                    MissingPath.exit_code,
-                    debug,
-                    kwargs.get("as_json", False),
-                )
-            except OSError as exc:  # the disk is full, a permission is missing: say which file
-                code = _fail(
-                    command,
-                    f"{exc.filename or ''}: {exc.strerror or _first_line(exc)}".lstrip(": "),
-                    EXIT_PROBLEMS,
-                    debug,
-                    kwargs.get("as_json", False),
-                )
-            except Exception as exc:  # noqa: BLE001 - last resort: one line, the traceback only with --debug
-                code = _fail(
-                    command,
-                    f"internal error: {exc.__class__.__name__}: {_first_line(exc)} (run with "
-                    "--debug for the traceback)",
-                    EXIT_PROBLEMS,
-                    debug,
-                    kwargs.get("as_json", False),
-                    prefix="",
-                )
-            sys.exit(code)
-
-        return click.option("--debug", is_flag=True, help="Show tracebacks.")(inner)
-
-    return wrap
-
-
-def _discard_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's last flush of what could not be written is not
-    reported as a second BrokenPipeError on the way out."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout already closed or not a real file: nothing to redirect
-        pass
-
-
-def _first_line(exc: BaseException) -> str:
-    """Some libraries put a whole traceback into their exception's text (torch's DCP does): one line of it."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return shorten(lines[0], 1000) if lines else exc.__class__.__name__
-
-
-def _fail(command: str, message: str, code: int, debug: bool, as_json: bool, prefix: str = "error: ") -> int:
-    from ckpttools.render import print_json, stderr
-
-    if debug:
-        traceback.print_exc()
-    if as_json:
-        print_json({"ok": False, "error": message, "exit_code": code})
-    stderr().print(f"ckpt {command}: {prefix}{message}", markup=False, highlight=False)
-    return code
-
-
-def _must_exist(*paths: Path) -> None:
-    for path in paths:
-        if not path.exists() and not path.is_symlink():
-            raise MissingPath(path)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str):
-    """A rich byte-progress bar on a terminal, nothing when piped; yields the ``(done, total)`` callback or None."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    bar = Progress(
-        TextColumn(description),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-    task = bar.add_task(description, total=None)
-    with bar:
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @click.group(
@@ -163,7 +53,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
 @click.option("--all", "show_all", is_flag=True, help="List every finding (by default a code met often is one line).")
-@_handle_errors("verify")
+@handle_errors("verify")
 def verify(path: Path, as_json: bool, strict: bool, show_all: bool) -> int:
     """Check that a checkpoint is whole, safe and consistent.  Reads only; never runs or changes the file.
 
@@ -174,8 +64,8 @@ def verify(path: Path, as_json: bool, strict: bool, show_all: bool) -> int:
     from ckpttools.commands.verify import verify as run_verify
     from ckpttools.render import print_json, render_verify, stdout
 
-    _must_exist(path)
-    with _progress(not as_json, "verifying") as callback:
+    must_exist(path)
+    with progress_bar(not as_json, "verifying") as callback:
         report = run_verify(path, progress=callback)
     if as_json:
         print_json(report.to_dict(strict))
@@ -187,14 +77,14 @@ def verify(path: Path, as_json: bool, strict: bool, show_all: bool) -> int:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
-@_handle_errors("inspect")
+@handle_errors("inspect")
 def inspect(path: Path, as_json: bool) -> int:
     """Summarise a checkpoint: format, layout, epoch / step, best fitness, run arguments, key tree,
     parameter count, bytes by dtype, devices the tensors were saved on, code references."""
     from ckpttools.commands.inspect import inspect_checkpoint
     from ckpttools.render import print_json, render_inspect, stdout
 
-    _must_exist(path)
+    must_exist(path)
     summary = inspect_checkpoint(path)
     if as_json:
         print_json(summary)
@@ -234,7 +124,7 @@ def inspect(path: Path, as_json: bool) -> int:
     "same size and CRC32 on both sides (by default those count as equal without being read).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
-@_handle_errors("diff")
+@handle_errors("diff")
 def diff(
     a: Path,
     b: Path,
@@ -253,32 +143,14 @@ def diff(
     from ckpttools.commands.diff import DIFFERENT, SECTIONS, diff_checkpoints
     from ckpttools.render import print_json, render_diff, stdout
 
-    _must_exist(a, b)
-    with _progress(not as_json, "comparing") as callback:
+    must_exist(a, b)
+    with progress_bar(not as_json, "comparing") as callback:
         report = diff_checkpoints(a, b, atol, rtol, tuple(sections) or SECTIONS, not no_strip_prefix, callback, exact)
     if as_json:
         print_json(report.to_dict(top))
     else:
         render_diff(report, stdout(), top)
     return EXIT_PROBLEMS if report.verdict == DIFFERENT else EXIT_OK
-
-
-def _print_rewrite(result: dict, as_json: bool, verb: str) -> None:
-    from ckpttools.render import print_json, stdout
-
-    if as_json:
-        print_json(result)
-        return
-    out = stdout()
-    out.print(
-        f"{verb} {result['input']} -> {result['output']}"
-        + (f": {result['tensors']} tensors, {result['bytes'] / 2**20:.1f} MiB" if "tensors" in result else "")
-        + (f" in {result['seconds']:.2f} s" if "seconds" in result else ""),
-        markup=False,
-        highlight=False,
-    )
-    for note in result.get("notes", []):
-        out.print(f"  note: {note}", markup=False, highlight=False)
 
 
 @main.command()
@@ -314,7 +186,7 @@ def _print_rewrite(result: dict, as_json: bool, verb: str) -> None:
     "written (every object as its plain state), never its code references.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
-@_handle_errors("convert")
+@handle_errors("convert")
 def convert(
     src: Path,
     out: Path,
@@ -342,12 +214,12 @@ def convert(
     cannot hold (pickled classes in HDF5, optimizer state in safetensors) is listed as a note."""
     from ckpttools.commands.convert import convert as run_convert
 
-    _must_exist(src)
-    with _progress(not as_json, "converting") as callback:
+    must_exist(src)
+    with progress_bar(not as_json, "converting") as callback:
         result = run_convert(
-            src, out, to, dtype, weights_only, ema, compress, force, _bytes_callback(callback), world_size, allow_unsafe
+            src, out, to, dtype, weights_only, ema, compress, force, bytes_callback(callback), world_size, allow_unsafe
         )
-    _print_rewrite(result.to_dict(), as_json, "converted")
+    print_rewrite(result.to_dict(), as_json, "converted")
     return EXIT_OK
 
 
@@ -376,7 +248,7 @@ def convert(
     help="Repair an input whose pickle would run code: only its data is written, never its code references.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
-@_handle_errors("repair")
+@handle_errors("repair")
 def repair(
     src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: bool, allow_unsafe: bool, as_json: bool
 ) -> int:
@@ -394,9 +266,9 @@ def repair(
     from ckpttools.commands.repair import repair as run_repair
     from ckpttools.render import print_json, stderr, stdout
 
-    _must_exist(src)
-    with _progress(not as_json, "repairing") as callback:
-        result = run_repair(src, out, from_, not keep_prefix, force, _bytes_callback(callback), allow_unsafe)
+    must_exist(src)
+    with progress_bar(not as_json, "repairing") as callback:
+        result = run_repair(src, out, from_, not keep_prefix, force, bytes_callback(callback), allow_unsafe)
     if as_json:
         print_json(result.to_dict())
         return EXIT_OK if result.repaired else EXIT_PROBLEMS
@@ -440,7 +312,7 @@ def repair(
     help="Remap an input whose pickle would run code: only its data is written, never its code references.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
-@_handle_errors("remap")
+@handle_errors("remap")
 def remap(
     src: Path,
     out: Path,
@@ -464,25 +336,11 @@ def remap(
     added); what cannot be carried is listed."""
     from ckpttools.commands.remap import remap as run_remap
 
-    _must_exist(src)
-    with _progress(not as_json, "remapping") as callback:
-        result = run_remap(src, out, gpus, device, add_module_prefix, force, _bytes_callback(callback), allow_unsafe)
-    _print_rewrite(result.to_dict(), as_json, "remapped")
+    must_exist(src)
+    with progress_bar(not as_json, "remapping") as callback:
+        result = run_remap(src, out, gpus, device, add_module_prefix, force, bytes_callback(callback), allow_unsafe)
+    print_rewrite(result.to_dict(), as_json, "remapped")
     return EXIT_OK
-
-
-def _bytes_callback(progress):
-    """Adapt the (done, total) progress callback to per-block byte counts."""
-    if progress is None:
-        return None
-    done = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        progress(done, None)
-
-    return on_bytes
 
 
 @main.command()
@@ -506,7 +364,7 @@ def _bytes_callback(progress):
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Ultralytics: share of training images.")
 @click.option("--allow-change", default="", metavar="FIELDS", help="Comma-separated fields allowed to differ.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
-@_handle_errors("preflight")
+@handle_errors("preflight")
 def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -> int:
     """Would resuming CHECKPOINT with these settings change the run?  Options not given are taken as
     unchanged.  Exit 0 if the resume may go ahead, 3 if it is blocked."""
@@ -515,7 +373,7 @@ def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -
     from ckpttools.render import print_json, render_preflight, stderr, stdout
 
     allow = parse_allow(allow_change)
-    _must_exist(checkpoint)
+    must_exist(checkpoint)
     recorded = recorded_fields(checkpoint)
     wanted = requested_fields(recorded, {k: v for k, v in requested.items() if v is not None})
     report = run_preflight(recorded, wanted, allow)
@@ -547,7 +405,7 @@ def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -
     help="Also draw the curves with every boundary marked.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
-@_handle_errors("audit")
+@handle_errors("audit")
 def audit(path: Path, plot_path: Path | None, as_json: bool) -> int:
     """Was every resume of a run seamless?  The run's lineage (resumes, allowed changes, remaps, repairs, from
     the checkpoint's history) and, at each resume boundary, whether the epoch counters go on by one, the
@@ -558,7 +416,7 @@ def audit(path: Path, plot_path: Path | None, as_json: bool) -> int:
     from ckpttools.commands.audit import plot
     from ckpttools.render import print_json, render_audit, stdout
 
-    _must_exist(path)
+    must_exist(path)
     report = run_audit(path)
     if plot_path is not None:
         plot(report, plot_path)

@@ -17,7 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "ckpttools"
 PACKAGES = (PACKAGE, ROOT / "fuse_train")
 # the command-line entry points import each command when it runs (start-up time: `--help` loads no torch)
-LAZY_BY_DESIGN = {"ckpttools.cli", "ckpttools", "fuse_train.cli", "fuse_train.commands", "fuse_train.data_commands"}
+LAZY_BY_DESIGN = {
+    "ckpttools.cli",
+    "ckpttools.cli_support",
+    "ckpttools",
+    "fuse_train.cli",
+    "fuse_train.commands",
+    "fuse_train.data_commands",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -217,7 +224,7 @@ LONG_FUNCTIONS = {
     "ckpttools/pickle/scan.py:_rare": "the rest of the opcode table, one branch per opcode",
 }
 LONG_MODULES = {  # the most lines each may have until it is split
-    "ckpttools/cli.py": 573,
+    "ckpttools/cli.py": 431,
     "ckpttools/pickle/policy.py": 504,
     "ckpttools/commands/diff.py": 470,
     "ckpttools/tensors.py": 462,
