@@ -219,13 +219,11 @@ FUNCTION_LINES, MODULE_LINES = 80, 400
 # Over the size rule, each with why; the list may only shrink (a listed item back under the rule must leave it,
 # and no listed module may grow): issue 28's "no function over 80 lines, no module over ~400" is not met yet.
 LONG_FUNCTIONS = {
-    "ckpttools/pickle/policy.py:_entries": "the allow-list as data: one line per global, with its reason",
     "ckpttools/pickle/scan.py:_walk": "the opcode loop, common opcodes decoded in place for speed",
     "ckpttools/pickle/scan.py:_rare": "the rest of the opcode table, one branch per opcode",
 }
 LONG_MODULES = {  # the most lines each may have until it is split
     "ckpttools/cli.py": 431,
-    "ckpttools/pickle/policy.py": 504,
     "ckpttools/commands/diff.py": 470,
     "ckpttools/tensors.py": 462,
     "ckpttools/pickle/scan.py": 460,

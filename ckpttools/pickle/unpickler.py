@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckpttools.objects import Reference, is_placeholder, placeholder_class
-from ckpttools.pickle.policy import ALLOWED, QSCHEMES, SPARSE_LAYOUTS
+from ckpttools.pickle.allowlist import ALLOWED, QSCHEMES, SPARSE_LAYOUTS
 from ckpttools.pickle.scan import normalise
 from ckpttools.tensors import (
     DTYPES,
