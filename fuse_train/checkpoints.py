@@ -13,7 +13,7 @@ from ckpttools.atomic import previous_path
 from ckpttools.commands._inputs import open_input
 from ckpttools.commands.verify import verify as verify_checkpoint
 from ckpttools.errors import CkptError
-from ckpttools.tensors import materialise
+from ckpttools.trees import materialise
 from fuse_train import state as S
 
 

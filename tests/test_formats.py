@@ -10,7 +10,8 @@ from ckpttools.atomic import atomic_path, atomic_write
 from ckpttools.digest import lazy_digest
 from ckpttools.formats import dcp, hdf5, safetensors, torchzip
 from ckpttools.formats.registry import open_checkpoint
-from ckpttools.tensors import TensorSource, iter_tensors, materialise
+from ckpttools.tensors import TensorSource
+from ckpttools.trees import iter_tensors, materialise
 
 
 def _source_checkpoint(tmp_path):

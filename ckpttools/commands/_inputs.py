@@ -8,7 +8,7 @@ from pathlib import Path
 from ckpttools.errors import DamagedInput, FormatLimit, UnsafeInput
 from ckpttools.formats.registry import Checkpoint, open_checkpoint
 from ckpttools.report import ERROR
-from ckpttools.tensors import depth_of
+from ckpttools.trees import depth_of
 
 # containers nested deeper than this are refused by the commands that write: pickle itself (torch.save
 # included) stops near 1,000 levels, so no genuine checkpoint comes close; a hand-made one would only make

@@ -31,14 +31,8 @@ from ckpttools.errors import DamagedInput, UsageError
 from ckpttools.formats import dcp, hdf5, safetensors, torchzip
 from ckpttools.formats.base import WriteRequest, to_plain_tree
 from ckpttools.formats.registry import DCP, LEGACY, Checkpoint, open_checkpoint
-from ckpttools.tensors import (
-    TENSOR_TYPES,
-    LazyTensor,
-    TensorSource,
-    iter_nodes,
-    iter_tensors,
-    map_tensors,
-)
+from ckpttools.tensors import TENSOR_TYPES, LazyTensor, TensorSource
+from ckpttools.trees import iter_nodes, iter_tensors, map_tensors
 
 PT, H5, SAFETENSORS, DCP_TARGET = "pt", "h5", "safetensors", "dcp"
 WRITERS = {PT: torchzip, H5: hdf5, SAFETENSORS: safetensors, DCP_TARGET: dcp}  # each: write_converted(tree, request)

@@ -19,9 +19,10 @@ from ckpttools import layouts as L
 from ckpttools.commands._tensor_compare import TensorDiff, compare_tensor, equal_by_crc
 from ckpttools.formats.registry import Checkpoint, open_checkpoint
 from ckpttools.objects import Placeholder
-from ckpttools.tensors import LazyTensor, RebuiltTensor, expand_rebuilt, iter_nodes, iter_tensors
+from ckpttools.tensors import LazyTensor, RebuiltTensor
 from ckpttools.trainers.base import GENERIC
 from ckpttools.trainers.registry import rules_for
+from ckpttools.trees import expand_rebuilt, iter_nodes, iter_tensors
 
 IDENTICAL, WITHIN, DIFFERENT = "identical", "within_tolerance", "different"
 SECTIONS = ("model", "ema", "optimizer", "meta")

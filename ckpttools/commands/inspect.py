@@ -12,8 +12,9 @@ from ckpttools.formats.registry import open_checkpoint
 from ckpttools.objects import Placeholder
 from ckpttools.pickle.policy import ALLOWED_STATUS
 from ckpttools.report import cap_findings
-from ckpttools.tensors import TENSOR_TYPES, LazyTensor, RebuiltTensor, iter_tensors
+from ckpttools.tensors import TENSOR_TYPES, LazyTensor, RebuiltTensor
 from ckpttools.trainers.registry import rules_for
+from ckpttools.trees import iter_tensors
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -27,9 +27,10 @@ from ckpttools.errors import UsageError
 from ckpttools.formats import torchzip
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.formats.registry import DCP
-from ckpttools.tensors import TensorSource, iter_tensors
+from ckpttools.tensors import TensorSource
 from ckpttools.trainers.base import GENERIC
 from ckpttools.trainers.registry import rules_for
+from ckpttools.trees import iter_tensors
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 

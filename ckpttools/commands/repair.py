@@ -32,9 +32,10 @@ from ckpttools.formats.base import to_plain_tree
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats.storage_scan import StorageScanner
 from ckpttools.report import ERROR
-from ckpttools.tensors import LazyTensor, StorageRef, TensorSource, iter_tensors
+from ckpttools.tensors import LazyTensor, StorageRef, TensorSource
 from ckpttools.trainers.base import now
 from ckpttools.trainers.registry import rules_for
+from ckpttools.trees import iter_tensors
 
 
 @dataclass

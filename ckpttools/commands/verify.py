@@ -20,8 +20,9 @@ from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, in
 from ckpttools.formats.storage_scan import StorageScanner
 from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report
-from ckpttools.tensors import LazyTensor, StorageRef, iter_tensors, tensor_bytes
+from ckpttools.tensors import LazyTensor, StorageRef, tensor_bytes
 from ckpttools.trainers.registry import rules_for
+from ckpttools.trees import iter_tensors
 
 METADATA_RECORDS = (
     "byteorder",

@@ -23,16 +23,8 @@ from ckpttools.pickle.policy import DANGEROUS, Judgement, judge
 from ckpttools.pickle.scan import PickleScan
 from ckpttools.pickle.unpickler import UnknownDType, restricted_load
 from ckpttools.report import ERROR, Finding
-from ckpttools.tensors import (
-    TENSOR_TYPES,
-    DType,
-    LazyTensor,
-    RebuiltTensor,
-    StorageRef,
-    TensorSource,
-    iter_nodes,
-    module_tensors,
-)
+from ckpttools.tensors import TENSOR_TYPES, DType, LazyTensor, RebuiltTensor, StorageRef, TensorSource, module_tensors
+from ckpttools.trees import iter_nodes
 
 CHUNK = 8 << 20  # bytes per block when streaming a storage
 

@@ -27,7 +27,8 @@ from ckpttools.formats.base import CHUNK, Checkpoint, WriteRequest, refuse_unwri
 from ckpttools.formats.confine import inside
 from ckpttools.objects import Placeholder
 from ckpttools.report import ERROR, WARNING, Finding
-from ckpttools.tensors import LazyTensor, StorageRef, contiguous_strides, materialise, tensor_bytes
+from ckpttools.tensors import LazyTensor, StorageRef, contiguous_strides, tensor_bytes
+from ckpttools.trees import materialise
 
 NAME = "dcp"
 
@@ -249,7 +250,7 @@ def writable(t: Any) -> bool:
 
 
 def write_single(state: dict, folder: Path) -> None:
-    """``state``: real torch tensors and plain values (``tensors.materialise`` of a plain tree)."""
+    """``state``: real torch tensors and plain values (``trees.materialise`` of a plain tree)."""
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.objects import Placeholder  # noqa: F401 - walked through by the same helpers
-from ckpttools.tensors import DType, LazyTensor, StorageRef, contiguous_strides, iter_tensors, map_tensors
+from ckpttools.tensors import DType, LazyTensor, StorageRef, contiguous_strides
+from ckpttools.trees import iter_tensors, map_tensors
 
 LIMIT_S, LIMIT_RSS_KB, LIMIT_OUTPUT = 20, 1_200_000, 200_000
 
