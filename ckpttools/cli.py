@@ -141,15 +141,12 @@ def diff(
     bitwise identity, NaN / Inf), optimizer state, and metadata field by field.  Streams one tensor pair at a
     time.  Exit 0 identical or within tolerance, 1 different, 2 trouble (like diff(1))."""
     from ckpttools.commands.diff import DIFFERENT, SECTIONS, diff_checkpoints
-    from ckpttools.render import print_json, render_diff, stdout
+    from ckpttools.render_diff import show_diff
 
     must_exist(a, b)
     with progress_bar(not as_json, "comparing") as callback:
         report = diff_checkpoints(a, b, atol, rtol, tuple(sections) or SECTIONS, not no_strip_prefix, callback, exact)
-    if as_json:
-        print_json(report.to_dict(top))
-    else:
-        render_diff(report, stdout(), top)
+    show_diff(report, as_json, top)
     return EXIT_PROBLEMS if report.verdict == DIFFERENT else EXIT_OK
 
 

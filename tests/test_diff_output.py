@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ckpttools.cli import main as CKPT
-from ckpttools.render import _dot_parts, _name_lines
+from ckpttools.render_diff import _dot_parts, _name_lines
 
 component = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz_0123456789"), min_size=1, max_size=30)
 
