@@ -12,6 +12,7 @@ from ckpttools.formats.registry import Checkpoint
 from ckpttools.report import ERROR, INFO, WARNING, Report
 from ckpttools.tensors import LazyTensor
 from ckpttools.trainers.registry import rules_for
+from ckpttools.weights import BUFFER_SUFFIXES, parameter_count, weights_of
 
 METADATA_RECORDS = (
     "byteorder",
@@ -87,12 +88,12 @@ LAYOUT_NOTES: dict[str, Callable[[Checkpoint, Report], None]] = {
 
 def check_consistency(ckpt: Checkpoint, report: Report) -> None:
     tree, layout = ckpt.tree, report.layout
-    found = L.weights_of(tree, layout) if tree is not None else None
+    found = weights_of(tree, layout) if tree is not None else None
     if found is None:
         return
     key, weights = found
-    params = {k: t for k, t in weights.items() if not k.endswith(L.BUFFER_SUFFIXES)}
-    report.facts["parameter_count"] = L.parameter_count(tree, layout)
+    params = {k: t for k, t in weights.items() if not k.endswith(BUFFER_SUFFIXES)}
+    report.facts["parameter_count"] = parameter_count(tree, layout)
     report.facts["weights_key"] = key
     prefix = L.common_prefix(list(weights))
     if prefix:

@@ -31,8 +31,9 @@ from ckpttools.errors import DamagedInput, UsageError
 from ckpttools.formats import dcp, hdf5, safetensors, torchzip
 from ckpttools.formats.base import WriteRequest, to_plain_tree
 from ckpttools.formats.registry import DCP, LEGACY, Checkpoint, open_checkpoint
-from ckpttools.tensors import TENSOR_TYPES, LazyTensor, TensorSource
+from ckpttools.tensors import TENSOR_TYPES, LazyTensor, TensorSource, module_tensors
 from ckpttools.trees import iter_nodes, iter_tensors, map_tensors
+from ckpttools.weights import flat_tensors, weights_of
 
 PT, H5, SAFETENSORS, DCP_TARGET = "pt", "h5", "safetensors", "dcp"
 WRITERS = {PT: torchzip, H5: hdf5, SAFETENSORS: safetensors, DCP_TARGET: dcp}  # each: write_converted(tree, request)
@@ -184,10 +185,10 @@ def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[s
         value = tree.get("ema") if isinstance(tree, dict) else None
         if value is None:
             raise UsageError(f"{result.input}: has no EMA weights ('ema' key); drop --ema")
-        flat = L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value)
+        flat = flat_tensors(value) if isinstance(value, dict) else module_tensors(value)
         key = "ema"
     else:
-        found = L.weights_of(tree, layout) or L.weights_of(tree, L.GENERIC)  # unknown layouts: the common keys
+        found = weights_of(tree, layout) or weights_of(tree, L.GENERIC)  # unknown layouts: the common keys
         if found is None:
             flat = dict(iter_nodes(tree, TENSOR_TYPES, inside_found=False))
             if not flat:

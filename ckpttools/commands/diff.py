@@ -19,10 +19,11 @@ from ckpttools import layouts as L
 from ckpttools.commands._tensor_compare import TensorDiff, compare_tensor, equal_by_crc
 from ckpttools.formats.registry import Checkpoint, open_checkpoint
 from ckpttools.objects import Placeholder
-from ckpttools.tensors import LazyTensor, RebuiltTensor
+from ckpttools.tensors import LazyTensor, RebuiltTensor, module_tensors
 from ckpttools.trainers.base import GENERIC
 from ckpttools.trainers.registry import rules_for
 from ckpttools.trees import expand_rebuilt, iter_nodes, iter_tensors
+from ckpttools.weights import flat_tensors, weights_of
 
 IDENTICAL, WITHIN, DIFFERENT = "identical", "within_tolerance", "different"
 SECTIONS = ("model", "ema", "optimizer", "meta")
@@ -75,9 +76,9 @@ def sections_of(ckpt: Checkpoint) -> dict[str, dict[str, LazyTensor]]:
             if section == "optimizer":
                 out[section] = dict(iter_tensors(value))
             else:
-                out[section] = L.flat_tensors(value) if isinstance(value, dict) else L.module_tensors(value)
+                out[section] = flat_tensors(value) if isinstance(value, dict) else module_tensors(value)
     else:
-        found = L.weights_of(tree, layout)
+        found = weights_of(tree, layout)
         out["model"] = found[1] if found else dict(iter_tensors(tree))
     return {section: expand_rebuilt(names) for section, names in out.items()}
 
@@ -169,7 +170,7 @@ def diff_checkpoints(
         # e.g. a training checkpoint against its exported weights: compare the weights each side would export
         # (some trainers keep them under 'ema' with 'model' None; `ckpt convert` takes the same ones)
         for ck, sec, layout in ((a_ck, sec_a, content_layouts[0]), (b_ck, sec_b, content_layouts[1])):
-            found = L.weights_of(ck.tree, layout)
+            found = weights_of(ck.tree, layout)
             if found and found[1]:
                 sec["model"] = found[1]
         report.notes.append(

@@ -15,6 +15,7 @@ from ckpttools.report import cap_findings
 from ckpttools.tensors import TENSOR_TYPES, LazyTensor, RebuiltTensor
 from ckpttools.trainers.registry import rules_for
 from ckpttools.trees import iter_tensors
+from ckpttools.weights import parameter_count, weights_of
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for s in storages.values():
         by_dtype[str(s.dtype)] += s.nbytes
     devices = Counter(s.location for s in storages.values())
-    weights = L.weights_of(tree, layout)
+    weights = weights_of(tree, layout)
     shown, left_out = cap_findings(ckpt.findings)
     summary = {
         "path": str(path),
@@ -46,7 +47,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "run_arguments": _run_arguments(tree, layout),
         "keys": _key_tree(tree),
         "tensors": len(tensors),
-        "parameter_count": L.parameter_count(tree, layout),
+        "parameter_count": parameter_count(tree, layout),
         "weights_key": weights[0] if weights else None,
         "bytes_by_dtype": dict(by_dtype.most_common()),
         "devices": dict(devices.most_common()),

@@ -31,6 +31,7 @@ from ckpttools.tensors import TensorSource
 from ckpttools.trainers.base import GENERIC
 from ckpttools.trainers.registry import rules_for
 from ckpttools.trees import iter_tensors
+from ckpttools.weights import weight_dicts, weights_of
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -99,9 +100,9 @@ def remap(
 
 
 def _other_world_size(tree: Any, layout: str, m: int, add_prefix: bool, result: RemapResult) -> None:
-    containers = [weights for _, weights in L.weight_dicts(tree, layout)]
+    containers = [weights for _, weights in weight_dicts(tree, layout)]
     if not containers:
-        found = L.weights_of(tree, layout) if layout in L.LAYOUTS else None
+        found = weights_of(tree, layout) if layout in L.LAYOUTS else None
         what = "pickled model objects" if found else "no weight dict"
         result.not_carried.append(f"{layout} checkpoint holds {what}: names left as they are")
     for weights in containers:

@@ -36,6 +36,7 @@ from ckpttools.tensors import LazyTensor, StorageRef, TensorSource
 from ckpttools.trainers.base import now
 from ckpttools.trainers.registry import rules_for
 from ckpttools.trees import iter_tensors
+from ckpttools.weights import unwrapped, weight_dicts
 
 
 @dataclass
@@ -155,7 +156,7 @@ def _only_the_directory_is_damaged(ckpt: Checkpoint, strip_prefix: bool) -> bool
     if ckpt.format != ZIP or codes != {"zip.no-central-directory"}:
         return False
     if strip_prefix:
-        dicts = L.weight_dicts(ckpt.tree, L.recognise(ckpt.tree))
+        dicts = weight_dicts(ckpt.tree, L.recognise(ckpt.tree))
         if any(isinstance(k, str) and _normalise(k) != k for _, weights in dicts for k in weights):
             return False
     return True
@@ -303,7 +304,7 @@ def _check_backup(backup: Checkpoint | None) -> None:
 
 
 def _normalise(name: str) -> str:
-    return "/".join(L.unwrapped(part) for part in name.split("/"))
+    return "/".join(unwrapped(part) for part in name.split("/"))
 
 
 def _by_name(ckpt: Checkpoint) -> dict[str, LazyTensor]:
@@ -340,7 +341,7 @@ def _fill(
 def _strip_prefixes(tree: Any) -> list[str]:
     """Strip wrapper prefixes from the weight dicts, in place; one action line per dict changed."""
     actions = []
-    candidates = L.weight_dicts(tree, L.recognise(tree))
+    candidates = weight_dicts(tree, L.recognise(tree))
     for key, weights in candidates:
         renamed = {k: _normalise(k) if isinstance(k, str) else k for k in weights}
         count = sum(1 for k, v in renamed.items() if k != v)
