@@ -20,7 +20,7 @@ from ckpttools.errors import FormatLimit, MissingPath, NotACheckpoint
 from ckpttools.objects import Placeholder, Reference
 from ckpttools.pickle.background import PendingScan, settled, start_scan
 from ckpttools.pickle.policy import DANGEROUS, Judgement, judge
-from ckpttools.pickle.scan import PickleScan
+from ckpttools.pickle.scan_model import PickleScan
 from ckpttools.pickle.unpickler import UnknownDType, restricted_load
 from ckpttools.report import ERROR, Finding
 from ckpttools.tensors import TENSOR_TYPES, DType, LazyTensor, RebuiltTensor, StorageRef, TensorSource, module_tensors

@@ -25,7 +25,8 @@ import signal
 import sys
 import threading
 
-from ckpttools.pickle.scan import PickleScan, scan_pickle
+from ckpttools.pickle.scan import scan_pickle
+from ckpttools.pickle.scan_model import PickleScan
 
 IN_BACKGROUND_FROM = 4 << 20  # bytes of pickle; below this the in-line scan takes well under 0.1 s
 

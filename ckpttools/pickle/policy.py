@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ckpttools.objects import Reference
 from ckpttools.pickle.allowlist import ALLOWED, DANGEROUS_MODULES
-from ckpttools.pickle.scan import CALLED, CONSTRUCTED, Call, Global, PickleScan
+from ckpttools.pickle.scan_model import CALLED, CONSTRUCTED, Call, Global, PickleScan
 
 ALLOWED_STATUS, CODE, DANGEROUS = "allowed", "code", "dangerous"
 

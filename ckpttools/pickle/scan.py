@@ -16,79 +16,25 @@ follow.  Names are normalised the way ``pickle`` does for old protocols (``__bui
 
 from __future__ import annotations
 
-import _compat_pickle
 import io
 import pickletools
 import struct
-from dataclasses import dataclass, field
 from typing import Any
 
 from ckpttools.objects import Reference
+from ckpttools.pickle.scan_model import (
+    CALLED,
+    CONSTRUCTED,
+    MARK,
+    REFERENCED,
+    UNKNOWN,
+    Call,
+    Global,
+    PickleScan,
+    normalise,
+)
 
-CALLED, CONSTRUCTED, REFERENCED = "called", "constructed", "referenced"
 PROTOCOL0_STARTS = frozenset(b"(]}).NIJKLMSTUVXcFGB\x80")  # first opcodes of text and binary pickles
-
-
-@dataclass(frozen=True)
-class Global:
-    ref: Reference
-
-
-# STACK VALUES of the model: a Global (a name the pickle fetched), a str (a text constant), a tuple (built by
-# TUPLE opcodes, of stack values), UNKNOWN (any other value: numbers, bytes, containers, results of calls) and
-# MARK.  Plain str and tuple rather than wrappers: a torch state dict pushes a million of them, and the memo
-# keeps them all (the scan's time and memory are mostly these objects).
-
-
-class _Sentinel:
-    """A stack value of the model; pickled by name, so a scan sent from a child process keeps its identity."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __reduce__(self):
-        return self.name
-
-    def __repr__(self):
-        return self.name
-
-
-MARK, UNKNOWN = _Sentinel("MARK"), _Sentinel("UNKNOWN")
-
-
-@dataclass
-class Call:
-    """One call the pickle makes: the callable's reference and the symbolic arguments."""
-
-    ref: Reference
-    args: tuple  # of Global / str / tuple / UNKNOWN (see STACK VALUES)
-    opcode: str
-
-
-@dataclass
-class PickleScan:
-    protocol: int = 0
-    uses: dict[Reference, set[str]] = field(default_factory=dict)
-    calls: list[Call] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # what makes the pickle unjudgeable: always unsafe
-    error: str | None = None  # the opcode stream could not be followed to STOP
-    end: int = 0  # offset just after STOP
-
-    @property
-    def references(self) -> list[Reference]:
-        return list(self.uses)
-
-    def use(self, ref: Reference, how: str) -> None:
-        self.uses.setdefault(ref, set()).add(how)
-
-
-def normalise(module: str, name: str) -> Reference:
-    """The reference Python 3's unpickler resolves (``fix_imports``: Python 2 names -> Python 3 names)."""
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    elif module in _compat_pickle.IMPORT_MAPPING:
-        module = _compat_pickle.IMPORT_MAPPING[module]
-    return Reference(module, name)
 
 
 def looks_like_pickle(data: bytes) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ckpttools.objects import Reference, is_placeholder, placeholder_class
 from ckpttools.pickle.allowlist import ALLOWED, QSCHEMES, SPARSE_LAYOUTS
-from ckpttools.pickle.scan import normalise
+from ckpttools.pickle.scan_model import normalise
 from ckpttools.tensors import (
     DTYPES,
     FROM_STORAGE_CLASS,

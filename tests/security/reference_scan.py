@@ -6,18 +6,8 @@ from __future__ import annotations
 import pickletools
 from typing import Any
 
-from ckpttools.pickle.scan import (
-    CONSTRUCTED,
-    MARK,
-    REFERENCED,
-    UNKNOWN,
-    Global,
-    PickleScan,
-    _call,
-    _call_value,
-    _container,
-    normalise,
-)
+from ckpttools.pickle.scan import _call, _call_value, _container
+from ckpttools.pickle.scan_model import CONSTRUCTED, MARK, REFERENCED, UNKNOWN, Global, PickleScan, normalise
 
 
 class _Stack(list):
