@@ -14,15 +14,6 @@ from ckpttools.tensors import LazyTensor
 from ckpttools.trainers.registry import rules_for
 from ckpttools.weights import BUFFER_SUFFIXES, parameter_count, weights_of
 
-METADATA_RECORDS = (
-    "byteorder",
-    "version",
-    ".data/version",
-    ".data/serialization_id",
-    ".format_version",
-    ".storage_alignment",
-)
-
 
 def check_layout(ckpt: Checkpoint, report: Report) -> None:
     tree = ckpt.tree

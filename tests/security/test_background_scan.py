@@ -61,6 +61,12 @@ def _runs_under_plain_pickle(path: Path) -> str:
     return proc.stdout.strip()
 
 
+def _verify_json(path: Path) -> subprocess.CompletedProcess:
+    """`ckpt verify --json` in a fresh interpreter (one thread: where the scan is forked, as for a user)."""
+    cmd = [sys.executable, "-m", "ckpttools.cli", "verify", str(path), "--json"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+
+
 def _big_pickle(tmp_path: Path, harmful: bool) -> Path:
     payload = [list(range(1_200_000)), {"x": (1, "two", 3.0)}]
     if harmful:
@@ -94,24 +100,18 @@ def test_verify_of_a_large_harmful_torch_file_fails_with_the_child_scanning(tmp_
     )
     proc = subprocess.run([sys.executable, "-c", live, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "['echo pwned']", proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "ckpttools.cli", "verify", str(path), "--json"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-    )
+    proc = _verify_json(path)
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     codes = {f["code"] for f in report["findings"]}
     assert "safety.dangerous-reference" in codes
 
 
-def test_a_scan_started_early_on_the_first_record_judges_only_those_bytes(tmp_path):
-    """The scan of a large data.pkl met first in the directory starts before the other records are checked; it
-    stands for the pickle read only when that pickle is the very same bytes.  Here the directory names
-    archive/data.pkl twice, a harmless large pickle first: the harmful one the reader takes must still be
-    judged (the early verdict, "harmless", must not be reused for it)."""
+def test_a_large_pickle_scanned_early_and_a_shadowed_one_are_both_judged(tmp_path):
+    """The scan of a large data.pkl met first in the directory starts before the other records are checked,
+    and stands for the pickle read only when that is the very same bytes.  Here the directory names
+    archive/data.pkl twice: a harmless large pickle first (the one read, scanned early) and a harmful one second,
+    which torch.load may read as well: it is judged too, and the file fails on it."""
     import zipfile
 
     harmless, harmful = _big_pickle(tmp_path, False), _big_pickle(tmp_path, True)
@@ -121,12 +121,6 @@ def test_a_scan_started_early_on_the_first_record_judges_only_those_bytes(tmp_pa
         with pytest.warns(UserWarning, match="Duplicate name"):
             zf.writestr("archive/data.pkl", harmful.read_bytes())
         zf.writestr("archive/version", b"3\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "ckpttools.cli", "verify", str(path), "--json"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-    )
+    proc = _verify_json(path)
     codes = {f["code"] for f in json.loads(proc.stdout)["findings"]}
     assert proc.returncode == 1 and "safety.dangerous-reference" in codes, proc.stdout[-2000:]
