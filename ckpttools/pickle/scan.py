@@ -282,33 +282,7 @@ def _walk(buf: bytes, result: PickleScan) -> int:
 def _rare(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: PickleScan) -> int:
     """Opcodes a torch checkpoint seldom or never uses; returns the new position."""
     if op in _LINE_OPCODES:
-        f = io.BytesIO(buf)
-        f.seek(pos)
-        arg = _LINE_OPCODES[op].arg.reader(f)
-        pos = f.tell()
-        name = _LINE_OPCODES[op].name
-        if name in ("INT", "LONG", "FLOAT"):
-            stack.append(UNKNOWN)
-        elif name in ("STRING", "UNICODE"):
-            stack.append(arg if isinstance(arg, str) else arg.decode("latin1"))
-        elif name == "PERSID":
-            stack.append(UNKNOWN)
-        elif name == "GET":
-            stack.append(memo.get(int(arg)))
-        elif name == "PUT":
-            if not stack:
-                raise IndexError("list index out of range")
-            memo.put(int(arg), stack[-1])
-        elif name == "GLOBAL":
-            module, _, attr = arg.partition(" ")
-            ref = normalise(module, attr)
-            result.use(ref, REFERENCED)
-            stack.append(Global(ref))
-        elif name == "INST":
-            module, _, attr = arg.partition(" ")
-            _call(normalise(module, attr), tuple(_pop_to_mark(stack)), "INST", result)
-            stack.append(UNKNOWN)
-        return pos
+        return _text_opcode(op, buf, pos, stack, memo, result)
     if op == 0x80:  # PROTO
         _need(buf, pos, 1, "PROTO")
         result.protocol = buf[pos]
@@ -374,6 +348,37 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: Pickl
         stack.append(stack[-1])
         return pos
     raise ValueError(f"at position {pos - 1}, opcode {bytes([op])!r} unknown")
+
+
+def _text_opcode(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: PickleScan) -> int:
+    """The protocol-0 opcodes whose argument is a line of text (INT, STRING, GET, GLOBAL, INST, ...)."""
+    f = io.BytesIO(buf)
+    f.seek(pos)
+    arg = _LINE_OPCODES[op].arg.reader(f)
+    pos = f.tell()
+    name = _LINE_OPCODES[op].name
+    if name in ("INT", "LONG", "FLOAT"):
+        stack.append(UNKNOWN)
+    elif name in ("STRING", "UNICODE"):
+        stack.append(arg if isinstance(arg, str) else arg.decode("latin1"))
+    elif name == "PERSID":
+        stack.append(UNKNOWN)
+    elif name == "GET":
+        stack.append(memo.get(int(arg)))
+    elif name == "PUT":
+        if not stack:
+            raise IndexError("list index out of range")
+        memo.put(int(arg), stack[-1])
+    elif name == "GLOBAL":
+        module, _, attr = arg.partition(" ")
+        ref = normalise(module, attr)
+        result.use(ref, REFERENCED)
+        stack.append(Global(ref))
+    elif name == "INST":
+        module, _, attr = arg.partition(" ")
+        _call(normalise(module, attr), tuple(_pop_to_mark(stack)), "INST", result)
+        stack.append(UNKNOWN)
+    return pos
 
 
 def _container(target: Any, op: str, result: PickleScan) -> None:
