@@ -278,6 +278,10 @@ def train(
             from fuse_train.distributed import shutdown
 
             shutdown(dist_info)
+    if dist_info is not None and dist_info.enabled:
+        from fuse_train.distributed import leave
+
+        leave(code)
     sys.exit(code)
 
 
