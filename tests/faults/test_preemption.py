@@ -267,7 +267,10 @@ def _kill_a_worker_twice(agents: list[subprocess.Popen], rng: random.Random, per
     With two agents, not in the run's last epoch: once one worker has finished and exited 0, its torchrun
     agent has left the rendezvous for its exit barrier, so the other agent's restart waits for a peer that never
     comes (torchrun's rule, not the trainer's: no training code can answer it).  Before the last epoch's row is
-    in results.csv no worker can have finished: every step of that epoch needs both."""
+    in results.csv no worker can have finished: every step of that epoch needs both.  So there the first kill
+    comes at the random moment or, on a loaded machine, as soon as the first epoch's row appears, whichever is
+    first; a restart is killed at its random moment unless the last epoch has begun by then."""
+    two_agents = len(agents) > 1
     killed, previous = 0, set()
     deadline = time.time() + 240
     while killed < 2 and time.time() < deadline and all(a.poll() is None for a in agents):
@@ -276,11 +279,14 @@ def _kill_a_worker_twice(agents: list[subprocess.Popen], rng: random.Random, per
             time.sleep(0.1)
             continue
         # start-up (imports, rendezvous) is about 2-3 s and a tiny --no-plots run 2-3 s more: a kill in training
-        time.sleep(rng.uniform(2.5, 4.5))
+        kill_at = time.time() + rng.uniform(2.5, 4.5)
+        rows_by = 1 if _epochs_in_results(_exp(cwd)) == 0 else 2  # rows that end the wait (two agents only)
+        while time.time() < kill_at and not (two_agents and _epochs_in_results(_exp(cwd)) >= rows_by):
+            time.sleep(0.05)
         workers = _workers_of([a.pid for a in agents])
         if not workers:
             continue
-        if len(agents) > 1 and _epochs_in_results(_exp(cwd)) >= 2:  # the tiny run's third (last) epoch: see above
+        if two_agents and _epochs_in_results(_exp(cwd)) >= 2:  # the tiny run's third (last) epoch: see above
             break
         os.kill(rng.choice(workers), signal.SIGKILL)
         previous |= set(workers)
