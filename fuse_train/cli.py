@@ -19,7 +19,7 @@ from fuse_train.commands import register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
 from fuse_train.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
 from fuse_train.runlock import RunLocked, run_lock
-from fuse_train.signals import exit_code, stop_after_run, stop_before_training
+from fuse_train.signals import exit_code, exit_now, stop_after_run, stop_before_training
 
 EPILOG = """\b
 Examples:
@@ -279,9 +279,10 @@ def train(
 
             shutdown(dist_info)
     if dist_info is not None and dist_info.enabled:
-        from fuse_train.distributed import leave
-
-        leave(code)
+        # a worker of a multi-process run, its group closed, skips the C++ static destructors of a normal exit:
+        # they have aborted ranks whose run had succeeded ("terminate called without an active exception",
+        # SIGABRT after the last Python frame), which torchrun then reports as a failed job or restarts
+        exit_now(code)
     sys.exit(code)
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -131,14 +129,3 @@ def shutdown(info: DistInfo) -> None:
             info.store.set(f"fuse_train/closed/{info.rank}", "1")
     except Exception:  # noqa: BLE001 - a rank that died or a host already gone: nothing left to wait for
         pass
-
-
-def leave(code: int) -> NoReturn:
-    """End a worker of a multi-process run after ``shutdown``: output flushed, then ``os._exit``, which skips the
-    C++ static destructors of a normal interpreter exit.  Those have aborted a rank whose run had succeeded
-    ("terminate called without an active exception", SIGABRT, three times under the test suite, every time after
-    the last Python frame had returned), which torchrun reports as a failed job or restarts."""
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)

@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SAVE_SIGNAL = signal.SIGUSR1
@@ -67,6 +68,15 @@ def stop_before_training() -> None:
     signal.signal(SAVE_SIGNAL, signal.SIG_IGN)
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` at once, what was printed flushed to its pipe first: no exit handlers and no
+    C++ static destructors (see stop_after_run and the CLI's end of a multi-process run)."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
 def stop_after_run(code: int) -> None:
     """The run has ended, its outcome saved and its exit code decided: a stop signal during the exit (a launcher
     tearing down, a late Ctrl-C) ends the process at once with that code, never as killed by the signal (a
@@ -74,10 +84,7 @@ def stop_after_run(code: int) -> None:
     a dead peer); a save signal has nothing left to save."""
 
     def stop(signum: int, frame=None) -> None:
-        with contextlib.suppress(Exception):  # what was printed reaches the pipe first
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)

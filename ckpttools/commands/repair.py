@@ -177,21 +177,25 @@ def _rebuild_directory(src: Path, out: Path, result: RepairResult, force: bool) 
     return True
 
 
-def _write_patched(src: Path, out: Path, patches: list[tuple[int, bytes]], force: bool) -> bool:
-    """OUT = the bytes of IN with ``patches`` applied, published only if it passes verify."""
-    problems: list[str] = []
+def _write_patched(
+    src: Path, out: Path, patches: list[tuple[int, bytes]], force: bool, passes: Callable[[Path], bool] | None = None
+) -> bool:
+    """OUT = the bytes of IN with ``patches`` applied, published only if ``passes(tmp)`` (default: it passes
+    verify)."""
+    passes = passes or (lambda tmp: not verify(tmp).errors)
+    published = [False]
 
-    def passes(tmp: Path) -> bool:
-        problems.extend(f"{f.code}: {f.message}" for f in verify(tmp).errors)
-        return not problems
+    def check(tmp: Path) -> bool:
+        published[0] = passes(tmp)
+        return published[0]
 
     ensure_space(out, src.stat().st_size)
-    with atomic_path(out, verify=passes, replace=force) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+    with atomic_path(out, verify=check, replace=force) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
         shutil.copyfileobj(fin, fout, 8 << 20)
         for offset, data in patches:
             fout.seek(offset)
             fout.write(data)
-    return not problems
+    return published[0]
 
 
 def _passes_verify(ckpt: Checkpoint, on_bytes: Callable[[int], None] | None) -> bool:
@@ -214,12 +218,9 @@ def _copy_intact(ckpt: Checkpoint, opened: tuple, out: Path, force: bool) -> boo
     input's bytes and the input is still the file that was opened and checked.  False (nothing written)
     otherwise."""
     src = ckpt.path
-    ensure_space(out, src.stat().st_size)
-    same = [False]
-    with atomic_path(out, verify=lambda tmp: same[0], replace=force) as tmp:
-        shutil.copyfile(src, tmp)
-        same[0] = file_identity(src) == opened and filecmp.cmp(src, tmp, shallow=False)
-    return same[0]
+    return _write_patched(
+        src, out, [], force, lambda tmp: file_identity(src) == opened and filecmp.cmp(src, tmp, shallow=False)
+    )
 
 
 def _recover_records(

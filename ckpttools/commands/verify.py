@@ -67,12 +67,16 @@ def file_identity(path: Path) -> tuple:
 
 
 def _verify_once(path: Path, progress) -> Report:
-    report = Report(str(path))
+    return _guarded(_verify, path, Report(str(path)), progress)
+
+
+def _guarded(check: Callable[[Any, Report, Any], Report], subject: Any, report: Report, progress) -> Report:
+    """``check(subject, report, progress)``; damage the checks did not anticipate still ends as a finding, never
+    a traceback."""
     try:
-        return _verify(path, report, progress)
+        return check(subject, report, progress)
     except READ_ERRORS as exc:
-        # damage the checks above did not anticipate still ends as a finding, never a traceback
-        report.add(ERROR, "file.unreadable", f"reading stopped: {exc.__class__.__name__}: {exc}", str(path))
+        report.add(ERROR, "file.unreadable", f"reading stopped: {exc.__class__.__name__}: {exc}", report.path)
         return report
 
 
@@ -109,12 +113,7 @@ def verify_opened(ckpt: Checkpoint, progress: Callable[[int, int], None] | None 
     """Every check of ``verify`` on a checkpoint the caller has opened (``repair`` judging the copy it makes of
     an intact file by the file itself: the same bytes, read once).  A file replaced meanwhile is the caller's to
     notice."""
-    report = Report(str(ckpt.path))
-    try:
-        return _check(ckpt, report, progress)
-    except READ_ERRORS as exc:
-        report.add(ERROR, "file.unreadable", f"reading stopped: {exc.__class__.__name__}: {exc}", str(ckpt.path))
-        return report
+    return _guarded(_check, ckpt, Report(str(ckpt.path)), progress)
 
 
 def _check(ckpt: Checkpoint, report: Report, progress) -> Report:

@@ -98,11 +98,13 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
             )
         )
 
+    record_reader = zipformat.RecordReader(path)  # one descriptor for every storage read of this checkpoint
+
     def reader(ref: StorageRef) -> bytes:
         record = ckpt.record_of(ref)
         if record is None or record.truncated:
             raise OSError(f"storage record for {ref.key} is missing or truncated")
-        return zipformat.read_record(path, record)
+        return b"".join(record_reader.chunks(record))
 
     started = next((scan for scanned, scan in early if scanned == data), None)  # only for the very same bytes
     early.clear()  # one not used (a damaged directory pointed elsewhere) stops its child when dropped
@@ -110,11 +112,9 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
     ckpt.record_of = lambda ref: ckpt.records.get(top + "data/" + ref.key)
     ckpt.record_name_of = lambda ref: top + "data/" + ref.key
 
-    records = zipformat.RecordReader(path)
-
     def iter_storage(ref: StorageRef, chunk: int):
         record = ckpt.record_of(ref)
-        return records.chunks(record, chunk) if record and not record.truncated else iter(())
+        return record_reader.chunks(record, chunk) if record and not record.truncated else iter(())
 
     ckpt.iter_storage = iter_storage
     return ckpt
