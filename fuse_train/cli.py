@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import shlex
 import sys
 import traceback
@@ -232,6 +233,7 @@ def train(
     console = Console(soft_wrap=True)
     explicit = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     dist_info = None
+    trained = False  # the loop ran: the process then leaves through exit_now (see the end)
     launch = launch_record({k: options[k] for k in sorted(explicit)})
     try:
         # torch, the model and the trainer are imported here, when a run starts: `fuse-train --help` and the
@@ -261,6 +263,7 @@ def train(
                 write_launch(run_dir, launch)  # what a restart with this command line looks for
             line = _starting_line(trainer, ckpt is not None)
             say_start = (lambda: console.print(line, markup=False, highlight=False)) if dist_info.is_main else None
+            trained = True
             metrics = trainer.train(on_start=say_start)  # said once the loop handles stop signals
         stop_after_run(EXIT_OK)
         if dist_info.is_main:
@@ -278,12 +281,18 @@ def train(
             from fuse_train.distributed import shutdown
 
             shutdown(dist_info)
-    if dist_info is not None and dist_info.enabled:
-        # a worker of a multi-process run, its group closed, skips the C++ static destructors of a normal exit:
-        # they have aborted ranks whose run had succeeded ("terminate called without an active exception",
-        # SIGABRT after the last Python frame), which torchrun then reports as a failed job or restarts
+    if trained or (dist_info is not None and dist_info.enabled):
+        # A run that trained leaves through exit_now, not sys.exit:
+        # - the interpreter's finalisation puts the default signal handlers back before torch's C++ static
+        #   destructors run, so a Ctrl-C or group SIGTERM in that last window killed a finished run (-2, seen
+        #   once in CI);
+        # - a worker of a multi-process run, its group closed, must skip those destructors: they have aborted
+        #   ranks whose run had succeeded ("terminate called without an active exception", SIGABRT after the
+        #   last Python frame), which torchrun then reports as a failed job or restarts.
+        # The atexit callbacks (logging, multiprocessing's child clean-up) still run, under stop_after_run's handler.
+        atexit._run_exitfuncs()
         exit_now(code)
-    sys.exit(code)
+    sys.exit(code)  # an error before training (also what click's test runner expects)
 
 
 def _plan(

@@ -219,12 +219,8 @@ def test_formats_read_containers_only_and_sit_below_layouts_trainers_and_dataset
 FUNCTION_LINES, MODULE_LINES = 80, 400
 # Over the size rule, each with why; the list may only shrink (a listed item back under the rule must leave it,
 # and no listed module may grow): issue 28's "no function over 80 lines, no module over ~400" is not met yet.
-LONG_FUNCTIONS = {
-    "ckpttools/pickle/scan.py:_walk": "the opcode loop, common opcodes decoded in place for speed",
-}
-LONG_MODULES = {  # the most lines each may have until it is split
-    "ckpttools/pickle/scan.py": 411,
-}
+LONG_FUNCTIONS: dict[str, str] = {}  # "path:function": why it may stay long
+LONG_MODULES: dict[str, int] = {}  # "path": the most lines it may have until it is split
 
 
 def test_functions_and_modules_stay_small_or_are_listed_with_a_reason():

@@ -30,8 +30,13 @@ from ckpttools.pickle.scan_model import (
     UNKNOWN,
     Call,
     Global,
+    Memo,
     PickleScan,
+    need,
     normalise,
+    pop,
+    pop_to_mark,
+    take,
 )
 
 PROTOCOL0_STARTS = frozenset(b"(]}).NIJKLMSTUVXcFGB\x80")  # first opcodes of text and binary pickles
@@ -45,29 +50,6 @@ def looks_like_pickle(data: bytes) -> bool:
         return True
     scan = scan_pickle(data)
     return scan.error is None
-
-
-def _pop_to_mark(stack: list) -> list:
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i] is MARK:
-            items = stack[i + 1 :]
-            del stack[i:]
-            return items
-    raise ValueError("no MARK on the stack")
-
-
-def _take(stack: list, n: int) -> list:
-    if len(stack) < n:
-        raise ValueError("stack underflow")
-    items = stack[-n:]
-    del stack[-n:]
-    return items
-
-
-def _pop(stack: list):
-    if not stack:
-        raise ValueError("stack underflow")
-    return stack.pop()
 
 
 # opcodes that push a value whose content never matters to the verdict, and how many argument bytes they carry
@@ -119,51 +101,10 @@ def scan_pickle(data: bytes | memoryview, start: int = 0) -> PickleScan:
     return result
 
 
-def _need(buf: bytes, pos: int, n: int, what: str) -> None:
-    if n < 0 or pos + n > len(buf):
-        raise ValueError(f"expected {n} bytes in {what}, but only {max(0, len(buf) - pos)} remain")
-
-
-class _Memo:
-    """The unpickler's memo (key -> value) as pickles use it: the keys 0, 1, 2, ... in order in a list (a torch
-    state dict of 200,000 tensors writes 1.6 million of them: 13 MB as a list, over 100 MB as a dict), any other
-    key in a dict.  The list never has holes; a key in both is the list's (written later)."""
-
-    __slots__ = ("seq", "other", "uncovered")
-
-    def __init__(self):
-        self.seq: list = []
-        self.other: dict = {}
-        self.uncovered = 0  # keys of ``other`` the list has not reached: len(memo) = len(seq) + uncovered
-
-    def __len__(self) -> int:
-        return len(self.seq) + self.uncovered
-
-    def put(self, key: int, value) -> None:
-        seq, other = self.seq, self.other
-        if 0 <= key < len(seq):
-            seq[key] = value
-        elif key == len(seq):
-            if key in other:
-                self.uncovered -= 1
-            seq.append(value)
-        else:
-            if key not in other:
-                self.uncovered += 1
-            other[key] = value
-
-    def get(self, key: int):
-        if 0 <= key < len(self.seq):
-            return self.seq[key]
-        if key in self.other:
-            return self.other[key]
-        raise ValueError(f"memo key {key} read before it was written")
-
-
 def _walk(buf: bytes, result: PickleScan) -> int:
     """Model every opcode on the stack; returns the offset just after STOP."""
     stack: list = []
-    memo = _Memo()
+    memo = Memo()
     seq, other = memo.seq, memo.other  # the common cases inline below: key == len(seq), nothing out of order
     called_plainly: dict[int, Global] = {}
     push, size, pos = stack.append, len(buf), 0
@@ -197,13 +138,13 @@ def _walk(buf: bytes, result: PickleScan) -> int:
             key = buf[pos] if n == 1 else uint4(buf, pos)[0]
             pos += n
             push(seq[key] if key < len(seq) else memo.get(key))
-        elif op == 0x4B:  # BININT1
-            pos += 1
-            if pos > size:
-                raise ValueError("pickle exhausted in BININT1")
-            push(UNKNOWN)
         elif op == 0x28:  # MARK
             push(MARK)
+        elif op in fixed:  # BININT1 most often
+            pos += fixed[op]
+            if pos > size:
+                raise ValueError("pickle exhausted in an argument")
+            push(UNKNOWN)
         elif op in strings:
             fmt, encoding = strings[op]
             length = _LEN[fmt]
@@ -213,87 +154,98 @@ def _walk(buf: bytes, result: PickleScan) -> int:
                 raise ValueError(f"string of {n} bytes, {size - pos} remain")
             push(buf[pos : pos + n].decode(encoding, "surrogatepass" if encoding == "utf-8" else "strict"))
             pos += n
-        elif op in fixed:
-            n = fixed[op]
-            pos += n
-            if pos > size:
-                raise ValueError("pickle exhausted in an argument")
-            push(UNKNOWN)
         elif op == 0x74:  # TUPLE
-            push(tuple(_pop_to_mark(stack)))
+            push(tuple(pop_to_mark(stack)))
         elif op == 0x85:  # TUPLE1
-            push((_pop(stack),))
+            push((pop(stack),))
         elif op == 0x86 or op == 0x87:  # TUPLE2, TUPLE3
-            push(tuple(_take(stack, op - 0x84)))
+            push(tuple(take(stack, op - 0x84)))
         elif op == 0x29:  # EMPTY_TUPLE
             push(())
         elif op == 0x52:  # REDUCE
-            args = _pop(stack)
-            func = _pop(stack)
-            if id(func) not in called_plainly:  # the same global object called again: recorded once already
-                _call_value(func, args if isinstance(args, tuple) else (UNKNOWN,), "REDUCE", result)
-                if isinstance(func, Global) and func.ref not in ARGUMENT_CHECKED:
-                    called_plainly[id(func)] = func  # kept alive, so its id is never reused meanwhile
-            push(UNKNOWN)
+            _reduce(stack, result, called_plainly)
         elif op == 0x51:  # BINPERSID
-            _pop(stack)
+            pop(stack)
             push(UNKNOWN)
-        elif op == 0x75 or op == 0x65 or op == 0x90:  # SETITEMS, APPENDS, ADDITEMS
-            _pop_to_mark(stack)
-            _container(_pop(stack), {0x75: "SETITEMS", 0x65: "APPENDS", 0x90: "ADDITEMS"}[op], result)
-            push(UNKNOWN)
-        elif op == 0x73:  # SETITEM
-            _take(stack, 2)
-            _container(_pop(stack), "SETITEM", result)
-            push(UNKNOWN)
-        elif op == 0x61:  # APPEND
-            _pop(stack)
-            _container(_pop(stack), "APPEND", result)
-            push(UNKNOWN)
-        elif op == 0x62:  # BUILD
-            _pop(stack)
-            target = stack[-1] if stack else None
-            if isinstance(target, Global):
-                result.problems.append(
-                    f"BUILD sets attributes on {target.ref.qualname} itself (monkey-patching a "
-                    "class or function of the loading process)"
-                )
         elif op == 0x94:  # MEMOIZE
             if not stack:
                 raise IndexError("list index out of range")
             memo.put(len(memo), stack[-1])
         elif op in sized:
-            length = _LEN[sized[op]]
-            _need(buf, pos, length.size, "a length")
-            n = length.unpack_from(buf, pos)[0]
-            pos += length.size
-            if n < 0:
-                raise ValueError(f"byte count < 0: {n}")
-            _need(buf, pos, n, "a value")
-            pos += n
+            pos = _skip_sized(sized[op], buf, pos)
             push(UNKNOWN)
         elif op == 0x2E:  # STOP
-            _pop(stack)
+            pop(stack)
             return pos
+        elif op in _EFFECTS:
+            _effect(op, stack, result)
         else:
             pos = _rare(op, buf, pos, stack, memo, result)
 
 
-def _rare(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: PickleScan) -> int:
+def _skip_sized(fmt: str, buf: bytes, pos: int) -> int:
+    """Past a length-prefixed value whose content never matters (bytes, a long integer); returns the new position."""
+    length = _LEN[fmt]
+    need(buf, pos, length.size, "a length")
+    n = length.unpack_from(buf, pos)[0]
+    pos += length.size
+    if n < 0:
+        raise ValueError(f"byte count < 0: {n}")
+    need(buf, pos, n, "a value")
+    return pos + n
+
+
+def _reduce(stack: list, result: PickleScan, called_plainly: dict[int, Global]) -> None:
+    """REDUCE: ``func(*args)``; a global called again with no argument rule is recorded once."""
+    args = pop(stack)
+    func = pop(stack)
+    if id(func) not in called_plainly:
+        _call_value(func, args if isinstance(args, tuple) else (UNKNOWN,), "REDUCE", result)
+        if isinstance(func, Global) and func.ref not in ARGUMENT_CHECKED:
+            called_plainly[id(func)] = func  # kept alive, so its id is never reused meanwhile
+    stack.append(UNKNOWN)
+
+
+_EFFECTS = {0x75: "SETITEMS", 0x65: "APPENDS", 0x90: "ADDITEMS", 0x73: "SETITEM", 0x61: "APPEND", 0x62: "BUILD"}
+
+
+def _effect(op: int, stack: list, result: PickleScan) -> None:
+    """The opcodes that fill a container or set an object's state: harmless on a built value, a finding when
+    applied to a global itself (they call its methods or set its attributes)."""
+    if op == 0x62:  # BUILD
+        pop(stack)
+        target = stack[-1] if stack else None
+        if isinstance(target, Global):
+            result.problems.append(
+                f"BUILD sets attributes on {target.ref.qualname} itself (monkey-patching a "
+                "class or function of the loading process)"
+            )
+        return
+    if op == 0x73:  # SETITEM
+        take(stack, 2)
+    elif op == 0x61:  # APPEND
+        pop(stack)
+    else:  # SETITEMS, APPENDS, ADDITEMS
+        pop_to_mark(stack)
+    _container(pop(stack), _EFFECTS[op], result)
+    stack.append(UNKNOWN)
+
+
+def _rare(op: int, buf: bytes, pos: int, stack: list, memo: Memo, result: PickleScan) -> int:
     """Opcodes a torch checkpoint seldom or never uses; returns the new position."""
     if op in _LINE_OPCODES:
         return _text_opcode(op, buf, pos, stack, memo, result)
     if op == 0x80:  # PROTO
-        _need(buf, pos, 1, "PROTO")
+        need(buf, pos, 1, "PROTO")
         result.protocol = buf[pos]
         return pos + 1
     if op == 0x95:  # FRAME
-        _need(buf, pos, 8, "FRAME")
+        need(buf, pos, 8, "FRAME")
         return pos + 8
     if op == 0x98:  # READONLY_BUFFER
         return pos
     if op == 0x93:  # STACK_GLOBAL
-        attr, module = _pop(stack), _pop(stack)
+        attr, module = pop(stack), pop(stack)
         if not (isinstance(module, str) and isinstance(attr, str)):
             result.problems.append(
                 "STACK_GLOBAL with a module or name computed at load time (cannot be judged without running the pickle)"
@@ -306,7 +258,7 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: Pickl
         return pos
     if op in (0x82, 0x83, 0x84):  # EXT1, EXT2, EXT4
         n = {0x82: 1, 0x83: 2, 0x84: 4}[op]
-        _need(buf, pos, n, "EXT")
+        need(buf, pos, n, "EXT")
         code = int.from_bytes(buf[pos : pos + n], "little", signed=n == 4)
         name = {0x82: "EXT1", 0x83: "EXT2", 0x84: "EXT4"}[op]
         result.problems.append(
@@ -316,11 +268,11 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: Pickl
         stack.append(UNKNOWN)
         return pos + n
     if op in (0x6C, 0x64, 0x91):  # LIST, DICT, FROZENSET
-        _pop_to_mark(stack)
+        pop_to_mark(stack)
         stack.append(UNKNOWN)
         return pos
     if op == 0x6F:  # OBJ
-        items = _pop_to_mark(stack)
+        items = pop_to_mark(stack)
         if not items:
             raise ValueError("OBJ without a class")
         _call_value(items[0], tuple(items[1:]), "OBJ", result)
@@ -329,9 +281,9 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: Pickl
     if op in (0x81, 0x92):  # NEWOBJ, NEWOBJ_EX
         name = "NEWOBJ" if op == 0x81 else "NEWOBJ_EX"
         if op == 0x92:
-            _pop(stack)
-        _pop(stack)
-        cls = _pop(stack)
+            pop(stack)
+        pop(stack)
+        cls = pop(stack)
         if isinstance(cls, Global):
             result.use(cls.ref, CONSTRUCTED)
         else:
@@ -339,10 +291,10 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: Pickl
         stack.append(UNKNOWN)
         return pos
     if op == 0x30:  # POP
-        _pop(stack)
+        pop(stack)
         return pos
     if op == 0x31:  # POP_MARK
-        _pop_to_mark(stack)
+        pop_to_mark(stack)
         return pos
     if op == 0x32:  # DUP
         stack.append(stack[-1])
@@ -350,7 +302,7 @@ def _rare(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: Pickl
     raise ValueError(f"at position {pos - 1}, opcode {bytes([op])!r} unknown")
 
 
-def _text_opcode(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result: PickleScan) -> int:
+def _text_opcode(op: int, buf: bytes, pos: int, stack: list, memo: Memo, result: PickleScan) -> int:
     """The protocol-0 opcodes whose argument is a line of text (INT, STRING, GET, GLOBAL, INST, ...)."""
     f = io.BytesIO(buf)
     f.seek(pos)
@@ -376,7 +328,7 @@ def _text_opcode(op: int, buf: bytes, pos: int, stack: list, memo: _Memo, result
         stack.append(Global(ref))
     elif name == "INST":
         module, _, attr = arg.partition(" ")
-        _call(normalise(module, attr), tuple(_pop_to_mark(stack)), "INST", result)
+        _call(normalise(module, attr), tuple(pop_to_mark(stack)), "INST", result)
         stack.append(UNKNOWN)
     return pos
 

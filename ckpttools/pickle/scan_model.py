@@ -73,3 +73,70 @@ def normalise(module: str, name: str) -> Reference:
     elif module in _compat_pickle.IMPORT_MAPPING:
         module = _compat_pickle.IMPORT_MAPPING[module]
     return Reference(module, name)
+
+
+# THE STACK AND MEMO OPERATIONS of the model, raising as the unpickler does on a malformed stream
+
+
+def pop_to_mark(stack: list) -> list:
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is MARK:
+            items = stack[i + 1 :]
+            del stack[i:]
+            return items
+    raise ValueError("no MARK on the stack")
+
+
+def take(stack: list, n: int) -> list:
+    if len(stack) < n:
+        raise ValueError("stack underflow")
+    items = stack[-n:]
+    del stack[-n:]
+    return items
+
+
+def pop(stack: list):
+    if not stack:
+        raise ValueError("stack underflow")
+    return stack.pop()
+
+
+def need(buf: bytes, pos: int, n: int, what: str) -> None:
+    if n < 0 or pos + n > len(buf):
+        raise ValueError(f"expected {n} bytes in {what}, but only {max(0, len(buf) - pos)} remain")
+
+
+class Memo:
+    """The unpickler's memo (key -> value) as pickles use it: the keys 0, 1, 2, ... in order in a list (a torch
+    state dict of 200,000 tensors writes 1.6 million of them: 13 MB as a list, over 100 MB as a dict), any other
+    key in a dict.  The list never has holes; a key in both is the list's (written later)."""
+
+    __slots__ = ("seq", "other", "uncovered")
+
+    def __init__(self):
+        self.seq: list = []
+        self.other: dict = {}
+        self.uncovered = 0  # keys of ``other`` the list has not reached: len(memo) = len(seq) + uncovered
+
+    def __len__(self) -> int:
+        return len(self.seq) + self.uncovered
+
+    def put(self, key: int, value) -> None:
+        seq, other = self.seq, self.other
+        if 0 <= key < len(seq):
+            seq[key] = value
+        elif key == len(seq):
+            if key in other:
+                self.uncovered -= 1
+            seq.append(value)
+        else:
+            if key not in other:
+                self.uncovered += 1
+            other[key] = value
+
+    def get(self, key: int):
+        if 0 <= key < len(self.seq):
+            return self.seq[key]
+        if key in self.other:
+            return self.other[key]
+        raise ValueError(f"memo key {key} read before it was written")

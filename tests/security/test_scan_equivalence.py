@@ -111,9 +111,9 @@ memo_ops = st.lists(
 
 @given(memo_ops)
 def test_the_scans_memo_behaves_as_a_dict(ops):
-    from ckpttools.pickle.scan import _Memo
+    from ckpttools.pickle.scan_model import Memo
 
-    memo, plain = _Memo(), {}
+    memo, plain = Memo(), {}
     for i, (op, key) in enumerate(ops):
         key = len(memo.seq) if key is None else key  # the common case: the next key in order
         if op == "memoize":
