@@ -112,7 +112,7 @@ def row_async(work: Path, cuda: bool) -> tuple[str, str]:
     code = r"""
 import sys, time, torch
 sys.path.insert(0, %r)
-from fuse_train.async_save import AsyncSaver, PinnedSnapshot
+from fuse_train.checkpoint.async_save import AsyncSaver, PinnedSnapshot
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 state = {"model": {f"w{i}": torch.randn(4 << 20, device=dev) for i in range(16)}}  # 256 MiB of float32
 saver, path = AsyncSaver(), %r
@@ -198,7 +198,7 @@ def row_nccl(work: Path, cuda: bool) -> tuple[str, str]:
 NCCL_ONE_RANK = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, %r)
-from fuse_train.distributed import DistInfo, any_rank_flags, barrier, rank0_copies
+from fuse_train.process.distributed import DistInfo, any_rank_flags, barrier, rank0_copies
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
 torch.cuda.set_device(0)
 dist.init_process_group("nccl", rank=0, world_size=1)

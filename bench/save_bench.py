@@ -38,8 +38,8 @@ import torch
 torch.set_num_threads(2)
 from pathlib import Path
 from fuse_train.config import RunConfig
-from fuse_train.demo import ensure_demo
-from fuse_train.trainer import Trainer
+from fuse_train.data.demo import ensure_demo
+from fuse_train.training.trainer import Trainer
 scale, steps, every, mode, img, out = sys.argv[1:7]
 steps, every, img = int(steps), int(every), int(img)
 if mode == "async-torch.save":  # the baseline: the background writer with torch.save's own (GIL-holding) write
@@ -50,7 +50,7 @@ cfg = RunConfig(data=str(ensure_demo()), scale=scale, epochs=1, batch=8, img_siz
                 save_format="dcp" if mode == "dcp" else "pt", project=out, name=mode)
 trainer = Trainer(cfg, Path(out) / mode)
 trainer.run_dir.mkdir(parents=True, exist_ok=True)
-from fuse_train.runlog import RunLog
+from fuse_train.training.runlog import RunLog
 trainer.runlog = RunLog(trainer.run_dir, 0, {{}}, enabled=False)
 trainer.train_model.train()
 writers = [w for w in (trainer.saver, trainer.dcp_saver) if w is not None]
@@ -99,11 +99,11 @@ torch.set_num_threads(2)
 from pathlib import Path
 from ckpttools.digest import digest_record
 from ckpttools.formats import live_torch
-from fuse_train.async_save import _lower_priority
+from fuse_train.checkpoint.async_save import _lower_priority
 from fuse_train.config import RunConfig
-from fuse_train.demo import ensure_demo
-from fuse_train.runlog import RunLog
-from fuse_train.trainer import Trainer
+from fuse_train.data.demo import ensure_demo
+from fuse_train.training.runlog import RunLog
+from fuse_train.training.trainer import Trainer
 scale, img, out, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 cfg = RunConfig(data=str(ensure_demo()), scale=scale, epochs=1, batch=8, img_size=img, workers=0, device="cpu",
                 seed=0, project=out, name="b")

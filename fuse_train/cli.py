@@ -18,9 +18,9 @@ from fuse_train import __version__
 from fuse_train.command_errors import one_line
 from fuse_train.commands import register
 from fuse_train.config import FUSIONS, OPTIMIZERS, SAVE_FORMATS, SCALES, SCHEDULES, ConfigError, RunConfig
-from fuse_train.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
-from fuse_train.runlock import RunLocked, run_lock
-from fuse_train.signals import exit_code, exit_now, stop_after_run, stop_before_training
+from fuse_train.launch.relaunch import launch_record, newest_last, relaunched_run, restart_reason, write_launch
+from fuse_train.launch.runlock import RunLocked, run_lock
+from fuse_train.process.signals import exit_code, exit_now, stop_after_run, stop_before_training
 
 EPILOG = """\b
 Examples:
@@ -240,8 +240,8 @@ def train(
         # other commands do not pay for them (tests/test_architecture.py holds the start-up lean)
         import torch
 
-        from fuse_train.distributed import init_distributed
-        from fuse_train.trainer import Trainer
+        from fuse_train.process.distributed import init_distributed
+        from fuse_train.training.trainer import Trainer
 
         cfg, run_dir, ckpt, event = _plan(
             resume, options, explicit, allow_change, auto_resume, no_verify, launch, console
@@ -278,7 +278,7 @@ def train(
         stop_after_run(code)
     finally:
         if dist_info is not None:
-            from fuse_train.distributed import shutdown
+            from fuse_train.process.distributed import shutdown
 
             shutdown(dist_info)
     if trained or (dist_info is not None and dist_info.enabled):
@@ -300,7 +300,7 @@ def _plan(
 ):
     """(config, run folder, checkpoint or None, history event or None): a fresh run, or the checkpoint to resume
     (given, found by --auto-resume, or the newest save of the run a restart of this job belongs to)."""
-    from fuse_train.resume import RunFinished, fresh_run_dir, prepare_resume
+    from fuse_train.launch.resume import RunFinished, fresh_run_dir, prepare_resume
 
     restart = restart_reason()
     fresh_in = None
@@ -341,10 +341,10 @@ def _starting_line(trainer, resuming: bool) -> str:
 
 def _failure(exc: BaseException, dist_info, debug: bool) -> int:
     """What a run that ended early says (one line on stderr; the traceback only with --debug), and its exit code.
-    (No KeyboardInterrupt reaches here: from the command's start a stop signal has one of fuse_train.signals'
+    (No KeyboardInterrupt reaches here: from the command's start a stop signal has one of fuse_train.process.signals'
     handlers, none of which raises.)"""
-    from fuse_train.resume import PreflightBlocked, ResumeError, RunFinished
-    from fuse_train.trainer import TrainingFailed, TrainingInterrupted
+    from fuse_train.launch.resume import PreflightBlocked, ResumeError, RunFinished
+    from fuse_train.training.trainer import TrainingFailed, TrainingInterrupted
 
     err = Console(stderr=True, soft_wrap=True)
 

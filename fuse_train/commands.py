@@ -1,4 +1,4 @@
-"""The commands beside training: ``val``, ``predict``, ``export`` (and ``data``, from ``data_commands.py``).
+"""The commands beside training: ``val``, ``predict``, ``export`` (and ``data``, from ``data/commands.py``).
 
 Exit codes: 0 done (``data check``: clean), 1 ``data check`` found problems or the work failed, 2 bad option or
 input (one line naming the file; ``--debug`` shows the traceback).
@@ -14,7 +14,7 @@ from rich.console import Console
 
 from ckpttools.errors import EXIT_OK
 from fuse_train.command_errors import CONTEXT, DEBUG, one_line_errors
-from fuse_train.data_commands import data_group
+from fuse_train.data.commands import data_group
 from fuse_train.failures import InferenceError
 
 
@@ -117,11 +117,11 @@ def val(
     confusion_matrix.png) and metrics.json in PROJECT/NAME."""
     from ckpttools.atomic import atomic_write
     from ckpttools.datasets.spec import load_data_spec
-    from fuse_train.data import PairedDataset
-    from fuse_train.demo import resolve_data_yaml
+    from fuse_train.data.demo import resolve_data_yaml
+    from fuse_train.data.pairs import PairedDataset
+    from fuse_train.detector.metrics import confusion_matrix, evaluate_detections
     from fuse_train.inference import load_detector
-    from fuse_train.metrics import confusion_matrix, evaluate_detections
-    from fuse_train.runlog import plot_confusion, plot_curves
+    from fuse_train.training.runlog import plot_confusion, plot_curves
 
     det = load_detector(weights, device)
     source = data or ("demo" if det.cfg.data == "demo" else det.resolved.data_yaml)

@@ -21,15 +21,16 @@ from PIL import Image, ImageDraw
 from ckpttools.atomic import atomic_write
 from ckpttools.datasets.layouts import IMAGE_SUFFIXES
 from ckpttools.trainers import fuse_train_schema as S
-from fuse_train.boxes import batched_nms
-from fuse_train.checkpoints import ResumeError, integrity_problem, load_checkpoint
+from fuse_train.checkpoint.reading import ResumeError, integrity_problem, load_checkpoint
 from fuse_train.config import ResolvedRun, RunConfig
-from fuse_train.data import NO_AUGMENT, read_image, warp
-from fuse_train.demo import make_scene
-from fuse_train.devices import select_device
+from fuse_train.data.demo import make_scene
+from fuse_train.data.pairs import NO_AUGMENT, read_image, warp
+from fuse_train.detector.boxes import batched_nms
+from fuse_train.detector.metrics import postprocess
+from fuse_train.detector.model import ModelConfig, anchor_grid, build_model, decode_boxes
 from fuse_train.failures import InferenceError
-from fuse_train.metrics import detect_dataset, postprocess
-from fuse_train.model import ModelConfig, anchor_grid, build_model, decode_boxes
+from fuse_train.process.devices import select_device
+from fuse_train.training.evaluation import detect_dataset
 
 
 @dataclass

@@ -10,7 +10,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import pytest  # noqa: E402 - after the thread count, which torch reads when it is imported
 import torch  # noqa: E402
 
-from fuse_train.demo import write_demo  # noqa: E402
+from fuse_train.data.demo import write_demo  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -44,7 +44,7 @@ def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """The deterministic TensorBoard scalars of a run folder as TensorBoard shows them (purges applied)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fuse_train.runlog import DETERMINISTIC_TAGS
+    from fuse_train.training.runlog import DETERMINISTIC_TAGS
 
     ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     ea.Reload()

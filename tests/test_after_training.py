@@ -19,7 +19,7 @@ import make_datasets as M  # noqa: E402
 
 from ckpttools.datasets.spec import load_data_spec  # noqa: E402
 from fuse_train.cli import cli  # noqa: E402
-from fuse_train.data import PairedDataset  # noqa: E402
+from fuse_train.data.pairs import PairedDataset  # noqa: E402
 from fuse_train.inference import check_onnx, letterbox_pair, load_detector  # noqa: E402
 from tests.helpers import load, run_train  # noqa: E402
 
@@ -144,7 +144,7 @@ def test_export_onnx_matches_torch_in_onnxruntime(trained, tiny_data, tmp_path):
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.output}
     assert dims["boxes"][0] == dims["scores"][0] == "batch"
     assert dims["boxes"][2] == 4 and dims["scores"][2] == len(det.names) and dims["boxes"][1] == dims["scores"][1] > 0
-    from fuse_train.data import read_image
+    from fuse_train.data.pairs import read_image
 
     rgb = read_image(tiny_data.parent / "images" / "val" / "00000.png", "RGB")
     ir = read_image(tiny_data.parent / "imagesIR" / "val" / "00000.png", "L")
@@ -154,7 +154,7 @@ def test_export_onnx_matches_torch_in_onnxruntime(trained, tiny_data, tmp_path):
     )
     with torch.no_grad():
         box_raw, cls_logits = det.model(x[None])
-    from fuse_train.model import decode_boxes
+    from fuse_train.detector.model import decode_boxes
 
     anchors, strides = det.anchors()
     assert np.allclose(boxes[0], decode_boxes(box_raw, anchors, strides)[0].numpy(), atol=1e-3)

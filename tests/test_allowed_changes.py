@@ -1,7 +1,7 @@
 """An allowed change keeps the run whole (issue 24): a resume with --batch N --allow-change batch continues a
 run that every tool still reads: each later checkpoint verifies, the learning rate continues its curve by
 epoch position (no second warmup, the planned end), the resume sits where it happened, and a further resume
-works.  Plus the rule itself (fuse_train.state.continue_with) on generated positions."""
+works.  Plus the rule itself (fuse_train.training.state.continue_with) on generated positions."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ckpttools.cli import main as CKPT
 from ckpttools.report import Report
 from ckpttools.trainers.fuse_train import check_counters
-from fuse_train.state import LRSchedule, Segment, continue_with, schedule_step
+from fuse_train.training.state import LRSchedule, Segment, continue_with, schedule_step
 from tests.helpers import TINY, load, run_train, tb_scalars
 
 

@@ -24,7 +24,7 @@ LAZY_BY_DESIGN = {
     "ckpttools",
     "fuse_train.cli",
     "fuse_train.commands",
-    "fuse_train.data_commands",
+    "fuse_train.data.commands",
 }
 
 
@@ -99,7 +99,7 @@ def test_start_up_imports_only_what_the_command_needs():
     assert "torch" not in verify and "h5py" not in verify  # verify reads every format without torch
     # fuse-train's --help, data check and the option errors do not import torch (a run imports it when it starts)
     fuse = _loaded_after("import fuse_train.cli")
-    assert not {"torch", "matplotlib", "tensorboard", "fuse_train.trainer"} & fuse
+    assert not {"torch", "matplotlib", "tensorboard", "fuse_train.training.trainer"} & fuse
 
 
 HELP_PROBE = """
@@ -189,6 +189,44 @@ def test_convert_writes_every_target_through_its_format_module():
         assert len(params) == 2 and params[1].annotation in (WriteRequest, "WriteRequest"), module.__name__
     source = (PACKAGE / "commands" / "convert.py").read_text()
     assert not re.search(r"\.(write_file|write_hdf5|write_safetensors|write_single|write_sharded)\(", source)
+
+
+# fuse_train's sub-packages, bottom to top: each imports only from the layers below it (and the top-level leaf
+# modules: the run record, the failures, how commands end); the command line (cli, commands, inference) on top
+FUSE_LAYERS = ({"detector", "data", "process"}, {"checkpoint"}, {"training"}, {"launch"})
+FUSE_LEAVES = {"fuse_train", "fuse_train.config", "fuse_train.failures", "fuse_train.command_errors"}
+
+
+def test_fuse_train_sub_packages_import_only_the_layers_below():
+    graph = _imports(PACKAGES)
+    layer = {package: i for i, packages in enumerate(FUSE_LAYERS) for package in packages}
+
+    def package_of(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if parts[0] == "fuse_train" and len(parts) >= 2 and parts[1] in layer else None
+
+    wrong = {}
+    for module, (top, nested) in graph.items():
+        own = package_of(module)
+        if own is None:
+            continue
+        for target in (top | nested) & set(graph):
+            if not target.startswith("fuse_train") or target in FUSE_LEAVES or target == f"fuse_train.{own}":
+                continue
+            other = package_of(target)
+            if other is None or (other != own and layer[other] >= layer[own]):
+                wrong.setdefault(module, []).append(target)
+    assert not wrong, f"imports across fuse_train's layers the wrong way: {wrong}"
+    # the layers hold every module but the command line and the leaves
+    packages = {f"fuse_train.{p}" for p in layer}
+    flat = {m for m in graph if m.startswith("fuse_train.") and m.count(".") == 1} - packages
+    assert flat - FUSE_LEAVES <= {
+        "fuse_train.cli",
+        "fuse_train.commands",
+        "fuse_train.inference",
+        "fuse_train.__main__",
+    }
+    assert packages <= set(graph)
 
 
 def test_formats_read_containers_only_and_sit_below_layouts_trainers_and_datasets():

@@ -9,8 +9,8 @@ from PIL import Image
 
 from ckpttools.datasets.annotations import parse_yolo
 from ckpttools.datasets.spec import DatasetError, ir_folder_for, load_data_spec
-from fuse_train.data import Augment, PairedDataset, collate, warp
-from fuse_train.demo import make_scene, write_demo
+from fuse_train.data.demo import make_scene, write_demo
+from fuse_train.data.pairs import Augment, PairedDataset, collate, warp
 
 
 def _copy(tiny_data: Path, tmp_path: Path) -> Path:

@@ -132,7 +132,7 @@ def test_fingerprint_is_versioned_and_old_records_are_compared_in_their_version(
 def test_a_resume_and_the_preflight_compare_an_old_record_in_its_version(tiny_data, tmp_path):
     from ckpttools.trainers.fuse_train import RULES
     from fuse_train.config import RunConfig
-    from fuse_train.resume import requested_resolution
+    from fuse_train.launch.resume import requested_resolution
 
     data = _copy(tiny_data, tmp_path / "d")
     now = spec_fingerprint(load_data_spec(data))

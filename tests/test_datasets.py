@@ -20,8 +20,8 @@ from ckpttools.datasets.layouts import BY_NAME, markdown_table  # noqa: E402
 from ckpttools.datasets.spec import DatasetError, load_data_spec  # noqa: E402
 from ckpttools.datasets.survey import load_split  # noqa: E402
 from fuse_train.cli import cli  # noqa: E402
-from fuse_train.data import read_image, scale_to_8bit  # noqa: E402
-from fuse_train.demo import make_scene  # noqa: E402
+from fuse_train.data.demo import make_scene  # noqa: E402
+from fuse_train.data.pairs import read_image, scale_to_8bit  # noqa: E402
 
 PUBLISHED = ("llvip", "m3fd", "flir-aligned", "kaist", "kaist-voc", "voc-pairs", "coco-pairs")
 BREAKABLE = ("llvip", "m3fd", "flir-aligned", "kaist-voc", "voc-pairs")

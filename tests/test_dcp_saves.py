@@ -12,9 +12,9 @@ import warnings
 import pytest
 
 from ckpttools.errors import CkptError
-from fuse_train.checkpoints import load_folder
+from fuse_train.checkpoint.reading import load_folder
 from fuse_train.config import RunConfig
-from fuse_train.resume import ResumeError, find_last, fresh_run_dir, load_checkpoint
+from fuse_train.launch.resume import ResumeError, find_last, fresh_run_dir, load_checkpoint
 from tests.security.corpus import dcp_folder, dumps, system, touch
 
 
@@ -75,7 +75,7 @@ def test_a_damaged_last_dcp_falls_back_to_last_prev_dcp(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from fuse_train.resume import trusted_checkpoint
+    from fuse_train.launch.resume import trusted_checkpoint
 
     weights = tmp_path / "weights"
     for name in ("last.dcp", "last.prev.dcp"):
@@ -114,9 +114,9 @@ def test_inspect_counts_every_item_of_a_dcp_folder(tmp_path):
 def test_a_failed_dcp_save_is_raised_once_and_publishes_nothing(tmp_path):
     import torch
 
-    from fuse_train.async_save import PinnedSnapshot
-    from fuse_train.dcp_save import DcpSaver
-    from fuse_train.distributed import DistInfo
+    from fuse_train.checkpoint.async_save import PinnedSnapshot
+    from fuse_train.checkpoint.dcp_save import DcpSaver
+    from fuse_train.process.distributed import DistInfo
 
     weights = tmp_path / "weights"
     weights.write_text("a file where the weights folder should be")  # DCP cannot create its staging folder

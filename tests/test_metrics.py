@@ -4,8 +4,8 @@ import torch
 from pycocotools.coco import COCO  # the dev extra; a missing install fails, never skips
 from pycocotools.cocoeval import COCOeval
 
-from fuse_train.boxes import batched_nms, box_iou, nms
-from fuse_train.metrics import evaluate_detections
+from fuse_train.detector.boxes import batched_nms, box_iou, nms
+from fuse_train.detector.metrics import evaluate_detections
 
 
 def _random_case(seed: int, n_images: int = 12, nc: int = 3):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from fuse_train.config import FUSIONS
-from fuse_train.loss import DetectionLoss, task_aligned_assign
-from fuse_train.model import ModelConfig, anchor_grid, build_model, decode_boxes, model_fingerprint
+from fuse_train.detector.loss import DetectionLoss, task_aligned_assign
+from fuse_train.detector.model import ModelConfig, anchor_grid, build_model, decode_boxes, model_fingerprint
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

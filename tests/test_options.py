@@ -115,12 +115,12 @@ def test_val_and_predict_write_to_project_name_and_never_over_an_earlier_result(
 
 
 def test_one_device_reading_for_every_command():
-    """--device is read in one place (fuse_train.devices) by training, val, predict and export: a device this
+    """--device is read in one place (fuse_train.process.devices) by training, val, predict and export: a device this
     machine lacks is a one-line ConfigError (exit 2), not a CUDA error from inside torch."""
     import torch
 
     from fuse_train.config import ConfigError
-    from fuse_train.devices import select_device
+    from fuse_train.process.devices import select_device
 
     assert select_device("cpu") == torch.device("cpu") and select_device(" CPU ") == torch.device("cpu")
     with pytest.raises(ConfigError, match="expected cpu, an index like 0, or cuda:0"):

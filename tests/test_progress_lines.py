@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuse_train import progress as T
+from fuse_train.training import progress as T
 
 
 def _fake(interval: float, steps_done: int = 0):

@@ -70,7 +70,7 @@ def test_ddp_resume_on_the_same_world_size_is_bitwise(ddp_reference, ddp_interru
 def test_ddp_with_dcp_folders_every_rank_writes_and_the_resume_is_bitwise(ddp_reference, tiny_data, tmp_path):
     """--save-format dcp: dcp.async_save from both ranks; the interrupted run resumes from last.dcp (found by a
     plain --resume) to the same weights, optimizer state and results.csv as the uninterrupted .pt run."""
-    from fuse_train.checkpoints import load_folder
+    from fuse_train.checkpoint.reading import load_folder
 
     proc = _torchrun(
         ["--data", str(tiny_data), *TINY, "--save-format", "dcp"],

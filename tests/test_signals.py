@@ -1,5 +1,5 @@
-"""Signals handled the same however they arrive, and restarts that find their run (fuse_train.signals,
-fuse_train.relaunch).  The end-to-end runs are in tests/faults/test_preemption.py."""
+"""Signals handled the same however they arrive, and restarts that find their run (fuse_train.process.signals,
+fuse_train.launch.relaunch).  The end-to-end runs are in tests/faults/test_preemption.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse_train.relaunch import (
+from fuse_train.launch.relaunch import (
     job_identity,
     launch_record,
     newest_last,
@@ -24,7 +24,7 @@ from fuse_train.relaunch import (
     run_folders,
     write_launch,
 )
-from fuse_train.signals import SignalState, exit_code
+from fuse_train.process.signals import SignalState, exit_code
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_one_message_per_signal_and_sigusr1_asks_for_one_save():
 def test_a_second_stop_signal_exits_at_once():
     code = textwrap.dedent("""
         import os, signal, time
-        from fuse_train.signals import SignalState
+        from fuse_train.process.signals import SignalState
         state = SignalState(print)
         state.install()
         os.kill(os.getpid(), signal.SIGINT)
@@ -106,7 +106,7 @@ def test_a_second_stop_signal_exits_at_once():
 WORKERS_UNDER_FIRE = """
 import os, signal, sys, time
 import torch
-from fuse_train.signals import SignalState, loader_batches, worker_init
+from fuse_train.process.signals import SignalState, loader_batches, worker_init
 
 class Slow(torch.utils.data.Dataset):
     def __len__(self):

@@ -62,7 +62,7 @@ def test_checkpoint_content_is_weights_only_loadable_and_documented(reference_ru
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
     assert ckpt["digest"]["value"] == tree_digest(ckpt)
     # the model rebuilds from the recorded config alone
-    from fuse_train.model import ModelConfig, build_model
+    from fuse_train.detector.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(**ckpt["model_config"]), ckpt["resolved"]["img_size"])
     model.load_state_dict(ckpt["ema"])

@@ -118,7 +118,7 @@ def check_counters(tree: dict, report: Report) -> None:
     except (KeyError, TypeError, ValueError):
         report.add(ERROR, "counters.bad-progress", "progress record incomplete", "progress")
         return
-    # where the run stands (fuse_train.state.Segment): the steps per epoch in force since the segment began
+    # where the run stands (fuse_train.training.state.Segment): the steps per epoch in force since the segment began
     segment = p.get("segment") if isinstance(p.get("segment"), dict) else {}
     try:
         e0, g0 = int(segment.get("epoch", 0)), int(segment.get("global_step", 0))

@@ -64,7 +64,7 @@ def test_kills_during_dcp_async_saves(reference_run, tiny_data, tmp_path):
     points (deterministic) and at random moments while a save is written every step: last.dcp is always a
     folder that verifies, no staging folder survives the next start, and the finished run is the
     uninterrupted one."""
-    from fuse_train.checkpoints import load_folder
+    from fuse_train.checkpoint.reading import load_folder
 
     rng = random.Random(5)
     weights = tmp_path / "runs" / "fuse" / "exp" / "weights"

@@ -59,7 +59,7 @@ def test_metadata_damage_is_repaired_bitwise_and_never_filled_from_the_backup(tm
 
 @pytest.mark.slow  # uses the session's reference training run
 def test_no_damaged_checkpoint_is_picked_for_resume(reference_run, tmp_path):
-    from fuse_train.resume import ResumeError, trusted_checkpoint
+    from fuse_train.launch.resume import ResumeError, trusted_checkpoint
 
     weights = tmp_path / "exp" / "weights"
     weights.mkdir(parents=True)

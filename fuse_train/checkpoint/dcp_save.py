@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ckpttools.atomic import fsync_dir, link_folder, publish_folder
-from fuse_train.async_save import PinnedSnapshot
-from fuse_train.distributed import DistInfo, all_gather_objects
+from fuse_train.checkpoint.async_save import PinnedSnapshot
+from fuse_train.process.distributed import DistInfo, all_gather_objects
 
 SUFFIX = ".dcp"
 

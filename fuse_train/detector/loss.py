@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fuse_train.boxes import ciou
-from fuse_train.model import anchor_grid, decode_boxes
+from fuse_train.detector.boxes import ciou
+from fuse_train.detector.model import anchor_grid, decode_boxes
 
 BOX_GAIN, CLS_GAIN = 7.5, 0.5
 

@@ -1,7 +1,7 @@
 """The trainer's checkpoints, written: what a checkpoint holds (``checkpoint_dict``, everything that decides the
 next step), how it is restored (``load_checkpoint``), and the saving policy (snapshot now, write in the
 background or at once, the copies in place before ``last.pt``, the previous ``last.pt`` kept, a full disk named).
-A mixin of ``Trainer``: the state it reads and writes is the trainer's.  Reading files is ``checkpoints.py``."""
+A mixin of ``Trainer``: the state it reads and writes is the trainer's.  Reading files is ``reading.py``."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from ckpttools.atomic import atomic_write, copy_into_place, keep_previous, temp_
 from ckpttools.digest import DIGEST_KEY, digest_record
 from ckpttools.formats import live_torch
 from fuse_train import __version__
-from fuse_train import state as S
-from fuse_train.distributed import all_gather_objects, barrier, rank0_copies
 from fuse_train.failures import TrainingFailed
-from fuse_train.runlog import boundaries, plot_results
+from fuse_train.process.distributed import all_gather_objects, barrier, rank0_copies
+from fuse_train.training import state as S
+from fuse_train.training.runlog import boundaries, plot_results
 
 
 class CheckpointingMixin:

@@ -18,21 +18,21 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from ckpttools.atomic import atomic_write, remove_stale
-from fuse_train import state as S
-from fuse_train.async_save import AsyncSaver, PinnedSnapshot
-from fuse_train.build import build_run, seed_worker
-from fuse_train.checkpointing import CheckpointingMixin
+from fuse_train.checkpoint.async_save import AsyncSaver, PinnedSnapshot
+from fuse_train.checkpoint.dcp_save import DcpSaver
 from fuse_train.config import RunConfig
-from fuse_train.data import collate
-from fuse_train.dcp_save import DcpSaver
-from fuse_train.devices import select_device
-from fuse_train.distributed import DistInfo, all_gather_objects, all_sum, any_rank, any_rank_flags
-from fuse_train.evaluation import EvaluationMixin
+from fuse_train.data.pairs import collate
 from fuse_train.failures import TrainingFailed, TrainingInterrupted  # noqa: F401 - raised here, caught by the CLI
-from fuse_train.progress import EpochProgress
-from fuse_train.runlog import RunLog, boundaries, plot_results
-from fuse_train.signals import SignalState, loader_batches
-from fuse_train.step_hooks import StepHooks
+from fuse_train.process.devices import select_device
+from fuse_train.process.distributed import DistInfo, all_gather_objects, all_sum, any_rank, any_rank_flags
+from fuse_train.process.signals import SignalState, loader_batches
+from fuse_train.training import state as S
+from fuse_train.training.build import build_run, seed_worker
+from fuse_train.training.evaluation import EvaluationMixin
+from fuse_train.training.progress import EpochProgress
+from fuse_train.training.runlog import RunLog, boundaries, plot_results
+from fuse_train.training.saving import CheckpointingMixin
+from fuse_train.training.step_hooks import StepHooks
 
 
 class Trainer(CheckpointingMixin, EvaluationMixin):

@@ -12,7 +12,7 @@ chosen so that neither modality alone can solve the task:
 An RGB-only model cannot see the dark persons and cannot tell look-alikes from persons; an IR-only model
 cannot tell decoys from persons.  Fused, the evidence is unambiguous.
 
-    python -m fuse_train.demo DIR [--train 320 --val 80 --size 128 --seed 0]
+    python -m fuse_train.data.demo DIR [--train 320 --val 80 --size 128 --seed 0]
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def resolve_data_yaml(data: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fuse_train.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fuse_train.data.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("dir", help="folder to write the dataset into")
     parser.add_argument("--train", type=int, default=320, help="training pairs (default 320)")

@@ -15,13 +15,13 @@ from ckpttools.datasets.survey import spec_fingerprint
 from ckpttools.render import render_preflight
 from ckpttools.trainers.fuse_train_schema import position_of
 from ckpttools.trainers.fuse_train_schema import run_record as fuse_train_record
-from fuse_train import state as S
-from fuse_train.checkpoints import ResumeError, load_checkpoint, trusted_checkpoint  # noqa: F401
+from fuse_train.checkpoint.reading import ResumeError, load_checkpoint, trusted_checkpoint  # noqa: F401
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size, resolve_run
-from fuse_train.data import PairedDataset
-from fuse_train.demo import resolve_data_yaml
-from fuse_train.model import ModelConfig, build_model, model_fingerprint
-from fuse_train.relaunch import newest_last
+from fuse_train.data.demo import resolve_data_yaml
+from fuse_train.data.pairs import PairedDataset
+from fuse_train.detector.model import ModelConfig, build_model, model_fingerprint
+from fuse_train.launch.relaunch import newest_last
+from fuse_train.training import state as S
 
 
 class RunFinished(ResumeError):

@@ -13,8 +13,8 @@ from ckpttools.atomic import previous_path
 from ckpttools.commands._inputs import open_input
 from ckpttools.commands.verify import verify as verify_checkpoint
 from ckpttools.errors import CkptError
+from ckpttools.trainers import fuse_train_schema as S
 from ckpttools.trees import materialise
-from fuse_train import state as S
 
 
 class ResumeError(ValueError):

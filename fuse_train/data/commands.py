@@ -1,4 +1,4 @@
-"""``fuse-train data check`` and ``fuse-train data import`` (the work is in ``data_tools.py``).
+"""``fuse-train data check`` and ``fuse-train data import`` (the work is in ``tools.py``).
 
 Exit codes: 0 clean / done, 1 ``data check`` found problems or the work failed, 2 bad option or input.
 """
@@ -36,7 +36,7 @@ Exit codes: 0 no problems, 1 problems found (each named), 2 not a dataset.""",
 def data_check(data: str, as_json: bool) -> int:
     """Pairs, unpaired files, unreadable images, label problems, instances per class and image sizes of DATA
     (a data.yaml or a dataset folder)."""
-    from fuse_train.data_tools import check_dataset, render_check
+    from fuse_train.data.tools import check_dataset, render_check
 
     report = check_dataset(data)
     if as_json:
@@ -109,7 +109,7 @@ def data_import(
 ) -> int:
     """Write dataset SRC, in LAYOUT (llvip, m3fd, flir-aligned, kaist, kaist-voc, voc-pairs, coco-pairs, or
     auto), as a YOLOFuse dataset in OUT."""
-    from fuse_train.data_tools import import_dataset
+    from fuse_train.data.tools import import_dataset
 
     result = import_dataset(layout, src, out, copy, split_by, val_fraction, seed, block, ir_scale, force)
     console = Console(soft_wrap=True)

@@ -1,13 +1,18 @@
 """The trainer's evaluation: validation of the EMA weights after each epoch, the epoch's row of results, and the
-end-of-training figures.  A mixin of ``Trainer``: it reads the trainer's model, data and run record."""
+end-of-training figures.  A mixin of ``Trainer``: it reads the trainer's model, data and run record.
+``detect_dataset`` is the one evaluation loop, also of ``fuse-train val``."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 
-from fuse_train.metrics import DetectionMetrics, confusion_matrix, detect_dataset, evaluate_detections
-from fuse_train.runlog import plot_confusion, plot_curves, plot_labels
+from fuse_train.data.pairs import collate
+from fuse_train.detector.metrics import DetectionMetrics, confusion_matrix, evaluate_detections, postprocess
+from fuse_train.process.signals import loader_batches, worker_init
+from fuse_train.training.runlog import plot_confusion, plot_curves, plot_labels
 
 
 class EvaluationMixin:
@@ -62,3 +67,46 @@ class EvaluationMixin:
         plot_curves(metrics.curves, names, self.run_dir)
         plot_confusion(confusion_matrix(preds, gts, self.model_config.nc), names, self.run_dir / "confusion_matrix.png")
         plot_labels(self.train_set.labels, names, self.run_dir / "labels.png")
+
+
+@torch.no_grad()
+def detect_dataset(
+    model,
+    dataset,
+    anchors,
+    strides,
+    device,
+    conf: float,
+    iou: float,
+    batch: int,
+    workers: int = 0,
+    amp_dtype=None,
+    channels_last: bool = False,
+    pin_memory: bool = False,
+):
+    """Detections (x1 y1 x2 y2 score cls, letterboxed pixels) and ground truth (cls x1 y1 x2 y2) per image of a
+    ``PairedDataset``, in order; the one evaluation loop of training's validation and ``fuse-train val``."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sequential_batches(len(dataset), batch),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init,
+    )
+    preds, gts = [], []
+    for images, targets, _ in loader_batches(loader):  # workers ignore signals: a stop during evaluation saves
+        images = images.to(device).float().div_(255)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext():
+            box_raw, cls_logits = model(images)
+        for i, d in enumerate(postprocess(box_raw, cls_logits, anchors, strides, conf, iou)):
+            preds.append(d.cpu().double().numpy())
+            gts.append(targets[targets[:, 0] == i, 1:].double().numpy())
+    return preds, gts
+
+
+def sequential_batches(n: int, batch: int) -> list[list[tuple[int, int]]]:
+    """Batches of (epoch 0, index) keys in order (PairedDataset takes (epoch, index); evaluation is unaugmented)."""
+    return [[(0, i) for i in range(s, min(n, s + batch))] for s in range(0, n, batch)]

@@ -8,16 +8,13 @@ ground truth are left out of the mean, as in COCOeval.  A test checks it against
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fuse_train.boxes import batched_nms
-from fuse_train.data import collate
-from fuse_train.model import decode_boxes
-from fuse_train.signals import loader_batches, worker_init
+from fuse_train.detector.boxes import batched_nms
+from fuse_train.detector.model import decode_boxes
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -47,49 +44,6 @@ def postprocess(
         keep = batched_nms(bx, s, cls_idx, iou)[:max_det]
         out.append(torch.cat([bx[keep], s[keep, None], cls_idx[keep, None].float()], 1))
     return out
-
-
-@torch.no_grad()
-def detect_dataset(
-    model,
-    dataset,
-    anchors,
-    strides,
-    device,
-    conf: float,
-    iou: float,
-    batch: int,
-    workers: int = 0,
-    amp_dtype=None,
-    channels_last: bool = False,
-    pin_memory: bool = False,
-):
-    """Detections (x1 y1 x2 y2 score cls, letterboxed pixels) and ground truth (cls x1 y1 x2 y2) per image of a
-    ``PairedDataset``, in order; the one evaluation loop of training's validation and ``fuse-train val``."""
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sequential_batches(len(dataset), batch),
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        worker_init_fn=worker_init,
-    )
-    preds, gts = [], []
-    for images, targets, _ in loader_batches(loader):  # workers ignore signals: a stop during evaluation saves
-        images = images.to(device).float().div_(255)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext():
-            box_raw, cls_logits = model(images)
-        for i, d in enumerate(postprocess(box_raw, cls_logits, anchors, strides, conf, iou)):
-            preds.append(d.cpu().double().numpy())
-            gts.append(targets[targets[:, 0] == i, 1:].double().numpy())
-    return preds, gts
-
-
-def sequential_batches(n: int, batch: int) -> list[list[tuple[int, int]]]:
-    """Batches of (epoch 0, index) keys in order (PairedDataset takes (epoch, index); evaluation is unaugmented)."""
-    return [[(0, i) for i in range(s, min(n, s + batch))] for s in range(0, n, batch)]
 
 
 def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

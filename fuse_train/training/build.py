@@ -16,14 +16,14 @@ import torch.nn as nn
 
 from ckpttools.datasets.spec import load_data_spec
 from ckpttools.datasets.survey import spec_fingerprint
-from fuse_train import state as S
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size, resolve_run
-from fuse_train.data import Augment, PairedDataset
-from fuse_train.demo import resolve_data_yaml
-from fuse_train.distributed import DistInfo
-from fuse_train.loss import DetectionLoss
-from fuse_train.model import ModelConfig, anchor_grid, build_model, model_fingerprint
-from fuse_train.signals import worker_init
+from fuse_train.data.demo import resolve_data_yaml
+from fuse_train.data.pairs import Augment, PairedDataset
+from fuse_train.detector.loss import DetectionLoss
+from fuse_train.detector.model import ModelConfig, anchor_grid, build_model, model_fingerprint
+from fuse_train.process.distributed import DistInfo
+from fuse_train.process.signals import worker_init
+from fuse_train.training import state as S
 
 
 @dataclass
@@ -107,7 +107,7 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 def seed_worker(worker_id: int) -> None:
     """A DataLoader worker's start: signals left to the main process, the global generators seeded."""
-    worker_init()  # the main process decides what a signal does (fuse_train/signals.py)
+    worker_init()  # the main process decides what a signal does (fuse_train/process/signals.py)
     # Augmentation draws from per-sample generators; seeding the global ones too keeps any library that
     # uses them reproducible.
     seed = torch.initial_seed() % 2**32
