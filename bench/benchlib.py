@@ -93,18 +93,27 @@ def report(
     rss_target: float = 400,
     nbytes: int | None = None,
 ) -> None:
-    """Median table, ratios, throughput, and whether the targets (wall <= wall_target x baseline, RSS <=
-    rss_target MB) are met."""
+    """Table of medians with their range (min-max) over the alternated runs, the ratios per round (ours and the
+    baseline of the same round) as median and range, throughput, and whether the targets (wall <= wall_target x
+    baseline, RSS <= rss_target MB) are met by the medians."""
     med = {k: {m: statistics.median(r[m] for r in v) for m in METRICS} for k, v in rows.items()}
+
+    def spread(values: list[float], fmt: str) -> str:
+        return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
     print("| | operation s | whole process s | peak RSS MB |")
     print("|---|---|---|---|")
     for key in (baseline, ours):
-        m = med[key]
-        print(f"| {labels[key]} | {m['op_s']:.2f} | {m['process_s']:.2f} | {m['rss_mb']:.0f} |")
+        r = rows[key]
+        print(
+            f"| {labels[key]} | {spread([x['op_s'] for x in r], '.2f')} | "
+            f"{spread([x['process_s'] for x in r], '.2f')} | {spread([x['rss_mb'] for x in r], '.0f')} |"
+        )
     b, o = med[baseline], med[ours]
+    per_round = {m: [x[m] / y[m] for x, y in zip(rows[ours], rows[baseline])] for m in METRICS}
     print(
-        f"\nratio {ours} / {baseline}: operation {o['op_s'] / b['op_s']:.2f}, whole process "
-        f"{o['process_s'] / b['process_s']:.2f}, peak RSS {o['rss_mb'] / b['rss_mb']:.2f}"
+        f"\nratio {ours} / {baseline}, per round: operation {spread(per_round['op_s'], '.3f')}, whole process "
+        f"{spread(per_round['process_s'], '.3f')}, peak RSS {spread(per_round['rss_mb'], '.3f')}"
     )
     if nbytes:
         print(

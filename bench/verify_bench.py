@@ -9,7 +9,7 @@ Reports wall time (whole process and the operation alone), GB/s and peak RSS, wi
 goes (import, opening + pickle scan, the fused CRC32 / NaN-Inf / digest-leaf pass over the bytes on every
 core, the digest tree walk, the remaining checks); and start-up: `ckpt --help` and `ckpt verify` of a 1 MB
 checkpoint, whole process.
-Targets (issue 17): verify wall <= 0.15 x baseline, >= 4 GB/s for the operation, peak RSS <= 200 MB; `ckpt --help`
+Targets (issues 17, 29): verify wall <= 0.10 x baseline, >= 4 GB/s for the operation, peak RSS <= 200 MB; `ckpt --help`
 <= 0.3 s; verify of 1 MB <= 0.5 s.
 """
 
@@ -114,14 +114,15 @@ def main() -> int:
         rows["baseline"].append(run_child(BASELINE, path))
         rows["verify"].append(run_child(VERIFY, path))
     v_ok = rows["verify"][0]["ok"]
-    print(f"\nfile: {size / (1 << 30):.2f} GiB, {os.cpu_count()} CPUs, {args.repeats} runs each (median)")
+    runs = f"{args.repeats} alternated runs each: median (min-max)"
+    print(f"\nfile: {size / (1 << 30):.2f} GiB, {os.cpu_count()} CPUs, {runs}")
     print(f"verify verdict: {'OK' if v_ok else 'FAILED ' + json.dumps(rows['verify'][0]['findings'])}")
     report(
         rows,
         {"baseline": "torch.load(weights_only) + isfinite scan", "verify": "ckpt verify"},
         "verify",
         "baseline",
-        0.15,
+        0.10,  # issue 29 (issue 17 asked for 0.15)
         rss_target=200,
         nbytes=size,
     )
