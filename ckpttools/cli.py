@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ckpttools import __version__
-from ckpttools.cli_support import handle_errors, must_exist, progress_bar
+from ckpttools.cli_support import handle_errors, json_option, must_exist, progress_bar
 from ckpttools.cli_write import convert, remap, repair
 from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS
 from ckpttools.options import IMG_SIZE, OneLineErrors
@@ -51,7 +51,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@json_option
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
 @click.option("--all", "show_all", is_flag=True, help="List every finding (by default a code met often is one line).")
 @handle_errors("verify")
@@ -77,7 +77,7 @@ def verify(path: Path, as_json: bool, strict: bool, show_all: bool) -> int:
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@json_option
 @handle_errors("inspect")
 def inspect(path: Path, as_json: bool) -> int:
     """Summarise a checkpoint: format, layout, epoch / step, best fitness, run arguments, key tree,
@@ -124,7 +124,7 @@ def inspect(path: Path, as_json: bool) -> int:
     help="Read and compare every tensor, also those whose zip records have the "
     "same size and CRC32 on both sides (by default those count as equal without being read).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@json_option
 @handle_errors("diff")
 def diff(
     a: Path,
@@ -171,7 +171,7 @@ def diff(
 @click.option("--ch", type=click.IntRange(min=1), help="YOLOFuse: input channels (6 = RGB + infrared, 3 = RGB).")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), help="Ultralytics: share of training images.")
 @click.option("--allow-change", default="", metavar="FIELDS", help="Comma-separated fields allowed to differ.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@json_option
 @handle_errors("preflight")
 def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -> int:
     """Would resuming CHECKPOINT with these settings change the run?  Options not given are taken as
@@ -212,7 +212,7 @@ def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -
     metavar="OUT.png",
     help="Also draw the curves with every boundary marked.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@json_option
 @handle_errors("audit")
 def audit(path: Path, plot_path: Path | None, as_json: bool) -> int:
     """Was every resume of a run seamless?  The run's lineage (resumes, allowed changes, remaps, repairs, from

@@ -16,6 +16,22 @@ import click
 from ckpttools.errors import EXIT_BROKEN_PIPE, EXIT_PROBLEMS, CkptError, MissingPath
 from ckpttools.report import shorten
 
+# the options several commands share, declared once (click builds a new Option each time one decorates)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+force_option = click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+
+
+def output_option(made: str, source: str):
+    """``-o/--output OUT`` of a command that writes a new checkpoint beside its untouched input."""
+    return click.option(
+        "-o",
+        "--output",
+        "out",
+        required=True,
+        type=click.Path(path_type=Path),
+        help=f"Where the {made} checkpoint goes (a new path; {source} is never modified).",
+    )
+
 
 def handle_errors(command: str):
     """The one place errors are caught: a ``CkptError`` becomes one line on stderr (and, with --json, one JSON

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import click
 
-from ckpttools.cli_support import bytes_callback, handle_errors, must_exist, print_rewrite, progress_bar
+from ckpttools.cli_support import (
+    bytes_callback,
+    force_option,
+    handle_errors,
+    json_option,
+    must_exist,
+    output_option,
+    print_rewrite,
+    progress_bar,
+)
 from ckpttools.errors import EXIT_OK, EXIT_PROBLEMS
 
 
@@ -37,14 +46,14 @@ from ckpttools.errors import EXIT_OK, EXIT_PROBLEMS
     metavar="M",
     help="DCP output: write it as M ranks do (M local gloo processes, tensors sharded along dim 0).",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@force_option
 @click.option(
     "--allow-unsafe",
     is_flag=True,
     help="Convert an input whose pickle would run code: only its data is "
     "written (every object as its plain state), never its code references.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@json_option
 @handle_errors("convert")
 def convert(
     src: Path,
@@ -84,14 +93,7 @@ def convert(
 
 @click.command()
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Where the repaired checkpoint goes (a new path; IN is never modified).",
-)
+@output_option("repaired", "IN")
 @click.option(
     "--from",
     "from_",
@@ -100,13 +102,13 @@ def convert(
     help="Fill lost tensors from this checkpoint (e.g. last.prev.pt or an epochN.pt).",
 )
 @click.option("--keep-prefix", is_flag=True, help="Do not strip module. / _orig_mod. from weight names.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@force_option
 @click.option(
     "--allow-unsafe",
     is_flag=True,
     help="Repair an input whose pickle would run code: only its data is written, never its code references.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@json_option
 @handle_errors("repair")
 def repair(
     src: Path, out: Path, from_: Path | None, keep_prefix: bool, force: bool, allow_unsafe: bool, as_json: bool
@@ -147,14 +149,7 @@ def repair(
 
 @click.command()
 @click.argument("src", metavar="CKPT", type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Where the remapped checkpoint goes (a new path; CKPT is never modified).",
-)
+@output_option("remapped", "CKPT")
 @click.option(
     "--gpus", type=click.IntRange(min=1), metavar="M", help="Number of processes (GPUs) the run will resume on."
 )
@@ -164,13 +159,13 @@ def repair(
     is_flag=True,
     help="Other trainers' state dicts: add DDP's module. prefix instead of stripping it.",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@force_option
 @click.option(
     "--allow-unsafe",
     is_flag=True,
     help="Remap an input whose pickle would run code: only its data is written, never its code references.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@json_option
 @handle_errors("remap")
 def remap(
     src: Path,
