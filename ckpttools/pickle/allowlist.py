@@ -70,10 +70,6 @@ def _named_one_by_one() -> dict[tuple[str, str], str]:
         ("torch.jit._pickle", "build_boollist"): JIT_LIST,
         ("torch.jit._pickle", "build_tensor_from_id"): JIT_LIST,
         ("torch.jit._pickle", "restore_type_tag"): JIT_LIST,
-        # Ultralytics' resumable last.pt pickles the model's hyperparameters as this class (8.x): a
-        # types.SimpleNamespace subclass that adds only read methods (__iter__, __getattr__, get), no __init__;
-        # calling it sets attributes from the file's keywords.  Without it every genuine resumable
-        # Ultralytics checkpoint would be an error.
         **{
             ("transformers.trainer_utils", n): STR_ENUM.format(lib="transformers 5")
             for n in ("SchedulerType", "IntervalStrategy", "SaveStrategy", "HubStrategy", "FSDPOption")
@@ -84,6 +80,10 @@ def _named_one_by_one() -> dict[tuple[str, str], str]:
             ("accelerate.utils.dataclasses", n): STR_ENUM.format(lib="accelerate 1.15")
             for n in ("DistributedType", "PrecisionType", "DynamoBackend")
         },
+        # Ultralytics' resumable last.pt pickles the model's hyperparameters as this class (8.x): a
+        # types.SimpleNamespace subclass that adds only read methods (__iter__, __getattr__, get), no __init__;
+        # calling it sets attributes from the file's keywords.  Without it every genuine resumable
+        # Ultralytics checkpoint would be an error.
         ("ultralytics.utils", "IterableSimpleNamespace"): "Ultralytics' SimpleNamespace subclass (no __init__ "
         "of its own): calling it only sets attributes",
         ("types", "SimpleNamespace"): "an attribute bag: takes no positional arguments, state is plain data",
