@@ -11,8 +11,13 @@ import pytest  # noqa: E402 - after the thread count, which torch reads when it 
 import torch  # noqa: E402
 
 from fuse_train.data.demo import write_demo  # noqa: E402
+from tests.schedule import longest_first  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    items[:] = longest_first(items)  # the xdist workers take modules in this order (tests/schedule.py)
 
 
 @pytest.fixture(scope="session")

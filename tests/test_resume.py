@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.forkserver import ForkServer
 from tests.helpers import TINY, load, run_train, training_state_differences
 
 pytestmark = pytest.mark.slow
@@ -97,24 +98,23 @@ def test_kill_9_at_random_moments_including_saves(reference_run, tiny_data, tmp_
     args = ["--data", str(tiny_data), *TINY, "--save-period", "2", "--save-every", "1"]
     last = _exp(tmp_path) / "weights" / "last.pt"
     kills = 0
-    for _ in range(12):
-        proc = _start(["--resume", str(last)] if last.exists() else args, tmp_path)
-        time.sleep(rng.uniform(0.05, 1.5))
-        proc.kill()  # SIGKILL: no handler runs
-        proc.communicate(timeout=60)
-        if proc.returncode == 0:
-            break
-        kills += 1
-        if last.exists():  # whatever moment the kill hit, last.pt is whole and loads
-            load(last)
-        if kills >= 4:
-            break
-    assert kills >= 1
-    if (
-        not last.exists() or not load(last)["progress"]["finished"]
-    ):  # on a slow day every kill may precede the first save
-        final = run_train(["--resume", str(last)] if last.exists() else args, tmp_path)
-        assert final.returncode == 0, final.stderr
+    with ForkServer() as server:  # each run a process of its own, the imports paid once (tests/forkserver.py)
+        for _ in range(12):
+            proc = server.start(["--resume", str(last)] if last.exists() else args, tmp_path)
+            assert proc.wait_for(" fusion"), proc.stderr  # "training mid fusion ..." / "resuming mid fusion ..."
+            time.sleep(rng.uniform(0.05, 1.5))
+            proc.kill()  # SIGKILL: no handler runs
+            if proc.finish() == 0:
+                break
+            kills += 1
+            if last.exists():  # whatever moment the kill hit, last.pt is whole and loads
+                load(last)
+            if kills >= 4:
+                break
+        assert kills >= 1
+        if not last.exists() or not load(last)["progress"]["finished"]:  # every kill may precede the first save
+            final = server.run(["--resume", str(last)] if last.exists() else args, tmp_path)
+            assert final.returncode == 0, final.stderr
     assert not list(last.parent.glob(".*.tmp")), "stale temporary files left behind"
     _assert_matches_reference(reference_run, _exp(tmp_path))
 

@@ -1,7 +1,8 @@
 """Genuine Ultralytics (installed by the dev extra) on CPU: preflight of its checkpoints against RGB-only data,
 remap of its device, and ckpttools.integrations.ultralytics (atomic saves under kill -9, digest, exact resume
 with RNG states, preflight on resume, epochs extension).  Every run goes through fixtures/ultralytics_driver.py
-in a subprocess, so Ultralytics' global settings (deterministic algorithms, threads) stay out of this process."""
+in a process of its own (forked from a server that imported Ultralytics once), so Ultralytics' global settings
+(deterministic algorithms, threads) stay out of this process."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.forkserver import CompletedRun, ForkServer
+
 # ultralytics is in the dev extra, which .ci/run installs; it is never imported in this process (on import
 # it patches PIL, which other tests then see)
 pytestmark = pytest.mark.slow
@@ -24,11 +27,26 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "fixtures" / "ultralytics_driver.py"
 
 
-def drive(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(DRIVER), *args], capture_output=True, text=True, env=full, cwd=cwd, timeout=600
-    )
+_driver: dict[str, ForkServer] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def driver_server():
+    """The module's Ultralytics runs are forked from one server that imported Ultralytics and torch once: 3.5 s
+    of every start, 50 starts (tests/forkserver.py).  Each run is still a process of its own."""
+    with ForkServer(
+        {"PYTHONPATH": str(ROOT)},
+        entry="ultralytics_driver:main",
+        preload=["ultralytics_driver:preload"],
+        path=[ROOT / "fixtures", ROOT],
+    ) as server:
+        _driver["server"] = server
+        yield server
+    del _driver["server"]
+
+
+def drive(*args: str, env: dict | None = None, cwd: Path | None = None) -> CompletedRun:
+    return _driver["server"].run(list(args), cwd or Path.cwd(), env=env, timeout=600)
 
 
 def ckpt(*args: str) -> subprocess.CompletedProcess:

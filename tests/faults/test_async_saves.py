@@ -3,22 +3,24 @@ still the uninterrupted one, bitwise."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from ckpttools.commands.verify import verify
+from tests.forkserver import ForkServer
 from tests.helpers import TINY, load, run_train, training_state_differences
 
 pytestmark = pytest.mark.slow  # end-to-end training runs
 
 
 def test_ten_kills_during_background_writes(reference_run, tiny_data, tmp_path):
+    with ForkServer() as server:  # each run a process of its own, the imports paid once (tests/forkserver.py)
+        _ten_kills(server, reference_run, tiny_data, tmp_path)
+
+
+def _ten_kills(server: ForkServer, reference_run, tiny_data, tmp_path) -> None:
     rng = random.Random(3)
     last = tmp_path / "runs" / "fuse" / "exp" / "weights" / "last.pt"
     kills = 0
@@ -26,7 +28,7 @@ def test_ten_kills_during_background_writes(reference_run, tiny_data, tmp_path):
         point = rng.choice(["before-fsync", "before-rename", "after-rename", "keep-previous"])
         fault = f"{point}@{rng.randint(1, 4)}:checkpoint-writer"  # only on the background writer's thread
         args = ["--resume", str(last)] if last.exists() else ["--data", str(tiny_data), *TINY, "--save-every", "1"]
-        proc = run_train(args, tmp_path, env={"CKPTTOOLS_FAULT": fault})
+        proc = server.run(args, tmp_path, env={"CKPTTOOLS_FAULT": fault})
         if proc.returncode == 0:
             break
         assert proc.returncode == -9, proc.stderr
@@ -36,7 +38,7 @@ def test_ten_kills_during_background_writes(reference_run, tiny_data, tmp_path):
             load(last)  # and plain torch.load reads it
     assert kills >= 5
     while not load(last)["progress"].get("finished"):
-        proc = run_train(["--resume", str(last)], tmp_path)
+        proc = server.run(["--resume", str(last)], tmp_path)
         assert proc.returncode == 0, proc.stderr
     assert training_state_differences(load(reference_run[0] / "weights" / "last.pt"), load(last)) == []
 
@@ -46,17 +48,6 @@ def test_sync_and_async_saves_write_the_same_run(reference_run, tiny_data, tmp_p
     assert proc.returncode == 0, proc.stderr
     sync = load(tmp_path / "runs" / "fuse" / "exp" / "weights" / "last.pt")
     assert training_state_differences(load(reference_run[0] / "weights" / "last.pt"), sync) == []
-
-
-def _start(args: list[str], cwd, env: dict | None = None) -> subprocess.Popen:
-    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "fuse_train", *args],
-        cwd=cwd,
-        env=full,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def test_kills_during_dcp_async_saves(reference_run, tiny_data, tmp_path):
@@ -70,21 +61,23 @@ def test_kills_during_dcp_async_saves(reference_run, tiny_data, tmp_path):
     weights = tmp_path / "runs" / "fuse" / "exp" / "weights"
     last = weights / "last.dcp"
     fresh = ["--data", str(tiny_data), *TINY, "--save-every", "1", "--save-format", "dcp"]
-    for attempt in range(6):  # each DCP save of this model takes about a second (1,890 items), so six, not ten
-        args = ["--resume", str(last)] if last.exists() else fresh
-        if attempt % 2 == 0:  # at a swap: before it, after it, or while the replaced folder is kept
-            point = rng.choice(["folder-before-swap", "folder-after-swap", "keep-previous"])
-            proc = _start(args, tmp_path, env={"CKPTTOOLS_FAULT": f"{point}@{rng.randint(1, 3)}"})
-        else:  # anywhere: mostly inside DCP's own writes (a save every step)
-            proc = _start(args, tmp_path)
-            time.sleep(rng.uniform(3.0, 5.0))
-            proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=300) in (-9, 0)
-        if last.exists():
-            assert not verify(last).errors, f"kill {attempt} left a damaged last.dcp"
-            load_folder(last)
-    while not (last.exists() and load_folder(last)["progress"].get("finished")):
-        proc = run_train(["--resume", str(last)] if last.exists() else fresh, tmp_path)
-        assert proc.returncode == 0, proc.stderr
+    with ForkServer() as server:  # each run a process of its own, the imports paid once (tests/forkserver.py)
+        for attempt in range(6):  # each DCP save of this model takes about a second (1,890 items): six, not ten
+            args = ["--resume", str(last)] if last.exists() else fresh
+            if attempt % 2 == 0:  # at a swap: before it, after it, or while the replaced folder is kept
+                point = rng.choice(["folder-before-swap", "folder-after-swap", "keep-previous"])
+                proc = server.start(args, tmp_path, env={"CKPTTOOLS_FAULT": f"{point}@{rng.randint(1, 3)}"})
+            else:  # anywhere once training runs: mostly inside DCP's own writes (a save every step)
+                proc = server.start(args, tmp_path)
+                proc.wait_for(" fusion")  # "training mid fusion ..." / "resuming mid fusion ..."
+                time.sleep(rng.uniform(0.0, 2.0))
+                proc.kill()
+            assert proc.finish() in (-9, 0), proc.stderr
+            if last.exists():
+                assert not verify(last).errors, f"kill {attempt} left a damaged last.dcp"
+                load_folder(last)
+        while not (last.exists() and load_folder(last)["progress"].get("finished")):
+            proc = server.run(["--resume", str(last)] if last.exists() else fresh, tmp_path)
+            assert proc.returncode == 0, proc.stderr
     assert not [p.name for p in weights.iterdir() if p.name.endswith(".tmp")]  # the next start removed them
     assert training_state_differences(load(reference_run[0] / "weights" / "last.pt"), load_folder(last)) == []

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from ckpttools.commands.verify import verify
+from tests.forkserver import ForkServer
 from tests.helpers import TINY, load, run_train, tb_scalars, torchrun_command, training_state_differences
 
 pytestmark = pytest.mark.slow  # end-to-end training runs
@@ -160,7 +161,8 @@ def test_fifty_kills_never_leave_logs_ahead_of_the_checkpoint(tiny_data, tmp_pat
     """kill -9 at 50 random moments of runs that save every step and end an epoch every 4 steps: after each,
     results.csv has no more epochs than last.pt, and no epoch scalar in TensorBoard is past last.pt's step.  Each
     run, resumed after every kill, finishes with the uninterrupted run's curves (TensorBoard, results.csv).
-    Two lanes of 25 kills run side by side (one core each)."""
+    Two lanes of 25 kills run side by side (one core each), each run forked from a lane's fork server
+    (tests/forkserver.py: the imports paid once per lane, not per kill)."""
     args = ["--data", str(tiny_data), *TINY, "--epochs", "8", "--save-every", "1"]
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -176,8 +178,12 @@ def test_fifty_kills_never_leave_logs_ahead_of_the_checkpoint(tiny_data, tmp_pat
 
 
 def _kill_lane(args: list[str], reference: Path, folder: Path, rng: random.Random, kills_wanted: int) -> int:
+    with ForkServer({"OMP_NUM_THREADS": "1"}) as server:
+        return _kill_runs(server, args, reference, folder, rng, kills_wanted)
+
+
+def _kill_runs(server, args: list[str], reference: Path, folder: Path, rng: random.Random, kills_wanted: int) -> int:
     run_no, kills, cwd = 0, 0, None
-    env = {"OMP_NUM_THREADS": "1"}
     while kills < kills_wanted:
         if cwd is None:
             run_no += 1
@@ -187,10 +193,10 @@ def _kill_lane(args: list[str], reference: Path, folder: Path, rng: random.Rando
         if last.exists() and load(last)["progress"]["finished"]:  # killed after its final save: checked below
             cwd = None
             continue
-        job = Job(_fuse_train(["--resume", str(last)] if last.exists() else args), cwd, env)
+        job = server.start(["--resume", str(last)] if last.exists() else args, cwd)
         job.wait_for(("resuming" if last.exists() else "training") + " mid fusion")
         time.sleep(rng.uniform(0.0, 1.0))
-        job.proc.kill()  # SIGKILL: nothing runs after it
+        job.kill()  # SIGKILL: nothing runs after it
         if job.finish() == 0:  # the run finished before the kill: check it, start another
             _assert_same_curves(reference, cwd)
             cwd = None
@@ -208,7 +214,7 @@ def _kill_lane(args: list[str], reference: Path, folder: Path, rng: random.Rando
         assert max(epoch_points, default=0) <= step, f"kill {kills}: an epoch in TensorBoard past step {step}"
     if cwd is not None:
         last = _exp(cwd) / "weights" / "last.pt"
-        final = run_train(["--resume", str(last)] if last.exists() else args, cwd, env=env)
+        final = server.run(["--resume", str(last)] if last.exists() else args, cwd)
         assert final.returncode == 0, final.stderr
         _assert_same_curves(reference, cwd)
     return kills
