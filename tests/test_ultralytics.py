@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,22 @@ def ckpt(*args: str) -> subprocess.CompletedProcess:
 
 
 def load(path: Path) -> dict:
-    # files written by Ultralytics in this test: trusted (their model is a pickled object)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's dicts, lists and tensors (model objects as their class name), read by the driver: reading
+    Ultralytics' pickled model imports Ultralytics, which must not happen in this process."""
+    out = Path(tempfile.mkdtemp(prefix="plain-")) / "plain.pt"
+    proc = drive("plain", str(path), str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    try:
+        return torch.load(out, map_location="cpu", weights_only=True)
+    finally:
+        shutil.rmtree(out.parent)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ultralytics_stays_out_of_this_process(driver_server):
+    yield
+    # on import it patches PIL.Image.open and more, process-wide: later tests on this worker would see it
+    assert "ultralytics" not in sys.modules
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +145,9 @@ def test_genuine_checkpoint_verifies_and_preflight_reads_its_rgb_only_data(cut_r
 
 def test_remap_device_lets_genuine_ultralytics_resume_on_cpu(cut_run, tmp_path):
     two_gpu = tmp_path / "two_gpu.pt"
-    state = load(cut_run)
-    state["train_args"]["device"] = "0,1"  # as a two-GPU run records it
-    state["train_args"]["save_dir"] = str(tmp_path / "run")  # resume writes here (not into the shared run)
-    torch.save(state, two_gpu)
+    # as a two-GPU run records it; resume writes into tmp_path/run (not into the shared run)
+    edited = drive("set-args", str(cut_run), str(two_gpu), "device=0,1", f"save_dir={tmp_path / 'run'}")
+    assert edited.returncode == 0, edited.stderr[-2000:]
     refused = drive("resume", str(two_gpu))  # the problem: Ultralytics asks for the two GPUs again
     assert refused.returncode != 0 and "Invalid CUDA 'device=0,1'" in refused.stdout + refused.stderr
     one = tmp_path / "one.pt"
