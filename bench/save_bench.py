@@ -205,10 +205,11 @@ MODES = ("none", "sync", "async", "async-torch.save", "dcp")
 def measure(scale: str, args) -> dict[str, dict]:
     """Every mode ``--repeats`` times, interleaved (the order rotates each round, so drift in the machine's speed
     falls on every mode alike); per mode the median total and the median stall over the rounds."""
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    modes = args.modes
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
+            for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
                 runs[mode].append(run(scale, args.steps, args.every, mode, args.img_size, Path(tmp) / f"{mode}{r}"))
     medians = {m: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for m, rs in runs.items()}
     # wall-time overhead of each round's run against the same round's run without saves (paired: drift cancels)
@@ -218,32 +219,15 @@ def measure(scale: str, args) -> dict[str, dict]:
     return medians
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scales", default="n,s")
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--every", type=int, default=40)
-    parser.add_argument("--img-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of every mode (medians are reported)")
-    parser.add_argument("--breakdown", action="store_true", help="where one save's time goes (see above)")
-    args = parser.parse_args()
-    if args.breakdown:
-        print_breakdown(args)
-        return 0
-    print(
-        f"{args.steps} steps, a save every {args.every}, {args.repeats} interleaved rounds, medians; cost of a save ="
-        " its stall + the steps' slowdown while the writer runs (against the same run's steps with no writer); "
-        "overhead = cost / training time between saves"
-    )
+def print_comparison(measured: list, args) -> None:
+    """Every mode side by side, one row per scale (all modes measured)."""
     print(
         "| scale | s / step (no saves) | save MB | sync stall s | async stall s (first) | async / sync | "
         "overhead sync % | overhead async % | async cost / save s | at 1 save / 200 steps % | dcp.async_save "
         "stall s (first) | dcp / sync | overhead dcp % |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    walls = []
-    for scale in args.scales.split(","):
-        m = measure(scale, args)
+    for scale, m in measured:
         base, sync, asyn, dcp = m["none"], m["sync"], m["async"], m["dcp"]
         per_step = base["median_step_s"]
         # the cost of one save: its stall plus how much the steps slowed while the writer ran
@@ -257,16 +241,49 @@ def main() -> int:
             f"({dcp['first_stall_s']:.3f}) | {dcp['stall_s'] / sync['stall_s']:.2f} | {over['dcp']:.1f} |",
             flush=True,
         )
-        walls.append((scale, m))
-    print(f"\nwall time of the {args.steps} steps against the same round's run without saves, median (min-max) %:")
-    print("| scale | " + " | ".join(MODES[1:]) + " |")
-    print("|---|" + "---|" * len(MODES[1:]))
-    for scale, m in walls:
-        cells = [
-            f"{m[k]['wall_overhead'][0]:+.1f} ({m[k]['wall_overhead'][1]:+.1f} to {m[k]['wall_overhead'][2]:+.1f})"
-            for k in MODES[1:]
-        ]
-        print(f"| {scale} | " + " | ".join(cells) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", default="n,s")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--every", type=int, default=40)
+    parser.add_argument("--img-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every mode (medians are reported)")
+    parser.add_argument("--breakdown", action="store_true", help="where one save's time goes (see above)")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="which runs, comma-separated (none is always one: the baseline)"
+    )
+    args = parser.parse_args()
+    args.modes = tuple(dict.fromkeys(["none", *args.modes.split(",")]))
+    if unknown := set(args.modes) - set(MODES):
+        parser.error(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
+    if args.breakdown:
+        print_breakdown(args)
+        return 0
+    print(
+        f"{args.steps} steps, a save every {args.every}, {args.repeats} interleaved rounds, medians; cost of a save ="
+        " its stall + the steps' slowdown while the writer runs (against the same run's steps with no writer); "
+        "overhead = cost / training time between saves"
+    )
+    measured = [(scale, measure(scale, args)) for scale in args.scales.split(",")]
+    if set(args.modes) == set(MODES):
+        print_comparison(measured, args)
+    print("\nper mode: stall per save (the first), cost per save, overhead, and the wall time of the run against")
+    print("the same round's run without saves, median (min-max) %:")
+    print("| scale | mode | s / step (no saves) | save MB | stall s (first) | cost / save s | overhead % | wall % |")
+    print("|---|---|---|---|---|---|---|---|")
+    for scale, m in measured:
+        per_step = m["none"]["median_step_s"]
+        for mode in args.modes[1:]:
+            r = m[mode]
+            cost = r["excess_s"] / max(1, r["saves"])
+            low, mid, high = r["wall_overhead"][1], r["wall_overhead"][0], r["wall_overhead"][2]
+            print(
+                f"| {scale} | {mode} | {per_step:.3f} | {r['size'] / 2**20:.1f} | {r['stall_s']:.3f} "
+                f"({r['first_stall_s']:.3f}) | {cost:.3f} | {100 * cost / (args.every * per_step):.1f} | "
+                f"{mid:+.1f} ({low:+.1f} to {high:+.1f}) |"
+            )
     return 0
 
 

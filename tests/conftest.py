@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 # One compute thread per process, here and in every trainer the tests start: the suite runs two workers on two
@@ -18,6 +19,14 @@ torch.set_num_threads(1)
 
 def pytest_collection_modifyitems(items):
     items[:] = longest_first(items)  # the xdist workers take modules in this order (tests/schedule.py)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ultralytics_stays_out_of_test_processes(request):
+    yield
+    # importing Ultralytics patches PIL.Image.open (and more) for the whole process, so the data tests run after
+    # it on the same worker would see it: tests run Ultralytics in processes of their own (the driver)
+    assert "ultralytics" not in sys.modules, f"{request.module.__name__} imported ultralytics into the test process"
 
 
 @pytest.fixture(scope="session")

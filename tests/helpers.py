@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -97,3 +99,16 @@ def training_state_differences(a: dict, b: dict) -> list[str]:
         "progress",
     )
     return diffs
+
+
+def read_through_driver(drive, path: Path) -> dict:
+    """An Ultralytics checkpoint's dicts, lists and tensors (model objects as their class name), read by
+    ``fixtures/ultralytics_driver.py plain`` through ``drive(*args)``: reading Ultralytics' pickled model imports
+    Ultralytics, which patches PIL.Image.open and more process-wide, so never in a test process."""
+    out = Path(tempfile.mkdtemp(prefix="plain-")) / "plain.pt"
+    try:
+        proc = drive("plain", str(path), str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return torch.load(out, map_location="cpu", weights_only=True)
+    finally:
+        shutil.rmtree(out.parent)

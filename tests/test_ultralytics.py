@@ -12,13 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.forkserver import CompletedRun, ForkServer
+from tests.helpers import read_through_driver
 
 # ultralytics is in the dev extra, which .ci/run installs; it is never imported in this process (on import
 # it patches PIL, which other tests then see)
@@ -61,22 +61,7 @@ def ckpt(*args: str) -> subprocess.CompletedProcess:
 
 
 def load(path: Path) -> dict:
-    """A checkpoint's dicts, lists and tensors (model objects as their class name), read by the driver: reading
-    Ultralytics' pickled model imports Ultralytics, which must not happen in this process."""
-    out = Path(tempfile.mkdtemp(prefix="plain-")) / "plain.pt"
-    proc = drive("plain", str(path), str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    try:
-        return torch.load(out, map_location="cpu", weights_only=True)
-    finally:
-        shutil.rmtree(out.parent)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ultralytics_stays_out_of_this_process(driver_server):
-    yield
-    # on import it patches PIL.Image.open and more, process-wide: later tests on this worker would see it
-    assert "ultralytics" not in sys.modules
+    return read_through_driver(drive, path)
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +158,8 @@ def _losses(run: Path) -> list[list[float]]:
     ]
 
 
-def _state(run: Path) -> dict:
-    return load(run / "weights" / "last.resumable.pt")["ckpttools_state"]
+def _state(run: Path, read=load) -> dict:
+    return read(run / "weights" / "last.resumable.pt")["ckpttools_state"]
 
 
 def test_integration_resume_is_exact_where_plain_ultralytics_drifts(data, tmp_path):

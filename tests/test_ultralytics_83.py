@@ -6,6 +6,7 @@ first."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from fixtures import ultralytics83_site
+from tests.helpers import read_through_driver
 from tests.test_ultralytics import _losses, _state
 
 pytestmark = pytest.mark.slow
@@ -48,12 +50,13 @@ def test_safe_trainer_resumes_exactly_on_ultralytics_8_3(site, tmp_path):
     cut = drive(site, "train", yaml, str(tmp_path), "cut", *common, "--cut", "0", cwd=tmp_path)
     assert full.returncode == 0 and cut.returncode == 0, full.stderr[-2000:] + cut.stderr[-2000:]
     last = tmp_path / "cut" / "weights" / "last.pt"
-    saved = torch.load(last, map_location="cpu", weights_only=False)  # written by Ultralytics here: trusted
+    read = functools.partial(read_through_driver, functools.partial(drive, site, cwd=tmp_path))
+    saved = read(last)
     assert saved["version"] == VERSION and "digest" in saved  # the genuine 8.3, through the integration
     resumed = drive(site, "resume", str(last), "--safe", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _losses(tmp_path / "full") == _losses(tmp_path / "cut")
-    a, b = _state(tmp_path / "full"), _state(tmp_path / "cut")
+    a, b = _state(tmp_path / "full", read), _state(tmp_path / "cut", read)
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     # the negative control: plain 8.3 resumes the same cut and leaves the uninterrupted run (its mosaic closes

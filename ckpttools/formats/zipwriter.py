@@ -33,7 +33,8 @@ VERSION, ZIP64_VERSION = 20, 45  # "version needed to extract"
 DOS_DATE_1980 = 33  # 1980-01-01 00:00, what zipfile writes for ZipInfo defaults
 # "version made by" and the attributes: 0, as torch writes them, so that `ckpt repair` rebuilding a lost directory
 # (which assumes torch's constants when no entry survives) gives the file back bit for bit
-SMALL_RECORD = 1 << 20  # records up to this size are held whole while written (one write, no seek back)
+SMALL_RECORD = 1 << 20  # records up to this size are held whole while written (no seek back to the header)
+TINY_RECORD = 4096  # ... and up to this size joined to their header for a single write
 LOCAL = struct.Struct("<4s2B4HL2L2H")
 CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
 
@@ -65,12 +66,22 @@ class StoredZipWriter:
         header = LOCAL.size + len(raw) + (20 if entry.zip64_sizes else 0) + 4  # + the padding field's own header
         pad = (-(start + header)) % self.alignment  # aligned in the file, as torch's mmap load needs
         entry.padding = struct.pack("<HH", PADDING_ID, pad) + b"Z" * pad
-        if size <= SMALL_RECORD:  # held whole: its CRC goes into the header at once (no seek back per record:
-            data = b"".join(chunks)  # a checkpoint of 200,000 small tensors is 200,000 records)
-            entry.crc, entry.size = crc32(data), len(data)
-            self.out.write(self._local_header(entry) + data)
-            if on_bytes and data:
-                on_bytes(len(data))
+        if size <= SMALL_RECORD:  # its CRC goes into the header at once (no seek back per record: a checkpoint
+            blocks = [memoryview(c).cast("B") for c in chunks]  # of 200,000 small tensors is 200,000 records)
+            crc, written = 0, 0
+            for block in blocks:  # the chunks themselves, not a joined copy: most of a model's bytes are here
+                crc = crc32(block, crc)
+                written += block.nbytes
+            entry.crc, entry.size = crc, written
+            header = self._local_header(entry)
+            if len(blocks) == 1 and written <= TINY_RECORD:
+                self.out.write(header + blocks[0])  # one call for the many tiny ones
+            else:
+                self.out.write(header)
+                for block in blocks:
+                    self.out.write(block)
+            if on_bytes and written:
+                on_bytes(written)
         else:
             self._add_streamed(entry, chunks, on_bytes)
         self.entries.append(entry)
