@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,14 +84,14 @@ class ForkedRun:
 
     def kill(self) -> None:
         if self.returncode is None:
-            os.kill(self.pid, 9)  # SIGKILL: nothing runs after it
+            os.kill(self.pid, signal.SIGKILL)  # nothing runs after it
 
     def finish(self, timeout: float = 300) -> int:
         if self.returncode is None:
             code = self.server.ask({"op": "wait", "pid": self.pid, "timeout": timeout})["code"]
             if code is None:
                 self.kill()
-                raise AssertionError(f"fuse-train did not end in {timeout} s:\n{self.stderr[-2000:]}")
+                raise AssertionError(f"the forked run did not end in {timeout} s:\n{self.stderr[-2000:]}")
             self.returncode = code
         return self.returncode
 

@@ -153,15 +153,9 @@ class StorageScanner:
         the NaN/Inf test once over all floats of a dtype together (counted record by record only if it fails).
         200,000 tiny storages (an optimizer's state) cost a second less this way."""
         out, floats = [], defaultdict(list)
-        total, last, far = 0, 0, 0
+        total, reads = 0, zipformat.MappedReads(mm)  # records far apart each map a folio: RSS kept flat
         for ref, record in items:
-            if abs(record.data_offset - last) > zipformat.FOLIO:  # each such read maps a folio of its own
-                far += 1
-                if far > zipformat.Window.FAR_READS_KEPT:  # (zipformat.Window: why)
-                    mm.madvise(mmap.MADV_DONTNEED)
-                    far = 0
-            last = record.data_offset
-            block = mm[record.data_offset : min(record.data_offset + record.size, len(mm))]
+            block = reads.read(record.data_offset, min(record.data_offset + record.size, len(mm)))
             result = StorageResult(len(block), zipformat.crc32(block), 0, True, xxh3_128_digest(block))
             out.append((ref, result))
             total += len(block)

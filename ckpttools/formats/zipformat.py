@@ -71,24 +71,42 @@ def crc32(data, value: int = 0) -> int:
 FOLIO = 2 << 20  # the largest page-cache folio a read through a mapping may map
 
 
+class MappedReads:
+    """Small reads scattered over a read-only memory map, with the process's RSS kept flat.
+
+    A read maps the page cache's whole folio around it (up to 2 MiB on recent kernels, when the file was read
+    from disk with large readahead): a local header per record of a 2 GiB file held 300 MB of RSS until the map
+    closed.  After ``FAR_READS_KEPT`` reads more than a folio apart, the mapping's pages are dropped (the page
+    cache keeps them); contiguous reads (a zip's directory, adjacent small records) never count."""
+
+    FAR_READS_KEPT = 4
+
+    def __init__(self, mm: mmap.mmap):
+        self.mm, self._last, self._far = mm, 0, 0
+
+    def read(self, start: int, end: int) -> bytes:
+        if abs(start - self._last) > FOLIO:
+            self._far += 1
+            if self._far > self.FAR_READS_KEPT:
+                self.mm.madvise(mmap.MADV_DONTNEED)
+                self._far = 0
+        self._last = start
+        return self.mm[start:end]
+
+
 class Window:
     """Reads of a byte range of a file, addressed from the range's start (a zip embedded in a DCP file).
     Through a read-only memory map where the file can be mapped (a slice, no system call: a zip of 200,000
     records is a million small reads), else ``os.pread``."""
 
-    # A read maps the page cache's whole folio around it (up to 2 MiB on recent kernels, when the file was read
-    # from disk with large readahead): a local header per record of a 2 GiB file held 300 MB of RSS until the
-    # map closed.  After this many reads more than 2 MiB apart, the mapping's pages are dropped (the page cache
-    # keeps them); the directory's contiguous reads never count.
-    FAR_READS_KEPT = 4
-
     def __init__(self, fd: int, base: int, size: int, mapped: bool = False):
         self.fd, self.base, self.size = fd, base, size
         self.map: mmap.mmap | None = None
-        self._last_read, self._far_reads = 0, 0
-        if mapped:  # for many small scattered reads only: pages read stay in the process's RSS
+        self.reads: MappedReads | None = None
+        if mapped:  # for many small scattered reads only
             try:
                 self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                self.reads = MappedReads(self.map)
             except (OSError, ValueError):  # an empty file, a file system that cannot map
                 self.map = None
 
@@ -96,21 +114,15 @@ class Window:
         n = min(n, self.size - offset)
         if n <= 0 or offset < 0:
             return b""
-        if self.map is not None:
+        if self.reads is not None:
             start = self.base + offset
-            if abs(start - self._last_read) > FOLIO:
-                self._far_reads += 1
-                if self._far_reads > self.FAR_READS_KEPT:
-                    self.map.madvise(mmap.MADV_DONTNEED)
-                    self._far_reads = 0
-            self._last_read = start
-            return self.map[start : start + n]
+            return self.reads.read(start, start + n)
         return os.pread(self.fd, n, self.base + offset)
 
     def close(self) -> None:
         if self.map is not None:
             self.map.close()
-            self.map = None
+            self.map = self.reads = None
 
 
 def extra_blocks(extra: bytes) -> list[tuple[int, bytes]] | None:

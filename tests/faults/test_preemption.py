@@ -178,7 +178,7 @@ def test_fifty_kills_never_leave_logs_ahead_of_the_checkpoint(tiny_data, tmp_pat
 
 
 def _kill_lane(args: list[str], reference: Path, folder: Path, rng: random.Random, kills_wanted: int) -> int:
-    with ForkServer({"OMP_NUM_THREADS": "1"}) as server:
+    with ForkServer() as server:  # one compute thread per run, as the reference run
         return _kill_runs(server, args, reference, folder, rng, kills_wanted)
 
 
