@@ -6,9 +6,10 @@ synchronously, written by the background writer (the default), and as DCP folder
     python bench/save_bench.py --breakdown [--scales n,s]     # where one save's time goes, and the GIL
 
 ``--breakdown`` times each phase of one save (median of 5): building the state dict, the snapshot copy (the
-training thread's stall), the digest, writing the file (torch.save, and our GIL-free writer), fsync; then the
-training step's median time while a background thread keeps writing the snapshot with torch.save, and with our
-writer, against no writer (the writer thread at nice 19, as fuse-train runs it).
+training thread's stall), the digest, writing the file (torch.save, and our GIL-free writer), fsync, and the
+same through the arena fuse-train now uses (``ckpttools.formats.zipimage``: the snapshot copied into the file's
+layout, one CRC32 + digest pass, the file written from it with O_DIRECT); then the training step's median time
+while a background thread keeps writing with each, against no writer (the writer thread at nice 19).
 
 Each configuration trains the same steps on the demo data in a fresh process (CPU, seed 0, as many epochs as
 --steps needs), every mode --repeats times, interleaved; medians are printed.  Timed inside the process: the
@@ -99,8 +100,8 @@ import torch
 torch.set_num_threads(2)
 from pathlib import Path
 from ckpttools.digest import digest_record
-from ckpttools.formats import live_torch
-from fuse_train.checkpoint.async_save import STARVED_NICE, _set_priority
+from ckpttools.formats import live_torch, zipimage
+from fuse_train.checkpoint.async_save import STARVED_NICE, PinnedSnapshot, _set_priority
 from fuse_train.config import RunConfig
 from fuse_train.data.demo import ensure_demo
 from fuse_train.training.runlog import RunLog
@@ -118,26 +119,42 @@ for images, targets, _ in tr.make_loader(tr.train_set, tr.sampler):
     if len(batches) == 4:
         break
 tr._step(*batches[0])
-snap = tr.snapshot.take(tr.checkpoint_dict())
+plain = PinnedSnapshot()  # separate buffers, as before the arena
+snap = plain.take(tr.checkpoint_dict())
+arena = tr.snapshot  # fuse-train's: the slots of one arena laid out as the file
+image = arena.take(tr.checkpoint_dict())
 def write(writer):
     with open(Path(out) / "f.pt", "wb") as f:
         writer(f)
         f.flush()
         return f
-phases = {{k: [] for k in ("state dict", "snapshot", "digest", "torch.save", "ours", "fsync")}}
-for _ in range(5):
-    t = time.perf_counter(); state = tr.checkpoint_dict(); phases["state dict"].append(time.perf_counter() - t)
-    t = time.perf_counter(); snap = tr.snapshot.take(state); phases["snapshot"].append(time.perf_counter() - t)
-    t = time.perf_counter(); digest_record(snap); phases["digest"].append(time.perf_counter() - t)
-    t = time.perf_counter(); write(lambda f: torch.save(snap, f)); phases["torch.save"].append(time.perf_counter() - t)
-    t = time.perf_counter(); write(lambda f: live_torch.save(snap, f)); phases["ours"].append(time.perf_counter() - t)
+def fsync():
     fd = os.open(Path(out) / "f.pt", os.O_RDONLY)
-    t = time.perf_counter(); os.fsync(fd); phases["fsync"].append(time.perf_counter() - t); os.close(fd)
+    os.fsync(fd); os.close(fd)
+names = ("state dict", "snapshot", "digest", "torch.save", "ours", "fsync", "arena snapshot", "arena write",
+         "arena fsync")
+phases = {{k: [] for k in names}}
+def timed(name, fn):  # wall and this thread's CPU (the kernel's writeback threads are not counted)
+    t, c = time.perf_counter(), time.thread_time()
+    out = fn()
+    phases[name].append((time.perf_counter() - t, time.thread_time() - c))
+    return out
+for _ in range(5):
+    state = timed("state dict", tr.checkpoint_dict)
+    snap = timed("snapshot", lambda: plain.take(state))
+    timed("digest", lambda: digest_record(snap))
+    timed("torch.save", lambda: write(lambda f: torch.save(snap, f)))
+    timed("ours", lambda: write(lambda f: live_torch.save(snap, f)))
+    timed("fsync", fsync)
+    image = timed("arena snapshot", lambda: arena.take(state))
+    # one CRC32 + digest pass, the file written from the arena (O_DIRECT)
+    timed("arena write", lambda: zipimage.write(image, *arena.image, Path(out) / "f.pt"))
+    timed("arena fsync", fsync)
 def steps(n, writer=None):
     times, thread = [], None
     def loop():
         _set_priority(threading.get_native_id(), STARVED_NICE)
-        write(writer)
+        writer()
     for i in range(n):
         if writer is not None and (thread is None or not thread.is_alive()):
             thread = threading.Thread(target=loop); thread.start()
@@ -146,15 +163,27 @@ def steps(n, writer=None):
         thread.join()
     return statistics.median(times)
 steps(3)
-ratios = {{"torch.save": [], "ours": []}}
+writers = {{
+    "torch.save": lambda: write(lambda f: torch.save(snap, f)),
+    "ours": lambda: write(lambda f: live_torch.save(snap, f)),
+    "arena": lambda: zipimage.write(image, *arena.image, Path(out) / "f.pt"),
+}}
+ratios = {{k: [] for k in writers}}
 for _ in range(rounds):  # each round: steps with no writer, then with each writer; ratios against that round
     alone = steps(8)
-    ratios["torch.save"].append(steps(8, lambda f: torch.save(snap, f)) / alone - 1)
-    ratios["ours"].append(steps(8, lambda f: live_torch.save(snap, f)) / alone - 1)
+    for name, writer in writers.items():
+        ratios[name].append(steps(8, writer) / alone - 1)
 size = (Path(out) / "f.pt").stat().st_size
-print({{"size": size, **{{k: statistics.median(v) for k, v in phases.items()}},
+print({{"size": size, **{{k: tuple(statistics.median(x) for x in zip(*v)) for k, v in phases.items()}},
         **{{"slowdown " + k: (statistics.median(v), min(v), max(v)) for k, v in ratios.items()}}}})
 """
+
+
+def _result(proc: subprocess.CompletedProcess) -> dict:
+    """The child's dict; a child that failed ends the bench with its error (not just its exit status)."""
+    if proc.returncode:
+        sys.exit(f"a measured run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return eval(proc.stdout.strip().splitlines()[-1], {"nan": float("nan")})  # our own child's dict literal
 
 
 def breakdown(scale: str, img: int, rounds: int) -> dict:
@@ -163,31 +192,36 @@ def breakdown(scale: str, img: int, rounds: int) -> dict:
             [sys.executable, "-c", BREAKDOWN.format(root=str(ROOT)), scale, str(img), tmp, str(rounds)],
             capture_output=True,
             text=True,
-            check=True,
         )
-    return eval(proc.stdout.strip().splitlines()[-1], {"nan": float("nan")})  # our own child's dict literal
+    return _result(proc)
 
 
 def print_breakdown(args) -> None:
     print(
-        "one save, median of 5 (ms); then the training step's slowdown while a background thread (nice 19) keeps "
-        f"writing the snapshot, against steps with no writer, median (min-max) over {args.repeats} alternated rounds"
+        "one save, median of 5, ms of wall time (of the thread's CPU): before the arena (separate snapshot "
+        "buffers, a digest pass, the file written "
+        "by torch.save or by our writer, fsync) and now (the snapshot into the arena, one CRC32 + digest pass and "
+        "the file written from the arena, fsync); then the training step's slowdown while a background thread "
+        f"(nice 19) keeps writing, against steps with no writer, median (min-max) over {args.repeats} alternated "
+        "rounds"
     )
     print(
-        "| scale | MB | state dict | snapshot | digest | torch.save | ours | fsync | steps slower, torch.save "
-        "writing | steps slower, ours writing |"
+        "| scale | MB | state dict | snapshot | digest | torch.save | ours | fsync | arena snapshot | arena write | "
+        "arena fsync | steps slower: torch.save / ours / arena writing |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for scale in args.scales.split(","):
         b = breakdown(scale, args.img_size, args.repeats)
-        ms = lambda k, b=b: f"{1000 * b[k]:.0f}"  # noqa: E731
-        pct = lambda k, b=b: "{:+.0f} % ({:+.0f} to {:+.0f})".format(*(100 * x for x in b[k]))  # noqa: E731
-        print(
-            f"| {scale} | {b['size'] / 2**20:.0f} | {ms('state dict')} | {ms('snapshot')} | {ms('digest')} | "
-            f"{ms('torch.save')} | {ms('ours')} | {ms('fsync')} | {pct('slowdown torch.save')} | "
-            f"{pct('slowdown ours')} |",
-            flush=True,
+        ms = " | ".join(
+            f"{1000 * b[k][0]:.0f} ({1000 * b[k][1]:.0f})"
+            for k in ("state dict", "snapshot", "digest", "torch.save", "ours", "fsync", "arena snapshot")
+            + ("arena write", "arena fsync")
         )
+        slower = " / ".join(
+            "{:+.0f} % ({:+.0f} to {:+.0f})".format(*(100 * x for x in b[f"slowdown {k}"]))
+            for k in ("torch.save", "ours", "arena")
+        )
+        print(f"| {scale} | {b['size'] / 2**20:.0f} | {ms} | {slower} |", flush=True)
 
 
 def run(scale: str, steps: int, every: int, mode: str, img: int, out: Path) -> dict:
@@ -195,9 +229,8 @@ def run(scale: str, steps: int, every: int, mode: str, img: int, out: Path) -> d
         [sys.executable, "-c", CHILD.format(root=str(ROOT)), scale, str(steps), str(every), mode, str(img), str(out)],
         capture_output=True,
         text=True,
-        check=True,
     )
-    return eval(proc.stdout.strip().splitlines()[-1], {"nan": float("nan")})  # our own child's dict literal
+    return _result(proc)
 
 
 MODES = ("none", "sync", "async", "async-torch.save", "dcp")

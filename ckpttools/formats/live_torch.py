@@ -19,11 +19,11 @@ viewed as two dtypes) is written by ``torch.save`` itself.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from ckpttools.formats.torchzip import write_torch_zip
-from ckpttools.tensors import DTYPES, LazyTensor, StorageRef
+from ckpttools.tensors import DTYPES, LazyTensor, StorageRef, contiguous_strides
 
 PLAIN = (str, int, float, bool, bytes, type(None))
 
@@ -32,21 +32,24 @@ class _NotPlain(Exception):
     """The tree holds something only torch.save writes."""
 
 
-def save(tree: Any, out: IO[bytes]) -> bool:
+def save(tree: Any, out: IO[bytes], own_storage: Callable[[Any], memoryview | None] | None = None) -> bool:
     """Write ``tree`` to the seekable binary ``out`` as ``torch.save`` would.  False (nothing written) when the
-    tree holds something this writer leaves to ``torch.save``."""
+    tree holds something this writer leaves to ``torch.save``.  ``own_storage``: as for ``describe``."""
     try:
-        described, memory = describe(tree)
+        described, memory = describe(tree, own_storage)
     except _NotPlain:
         return False
     write_torch_zip(described, out, lambda ref: memory[id(ref)])
     return True
 
 
-def describe(tree: Any) -> tuple[Any, dict[int, Iterable[memoryview]]]:
+def describe(
+    tree: Any, own_storage: Callable[[Any], memoryview | None] | None = None
+) -> tuple[Any, dict[int, Iterable[memoryview]]]:
     """(the tree with each tensor as a LazyTensor, {id(StorageRef): [its bytes as a memoryview]}).  Containers
     shared within the tree stay shared (the pickler then writes them once, as torch.save does).  Raises
-    _NotPlain for what this writer does not write."""
+    _NotPlain for what this writer does not write.  ``own_storage(t)``: the bytes of a tensor that is written as
+    a storage of its own although it is a view of a larger one (a slot of ``zipimage``'s arena), else None."""
     import torch
 
     storages: dict[tuple[int, int], StorageRef] = {}
@@ -66,6 +69,14 @@ def describe(tree: Any) -> tuple[Any, dict[int, Iterable[memoryview]]]:
         ):
             raise _NotPlain(type(t).__name__)
         dtype = str(t.dtype).removeprefix("torch.")  # known to DTYPES (checked above)
+        parameter = isinstance(t, torch.nn.Parameter)
+        slot = own_storage(t) if own_storage is not None else None
+        if slot is not None:  # a storage of exactly this tensor's bytes
+            ref = StorageRef(str(len(storages)), dtype, t.numel(), "cpu")
+            storages[(id(t), -1)] = ref
+            memory[id(ref)] = [slot] if slot.nbytes else []
+            shape = tuple(t.shape)
+            return LazyTensor(ref, 0, shape, contiguous_strides(shape), t.requires_grad, parameter)
         untyped = t.untyped_storage()
         nbytes = untyped.nbytes()
         key = (untyped.data_ptr(), nbytes) if nbytes else (id(t), 0)
@@ -79,7 +90,6 @@ def describe(tree: Any) -> tuple[Any, dict[int, Iterable[memoryview]]]:
             memory[id(ref)] = [memoryview(raw.numpy())] if nbytes else []
         elif ref.dtype != dtype:
             raise _NotPlain("one storage viewed as two dtypes")  # torch.save refuses it too
-        parameter = isinstance(t, torch.nn.Parameter)
         return LazyTensor(ref, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.requires_grad, parameter)
 
     def walk(value: Any) -> Any:

@@ -53,17 +53,36 @@ class _Entry:
         return self.size * 1.05 > ZIP64_LIMIT  # decided before the data is written, as zipfile decides
 
 
+def _encoded(name: str) -> tuple[bytes, int]:
+    """The name's bytes and the flag that says UTF-8."""
+    return (name.encode("ascii"), 0) if name.isascii() else (name.encode("utf-8"), 0x800)
+
+
+def header_size(name: str, size: int) -> int:
+    """The smallest local header of a record (its padding field empty): what a record placed by the caller
+    (``add_placed``) must leave room for before its data."""
+    zip64 = 20 if _Entry(b"", 0, 0, size).zip64_sizes else 0
+    return LOCAL.size + len(_encoded(name)[0]) + zip64 + 4  # + the padding field's own header
+
+
 class StoredZipWriter:
-    def __init__(self, out: IO[bytes], alignment: int = 64):
+    def __init__(self, out: IO[bytes], alignment: int = 64, origin: int = 0):
+        """``origin``: the offset in the archive of ``out``'s current position (0: the archive starts here)."""
         self.out, self.alignment, self.entries = out, alignment, []
-        self.base = out.tell()  # offsets in the archive count from its start, as zipfile's do
+        self.continue_at(out, origin)
+
+    def continue_at(self, out: IO[bytes], origin: int) -> None:
+        """Go on writing into ``out``, whose current position is the archive's offset ``origin`` (an archive
+        written in pieces, see ``zipimage``)."""
+        self.out = out
+        self.base = out.tell() - origin  # out.tell() - base: an offset in the archive, counted from its start
 
     def add(self, name: str, chunks: Iterable, size: int, on_bytes: Callable[[int], None] | None = None) -> int:
         """One record of ``size`` bytes from ``chunks`` (bytes-like); returns the bytes written."""
-        raw, flags = (name.encode("ascii"), 0) if name.isascii() else (name.encode("utf-8"), 0x800)
-        start = self.out.tell()
-        entry = _Entry(raw, flags, start - self.base, size)
-        header = LOCAL.size + len(raw) + (20 if entry.zip64_sizes else 0) + 4  # + the padding field's own header
+        raw, flags = _encoded(name)
+        start = self.out.tell() - self.base
+        entry = _Entry(raw, flags, start, size)
+        header = header_size(name, size)
         pad = (-(start + header)) % self.alignment  # aligned in the file, as torch's mmap load needs
         entry.padding = struct.pack("<HH", PADDING_ID, pad) + b"Z" * pad
         if size <= SMALL_RECORD:  # its CRC goes into the header at once (no seek back per record: a checkpoint
@@ -86,6 +105,17 @@ class StoredZipWriter:
             self._add_streamed(entry, chunks, on_bytes)
         self.entries.append(entry)
         return entry.size
+
+    def add_placed(self, name: str, size: int, crc: int, offset: int, length: int) -> bytes:
+        """The local header of a record whose data the caller puts in place: ``length`` bytes exactly (the
+        padding field takes what the smallest header leaves), to lie at ``offset`` in the archive."""
+        raw, flags = _encoded(name)
+        pad = length - header_size(name, size)
+        if not 0 <= pad <= 0xFFFF:
+            raise ValueError(f"{name}: no header of {length} bytes (padding {pad})")
+        entry = _Entry(raw, flags, offset, size, crc, struct.pack("<HH", PADDING_ID, pad) + b"Z" * pad)
+        self.entries.append(entry)
+        return self._local_header(entry)
 
     def _add_streamed(self, entry: _Entry, chunks: Iterable, on_bytes: Callable[[int], None] | None) -> None:
         self.out.write(self._local_header(entry))

@@ -21,18 +21,30 @@ from typing import Any
 
 import torch
 
+from ckpttools.formats import zipimage
+
 
 class PinnedSnapshot:
     """Copies of a checkpoint tree's tensors in CPU buffers that are reused from save to save (already faulted
-    in: a copy into them runs at memory speed); on CUDA the buffers are pinned and filled asynchronously."""
+    in: a copy into them runs at memory speed); on CUDA the buffers are pinned and filled asynchronously.
 
-    def __init__(self) -> None:
+    ``file_image``: the buffers are the slots of one arena laid out as the ``.pt`` file will be
+    (``ckpttools.formats.zipimage``), so the writer writes the file from the snapshot itself, with no second
+    copy (``image``).  DCP saves keep separate buffers: its writer saves each tensor's whole storage."""
+
+    def __init__(self, file_image: bool = False) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
         self.pending_device_copies = False
+        self.file_image = file_image
+        self.arena: torch.Tensor | None = None
+        self.layout: zipimage.Plan | None = None
+        self._placed: tuple | None = None  # what the arena was planned for
 
     def take(self, tree: Any) -> Any:
         """The tree with every tensor replaced by its buffer, filled by one batched copy per source device
         (``torch._foreach_copy_``: a few hundred small tensors cost one dispatch, not one each)."""
+        if self.file_image:
+            self._place(tree)
         pairs: dict[torch.device, tuple[list, list]] = {}
         out = self._structure(tree, "", pairs)
         self.pending_device_copies = False
@@ -41,6 +53,36 @@ class PinnedSnapshot:
             torch._foreach_copy_(dsts, srcs, non_blocking=cuda)
             self.pending_device_copies |= cuda
         return out
+
+    @property
+    def image(self) -> tuple[memoryview, zipimage.Plan] | None:
+        """The arena and its plan, for ``zipimage.write`` (None without ``file_image``)."""
+        if self.arena is None or self.layout is None:
+            return None
+        return memoryview(self.arena.numpy()), self.layout
+
+    def _place(self, tree: Any) -> None:
+        """Lay the tensors out in one arena in the order the file will hold them (the tree's order); kept while
+        every tensor keeps its path, shape and dtype."""
+        tensors: list[tuple[str, torch.Tensor]] = []
+        _walk(tree, "", tensors)
+        placed = tuple((path, tuple(t.shape), t.dtype, t.device.type) for path, t in tensors)
+        if placed == self._placed:
+            return
+        self.buffers.clear()
+        self.arena = self.layout = None  # the old arena goes before the new one is allocated
+        layout = zipimage.plan([t.numel() * t.element_size() for _, t in tensors])
+        pinned = any(t.device.type == "cuda" for _, t in tensors)
+        raw = torch.empty(layout.length + zipimage.PAGE, dtype=torch.uint8, pin_memory=pinned)
+        skip = -raw.data_ptr() % zipimage.PAGE  # page-aligned: what O_DIRECT writes from
+        arena = raw[skip : skip + layout.length]
+        for (path, t), offset in zip(tensors, layout.offsets, strict=True):
+            slot = arena[offset : offset + t.numel() * t.element_size()]
+            try:
+                self.buffers[path] = slot.view(t.dtype).view(t.shape)
+            except RuntimeError:  # a dtype no byte buffer can be viewed as: its own buffer (the writer then
+                pass  # declines the arena and the file is written the usual way)
+        self.arena, self.layout, self._placed = arena, layout, placed
 
     def _structure(self, tree: Any, path: str, pairs: dict) -> Any:
         if isinstance(tree, torch.Tensor):
@@ -53,12 +95,24 @@ class PinnedSnapshot:
             srcs.append(tree.detach())
             return buf
         if isinstance(tree, dict):
-            return {k: self._structure(v, f"{path}/{k}", pairs) for k, v in tree.items()}
+            return {k: self._structure(v, f"{path}/{k!r}", pairs) for k, v in tree.items()}
         if isinstance(tree, list):
             return [self._structure(v, f"{path}[{i}]", pairs) for i, v in enumerate(tree)]
         if isinstance(tree, tuple):
             return tuple(self._structure(v, f"{path}[{i}]", pairs) for i, v in enumerate(tree))
         return tree
+
+
+def _walk(tree: Any, path: str, found: list) -> None:
+    """(path, tensor) of every tensor in ``tree``, in the order ``PinnedSnapshot._structure`` visits them."""
+    if isinstance(tree, torch.Tensor):
+        found.append((path, tree))
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            _walk(v, f"{path}/{k!r}", found)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _walk(v, f"{path}[{i}]", found)
 
 
 def _set_priority(native_id: int | None, nice: int) -> None:

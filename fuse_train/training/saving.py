@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ckpttools.atomic import atomic_write, copy_into_place, keep_previous, temp_path
+from ckpttools.atomic import atomic_path, copy_into_place, keep_previous, temp_path
 from ckpttools.digest import DIGEST_KEY, digest_record
-from ckpttools.formats import live_torch
+from ckpttools.formats import live_torch, zipimage
 from fuse_train import __version__
 from fuse_train.failures import TrainingFailed
 from fuse_train.process.distributed import all_gather_objects, barrier, rank0_copies
@@ -178,14 +178,11 @@ class CheckpointingMixin:
         """Digest, then the crash-safe write: a staged file, the copies put in place *before* last.pt is
         replaced (once last.pt says an epoch is done, its copies exist), the previous last.pt kept."""
         started = time.perf_counter()
-        ckpt[DIGEST_KEY] = digest_record(ckpt)
         staged = temp_path(last, "staged")
         try:
-            with atomic_write(staged) as f:  # streamed: no second in-memory copy of the checkpoint
-                # torch.save's file, written by our zip writer from the snapshot's memory (faster CRC32, the GIL
-                # released for the bytes); torch.save itself for a tree that writer leaves to it
-                if not live_torch.save(ckpt, f):
-                    torch.save(ckpt, f)
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(staged) as tmp:
+                self._write_file(ckpt, tmp)
             for path in copies:
                 copy_into_place(staged, path)
             keep_previous(last)  # last.prev.pt: the previous good checkpoint survives the replacement
@@ -196,9 +193,25 @@ class CheckpointingMixin:
         finally:
             staged.unlink(missing_ok=True)
 
+    def _write_file(self, ckpt: dict, path: Path) -> None:
+        """torch.save's file of ``ckpt`` (its digest recorded), the cheapest way the tree allows."""
+        image = self.snapshot.image
+        # the snapshot laid out as the file: one pass over its bytes, written from it (zipimage)
+        if image is not None and zipimage.write(ckpt, *image, path):
+            return
+        ckpt[DIGEST_KEY] = digest_record(ckpt)
+        with open(path, "wb") as f:  # streamed: no second in-memory copy of the checkpoint
+            # our zip writer from the snapshot's memory (the GIL released for the bytes; each slot of the arena
+            # a storage of its own); torch.save itself, on copies, for a tree that writer leaves to it
+            if not live_torch.save(ckpt, f, zipimage.slots(*image) if image is not None else None):
+                torch.save(_own_storages(ckpt), f)
+
     def _save_failure(self, last: Path, exc: BaseException) -> BaseException:
         """A full disk named as such (torch reports it as a RuntimeError from its zip writer); else ``exc``."""
-        free = shutil.disk_usage(last.parent).free
+        try:
+            free = shutil.disk_usage(last.parent).free
+        except OSError:  # the folder itself is gone: the error says what happened
+            return exc
         if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or free < (64 << 20):
             return TrainingFailed(
                 f"disk full writing {last} ({free / 2**20:.0f} MiB free): the previous {last.name} "
@@ -239,3 +252,15 @@ class CheckpointingMixin:
                 plot_results(rows, marks, self.run_dir / "results.png")
 
         return write
+
+
+def _own_storages(tree):
+    """The tree with each tensor copied into a storage of its own (torch.save writes a view's whole storage, and
+    refuses one storage viewed as several dtypes: the snapshot's arena is both)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return type(tree)((k, _own_storages(v)) for k, v in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_own_storages(v) for v in tree)
+    return tree

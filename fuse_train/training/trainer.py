@@ -89,7 +89,8 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         self.runlog: RunLog | None = None  # opened by train(): nothing is written before then
         if resume is not None:
             self.load_checkpoint(resume)
-        self.snapshot = PinnedSnapshot()  # reused pinned buffers on CUDA
+        # reused buffers (pinned on CUDA); for .pt saves laid out as the file is, which is written from them
+        self.snapshot = PinnedSnapshot(file_image=cfg.save_format == "pt")
         self.saver = (
             AsyncSaver(self.snapshot) if cfg.async_save and dist_info.is_main and cfg.save_format == "pt" else None
         )
