@@ -45,11 +45,14 @@ def scratch_folder(given: Path | str | None, prefix: str) -> Path:
     return folder
 
 
-def bench_args(doc: str, default_gb: float, prefix: str):
-    """The benches' shared options (--gb, --repeats, --keep) and the folder for the generated files."""
+def bench_args(doc: str, default_gb: float, prefix: str, more=None):
+    """The benches' shared options (--gb, --repeats, --keep; ``more(parser)`` adds a bench's own) and the folder
+    for the generated files."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if more is not None:
+        more(parser)
     parser.add_argument("--gb", type=float, default=default_gb)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, default=None, help="folder for the generated files (default: temporary)")

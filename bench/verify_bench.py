@@ -1,10 +1,11 @@
 """`ckpt verify` against the usual script: torch.load(weights_only=True) + a NaN/Inf scan of every tensor.
 
-    python bench/verify_bench.py [--gb 2.0] [--repeats 3] [--keep DIR]
+    python bench/verify_bench.py [--gb 2.0] [--repeats 3] [--keep DIR] [--dtype float32|float16|bfloat16]
 
-Generates a fuse-train-shaped checkpoint of at least --gb GiB (model, EMA, AdamW moments, counters, digest)
-in a separate process, then runs each side in a fresh process (so import costs and peak RSS are its own),
-alternating, --repeats times, after one warm-up read that puts the file in the page cache for both.
+Generates a fuse-train-shaped checkpoint of at least --gb GiB (model, EMA, AdamW moments, counters, digest;
+the weights and EMA in --dtype: Ultralytics saves its weights in float16) in a separate process, then runs
+each side in a fresh process (so import costs and peak RSS are its own), alternating, --repeats times, after
+one warm-up read that puts the file in the page cache for both.
 Reports wall time (whole process and the operation alone), GB/s and peak RSS, with ratios; where verify's time
 goes (import, opening + pickle scan, the fused CRC32 / NaN-Inf / digest-leaf pass over the bytes on every
 core, the digest tree walk, the remaining checks); and start-up: `ckpt --help` and `ckpt verify` of a 1 MB
@@ -31,7 +32,7 @@ from ckpttools.digest import digest_record
 gib = float(sys.argv[2]); n = 4 << 20  # 16 MiB float32 tensors
 per_group = max(1, int(gib * (1 << 30) / 4 / (n * 4)) + 1)
 g = torch.Generator().manual_seed(0)
-model = {{f"layer{{i}}.weight": torch.randn(n, generator=g) for i in range(per_group)}}
+model = {{f"layer{{i}}.weight": torch.randn(n, generator=g).to(torch.DTYPE) for i in range(per_group)}}
 ckpt = {{"format": "fuse-train-checkpoint", "format_version": 1, "epoch": 9, "best_fitness": 0.5,
         "model": model, "ema": {{k: v * 0.99 for k, v in model.items()}}, "updates": 1000,
         "optimizer": {{"state": {{i: {{"step": torch.tensor(1000.0), "exp_avg": torch.randn(n, generator=g) * 1e-3,
@@ -103,10 +104,14 @@ print({{"import": t1 - t0, "open + pickle scan": t2 - t1, "CRC32 + NaN/Inf + dig
 """
 
 
+def _dtype_option(parser) -> None:
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+
+
 def main() -> int:
-    args, folder = bench_args(__doc__, 2.0, "verify-bench-")
-    path = folder / "big.pt"
-    generate(MAKE, path, gb=args.gb)
+    args, folder = bench_args(__doc__, 2.0, "verify-bench-", _dtype_option)
+    path = folder / ("big.pt" if args.dtype == "float32" else f"big-{args.dtype}.pt")
+    generate(MAKE.replace("DTYPE", args.dtype), path, gb=args.gb)
     size = path.stat().st_size
     warm(path)
     rows = {"baseline": [], "verify": []}
@@ -115,7 +120,7 @@ def main() -> int:
         rows["verify"].append(run_child(VERIFY, path))
     v_ok = rows["verify"][0]["ok"]
     runs = f"{args.repeats} alternated runs each: median (min-max)"
-    print(f"\nfile: {size / (1 << 30):.2f} GiB, {os.cpu_count()} CPUs, {runs}")
+    print(f"\nfile: {size / (1 << 30):.2f} GiB, weights in {args.dtype}, {os.cpu_count()} CPUs, {runs}")
     print(f"verify verdict: {'OK' if v_ok else 'FAILED ' + json.dumps(rows['verify'][0]['findings'])}")
     report(
         rows,

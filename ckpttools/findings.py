@@ -76,7 +76,9 @@ FINDINGS: dict[str, FindingKind] = {
     "tensor.out-of-bounds": FindingKind("error", "a tensor view needs more elements than its storage holds"),
     "values.nonfinite": FindingKind(
         "error",
-        "NaN or Inf values in a floating-point storage (weights or optimizer state); `where` names the tensors",
+        "NaN or Inf values in a floating-point storage (weights or optimizer state), in every float dtype torch "
+        "has by its own bit patterns (IEEE exponents, the NaNs of the fp8 formats, both parts of a complex); "
+        "`where` names the tensors",
         "resume from an earlier checkpoint",
     ),
     "digest.mismatch": FindingKind(

@@ -23,7 +23,10 @@ class DTypeInfo:
     safetensors: str | None = None  # safetensors header code
     numpy: str | None = None  # numpy dtype holding the values natively; None: carried as bits (see ``bits``)
     storage_class: str | None = None  # legacy typed storage class (torch.FloatStorage, ...)
-    exponent_mask: int | None = None  # all exponent bits: a float is NaN or Inf exactly when they are all set
+    # NaN/Inf by their bits: a float (each part of a complex) is NaN or Inf exactly when ``bits & exponent_mask``
+    # equals ``nonfinite_bits`` (None: equals the mask, all exponent bits set, as in IEEE formats)
+    exponent_mask: int | None = None
+    nonfinite_bits: int | None = None
 
     @property
     def bits(self) -> str:
@@ -35,8 +38,8 @@ class DTypeInfo:
         return self.exponent_mask is not None
 
 
-def _d(name, itemsize, st=None, npy=None, storage=None, mask=None) -> DTypeInfo:
-    return DTypeInfo(name, itemsize, st, npy, storage, mask)
+def _d(name, itemsize, st=None, npy=None, storage=None, mask=None, nonfinite=None) -> DTypeInfo:
+    return DTypeInfo(name, itemsize, st, npy, storage, mask, nonfinite)
 
 
 DTYPES: dict[str, DTypeInfo] = {
@@ -48,7 +51,7 @@ DTYPES: dict[str, DTypeInfo] = {
         _d("bfloat16", 2, "BF16", None, "BFloat16Storage", 0x7F80),
         _d("complex128", 16, None, "complex128", "ComplexDoubleStorage", 0x7FF0000000000000),
         _d("complex64", 8, "C64", "complex64", "ComplexFloatStorage", 0x7F800000),
-        _d("complex32", 4),
+        _d("complex32", 4, mask=0x7C00),  # two float16 parts
         _d("int64", 8, "I64", "int64", "LongStorage"),
         _d("int32", 4, "I32", "int32", "IntStorage"),
         _d("int16", 2, "I16", "int16", "ShortStorage"),
@@ -58,11 +61,11 @@ DTYPES: dict[str, DTypeInfo] = {
         _d("uint32", 4, "U32", "uint32"),
         _d("uint64", 8, "U64", "uint64"),
         _d("bool", 1, "BOOL", "bool", "BoolStorage"),
-        _d("float8_e4m3fn", 1, "F8_E4M3"),  # no infinities; NaN is S.1111.111, not an exponent pattern
+        _d("float8_e4m3fn", 1, "F8_E4M3", mask=0x7F),  # no infinities; NaN is S.1111.111
         _d("float8_e5m2", 1, "F8_E5M2", mask=0x7C),
-        _d("float8_e4m3fnuz", 1, "F8_E4M3FNUZ"),  # fnuz: no infinities, the one NaN is the pattern of -0
-        _d("float8_e5m2fnuz", 1, "F8_E5M2FNUZ"),
-        _d("float8_e8m0fnu", 1, "F8_E8M0"),  # numpy has neither: carried as bits in HDF5
+        _d("float8_e4m3fnuz", 1, "F8_E4M3FNUZ", mask=0xFF, nonfinite=0x80),  # fnuz: the one NaN is -0's bits
+        _d("float8_e5m2fnuz", 1, "F8_E5M2FNUZ", mask=0xFF, nonfinite=0x80),
+        _d("float8_e8m0fnu", 1, "F8_E8M0", mask=0xFF),  # NaN: 0xFF; numpy has neither fp8: bits in HDF5
         _d("float4_e2m1fn_x2", 1, "F4"),  # safetensors' F4 counts 4-bit elements: its last dim is twice torch's
         # torch's opaque bit containers: bytes without a numeric meaning
         _d("bits8", 1),

@@ -14,8 +14,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from ckpttools.datasets import annotations as A
 from ckpttools.datasets.layouts import BY_NAME, LAYOUTS, DatasetLayout, template_regex
 
@@ -280,6 +278,8 @@ def _sequence_split(samples: list[Sample], val_fraction: float, seed: int, block
 
 def image_size(path: Path) -> tuple[int, int] | str:
     """(width, height) from the header, or the reason it cannot be read."""
+    from PIL import Image, UnidentifiedImageError  # here: `ckpt verify` reaches this module and opens no image
+
     try:
         with Image.open(path) as im:
             return im.size

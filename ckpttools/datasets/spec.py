@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 
-import yaml
-
 from ckpttools.datasets.index import DatasetIndex, Problem, detect_layout, index_dataset, layout_named
 from ckpttools.datasets.layouts import BY_NAME, LAYOUTS, DatasetLayout
 
@@ -26,6 +24,8 @@ class DatasetError(ValueError):
 
 def read_yaml_mapping(path: Path, expected: str, error: type[ValueError] = DatasetError) -> dict:
     """The mapping a YAML file holds; anything else is ``error`` naming the file (``expected`` says what)."""
+    import yaml  # here, not at the top: `ckpt verify` reaches this module through the trainers and reads no YAML
+
     try:
         value = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
