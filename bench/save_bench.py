@@ -5,6 +5,11 @@ synchronously, written by the background writer (the default), and as DCP folder
     python bench/save_bench.py [--scales n,s] [--steps 120] [--every 40] [--img-size 128] [--repeats 3]
     python bench/save_bench.py --breakdown [--scales n,s]     # where one save's time goes, and the GIL
 
+Modes (``--modes``): ``none``, ``sync`` (``--no-async-save``), ``async`` (the default: the snapshot in the file's
+layout, written from it), ``async-stream`` (the background writer as before that: separate buffers, a digest
+pass, streamed by ``live_torch`` through the page cache), ``async-torch.save`` (the same with torch.save's own
+write), ``dcp``.
+
 ``--breakdown`` times each phase of one save (median of 5): building the state dict, the snapshot copy (the
 training thread's stall), the digest, writing the file (torch.save, and our GIL-free writer), fsync, and the
 same through the arena fuse-train now uses (``ckpttools.formats.zipimage``: the snapshot copied into the file's
@@ -43,6 +48,11 @@ from fuse_train.data.demo import ensure_demo
 from fuse_train.training.trainer import Trainer
 scale, steps, every, mode, img, out = sys.argv[1:7]
 steps, every, img = int(steps), int(every), int(img)
+if mode == "async-stream":  # the background writer as before the arena: separate buffers, streamed by live_torch
+    mode = "async"
+    stream = True
+else:
+    stream = False
 if mode == "async-torch.save":  # the baseline: the background writer with torch.save's own (GIL-holding) write
     from ckpttools.formats import live_torch
     live_torch.save = lambda tree, out: False
@@ -50,6 +60,7 @@ cfg = RunConfig(data=str(ensure_demo()), scale=scale, epochs=1, batch=8, img_siz
                 seed=0, async_save=(mode in ("async", "async-torch.save", "dcp")),
                 save_format="dcp" if mode == "dcp" else "pt", project=out, name=mode)
 trainer = Trainer(cfg, Path(out) / mode)
+trainer.snapshot.file_image = not stream
 trainer.run_dir.mkdir(parents=True, exist_ok=True)
 from fuse_train.training.runlog import RunLog
 trainer.runlog = RunLog(trainer.run_dir, 0, {{}}, enabled=False)
@@ -233,7 +244,7 @@ def run(scale: str, steps: int, every: int, mode: str, img: int, out: Path) -> d
     return _result(proc)
 
 
-MODES = ("none", "sync", "async", "async-torch.save", "dcp")
+MODES = ("none", "sync", "async", "async-stream", "async-torch.save", "dcp")
 
 
 def measure(scale: str, args) -> dict[str, dict]:
