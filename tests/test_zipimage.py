@@ -278,3 +278,15 @@ def test_what_the_arena_declines_the_trainer_still_writes_exactly(tmp_path):
         back = torch.load(out, weights_only=name != "object")
         assert _same_tree({k: back[k] for k in copy}, copy), name
         assert back[DIGEST_KEY] == tree[DIGEST_KEY] == digest_record({k: v for k, v in tree.items() if k != DIGEST_KEY})
+
+
+def test_a_stand_in_for_the_digest_met_elsewhere_in_the_pickle_is_never_patched(tmp_path, monkeypatch):
+    # the digest is patched into the pickle in place of a random stand-in; were its bytes also a value of the
+    # tree, the pickle is made again instead
+    same = "7" * 32
+    monkeypatch.setattr(zipimage.uuid, "uuid4", lambda: SimpleNamespace(hex=same[:16] + same[16:]))  # equal, not same
+    snapshot = PinnedSnapshot(file_image=True)
+    copy = snapshot.take({"w": torch.randn(1000), "note": same})
+    assert zipimage.write(copy, *snapshot.image, tmp_path / "a.pt")
+    _check_file(tmp_path / "a.pt", copy)
+    assert _load(tmp_path / "a.pt")["note"] == same
