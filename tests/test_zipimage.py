@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ckpttools.commands.verify import verify
@@ -174,14 +174,16 @@ def _tensor(shape, dtype, seed) -> torch.Tensor:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.text(max_size=6), trees, min_size=1, max_size=5))
+@example({"": torch.tensor(44.0), "epoch": []})  # a key a layout knows: its verdict, the same for torch.save's file
 def test_a_snapshot_of_any_tree_is_written_exactly_with_or_without_o_direct(tmp_path, monkeypatch, tree):
     snapshot = PinnedSnapshot(file_image=True)
     copy = snapshot.take(tree)
     for old in tmp_path.glob("*.pt"):
         old.unlink()
     assert zipimage.write(copy, *snapshot.image, tmp_path / "a.pt")
-    _check_file(tmp_path / "a.pt", copy)
-    assert verify(tmp_path / "a.pt").ok()
+    codes = _check_file(tmp_path / "a.pt", copy)
+    # whatever a layout makes of the keys, nothing about the container, its bytes or its digest
+    assert not [c for c in codes if c.split(".")[0] in ("zip", "file", "storage", "tensor", "digest", "values")]
     assert _write_plain(monkeypatch, copy, *snapshot.image, tmp_path / "b.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
 
