@@ -214,11 +214,17 @@ def test_the_arena_is_reused_while_the_tree_keeps_its_shapes_and_planned_anew_wh
     tree = {"model": {"w": torch.randn(50_000), "b": torch.zeros(3)}, "step": 1}
     first = snapshot.take(tree)
     arena = snapshot.arena
+    assert zipimage.write(first, *snapshot.image, tmp_path / "first.pt")
+    _check_file(tmp_path / "first.pt", first)
     tree["model"]["w"].add_(1)
+    tree["step"] = 2
     second = snapshot.take(tree)
     assert snapshot.arena is arena and second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()
+    # the second save: the same slots (their descriptions kept from the first), new values
     assert zipimage.write(second, *snapshot.image, tmp_path / "second.pt")
+    _check_file(tmp_path / "second.pt", second)
     assert torch.equal(_load(tmp_path / "second.pt")["model"]["w"], tree["model"]["w"])
+    assert _load(tmp_path / "second.pt")["step"] == 2 and _load(tmp_path / "first.pt")["step"] == 1
     tree["model"]["extra"] = torch.ones(4, 4)  # a new tensor: a new plan
     third = snapshot.take(tree)
     assert snapshot.arena is not arena and len(snapshot.layout.sizes) == 3

@@ -44,12 +44,14 @@ def save(tree: Any, out: IO[bytes], own_storage: Callable[[Any], memoryview | No
 
 
 def describe(
-    tree: Any, own_storage: Callable[[Any], memoryview | None] | None = None
+    tree: Any, own_storage: Callable[[Any], memoryview | None] | None = None, known: dict | None = None
 ) -> tuple[Any, dict[int, Iterable[memoryview]]]:
     """(the tree with each tensor as a LazyTensor, {id(StorageRef): [its bytes as a memoryview]}).  Containers
     shared within the tree stay shared (the pickler then writes them once, as torch.save does).  Raises
     _NotPlain for what this writer does not write.  ``own_storage(t)``: the bytes of a tensor that is written as
-    a storage of its own although it is a view of a larger one (a slot of ``zipimage``'s arena), else None."""
+    a storage of its own although it is a view of a larger one (a slot of ``zipimage``'s arena), else None.
+    ``known``: descriptions of such slots kept from save to save (the same tensor objects every time, only their
+    values change), so a snapshot's 2,000 tensors are not examined again at every save."""
     import torch
 
     storages: dict[tuple[int, int], StorageRef] = {}
@@ -57,6 +59,10 @@ def describe(
     seen: dict[int, Any] = {}
 
     def tensor(t: torch.Tensor) -> LazyTensor:
+        hit = known.get(id(t)) if known is not None else None
+        if hit is not None and hit[0] is t:  # (the tensor is held by ``known``: its id cannot be reused)
+            memory[id(hit[1].storage)] = hit[2]
+            return hit[1]
         if (
             type(t) not in (torch.Tensor, torch.nn.Parameter)
             or t.layout != torch.strided
@@ -76,7 +82,10 @@ def describe(
             storages[(id(t), -1)] = ref
             memory[id(ref)] = [slot] if slot.nbytes else []
             shape = tuple(t.shape)
-            return LazyTensor(ref, 0, shape, contiguous_strides(shape), t.requires_grad, parameter)
+            lazy = LazyTensor(ref, 0, shape, contiguous_strides(shape), t.requires_grad, parameter)
+            if known is not None:
+                known[id(t)] = (t, lazy, memory[id(ref)])
+            return lazy
         untyped = t.untyped_storage()
         nbytes = untyped.nbytes()
         key = (untyped.data_ptr(), nbytes) if nbytes else (id(t), 0)

@@ -29,7 +29,7 @@ import io
 import mmap
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class Plan:
     sizes: tuple[int, ...]
     offsets: tuple[int, ...]
     length: int
+    # the slots' descriptions, kept for the arena's life (``live_torch.describe``'s ``known``)
+    described: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def plan(sizes: list[int] | tuple[int, ...]) -> Plan:
@@ -87,7 +89,7 @@ def write(tree: dict, arena: memoryview, layout: Plan, path: Path) -> bool:
     ``tree`` too).  False, nothing written, when the tree does not match ``layout``."""
     arena = arena.cast("B")
     try:
-        described, memory = describe(tree, slots(arena, layout))
+        described, memory = describe(tree, slots(arena, layout), layout.described)
     except _NotPlain:
         return False
     # pickled once, with a stand-in for the digest (known only after the pass) that is patched in afterwards:
