@@ -43,6 +43,23 @@ def save(tree: Any, out: IO[bytes], own_storage: Callable[[Any], memoryview | No
     return True
 
 
+def _plain_dtype(t, torch) -> str:
+    """The dtype name of a dense CPU tensor this writer writes; _NotPlain for anything else.  (``torch``: passed
+    by ``describe``, which imports it when called: importing this module loads no torch.)"""
+    if (
+        type(t) not in (torch.Tensor, torch.nn.Parameter)
+        or t.layout != torch.strided
+        or t.device.type != "cpu"
+        or t.is_quantized
+        or t.is_conj()
+        or t.is_neg()
+        or getattr(t, "__dict__", None)  # attributes set on the tensor: torch.save pickles them
+        or str(t.dtype).removeprefix("torch.") not in DTYPES
+    ):
+        raise _NotPlain(type(t).__name__)
+    return str(t.dtype).removeprefix("torch.")
+
+
 def describe(
     tree: Any, own_storage: Callable[[Any], memoryview | None] | None = None, known: dict | None = None
 ) -> tuple[Any, dict[int, Iterable[memoryview]]]:
@@ -63,18 +80,7 @@ def describe(
         if hit is not None and hit[0] is t:  # (the tensor is held by ``known``: its id cannot be reused)
             memory[id(hit[1].storage)] = hit[2]
             return hit[1]
-        if (
-            type(t) not in (torch.Tensor, torch.nn.Parameter)
-            or t.layout != torch.strided
-            or t.device.type != "cpu"
-            or t.is_quantized
-            or t.is_conj()
-            or t.is_neg()
-            or getattr(t, "__dict__", None)  # attributes set on the tensor: torch.save pickles them
-            or str(t.dtype).removeprefix("torch.") not in DTYPES
-        ):
-            raise _NotPlain(type(t).__name__)
-        dtype = str(t.dtype).removeprefix("torch.")  # known to DTYPES (checked above)
+        dtype = _plain_dtype(t, torch)
         parameter = isinstance(t, torch.nn.Parameter)
         slot = own_storage(t) if own_storage is not None else None
         if slot is not None:  # a storage of exactly this tensor's bytes
