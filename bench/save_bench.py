@@ -48,11 +48,8 @@ from fuse_train.data.demo import ensure_demo
 from fuse_train.training.trainer import Trainer
 scale, steps, every, mode, img, out = sys.argv[1:7]
 steps, every, img = int(steps), int(every), int(img)
-if mode == "async-stream":  # the background writer as before the arena: separate buffers, streamed by live_torch
-    mode = "async"
-    stream = True
-else:
-    stream = False
+stream = mode == "async-stream"  # the background writer as before the arena: separate buffers, live_torch
+mode = "async" if stream else mode
 if mode == "async-torch.save":  # the baseline: the background writer with torch.save's own (GIL-holding) write
     from ckpttools.formats import live_torch
     live_torch.save = lambda tree, out: False
@@ -190,6 +187,19 @@ print({{"size": size, **{{k: tuple(statistics.median(x) for x in zip(*v)) for k,
 """
 
 
+PHASES = (
+    "state dict",
+    "snapshot",
+    "digest",
+    "torch.save",
+    "ours",
+    "fsync",
+    "arena snapshot",
+    "arena write",
+    "arena fsync",
+)  # the breakdown child's names, in its order
+
+
 def _result(proc: subprocess.CompletedProcess) -> dict:
     """The child's dict; a child that failed ends the bench with its error (not just its exit status)."""
     if proc.returncode:
@@ -210,11 +220,10 @@ def breakdown(scale: str, img: int, rounds: int) -> dict:
 def print_breakdown(args) -> None:
     print(
         "one save, median of 5, ms of wall time (of the thread's CPU): before the arena (separate snapshot "
-        "buffers, a digest pass, the file written "
-        "by torch.save or by our writer, fsync) and now (the snapshot into the arena, one CRC32 + digest pass and "
-        "the file written from the arena, fsync); then the training step's slowdown while a background thread "
-        f"(nice 19) keeps writing, against steps with no writer, median (min-max) over {args.repeats} alternated "
-        "rounds"
+        "buffers, a digest pass, the file written by torch.save or by our writer, fsync) and now (the snapshot "
+        "into the arena, one CRC32 + digest pass and the file written from the arena, fsync); then the training "
+        "step's slowdown while a background thread (nice 19) keeps writing, against steps with no writer, median "
+        f"(min-max) over {args.repeats} alternated rounds"
     )
     print(
         "| scale | MB | state dict | snapshot | digest | torch.save | ours | fsync | arena snapshot | arena write | "
@@ -223,11 +232,7 @@ def print_breakdown(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for scale in args.scales.split(","):
         b = breakdown(scale, args.img_size, args.repeats)
-        ms = " | ".join(
-            f"{1000 * b[k][0]:.0f} ({1000 * b[k][1]:.0f})"
-            for k in ("state dict", "snapshot", "digest", "torch.save", "ours", "fsync", "arena snapshot")
-            + ("arena write", "arena fsync")
-        )
+        ms = " | ".join(f"{1000 * b[k][0]:.0f} ({1000 * b[k][1]:.0f})" for k in PHASES)
         slower = " / ".join(
             "{:+.0f} % ({:+.0f} to {:+.0f})".format(*(100 * x for x in b[f"slowdown {k}"]))
             for k in ("torch.save", "ours", "arena")

@@ -35,8 +35,9 @@ ISFINITE_VIEWS = {name: view for name, view in FLOAT_VIEWS.items() if np.dtype(v
 
 
 def count_nonfinite(chunk: bytes, dtype: str) -> int:
-    """NaN/Inf values in ``chunk``: a float is NaN or Inf exactly when all its exponent bits are set.  A quick
-    test of the whole chunk first; counted only when it finds one."""
+    """NaN/Inf values in ``chunk``, by the dtype's bits (``DTypeInfo.exponent_mask`` / ``nonfinite_bits``: all
+    exponent bits set in IEEE formats, the fp8 formats' own NaN patterns).  A quick test of the whole chunk
+    first; counted only when it finds one."""
     info = DType(dtype).info
     if info.exponent_mask is None:
         return 0

@@ -294,18 +294,28 @@ def write_torch_zip(
     and must add up to its size.  Returns the storages written, in record order."""
     data_pkl, storages = pickle_tree(tree, location)
     zf = StoredZipWriter(out, ALIGNMENT)
-    zf.add(f"{archive}/data.pkl", [data_pkl], len(data_pkl))
-    for name, text in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
-        zf.add(f"{archive}/{name}", [text], len(text))
+    add_head_records(zf, data_pkl, archive)
     for key, ref in enumerate(storages):
         written = zf.add(f"{archive}/data/{key}", chunks_of(ref), ref.nbytes, on_bytes)
         if written != ref.nbytes:
             raise OSError(f"storage {ref.key}: {written} bytes read, {ref.nbytes} expected")
+    add_tail_records(zf, data_pkl, archive)
+    zf.close()
+    return storages
+
+
+def add_head_records(zf: StoredZipWriter, data_pkl: bytes, archive: str = "archive") -> None:
+    """The records torch.save writes before the storages: the pickle, then three small ones."""
+    zf.add(f"{archive}/data.pkl", [data_pkl], len(data_pkl))
+    for name, text in ((".format_version", b"1"), (".storage_alignment", b"%d" % ALIGNMENT), ("byteorder", b"little")):
+        zf.add(f"{archive}/{name}", [text], len(text))
+
+
+def add_tail_records(zf: StoredZipWriter, data_pkl: bytes, archive: str = "archive") -> None:
+    """The records torch.save writes after the storages (the central directory is ``zf.close()``)."""
     zf.add(f"{archive}/version", [b"3\n"], 2)
     serial = hashlib.sha1(data_pkl).hexdigest()[:20].encode()  # deterministic: same content, same bytes
     zf.add(f"{archive}/.data/serialization_id", [serial], len(serial))
-    zf.close()
-    return storages
 
 
 def write_file(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import io
 import mmap
 import os
@@ -37,16 +36,15 @@ import xxhash
 
 from ckpttools.digest import DIGEST_ALGORITHM, DIGEST_KEY, _TensorLeaf, tree_digest
 from ckpttools.formats.live_torch import _NotPlain, describe
+from ckpttools.formats.storage_scan import SCAN_BLOCK
 from ckpttools.formats.torch_pickler import pickle_tree
-from ckpttools.formats.torchzip import ALIGNMENT
+from ckpttools.formats.torchzip import ALIGNMENT, add_head_records, add_tail_records
 from ckpttools.formats.zipformat import crc32
 from ckpttools.formats.zipwriter import StoredZipWriter, header_size
 from ckpttools.tensors import LazyTensor, tensor_bytes
 
 PAGE = 4096  # O_DIRECT wants the memory, the file offset and the length aligned to the device's block size
-BLOCK = 512 << 10  # one pass per block, in a core's L2 cache: the CRC32 and the xxh3 leaf read memory once
 ARCHIVE = "archive"
-SMALL_HEAD = ((".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little"))
 
 
 def record_name(key: int) -> str:
@@ -153,8 +151,8 @@ def _matches(storages: list, memory: dict, arena: memoryview, layout: Plan) -> b
 def _one_pass(data: memoryview) -> tuple[int, bytes]:
     """The record's CRC32 and the xxh3-128 of its bytes (the digest leaf), block by block."""
     crc, h = 0, xxhash.xxh3_128()
-    for at in range(0, data.nbytes, BLOCK):
-        block = data[at : at + BLOCK]
+    for at in range(0, data.nbytes, SCAN_BLOCK):  # L2-sized: the CRC32 and the xxh3 leaf read memory once
+        block = data[at : at + SCAN_BLOCK]
         crc = crc32(block, crc)
         h.update(block)
     return crc, h.digest()
@@ -181,9 +179,7 @@ def _frame(data_pkl: bytes, storages: list, crcs: list[int], arena: memoryview, 
     are written into the arena's gaps."""
     head = io.BytesIO()
     zw = StoredZipWriter(head, ALIGNMENT)
-    zw.add(f"{ARCHIVE}/data.pkl", [data_pkl], len(data_pkl))
-    for name, text in SMALL_HEAD:
-        zw.add(f"{ARCHIVE}/{name}", [text], len(text))
+    add_head_records(zw, data_pkl, ARCHIVE)
     if not storages:  # nothing to place: the rest as write_torch_zip writes it
         whole = _finish(zw, head, data_pkl)
         return whole, len(whole), b""
@@ -202,9 +198,7 @@ def _frame(data_pkl: bytes, storages: list, crcs: list[int], arena: memoryview, 
 
 def _finish(zw: StoredZipWriter, out: io.BytesIO, data_pkl: bytes) -> bytes:
     """The records after the storages and the central directory, as ``torchzip.write_torch_zip`` writes them."""
-    zw.add(f"{ARCHIVE}/version", [b"3\n"], 2)
-    serial = hashlib.sha1(data_pkl).hexdigest()[:20].encode()
-    zw.add(f"{ARCHIVE}/.data/serialization_id", [serial], len(serial))
+    add_tail_records(zw, data_pkl, ARCHIVE)
     zw.close()
     return out.getvalue()
 

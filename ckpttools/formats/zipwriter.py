@@ -50,7 +50,15 @@ class _Entry:
 
     @property
     def zip64_sizes(self) -> bool:
-        return self.size * 1.05 > ZIP64_LIMIT  # decided before the data is written, as zipfile decides
+        return _zip64_sizes(self.size)
+
+
+def _zip64_sizes(size: int) -> bool:
+    return size * 1.05 > ZIP64_LIMIT  # decided before the data is written, as zipfile decides
+
+
+def _header_size(raw_name: bytes, size: int) -> int:
+    return LOCAL.size + len(raw_name) + (20 if _zip64_sizes(size) else 0) + 4  # + the padding field's own header
 
 
 def _encoded(name: str) -> tuple[bytes, int]:
@@ -61,8 +69,7 @@ def _encoded(name: str) -> tuple[bytes, int]:
 def header_size(name: str, size: int) -> int:
     """The smallest local header of a record (its padding field empty): what a record placed by the caller
     (``add_placed``) must leave room for before its data."""
-    zip64 = 20 if _Entry(b"", 0, 0, size).zip64_sizes else 0
-    return LOCAL.size + len(_encoded(name)[0]) + zip64 + 4  # + the padding field's own header
+    return _header_size(_encoded(name)[0], size)
 
 
 class StoredZipWriter:
@@ -82,7 +89,7 @@ class StoredZipWriter:
         raw, flags = _encoded(name)
         start = self.out.tell() - self.base
         entry = _Entry(raw, flags, start, size)
-        header = header_size(name, size)
+        header = _header_size(raw, size)
         pad = (-(start + header)) % self.alignment  # aligned in the file, as torch's mmap load needs
         entry.padding = struct.pack("<HH", PADDING_ID, pad) + b"Z" * pad
         if size <= SMALL_RECORD:  # its CRC goes into the header at once (no seek back per record: a checkpoint
@@ -110,7 +117,7 @@ class StoredZipWriter:
         """The local header of a record whose data the caller puts in place: ``length`` bytes exactly (the
         padding field takes what the smallest header leaves), to lie at ``offset`` in the archive."""
         raw, flags = _encoded(name)
-        pad = length - header_size(name, size)
+        pad = length - _header_size(raw, size)
         if not 0 <= pad <= 0xFFFF:
             raise ValueError(f"{name}: no header of {length} bytes (padding {pad})")
         entry = _Entry(raw, flags, offset, size, crc, struct.pack("<HH", PADDING_ID, pad) + b"Z" * pad)

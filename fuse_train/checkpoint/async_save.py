@@ -43,16 +43,18 @@ class PinnedSnapshot:
     def take(self, tree: Any) -> Any:
         """The tree with every tensor replaced by its buffer, filled by one batched copy per source device
         (``torch._foreach_copy_``: a few hundred small tensors cost one dispatch, not one each)."""
+        tensors: list[tuple[str, torch.Tensor]] = []
+        _walk(tree, "", tensors)  # once: the arena's plan, the buffers and the copy all follow this order
         if self.file_image:
-            self._place(tree)
+            self._place(tensors)
         pairs: dict[torch.device, tuple[list, list]] = {}
-        out = self._structure(tree, "", pairs)
+        buffers = [self._buffer(path, t, pairs) for path, t in tensors]
         self.pending_device_copies = False
         for device, (dsts, srcs) in pairs.items():
             cuda = device.type == "cuda"
             torch._foreach_copy_(dsts, srcs, non_blocking=cuda)
             self.pending_device_copies |= cuda
-        return out
+        return _replace(tree, iter(buffers))
 
     @property
     def image(self) -> tuple[memoryview, zipimage.Plan] | None:
@@ -61,11 +63,9 @@ class PinnedSnapshot:
             return None
         return memoryview(self.arena.numpy()), self.layout
 
-    def _place(self, tree: Any) -> None:
+    def _place(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
         """Lay the tensors out in one arena in the order the file will hold them (the tree's order); kept while
         every tensor keeps its path, shape and dtype."""
-        tensors: list[tuple[str, torch.Tensor]] = []
-        _walk(tree, "", tensors)
         placed = tuple((path, tuple(t.shape), t.dtype, t.device.type) for path, t in tensors)
         if placed == self._placed:
             return
@@ -84,27 +84,20 @@ class PinnedSnapshot:
                 pass  # declines the arena and the file is written the usual way)
         self.arena, self.layout, self._placed = arena, layout, placed
 
-    def _structure(self, tree: Any, path: str, pairs: dict) -> Any:
-        if isinstance(tree, torch.Tensor):
-            cuda = tree.device.type == "cuda"
-            buf = self.buffers.get(path)
-            if buf is None or buf.shape != tree.shape or buf.dtype != tree.dtype:
-                buf = self.buffers[path] = torch.empty(tree.shape, dtype=tree.dtype, pin_memory=cuda)
-            dsts, srcs = pairs.setdefault(tree.device, ([], []))
-            dsts.append(buf)
-            srcs.append(tree.detach())
-            return buf
-        if isinstance(tree, dict):
-            return {k: self._structure(v, f"{path}/{k!r}", pairs) for k, v in tree.items()}
-        if isinstance(tree, list):
-            return [self._structure(v, f"{path}[{i}]", pairs) for i, v in enumerate(tree)]
-        if isinstance(tree, tuple):
-            return tuple(self._structure(v, f"{path}[{i}]", pairs) for i, v in enumerate(tree))
-        return tree
+    def _buffer(self, path: str, tensor: torch.Tensor, pairs: dict) -> torch.Tensor:
+        """The tensor's reused buffer (made when its shape or dtype changed), its copy queued in ``pairs``."""
+        cuda = tensor.device.type == "cuda"
+        buf = self.buffers.get(path)
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+            buf = self.buffers[path] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+        dsts, srcs = pairs.setdefault(tensor.device, ([], []))
+        dsts.append(buf)
+        srcs.append(tensor.detach())
+        return buf
 
 
 def _walk(tree: Any, path: str, found: list) -> None:
-    """(path, tensor) of every tensor in ``tree``, in the order ``PinnedSnapshot._structure`` visits them."""
+    """(path, tensor) of every tensor in ``tree``, depth first: the order ``_replace`` puts buffers back in."""
     if isinstance(tree, torch.Tensor):
         found.append((path, tree))
     elif isinstance(tree, dict):
@@ -113,6 +106,20 @@ def _walk(tree: Any, path: str, found: list) -> None:
     elif isinstance(tree, (list, tuple)):
         for i, v in enumerate(tree):
             _walk(v, f"{path}[{i}]", found)
+
+
+def _replace(tree: Any, buffers) -> Any:
+    """``tree`` with its tensors replaced, in ``_walk``'s order, by the next of ``buffers`` (containers rebuilt
+    as dicts, lists and tuples)."""
+    if isinstance(tree, torch.Tensor):
+        return next(buffers)
+    if isinstance(tree, dict):
+        return {k: _replace(v, buffers) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_replace(v, buffers) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_replace(v, buffers) for v in tree)
+    return tree
 
 
 def _set_priority(native_id: int | None, nice: int) -> None:
