@@ -262,10 +262,18 @@ def measure(scale: str, args) -> dict[str, dict]:
             for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
                 runs[mode].append(run(scale, args.steps, args.every, mode, args.img_size, Path(tmp) / f"{mode}{r}"))
     medians = {m: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for m, rs in runs.items()}
-    # wall-time overhead of each round's run against the same round's run without saves (paired: drift cancels)
+    # per round, paired with the same round's run without saves (drift between rounds cancels): the wall-time
+    # overhead, and the cost of a save as a share of that round's training between two saves
+    spread = lambda xs: (statistics.median(xs), min(xs), max(xs))  # noqa: E731
     for m, rs in runs.items():
-        ratios = [100 * (r["total_s"] / base["total_s"] - 1) for r, base in zip(rs, runs["none"])]
-        medians[m]["wall_overhead"] = (statistics.median(ratios), min(ratios), max(ratios))
+        pairs = list(zip(rs, runs["none"]))
+        medians[m]["wall_overhead"] = spread([100 * (r["total_s"] / base["total_s"] - 1) for r, base in pairs])
+        costs = [r["excess_s"] / max(1, r["saves"]) for r in rs]
+        medians[m]["cost_spread"] = spread(costs)
+        medians[m]["overhead_spread"] = spread(
+            [100 * c / (args.every * base["median_step_s"]) for c, (_, base) in zip(costs, pairs)]
+        )
+        medians[m]["stall_spread"] = spread([r["stall_s"] for r in rs])
     return medians
 
 
@@ -319,20 +327,22 @@ def main() -> int:
     measured = [(scale, measure(scale, args)) for scale in args.scales.split(",")]
     if set(args.modes) == set(MODES):
         print_comparison(measured, args)
-    print("\nper mode: stall per save (the first), cost per save, overhead, and the wall time of the run against")
-    print("the same round's run without saves, median (min-max) %:")
-    print("| scale | mode | s / step (no saves) | save MB | stall s (first) | cost / save s | overhead % | wall % |")
+    print("\nper mode, median (min-max) over the rounds: stall per save (the first save's), cost per save, that cost")
+    print("as % of the training between two saves (each round against its own run without saves), and the wall")
+    print("time of the run against the same round's run without saves:")
+    print("| scale | mode | s / step (no saves) | save MB | stall s | cost / save s | overhead % | wall % |")
     print("|---|---|---|---|---|---|---|---|")
     for scale, m in measured:
         per_step = m["none"]["median_step_s"]
         for mode in args.modes[1:]:
             r = m[mode]
-            cost = r["excess_s"] / max(1, r["saves"])
-            low, mid, high = r["wall_overhead"][1], r["wall_overhead"][0], r["wall_overhead"][2]
+            stall, cost, over, wall = (
+                r[k] for k in ("stall_spread", "cost_spread", "overhead_spread", "wall_overhead")
+            )
             print(
-                f"| {scale} | {mode} | {per_step:.3f} | {r['size'] / 2**20:.1f} | {r['stall_s']:.3f} "
-                f"({r['first_stall_s']:.3f}) | {cost:.3f} | {100 * cost / (args.every * per_step):.1f} | "
-                f"{mid:+.1f} ({low:+.1f} to {high:+.1f}) |"
+                f"| {scale} | {mode} | {per_step:.3f} | {r['size'] / 2**20:.1f} | {stall[0]:.3f} ({stall[1]:.3f}-"
+                f"{stall[2]:.3f}; first {r['first_stall_s']:.3f}) | {cost[0]:.3f} ({cost[1]:.3f}-{cost[2]:.3f}) | "
+                f"{over[0]:.1f} ({over[1]:.1f}-{over[2]:.1f}) | {wall[0]:+.1f} ({wall[1]:+.1f} to {wall[2]:+.1f}) |"
             )
     return 0
 

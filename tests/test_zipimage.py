@@ -232,6 +232,31 @@ def test_the_arena_is_reused_while_the_tree_keeps_its_shapes_and_planned_anew_wh
     _check_file(tmp_path / "third.pt", third)
 
 
+@given(st.lists(st.tuples(st.integers(0, 9000), st.integers(0, 2**32 - 1)), min_size=2, max_size=4))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_saves_that_reuse_the_arena_write_the_bytes_a_fresh_arena_writes(tmp_path, saves):
+    """From the second save on, the local headers are already in the arena's gaps and only their CRC32s are
+    rewritten; a longer data.pkl moves the arena to another page of the file (new headers).  Either way each
+    file is the one a fresh snapshot writes for the same tree, and reads back exactly."""
+    snapshot = PinnedSnapshot(file_image=True)
+    tree = {"model": {"w": torch.zeros(3000), "b": torch.zeros(5), "h": torch.zeros(7, dtype=torch.float16)}}
+    for length, seed in saves:
+        g = torch.Generator().manual_seed(seed)
+        for t in tree["model"].values():
+            t.copy_(torch.randn(t.shape, generator=g))
+        tree["note"] = "x" * length  # data.pkl's length: where the arena starts in the file
+        copy = snapshot.take(tree)
+        assert zipimage.write(copy, *snapshot.image, tmp_path / "reused.pt")
+        fresh = PinnedSnapshot(file_image=True)
+        fresh_copy = fresh.take(tree)
+        assert zipimage.write(fresh_copy, *fresh.image, tmp_path / "fresh.pt")
+        assert (tmp_path / "reused.pt").read_bytes() == (tmp_path / "fresh.pt").read_bytes()
+        with zipfile.ZipFile(tmp_path / "reused.pt") as zf:
+            assert zf.testzip() is None
+        assert _same_tree(_load(tmp_path / "reused.pt"), copy)
+    assert len(snapshot.layout.headers) == 1  # the headers of the last save only
+
+
 def test_a_tree_that_does_not_match_its_arena_is_declined_with_nothing_written(tmp_path):
     snapshot = PinnedSnapshot(file_image=True)
     copy = snapshot.take({"a": torch.randn(1000), "b": torch.randn(2000)})

@@ -36,6 +36,7 @@ DOS_DATE_1980 = 33  # 1980-01-01 00:00, what zipfile writes for ZipInfo defaults
 SMALL_RECORD = 1 << 20  # records up to this size are held whole while written (no seek back to the header)
 TINY_RECORD = 4096  # ... and up to this size joined to their header for a single write
 LOCAL = struct.Struct("<4s2B4HL2L2H")
+LOCAL_CRC_AT = struct.calcsize("<4s2B4H")  # where the CRC32 lies in a local header
 CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
 
 
