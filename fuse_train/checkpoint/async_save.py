@@ -1,13 +1,13 @@
 """Checkpoint saves that do not stall training: the training thread takes a snapshot, a background thread writes it.
 
 The snapshot is of the step being saved (so a resume stays exact): on CUDA the tensors are copied with
-``non_blocking=True`` into pinned CPU buffers that are reused from save to save, and a CUDA event marks when
-the copies are done (the writer waits on it, the training thread does not); on CPU they are copied into
-reused buffers too.  For ``.pt`` saves the buffers are the slots of one arena laid out as the file
-(``ckpttools.formats.zipimage``), which the writer hashes and writes as it is, with the same crash-safe steps
-as a synchronous save (staged temporary, copies, previous ``last.pt`` kept, rename, fsync).  At most one save is in flight: a
-new one first waits for the previous.  ``wait()`` (before a resumable interrupt save, at the end of a run)
-returns once the file is whole, and raises what the writer raised.
+``non_blocking=True`` into pinned CPU buffers that are reused from save to save, and a CUDA event marks when the
+copies are done (the writer waits on it, the training thread does not); on CPU they are copied into reused
+buffers too. For ``.pt`` saves the buffers are the slots of one arena laid out as the file
+(``ckpttools.formats.zipimage``), which the writer hashes and writes as it is, with the same crash-safe steps as
+a synchronous save (staged temporary, copies, previous ``last.pt`` kept, rename, fsync). At most one save is in
+flight: a new one first waits for the previous. ``wait()`` (before a resumable interrupt save, at the end of a
+run) returns once the file is whole, and raises what the writer raised.
 
 A ``kill -9`` while the writer works leaves the previous ``last.pt`` untouched: nothing is renamed before the
 new file is complete and fsynced.
