@@ -104,7 +104,10 @@ FINDINGS: dict[str, FindingKind] = {
         "error", "a .pt2 archive's weights config is unreadable or names a record / dtype that is not there"
     ),
     "file.changed-while-reading": FindingKind(
-        "warning", "the file was replaced again and again while it was verified (a writer saving it that often)"
+        "error",
+        "the file was replaced at every one of 4 reads (a writer saving it that often): not verified, and nothing "
+        "the mixed reads found is reported",
+        "verify a copy, or once the writer has stopped",
     ),
     "layout.bad-metadata": FindingKind("error", "a folder layout's JSON metadata (trainer_state.json) cannot be read"),
     "layout.torchscript": FindingKind(

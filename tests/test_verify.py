@@ -330,3 +330,31 @@ def test_a_file_replaced_while_it_is_verified_is_read_again(tmp_path, monkeypatc
     monkeypatch.setattr(V, "_verify", verify_while_a_writer_replaces)
     report = V.verify(path)
     assert len(calls) == 2 and report.ok() and report.facts["parameter_count"] == 4  # the new file, read whole
+
+
+def test_a_file_replaced_at_every_read_is_not_verified_and_nothing_mixed_is_reported(tmp_path, monkeypatch):
+    """A writer that replaces the file faster than it can be read: each read joins parts of two versions, so
+    what those reads found (here a false CRC / digest mismatch at times) is about no file that existed; the
+    verdict is one error that says the file was not verified."""
+    import ckpttools.commands.verify as V
+
+    path = tmp_path / "last.pt"
+    versions = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for n, version in enumerate(versions):
+        torch.save({"model": {"w": torch.full((3,), float(n))}}, version)
+    os.link(versions[0], path)
+    real, calls = V._verify, []
+
+    def verify_while_a_writer_replaces(p, report, progress):
+        calls.append(p)
+        out = real(p, report, progress)
+        tmp = tmp_path / "next.tmp"
+        os.link(versions[len(calls) % 2], tmp)
+        os.replace(tmp, path)  # a new inode at the path after every read
+        return out
+
+    monkeypatch.setattr(V, "_verify", verify_while_a_writer_replaces)
+    report = V.verify(path)
+    assert len(calls) == V.REREADS + 1
+    assert [(f.severity, f.code) for f in report.findings] == [("error", "file.changed-while-reading")]
+    assert "not verified" in report.findings[0].message and not report.ok()

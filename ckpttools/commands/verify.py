@@ -47,14 +47,16 @@ def verify(path: str | os.PathLike, progress: Callable[[int, int], None] | None 
             return report
         # the file was replaced while it was read (a trainer's atomic save): its parts may come from two
         # versions, so the verdict would be about neither; read the new one again
-    report.add(
-        WARNING,
+    # every read mixed versions: what it found is about no file that existed, so none of it is reported
+    unverified = Report(str(path))
+    unverified.add(
+        ERROR,
         "file.changed-while-reading",
-        f"{path} was replaced {REREADS + 1} times while it was being "
-        "verified (a writer saves it that often); the findings above may mix two versions",
+        f"{path}: not verified: it was replaced {REREADS + 1} times while it was being read (a writer saves it "
+        "that often); verify a copy (cp it first), or once the writer has stopped",
         str(path),
     )
-    return report
+    return unverified
 
 
 REREADS = 3

@@ -36,14 +36,34 @@ def run_lock(run_dir: Path, take: bool = True) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-            raise RunLocked(
-                f"{run_dir}: in use by {holder}; one process per run folder (wait for it, stop it, or "
-                "pick another --name)"
-            ) from None
+            raise _locked(run_dir, fd) from None
         os.ftruncate(fd, 0)
         stamp = dt.datetime.now().isoformat(timespec="seconds")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Raise RunLocked now if a live process holds ``run_dir`` (nothing is created or written): a resume is
+    refused before it reads a checkpoint that process may be replacing.  A shared lock, held for the probe only:
+    probes never block each other; the run's own lock is still taken before its first write."""
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+    except OSError:  # no lock file (or no folder): nobody holds it
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _locked(run_dir, fd) from None
+    finally:
+        os.close(fd)  # releases the probe
+
+
+def _locked(run_dir: Path, fd: int) -> RunLocked:
+    holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+    return RunLocked(
+        f"{run_dir}: in use by {holder}; one process per run folder (wait for it, stop it, or pick another --name)"
+    )

@@ -115,6 +115,23 @@ def test_kills_inside_saves_never_lose_best_or_period_copies(tiny_data, referenc
     assert not [p.name for p in weights.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_the_resume_probe_sees_a_held_lock_and_creates_nothing(tmp_path):
+    """A resume asks whether the run folder is held before it reads the checkpoint (which the holder may be
+    replacing at that moment: the second process then judged a half-replaced pair of files as damaged)."""
+    from fuse_train.launch.runlock import LOCK_NAME, RunLocked, check_unlocked, run_lock
+
+    check_unlocked(tmp_path / "nothing-here")  # no folder, no lock file: not held, and nothing is created
+    assert not (tmp_path / "nothing-here").exists()
+    run = tmp_path / "exp"
+    with run_lock(run):
+        with pytest.raises(RunLocked, match=f"in use by pid {os.getpid()}"):
+            check_unlocked(run)
+        assert f"pid {os.getpid()}" in (run / LOCK_NAME).read_text()  # the holder's stamp is left as it was
+    check_unlocked(run)  # released: the probe passes and leaves the lock free
+    with run_lock(run):
+        pass
+
+
 def test_a_second_process_on_the_same_run_is_refused(saved_every_step, tmp_path):
     run = tmp_path / "exp"
     shutil.copytree(saved_every_step, run)
