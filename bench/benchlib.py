@@ -87,6 +87,11 @@ def warm(*paths: Path) -> None:
                 pass
 
 
+def spread(values: list[float], fmt: str) -> str:
+    """A figure as the benches report it: the median and the range (min-max) of its rounds."""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
 def report(
     rows: dict[str, list[dict]],
     labels: dict[str, str],
@@ -100,10 +105,6 @@ def report(
     baseline of the same round) as median and range, throughput, and whether the targets (wall <= wall_target x
     baseline, RSS <= rss_target MB) are met by the medians."""
     med = {k: {m: statistics.median(r[m] for r in v) for m in METRICS} for k, v in rows.items()}
-
-    def spread(values: list[float], fmt: str) -> str:
-        return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-
     print("| | operation s | whole process s | peak RSS MB |")
     print("|---|---|---|---|")
     for key in (baseline, ours):

@@ -35,7 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, spread  # noqa: E402
 
 CHILD = r"""
 import os, sys, time
@@ -264,16 +265,16 @@ def measure(scale: str, args) -> dict[str, dict]:
     medians = {m: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for m, rs in runs.items()}
     # per round, paired with the same round's run without saves (drift between rounds cancels): the wall-time
     # overhead, and the cost of a save as a share of that round's training between two saves
-    spread = lambda xs: (statistics.median(xs), min(xs), max(xs))  # noqa: E731
     for m, rs in runs.items():
         pairs = list(zip(rs, runs["none"]))
-        medians[m]["wall_overhead"] = spread([100 * (r["total_s"] / base["total_s"] - 1) for r, base in pairs])
+        walls = [100 * (r["total_s"] / base["total_s"] - 1) for r, base in pairs]
+        medians[m]["wall_overhead"] = (statistics.median(walls), min(walls), max(walls))
         costs = [r["excess_s"] / max(1, r["saves"]) for r in rs]
-        medians[m]["cost_spread"] = spread(costs)
-        medians[m]["overhead_spread"] = spread(
-            [100 * c / (args.every * base["median_step_s"]) for c, (_, base) in zip(costs, pairs)]
-        )
-        medians[m]["stall_spread"] = spread([r["stall_s"] for r in rs])
+        medians[m]["rounds"] = {
+            "stall": [r["stall_s"] for r in rs],
+            "cost": costs,
+            "overhead": [100 * c / (args.every * base["median_step_s"]) for c, (_, base) in zip(costs, pairs)],
+        }
     return medians
 
 
@@ -336,13 +337,11 @@ def main() -> int:
         per_step = m["none"]["median_step_s"]
         for mode in args.modes[1:]:
             r = m[mode]
-            stall, cost, over, wall = (
-                r[k] for k in ("stall_spread", "cost_spread", "overhead_spread", "wall_overhead")
-            )
+            rounds, wall = r["rounds"], r["wall_overhead"]
             print(
-                f"| {scale} | {mode} | {per_step:.3f} | {r['size'] / 2**20:.1f} | {stall[0]:.3f} ({stall[1]:.3f}-"
-                f"{stall[2]:.3f}; first {r['first_stall_s']:.3f}) | {cost[0]:.3f} ({cost[1]:.3f}-{cost[2]:.3f}) | "
-                f"{over[0]:.1f} ({over[1]:.1f}-{over[2]:.1f}) | {wall[0]:+.1f} ({wall[1]:+.1f} to {wall[2]:+.1f}) |"
+                f"| {scale} | {mode} | {per_step:.3f} | {r['size'] / 2**20:.1f} | {spread(rounds['stall'], '.3f')} "
+                f"(first {r['first_stall_s']:.3f}) | {spread(rounds['cost'], '.3f')} | "
+                f"{spread(rounds['overhead'], '.1f')} | {wall[0]:+.1f} ({wall[1]:+.1f} to {wall[2]:+.1f}) |"
             )
     return 0
 

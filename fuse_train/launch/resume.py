@@ -22,6 +22,7 @@ from fuse_train.data.pairs import PairedDataset
 from fuse_train.detector.model import ModelConfig, build_model, model_fingerprint
 from fuse_train.launch.relaunch import newest_last
 from fuse_train.launch.runlock import check_unlocked
+from fuse_train.process.distributed import launch_rank
 from fuse_train.training import state as S
 
 
@@ -139,7 +140,7 @@ def prepare_resume(
             f"{path}: not inside a run folder (<run>/weights/{path.name}); the resumed run writes "
             "results.csv and weights/ beside the checkpoint's folder. Put it at <run>/weights/ first"
         )
-    if int(os.environ.get("RANK", "0")) == 0:  # (the other ranks of a torchrun job share rank 0's run folder)
+    if launch_rank() == 0:  # (the other ranks of a torchrun job share rank 0's run folder)
         check_unlocked(path.absolute().parent.parent)  # before reading what another process may be replacing
     if check:
         path = trusted_checkpoint(path, console)

@@ -27,12 +27,18 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun's environment gives it, readable before the group is joined (0 for a
+    plain launch, whatever RANK says)."""
+    return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def init_distributed(use_cuda: bool) -> DistInfo:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = launch_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         return DistInfo(rank, world, local_rank)
     if use_cuda:
