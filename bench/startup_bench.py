@@ -17,6 +17,9 @@ import sysconfig
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402, F401  (importing it makes the children start from bytecode, as an installed package does)
+
 BASELINE = ("python -c pass", [sys.executable, "-c", "pass"])
 SCRIPTS = Path(sysconfig.get_path("scripts"))
 

@@ -270,7 +270,7 @@ def _users(ckpt: Checkpoint) -> dict[int, list[str]]:
 def _lost_storages(ckpt: Checkpoint, on_bytes) -> list[tuple[StorageRef, str]]:
     """Storages whose bytes are not all there and intact, with the reason."""
     lost = []
-    scanner = StorageScanner(ckpt, on_bytes=on_bytes)
+    scanner = StorageScanner(ckpt, on_bytes=on_bytes, leaves=False)  # CRC32s and counts only
     refs = {id(t.storage): t.storage for _, t in iter_tensors(ckpt.tree)}
     for ref in refs.values():
         record = ckpt.record_of(ref) if ckpt.record_of else None

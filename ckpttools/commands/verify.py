@@ -130,7 +130,7 @@ def _check(ckpt: Checkpoint, report: Report, progress) -> Report:
         if progress:
             progress(done[0], total)
 
-    scanner = StorageScanner(ckpt, on_bytes=on_bytes)
+    scanner = StorageScanner(ckpt, on_bytes=on_bytes, leaves=_carries_digest(ckpt.tree))
     scanner.scan_all(ckpt.storages.values())  # one pass: CRC32, NaN/Inf and digest leaves, on every core
     _check_digest(ckpt, report, scanner)
     for ref in ckpt.storages.values():  # storages the digest walk did not reach
@@ -275,6 +275,12 @@ def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
             report.add(INFO, "zip.extra-record", f"record {name} is not part of a torch.save checkpoint", name)
         elif short.startswith("data/") and name not in storage_records and ckpt.tree is not None:
             report.add(WARNING, "zip.unreferenced-record", f"storage record {name} is not used by the pickle", name)
+
+
+def _carries_digest(tree: Any) -> bool:
+    """Whether the checkpoint records a content digest of a known algorithm (the pass then takes its leaves)."""
+    record = tree.get(DIGEST_KEY) if isinstance(tree, dict) else None
+    return isinstance(record, dict) and record.get("algorithm") in KNOWN_ALGORITHMS
 
 
 def _check_digest(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -> None:
