@@ -6,9 +6,10 @@ synchronously, written by the background writer (the default), and as DCP folder
     python bench/save_bench.py --breakdown [--scales n,s]     # where one save's time goes, and the GIL
 
 Modes (``--modes``): ``none``, ``sync`` (``--no-async-save``), ``async`` (the default: the snapshot in the file's
-layout, written from it), ``async-stream`` (the background writer as before that: separate buffers, a digest
-pass, streamed by ``live_torch`` through the page cache), ``async-torch.save`` (the same with torch.save's own
-write), ``dcp``.
+layout, its larger tensors hashed as they are copied, the file written from it), ``async-pass`` (the same arena
+filled by one batched torch copy and hashed by the writer's own pass, as before the copy took the hashes),
+``async-stream`` (the background writer as before the arena: separate buffers, a digest pass, streamed by
+``live_torch`` through the page cache), ``async-torch.save`` (the same with torch.save's own write), ``dcp``.
 
 ``--breakdown`` times each phase of one save (median of 5): building the state dict, the snapshot copy (the
 training thread's stall), the digest, writing the file (torch.save, and our GIL-free writer), fsync, and the
@@ -50,7 +51,10 @@ from fuse_train.training.trainer import Trainer
 scale, steps, every, mode, img, out = sys.argv[1:7]
 steps, every, img = int(steps), int(every), int(img)
 stream = mode == "async-stream"  # the background writer as before the arena: separate buffers, live_torch
-mode = "async" if stream else mode
+if mode == "async-pass":  # the arena filled by torch's batched copy, hashed in the writer's own pass
+    from fuse_train.checkpoint import async_save
+    async_save.HASHED_COPY_MIN = float("inf")
+mode = "async" if mode in ("async-stream", "async-pass") else mode
 if mode == "async-torch.save":  # the baseline: the background writer with torch.save's own (GIL-holding) write
     from ckpttools.formats import live_torch
     live_torch.save = lambda tree, out: False
@@ -250,7 +254,7 @@ def run(scale: str, steps: int, every: int, mode: str, img: int, out: Path) -> d
     return _result(proc)
 
 
-MODES = ("none", "sync", "async", "async-stream", "async-torch.save", "dcp")
+MODES = ("none", "sync", "async", "async-pass", "async-stream", "async-torch.save", "dcp")
 
 
 def measure(scale: str, args) -> dict[str, dict]:

@@ -19,6 +19,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ckpttools.objects import is_placeholder
 from ckpttools.tensors import LazyTensor
 
 DIGEST_KEY = "digest"
@@ -79,7 +80,9 @@ def tree_digest(
     if algorithm not in KNOWN_ALGORITHMS:
         raise ValueError(f"unknown digest algorithm {algorithm!r}")
     h = xxhash.xxh3_128()
-    _feed(h, tree, tensor_leaf, top=True, per_leaf=algorithm == DIGEST_V2)
+    walk = _Walk(h, tensor_leaf, per_leaf=algorithm == DIGEST_V2)
+    walk.value(tree, top=True)
+    walk.flush()
     return h.hexdigest()
 
 
@@ -87,43 +90,106 @@ def _key_order(key: Any) -> tuple[str, str]:
     return (type(key).__name__, repr(key))
 
 
-def _feed(h, value: Any, tensor_leaf, top: bool = False, per_leaf: bool = True) -> None:
-    leaf = tensor_leaf(value)
-    if leaf is not None:
-        h.update(b"T" + leaf.dtype.encode() + b"|" + repr(leaf.shape).encode() + b"|")
-        if per_leaf:
-            h.update(leaf.hash())
+_F64 = struct.Struct("<d").pack
+
+
+def _torch_name(value: Any) -> str | None:
+    """The name a torch constant is hashed by: the one the safe reader gives it (``DType``, ``TorchLayout``,
+    ``TorchConstant``, a device's string), or, for a ``torch`` global the reader does not know (a dtype newer
+    than its table), the global's name.  So the digest of a tree is the same from torch.load's values and from
+    the reader's, and a file is not called changed for holding a dtype."""
+    kind = type(value)
+    if kind.__module__ == "torch" and kind.__name__ in ("dtype", "qscheme", "memory_format"):
+        return str(value).removeprefix("torch.")
+    if kind.__module__ == "torch" and kind.__name__ in ("layout", "device"):
+        return str(value)
+    if is_placeholder(value) and value._reference.module == "torch":
+        return value._reference.name
+    return None
+
+
+class _Walk:
+    """The digest's byte stream: every value's tag and bytes in the canonical order, gathered in pieces and
+    hashed in large updates (the stream defines the digest, not how it is cut: a tree of 2,000 tensors is some
+    10,000 pieces, and an update call each cost more than the bytes)."""
+
+    def __init__(self, h, tensor_leaf, per_leaf: bool):
+        self.h, self.tensor_leaf, self.per_leaf = h, tensor_leaf, per_leaf
+        self.parts: list[bytes] = []
+
+    def flush(self) -> None:
+        if self.parts:
+            self.h.update(b"".join(self.parts))
+            self.parts.clear()
+
+    def value(self, value: Any, top: bool = False) -> None:
+        out = self.parts.append
+        kind = type(value)
+        # the common kinds first, by exact type (a tensor-like value is never one of them)
+        if kind is str:
+            data = value.encode("utf-8", "surrogatepass")
+            out(b"S%d|" % len(data))
+            out(data)
+        elif kind is int:
+            out(b"I%d|" % value)
+        elif kind is dict:
+            self.mapping(value, top)
+        elif kind is float:
+            out(b"F" + _F64(value))
+        elif kind is bool:
+            out(b"B1|" if value else b"B0|")
+        elif value is None:
+            out(b"N|")
+        elif kind is list or kind is tuple:
+            self.sequence(value)
         else:
-            for chunk in leaf.chunks():
-                h.update(chunk)
-        return
-    if isinstance(value, dict):
+            self.other(value, top)
+
+    def mapping(self, value: dict, top: bool) -> None:
         items = [(k, v) for k, v in value.items() if not (top and k == DIGEST_KEY)]
-        h.update(b"D%d|" % len(items))
+        self.parts.append(b"D%d|" % len(items))
         for k, v in sorted(items, key=lambda kv: _key_order(kv[0])):
-            _feed(h, k, tensor_leaf, per_leaf=per_leaf)
-            _feed(h, v, tensor_leaf, per_leaf=per_leaf)
-    elif isinstance(value, (list, tuple)):
-        h.update((b"L" if isinstance(value, list) else b"U") + b"%d|" % len(value))
+            self.value(k)
+            self.value(v)
+
+    def sequence(self, value: list | tuple) -> None:
+        self.parts.append((b"L" if isinstance(value, list) else b"U") + b"%d|" % len(value))
         for item in value:
-            _feed(h, item, tensor_leaf, per_leaf=per_leaf)
-    elif value is None:
-        h.update(b"N|")
-    elif isinstance(value, bool):
-        h.update(b"B1|" if value else b"B0|")
-    elif isinstance(value, int):
-        h.update(b"I" + str(value).encode() + b"|")
-    elif isinstance(value, float):
-        h.update(b"F" + struct.pack("<d", value))
-    elif isinstance(value, str):
-        data = value.encode("utf-8", "surrogatepass")
-        h.update(b"S%d|" % len(data) + data)
-    elif isinstance(value, (bytes, bytearray)):
-        h.update(b"Y%d|" % len(value) + bytes(value))
-    else:
-        # Anything else (a dtype, a placeholder for a pickled class) is hashed by its printed form.
-        text = f"{type(value).__module__}.{type(value).__qualname__}:{value!r}".encode()
-        h.update(b"O%d|" % len(text) + text)
+            self.value(item)
+
+    def other(self, value: Any, top: bool) -> None:
+        """Tensors, subclasses of the plain kinds, and everything else."""
+        out = self.parts.append
+        leaf = self.tensor_leaf(value)
+        if leaf is not None:
+            out(b"T" + leaf.dtype.encode() + b"|" + repr(leaf.shape).encode() + b"|")
+            if self.per_leaf:
+                out(leaf.hash())
+            else:  # v1: the tensor's bytes in the stream itself
+                self.flush()
+                for chunk in leaf.chunks():
+                    self.h.update(chunk)
+            return
+        value = _torch_name(value) or value
+        if isinstance(value, dict):
+            self.mapping(value, top)
+        elif isinstance(value, (list, tuple)):
+            self.sequence(value)
+        elif isinstance(value, bool):
+            out(b"B1|" if value else b"B0|")
+        elif isinstance(value, int):
+            out(b"I" + str(value).encode() + b"|")
+        elif isinstance(value, float):
+            out(b"F" + _F64(value))
+        elif isinstance(value, str):
+            data = value.encode("utf-8", "surrogatepass")
+            out(b"S%d|" % len(data) + data)
+        elif isinstance(value, (bytes, bytearray)):
+            out(b"Y%d|" % len(value) + bytes(value))
+        else:
+            # Anything else (a placeholder for a pickled class) is hashed by its printed form.
+            text = f"{type(value).__module__}.{type(value).__qualname__}:{value!r}".encode()
+            out(b"O%d|" % len(text) + text)
 
 
 def digest_record(tree: Any) -> dict[str, str]:

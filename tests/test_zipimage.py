@@ -25,7 +25,7 @@ from ckpttools.commands.verify import verify
 from ckpttools.digest import DIGEST_KEY, digest_record
 from ckpttools.formats import live_torch, zipimage
 from ckpttools.formats.zipwriter import header_size
-from fuse_train.checkpoint.async_save import PinnedSnapshot
+from fuse_train.checkpoint.async_save import HASHED_COPY_MIN, PinnedSnapshot, _balanced
 from fuse_train.training.saving import CheckpointingMixin
 from tests.test_every_dtype import NAMES, SAVEABLE, element_bytes, same, sample
 
@@ -141,11 +141,11 @@ def test_every_dtype_torch_saves_is_written_exactly_or_declined(tmp_path, monkey
     values = {name: sample(d, 4 << 10) for name, d in zip(NAMES, SAVEABLE)}
     tree, arena, layout, unplaced = _arena_of(values)
     out, plain = tmp_path / "every.pt", tmp_path / "every-plain.pt"
-    written = zipimage.write(tree, arena, layout, out)
+    written = zipimage.write(tree, arena, layout, None, out)
     assert written == (not unplaced)  # a tensor outside the arena: declined, nothing written
     assert out.exists() == written and not unplaced, f"dtypes no byte buffer views: {unplaced}"
     _check_file(out, tree)
-    assert _write_plain(monkeypatch, tree, arena, layout, plain)
+    assert _write_plain(monkeypatch, tree, arena, layout, None, plain)
     assert out.read_bytes() == plain.read_bytes()  # O_DIRECT or not, the same file
 
 
@@ -186,6 +186,13 @@ def test_a_snapshot_of_any_tree_is_written_exactly_with_or_without_o_direct(tmp_
     assert not [c for c in codes if c.split(".")[0] in ("zip", "file", "storage", "tensor", "digest", "values")]
     assert _write_plain(monkeypatch, copy, *snapshot.image, tmp_path / "b.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    # the hashes taken while copying: one for each slot the hashing copy filled, and the file the writer's own
+    # pass writes without them
+    arena, layout, known = snapshot.image
+    big = [i for i, n in enumerate(layout.sizes) if n >= HASHED_COPY_MIN]
+    assert [i for i, h in enumerate(known or []) if h is not None] == big
+    assert zipimage.write(copy, arena, layout, None, tmp_path / "c.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "c.pt").read_bytes()
 
 
 def test_o_direct_is_used_exactly_where_the_filesystem_takes_it(tmp_path, monkeypatch):
@@ -255,6 +262,33 @@ def test_saves_that_reuse_the_arena_write_the_bytes_a_fresh_arena_writes(tmp_pat
             assert zf.testzip() is None
         assert _same_tree(_load(tmp_path / "reused.pt"), copy)
     assert len(snapshot.layout.headers) == 1  # the headers of the last save only
+
+
+def test_views_whose_values_are_not_their_memory_are_copied_by_value(tmp_path):
+    # a transposed, a conjugated and a negated view: torch copies their values; the hashing copy, which copies
+    # memory as it lies, leaves them alone (their hashes taken by the writer)
+    base = torch.randn(400, 300)
+    complex_values = torch.complex(torch.randn(40_000), torch.randn(40_000))
+    tree = {"t": base.T, "conj": complex_values.conj(), "neg": torch._neg_view(base), "plain": base}
+    snapshot = PinnedSnapshot(file_image=True)
+    copy = snapshot.take(tree)
+    resolved = {k: v.resolve_conj().resolve_neg() for k, v in tree.items()}
+    assert all(torch.equal(copy[k].resolve_conj().resolve_neg(), v) for k, v in resolved.items())
+    _, layout, known = snapshot.image
+    assert [k for k, h in zip(tree, known, strict=True) if h is not None] == ["plain"]
+    assert zipimage.write(copy, *snapshot.image, tmp_path / "views.pt")
+    back = _load(tmp_path / "views.pt")
+    assert all(torch.equal(back[k], v.resolve_conj().resolve_neg()) for k, v in tree.items())
+    _check_file(tmp_path / "views.pt", copy)
+
+
+def test_hashed_copies_are_shared_evenly_among_the_threads():
+    jobs = [(n, i, 0) for i, n in enumerate([900, 500, 400, 300, 300, 100, 100, 100])]
+    for workers in (1, 2, 3, 4, 20):
+        runs = _balanced(jobs, workers)
+        assert sorted(j for run in runs for j in run) == sorted(jobs)  # each job once
+        loads = [sum(n for n, _, _ in run) for run in runs]
+        assert len(runs) == min(workers, len(jobs)) and max(loads) - min(loads) <= max(n for n, _, _ in jobs)
 
 
 def test_a_tree_that_does_not_match_its_arena_is_declined_with_nothing_written(tmp_path):

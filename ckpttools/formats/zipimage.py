@@ -8,7 +8,11 @@ the page cache, from which the kernel wrote them back later.  Here:
 
 * ``plan`` lays the records out in one buffer (the *arena*): record 0's data at 0, each next record's data
   where torch would put it, past room for its local header.  The snapshot copies each tensor into its slot.
-* ``write`` makes one pass over each record in L2-sized blocks (its CRC32 and its digest leaf together), writes
+* ``copy_in`` copies a tensor into its slot and takes the record's CRC32 and digest leaf in the same pass, each
+  L2-sized block hashed while it is still in the cache: the snapshot of a CPU step (``fuse_train``'s
+  ``PinnedSnapshot``) costs what the copy alone costs, and the writer has no pass of its own to make.
+* ``write`` makes one pass over each record whose hashes it was not given, in L2-sized blocks (its CRC32 and its
+  digest leaf together), writes
   the local headers into the gaps the plan left, builds the head (``data.pkl`` with the digest, the small
   records) and the tail (the last small records and the central directory), and writes head, arena and tail
   to the file, with ``O_DIRECT`` where the filesystem takes it (the DMA reads the arena: no copy into the page
@@ -86,10 +90,11 @@ def address(buffer: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if buffer.nbytes else 0
 
 
-def write(tree: dict, arena: memoryview, layout: Plan, path: Path) -> bool:
+def write(tree: dict, arena: memoryview, layout: Plan, known: list | None, path: Path) -> bool:
     """Write ``tree`` (a dict of plain values and CPU tensors, each tensor filling its own slot of ``arena``, in
     the tree's order) to ``path`` as a ``torch.save`` file, its digest recorded under ``DIGEST_KEY`` (in
-    ``tree`` too).  False, nothing written, when the tree does not match ``layout``."""
+    ``tree`` too).  ``known``: per slot, its (CRC32, digest leaf) as ``copy_in`` took them, or None where the
+    pass must take them.  False, nothing written, when the tree does not match ``layout``."""
     arena = arena.cast("B")
     try:
         described, memory = describe(tree, slots(arena, layout), layout.described)
@@ -102,9 +107,11 @@ def write(tree: dict, arena: memoryview, layout: Plan, path: Path) -> bool:
     data_pkl, storages = pickle_tree(described)
     if not _matches(storages, memory, arena, layout):
         return False
+    if known is None or len(known) != len(storages):
+        known = [None] * len(storages)
     crcs, leaves = [], {}
-    for ref, offset in zip(storages, layout.offsets, strict=True):
-        crc, leaf = _one_pass(arena[offset : offset + ref.nbytes])
+    for ref, offset, hashes in zip(storages, layout.offsets, known, strict=True):
+        crc, leaf = hashes or _one_pass(arena[offset : offset + ref.nbytes])
         crcs.append(crc)
         leaves[id(ref)] = leaf
     value = tree_digest(described, _leaf_of(leaves, memory))
@@ -158,6 +165,23 @@ def _one_pass(data: memoryview) -> tuple[int, bytes]:
     crc, h = 0, xxhash.xxh3_128()
     for at in range(0, data.nbytes, SCAN_BLOCK):  # L2-sized: the CRC32 and the xxh3 leaf read memory once
         block = data[at : at + SCAN_BLOCK]
+        crc = crc32(block, crc)
+        h.update(block)
+    return crc, h.digest()
+
+
+def copy_in(arena: memoryview, offset: int, source: int, nbytes: int) -> tuple[int, bytes]:
+    """Copy ``nbytes`` from memory address ``source`` into the arena at ``offset``, and return what ``_one_pass``
+    returns for those bytes: each block is hashed right after it is copied, while it is in the cache (the copy
+    reads memory, the hashes do not).  The caller vouches that ``source`` holds ``nbytes`` readable bytes that do
+    not change meanwhile (a CPU tensor's, contiguous, not conjugated or negated).  No GIL is held for the bytes:
+    ``memmove``, ISA-L's CRC32 and xxh3 all release it, so several threads copy at once."""
+    crc, h = 0, xxhash.xxh3_128()
+    destination = address(arena) + offset
+    for at in range(0, nbytes, SCAN_BLOCK):
+        n = min(SCAN_BLOCK, nbytes - at)
+        ctypes.memmove(destination + at, source + at, n)
+        block = arena[offset + at : offset + at + n]
         crc = crc32(block, crc)
         h.update(block)
     return crc, h.digest()

@@ -203,7 +203,7 @@ class CheckpointingMixin:
         with open(path, "wb") as f:  # streamed: no second in-memory copy of the checkpoint
             # our zip writer from the snapshot's memory (the GIL released for the bytes; each slot of the arena
             # a storage of its own); torch.save itself, on copies, for a tree that writer leaves to it
-            if not live_torch.save(ckpt, f, zipimage.slots(*image) if image is not None else None):
+            if not live_torch.save(ckpt, f, zipimage.slots(*image[:2]) if image is not None else None):
                 torch.save(_own_storages(ckpt), f)
 
     def _save_failure(self, last: Path, exc: BaseException) -> BaseException:
