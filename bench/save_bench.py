@@ -147,10 +147,10 @@ def fsync():
 names = ("state dict", "snapshot", "digest", "torch.save", "ours", "fsync", "arena snapshot", "arena write",
          "arena fsync")
 phases = {{k: [] for k in names}}
-def timed(name, fn):  # wall and this thread's CPU (the kernel's writeback threads are not counted)
-    t, c = time.perf_counter(), time.thread_time()
+def timed(name, fn):  # wall and the process's CPU: every thread, torch's OpenMP threads and the snapshot's copy
+    t, c = time.perf_counter(), time.process_time()  # threads too (the kernel's writeback threads are not counted)
     out = fn()
-    phases[name].append((time.perf_counter() - t, time.thread_time() - c))
+    phases[name].append((time.perf_counter() - t, time.process_time() - c))
     return out
 for _ in range(5):
     state = timed("state dict", tr.checkpoint_dict)
@@ -160,7 +160,7 @@ for _ in range(5):
     timed("ours", lambda: write(lambda f: live_torch.save(snap, f)))
     timed("fsync", fsync)
     image = timed("arena snapshot", lambda: arena.take(state))
-    # one CRC32 + digest pass, the file written from the arena (O_DIRECT)
+    # the CRC32s and digest leaves the copy did not take, the file written from the arena (O_DIRECT)
     timed("arena write", lambda: zipimage.write(image, *arena.image, Path(out) / "f.pt"))
     timed("arena fsync", fsync)
 def steps(n, writer=None):
@@ -224,9 +224,10 @@ def breakdown(scale: str, img: int, rounds: int) -> dict:
 
 def print_breakdown(args) -> None:
     print(
-        "one save, median of 5, ms of wall time (of the thread's CPU): before the arena (separate snapshot "
-        "buffers, a digest pass, the file written by torch.save or by our writer, fsync) and now (the snapshot "
-        "into the arena, one CRC32 + digest pass and the file written from the arena, fsync); then the training "
+        "one save, median of 5, ms of wall time (of the process's CPU, all its threads): before the arena "
+        "(separate snapshot buffers, a digest pass, the file written by torch.save or by our writer, fsync) and now "
+        "(the snapshot into the arena, hashed as it is copied, and the file written from the arena, fsync); then the "
+        "training "
         "step's slowdown while a background thread (nice 19) keeps writing, against steps with no writer, median "
         f"(min-max) over {args.repeats} alternated rounds"
     )
