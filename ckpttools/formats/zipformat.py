@@ -39,7 +39,7 @@ class ZipStructureError(Exception):
         self.records = records
 
 
-@dataclass
+@dataclass(slots=True)  # slots: an optimizer's checkpoint may hold 200,000 records (100 bytes less each)
 class Record:
     name: str
     header_offset: int

@@ -55,7 +55,7 @@ def parse_zip(
     src = Window(fd, base, size, mapped=True)
     try:
         records = _parse(src, size, problems, path, base, on_first)
-        for r in records:  # relative -> absolute
+        for r in records if base else ():  # relative -> absolute (a zip embedded at ``base``; new ints per record)
             r.header_offset += base
             r.data_offset += base if r.data_offset >= 0 else 0
             r.end += base

@@ -46,7 +46,18 @@ class UnknownDType(pickle.UnpicklingError):
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, StorageRef):
         raise pickle.UnpicklingError("tensor rebuild without a storage record")
-    return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride), bool(requires_grad))
+    return LazyTensor(storage, int(storage_offset), _shared(tuple(size)), _shared(tuple(stride)), bool(requires_grad))
+
+
+# Equal shapes and strides share one tuple: an optimizer's checkpoint repeats a few shapes over 200,000 tensors
+# (two tuples of 56+ bytes each per tensor otherwise).  Bounded: cleared when it grows past what models repeat.
+_SHAPES: dict[tuple, tuple] = {}
+
+
+def _shared(value: tuple) -> tuple:
+    if len(_SHAPES) > 4096:
+        _SHAPES.clear()
+    return _SHAPES.setdefault(value, value)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype=None, metadata=None):
