@@ -1,10 +1,12 @@
-"""The background checkpoint writer's share of the CPU: starved while it keeps up, fair once it falls behind."""
+"""The background checkpoint writer: its share of the CPU (starved while it keeps up, fair once it falls behind),
+and the thread the saved tree is let go on."""
 
 from __future__ import annotations
 
 import os
 import sys
 import threading
+import weakref
 
 import pytest
 import torch
@@ -38,3 +40,18 @@ def test_the_writer_is_starved_while_it_keeps_up_and_fair_once_a_save_finds_it_b
     saver.submit(state, _writer(seen, done))  # waits for it (at a fair share), then writes at a fair share
     saver.wait()
     assert seen == [STARVED_NICE, STARVED_NICE, STARVED_NICE, FAIR_NICE]
+
+
+def test_the_saved_trees_tensors_are_let_go_on_the_writers_thread():
+    # Freeing a tensor waits for the GIL: were the training thread to free the state dict's thousands of views
+    # on its way out of save() while the writer pickles, it would stand still until the writer let go of the
+    # GIL.  So the writer holds the tree and drops it when it is done.
+    saver, release, freed_on = AsyncSaver(), threading.Event(), []
+    view = torch.ones(4).detach()
+    weakref.finalize(view, lambda: freed_on.append(threading.current_thread().name))
+    saver.submit({"w": view}, lambda snapshot: release.wait(10))
+    del view
+    assert freed_on == []  # the caller has let go; the writer still holds it
+    release.set()
+    saver.wait()
+    assert freed_on == ["checkpoint-writer"]
