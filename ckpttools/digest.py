@@ -3,7 +3,10 @@
 The digest hashes the checkpoint's *tree*: every dict key, every plain value, and every tensor's dtype,
 shape and element bytes, walked in a canonical order.  It is therefore the same for a ``.pt`` file and its
 HDF5 or safetensors conversion, and ``ckpt verify`` can recompute it from the safe reader without running
-``torch.load``.  The writer stores it under ``DIGEST_KEY``; that key is left out of the hash.
+``torch.load``.  The writer stores it under ``DIGEST_KEY``; that key is left out of the hash.  The same tree
+gives the same digest from torch's values (a trainer's live state) and from the safe reader's (``ckpt
+verify``): torch's named constants (dtypes, layouts, devices, qschemes) are hashed by the name the reader gives
+them (``tests/test_digest.py`` checks it on generated trees).
 
 Two versions are read; v2 is written:
 

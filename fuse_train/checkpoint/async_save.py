@@ -69,15 +69,17 @@ class PinnedSnapshot:
             if self.file_image:
                 self._reused = (buffers, groups)
         self.pending_device_copies, self.hashes = False, None
-        with torch.no_grad():  # the sources may require grad: the copy is data, not a step autograd records
-            for device, at in groups.items():
-                if device.type == "cpu" and self.arena is not None:
-                    at = self._copy_hashing(tensors, buffers, at)
-                cuda = device.type == "cuda"
-                if at:
-                    torch._foreach_copy_([buffers[i] for i in at], [tensors[i][1] for i in at], non_blocking=cuda)
-                self.pending_device_copies |= cuda
-            self._collect_hashes()
+        try:
+            with torch.no_grad():  # the sources may require grad: the copy is data, not a step autograd records
+                for device, at in groups.items():
+                    if device.type == "cpu" and self.arena is not None:
+                        at = self._copy_hashing(tensors, buffers, at)
+                    cuda = device.type == "cuda"
+                    if at:
+                        torch._foreach_copy_([buffers[i] for i in at], [tensors[i][1] for i in at], non_blocking=cuda)
+                    self.pending_device_copies |= cuda
+        finally:
+            self._collect_hashes()  # no copy outlives take(), whatever stopped it
         return _replace(tree, iter(buffers))
 
     @property
