@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from ckpttools.cli import main as ckpt
+from ckpttools.commands.audit import AuditReport, _step_series
 from tests.helpers import TINY, run_train
 
 SIX = [*TINY[:0], "--epochs", "6", *TINY[2:]]  # TINY with 6 epochs (4 steps each)
@@ -228,3 +231,26 @@ def test_the_audit_prints_no_trailing_padding():
     lines = out.getvalue().splitlines()
     assert any("counters: continue by one" in line for line in lines)
     assert all(line == line.rstrip() for line in lines), lines
+
+
+def test_a_resumes_purge_is_read_as_tensorboard_shows_it_and_said_in_our_words(tmp_path, capfd):
+    # a run logged steps 0-5, was stopped, and resumed from step 3 with purge_step=3 (as fuse-train's RunLog
+    # does): TensorBoard drops the old 3-5 and warns about "a TensorFlow restart" on stderr; the audit reads the
+    # curve TensorBoard shows, prints no such warning, and notes the purge
+    from torch.utils.tensorboard import SummaryWriter
+
+    first = SummaryWriter(str(tmp_path))
+    for step in range(6):
+        first.add_scalar("lr/pg0", float(step), step)
+    first.close()
+    time.sleep(1.1)  # event file names carry the second they were made in
+    resumed = SummaryWriter(str(tmp_path), purge_step=3)
+    for step in range(3, 7):
+        resumed.add_scalar("lr/pg0", 10.0 + step, step)
+    resumed.close()
+    report = AuditReport(str(tmp_path))
+    series = _step_series(tmp_path, report)
+    assert series["lr/pg0"] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+    assert any("drops the steps a stopped run logged" in n and "(1 resume" in n for n in report.notes)
+    assert "TensorFlow" not in capfd.readouterr().err
+    assert logging.getLogger("tensorboard").handlers == []  # left as it was

@@ -23,6 +23,7 @@ where the epoch column breaks.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -271,9 +272,41 @@ def _step_series(run: Path, report: AuditReport) -> dict[str, list[tuple[int, fl
         report.notes.append("TensorBoard is not installed: event files not checked")
         return {}
     ea = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    ea.Reload()
+    with _PurgesCounted() as purges:
+        ea.Reload()
     report.notes.append(f"TensorBoard events checked: {len(ea.Tags()['scalars'])} scalar tags")
+    if purges.count:
+        report.notes.append(
+            f"TensorBoard drops the steps a stopped run logged past its checkpoint ({purges.count} resume(s)); "
+            "the curves are read as it shows them"
+        )
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+class _PurgesCounted(logging.Handler):
+    """While TensorBoard's reader runs: its notices of purged events are counted here instead of printed.  A
+    resume's purge is how the curves continue (the trainer writes the purge step), but TensorBoard words it as
+    a warning about "a TensorFlow restart" on the user's terminal."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.logger = logging.getLogger("tensorboard")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "Purging" in record.getMessage()
+
+    def __enter__(self) -> _PurgesCounted:
+        self.saved = (self.logger.propagate, self.logger.level)
+        self.logger.addHandler(self)
+        self.logger.propagate = False  # not to the root logger (nor Python's last-resort stderr handler)
+        self.logger.setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.propagate, level = self.saved
+        self.logger.setLevel(level)
 
 
 def _repeated_steps(series: dict[str, list[tuple[int, float]]]) -> list[str]:
