@@ -128,25 +128,24 @@ class _Walk:
     def value(self, value: Any, top: bool = False) -> None:
         out = self.parts.append
         kind = type(value)
-        # the common kinds first, by exact type (a tensor-like value is never one of them)
+        # the most common kinds first, by exact type (a tensor-like value is never one of them)
         if kind is str:
-            data = value.encode("utf-8", "surrogatepass")
-            out(b"S%d|" % len(data))
-            out(data)
+            self.text(value)
         elif kind is int:
             out(b"I%d|" % value)
         elif kind is dict:
             self.mapping(value, top)
-        elif kind is float:
-            out(b"F" + _F64(value))
-        elif kind is bool:
-            out(b"B1|" if value else b"B0|")
         elif value is None:
             out(b"N|")
         elif kind is list or kind is tuple:
             self.sequence(value)
         else:
             self.other(value, top)
+
+    def text(self, value: str) -> None:
+        data = value.encode("utf-8", "surrogatepass")
+        self.parts.append(b"S%d|" % len(data))
+        self.parts.append(data)
 
     def mapping(self, value: dict, top: bool) -> None:
         items = [(k, v) for k, v in value.items() if not (top and k == DIGEST_KEY)]
@@ -161,7 +160,7 @@ class _Walk:
             self.value(item)
 
     def other(self, value: Any, top: bool) -> None:
-        """Tensors, subclasses of the plain kinds, and everything else."""
+        """Tensors, floats, booleans, subclasses of the plain kinds, and everything else."""
         out = self.parts.append
         leaf = self.tensor_leaf(value)
         if leaf is not None:
@@ -185,8 +184,7 @@ class _Walk:
         elif isinstance(value, float):
             out(b"F" + _F64(value))
         elif isinstance(value, str):
-            data = value.encode("utf-8", "surrogatepass")
-            out(b"S%d|" % len(data) + data)
+            self.text(value)
         elif isinstance(value, (bytes, bytearray)):
             out(b"Y%d|" % len(value) + bytes(value))
         else:

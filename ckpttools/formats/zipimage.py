@@ -160,31 +160,27 @@ def _matches(storages: list, memory: dict, arena: memoryview, layout: Plan) -> b
     return True
 
 
-def _one_pass(data: memoryview) -> tuple[int, bytes]:
-    """The record's CRC32 and the xxh3-128 of its bytes (the digest leaf), block by block."""
+def _one_pass(data: memoryview, source: int | None = None) -> tuple[int, bytes]:
+    """The record's CRC32 and the xxh3-128 of its bytes (the digest leaf), block by block; with ``source`` (a
+    memory address), each block is first copied into ``data`` from there (``copy_in``)."""
     crc, h = 0, xxhash.xxh3_128()
+    destination = address(data) if source is not None else 0
     for at in range(0, data.nbytes, SCAN_BLOCK):  # L2-sized: the CRC32 and the xxh3 leaf read memory once
         block = data[at : at + SCAN_BLOCK]
+        if source is not None:
+            ctypes.memmove(destination + at, source + at, block.nbytes)
         crc = crc32(block, crc)
         h.update(block)
     return crc, h.digest()
 
 
 def copy_in(arena: memoryview, offset: int, source: int, nbytes: int) -> tuple[int, bytes]:
-    """Copy ``nbytes`` from memory address ``source`` into the arena at ``offset``, and return what ``_one_pass``
-    returns for those bytes: each block is hashed right after it is copied, while it is in the cache (the copy
-    reads memory, the hashes do not).  The caller vouches that ``source`` holds ``nbytes`` readable bytes that do
-    not change meanwhile (a CPU tensor's, contiguous, not conjugated or negated).  No GIL is held for the bytes:
-    ``memmove``, ISA-L's CRC32 and xxh3 all release it, so several threads copy at once."""
-    crc, h = 0, xxhash.xxh3_128()
-    destination = address(arena) + offset
-    for at in range(0, nbytes, SCAN_BLOCK):
-        n = min(SCAN_BLOCK, nbytes - at)
-        ctypes.memmove(destination + at, source + at, n)
-        block = arena[offset + at : offset + at + n]
-        crc = crc32(block, crc)
-        h.update(block)
-    return crc, h.digest()
+    """Copy ``nbytes`` from memory address ``source`` into the arena at ``offset``, and return what the writer's
+    pass would for those bytes: each block is hashed right after it is copied, while it is in the cache (the
+    copy reads memory, the hashes do not).  The caller vouches that ``source`` holds ``nbytes`` readable bytes
+    that do not change meanwhile (a CPU tensor's, contiguous, not conjugated or negated).  No GIL is held for
+    the bytes: ``memmove``, ISA-L's CRC32 and xxh3 all release it, so several threads copy at once."""
+    return _one_pass(arena[offset : offset + nbytes], source)
 
 
 def _leaf_of(leaves: dict, memory: dict):

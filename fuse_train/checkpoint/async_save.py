@@ -49,7 +49,6 @@ class PinnedSnapshot:
         # writer's pass takes them (``zipimage.write``'s ``known``)
         self.hashes: list | None = None
         self._copiers: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool) for ``_copy_hashing``
-        self._copying: list = []  # its copies in flight
 
     def take(self, tree: Any) -> Any:
         """The tree with every tensor replaced by its buffer, filled by one batched copy per source device
@@ -69,17 +68,18 @@ class PinnedSnapshot:
             if self.file_image:
                 self._reused = (buffers, groups)
         self.pending_device_copies, self.hashes = False, None
+        copying: list = []  # ``_copy_hashing``'s copies in flight
         try:
             with torch.no_grad():  # the sources may require grad: the copy is data, not a step autograd records
                 for device, at in groups.items():
                     if device.type == "cpu" and self.arena is not None:
-                        at = self._copy_hashing(tensors, buffers, at)
+                        at = self._copy_hashing(tensors, buffers, at, copying)
                     cuda = device.type == "cuda"
                     if at:
                         torch._foreach_copy_([buffers[i] for i in at], [tensors[i][1] for i in at], non_blocking=cuda)
                     self.pending_device_copies |= cuda
         finally:
-            self._collect_hashes()  # no copy outlives take(), whatever stopped it
+            self._collect_hashes(copying)  # no copy outlives take(), whatever stopped it
         return _replace(tree, iter(buffers))
 
     @property
@@ -90,10 +90,11 @@ class PinnedSnapshot:
             return None
         return memoryview(self.arena.numpy()), self.layout, self.hashes
 
-    def _copy_hashing(self, tensors: list, buffers: list, at: list[int]) -> list[int]:
+    def _copy_hashing(self, tensors: list, buffers: list, at: list[int], copying: list) -> list[int]:
         """Start copying the CPU tensors at ``at`` that fill an arena slot of at least ``HASHED_COPY_MIN`` bytes
         with ``zipimage.copy_in`` on a few threads (each record's hashes taken as its bytes are copied: the
-        copy reads memory, the hashes read the cache); return the indices left to the batched copy."""
+        copy reads memory, the hashes read the cache), their futures added to ``copying``; return the indices
+        left to the batched copy."""
         base, offsets = self.arena.data_ptr(), self.layout.offsets
         arena = memoryview(self.arena.numpy())
         jobs, rest = [], []
@@ -110,12 +111,11 @@ class PinnedSnapshot:
             if self._copiers is None or self._copiers[0] != workers:
                 self._copiers = (workers, ThreadPoolExecutor(workers, thread_name_prefix="snapshot-copy"))
             pool = self._copiers[1]
-            self._copying = [pool.submit(_copy_run, arena, offsets, run) for run in _balanced(jobs, workers)]
+            copying.extend(pool.submit(_copy_run, arena, offsets, run) for run in _balanced(jobs, workers))
         return rest
 
-    def _collect_hashes(self) -> None:
+    def _collect_hashes(self, copying: list) -> None:
         """Wait for ``_copy_hashing``'s copies; their hashes become ``self.hashes``."""
-        copying, self._copying = self._copying, []
         if not copying:
             return
         hashes: list = [None] * len(self.layout.sizes)
