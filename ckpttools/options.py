@@ -3,6 +3,8 @@ so a nonsense value is one line and exit 2 (click's usage error), never a run th
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import sys
 
@@ -42,6 +44,8 @@ class OneLineErrors(click.Group):
         return ctx.command_path
 
     def main(self, args=None, prog_name=None, **extra):
+        if args is None:  # the process's own command line (the console script): the process ends with it
+            atexit.register(gc.freeze)  # first registered, so it runs last
         args = list(sys.argv[1:] if args is None else args)
         try:
             code = super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
