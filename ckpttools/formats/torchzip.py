@@ -61,7 +61,8 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
 
     def scan_early(record: zipformat.Record, data: bytes) -> None:
         if record.name.endswith("data.pkl") and len(data) >= background.IN_BACKGROUND_FROM:
-            early.append((data, background.start_scan(data)))
+            # read again from the record if the child fails (its offsets are absolute by then: parse_zip)
+            early.append((data, background.start_scan(data, lambda: zipformat.read_record(path, record))))
 
     records = _read_records(ckpt, path, base, length, scan_early)
     pkl_name = pickle_record_name([r.name for r in records])

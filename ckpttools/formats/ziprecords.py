@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,18 +91,19 @@ def _parse(
                 "central directory",
             )
         )
-    entries = _directory_entries(src, size, end, path, base)
+    cd, starts = _directory_entries(src, size, end, path, base)
     # every entry checked against its local header; what only a torch-written file must satisfy is kept aside
     # until the entries have said whether this is one (most records padded the way torch pads them)
-    checked = [_check_entry(src, size, *entry) for entry in entries[:1]]
+    constants: Counter = Counter()
+    checked = [_check_entry(src, size, cd, pos, constants) for pos in starts[:1]]
     if on_first and checked and not checked[0].problems and not checked[0].record.truncated:
         first = checked[0].record
         if first.method == 0:
             on_first(first, src.pread(first.size, first.data_offset))
-    checked += [_check_entry(src, size, fields, name_bytes, extra) for fields, name_bytes, extra in entries[1:]]
-    torch_style = bool(entries) and sum(e.padded for e in checked) * 2 > len(entries)
+    checked += [_check_entry(src, size, cd, pos, constants) for pos in starts[1:]]
+    torch_style = bool(starts) and sum(e.padded for e in checked) * 2 > len(starts)
     if torch_style:
-        _check_torch_constants(entries, end, problems)
+        _check_torch_constants(constants, cd, starts, end, problems)
     records = _placed_records(checked, torch_style, end.cd_offset, problems)
     if end.comment_len:
         problems.append(
@@ -150,51 +152,60 @@ def _end_records(src: Window, size: int, problems: list[ZipProblem], path: Path,
     return _End(z_n_total, z_cd_size, z_cd_offset, z64_at, comment_len, (z_made, z_need))
 
 
-def _directory_entries(src: Window, size: int, end: _End, path: Path, base: int) -> list[tuple]:
-    """(fields, name bytes, extra) of every central-directory entry; a directory that does not hold what the end
-    record says is a ZipStructureError carrying the records a local-header scan finds."""
+def _directory_entries(src: Window, size: int, end: _End, path: Path, base: int) -> tuple[bytes, array]:
+    """The central directory's bytes and where each entry starts in them; a directory that does not hold what
+    the end record says is a ZipStructureError carrying the records a local-header scan finds.  Positions, not
+    unpacked entries: 200,000 entries held as tuples while they are checked cost 80 MB."""
     cd = src.pread(end.cd_size, end.cd_offset)
-    entries = []
+    starts = array("Q")
     pos = 0
     while pos + CENTRAL_HEADER.size <= len(cd) and cd[pos : pos + 4] == CENTRAL_MAGIC:
-        fields = CENTRAL_HEADER.unpack_from(cd, pos)
-        name_len, extra_len, comment = fields[10], fields[11], fields[12]
-        name_bytes = cd[pos + 46 : pos + 46 + name_len]
-        extra = cd[pos + 46 + name_len : pos + 46 + name_len + extra_len]
-        entries.append((fields, name_bytes, extra))
+        starts.append(pos)
+        name_len, extra_len, comment = NAME_EXTRA_COMMENT.unpack_from(cd, pos + 28)
         pos += 46 + name_len + extra_len + comment
-    if pos != len(cd) or len(entries) != end.n_total:
+    if pos != len(cd) or len(starts) != end.n_total:
         # a directory that breaks off (a zeroed page, wrong counts) cannot be trusted for the entries it still
         # shows either (the one at the break has half its fields): read the records as a truncated file's are,
         # from their local headers
         raise ZipStructureError(
-            f"the central directory holds {len(entries)} readable entries in {pos} of "
+            f"the central directory holds {len(starts)} readable entries in {pos} of "
             f"{len(cd)} bytes, the end record says {end.n_total}",
             scan_local_headers(path, base, size),
         )
-    return entries
+    return cd, starts
 
 
-def _check_torch_constants(entries: list[tuple], end: _End, problems: list[ZipProblem]) -> None:
-    """Fields torch writes identically for every entry (other writers vary them by entry: Python's zipfile sets
-    "version made by" per compression method), and its zip64 end record's versions."""
-    for index, label in (
-        (1, "version made by"),
-        (13, "disk number"),
-        (14, "internal attributes"),
-        (15, "external attributes"),
-    ):
-        values = Counter(e[0][index] for e in entries)
-        if len(entries) <= 2 or len(values) == 1:
+NAME_EXTRA_COMMENT = struct.Struct("<HHH")  # a central entry's name, extra and comment lengths, at byte 28
+
+# fields torch writes identically for every entry, by their place in CENTRAL_HEADER (other writers vary them by
+# entry: Python's zipfile sets "version made by" per compression method)
+CONSTANT_FIELDS = (
+    (1, "version made by"),
+    (13, "disk number"),
+    (14, "internal attributes"),
+    (15, "external attributes"),
+)
+
+
+def _check_torch_constants(constants: Counter, cd: bytes, starts: array, end: _End, problems: list) -> None:
+    """The fields of CONSTANT_FIELDS (``constants``: how many entries have each combination of them, counted
+    while the entries were checked) and the zip64 end record's versions, as torch writes them."""
+    for place, (index, label) in enumerate(CONSTANT_FIELDS):
+        values: Counter = Counter()
+        for key, n in constants.items():
+            values[key[place]] += n
+        if len(starts) <= 2 or len(values) == 1:
             continue
         common = max(values, key=values.__getitem__)
-        for e in entries:
-            if e[0][index] != common:
+        for pos in starts:  # the rare case: a second reading of the directory names the entries that differ
+            fields = CENTRAL_HEADER.unpack_from(cd, pos)
+            if fields[index] != common:
+                name = cd[pos + 46 : pos + 46 + fields[10]].decode("utf-8", "replace")
                 problems.append(
                     ZipProblem(
                         "zip.structure",
-                        f"central directory {label} {e[0][index]:#x} differs from every other entry's {common:#x}",
-                        e[1].decode("utf-8", "replace"),
+                        f"central directory {label} {fields[index]:#x} differs from every other entry's {common:#x}",
+                        name,
                     )
                 )
     if end.zip64_versions is not None and end.zip64_versions != TORCH_ZIP64_VERSIONS:
@@ -250,26 +261,30 @@ def _placed_records(checked: list, torch_style: bool, cd_offset: int, problems: 
 LIKELY_EXTRA = 96  # bytes of local extra field read with the header (torch's alignment padding is under 64)
 
 
-@dataclass
+@dataclass(slots=True)  # slots, and shared empties below: 200,000 of them are held until the last is checked
 class _Entry:
     """One central-directory entry checked against its local header."""
 
     record: Record
-    problems: list[ZipProblem]
-    torch_only: set[int]  # ids of the problems that count only in a torch-written file
+    problems: list[ZipProblem] | tuple
+    torch_only: set[int] | frozenset  # ids of the problems that count only in a torch-written file
     padded: bool  # laid out as torch writes a record: a data descriptor, and torch's padding (or no extra field)
 
 
 PADDING_TAG = struct.pack("<H", PADDING_ID)
 
 
-def _check_entry(src: Window, size: int, fields, name_bytes: bytes, extra: bytes) -> _Entry:
-    """The record a central-directory entry describes, and every way its local header, extra fields and data
-    descriptor disagree with it.  Called once per record (200,000 in an optimizer's checkpoint): the common
-    case, where everything agrees, is decided with few comparisons."""
-    (_, _made, need, flags, method, mtime, mdate, crc, csize, usize, _nl, _el, _cl, _disk, _iattr, _eattr, offset) = (
-        fields
-    )
+def _check_entry(src: Window, size: int, cd: bytes, at: int, constants: Counter) -> _Entry:
+    """The record the central-directory entry at ``cd[at:]`` describes, and every way its local header, extra
+    fields and data descriptor disagree with it; ``constants`` counts its CONSTANT_FIELDS.  Called once per
+    record (200,000 in an optimizer's checkpoint): the common case, where everything agrees, is decided with
+    few comparisons."""
+    fields = CENTRAL_HEADER.unpack_from(cd, at)
+    (_, made, need, flags, method, mtime, mdate, crc, csize, usize, name_len, extra_len) = fields[:12]
+    disk, iattr, eattr, offset = fields[13:]
+    constants[made, disk, iattr, eattr] += 1
+    name_bytes = cd[at + 46 : at + 46 + name_len]
+    extra = cd[at + 46 + name_len : at + 46 + name_len + extra_len]
     name = name_bytes.decode("utf-8", "replace")
     problems: list[ZipProblem] = []
     torch_only: set[int] = set()
@@ -284,7 +299,7 @@ def _check_entry(src: Window, size: int, fields, name_bytes: bytes, extra: bytes
     blob = src.pread(LOCAL_HEADER.size + len(name_bytes) + LIKELY_EXTRA, offset)
     if len(blob) < LOCAL_HEADER.size or blob[:4] != LOCAL_MAGIC:
         problems.append(ZipProblem("zip.header-mismatch", f"no local header at offset {offset}", name))
-        return _Entry(Record(name, offset, -1, csize, crc, method, truncated=True, end=offset), problems, set(), False)
+        return _Entry(Record(name, offset, -1, csize, crc, method, truncated=True, end=offset), problems, NONE, False)
     (_, l_need, l_flags, l_method, l_time, l_date, l_crc, l_csize, l_usize, l_nl, l_el) = LOCAL_HEADER.unpack_from(blob)
     if 30 + l_nl + l_el <= len(blob):
         l_name, l_extra = blob[30 : 30 + l_nl], blob[30 + l_nl : 30 + l_nl + l_el]
@@ -333,7 +348,10 @@ def _check_entry(src: Window, size: int, fields, name_bytes: bytes, extra: bytes
     padded = fields[16] == offset and (l_extra[:2] == PADDING_TAG or (descriptor and l_el == 0))
     size_out, compressed = (usize, csize) if method else (csize, None)
     record = Record(name, offset, data_offset, size_out, crc, method, truncated, end, local_name, compressed)
-    return _Entry(record, problems, torch_only, padded)
+    return _Entry(record, problems or NONE, torch_only or NONE, padded)
+
+
+NONE = frozenset()  # no problems: one shared empty, not two new containers for each of 200,000 entries
 
 
 LOCAL_FIELDS = ("version", "flags", "method", "time", "date", "name")

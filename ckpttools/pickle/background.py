@@ -14,6 +14,11 @@ memory) is replaced by the in-line scan: the verdict never depends on the child.
 
 The child sends its ``PickleScan`` back through a pipe as a pickle: our own objects, written by our own
 process, never a byte of the checkpoint.
+
+Where the caller can read the bytes again (``reread``: a record of the file), this process keeps only their
+xxh3-128 while the child works, not the bytes (20 MB for a pickle of 200,000 tensors, 40 MB in a ``diff`` of
+two): the fallback reads them again and scans them only if they are the very bytes that were unpickled; bytes
+that changed meanwhile make a scan whose problem says so (unsafe: the pickle read was never scanned).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import pickle
 import signal
 import sys
 import threading
+from collections.abc import Callable
+
+from xxhash import xxh3_128_digest
 
 from ckpttools.pickle.scan import scan_pickle
 from ckpttools.pickle.scan_model import PickleScan
@@ -34,8 +42,10 @@ IN_BACKGROUND_FROM = 4 << 20  # bytes of pickle; below this the in-line scan tak
 class PendingScan:
     """A scan running in a child process; ``result()`` waits for it (once) and returns the ``PickleScan``."""
 
-    def __init__(self, data: bytes, pid: int, fd: int):
-        self._data: bytes | None = data  # kept for the in-line fallback
+    def __init__(self, data: bytes, pid: int, fd: int, reread: Callable[[], bytes] | None = None):
+        # for the in-line fallback: the bytes, or where they can be read again, only their digest
+        self._data: bytes | None = data if reread is None else None
+        self._reread, self._digest = reread, xxh3_128_digest(data) if reread is not None else None
         self._pid, self._fd = pid, fd
         self._result: PickleScan | None = None
 
@@ -50,8 +60,20 @@ class PendingScan:
     def result(self) -> PickleScan:
         if self._result is None:
             self._result = self._collect()
-            self._data = None
+            self._data = self._reread = None
         return self._result
+
+    def _scan_here(self) -> PickleScan:
+        """The in-line scan, of the very bytes that were handed to the child."""
+        if self._data is not None:
+            return scan_pickle(self._data)
+        try:
+            data = self._reread()
+        except OSError as exc:
+            return PickleScan(problems=[f"the pickle could not be read again to be scanned: {exc}"])
+        if xxh3_128_digest(data) != self._digest:
+            return PickleScan(problems=["the pickle changed while it was read: the bytes read were never scanned"])
+        return scan_pickle(data)
 
     def _collect(self) -> PickleScan:
         chunks = []
@@ -69,7 +91,7 @@ class PendingScan:
                 scan = None
             if isinstance(scan, PickleScan):
                 return scan
-        return scan_pickle(self._data)
+        return self._scan_here()
 
 
 def _can_fork() -> bool:
@@ -81,8 +103,9 @@ def _can_fork() -> bool:
     )
 
 
-def start_scan(data: bytes) -> PickleScan | PendingScan:
-    """The scan of ``data``: finished (small pickles, or where a child cannot be forked) or pending."""
+def start_scan(data: bytes, reread: Callable[[], bytes] | None = None) -> PickleScan | PendingScan:
+    """The scan of ``data``: finished (small pickles, or where a child cannot be forked) or pending.
+    ``reread``: reads ``data`` again from where it came (then it is not kept while the child scans)."""
     if len(data) < IN_BACKGROUND_FROM or not _can_fork():
         return scan_pickle(data)
     read_end, write_end = os.pipe()
@@ -105,7 +128,7 @@ def start_scan(data: bytes) -> PickleScan | PendingScan:
         finally:
             os._exit(code)
     os.close(write_end)
-    return PendingScan(data, pid, read_end)
+    return PendingScan(data, pid, read_end, reread)
 
 
 def settled(scan: PickleScan | PendingScan) -> PickleScan:

@@ -40,6 +40,49 @@ print(sorted({j.status for j in judge(got)}))
 """
 
 
+REREAD = r"""
+import os, signal, sys
+from ckpttools.pickle.background import PendingScan, start_scan
+from ckpttools.pickle.policy import judge
+from ckpttools.pickle.scan import scan_pickle
+
+path, case = sys.argv[1], sys.argv[2]
+data = open(path, "rb").read()
+pending = start_scan(data, reread=lambda: open(path, "rb").read())
+assert isinstance(pending, PendingScan) and pending._data is None, "only the digest is kept while the child scans"
+if case == "changed":  # the file is rewritten with other bytes before the fallback reads it again
+    with open(path, "r+b") as f:
+        f.seek(len(data) // 2)
+        f.write(b"X")
+elif case == "gone":
+    os.remove(path)
+os.kill(pending._pid, signal.SIGKILL)  # the child dies before it answers: the fallback reads the bytes again
+got = pending.result()
+if case == "same":
+    expected = scan_pickle(data)
+    fields = lambda scan: (scan.uses, scan.calls, scan.problems, scan.error)  # noqa: E731
+    assert fields(got) == fields(expected)
+else:
+    assert got.problems and not got.uses, got
+print(sorted({j.status for j in judge(got)}), got.problems)
+"""
+
+
+@pytest.mark.parametrize("case", ["same", "changed", "gone"])
+def test_a_scan_that_can_reread_keeps_no_copy_and_scans_only_the_bytes_that_were_read(tmp_path, case):
+    """Where the bytes can be read again (a record of the file), the parent keeps only their digest while the
+    child scans; the fallback scans them again only if they are the same bytes: changed or unreadable ones
+    make a scan whose problem judges the pickle unsafe, never a scan of other bytes."""
+    path = _big_pickle(tmp_path, harmful=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", REREAD, str(path), case], capture_output=True, text=True, env=ENV, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "dangerous" in proc.stdout  # the harmful pickle, or a pickle that could not be scanned
+    if case != "same":
+        assert ("changed while it was read" if case == "changed" else "could not be read again") in proc.stdout
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
