@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ckpttools.pickle.policy import ALLOWED
 from ckpttools.pickle.unpickler import IMPLEMENTATIONS
 
@@ -104,6 +106,8 @@ def test_start_up_imports_only_what_the_command_needs():
 
 HELP_PROBE = """
 import sys
+
+import pytest
 from click.testing import CliRunner
 from ckpttools.cli import main as ckpt
 from fuse_train.cli import cli as fuse
@@ -170,11 +174,37 @@ def test_every_trainer_module_is_registered_once_under_a_known_layout():
     from ckpttools.trainers.base import TrainerRules
     from ckpttools.trainers.registry import BY_LAYOUT, TRAINERS
 
-    modules = {p.stem for p in (PACKAGE / "trainers").glob("*.py")} - {"__init__", "base", "registry"}
-    modules -= {m for m in modules if m.endswith("_schema")}
+    modules = {p.stem for p in (PACKAGE / "trainers").glob("*.py")} - {"__init__", "base", "registry", "run_records"}
+    modules -= {m for m in modules if m.endswith(("_schema", "_records"))}
     assert {type(r).__module__.rsplit(".", 1)[1] for r in TRAINERS} == modules
     assert len(BY_LAYOUT) == len(TRAINERS) and all(isinstance(r, TrainerRules) for r in TRAINERS)
     assert set(BY_LAYOUT) <= set(L.LAYOUTS)
+
+
+def test_every_records_module_is_registered_for_trainers_it_knows():
+    from ckpttools.trainers import registry, run_records
+    from ckpttools.trainers.base import RunRecords
+
+    modules = {p.stem for p in (PACKAGE / "trainers").glob("*_records.py")} - {"run_records"}
+    assert {type(r).__module__.rsplit(".", 1)[1] for r in run_records.BY_LAYOUT.values()} == modules
+    assert set(run_records.BY_LAYOUT) <= set(registry.BY_LAYOUT)
+    assert all(isinstance(r, RunRecords) for r in run_records.BY_LAYOUT.values())
+
+
+# the commands that only read checkpoints: none of them needs a dataset reader (only preflight, audit and the
+# dataset commands do), so none pays for importing them
+READ_ONLY_COMMANDS = ("verify", "inspect", "diff", "convert", "repair", "remap")
+
+
+@pytest.mark.parametrize("command", READ_ONLY_COMMANDS)
+def test_commands_that_read_checkpoints_load_no_dataset_reader(command):
+    code = (
+        f"import sys, ckpttools.commands.{command}; "
+        "print(sorted(m for m in sys.modules if m.startswith('ckpttools.datasets.')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"ckpttools.commands.{command} imports {proc.stdout.strip()}"
 
 
 def test_convert_writes_every_target_through_its_format_module():

@@ -130,7 +130,7 @@ def test_fingerprint_is_versioned_and_old_records_are_compared_in_their_version(
 
 
 def test_a_resume_and_the_preflight_compare_an_old_record_in_its_version(tiny_data, tmp_path):
-    from ckpttools.trainers.fuse_train import RULES
+    from ckpttools.trainers.fuse_train_records import RECORDS
     from fuse_train.config import RunConfig
     from fuse_train.launch.resume import requested_resolution
 
@@ -139,7 +139,7 @@ def test_a_resume_and_the_preflight_compare_an_old_record_in_its_version(tiny_da
     old = spec_fingerprint(load_data_spec(data), like="0" * 64 + ":" + "0" * 64)
     assert not old.startswith("v2:") and old != now
     for recorded in (old, now):
-        record = RULES.requested_record({"data-fingerprint": recorded}, {"data": str(data)})
+        record = RECORDS.requested_record({"data-fingerprint": recorded}, {"data": str(data)})
         assert record["data-fingerprint"] == recorded
         resolved = requested_resolution(RunConfig(data=str(data), img_size=64), 1, recorded)
         assert resolved.dataset_fingerprint == recorded

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ckpttools.cli import main as CKPT
-from ckpttools.trainers.ultralytics import infrared_fingerprint_of
+from ckpttools.trainers.ultralytics_records import infrared_fingerprint_of
 
 
 def _yolofuse_dataset(root):

@@ -19,7 +19,8 @@ from typing import Any
 from ckpttools import layouts as L
 from ckpttools.errors import UsageError
 from ckpttools.formats.registry import open_checkpoint
-from ckpttools.trainers.registry import rules_for, run_record_trainers
+from ckpttools.trainers.registry import rules_for
+from ckpttools.trainers.run_records import records_for, run_record_trainers
 
 # field -> (group, why it matters).  Order is the order of the table.
 RULES: dict[str, tuple[str, str]] = {
@@ -155,7 +156,7 @@ def recorded_fields(path: Path) -> dict[str, Any]:
     """The run record a checkpoint carries, read through the safe reader; its trainer says where it lives."""
     ckpt = open_checkpoint(path)
     layout = L.recognise(ckpt.tree, Path(path))
-    record = rules_for(layout).run_record(ckpt.tree) if isinstance(ckpt.tree, dict) else None
+    record = records_for(layout).run_record(ckpt.tree) if isinstance(ckpt.tree, dict) else None
     if record is None:
         raise UsageError(
             f"{path}: a {layout} checkpoint records no run settings to compare (preflight needs a checkpoint of "
@@ -168,4 +169,4 @@ def requested_fields(recorded: dict[str, Any], given: dict[str, Any]) -> dict[st
     """The record a resume with ``given`` options (python names: img_size, weight_decay, ...) would have;
     options not given are taken from ``recorded``; the checkpoint's trainer reads ``--data`` its own way."""
     fields = {name.replace("_", "-"): value for name, value in given.items()}
-    return rules_for(recorded.get("trainer")).requested_record(recorded, fields)
+    return records_for(recorded.get("trainer")).requested_record(recorded, fields)

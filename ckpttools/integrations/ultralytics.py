@@ -47,6 +47,7 @@ from ckpttools.formats.registry import open_checkpoint
 from ckpttools.integrations.ultralytics_state import capture_state, restore_image_buffer, restore_state
 from ckpttools.tensors import TensorSource
 from ckpttools.trainers import ultralytics as U
+from ckpttools.trainers import ultralytics_records as UR
 from ckpttools.trainers.base import now
 from ckpttools.trainers.registry import rules_for
 
@@ -166,7 +167,7 @@ class _SafeMixin:
         carried on by every resume."""
         if getattr(self, "_ckpttools_data", None) is None:
             try:
-                self._ckpttools_data = {"infrared": U.infrared_fingerprint_of(str(self.args.data))}
+                self._ckpttools_data = {"infrared": UR.infrared_fingerprint_of(str(self.args.data))}
             except Exception:  # noqa: BLE001 - a data YAML the reader does not follow: no record, said by preflight
                 self._ckpttools_data = {"infrared": None}
         return dict(self._ckpttools_data)
@@ -233,7 +234,7 @@ def _preflight_resume(last: Path, overrides: dict, allow: set[str]) -> tuple[lis
     rules = rules_for(L.recognise(tree))  # Ultralytics' or YOLOFuse's (which also compares ``ch``)
     if not isinstance(rules, U.UltralyticsRules):  # a file this trainer wrote that is not recognised: its rules
         rules = U.RULES
-    recorded = U.record_of_checkpoint(tree, rules.fields, rules.layout)
+    recorded = UR.record_of_checkpoint(tree, rules.fields, rules.layout)
     by_key = {key: field for field, key in rules.fields.items()}
     given = {
         by_key[k].replace("-", "_"): v for k, v in overrides.items() if k in by_key and k != "model" and v is not None

@@ -65,15 +65,7 @@ class TrainerRules:
     def rebuilds_missing_digest(self) -> bool:
         return False
 
-    # ---- preflight
-    def run_record(self, tree: dict) -> dict[str, Any] | None:
-        """The settings the run was started with, as preflight fields; None when the checkpoint records none."""
-        return None
-
-    def requested_record(self, recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-        """The record a resume with ``given`` options (preflight field names) would run with."""
-        return {**recorded, **given}
-
+    # ---- preflight (the run records it compares: RunRecords below)
     def resume_consequence(self, field: str, content_only: bool) -> str | None:
         """What the trainer itself does on resume with a changed ``field`` (``content_only``: the data's files
         changed at the same path), to be said next to the preflight's verdict."""
@@ -96,3 +88,20 @@ def event_position(event: dict, steps_per_epoch: int) -> float:
 
 
 GENERIC = TrainerRules()
+
+
+class RunRecords:
+    """What a trainer's preflight compares: the run settings a checkpoint records, and the record a resume with
+    other options would have.  Apart from ``TrainerRules`` because it reads datasets (the fingerprint of the data
+    a run trains on): the commands that only read checkpoints never load the dataset readers."""
+
+    def run_record(self, tree: dict) -> dict[str, Any] | None:
+        """The settings the run was started with, as preflight fields; None when the checkpoint records none."""
+        return None
+
+    def requested_record(self, recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """The record a resume with ``given`` options (preflight field names) would run with."""
+        return {**recorded, **given}
+
+
+NO_RECORDS = RunRecords()

@@ -1,4 +1,4 @@
-"""fuse-train: what the commands do with its checkpoints.
+"""fuse-train: what the commands do with its checkpoints (the preflight's run record: ``fuse_train_records.py``).
 
 - verify: the counters in ``progress`` agree with each other, with ``epoch`` and with the result rows; a
   ``.pt`` without ckpttools' content digest is a warning (fuse-train's DCP folders have none: ``dcp.async_save``
@@ -8,9 +8,6 @@
   rank r < old world size keeps its own, new ranks get streams derived from (seed, global step, rank); the
   per-rank loss sums of a mid-epoch checkpoint are folded into rank 0; ``resolved.world_size`` and ``history``
   record the change, and the digest is rebuilt.  Preflight then accepts the resume on M processes.
-- preflight: the run record of ``fuse_train_schema.run_record``; ``--data`` is fingerprinted by the dataset
-  reader; a structure option (fusion, scale, image size) given on its own leaves the model fingerprint to
-  fuse-train, which compares it when it builds the model.
 """
 
 from __future__ import annotations
@@ -19,8 +16,6 @@ import random
 from typing import Any
 
 from ckpttools import layouts as L
-from ckpttools.datasets.spec import DatasetError, load_data_spec
-from ckpttools.datasets.survey import spec_fingerprint
 from ckpttools.errors import UsageError
 from ckpttools.formats.dcp import NAME as DCP
 from ckpttools.report import ERROR, Report
@@ -77,25 +72,6 @@ class FuseTrainRules(TrainerRules):
         if isinstance(tree, dict) and isinstance(tree.get(S.K_HISTORY), list):
             step = _progress(tree).get("global_step")
             tree[S.K_HISTORY].append({"event": event, "date": now(), "step": step, "changes": list(changes)})
-
-    def run_record(self, tree: dict) -> dict[str, Any] | None:
-        return S.record_of_checkpoint(tree)
-
-    def requested_record(self, recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-        requested = dict(recorded)
-        for name, value in given.items():
-            if name == "data":
-                try:  # computed in the fingerprint version the checkpoint recorded (datasets/survey.py)
-                    spec = load_data_spec(value)
-                    fingerprint = spec_fingerprint(spec, like=recorded.get("data-fingerprint"))
-                except DatasetError as exc:
-                    raise UsageError(f"--data: {exc}") from None
-                requested["data"], requested["data-fingerprint"] = str(spec.yaml_path), fingerprint
-            else:
-                requested[name] = value
-        if {"fusion", "scale", "img-size"} & set(given):
-            requested.pop("model", None)  # the structure fingerprint is compared by fuse-train itself
-        return requested
 
 
 RULES = FuseTrainRules()

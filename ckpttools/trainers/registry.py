@@ -1,4 +1,5 @@
-"""Every trainer ckpttools knows, by layout name.  Adding one = its module + one line here."""
+"""Every trainer ckpttools knows, by layout name.  Adding one = its module + one line here (and, if its
+checkpoints carry a run record the preflight compares, its records module + one line in ``run_records.py``)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,9 @@ def rules_for(layout: str | None) -> TrainerRules:
 
 def run_folder_trainers() -> str:
     """'fuse-train, YOLOFuse or Ultralytics': the trainers whose run folders `ckpt audit` reads, for messages."""
-    return _either([r.title for r in TRAINERS if r.run_folders])
+    return either([r.title for r in TRAINERS if r.run_folders])
 
 
-def run_record_trainers() -> str:
-    """'fuse-train, YOLOFuse or Ultralytics': the trainers whose checkpoints carry a run record the preflight compares
-    (their class overrides ``run_record``), for messages."""
-    return _either([r.title for r in TRAINERS if type(r).run_record is not TrainerRules.run_record])
-
-
-def _either(titles: list[str]) -> str:
+def either(titles: list[str]) -> str:
     """'a', 'a or b', 'a, b or c'."""
     return " or ".join(filter(None, [", ".join(titles[:-1]), titles[-1]])) if titles else "none"
