@@ -8,7 +8,8 @@ the weights and EMA in --dtype: Ultralytics saves its weights in float16; --no-d
 digest, as every file other tools write does, so verify has no digest leaves to take) in a separate process, then runs
 each side in a fresh process (so import costs and peak RSS are its own), alternating, --repeats times, after
 one warm-up read that puts the file in the page cache for both.
-Reports wall time (whole process and the operation alone), GB/s and peak RSS, with ratios; where verify's time
+Reports wall time (whole process and the operation alone), GB/s and peak RSS, with ratios; the command line
+`ckpt verify FILE` (click and rich included, its output piped), timed in the same rounds; where verify's time
 goes (import, opening + pickle scan, the fused CRC32 / NaN-Inf / digest-leaf pass over the bytes on every
 core, the digest tree walk, the remaining checks); and start-up: `ckpt --help` and `ckpt verify` of a 1 MB
 checkpoint, whole process.
@@ -22,10 +23,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, bench_args, generate, median_seconds, report, run_child, warm  # noqa: E402
+from benchlib import ROOT, bench_args, generate, median_seconds, report, run_child, spread, warm  # noqa: E402
 
 MAKE = r"""
 import sys, torch
@@ -107,6 +109,14 @@ print({{"import": t1 - t0, "open + pickle scan": t2 - t1, "CRC32 + NaN/Inf + dig
 """
 
 
+def _command_seconds(path: Path) -> float:
+    """Wall time of ``ckpt verify path`` in a fresh process, its output to a pipe."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from ckpttools.cli import main; main()"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, "verify", str(path)], capture_output=True, check=True)
+    return time.perf_counter() - started
+
+
 def _options(parser) -> None:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--no-digest", action="store_true", help="a checkpoint without fuse-train's content digest")
@@ -119,9 +129,11 @@ def main() -> int:
     size = path.stat().st_size
     warm(path)
     rows = {"baseline": [], "verify": []}
+    command = []  # `ckpt verify FILE` as users run it, in the same rounds
     for _ in range(args.repeats):
         rows["baseline"].append(run_child(BASELINE, path))
         rows["verify"].append(run_child(VERIFY, path))
+        command.append(_command_seconds(path))
     v_ok = rows["verify"][0]["ok"]
     runs = f"{args.repeats} alternated runs each: median (min-max)"
     digest = "without a content digest" if args.no_digest else "with fuse-train's content digest"
@@ -135,6 +147,11 @@ def main() -> int:
         0.10,  # issue 29 (issue 17 asked for 0.15)
         rss_target=200,
         nbytes=size,
+    )
+    per_round = [c / b["process_s"] for c, b in zip(command, rows["baseline"])]
+    print(
+        f"the command line, `ckpt verify FILE` with its output piped (click and rich included): whole process "
+        f"{spread(command, '.2f')} s, {spread(per_round, '.3f')} x the baseline per round"
     )
     parts = run_child(BREAKDOWN, path)
     print("\nwhere verify's time goes (one run): " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items() if k != "ok"))

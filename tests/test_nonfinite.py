@@ -52,6 +52,19 @@ def test_the_nonfinite_count_is_torchs_for_any_bits(dtype, data):
     assert count_nonfinite(bytes(raw), str(dtype).removeprefix("torch.")) == _torch_count(bytes(raw), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64], ids=str)
+def test_finite_values_whose_squares_overflow_are_not_counted(dtype):
+    """The quick test of 32/64-bit floats is a block's dot product with itself: finite values past the square
+    root of the largest float make it Inf, and only then are the values counted one by one, finding none."""
+    big = torch.finfo(torch.float32 if dtype == torch.complex64 else dtype).max / 2
+    t = torch.full((1000,), big, dtype=dtype)
+    raw = t.numpy().tobytes()
+    assert count_nonfinite(raw, str(dtype).removeprefix("torch.")) == 0 == _torch_count(raw, dtype)
+    t[500] = float("nan")
+    raw = t.numpy().tobytes()
+    assert count_nonfinite(raw, str(dtype).removeprefix("torch.")) == 1 == _torch_count(raw, dtype)
+
+
 # sizes on both sides of the pass's paths: tiny records (one loop for all), and records spanning several L2 blocks
 RECORD_ELEMENTS = st.sampled_from([0, 1, 7, 1000, SMALL_RECORD // 4 + 1, (SCAN_BLOCK // 4) * 2 + 3])
 
