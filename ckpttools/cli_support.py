@@ -118,7 +118,7 @@ def progress_bar(enabled: bool, description: str):
     """A rich byte-progress bar on a terminal, nothing when piped; yields the ``(done, total)`` callback or None."""
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, emoji=False)
     if not enabled or not console.is_terminal:
         yield None
         return

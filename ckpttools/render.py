@@ -20,12 +20,14 @@ from ckpttools.report import JSON_PER_CODE, Report, cap_findings, shorten
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
+# emoji=False on every console (tests/test_architecture.py): rich turns ":fire:" in printed text into an emoji,
+# and tensor names, paths and messages are printed as they are ("layer:fire:.weight" is a name, not a picture)
 def stdout() -> Console:
-    return Console(highlight=False)
+    return Console(highlight=False, emoji=False)
 
 
 def stderr() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)  # one-line errors stay one line
+    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # one-line errors stay one line
 
 
 def print_json(obj: Any) -> None:

@@ -230,7 +230,7 @@ def train(
     """Train a dual-stream RGB+infrared object detector (YOLOFuse-style early / mid / late fusion) with
     exact, crash-safe resume.  Writes <project>/<name>/ with weights/last.pt, best.pt, results.csv, args.yaml."""
     stop_before_training()  # a stop signal before the loop's handlers: one line, 130 / 143, nothing written
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)
     explicit = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     dist_info = None
     trained = False  # the loop ran: the process then leaves through exit_now (see the end)
@@ -346,7 +346,7 @@ def _failure(exc: BaseException, dist_info, debug: bool) -> int:
     from fuse_train.launch.resume import PreflightBlocked, ResumeError, RunFinished
     from fuse_train.training.trainer import TrainingFailed, TrainingInterrupted
 
-    err = Console(stderr=True, soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True, emoji=False)
 
     def say(text: str) -> None:
         err.print(text, markup=False, highlight=False)
@@ -356,7 +356,7 @@ def _failure(exc: BaseException, dist_info, debug: bool) -> int:
             say(f"{exc}: saved {exc.checkpoint}\nresume with: fuse-train --resume {shlex.quote(str(exc.checkpoint))}")
         return exit_code(exc.signum)
     if isinstance(exc, RunFinished) and exc.relaunch:  # restarted after the run's last save: done, not failed
-        Console(soft_wrap=True).print(f"{exc.relaunch}: {exc}", markup=False, highlight=False)
+        Console(soft_wrap=True, emoji=False).print(f"{exc.relaunch}: {exc}", markup=False, highlight=False)
         return EXIT_OK
     if isinstance(exc, PreflightBlocked):
         exc.render(err)

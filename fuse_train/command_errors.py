@@ -35,7 +35,7 @@ def one_line_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, debug: bool = False, **kwargs):
-        err = Console(stderr=True, soft_wrap=True)
+        err = Console(stderr=True, soft_wrap=True, emoji=False)
         try:
             code = func(*args, **kwargs)
         except (DatasetError, InferenceError, ConfigError) as exc:

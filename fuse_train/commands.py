@@ -154,7 +154,7 @@ def val(
     if as_json:
         print(json.dumps(result, indent=1))
         return EXIT_OK
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)
     console.print(_metrics_table(f"{weights} on {split} ({len(dataset)} images)", result, det.names))
     console.print(f"plots and metrics.json in {folder}", markup=False, highlight=False)
     return EXIT_OK
@@ -225,7 +225,7 @@ def predict(
     det = load_detector(weights, device)
     folder = output_folder(weights, project, name, out, exist_ok)
     records = predict_pairs(det, pairs, folder, conf, iou, ir_scale)
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)
     for record in records:
         console.print(f"{Path(record['rgb']).name}: {len(record['boxes'])} detection(s)", markup=False, highlight=False)
     console.print(f"images, labels/ and predictions.json in {folder}", markup=False, highlight=False)
@@ -291,7 +291,7 @@ def export(
     det = load_detector(weights, "cpu")
     export_onnx(det, target, opset)
     result = check_onnx(det, target)
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)
     console.print(
         f"wrote {target} (opset {opset}, input {det.img_size}x{det.img_size}); onnxruntime vs torch on a "
         f"demo pair: max |diff| boxes {result['max_abs_diff_boxes']:.2e} px, scores "

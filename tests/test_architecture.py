@@ -169,6 +169,19 @@ def test_commands_hold_no_trainer_knowledge():
     assert not hits, "\n".join(hits)
 
 
+def test_every_rich_console_prints_text_as_it_is():
+    """rich replaces ":name:" codes by emoji unless told not to: a tensor named "layer:fire:.weight" must print
+    as its name.  Every Console our programs make says emoji=False."""
+    hits = []
+    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "fuse_train").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "Console":
+                emoji = [k for k in node.keywords if k.arg == "emoji"]
+                if not emoji or not isinstance(emoji[0].value, ast.Constant) or emoji[0].value.value is not False:
+                    hits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not hits, hits
+
+
 def test_every_trainer_module_is_registered_once_under_a_known_layout():
     from ckpttools import layouts as L
     from ckpttools.trainers.base import TrainerRules

@@ -5,6 +5,8 @@ than the terminal and no trailing padding."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
 from click.testing import CliRunner
@@ -86,3 +88,21 @@ def test_positions_are_counted_as_people_count():
     assert FUSE.position(end) == "2 of 3 epochs done"
     assert ULTRA.position({"epoch": 0, "train_args": {"epochs": 3}}) == "1 of 3 epochs done"
     assert ULTRA.position({"epoch": -1}) == "final: training finished, optimizer stripped"
+
+
+def test_names_print_as_they_are_never_as_emoji_or_markup(tmp_path):
+    """Tensor names are text: rich would turn ":fire:" into an emoji (and "[bold]" into style) if asked to; the
+    commands print both as written, piped to a file the way a script reads them."""
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"layer:fire:.weight": torch.zeros(2), ":smile:": torch.ones(3), "[bold red]w[/]": torch.ones(1)}, a)
+    torch.save({"layer:fire:.weight": torch.ones(2)}, b)
+    for args in (["inspect", str(a)], ["diff", str(a), str(b)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ckpttools.cli", *args], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode in (0, 1), result.stderr
+        for name in (
+            ("layer:fire:.weight", ":smile:", "[bold red]w[/]") if args[0] == "inspect" else ("layer:fire:.weight",)
+        ):
+            assert name in result.stdout, (name, result.stdout)
+        assert not any(ord(c) > 0x2FFF for c in result.stdout), result.stdout  # no emoji

@@ -42,7 +42,7 @@ def data_check(data: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))
     else:
-        render_check(report, Console(soft_wrap=True))
+        render_check(report, Console(soft_wrap=True, emoji=False))
     return EXIT_PROBLEMS if report.problems else EXIT_OK
 
 
@@ -112,7 +112,7 @@ def data_import(
     from fuse_train.data.tools import import_dataset
 
     result = import_dataset(layout, src, out, copy, split_by, val_fraction, seed, block, ir_scale, force)
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)
     for problem in result.skipped:
         console.print(f"left out: {problem}", markup=False, highlight=False)
     console.print(
