@@ -196,7 +196,8 @@ def preflight(checkpoint: Path, allow_change: str, as_json: bool, **requested) -
             )
         else:
             stderr().print(
-                f"ckpt preflight: blocked: {', '.join(c.field for c in report.blocked)} differ; allow with "
+                f"ckpt preflight: blocked: {', '.join(c.field for c in report.blocked)} "
+                f"{'differs' if len(report.blocked) == 1 else 'differ'}; allow with "
                 f"{report.allow_hint()}",
                 markup=False,
             )

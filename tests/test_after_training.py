@@ -185,3 +185,13 @@ def test_val_predict_export_refuse_a_damaged_checkpoint(trained, tiny_data, tmp_
         assert result.exit_code == 2, result.output
         assert "fails `ckpt verify`" in result.output and ("digest.mismatch" in result.output or "crc" in result.output)
         assert "Traceback" not in result.output
+
+
+def test_a_blocked_preflight_names_what_differs_in_one_line(trained):
+    """The one line on stderr names the fields and says how to allow them, in words that agree with the count."""
+    ckpt_cli = [sys.executable, "-m", "ckpttools.cli", "preflight", str(trained)]
+    one = subprocess.run([*ckpt_cli, "--batch", "64"], capture_output=True, text=True)
+    two = subprocess.run([*ckpt_cli, "--batch", "64", "--lr0", "0.5"], capture_output=True, text=True)
+    assert one.returncode == two.returncode == 3, one.stderr + two.stderr
+    assert one.stderr.strip() == "ckpt preflight: blocked: batch differs; allow with --allow-change batch"
+    assert two.stderr.strip() == "ckpt preflight: blocked: batch, lr0 differ; allow with --allow-change batch,lr0"
