@@ -256,9 +256,15 @@ def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -
 
 
 def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
-    storage_records = {r.name for r in map(ckpt.record_of, ckpt.storages.values()) if r is not None}
-    for name, record in ckpt.records.items():
-        if name in storage_records or record.truncated:
+    if ckpt.record_name_of is not None:  # by name: the records themselves are made only for the others
+        storage_records = {name for name in map(ckpt.record_name_of, ckpt.storages.values()) if name in ckpt.records}
+    else:
+        storage_records = {r.name for r in map(ckpt.record_of, ckpt.storages.values()) if r is not None}
+    for name in ckpt.records:
+        if name in storage_records:
+            continue
+        record = ckpt.records[name]
+        if record.truncated:
             continue
         if record.crc is not None:
             crc = 0

@@ -123,7 +123,7 @@ def _batches(order: list) -> Iterator[list]:
     batch, size = [], 0
     for item in order:
         batch.append(item)
-        size += item[1].size
+        size += item[2]
         if size >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
             yield batch
             batch, size = [], 0
@@ -173,16 +173,15 @@ class StorageScanner:
         turn.  Unreadable storages are left out of ``results`` (their checks report them)."""
         refs = [r for r in refs if id(r) not in self.results]
         mappable = self.ckpt.format == "torch-zip" and self.ckpt.record_of is not None and self.ckpt.path.is_file()
-        mapped = [(r, self._plain_record(r)) for r in refs] if mappable else []
-        mapped = [(r, rec) for r, rec in mapped if rec is not None]
+        mapped = [span for span in map(self._plain_span, refs) if span is not None] if mappable else []
         if mapped:
             with (
                 one_blas_thread(),
                 open(self.ckpt.path, "rb") as f,
                 mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm,
             ):
-                order = sorted(mapped, key=lambda item: -item[1].size)  # big ones first: the pool stays balanced
-                small = [item for item in order if item[1].size <= SMALL_RECORD]
+                order = sorted(mapped, key=lambda span: -span[2])  # big ones first: the pool stays balanced
+                small = [span for span in order if span[2] <= SMALL_RECORD]
                 large = order[: len(order) - len(small)]
                 with ThreadPoolExecutor(WORKERS) as pool:
                     for batch in pool.map(
@@ -205,8 +204,8 @@ class StorageScanner:
         200,000 tiny storages (an optimizer's state) cost a second less this way."""
         out, floats = [], defaultdict(list)
         total, reads = 0, zipformat.MappedReads(mm)  # records far apart each map a folio: RSS kept flat
-        for ref, record in items:
-            block = reads.read(record.data_offset, min(record.data_offset + record.size, len(mm)))
+        for ref, start, size in items:
+            block = reads.read(start, min(start + size, len(mm)))
             leaf = xxh3_128_digest(block) if self.leaves else None
             result = StorageResult(len(block), zipformat.crc32(block), 0, True, leaf)
             out.append((ref, result))
@@ -226,17 +225,18 @@ class StorageScanner:
             self.on_bytes(total)
         return out
 
-    def _plain_record(self, ref: StorageRef):
-        """The stored (uncompressed, whole) record of ``ref`` in a torch zip file, or None."""
+    def _plain_span(self, ref: StorageRef) -> tuple[StorageRef, int, int] | None:
+        """(ref, where its bytes start, how many) where ``ref``'s record in a torch zip file is stored
+        (uncompressed) and whole, else None.  Three values, not the Record: 200,000 are held during the pass."""
         record = self.ckpt.record_of(ref)
         if record is None or record.truncated or record.method != 0 or record.data_offset < 0:
             return None
-        return record
+        return ref, record.data_offset, record.size
 
-    def _scan_mapped(self, mm: mmap.mmap, ref: StorageRef, record) -> tuple[StorageRef, StorageResult]:
+    def _scan_mapped(self, mm: mmap.mmap, ref: StorageRef, start: int, size: int) -> tuple[StorageRef, StorageResult]:
         result, h = StorageResult(), xxhash.xxh3_128() if self.leaves else None
         nonfinite = nonfinite_counter(ref.dtype)
-        pos, end = record.data_offset, min(record.data_offset + record.size, len(mm))
+        pos, end = start, min(start + size, len(mm))
         step = min(self.chunk, SCAN_BLOCK)
         mapped_from = pos - pos % PAGE  # our mapping's pages from here to ``pos`` are still resident
         view = memoryview(mm)

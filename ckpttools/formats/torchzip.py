@@ -85,6 +85,7 @@ def open_embedded(path: Path, base: int = 0, length: int | None = None) -> Check
         return ckpt
     top = pkl_name[: -len("data.pkl")]
     _scan_other_pickles(ckpt, path, pkl_name, records)
+    del records  # the parsed Record objects: the table (ckpt.records) holds what they said, in a tenth the memory
     data = None if ckpt.records[pkl_name].truncated else _intact_pickle(ckpt, path, pkl_name, base)
     if data is None:
         return ckpt
@@ -171,9 +172,7 @@ def _read_records(
                     name,
                 )
             )
-    ckpt.records = {}
-    for r in records:
-        ckpt.records.setdefault(r.name, r)  # the first, as a sequential reader sees it; duplicates are errors
+    ckpt.records = zipformat.RecordTable(records)  # the first of a name, as a sequential reader sees it
     if ckpt.findings and base == 0:
         # damaged metadata may have hidden whole records (a zeroed central-directory page): add the ones a
         # local-header scan still finds complete, so what is intact can be described and repaired
@@ -254,28 +253,36 @@ def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None, records:
     """Every other record that holds a pickle (``extra/*.pkl``, a second ``data.pkl``, TorchScript's
     ``constants.pkl``, a record whose name another one also has) is judged too: another loader may unpickle it."""
     kept = ckpt.records.get(main) if main else None
-    shadowed = [(r.name, r) for r in records if ckpt.records.get(r.name) is not r]  # torch.load may read any
     # each stretch of bytes judged once, however many entries point at it (a zip bomb's do); data.pkl's own
-    # bytes are judged where it is unpickled
+    # bytes are judged where it is unpickled; storages are judged by their tensors, not here
     spans = {(kept.data_offset, kept.stored_size)} if kept else set()
-    for name, record in [*ckpt.records.items(), *shadowed]:
-        short = name.split("/", 1)[1] if "/" in name else name
-        if (
-            record is kept
-            or short.startswith("data/")
-            or record.truncated
-            or record.size > MAX_EXTRA_PICKLE
-            or record.size == 0
-            or (record.data_offset, record.stored_size) in spans
-        ):
-            continue
-        spans.add((record.data_offset, record.stored_size))
-        try:
-            head = b"".join(zipformat.iter_record_bytes(path, record, 64, 0, 64))
-            if name.endswith(".pkl") or (head[:1] == b"\x80" and looks_like_pickle(head)):
-                ckpt.scans.append((name, scan_pickle(zipformat.read_record(path, record))))
-        except (OSError, zlib.error):  # a record whose metadata is damaged: reported by the structure checks
-            continue
+    for name in ckpt.records:
+        if name != main and not _is_storage(name):
+            _scan_if_pickle(ckpt, path, name, ckpt.records[name], spans)
+    seen: set[str] = set()
+    for record in records:  # the entries a name's first one shadows (the table keeps the first): torch.load
+        if record.name in seen and not _is_storage(record.name) and record != kept:  # may read any of them
+            _scan_if_pickle(ckpt, path, record.name, record, spans)
+        seen.add(record.name)
+
+
+def _is_storage(name: str) -> bool:
+    return (name.split("/", 1)[1] if "/" in name else name).startswith("data/")
+
+
+def _scan_if_pickle(ckpt: Checkpoint, path: Path, name: str, record, spans: set) -> None:
+    """Scan the record if it holds a pickle (by its name or its first bytes) and its bytes were not judged."""
+    if record.truncated or record.size > MAX_EXTRA_PICKLE or record.size == 0:
+        return
+    if (record.data_offset, record.stored_size) in spans:
+        return
+    spans.add((record.data_offset, record.stored_size))
+    try:
+        head = b"".join(zipformat.iter_record_bytes(path, record, 64, 0, 64))
+        if name.endswith(".pkl") or (head[:1] == b"\x80" and looks_like_pickle(head)):
+            ckpt.scans.append((name, scan_pickle(zipformat.read_record(path, record))))
+    except (OSError, zlib.error):  # a record whose metadata is damaged: reported by the structure checks
+        return
 
 
 # ---- writing -------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import os
 import struct
 import weakref
 import zlib
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,55 @@ class Record:
     @property
     def stored_size(self) -> int:
         return self.size if self.compressed is None else self.compressed
+
+
+class RecordTable(MutableMapping):
+    """A zip's records by name, the plain ones held as columns.
+
+    A checkpoint of 200,000 tensors is 200,000 records: as Record objects (each with four integers of its own)
+    they were the largest part of what a reader holds, and of ``ckpt diff``'s peak, which holds two files.  Here
+    a plain record (stored, whole, named alike in its local header) is five integers in arrays and a Record is
+    made when one is asked for: records compare equal, never identical (``is``).  The rest, and every record
+    assigned after the table is built, are kept as the objects given.  Iteration keeps the order records were
+    added in."""
+
+    def __init__(self, records: Iterable[Record] = ()):
+        self._at: dict[str, int] = {}  # every name, in order -> the row of a plain record, -1 for the others
+        self._rows = tuple(array("q") for _ in range(5))  # header_offset, data_offset, size, crc (-1: None), end
+        self._other: dict[str, Record] = {}
+        for r in records:
+            if r.name in self._at:
+                continue  # the first of a name, as a sequential reader sees it; duplicates are errors elsewhere
+            if r.method == 0 and not r.truncated and r.local_name is None and r.compressed is None:
+                self._at[r.name] = len(self._rows[0])
+                for column, value in zip(self._rows, (r.header_offset, r.data_offset, r.size, r.crc, r.end)):
+                    column.append(-1 if value is None else value)
+            else:
+                self[r.name] = r
+
+    def __getitem__(self, name: str) -> Record:
+        record = self._other.get(name)
+        if record is not None:
+            return record
+        i, (header, data, size, crc, end) = self._at[name], self._rows
+        return Record(name, header[i], data[i], size[i], None if crc[i] < 0 else crc[i], 0, False, end[i])
+
+    def __setitem__(self, name: str, record: Record) -> None:
+        self._other[name] = record  # kept as given (and found before the row of the same name, if any)
+        self._at.setdefault(name, -1)  # its place in the order
+
+    def __delitem__(self, name: str) -> None:
+        del self._at[name]
+        self._other.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._at
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
 
 
 @dataclass
