@@ -75,10 +75,12 @@ class RecordTable(MutableMapping):
         for r in records:
             if r.name in self._at:
                 continue  # the first of a name, as a sequential reader sees it; duplicates are errors elsewhere
-            if r.method == 0 and not r.truncated and r.local_name is None and r.compressed is None:
+            values = (r.header_offset, r.data_offset, r.size, -1 if r.crc is None else r.crc, r.end)
+            plain = r.method == 0 and not r.truncated and r.local_name is None and r.compressed is None
+            if plain and min(values) >= -1 and max(values) < 1 << 63:  # what a signed 64-bit column holds
                 self._at[r.name] = len(self._rows[0])
-                for column, value in zip(self._rows, (r.header_offset, r.data_offset, r.size, r.crc, r.end)):
-                    column.append(-1 if value is None else value)
+                for column, value in zip(self._rows, values):
+                    column.append(value)
             else:
                 self[r.name] = r
 
