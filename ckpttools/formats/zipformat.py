@@ -72,24 +72,33 @@ class RecordTable(MutableMapping):
         self._at: dict[str, int] = {}  # every name, in order -> the row of a plain record, -1 for the others
         self._rows = tuple(array("q") for _ in range(5))  # header_offset, data_offset, size, crc (-1: None), end
         self._other: dict[str, Record] = {}
+        header, data, size, crc, end = (column.append for column in self._rows)
         for r in records:
             if r.name in self._at:
                 continue  # the first of a name, as a sequential reader sees it; duplicates are errors elsewhere
-            values = (r.header_offset, r.data_offset, r.size, -1 if r.crc is None else r.crc, r.end)
-            plain = r.method == 0 and not r.truncated and r.local_name is None and r.compressed is None
-            if plain and min(values) >= -1 and max(values) < 1 << 63:  # what a signed 64-bit column holds
-                self._at[r.name] = len(self._rows[0])
-                for column, value in zip(self._rows, values):
-                    column.append(value)
-            else:
+            if r.method or r.truncated or r.local_name is not None or r.compressed is not None:
                 self[r.name] = r
+                continue
+            row = len(self._rows[0])
+            try:
+                header(r.header_offset), data(r.data_offset), size(r.size), end(r.end)
+                crc(-1 if r.crc is None else r.crc)
+            except OverflowError:  # past what a signed 64-bit column holds (a hostile zip64 field): as it is
+                for column in self._rows:
+                    del column[row:]
+                self[r.name] = r
+                continue
+            self._at[r.name] = row
 
     def __getitem__(self, name: str) -> Record:
-        record = self._other.get(name)
-        if record is not None:
-            return record
-        i, (header, data, size, crc, end) = self._at[name], self._rows
-        return Record(name, header[i], data[i], size[i], None if crc[i] < 0 else crc[i], 0, False, end[i])
+        if self._other and name in self._other:
+            return self._other[name]
+        i, rows = self._at[name], self._rows
+        crc = rows[3][i]
+        return Record(name, rows[0][i], rows[1][i], rows[2][i], crc if crc >= 0 else None, 0, False, rows[4][i])
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self._at else default  # without Mapping.get's exception handling
 
     def __setitem__(self, name: str, record: Record) -> None:
         self._other[name] = record  # kept as given (and found before the row of the same name, if any)
