@@ -10,13 +10,7 @@ from pathlib import Path
 import click
 
 from ckpttools import __version__
-from ckpttools.cli_support import (
-    handle_errors,
-    json_option,
-    large_buffers_in_their_own_mappings,
-    must_exist,
-    progress_bar,
-)
+from ckpttools.cli_support import handle_errors, json_option, must_exist, progress_bar
 from ckpttools.cli_write import convert, remap, repair
 from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS
 from ckpttools.options import IMG_SIZE, OneLineErrors
@@ -53,7 +47,6 @@ def main() -> None:
     # objects again and again as they are made: a third of `ckpt verify`'s time on such a file.  Collections
     # 140x rarer still bound the rare cyclic garbage (bench/many_tensors_bench.py measures it).
     gc.set_threshold(*BULK_GC_THRESHOLDS)
-    large_buffers_in_their_own_mappings()
 
 
 @main.command()

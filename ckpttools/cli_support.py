@@ -5,7 +5,6 @@ Rich and the renderers are imported when used (``ckpt --help`` stays lean)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import sys
@@ -106,24 +105,6 @@ def _fail(command: str, message: str, code: int, debug: bool, as_json: bool, pre
         print_json({"ok": False, "error": message, "exit_code": code})
     stderr().print(f"ckpt {command}: {prefix}{message}", markup=False, highlight=False)
     return code
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
-
-def large_buffers_in_their_own_mappings() -> None:
-    """Fix glibc's mmap threshold at its default (128 KiB).  glibc raises the threshold to the size of each large
-    block freed, so once a checkpoint's central directory, pickle or big dict tables (tens of MB each, used once)
-    are freed, the next ones come from the heap, which keeps them resident after they are freed too: `ckpt diff`
-    of two 200,000-tensor files peaked 29 MB higher (404.8 against 375.6 MB, same time).  Fixed, every such
-    block has its own mapping and goes back to the system when freed.  Elsewhere than glibc: nothing."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # a libc without mallopt
-        return
-    mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
 def must_exist(*paths: Path) -> None:
