@@ -119,7 +119,8 @@ def materialise(tree: Any) -> Any:
 
 def expand_rebuilt(flat: dict[str, Any]) -> dict[str, LazyTensor]:
     """A flat name -> tensor dict with every rebuilt tensor replaced by its LazyTensor parts, named
-    ``NAME<kind>[i]`` (for the commands that compare or check bytes tensor by tensor)."""
+    ``NAME<kind>[i]`` (for the commands that compare or check bytes tensor by tensor).  Where nothing is rebuilt
+    it is ``flat`` itself: read it, do not change it."""
     if not any(isinstance(t, RebuiltTensor) for t in flat.values()):
         return flat  # nothing to expand: the same dict, not a copy (200,000 entries in an optimizer's state)
     out: dict[str, LazyTensor] = {}

@@ -257,7 +257,7 @@ def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -
 
 def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
     if ckpt.record_name_of is not None:  # by name: the records themselves are made only for the others
-        storage_records = {name for name in map(ckpt.record_name_of, ckpt.storages.values()) if name in ckpt.records}
+        storage_records = set(map(ckpt.record_name_of, ckpt.storages.values()))
     else:
         storage_records = {r.name for r in map(ckpt.record_of, ckpt.storages.values()) if r is not None}
     for name in ckpt.records:
