@@ -106,3 +106,23 @@ def test_names_print_as_they_are_never_as_emoji_or_markup(tmp_path):
         ):
             assert name in result.stdout, (name, result.stdout)
         assert not any(ord(c) > 0x2FFF for c in result.stdout), result.stdout  # no emoji
+
+
+def test_nan_and_huge_values_are_findings_never_warnings_on_stderr(tmp_path):
+    """The NaN/Inf test squares values: NaN and finite values past the square root of the largest float
+    overflow in numpy, which warns on stderr unless told not to.  A user sees the finding, nothing else."""
+    path = tmp_path / "nan.pt"
+    big = torch.full((300_000,), 3e30)  # past SMALL_RECORD: scanned on the pass's pool threads
+    big[7] = float("nan")
+    torch.save(
+        {"w": torch.tensor([1.0, float("nan"), 3e30]), "d": torch.tensor([1e200, float("inf")]), "big": big}, path
+    )
+    for args in (["verify", str(path)], ["inspect", str(path)], ["repair", str(path), str(tmp_path / "out.pt")]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ckpttools.cli", *args], capture_output=True, text=True, timeout=120
+        )
+        assert "Warning" not in result.stderr and "Warning" not in result.stdout, (args, result.stderr)
+    verified = subprocess.run(
+        [sys.executable, "-m", "ckpttools.cli", "verify", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert verified.returncode == 1 and "values.nonfinite" in verified.stdout, verified.stdout
