@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ckpttools.errors import EXIT_BROKEN_PIPE, EXIT_PROBLEMS, CkptError, MissingPath
-from ckpttools.report import shorten
+from ckpttools.report import counted, shorten
 
 # the options several commands share, declared once (click builds a new Option each time one decorates)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
@@ -139,21 +139,24 @@ def progress_bar(enabled: bool, description: str):
 
 
 def print_rewrite(result: dict, as_json: bool, verb: str) -> None:
-    from ckpttools.render import print_json, stdout
+    from ckpttools.render import human_bytes, print_json, stdout
 
     if as_json:
         print_json(result)
         return
     out = stdout()
+    size = f": {counted(result['tensors'], 'tensor')}, {human_bytes(result['bytes'])}" if "tensors" in result else ""
+    # one line each, however long the paths: the terminal wraps them; a log file keeps them whole
     out.print(
         f"{verb} {result['input']} -> {result['output']}"
-        + (f": {result['tensors']} tensors, {result['bytes'] / 2**20:.1f} MiB" if "tensors" in result else "")
+        + size
         + (f" in {result['seconds']:.2f} s" if "seconds" in result else ""),
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
     for note in result.get("notes", []):
-        out.print(f"  note: {note}", markup=False, highlight=False)
+        out.print(f"  note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
 def bytes_callback(progress):

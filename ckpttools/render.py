@@ -15,7 +15,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from ckpttools.findings import FINDINGS
-from ckpttools.report import JSON_PER_CODE, Report, cap_findings, shorten
+from ckpttools.report import JSON_PER_CODE, Report, cap_findings, counted, shorten
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -76,8 +76,9 @@ def render_verify(report: Report, console: Console, strict: bool = False, show_a
     print_trimmed(console, Padding(Text(" · ".join(str(a) for a in about)), (0, 0, 0, 2)))
     n_err, n_warn = len(report.errors), len(report.warnings)
     ok = report.ok(strict)
+    verdict = "[green]OK[/]" if ok else "[bold red]FAILED[/]"
     console.print(
-        f"[{'green' if ok else 'bold red'}]{'OK' if ok else 'FAILED'}[/]: {n_err:,} error(s), {n_warn:,} warning(s)"
+        f"{verdict}: {counted(n_err, 'error')}, {counted(n_warn, 'warning')}"
         + (" (--strict: warnings fail)" if strict and n_warn and not n_err else "")
     )
     for line in _what_happened(report):
@@ -116,7 +117,7 @@ def render_verify(report: Report, console: Console, strict: bool = False, show_a
 
 def lost_summary(lost: list[str], shown: int = 5) -> list[str]:
     """`ckpt repair`'s lost tensors ('model.x (record missing)'): how many, in which parts, the first few."""
-    lines = [f"lost: {len(lost):,} tensor(s), in {_sections(lost)}"]
+    lines = [f"lost: {counted(len(lost), 'tensor')}, in {_sections(lost)}"]
     lines += [f"  {name}" for name in lost[:shown]]
     if len(lost) > shown:
         lines.append(f"  ... and {len(lost) - shown:,} more (--json lists them all)")
@@ -131,7 +132,7 @@ def _what_happened(report: Report) -> list[str]:
         lost = [f for f in report.errors if f.code in LOST]
         where = _sections(f.where for f in lost if f.code == "zip.record-missing")  # (a cut record: its name)
         lines.append(
-            f"the file ends early (cut off while it was written): {len(lost):,} storage record(s) lost"
+            f"the file ends early (cut off while it was written): {counted(len(lost), 'storage record')} lost"
             + (f", in {where}" if where else "")
         )
         lines.append(
@@ -199,7 +200,8 @@ def render_inspect(summary: dict, console: Console) -> None:
             "  bytes by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in summary["bytes_by_dtype"].items())
         )
     if summary.get("devices"):
-        console.print("  saved on: " + ", ".join(f"{k} ({v} storages)" for k, v in summary["devices"].items()))
+        devices = summary["devices"].items()
+        console.print("  saved on: " + ", ".join(f"{k} ({counted(v, 'storage')})" for k, v in devices))
     tree = Tree("keys")
     _add(tree, summary["keys"])
     console.print(tree)
@@ -219,7 +221,7 @@ def render_inspect(summary: dict, console: Console) -> None:
     for p in summary.get("problems_while_reading", []):
         console.print(f"[{STYLE[p['severity']]}]{p['severity']}[/] {p['code']}: {escape(p['message'])}")
     for code, n in summary.get("problems_left_out", {}).items():
-        console.print(f"[dim]... and {n:,} more {escape(code)} problem(s) like these[/]")
+        console.print(f"[dim]... and {n:,} more {escape(code)} like these[/]")
 
 
 def _add(node: Tree, value: Any) -> None:

@@ -39,6 +39,11 @@ def shorten(text: str, limit: int = MAX_TEXT) -> str:
     return f"{text[:half]} ...({len(text) - 2 * half:,} characters)... {text[-half:]}"
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless there is one: "1 tensor", "1,024 tensors"."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def cap_findings(findings: list[Finding], per_code: int = SHOWN_PER_CODE) -> tuple[list[Finding], dict[str, int]]:
     """The findings to show: at most ``per_code`` of each (severity, code), in order, and how many of each code
     were left out.  A hostile zip with 300,000 extra records is 300,000 findings of one kind; printing them all

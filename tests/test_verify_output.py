@@ -5,6 +5,7 @@ than the terminal and no trailing padding."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -126,3 +127,28 @@ def test_nan_and_huge_values_are_findings_never_warnings_on_stderr(tmp_path):
         [sys.executable, "-m", "ckpttools.cli", "verify", str(path)], capture_output=True, text=True, timeout=120
     )
     assert verified.returncode == 1 and "values.nonfinite" in verified.stdout, verified.stdout
+
+
+def test_counts_read_as_english_one_line_each_however_long_the_paths(tmp_path):
+    """ "1 tensor, 4 B", "OK: 0 errors, 1 warning": counts with the noun they count, sizes in the unit that
+    suits them; a conversion's summary and notes stay one line each when piped, so a log keeps them whole."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    one = deep / "one.pt"
+    torch.save({"a": torch.zeros(1)}, one)
+    for target, size in (("one.safetensors", "4 B"), ("one.h5", "4 B")):
+        out = subprocess.run(
+            [sys.executable, "-m", "ckpttools.cli", "convert", str(one), str(deep / target)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "80"},
+        )
+        assert out.returncode == 0, out.stderr
+        first = out.stdout.splitlines()[0]
+        assert first.startswith(f"converted {one} -> {deep / target}: 1 tensor, {size} in "), out.stdout
+        assert "(s)" not in out.stdout and "1 tensors" not in out.stdout, out.stdout
+    verified = _run(["verify", str(one)])
+    assert "OK: 0 errors, 0 warnings" in verified.output, verified.output
+    inspected = _run(["inspect", str(one)])
+    assert "cpu (1 storage)" in inspected.output, inspected.output

@@ -31,6 +31,7 @@ from ckpttools.errors import DamagedInput, UsageError
 from ckpttools.formats import dcp, hdf5, safetensors, torchzip
 from ckpttools.formats.base import WriteRequest, to_plain_tree
 from ckpttools.formats.registry import DCP, LEGACY, Checkpoint, open_checkpoint
+from ckpttools.report import counted
 from ckpttools.tensors import TENSOR_TYPES, LazyTensor, TensorSource, module_tensors
 from ckpttools.trees import iter_nodes, iter_tensors, map_tensors
 from ckpttools.weights import flat_tensors, weights_of
@@ -157,11 +158,10 @@ def _convert_tree(
         raise UsageError("--ema picks the EMA weights: use it with --weights-only or a .safetensors output")
     if dtype:
         tree, n = cast_floats(tree, CASTS[dtype], source)
-        result.notes.append(f"{n} floating tensor(s) cast to {CASTS[dtype]}")
+        result.notes.append(f"{counted(n, 'floating tensor')} cast to {CASTS[dtype]}")
     if (dtype or weights_only) and refresh_digest(tree, source):
         result.notes.append("content digest recomputed for the changed content")
-    counted = _count(tree)
-    result.tensors, result.bytes = counted
+    result.tensors, result.bytes = _count(tree)
     ensure_space(out, result.bytes * (2 if target == DCP_TARGET and world_size > 1 else 1))  # + the staging .pt
 
     request = WriteRequest(
@@ -211,7 +211,8 @@ def _weights(tree: Any, layout: str, ema: bool, result: ConvertResult) -> dict[s
         raise UsageError(f"{result.input}: the '{key}' entry holds no tensors")
     left = sorted(str(k) for k in tree if k != key) if isinstance(tree, dict) and key else []
     result.notes.append(
-        f"weights from '{key or 'the state dict'}' ({len(flat)} tensors)"
+        (f"weights from '{key}'" if key else "weights from the state dict")
+        + f" ({counted(len(flat), 'tensor')})"
         + (f"; not carried: {', '.join(left[:30])}{' ...' if len(left) > 30 else ''}" if left else "")
     )
     return flat
@@ -262,7 +263,7 @@ def _from_dcp(
 ) -> None:
     """Consolidate with torch's ``dcp_to_torch_save`` -- only ever reached after every pickle of the folder
     passed the policy (``open_input``) -- then convert that file if another target was asked for."""
-    result.notes.append("DCP: consolidated with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
+    result.notes.append("DCP: consolidated by torch (dcp_to_torch_save), which holds the whole state in memory")
     if target == PT and not (dtype or weights_only or ema):
         ensure_space(out, sum(r.nbytes for r in ckpt.storages.values()))
         with atomic_path(out, replace=result.force) as tmp:

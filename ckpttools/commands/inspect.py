@@ -11,7 +11,7 @@ from ckpttools import layouts as L
 from ckpttools.formats.registry import open_checkpoint
 from ckpttools.objects import Placeholder
 from ckpttools.pickle.policy import ALLOWED_STATUS
-from ckpttools.report import cap_findings
+from ckpttools.report import cap_findings, counted
 from ckpttools.tensors import TENSOR_TYPES, LazyTensor, RebuiltTensor
 from ckpttools.trainers.registry import rules_for
 from ckpttools.trees import iter_tensors
@@ -117,12 +117,12 @@ def describe_value(v: Any) -> str:
         return f"tensor {v.describe()}"
     if isinstance(v, dict):
         n = sum(1 for _ in iter_tensors(v))
-        return f"dict ({len(v)} keys" + (f", {n} tensors)" if n else ")")
+        return f"dict ({counted(len(v), 'key')}" + (f", {counted(n, 'tensor')})" if n else ")")
     if isinstance(v, (list, tuple)):
-        return f"{type(v).__name__} ({len(v)} items)"
+        return f"{type(v).__name__} ({counted(len(v), 'item')})"
     if isinstance(v, Placeholder):
         n = sum(1 for _ in iter_tensors(v))
-        return f"object {v._reference.qualname} (not imported" + (f", {n} tensors)" if n else ")")
+        return f"object {v._reference.qualname} (not imported" + (f", {counted(n, 'tensor')})" if n else ")")
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 

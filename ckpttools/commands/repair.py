@@ -31,7 +31,7 @@ from ckpttools.formats import torchzip, zipformat, ziprecover
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.formats.registry import ZIP, Checkpoint, open_checkpoint
 from ckpttools.formats.storage_scan import StorageScanner
-from ckpttools.report import ERROR
+from ckpttools.report import ERROR, counted
 from ckpttools.tensors import LazyTensor, StorageRef, TensorSource
 from ckpttools.trainers.base import now
 from ckpttools.trainers.registry import rules_for
@@ -101,7 +101,7 @@ def repair(
         _fill_lost(ckpt, backup, source, result, on_bytes)
     if result.lost:
         hint = " (give --from last.prev.pt or an epochN.pt to fill them)" if backup_path is None else ""
-        result.problems.append(f"{len(result.lost)} tensor(s) lost{hint}")
+        result.problems.append(f"{counted(len(result.lost), 'tensor')} lost{hint}")
         return result
 
     tree = ckpt.tree

@@ -22,7 +22,7 @@ from ckpttools.pickle.background import PendingScan, settled, start_scan
 from ckpttools.pickle.policy import DANGEROUS, Judgement, judge
 from ckpttools.pickle.scan_model import PickleScan
 from ckpttools.pickle.unpickler import UnknownDType, restricted_load
-from ckpttools.report import ERROR, Finding
+from ckpttools.report import ERROR, Finding, counted
 from ckpttools.tensors import TENSOR_TYPES, DType, LazyTensor, RebuiltTensor, StorageRef, TensorSource, module_tensors
 from ckpttools.trees import iter_nodes
 
@@ -166,7 +166,7 @@ def to_plain_tree(tree: Any, notes: list[str], where: str = "", _done: dict | No
         weights = module_tensors(tree)
         if weights:
             notes.append(
-                f"{where or 'root'}: pickled {name} stored as its state dict ({len(weights)} tensors); "
+                f"{where or 'root'}: pickled {name} stored as its state dict ({counted(len(weights), 'tensor')}); "
                 "the class itself is not carried"
             )
             out = weights
@@ -216,7 +216,7 @@ def refuse_unwritable(
         kinds = ", ".join(sorted({what for _, what in lacking}))
         names = ", ".join(path for path, _ in lacking[:8]) + (" ..." if len(lacking) > 8 else "")
         raise FormatLimit(
-            f"{request.input_name}: {target} cannot hold {len(lacking)} tensor(s) exactly ({kinds}): "
+            f"{request.input_name}: {target} cannot hold {counted(len(lacking), 'tensor')} exactly ({kinds}): "
             f"{names}; nothing written (.pt keeps every tensor)",
             [path for path, _ in lacking],
         )
