@@ -273,7 +273,8 @@ def middle_cut(value: Any) -> str:
 
 def render_audit(report, console: Console) -> None:
     """Lineage, then one row per resume boundary: where, what was checked, verdict."""
-    console.print(f"[bold]{escape(report.run_dir)}[/]  {report.layout}, {report.epochs} epoch(s) in results.csv")
+    epochs = counted(report.epochs, "epoch")
+    console.print(f"[bold]{escape(report.run_dir)}[/]  {report.layout}, {epochs} in results.csv")
     for event in report.lineage:
         changes = _changes_text(event.get("changes"))
         console.print(
@@ -295,8 +296,13 @@ def render_audit(report, console: Console) -> None:
         print_trimmed(console, grid)
     for problem in report.problems:
         console.print(f"[bold red]broken[/] {escape(problem)}")
-    for note in report.notes:
-        console.print(f"[dim]note: {escape(note)}[/]")
+    if report.notes:  # a long note wraps under its own text, not under "note:"
+        notes = Table.grid(padding=(0, 1))
+        notes.add_column(no_wrap=True, style="dim")
+        notes.add_column(style="dim")
+        for note in report.notes:
+            notes.add_row("note:", Text(note))
+        print_trimmed(console, notes)
     verdicts = {b.verdict for b in report.boundaries}
     if not report.ok:
         console.print("[bold red]BROKEN[/]: see above")

@@ -39,9 +39,10 @@ def shorten(text: str, limit: int = MAX_TEXT) -> str:
     return f"{text[:half]} ...({len(text) - 2 * half:,} characters)... {text[-half:]}"
 
 
-def counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless there is one: "1 tensor", "1,024 tensors"."""
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, plural unless there is one: "1 tensor", "1,024 tensors"; ``plural`` where adding an
+    "s" is wrong ("processes")."""
+    return f"{n:,} " + (noun if n == 1 else plural or noun + "s")
 
 
 def cap_findings(findings: list[Finding], per_code: int = SHOWN_PER_CODE) -> tuple[list[Finding], dict[str, int]]:

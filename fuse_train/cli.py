@@ -14,6 +14,7 @@ from rich.console import Console
 from ckpttools.datasets.spec import DatasetError
 from ckpttools.errors import EXIT_OK, EXIT_PREFLIGHT, EXIT_PROBLEMS, EXIT_USAGE
 from ckpttools.options import OneLineErrors
+from ckpttools.report import counted
 from fuse_train import __version__
 from fuse_train.command_errors import one_line
 from fuse_train.commands import register
@@ -333,9 +334,10 @@ def _starting_line(trainer, resuming: bool) -> str:
     where = f"epoch {trainer.epoch + 1} of {cfg.epochs}" + (
         f", step {trainer.step_in_epoch + 1} of {trainer.sampler.steps_per_epoch}" if trainer.step_in_epoch else ""
     )
+    processes = counted(trainer.dist.world_size, "process", "processes")
     return (
         f"{'resuming' if resuming else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} "
-        f"on {trainer.device} ({trainer.dist.world_size} process(es), global batch {cfg.batch}) -> {trainer.run_dir}"
+        f"on {trainer.device} ({processes}, global batch {cfg.batch}) -> {trainer.run_dir}"
     )
 
 

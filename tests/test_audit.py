@@ -202,7 +202,7 @@ def test_the_audit_says_what_changed_in_words_and_does_not_call_a_changed_resume
         {"event": "resume", "date": "d", "step": 40, "changes": [{"field": "batch", "from": "16", "to": "8"}]}
     ]
     report.boundaries = [
-        Boundary(1, 2, "resume at step 40 (d)", 40, ["batch"], {"counters": "continue by one"}, "allowed")
+        Boundary(1, 2, "resume at step 40, d", 40, ["batch"], {"counters": "continue by one"}, "allowed")
     ]
     console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
     render_audit(report, console)
@@ -225,7 +225,7 @@ def test_the_audit_prints_no_trailing_padding():
     from ckpttools.render import render_audit
 
     report = AuditReport("runs/fuse/exp", "fuse-train", 3)
-    report.boundaries = [Boundary(1, 2, "resume at step 40 (d)", 40, [], {"counters": "continue by one"})]
+    report.boundaries = [Boundary(1, 2, "resume at step 40, d", 40, [], {"counters": "continue by one"})]
     out = io.StringIO()
     render_audit(report, Console(file=out, width=80))
     lines = out.getvalue().splitlines()

@@ -152,3 +152,10 @@ def test_counts_read_as_english_one_line_each_however_long_the_paths(tmp_path):
     assert "OK: 0 errors, 0 warnings" in verified.output, verified.output
     inspected = _run(["inspect", str(one)])
     assert "cpu (1 storage)" in inspected.output, inspected.output
+
+
+def test_counted_says_one_or_many():
+    from ckpttools.report import counted
+
+    assert [counted(n, "tensor") for n in (0, 1, 2, 1024)] == ["0 tensors", "1 tensor", "2 tensors", "1,024 tensors"]
+    assert (counted(2, "epoch"), counted(2, "process", "processes")) == ("2 epochs", "2 processes")

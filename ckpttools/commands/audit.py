@@ -35,6 +35,7 @@ from ckpttools import layouts as L
 from ckpttools.atomic import atomic_write
 from ckpttools.errors import MissingPath, UsageError
 from ckpttools.formats.registry import open_checkpoint
+from ckpttools.report import counted
 from ckpttools.trainers.base import event_position
 from ckpttools.trainers.registry import rules_for, run_folder_trainers
 
@@ -45,7 +46,7 @@ SEAMLESS, BROKEN, ALLOWED, UNJUDGED = "seamless", "broken", "allowed", "not judg
 class Boundary:
     index: int  # the first results row after the boundary
     epoch: Any  # that row's epoch number
-    source: str  # "resume at step N (date)" or "epoch column breaks"
+    source: str  # "resume at step N, <date>" or "epoch column breaks"
     step: int | None = None  # the resume's global step, when the history records it
     allowed: list[str] = field(default_factory=list)  # fields the resume was allowed to change (history)
     checks: dict[str, str] = field(default_factory=dict)  # counters / lr / <loss column> -> verdict text
@@ -198,7 +199,7 @@ def _boundaries(rows: list[dict], history: list[dict], spe: int, report: AuditRe
             Boundary(
                 index,
                 rows[index].get("epoch"),
-                f"resume at step {event['step']} ({event.get('date', '?')})",
+                f"resume at step {event['step']}, {event.get('date', '?')}",
                 int(event["step"]),
                 allowed,
             )
@@ -276,8 +277,9 @@ def _step_series(run: Path, report: AuditReport) -> dict[str, list[tuple[int, fl
         ea.Reload()
     report.notes.append(f"TensorBoard events checked: {len(ea.Tags()['scalars'])} scalar tags")
     if purges.count:
+        resumes = counted(purges.count, "resume")
         report.notes.append(
-            f"TensorBoard drops the steps a stopped run logged past its checkpoint ({purges.count} resume(s)); "
+            f"TensorBoard drops the steps a stopped run logged past its checkpoint ({resumes}); "
             "the curves are read as it shows them"
         )
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ckpttools.datasets.spec import load_data_spec
 from ckpttools.datasets.survey import spec_fingerprint
+from ckpttools.report import counted
 from fuse_train.config import ConfigError, ResolvedRun, RunConfig, pick_img_size, resolve_run
 from fuse_train.data.demo import resolve_data_yaml
 from fuse_train.data.pairs import Augment, PairedDataset
@@ -52,8 +53,8 @@ def build_run(cfg: RunConfig, dist_info: DistInfo, device: torch.device) -> RunP
     train_set = PairedDataset.from_spec(spec, "train", img_size, Augment(), cfg.seed)
     if len(train_set) < 2 * dist_info.world_size:  # batch norm needs two values per channel in a batch
         raise ConfigError(
-            f"{spec.train or spec.root}: {len(train_set)} training image(s); training needs at least 2 per "
-            f"process ({dist_info.world_size} process(es))"
+            f"{spec.train or spec.root}: {counted(len(train_set), 'training image')}; training needs at least 2 per "
+            f"process ({counted(dist_info.world_size, 'process', 'processes')})"
         )
     val_set = PairedDataset.from_spec(spec, "val", img_size)
 
