@@ -55,6 +55,20 @@ def print_trimmed(console: Console, renderable: Any) -> None:
     console.file.flush()
 
 
+def print_parts(console: Console, parts: list[str], sep: str, indent: int = 2) -> None:
+    """``parts`` joined by ``sep`` on as few lines as the terminal allows, each line indented, a line broken
+    only between parts ("4,146,255 parameters" is never split from its number)."""
+    width = max(20, console.width - indent)
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + len(sep) + len(part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append(part)
+    for line in lines:
+        print_trimmed(console, Padding(Text(line), (0, 0, 0, indent)))
+
+
 GROUP_OVER = 3  # more findings of one code than this are one grouped entry (all of them with --all)
 SEVERITIES = ("error", "warning", "info")
 LOST = ("zip.record-missing", "zip.record-truncated")  # a storage whose bytes are gone
@@ -73,7 +87,7 @@ def render_verify(report: Report, console: Console, strict: bool = False, show_a
         about += [f"{k} {facts[k]}" for k in ("epoch", "step") if facts.get(k) is not None]
     if isinstance(facts.get("parameter_count"), int):
         about.append(f"{facts['parameter_count']:,} parameters")
-    print_trimmed(console, Padding(Text(" · ".join(str(a) for a in about)), (0, 0, 0, 2)))
+    print_parts(console, [str(a) for a in about], " · ")
     n_err, n_warn = len(report.errors), len(report.warnings)
     ok = report.ok(strict)
     verdict = "[green]OK[/]" if ok else "[bold red]FAILED[/]"
@@ -179,20 +193,18 @@ def _code_references(items) -> str:
     )
 
 
+def _fact(value: Any) -> str:
+    """A number as a person reads it: 4,146,255 and 0.863534 (--json keeps every digit)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def render_inspect(summary: dict, console: Console) -> None:
     console.print(f"[bold]{summary['path']}[/]  format {summary['format']}, layout {summary['layout']}")
     keys = ("position", "step") if summary.get("position") else ("epoch", "step")
     facts = [(k, summary.get(k)) for k in (*keys, "best_fitness", "parameter_count", "tensors")]
-    console.print(
-        "  "
-        + "  ".join(
-            f"{k.replace('_', ' ')}: {v:,}"
-            if isinstance(v, int) and not isinstance(v, bool)
-            else f"{k.replace('_', ' ')}: {v}"
-            for k, v in facts
-            if v is not None
-        )
-    )
+    print_parts(console, [f"{k.replace('_', ' ')}: {_fact(v)}" for k, v in facts if v is not None], "  ")
     for label, text in (summary.get("model") or {}).items():  # what the trainer says about its model
         console.print(f"  {label}: {escape(text)}")
     if summary.get("bytes_by_dtype"):
@@ -228,11 +240,11 @@ def _add(node: Tree, value: Any) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             if isinstance(v, dict):
-                _add(node.add(escape(str(k))), v)
-            else:
-                node.add(f"{escape(str(k))}: [dim]{escape(str(v))}[/]")
+                _add(node.add(Text(str(k))), v)
+            else:  # one line a key: a long value is cut at the terminal's edge (--json has it whole)
+                node.add(Text.assemble(f"{k}: ", (str(v), "dim"), no_wrap=True, overflow="ellipsis"))
     else:
-        node.add(str(value))
+        node.add(Text(str(value)))
 
 
 REMEDIES = {

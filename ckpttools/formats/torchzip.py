@@ -39,7 +39,7 @@ from ckpttools.formats.torch_pickler import pickle_tree
 from ckpttools.formats.zipwriter import StoredZipWriter
 from ckpttools.pickle import background
 from ckpttools.pickle.scan import looks_like_pickle, scan_pickle
-from ckpttools.report import ERROR, WARNING, Finding
+from ckpttools.report import ERROR, WARNING, Finding, counted
 from ckpttools.tensors import StorageRef
 
 NAME = "torch-zip"
@@ -137,7 +137,7 @@ def _read_records(
                 ERROR,
                 "zip.no-central-directory",
                 f"zip end records missing or damaged ({exc}): the file is truncated or its end "
-                f"is corrupt; {len(complete)} complete record(s) found by scanning "
+                f"is corrupt; {counted(len(complete), 'complete record')} found by scanning "
                 f"(`ckpt repair` can salvage them)",
                 "central directory",
             )
@@ -156,7 +156,7 @@ def _read_records(
             Finding(
                 WARNING,
                 "zip.crc-not-computed",
-                f"{len(unverifiable)} record(s) carry CRC32 0: "
+                f"CRC32 0 in {counted(len(unverifiable), 'record')}: "
                 "the writer did not compute checksums (torch's compute_crc32 = False), so "
                 "their bytes cannot be verified; everything else was checked",
                 "central directory",
