@@ -159,3 +159,13 @@ def test_counted_says_one_or_many():
 
     assert [counted(n, "tensor") for n in (0, 1, 2, 1024)] == ["0 tensors", "1 tensor", "2 tensors", "1,024 tensors"]
     assert (counted(2, "epoch"), counted(2, "process", "processes")) == ("2 epochs", "2 processes")
+
+
+def test_summary_lines_break_between_facts_never_inside_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "w.pt")
+    lines = _run(["verify", "w.pt"], columns=40).output.splitlines()
+    assert lines[1:3] == ["  torch-zip · state-dict", "  1,000 parameters"], lines
+    lines = _run(["inspect", "w.pt"], columns=40).output.splitlines()
+    assert "  parameter count: 1,000  tensors: 1" in lines, lines
+    assert all(len(line) <= 40 for line in lines), lines
