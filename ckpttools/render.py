@@ -216,12 +216,12 @@ def render_inspect(summary: dict, console: Console) -> None:
         console.print("  saved on: " + ", ".join(f"{k} ({counted(v, 'storage')})" for k, v in devices))
     tree = Tree("keys")
     _add(tree, summary["keys"])
-    console.print(tree)
+    print_trimmed(console, tree)
     if summary.get("run_arguments"):
         table = Table("argument", "value", title="run arguments", title_justify="left")
         for k, v in summary["run_arguments"].items():
             table.add_row(k, str(v))
-        console.print(table)
+        print_trimmed(console, table)
     if summary.get("code_references"):
         console.print(
             "code references (never imported here): "
@@ -266,7 +266,7 @@ def render_preflight(report, console, title: str = "preflight") -> None:
         table.add_row(c.field, middle_cut(c.recorded), middle_cut(c.requested), f"[{style[c.status]}]{status}[/]")
     same = [c.field for c in report.checks if c.status == "same"]
     if table.row_count:
-        console.print(table)
+        print_trimmed(console, table)
     if same:
         console.print(f"unchanged: {', '.join(same)}", highlight=False)
     for c in report.checks:

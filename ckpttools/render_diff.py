@@ -7,7 +7,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ckpttools.render import middle_cut, print_json, stdout
+from ckpttools.render import middle_cut, print_json, print_trimmed, stdout
+from ckpttools.report import counted
 
 
 def show_diff(report, as_json: bool, top: int = 20) -> None:
@@ -44,7 +45,7 @@ def render_diff(report, console: Console, top: int = 20) -> None:
         table.columns[0].overflow = "fold"
         for m in report.metadata[: max(top, 50)]:
             table.add_row(escape(m["field"]), escape(middle_cut(m["a"])), escape(middle_cut(m["b"])))
-        console.print(table)
+        print_trimmed(console, table)
     if report.ignored_metadata:
         console.print(f"[dim]differ as between any two saves (not judged): {', '.join(report.ignored_metadata)}[/]")
     console.print(f"verdict: [{colour}]{report.verdict}[/]")
@@ -92,8 +93,9 @@ def _render_changed(report, console: Console, top: int) -> None:
         console.print(f"... and {len(tensors) - top:,} more (--top N shows more; --json lists them all)")
     if counters:
         largest = max(d.max_abs for d in counters)
+        scalars = counted(len(counters), "integer scalar")
         console.print(
-            f"counters: {len(counters):,} integer scalar(s) (num_batches_tracked, ...) differ by up to {largest:g}",
+            f"counters: {scalars} (num_batches_tracked, ...) differ, by up to {largest:g}",
             markup=False,
             highlight=False,
         )

@@ -57,6 +57,7 @@ def test_human_diff_fits_the_terminal_and_names_every_tensor_whole(tmp_path, col
     assert result.exit_code == 1, result.output
     lines = result.output.splitlines()
     assert all(len(line) <= columns for line in lines), [line for line in lines if len(line) > columns]
+    assert all(line == line.rstrip() for line in lines), [line for line in lines if line != line.rstrip()]
     numbers = [line for line in lines if re.match(r"^\s*[\d.e+-]+\s+[\d.e+-]+\s+[\d.e+-]+\s+[\d,]+(\s|$)", line)]
     assert len(numbers) == 2  # the two weights that changed; the 30 counters are not rows
     names = [
@@ -65,5 +66,5 @@ def test_human_diff_fits_the_terminal_and_names_every_tensor_whole(tmp_path, col
     ]
     where = [next(i for i, line in enumerate(lines) if name in line) for name in names]  # each whole on one line
     assert where[0] < where[1]  # the largest relative change first
-    assert any(line.startswith("counters: 30 integer scalar(s)") for line in lines)
+    assert any(line.startswith("counters: 30 integer scalars") for line in lines)
     assert "results[1].mAP50" in result.output
