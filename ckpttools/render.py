@@ -23,7 +23,32 @@ STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 # emoji=False on every console (tests/test_architecture.py): rich turns ":fire:" in printed text into an emoji,
 # and tensor names, paths and messages are printed as they are ("layer:fire:.weight" is a name, not a picture)
 def stdout() -> Console:
-    return Console(highlight=False, emoji=False)
+    return Console(file=TrimmedLines(sys.stdout), highlight=False, emoji=False)
+
+
+class TrimmedLines:
+    """A text stream that writes each line without trailing spaces.  Rich pads tables' titles and padded blocks
+    to the terminal's width and keeps the space where it wraps a line: in a log file or copied text they are
+    noise.  Everything else (isatty, fileno, encoding) is the wrapped stream's, so rich still sees a terminal."""
+
+    def __init__(self, stream):
+        self._stream, self._pending = stream, ""
+
+    def write(self, text: str) -> int:
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        if lines:
+            self._stream.write("\n".join(TRAILING.sub("", line) for line in lines) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:  # a print with end="": written as it is
+            self._stream.write(self._pending)
+            self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def stderr() -> Console:

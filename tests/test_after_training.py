@@ -4,6 +4,7 @@ dataset, and `val`, `predict`, `export` on a trained checkpoint (rebuilt from th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -195,3 +196,9 @@ def test_a_blocked_preflight_names_what_differs_in_one_line(trained):
     assert one.returncode == two.returncode == 3, one.stderr + two.stderr
     assert one.stderr.strip() == "ckpt preflight: blocked: batch differs; allow with --allow-change batch"
     assert two.stderr.strip() == "ckpt preflight: blocked: batch, lr0 differ; allow with --allow-change batch,lr0"
+    # the table and the wrapped "unchanged: ..." list, piped at 80 columns: no line ends in spaces
+    lines = subprocess.run(
+        [*ckpt_cli, "--batch", "64"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}
+    ).stdout.splitlines()
+    assert any(line.startswith("unchanged: ") for line in lines), lines
+    assert all(line == line.rstrip() and len(line) <= 80 for line in lines), lines
