@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from ckpttools.errors import CkptError, UsageError
+from ckpttools.report import counted
 
 PREVIOUS_SUFFIX = ".prev"  # weights/last.pt -> weights/last.prev.pt
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<tag>[a-z]+)-(?P<pid>\d+)\.tmp$")
@@ -89,6 +90,12 @@ def remove_stale(folder: str | os.PathLike) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def clear_stale(folder: str | os.PathLike) -> list[str]:
+    """``remove_stale``, said for a command's output: no line, or one naming how many and where."""
+    stale = remove_stale(folder)
+    return [f"removed {counted(len(stale), 'temporary file')} that killed writers left in {folder}"] if stale else []
 
 
 def fsync_dir(folder: Path) -> None:

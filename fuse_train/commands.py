@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 
 from ckpttools.errors import EXIT_OK
+from ckpttools.report import counted
 from fuse_train.command_errors import CONTEXT, DEBUG, one_line_errors
 from fuse_train.data.commands import data_group
 from fuse_train.failures import InferenceError
@@ -227,7 +228,8 @@ def predict(
     records = predict_pairs(det, pairs, folder, conf, iou, ir_scale)
     console = Console(soft_wrap=True, emoji=False)
     for record in records:
-        console.print(f"{Path(record['rgb']).name}: {len(record['boxes'])} detection(s)", markup=False, highlight=False)
+        found = counted(len(record["boxes"]), "detection")
+        console.print(f"{Path(record['rgb']).name}: {found}", markup=False, highlight=False)
     console.print(f"images, labels/ and predictions.json in {folder}", markup=False, highlight=False)
     return EXIT_OK
 

@@ -20,8 +20,8 @@ from ckpttools import layouts as L
 from ckpttools.atomic import (
     atomic_path,
     check_new_output,
+    clear_stale,
     ensure_space,
-    remove_stale,
     temp_path,
 )
 from ckpttools.commands._inputs import open_input, refuse_unsafe, require_intact
@@ -106,9 +106,7 @@ def convert(
     layout = L.recognise(ckpt.tree, src)
     result = ConvertResult(str(src), str(out), ckpt.format, target, layout)
     result.force = force
-    stale = remove_stale(out.parent)
-    if stale:
-        result.notes.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
+    result.notes.extend(clear_stale(out.parent))
     tree = ckpt.tree
     if dangerous:  # --allow-unsafe: data only, every object turned into its plain state
         tree = to_plain_tree(tree, [])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpttools import layouts as L
-from ckpttools.atomic import check_new_output, ensure_space, remove_stale
+from ckpttools.atomic import check_new_output, clear_stale, ensure_space
 from ckpttools.commands._inputs import open_input
 from ckpttools.digest import refresh_digest
 from ckpttools.errors import UsageError
@@ -78,9 +78,7 @@ def remap(
     if dangerous:  # --allow-unsafe: data only
         tree = to_plain_tree(tree, [])
         result.not_carried.extend(dangerous)
-    stale = remove_stale(out.parent)
-    if stale:
-        result.changes.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
+    result.changes.extend(clear_stale(out.parent))
 
     rules = rules_for(layout) if isinstance(tree, dict) else GENERIC
     if gpus is not None and not rules.remap_processes(tree, gpus, source, result.changes):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpttools import layouts as L
-from ckpttools.atomic import atomic_path, check_new_output, ensure_space, remove_stale
+from ckpttools.atomic import atomic_path, check_new_output, clear_stale, ensure_space
 from ckpttools.commands._inputs import refuse_deep, refuse_unsafe
 from ckpttools.commands.verify import file_identity, verify, verify_opened
 from ckpttools.digest import DIGEST_KEY, KNOWN_ALGORITHMS, lazy_digest, refresh_digest
@@ -120,9 +120,7 @@ def repair(
     _fix_digest(tree, source, result, changed=bool(result.filled or any("stripped" in a for a in result.actions)))
     if ckpt.format != ZIP:
         result.actions.append(f"{ckpt.format} input written as a torch zip checkpoint")
-    stale = remove_stale(out.parent)
-    if stale:
-        result.actions.append(f"removed {len(stale)} temporary file(s) that killed writers left in {out.parent}")
+    result.actions.extend(clear_stale(out.parent))
     if intact and not result.actions and _copy_intact(ckpt, opened, out, force):
         result.repaired = True  # nothing to mend: a byte copy, verified (re-writing it would only cost time)
         result.actions.append("nothing needed mending: OUT is a verified copy")

@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from ckpttools.errors import EXIT_OK, EXIT_PROBLEMS
+from ckpttools.report import counted
 from fuse_train.command_errors import CONTEXT, DEBUG, one_line_errors
 
 
@@ -119,7 +120,9 @@ def data_import(
         f"wrote {result.data_yaml}: "
         + ", ".join(f"{k} {v} pairs" for k, v in sorted(result.pairs.items()))
         + (
-            f"; {len(result.skipped)} problem(s) left out (see `fuse-train data check {src}`)" if result.skipped else ""
+            f"; {counted(len(result.skipped), 'problem')} left out (see `fuse-train data check {src}`)"
+            if result.skipped
+            else ""
         ),
         markup=False,
         highlight=False,

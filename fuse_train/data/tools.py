@@ -22,6 +22,7 @@ from ckpttools.datasets.layouts import BY_NAME
 from ckpttools.datasets.spec import DatasetError, load_data_spec
 from ckpttools.datasets.survey import ADVISORY, survey
 from ckpttools.errors import UsageError
+from ckpttools.report import counted
 
 
 @dataclass
@@ -98,7 +99,7 @@ def render_check(report: CheckReport, console) -> None:
     by_kind = Counter(p.kind for p in report.problems)
     goes_on = sum(p.kind in ADVISORY for p in report.problems)
     console.print(
-        f"{len(report.problems)} problem(s): "
+        f"{counted(len(report.problems), 'problem')}: "
         + ", ".join(f"{k} {n}" for k, n in by_kind.most_common())
         + (f" ({goes_on} of them training goes on with)" if goes_on else ""),
         markup=False,

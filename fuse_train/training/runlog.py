@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ckpttools.atomic import atomic_write
+from ckpttools.report import counted
 from ckpttools.trainers.base import event_position
 
 RESULTS_FIELDS = [
@@ -197,7 +198,7 @@ def plot_results(rows: list[dict], marks: list[tuple[float, str]], path: Path) -
     legend_ax.text(
         0.0, 1.0, "resumes (dashed red lines)\n\n" + "\n".join(lines[:12]), va="top", fontsize=9, family="monospace"
     )
-    fig.suptitle(f"{path.parent.name}: {len(rows)} epoch(s)", fontsize=11)
+    fig.suptitle(f"{path.parent.name}: {counted(len(rows), 'epoch')}", fontsize=11)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

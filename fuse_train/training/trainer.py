@@ -18,6 +18,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from ckpttools.atomic import atomic_write, remove_stale
+from ckpttools.report import counted
 from fuse_train.checkpoint.async_save import AsyncSaver, PinnedSnapshot
 from fuse_train.checkpoint.dcp_save import DcpSaver
 from fuse_train.config import RunConfig
@@ -127,7 +128,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin):
         for folder in (self.weights_dir, self.run_dir):
             stale = remove_stale(folder)
             if stale:
-                self.log(f"removed {len(stale)} temporary file(s) left in {folder} by a run that was killed")
+                self.log(f"removed {counted(len(stale), 'temporary file')} left in {folder} by a run that was killed")
         with atomic_write(self.run_dir / "args.yaml", "w") as f:
             yaml.safe_dump({**self.cfg.to_dict(), "resolved": self.resolved.to_dict()}, f, sort_keys=False)
         self.runlog.write_results(self.results)  # cut back to the checkpoint's rows: none duplicated after a resume
