@@ -335,10 +335,21 @@ def _starting_line(trainer, resuming: bool) -> str:
         f", step {trainer.step_in_epoch + 1} of {trainer.sampler.steps_per_epoch}" if trainer.step_in_epoch else ""
     )
     processes = counted(trainer.dist.world_size, "process", "processes")
-    return (
+    line = (
         f"{'resuming' if resuming else 'training'} {cfg.fusion} fusion ({cfg.scale}) at {where} "
         f"on {trainer.device} ({processes}, global batch {cfg.batch}) -> {trainer.run_dir}"
     )
+    return line + _best_so_far(trainer.results) if resuming else line
+
+
+def _best_so_far(rows: list[dict]) -> str:
+    """What a resumed run remembers, said where a person checks it: the best epoch and its mAP."""
+    scored = [r for r in rows if isinstance(r.get("fitness"), (int, float))]
+    if not scored:
+        return ""
+    best = max(scored, key=lambda r: r["fitness"])  # the first of equals, as the trainer keeps best.pt
+    maps = ", ".join(f"{k} {best[f'metrics/{k}']:.3f}" for k in ("mAP50", "mAP50-95") if f"metrics/{k}" in best)
+    return f"\n  best so far: epoch {best.get('epoch')}" + (f", {maps}" if maps else "")
 
 
 def _failure(exc: BaseException, dist_info, debug: bool) -> int:

@@ -44,6 +44,13 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(reference_run, tiny_da
     second = run_train(["--resume"], tmp_path)  # finds the newest last.pt under runs/fuse
     assert second.returncode == 0, second.stderr
     assert f"resuming mid fusion (n) at epoch {stop_after // STEPS_PER_EPOCH + 1}" in second.stdout
+    rows = ckpt["results"]  # what the resumed run remembers, said on the line after (story 1: "the best mAP")
+    if rows:
+        best = max(rows, key=lambda r: r["fitness"])
+        said = f"best so far: epoch {best['epoch']}, mAP50 {best['metrics/mAP50']:.3f}, mAP50-95"
+        assert said in second.stdout.splitlines()[1], second.stdout
+    else:
+        assert "best so far" not in second.stdout
     _assert_matches_reference(reference_run, _exp(tmp_path))
     from ckpttools.commands.diff import diff_checkpoints  # what a user would run to check the resume
 
