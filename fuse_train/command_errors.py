@@ -54,5 +54,6 @@ def _fail(message: str, code: int, debug: bool, as_json: bool, err: Console) -> 
         traceback.print_exc()
     if as_json:
         print(json.dumps({"ok": False, "error": message, "exit_code": code}, indent=1))
-    err.print(f"fuse-train: error: {message}", markup=False, highlight=False)
+    context = click.get_current_context(silent=True)  # "fuse-train predict", as click names usage errors
+    err.print(f"{context.command_path if context else 'fuse-train'}: error: {message}", markup=False, highlight=False)
     return code

@@ -59,8 +59,9 @@ USAGE_ERRORS = [
     (CKPT, ["diff", "--json", "--atol", "-1", "a.pt", "b.pt"], "ckpt diff", "--atol"),
     (FUSE, ["--json", "--epochs", "3"], "fuse-train", "--json"),
     (FUSE, ["val", "--json", "--conf", "2", "-w", "last.pt"], "fuse-train val", "--conf"),
-    (FUSE, ["val", "--json", "-w", "missing.pt"], "fuse-train", "missing.pt"),
-    (FUSE, ["data", "check", "--json", "missing"], "fuse-train", "missing"),
+    (FUSE, ["val", "--json", "-w", "missing.pt"], "fuse-train val", "missing.pt"),
+    (FUSE, ["data", "check", "--json", "missing"], "fuse-train data check", "missing"),
+    (FUSE, ["predict", "-w", "missing.pt", "--source", "a", "--source-ir", "b", "--json"], "fuse-train predict", "a"),
 ]
 
 
