@@ -18,6 +18,7 @@ from ckpttools.formats.confine import inside
 from ckpttools.formats.pt2 import NAME as PT2
 from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, index_findings, open_checkpoint
 from ckpttools.formats.storage_scan import StorageScanner
+from ckpttools.formats.torchzip import is_storage_record
 from ckpttools.pickle.policy import CODE, DANGEROUS
 from ckpttools.report import ERROR, INFO, WARNING, Report
 from ckpttools.tensors import LazyTensor, StorageRef, tensor_bytes
@@ -277,9 +278,9 @@ def _check_other_records(ckpt: Checkpoint, report: Report) -> None:
         short = name.split("/", 1)[1] if "/" in name else name
         if ckpt.format == PT2:
             continue  # an export archive's records are its own (the CRC32 above is what is checked)
-        if not name.endswith("data.pkl") and short not in METADATA_RECORDS and not short.startswith("data/"):
+        if not name.endswith("data.pkl") and short not in METADATA_RECORDS and not is_storage_record(name):
             report.add(INFO, "zip.extra-record", f"record {name} is not part of a torch.save checkpoint", name)
-        elif short.startswith("data/") and name not in storage_records and ckpt.tree is not None:
+        elif is_storage_record(name) and ckpt.tree is not None:  # (storage_records were skipped above)
             report.add(WARNING, "zip.unreferenced-record", f"storage record {name} is not used by the pickle", name)
 
 

@@ -257,16 +257,17 @@ def _scan_other_pickles(ckpt: Checkpoint, path: Path, main: str | None, records:
     # bytes are judged where it is unpickled; storages are judged by their tensors, not here
     spans = {(kept.data_offset, kept.stored_size)} if kept else set()
     for name in ckpt.records:
-        if name != main and not _is_storage(name):
+        if name != main and not is_storage_record(name):
             _scan_if_pickle(ckpt, path, name, ckpt.records[name], spans)
     seen: set[str] = set()
     for record in records:  # the entries a name's first one shadows (the table keeps the first): torch.load
-        if record.name in seen and not _is_storage(record.name) and record != kept:  # may read any of them
+        if record.name in seen and not is_storage_record(record.name) and record != kept:  # may read any of them
             _scan_if_pickle(ckpt, path, record.name, record, spans)
         seen.add(record.name)
 
 
-def _is_storage(name: str) -> bool:
+def is_storage_record(name: str) -> bool:
+    """Whether a record's name is one of torch's storage records (``<archive>/data/<key>``)."""
     return (name.split("/", 1)[1] if "/" in name else name).startswith("data/")
 
 
