@@ -74,7 +74,7 @@ def _holds_together(data: Path) -> None:
         with pytest.raises(DatasetError) as err:
             load_split(spec, "train")
         assert str(err.value).startswith(blocking[0]["message"])
-        assert f"({len(blocking)} problem(s) in this" in str(err.value)
+        assert f"({len(blocking)} problem{'' if len(blocking) == 1 else 's'} in this" in str(err.value)
     else:
         for split in ("train", "val"):
             assert len(load_split(spec, split).pairs) == report["pairs"][split]

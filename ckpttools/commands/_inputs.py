@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ckpttools.errors import DamagedInput, FormatLimit, UnsafeInput
 from ckpttools.formats.registry import Checkpoint, open_checkpoint
-from ckpttools.report import ERROR
+from ckpttools.report import ERROR, counted
 from ckpttools.trees import depth_of
 
 # containers nested deeper than this are refused by the commands that write: pickle itself (torch.save
@@ -38,7 +38,8 @@ def require_intact(ckpt: Checkpoint) -> None:
     if errors or ckpt.tree is None:
         first = errors[0].message if errors else "nothing could be read"
         raise DamagedInput(
-            f"{ckpt.path}: damaged ({len(errors)} problem(s), first: {first}); run `ckpt verify` / `ckpt repair` first"
+            f"{ckpt.path}: damaged ({counted(len(errors), 'problem')}, first: {first}); "
+            "run `ckpt verify` / `ckpt repair` first"
         )
 
 

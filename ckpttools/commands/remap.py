@@ -27,6 +27,7 @@ from ckpttools.errors import UsageError
 from ckpttools.formats import torchzip
 from ckpttools.formats.base import to_plain_tree
 from ckpttools.formats.registry import DCP
+from ckpttools.report import counted
 from ckpttools.tensors import TensorSource
 from ckpttools.trainers.base import GENERIC
 from ckpttools.trainers.registry import rules_for
@@ -110,7 +111,9 @@ def _other_world_size(tree: Any, layout: str, m: int, add_prefix: bool, result: 
         weights.clear()
         weights.update(renamed)
         if changed:
-            result.changes.append(f"{'added' if add_prefix else 'stripped'} the module. prefix on {changed} name(s)")
+            result.changes.append(
+                f"{'added' if add_prefix else 'stripped'} the module. prefix on {counted(changed, 'name')}"
+            )
     result.not_carried.append(
         f"{layout} checkpoints record no per-rank state (RNG, sampler position) here: "
         f"the {m}-process run starts those afresh"

@@ -352,7 +352,7 @@ def _strip_prefixes(tree: Any) -> list[str]:
         items = [(renamed[k], v) for k, v in weights.items()]
         weights.clear()
         weights.update(items)
-        actions.append(f"{key or 'state dict'}: module. / _orig_mod. prefixes stripped from {count} name(s)")
+        actions.append(f"{key or 'state dict'}: module. / _orig_mod. prefixes stripped from {counted(count, 'name')}")
     return actions
 
 

@@ -20,7 +20,7 @@ from ckpttools.formats.registry import ZIP, Checkpoint, folder_weights_files, in
 from ckpttools.formats.storage_scan import StorageScanner
 from ckpttools.formats.torchzip import is_storage_record
 from ckpttools.pickle.policy import CODE, DANGEROUS
-from ckpttools.report import ERROR, INFO, WARNING, Report
+from ckpttools.report import ERROR, INFO, WARNING, Report, counted
 from ckpttools.tensors import LazyTensor, StorageRef, tensor_bytes
 from ckpttools.trainers.registry import rules_for
 from ckpttools.trees import iter_tensors
@@ -243,7 +243,7 @@ def _check_storages(ckpt: Checkpoint, report: Report, scanner: StorageScanner) -
             report.add(
                 ERROR,
                 "values.nonfinite",
-                f"{result.nonfinite} NaN/Inf value(s) in {ref.dtype} storage {key}",
+                f"{counted(result.nonfinite, 'NaN/Inf value')} in {ref.dtype} storage {key}",
                 where_of(ref),
             )
     for where, t in tensors:

@@ -25,6 +25,7 @@ import numpy as np
 
 from ckpttools.datasets.index import DatasetIndex, Problem, image_size, normalised_labels
 from ckpttools.datasets.spec import DatasetError, DataSpec
+from ckpttools.report import counted
 
 # problem kinds training goes on with (data check still lists them): why each is not fatal
 ADVISORY = {"size-mismatch": "training resizes the infrared image onto the visible grid"}
@@ -96,7 +97,7 @@ def load_split(spec: DataSpec, split: str) -> SplitData:
     blocking = found.blocking()
     if blocking:
         raise DatasetError(
-            f"{blocking[0]} ({len(blocking)} problem(s) in this {spec.layout} dataset; list them "
+            f"{blocking[0]} ({counted(len(blocking), 'problem')} in this {spec.layout} dataset; list them "
             f"with: fuse-train data check {spec.yaml_path})"
         )
     if spec.layout == "yolofuse" and split == "test" and spec.test is None:

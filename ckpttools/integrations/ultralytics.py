@@ -45,6 +45,7 @@ from ckpttools.digest import DIGEST_ALGORITHM, DIGEST_KEY, lazy_digest, refresh_
 from ckpttools.formats import torchzip
 from ckpttools.formats.registry import open_checkpoint
 from ckpttools.integrations.ultralytics_state import capture_state, restore_image_buffer, restore_state
+from ckpttools.report import counted
 from ckpttools.tensors import TensorSource
 from ckpttools.trainers import ultralytics as U
 from ckpttools.trainers import ultralytics_records as UR
@@ -279,7 +280,7 @@ def extend_epochs(path: str | os.PathLike, epochs: int, out: str | os.PathLike |
         )
     done = int(tree.get("epoch", -1)) + 1
     if epochs <= done:
-        raise ValueError(f"{path}: {done} epoch(s) are done already; ask for more than {done}")
+        raise ValueError(f"{path}: {counted(done, 'epoch')} done already; ask for more than {done}")
     before = args.get("epochs")
     args["epochs"] = int(epochs)
     record = tree.setdefault(RECORD_KEY, {})

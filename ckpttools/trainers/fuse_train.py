@@ -18,7 +18,7 @@ from typing import Any
 from ckpttools import layouts as L
 from ckpttools.errors import UsageError
 from ckpttools.formats.dcp import NAME as DCP
-from ckpttools.report import ERROR, Report
+from ckpttools.report import ERROR, Report, counted
 from ckpttools.tensors import LazyTensor, TensorSource
 from ckpttools.trainers import fuse_train_schema as S
 from ckpttools.trainers.base import TrainerRules, now
@@ -177,7 +177,7 @@ def remap_world_size(tree: dict, m: int, source: TensorSource, changes: list[str
     derived = m - min(m, len(ranks))
     changes.append(
         f"RNG streams: ranks 0..{min(m, len(ranks)) - 1} kept"
-        + (f", {derived} new rank(s) derived from (seed {seed}, step {step}, rank)" if derived else "")
+        + (f", {counted(derived, 'new rank')} derived from (seed {seed}, step {step}, rank)" if derived else "")
         + (f", ranks {m}..{len(ranks) - 1} dropped" if len(ranks) > m else "")
     )
     tree[S.K_RNG] = {**rng, "world_size": m, "ranks": new_ranks}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ckpttools.report import counted
 from fuse_train.config import ConfigError
 
 
@@ -22,5 +23,5 @@ def select_device(spec: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
     idx = int(index or 0) + local_rank
     if idx >= torch.cuda.device_count():
-        raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        raise ConfigError(f"--device {spec}: only {counted(torch.cuda.device_count(), 'CUDA device')} present")
     return torch.device(f"cuda:{idx}")
