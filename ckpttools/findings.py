@@ -149,6 +149,13 @@ FINDINGS: dict[str, FindingKind] = {
         "error", "an HDF5 group that links back to a group containing it (no checkpoint tree has that)"
     ),
     "hdf5.dtype": FindingKind("error", "an HDF5 dataset whose `dtype` attribute names no tensor dtype"),
+    "hdf5.unreadable": FindingKind(
+        "error",
+        "the HDF5 library could not read the file's metadata: a checksum failed, a link or object is damaged, or "
+        "it stopped making progress (a loop) or crashed; the metadata is read in a separate process, so this "
+        "one never enters the loop",
+        "the file is damaged: convert again from the source checkpoint",
+    ),
     "dcp.metadata-unreadable": FindingKind(
         "error", "a torch.distributed.checkpoint folder's `.metadata` cannot be parsed"
     ),

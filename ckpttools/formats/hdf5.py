@@ -19,9 +19,11 @@ HDF5 on every read; a failure is reported for that dataset.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
+import pickle
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ import numpy as np
 from ckpttools.atomic import atomic_path
 from ckpttools.errors import NotACheckpoint
 from ckpttools.formats.base import Checkpoint, WriteRequest, refuse_unwritable, to_plain_tree
+from ckpttools.formats.hdf5_values import is_plain, plain, shared_objects, tag, untag
+from ckpttools.formats.watched_child import run_watched
 from ckpttools.report import ERROR, Finding
 from ckpttools.tensors import DTYPES, FROM_NUMPY, DType, LazyTensor, StorageRef, contiguous_strides
 
@@ -41,88 +45,6 @@ RESERVED = {KIND_ATTR, JSON_ATTR, KEYS_ATTR, ORDER_ATTR}
 LIBVER = ("v108", "latest")  # 1.8+ file format: dense attribute storage, so long JSON attributes fit
 
 
-# ---- plain values <-> tagged JSON -------------------------------------------------------------------------------
-
-
-def _tag(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {"__float__": repr(value)}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_tag(v) for v in value]}
-    if isinstance(value, list):
-        return [_tag(v) for v in value]
-    if isinstance(value, (bytes, bytearray)):
-        return {"__bytes__": bytes(value).hex()}
-    if isinstance(value, dict):
-        return {"__dict__": [[_tag(k), _tag(v)] for k, v in value.items()]}
-    if isinstance(value, np.generic):
-        return _tag(value.item())
-    raise TypeError(type(value).__name__)
-
-
-def _untag(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_untag(v) for v in value]
-    if isinstance(value, dict):
-        if "__tuple__" in value:
-            return tuple(_untag(v) for v in value["__tuple__"])
-        if "__bytes__" in value:
-            return bytes.fromhex(value["__bytes__"])
-        if "__float__" in value:
-            return float(value["__float__"])
-        if "__dict__" in value:
-            return {_untag(k): _untag(v) for k, v in value["__dict__"]}
-    return value
-
-
-def is_plain(value: Any, shared: frozenset | set = frozenset()) -> bool:
-    """A value that is stored as an attribute (no tensors or arrays inside, no container in ``shared``: a
-    container that appears more than once is a group, written once and hard-linked)."""
-    if value is None or isinstance(value, (bool, int, float, str, bytes, bytearray, np.generic)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return id(value) not in shared and all(is_plain(v, shared) for v in value)
-    return False  # dicts become groups, tensors and arrays datasets
-
-
-def shared_objects(tree: Any) -> set[int]:
-    """ids of the containers and tensors that the tree reaches more than once (a pickle's memo makes them:
-    ``x = [x, x]`` 64 times is 2**64 paths in 4 kB).  One pass; each container is entered once."""
-    seen: set[int] = set()
-    shared: set[int] = set()
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, (dict, list, tuple, LazyTensor)):
-            continue
-        if id(node) in seen:
-            shared.add(id(node))
-            continue
-        seen.add(id(node))
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-    return shared
-
-
-def plain(value: Any) -> Any:
-    """An HDF5 attribute as a Python value."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return [plain(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
-    if type(value).__name__ == "Empty":  # h5py.Empty: an attribute without data
-        return None
-    return value
-
-
 # ---- reading
 # ----------------------------------------------------------------------------------------------------------
 
@@ -132,32 +54,100 @@ def detect(path: Path, head: bytes) -> bool:
 
 
 def read(path: Path) -> Checkpoint:
+    """The file's tree read in a child (``read_metadata_here`` there, watched: ``watched_child``), its tensors
+    read here, one dataset at a time.  A child that loops or crashes makes an ``hdf5.unreadable`` finding."""
     import h5py  # imported when an HDF5 file is met: it costs start-up time otherwise
 
     ckpt = Checkpoint(path, NAME)
+    payload, problem = run_watched("ckpttools.formats.hdf5_metadata", str(path))
+    if problem:
+        ckpt.findings.append(Finding(ERROR, "hdf5.unreadable", f"{path}: the HDF5 library: {problem}", str(path)))
+        return ckpt
+    # the child's own pickle of its own objects; a child that failed otherwise: read here, as it always was
+    answer: Metadata = pickle.loads(payload) if payload is not None else read_metadata_here(path)
+    if answer.not_a_checkpoint:
+        raise NotACheckpoint(answer.not_a_checkpoint)
+    ckpt.tree, ckpt.metadata, ckpt.storages = answer.tree, answer.metadata, answer.storages
+    ckpt.findings.extend(answer.findings)
+    if answer.tree is None:
+        return ckpt
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise NotACheckpoint(f"{path}: HDF5 file that h5py cannot open ({exc})") from None
-    ckpt.tree = _TreeReader(ckpt, h5py.Group).group_value(handle, "")
-    ckpt.metadata = {k: plain(v) for k, v in handle.attrs.items() if k not in RESERVED}
 
     def read_all(ref: StorageRef) -> bytes:
-        return np.ascontiguousarray(handle[ref.key][()]).tobytes()
+        with _as_os_error(ref):
+            return np.ascontiguousarray(handle[ref.key][()]).tobytes()
 
     def iter_storage(ref: StorageRef, chunk: int):
-        ds = handle[ref.key]
-        if ds.shape == () or ds.size == 0:
-            yield np.ascontiguousarray(ds[()]).tobytes()
-            return
-        rows = max(1, chunk // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]) if ds.ndim > 1 else 1)))
-        for start in range(0, ds.shape[0], rows):  # HDF5 checks fletcher32 per chunk as it reads
-            yield np.ascontiguousarray(ds[start : start + rows]).tobytes()
+        with _as_os_error(ref):
+            ds = handle[ref.key]
+            if ds.shape == () or ds.size == 0:
+                yield np.ascontiguousarray(ds[()]).tobytes()
+                return
+            rows = max(1, chunk // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]) if ds.ndim > 1 else 1)))
+            for start in range(0, ds.shape[0], rows):  # HDF5 checks fletcher32 per chunk as it reads
+                yield np.ascontiguousarray(ds[start : start + rows]).tobytes()
 
     for ref in ckpt.storages.values():
         ref.reader = read_all
     ckpt.iter_storage = iter_storage
     return ckpt
+
+
+@dataclass
+class Metadata:
+    """What the child read: the tree (plain values and LazyTensors), the storages behind them, the file's own
+    attributes, findings; or why there is no tree (not an HDF5 checkpoint, damaged metadata)."""
+
+    tree: Any = None
+    storages: dict[str, StorageRef] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    not_a_checkpoint: str = ""
+
+
+def read_metadata_here(path: str | Path, progress: Callable[[], None] | None = None) -> Metadata:
+    """Groups, attributes and dataset descriptions, read in this process (the child's work); ``progress`` is
+    called for every object read."""
+    import h5py
+
+    path = Path(path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        return Metadata(not_a_checkpoint=f"{path}: HDF5 file that h5py cannot open ({exc})")
+    with handle:
+        ckpt = Checkpoint(path, NAME)
+        try:
+            tree = _TreeReader(ckpt, h5py.Group, progress).group_value(handle, "")
+            metadata = {k: plain(v) for k, v in handle.attrs.items() if k not in RESERVED}
+        except H5PY_ERRORS as exc:  # damaged metadata (a checksum, a link, an object header): said, not raised
+            message = f"{path}: {_h5py_message(exc)}"
+            return Metadata(findings=[Finding(ERROR, "hdf5.unreadable", message, str(path))])
+    return Metadata(tree, ckpt.storages, metadata, ckpt.findings)
+
+
+# what h5py raises on damaged bytes: a failed metadata checksum is KeyError on open, RuntimeError while
+# iterating links, OSError or ValueError on reads
+H5PY_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
+
+
+def _h5py_message(exc: BaseException) -> str:
+    text = str(exc).strip("'\"") or exc.__class__.__name__
+    return f"the HDF5 library could not read the file's metadata ({text})"
+
+
+@contextlib.contextmanager
+def _as_os_error(ref: StorageRef):
+    """A tensor's bytes that HDF5 cannot read are an unreadable storage (OSError), as in every other format."""
+    try:
+        yield
+    except OSError:
+        raise
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise OSError(f"dataset {ref.key}: {str(exc).strip(chr(39))}") from None
 
 
 _IN_PROGRESS = object()
@@ -169,8 +159,8 @@ class _TreeReader:
     A group or dataset hard-linked under several names (written so for a shared object) is read once and the
     same value returned for every name: the tree is a DAG again, and reading stays linear in the objects."""
 
-    def __init__(self, ckpt: Checkpoint, group_type: type):
-        self.ckpt, self.group_type = ckpt, group_type
+    def __init__(self, ckpt: Checkpoint, group_type: type, progress: Callable[[], None] | None = None):
+        self.ckpt, self.group_type, self.progress = ckpt, group_type, progress
         self.done: dict[Any, Any] = {}
 
     def dataset(self, item, name: str) -> Any:
@@ -199,6 +189,8 @@ class _TreeReader:
         if item in self.done:
             return value
         self.done[item] = _IN_PROGRESS
+        if self.progress is not None:
+            self.progress()
         is_group = isinstance(item, self.group_type)
         self.done[item] = self.group_value(item, path_name) if is_group else self.dataset(item, path_name)
         return self.done[item]
@@ -206,7 +198,7 @@ class _TreeReader:
     def group_value(self, group, prefix: str) -> Any:
         json_names = set(json.loads(plain(group.attrs[JSON_ATTR]))) if JSON_ATTR in group.attrs else set()
         keys = {
-            name: _untag(k)
+            name: untag(k)
             for name, k in (json.loads(plain(group.attrs[KEYS_ATTR])).items() if KEYS_ATTR in group.attrs else ())
         }
         out: dict[Any, Any] = {}
@@ -214,9 +206,12 @@ class _TreeReader:
             if name in RESERVED:
                 continue
             value = plain(value)
-            out[name] = _untag(json.loads(value)) if name in json_names else value
+            out[name] = untag(json.loads(value)) if name in json_names else value
         for name, item in group.items():
-            out[name] = self.member(item, f"{prefix}/{name}" if prefix else name)
+            where = f"{prefix}/{name}" if prefix else name
+            if item is None:  # a link h5py cannot resolve: damaged, or pointing at nothing
+                raise KeyError(f"{where}: a link that leads to no object")
+            out[name] = self.member(item, where)
         if ORDER_ATTR in group.attrs:
             order = json.loads(plain(group.attrs[ORDER_ATTR]))
             out = {name: out[name] for name in order if name in out} | out
@@ -295,7 +290,7 @@ class _TreeWriter:
         for i, (key, value) in enumerate(mapping.items()):
             name = _attribute_name(key, i)
             if name != key:
-                keys[name] = _tag(key)
+                keys[name] = tag(key)
             order.append(name)
             if not is_plain(value, self.shared):
                 child_names.append(name)
@@ -309,7 +304,7 @@ class _TreeWriter:
             ) or isinstance(value, np.generic):
                 group.attrs[name] = value
             else:
-                group.attrs[name] = json.dumps(_tag(value))
+                group.attrs[name] = json.dumps(tag(value))
                 json_names.append(name)
         if keys:
             group.attrs[KEYS_ATTR] = json.dumps(keys)
