@@ -58,11 +58,14 @@ def run_watched(module: str, argument: str, seconds: float | None = None) -> tup
     it went ``seconds`` without progress (stopped) or died of a signal, (None, None) when it exited with an
     error of its own (the caller reads in-process, where the error surfaces as it always did)."""
     seconds = seconds or silence_seconds()
+    # the child imports what this process imports (a checkout on sys.path, not only an installed package)
+    paths = os.pathsep.join(p for p in sys.path if p)
     child = subprocess.Popen(
         [sys.executable, "-m", module, argument],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": paths},
     )
     received = bytearray()
     try:
