@@ -130,3 +130,26 @@ def test_one_device_reading_for_every_command():
         assert select_device("") == torch.device("cpu")
         with pytest.raises(ConfigError, match="CUDA is not available on this machine"):
             select_device("cuda:1")
+
+
+@pytest.mark.parametrize("users", [None, "4"], ids=["unset", "set-by-the-user"])
+def test_ckpt_keeps_openblas_to_one_thread_unless_the_user_said_otherwise(monkeypatch, users):
+    """OpenBLAS's threads, started with numpy, spin for ~0.1 s of CPU each: on two cores that took a core from
+    verify's pass.  Only the `ckpt` process's own command line sets it (a library caller's numpy is theirs),
+    and a value the user gave is kept."""
+    import atexit
+    import os
+
+    monkeypatch.setattr(atexit, "register", lambda *a, **k: None)  # main() registers gc.freeze for its exit
+    if users is None:
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", users)
+    monkeypatch.setattr("sys.argv", ["ckpt", "--version"])
+    with pytest.raises(SystemExit):
+        CKPT.main()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == (users or "1")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with pytest.raises(SystemExit):
+        CKPT.main(["--version"])  # called with arguments, as from a program: nothing set
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
