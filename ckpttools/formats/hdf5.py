@@ -74,7 +74,7 @@ def read(path: Path) -> Checkpoint:
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
-        raise NotACheckpoint(f"{path}: HDF5 file that h5py cannot open ({exc})") from None
+        raise NotACheckpoint(_cannot_open(path, exc)) from None
 
     def read_all(ref: StorageRef) -> bytes:
         with _as_os_error(ref):
@@ -117,7 +117,7 @@ def read_metadata_here(path: str | Path, progress: Callable[[], None] | None = N
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
-        return Metadata(not_a_checkpoint=f"{path}: HDF5 file that h5py cannot open ({exc})")
+        return Metadata(not_a_checkpoint=_cannot_open(path, exc))
     with handle:
         ckpt = Checkpoint(path, NAME)
         try:
@@ -134,9 +134,17 @@ def read_metadata_here(path: str | Path, progress: Callable[[], None] | None = N
 H5PY_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
 
 
+def _cannot_open(path: Path, exc: OSError) -> str:
+    return f"{path}: HDF5 file that h5py cannot open ({exc})"
+
+
+def _h5py_text(exc: BaseException) -> str:
+    """h5py's message without the quotes a KeyError adds."""
+    return str(exc).strip("'\"") or exc.__class__.__name__
+
+
 def _h5py_message(exc: BaseException) -> str:
-    text = str(exc).strip("'\"") or exc.__class__.__name__
-    return f"the HDF5 library could not read the file's metadata ({text})"
+    return f"the HDF5 library could not read the file's metadata ({_h5py_text(exc)})"
 
 
 @contextlib.contextmanager
@@ -147,7 +155,7 @@ def _as_os_error(ref: StorageRef):
     except OSError:
         raise
     except (KeyError, RuntimeError, ValueError) as exc:
-        raise OSError(f"dataset {ref.key}: {str(exc).strip(chr(39))}") from None
+        raise OSError(f"dataset {ref.key}: {_h5py_text(exc)}") from None
 
 
 _IN_PROGRESS = object()

@@ -41,20 +41,19 @@ FLOAT_VIEWS = {
 DOT_VIEWS = {name: view for name, view in FLOAT_VIEWS.items() if np.dtype(view).itemsize >= 4}
 
 
-def quiet_floats() -> np.errstate:
-    """numpy's floating-point warnings off: the quick test's NaN and overflow are its answers, and numpy would
-    print each as a RuntimeWarning on the user's stderr.  numpy keeps this setting per thread."""
-    return np.errstate(over="ignore", invalid="ignore")
+# numpy's floating-point warnings off: the quick test's NaN and overflow are its answers, and numpy would print
+# each as a RuntimeWarning on the user's stderr.  numpy keeps this setting per thread.
+QUIET_FLOATS = {"over": "ignore", "invalid": "ignore"}
 
 
 def _quiet_thread() -> None:
-    np.seterr(over="ignore", invalid="ignore")  # the pool's own threads, which end with the pass
+    np.seterr(**QUIET_FLOATS)  # the pool's own threads, which end with the pass
 
 
 def count_nonfinite(chunk: bytes, dtype: str) -> int:
     """NaN/Inf values in ``chunk``, by the dtype's bits (``DTypeInfo.exponent_mask`` / ``nonfinite_bits``: all
     exponent bits set in IEEE formats, the fp8 formats' own NaN patterns)."""
-    with quiet_floats():
+    with np.errstate(**QUIET_FLOATS):
         return nonfinite_counter(dtype)(chunk)
 
 
@@ -62,7 +61,7 @@ def count_nonfinite(chunk: bytes, dtype: str) -> int:
 def nonfinite_counter(dtype: str) -> Callable[[bytes], int]:
     """``count_nonfinite`` for one dtype, with what it needs looked up once: the pass takes one for each storage
     and calls it for every block (4,000 blocks in 2 GB).  Call it where floating-point warnings are off
-    (``quiet_floats``, or a pool thread of the pass): entering numpy's errstate for each block cost the 2 GB
+    (``QUIET_FLOATS``, as in a pool thread of the pass): entering numpy's errstate for each block cost the 2 GB
     pass 5 %."""
     info = DType(dtype).info
     if info.exponent_mask is None:

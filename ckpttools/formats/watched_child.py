@@ -67,15 +67,20 @@ def run_watched(module: str, argument: str, seconds: float | None = None) -> tup
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": paths},
     )
-    received = bytearray()
+    received, finished = bytearray(), False
     try:
-        if not _read_until_eof(child, received, seconds):
-            return None, f"stopped after {seconds:g} s without progress (a damaged structure makes the library loop)"
+        finished = _read_until_eof(child, received, seconds)
     finally:
-        if child.poll() is None:
+        if not finished:  # silent past the limit (or this process interrupted): stopped
             child.kill()
-        child.wait()
+        try:
+            child.wait(timeout=seconds)  # a finished child is exiting (its output closes as it exits)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
         child.stdout.close()
+    if not finished:
+        return None, f"stopped after {seconds:g} s without progress (a damaged structure makes the library loop)"
     if child.returncode < 0:
         return None, f"the reading process died of {signal.Signals(-child.returncode).name} (the library crashed)"
     start = received.find(ANSWER)
